@@ -1,0 +1,129 @@
+"""The model-adapter seam: what the executor and the methods need to know about a DiT family.
+
+An adapter describes one model family (Flux now; Wan and MMDiT later): which blocks exist and how
+ComfyUI addresses them, how image and text tokens are laid out in each block's inputs, where the
+heads and MLP channels live, and the analytic FLOPs of every part. Adapters never import ComfyUI;
+they inspect the `torch.nn.Module` the host built.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+
+from ..flops import FlopBreakdown
+
+
+class UnsupportedModelError(ValueError):
+    """The model is not a family (or variant) this pack knows how to patch safely."""
+
+
+@dataclass(frozen=True, order=True)
+class BlockRef:
+    """One transformer block, e.g. the 3rd double-stream block of Flux."""
+
+    kind: str  # family specific, e.g. "double" / "single"
+    index: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}.{self.index}"
+
+
+@dataclass(frozen=True)
+class CallShape:
+    """Token counts of one model call, as the unpatched model would see them."""
+
+    batch: int
+    image_tokens: int  # includes reference-image tokens (Kontext) that join the image stream
+    text_tokens: int
+    guidance: bool = False  # whether a guidance embedding is computed in this call
+
+
+@dataclass(frozen=True)
+class BlockWork:
+    """What one block call actually computed; the full block is the default of every field."""
+
+    batch: int
+    image_tokens: int  # image tokens that entered the block (queries, keys and values)
+    text_tokens: int
+    mlp_image_tokens: int | None = None  # image tokens that went through the MLP (None: all)
+    heads: int | None = None  # attention heads kept (None: all)
+    mlp_hidden: int | None = None  # MLP hidden units kept (None: all)
+    extra_flops: float = 0.0  # work a method added around the block (routers, LoRA bypasses)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where text and image tokens sit inside the sequences a block receives."""
+
+    text_first: bool  # joint sequences (and RoPE `pe`) are [text, image]
+    pe_sequence_dim: int  # dimension of `pe` that runs along the joint sequence
+
+
+class ModelAdapter(ABC):
+    """Describes one supported model family to the executor and the methods."""
+
+    family: ClassVar[str]
+    display_name: ClassVar[str]
+    # Human-readable names of the variants this adapter accepts, for error messages.
+    supported_variants: ClassVar[tuple[str, ...]]
+
+    @classmethod
+    @abstractmethod
+    def claims(cls, diffusion_model: torch.nn.Module) -> bool:
+        """True if the model belongs to this family tree, even a variant the adapter refuses.
+
+        Claiming lets the adapter explain precisely why a near relative (Flux 2, Chroma) is refused.
+        """
+
+    def __init__(self, diffusion_model: torch.nn.Module, host_model_name: str | None = None) -> None:
+        """Inspect and validate; raise UnsupportedModelError for a variant that is not supported."""
+
+    # --- blocks -------------------------------------------------------------------------------
+    @property
+    @abstractmethod
+    def blocks(self) -> tuple[BlockRef, ...]:
+        """Every block in execution order."""
+
+    @abstractmethod
+    def patch_key(self, block: BlockRef) -> tuple[str, int]:
+        """The key ComfyUI uses in `patches_replace["dit"]` for this block."""
+
+    @abstractmethod
+    def block_module(self, diffusion_model: torch.nn.Module, block: BlockRef) -> torch.nn.Module:
+        ...
+
+    @abstractmethod
+    def token_layout(self, block: BlockRef) -> TokenLayout:
+        ...
+
+    @abstractmethod
+    def block_tokens(self, block: BlockRef, args: Mapping[str, Any], text_tokens: int) -> BlockWork:
+        """Token counts of a block call from its replacement-patch arguments (full work)."""
+
+    # --- calls --------------------------------------------------------------------------------
+    @abstractmethod
+    def call_shape(self, arguments: Mapping[str, Any]) -> CallShape:
+        """Token counts of a model call from the diffusion model's arguments (by parameter name)."""
+
+    # --- analytic FLOPs -----------------------------------------------------------------------
+    @abstractmethod
+    def stem_flops(self, shape: CallShape) -> FlopBreakdown:
+        """Everything outside the blocks: embeddings, final layer."""
+
+    @abstractmethod
+    def block_flops(self, block: BlockRef, work: BlockWork) -> FlopBreakdown:
+        ...
+
+    def full_flops(self, shape: CallShape) -> FlopBreakdown:
+        """FLOPs of the unpatched model for a call of this shape."""
+        total = self.stem_flops(shape)
+        for block in self.blocks:
+            total = total + self.block_flops(block, self.full_block_work(block, shape))
+        return total
+
+    def full_block_work(self, block: BlockRef, shape: CallShape) -> BlockWork:
+        return BlockWork(batch=shape.batch, image_tokens=shape.image_tokens, text_tokens=shape.text_tokens)

@@ -1,0 +1,293 @@
+"""The only module of dynamic_core that talks to ComfyUI.
+
+It installs the executor on a *cloned* ModelPatcher through ComfyUI's public patch points and
+never copies ComfyUI's forward code:
+- an OUTER_SAMPLE wrapper creates the per-run RunContext (reset in `finally`) and hooks the
+  sampler's per-step callback for exact step boundaries;
+- two DIFFUSION_MODEL wrappers: the outermost one times every model call and records telemetry
+  (so it also sees calls that EasyCache answers from its cache), the innermost one runs the
+  model-level methods right around the model's own forward;
+- a `patches_replace["dit"]` entry for every block hands block calls to the executor; a block
+  patch installed earlier by another node keeps working inside ours.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Callable
+
+import torch
+
+import comfy.model_patcher
+import comfy.ops
+import comfy.patcher_extension
+from comfy.patcher_extension import WrappersMP
+
+from ..adapters import BlockRef, ModelAdapter, adapter_for
+from ..executor import ModelCall, RunContext
+from ..plan import DynamicPlan, MethodSettings
+from ..steps import invert_decreasing
+
+logger = logging.getLogger("dynamic_dit")
+
+PLAN_KEY = "dynamic_dit"  # transformer_options: the DynamicPlan of the patched model
+RUN_KEY = "dynamic_dit_run"  # transformer_options: the RunContext of the sampling run in progress
+CALL_KEY = "dynamic_dit_call"  # transformer_options: the CallState of the model call in progress
+WRAPPER_KEY = "dynamic_dit"
+TELEMETRY_WRAPPER_KEY = "dynamic_dit.telemetry"
+
+
+# --- plans on model patchers ---------------------------------------------------------------------
+def diffusion_model_of(model_patcher: Any) -> torch.nn.Module:
+    model = getattr(model_patcher, "model", None)
+    diffusion_model = getattr(model, "diffusion_model", None)
+    if diffusion_model is None:
+        raise ValueError("Dynamic DiT nodes need a diffusion MODEL (from Load Diffusion Model or a checkpoint loader).")
+    return diffusion_model
+
+
+def adapter_of(model_patcher: Any) -> ModelAdapter:
+    """The adapter for a patcher's model; raises UnsupportedModelError naming what is supported."""
+    return adapter_for(diffusion_model_of(model_patcher), type(model_patcher.model).__name__)
+
+
+def plan_of(model_patcher: Any) -> DynamicPlan | None:
+    return model_patcher.model_options.get("transformer_options", {}).get(PLAN_KEY)
+
+
+def apply_settings(model_patcher: Any, settings: MethodSettings) -> Any:
+    """A clone of `model_patcher` whose plan holds `settings` (replacing earlier ones of that method).
+
+    Everything that can fail (model family, settings) is checked before cloning, so a bad input
+    raises and the caller's model stays exactly as it was.
+    """
+    adapter = adapter_of(model_patcher)
+    settings.validate(adapter)
+    plan = (plan_of(model_patcher) or DynamicPlan()).with_settings(settings)
+    return _patched_clone(model_patcher, adapter, plan)
+
+
+def install_executor(model_patcher: Any) -> Any:
+    """A clone with the executor (and telemetry) installed and the current plan, or an empty one."""
+    adapter = adapter_of(model_patcher)
+    plan = plan_of(model_patcher)
+    plan = DynamicPlan(plan.settings) if plan is not None else DynamicPlan()
+    return _patched_clone(model_patcher, adapter, plan)
+
+
+def _patched_clone(model_patcher: Any, adapter: ModelAdapter, plan: DynamicPlan) -> Any:
+    patched = model_patcher.clone()
+    for wrapper_type, key, wrapper in (
+        (WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper),
+        (WrappersMP.DIFFUSION_MODEL, TELEMETRY_WRAPPER_KEY, _telemetry_wrapper),
+        (WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _model_wrapper),
+    ):
+        patched.remove_wrappers_with_key(wrapper_type, key)
+        patched.add_wrapper_with_key(wrapper_type, key, wrapper)
+    transformer_options = patched.model_options.setdefault("transformer_options", {})
+    dit_patches = transformer_options.setdefault("patches_replace", {}).setdefault("dit", {})
+    for block in adapter.blocks:
+        key = adapter.patch_key(block)
+        existing = dit_patches.get(key)
+        if not isinstance(existing, BlockPatch):
+            dit_patches[key] = BlockPatch(block, existing)
+    transformer_options[PLAN_KEY] = plan
+    return patched
+
+
+# --- the patch points ----------------------------------------------------------------------------
+_SIGNATURES: dict[Any, inspect.Signature] = {}
+
+
+def _bind(fn: Callable, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """Bind a wrapped call's arguments by name, so wrappers survive host signature changes."""
+    key = getattr(fn, "__func__", fn)
+    signature = _SIGNATURES.get(key)
+    if signature is None:
+        signature = _SIGNATURES[key] = inspect.signature(fn)
+    return signature.bind(*args, **kwargs)
+
+
+def _transformer_options(bound: inspect.BoundArguments) -> dict | None:
+    options = bound.arguments.get("transformer_options")
+    if options is None:
+        options = bound.arguments.get("kwargs", {}).get("transformer_options")
+    return options if isinstance(options, dict) else None
+
+
+def _set_transformer_options(bound: inspect.BoundArguments, options: dict) -> None:
+    if "transformer_options" in bound.signature.parameters:
+        bound.arguments["transformer_options"] = options
+    else:
+        bound.arguments.setdefault("kwargs", {})["transformer_options"] = options
+
+
+def _outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+    guider = executor.class_obj
+    original_options = guider.model_options
+    plan = original_options.get("transformer_options", {}).get(PLAN_KEY)
+    if not isinstance(plan, DynamicPlan):
+        return executor(*args, **kwargs)
+    bound = _bind(executor.original, args, kwargs)
+    base_model = guider.model_patcher.model
+    sigmas = bound.arguments["sigmas"]
+    model_sampling = base_model.model_sampling
+    run = RunContext(
+        plan,
+        adapter_for(base_model.diffusion_model, type(base_model).__name__),
+        sigmas.tolist(),
+        latent_shape=tuple(bound.arguments["noise"].shape),
+        model_name=f"{type(base_model).__name__} ({_count_params(base_model.diffusion_model)})",
+        device=guider.model_patcher.load_device,
+        sigma_to_percent=lambda s: invert_decreasing(model_sampling.percent_to_sigma, s),
+        percent_to_sigma=model_sampling.percent_to_sigma,
+        weight_source=effective_weight,
+    )
+    user_callback = bound.arguments.get("callback")
+
+    def step_callback(step: int, denoised: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
+        run.step_callback(step, x)
+        if user_callback is not None:
+            user_callback(step, denoised, x, total_steps)
+
+    bound.arguments["callback"] = step_callback
+    guider.model_options = comfy.model_patcher.create_model_options_clone(original_options)
+    transformer_options = guider.model_options["transformer_options"]
+    transformer_options[RUN_KEY] = run
+    _order_model_wrappers(transformer_options)
+    try:
+        return executor(*bound.args, **bound.kwargs)
+    finally:
+        record = run.finish()
+        if record.calls:
+            plan.telemetry.add(record)
+            logger.info("Dynamic DiT: %s", record.summary(plan.telemetry.latest_comparable(record)))
+        guider.model_options = original_options
+
+
+def _order_model_wrappers(transformer_options: dict) -> None:
+    """Telemetry outermost (it must see every call, even ones a cache answers), model-level work innermost."""
+    wrappers = transformer_options.get("wrappers", {}).get(WrappersMP.DIFFUSION_MODEL)
+    if not wrappers:
+        return
+    ordered = {TELEMETRY_WRAPPER_KEY: wrappers.pop(TELEMETRY_WRAPPER_KEY, [])}
+    ours = wrappers.pop(WRAPPER_KEY, [])
+    ordered.update(wrappers)
+    ordered[WRAPPER_KEY] = ours
+    wrappers.clear()
+    wrappers.update({k: v for k, v in ordered.items() if v})
+
+
+def _telemetry_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+    bound = _bind(executor.original, args, kwargs)
+    options = _transformer_options(bound)
+    run = options.get(RUN_KEY) if options is not None else None
+    if not isinstance(run, RunContext):
+        return executor(*args, **kwargs)
+    sigmas = options.get("sigmas")
+    sigma = float(sigmas.max()) if isinstance(sigmas, torch.Tensor) else float("nan")
+    call = run.begin_call(
+        sigma,
+        options.get("cond_or_uncond"),
+        options.get("uuids"),
+        run.adapter.call_shape(bound.arguments),
+        executor.class_obj,
+    )
+    _set_transformer_options(bound, {**options, CALL_KEY: call})
+    return run.timed(call, lambda: executor(*bound.args, **bound.kwargs))
+
+
+def _model_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+    bound = _bind(executor.original, args, kwargs)
+    options = _transformer_options(bound)
+    call = options.get(CALL_KEY) if options is not None else None
+    if call is None:
+        return executor(*args, **kwargs)
+
+    def invoke(arguments: dict[str, Any]) -> torch.Tensor:
+        bound.arguments.clear()
+        bound.arguments.update(arguments)
+        return executor(*bound.args, **bound.kwargs)
+
+    return call.run.model_call(call, ModelCall(dict(bound.arguments), invoke))
+
+
+class BlockPatch:
+    """The `patches_replace["dit"]` entry of one block; wraps a patch another node installed before."""
+
+    def __init__(self, block: BlockRef, foreign: Callable | None = None):
+        self.block = block
+        self.foreign = foreign
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        original_block = extra["original_block"]
+        options = args.get("transformer_options") or {}
+        call = options.get(CALL_KEY)
+        if call is None:
+            return self.foreign(args, extra) if self.foreign is not None else original_block(args)
+        return call.run.block_call(call, self.block, args, original_block, self.foreign)
+
+    # ComfyUI moves and collects patch objects; forward that to the patch we wrap.
+    def to(self, device: Any) -> "BlockPatch":
+        if self.foreign is not None and hasattr(self.foreign, "to"):
+            return BlockPatch(self.block, self.foreign.to(device))
+        return self
+
+    def models(self) -> list:
+        return self.foreign.models() if self.foreign is not None and hasattr(self.foreign, "models") else []
+
+    def __deepcopy__(self, memo: dict) -> "BlockPatch":
+        return self
+
+
+# --- weights -------------------------------------------------------------------------------------
+def effective_weight(layer: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The weight and bias a ComfyUI Linear would use for input `like`.
+
+    Goes through `comfy.ops.cast_bias_weight`, so LoRA patches applied at load time or on the fly
+    (low-VRAM weight functions), fp8 storage and offloaded weights are all honoured.
+    """
+    if not getattr(layer, "comfy_cast_weights", False) and not getattr(layer, "weight_function", None) and not getattr(
+        layer, "bias_function", None
+    ):
+        if layer.weight.device == like.device and layer.weight.dtype == like.dtype:
+            return layer.weight, layer.bias
+    weight, bias = comfy.ops.cast_bias_weight(layer, like)[:2]
+    return weight, bias
+
+
+def _count_params(module: torch.nn.Module) -> str:
+    count = sum(p.numel() for p in module.parameters())
+    return f"{count / 1e9:.2f}B params" if count >= 1e9 else f"{count / 1e6:.1f}M params"
+
+
+
+# --- files and previews --------------------------------------------------------------------------
+MODEL_FOLDER = "dynamic_dit"
+
+
+def register_model_folder() -> None:
+    """Register `models/dynamic_dit/` (routers, ratios, coarse-patch embeddings, TD-LoRA files)."""
+    import os
+
+    import folder_paths
+
+    default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
+    paths, extensions = folder_paths.folder_names_and_paths.get(MODEL_FOLDER, ([], set()))
+    if default not in paths:
+        paths = [*paths, default]
+    folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(extensions) | {".safetensors"})
+
+
+def save_preview(image: Any, prefix: str = "dynamic_dit_report") -> list[dict]:
+    """Save a PIL image to ComfyUI's temp folder and return the UI entry that shows it on the node."""
+    import os
+    import uuid
+
+    import folder_paths
+
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}.png"
+    folder = folder_paths.get_temp_directory()
+    os.makedirs(folder, exist_ok=True)
+    image.save(os.path.join(folder, name), compress_level=1)
+    return [{"filename": name, "subfolder": "", "type": "temp"}]

@@ -1,0 +1,185 @@
+"""Example workflows in ComfyUI's UI format, generated from compact descriptions.
+
+Widget order and link types come from the real node definitions, so a workflow cannot silently
+drift from the nodes. Regenerate with:
+
+    python -m dynamic_core.comfy_integration.workflows   (writes example_workflows/*.json)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+@dataclass
+class Node:
+    key: str
+    type: str
+    pos: tuple[int, int]
+    widgets: dict[str, Any] = field(default_factory=dict)
+    links: dict[str, tuple[str, int]] = field(default_factory=dict)  # input -> (source key, output index)
+    title: str | None = None
+    size: tuple[int, int] = (320, 130)
+
+
+def _is_widget(spec: tuple) -> bool:
+    kind = spec[0]
+    return isinstance(kind, (list, tuple)) or kind in WIDGET_TYPES
+
+
+def _inputs(node_cls: type) -> list[tuple[str, tuple]]:
+    declared = node_cls.INPUT_TYPES()
+    return [(name, tuple(spec)) for section in ("required", "optional") for name, spec in declared.get(section, {}).items()]
+
+
+def build(nodes: list[Node], registry: Mapping[str, type], title: str) -> dict:
+    """A UI-format workflow (version 0.4) from node descriptions and the node classes in `registry`."""
+    ids = {node.key: i + 1 for i, node in enumerate(nodes)}
+    by_key = {node.key: node for node in nodes}
+    links, out_links = [], {}
+    ui_nodes = []
+    for order, node in enumerate(nodes):
+        cls = registry[node.type]
+        inputs, widgets = [], []
+        for name, spec in _inputs(cls):
+            if _is_widget(spec):
+                options = spec[1] if len(spec) > 1 else {}
+                if name in node.widgets:
+                    value = node.widgets[name]
+                elif "default" in options:
+                    value = options["default"]
+                else:
+                    raise ValueError(f"{node.key}: no value for widget '{name}' of {node.type}")
+                widgets.append(value)
+                if options.get("control_after_generate"):
+                    widgets.append("fixed")
+                continue
+            link_id = None
+            if name in node.links:
+                source_key, slot = node.links[name]
+                source_cls = registry[by_key[source_key].type]
+                source_type = source_cls.RETURN_TYPES[slot]
+                if str(source_type) != str(spec[0]):
+                    raise ValueError(f"{node.key}.{name} expects {spec[0]}, {source_key}[{slot}] gives {source_type}")
+                link_id = len(links) + 1
+                links.append([link_id, ids[source_key], slot, ids[node.key], len(inputs), str(spec[0])])
+                out_links.setdefault((source_key, slot), []).append(link_id)
+            inputs.append({"name": name, "type": str(spec[0]), "link": link_id})
+        unknown = set(node.widgets) - {name for name, spec in _inputs(cls) if _is_widget(spec)}
+        unknown |= set(node.links) - {name for name, spec in _inputs(cls) if not _is_widget(spec)}
+        if unknown:
+            raise ValueError(f"{node.key}: {node.type} has no inputs named {sorted(unknown)}")
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        ui = {
+            "id": ids[node.key],
+            "type": node.type,
+            "pos": list(node.pos),
+            "size": list(node.size),
+            "flags": {},
+            "order": order,
+            "mode": 0,
+            "inputs": inputs,
+            "outputs": [
+                {"name": str(names[i]), "type": str(t), "links": None, "slot_index": i} for i, t in enumerate(cls.RETURN_TYPES)
+            ],
+            "properties": {"Node name for S&R": node.type},
+            "widgets_values": widgets,
+        }
+        if node.title:
+            ui["title"] = node.title
+        ui_nodes.append(ui)
+    for ui, node in zip(ui_nodes, nodes):
+        for output in ui["outputs"]:
+            output["links"] = out_links.get((node.key, output["slot_index"]))
+    return {
+        "last_node_id": len(nodes),
+        "last_link_id": len(links),
+        "nodes": ui_nodes,
+        "links": links,
+        "groups": [],
+        "config": {},
+        "extra": {"title": title},
+        "version": 0.4,
+    }
+
+
+def _flux_inputs() -> list[Node]:
+    """Loaders, prompt, guidance and latent of a standard Flux.1-dev text-to-image graph."""
+    return [
+        Node("unet", "UNETLoader", (20, 80), {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}),
+        Node("clip", "DualCLIPLoader", (20, 240),
+             {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux", "device": "default"}),
+        Node("prompt", "CLIPTextEncode", (380, 240),
+             {"text": "a photograph of a red fox in fresh snow, morning light, 85mm"}, {"clip": ("clip", 0)}, size=(380, 160)),
+        Node("guidance", "FluxGuidance", (800, 240), {"guidance": 3.5}, {"conditioning": ("prompt", 0)}),
+        Node("negative", "ConditioningZeroOut", (800, 380), links={"conditioning": ("prompt", 0)}),
+        Node("latent", "EmptySD3LatentImage", (380, 440), {"width": 1024, "height": 1024, "batch_size": 1}),
+        Node("vae", "VAELoader", (20, 420), {"vae_name": "ae.safetensors"}),
+    ]
+
+
+def _sampler(key: str, model: str, pos: tuple[int, int], title: str) -> Node:
+    return Node(
+        key, "KSampler", pos,
+        {"seed": 42, "steps": 28, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0},
+        {"model": (model, 0), "positive": ("guidance", 0), "negative": ("negative", 0), "latent_image": ("latent", 0)},
+        title=title, size=(320, 262),
+    )
+
+
+def speed_report_workflow() -> list[Node]:
+    """Full-compute Flux with the per-step telemetry and the report (chart, table, summary on the node)."""
+    return _flux_inputs() + [
+        Node("telemetry", "DynamicTelemetry", (380, 80), links={"model": ("unet", 0)}),
+        _sampler("sampler", "telemetry", (1160, 80), "KSampler"),
+        Node("report", "DynamicSpeedReport", (1520, 80), links={"model": ("telemetry", 0), "latent": ("sampler", 0)}, size=(420, 200)),
+        Node("decode", "VAEDecode", (1980, 80), links={"samples": ("report", 0), "vae": ("vae", 0)}),
+        Node("save", "SaveImage", (2200, 80), {"filename_prefix": "dynamic_dit"}, {"images": ("decode", 0)}, size=(400, 420)),
+        Node("chart", "PreviewImage", (1520, 340), links={"images": ("report", 2)}, size=(480, 320)),
+    ]
+
+
+WORKFLOWS = {
+    "flux_speed_report": ("Flux.1 with per-step speed telemetry", speed_report_workflow),
+}
+
+
+def registry() -> dict[str, type]:
+    """Every node class of the running ComfyUI host (built-in, extras and this pack)."""
+    import asyncio
+
+    import nodes
+
+    if "FluxGuidance" not in nodes.NODE_CLASS_MAPPINGS:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS
+
+    return {**nodes.NODE_CLASS_MAPPINGS, **NODE_CLASS_MAPPINGS}
+
+
+def render_all(node_registry: Mapping[str, type]) -> dict[str, str]:
+    return {
+        f"{name}.json": json.dumps(build(describe(), node_registry, title), indent=2) + "\n"
+        for name, (title, describe) in WORKFLOWS.items()
+    }
+
+
+def main() -> int:
+    from . import host
+
+    host.prepare(cpu=True)
+    host.load_pack()
+    target = host.pack_root() / "example_workflows"
+    target.mkdir(exist_ok=True)
+    for filename, text in render_all(registry()).items():
+        (target / filename).write_text(text)
+        print(f"wrote {target / filename}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,214 @@
+"""The one executor: runs every enabled method of a plan around model calls and block calls.
+
+It is host-agnostic plain PyTorch. The ComfyUI integration creates a `RunContext` per sampling run
+(from its OUTER_SAMPLE wrapper), a `CallState` per diffusion-model call (from its DIFFUSION_MODEL
+wrapper) and hands every block call (from `patches_replace["dit"]`) to `RunContext.block_call`.
+With no method enabled every path calls straight through to the host's own code, so the output is
+bit-identical to the unpatched model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+
+from .adapters import BlockRef, BlockWork, CallShape, ModelAdapter
+from .flops import ZERO, FlopBreakdown
+from .methods import REGISTRY, DynamicMethod
+from .methods.base import BlockArgs, BlockFn
+from .plan import DynamicPlan
+from .steps import StepInfo, StepTracker
+from .telemetry import CallRecord, RunRecord
+
+# Signature of ComfyUI's `patches_replace` block patches: patch(args, {"original_block": fn}) -> dict
+ForeignPatch = Callable[[BlockArgs, dict], dict]
+WeightSource = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One cond/uncond chunk of a batched model call."""
+
+    kind: str  # "cond" or "uncond"
+    uuid: object
+    rows: slice
+
+
+@dataclass
+class ModelCall:
+    """The arguments of one diffusion-model call, by the host's parameter names."""
+
+    arguments: dict[str, Any]
+    _invoke: Callable[[dict[str, Any]], torch.Tensor]
+
+    def with_arguments(self, **changes: Any) -> "ModelCall":
+        return ModelCall({**self.arguments, **changes}, self._invoke)
+
+    def invoke(self) -> torch.Tensor:
+        return self._invoke(self.arguments)
+
+
+@dataclass
+class CallState:
+    run: "RunContext"
+    step: StepInfo
+    chunks: tuple[Chunk, ...]
+    shape: CallShape  # as the unpatched model would see this call
+    diffusion_model: torch.nn.Module
+    record: CallRecord
+    text_tokens: int
+    block_work: dict[BlockRef, BlockWork] = field(default_factory=dict)
+
+    def add_executed(self, flops: FlopBreakdown) -> None:
+        self.record.executed = self.record.executed + flops
+
+
+class RunContext:
+    """Per-sampling-run state: the plan's method runtimes, the step tracker, the run's telemetry."""
+
+    def __init__(
+        self,
+        plan: DynamicPlan,
+        adapter: ModelAdapter,
+        sigmas: Sequence[float],
+        *,
+        latent_shape: tuple[int, ...],
+        model_name: str,
+        device: torch.device | str,
+        sigma_to_percent: Callable[[float], float] | None = None,
+        percent_to_sigma: Callable[[float], float] | None = None,
+        weight_source: WeightSource | None = None,
+    ) -> None:
+        self.plan = plan
+        self.adapter = adapter
+        self.device = torch.device(device)
+        self.steps = StepTracker(sigmas, sigma_to_percent)
+        self.percent_to_sigma = percent_to_sigma
+        self.weight_source = weight_source
+        self.record = RunRecord(
+            model=model_name,
+            device=_device_name(self.device),
+            plan=plan.describe(),
+            latent_shape=tuple(latent_shape),
+            total_steps=self.steps.total_steps,
+        )
+        runtimes = [REGISTRY[s.method](s, self) for s in plan.enabled_settings()]
+        self.methods: list[DynamicMethod] = sorted(runtimes, key=lambda m: m.order)
+        self._call_index = 0
+
+    # --- sampling steps -----------------------------------------------------------------------
+    def step_callback(self, step: int, latent: torch.Tensor) -> None:
+        """The sampler's per-step callback: step `step` made its first model evaluation from `latent`."""
+        self.steps.step_callback(step)
+        for method in self.methods:
+            method.on_step(step, latent)
+
+    def finish(self) -> RunRecord:
+        self.steps.finish()
+        try:
+            for method in self.methods:
+                method.finish()
+        finally:
+            self.record.finished = True
+        return self.record
+
+    # --- model calls --------------------------------------------------------------------------
+    def begin_call(
+        self,
+        sigma: float,
+        cond_or_uncond: Sequence[int] | None,
+        uuids: Sequence[object] | None,
+        shape: CallShape,
+        diffusion_model: torch.nn.Module,
+    ) -> CallState:
+        chunks = _chunks(shape.batch, cond_or_uncond, uuids)
+        record = CallRecord(
+            index=self._call_index,
+            step=None,
+            sigma=sigma,
+            chunks=tuple(c.kind for c in chunks),
+            batch=shape.batch,
+            image_tokens=shape.image_tokens,
+            full=self.adapter.full_flops(shape),
+        )
+        self._call_index += 1
+        step = self.steps.locate(sigma, tuple((c.kind, c.uuid) for c in chunks), record)
+        return CallState(self, step, chunks, shape, diffusion_model, record, text_tokens=shape.text_tokens)
+
+    def end_call(self, call: CallState, seconds: float) -> None:
+        call.record.seconds = seconds
+        self.record.calls.append(call.record)
+
+    def timed(self, call: CallState, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run a model call, timing it (synchronised on CUDA) into the call's record."""
+        sync = self.device.type == "cuda"
+        if sync:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        out = fn()
+        if sync:
+            torch.cuda.synchronize(self.device)
+        self.end_call(call, time.perf_counter() - start)
+        return out
+
+    def model_call(self, call: CallState, model_call: ModelCall) -> torch.Tensor:
+        def run_model(mc: ModelCall) -> torch.Tensor:
+            call.record.ran_model = True
+            call.add_executed(self.adapter.stem_flops(self.adapter.call_shape(mc.arguments)))
+            return mc.invoke()
+
+        proceed: Callable[[ModelCall], torch.Tensor] = run_model
+        for method in reversed(self.methods):
+            proceed = partial(method.wrap_model_call, call, proceed=proceed)
+        return proceed(model_call)
+
+    # --- block calls --------------------------------------------------------------------------
+    def block_call(
+        self,
+        call: CallState,
+        block: BlockRef,
+        args: BlockArgs,
+        original_block: BlockFn,
+        foreign: ForeignPatch | None = None,
+    ) -> dict:
+        if "txt" in args:
+            call.text_tokens = args["txt"].shape[1]
+
+        def run_block(block_args: BlockArgs) -> dict:
+            work = self.adapter.block_tokens(block, block_args, call.text_tokens)
+            if foreign is not None:
+                out = foreign(block_args, {"original_block": original_block})
+            else:
+                out = original_block(block_args)
+            call.block_work[block] = work
+            call.add_executed(self.adapter.block_flops(block, work))
+            return out
+
+        proceed: BlockFn = run_block
+        for method in reversed(self.methods):
+            proceed = partial(method.wrap_block, call, block, proceed=proceed)
+        return proceed(args)
+
+
+def _chunks(batch: int, cond_or_uncond: Sequence[int] | None, uuids: Sequence[object] | None) -> tuple[Chunk, ...]:
+    kinds = list(cond_or_uncond or [0])
+    if batch % len(kinds):
+        # The host batched something we do not understand; treat the call as one cond chunk.
+        kinds = [0]
+    size = batch // len(kinds)
+    ids = list(uuids) if uuids is not None and len(uuids) == len(kinds) else [None] * len(kinds)
+    return tuple(
+        Chunk("uncond" if kind == 1 else "cond", ids[i], slice(i * size, (i + 1) * size)) for i, kind in enumerate(kinds)
+    )
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda" and torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return device.type
+
+
+__all__ = ["CallState", "Chunk", "ModelCall", "RunContext", "ZERO"]

