@@ -9,23 +9,23 @@ bit-identical to the unpatched model.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-from .adapters import BlockRef, BlockWork, CallShape, ModelAdapter
+from .adapters import BlockInternals, BlockRef, BlockWork, CallShape, ModelAdapter
 from .flops import ZERO, FlopBreakdown
 from .methods import REGISTRY, DynamicMethod
 from .methods.base import BlockArgs, BlockFn
 from .plan import DynamicPlan
+from .slicing import WeightSlices, WeightSource, plain_weights
 from .steps import StepInfo, StepTracker
 from .telemetry import CallRecord, RunRecord
 
 # Signature of ComfyUI's `patches_replace` block patches: patch(args, {"original_block": fn}) -> dict
 ForeignPatch = Callable[[BlockArgs, dict], dict]
-WeightSource = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class RunContext:
         self.device = torch.device(device)
         self.steps = StepTracker(sigmas, sigma_to_percent)
         self.percent_to_sigma = percent_to_sigma
-        self.weight_source = weight_source
+        self.weights = WeightSlices(weight_source or plain_weights)  # sliced effective weights, this run only
         self.record = RunRecord(
             model=model_name,
             device=_device_name(self.device),
@@ -112,6 +112,7 @@ class RunContext:
             for method in self.methods:
                 method.finish()
         finally:
+            self.weights.clear()
             self.record.finished = True
         return self.record
 
@@ -179,10 +180,20 @@ class RunContext:
 
         def run_block(block_args: BlockArgs) -> dict:
             work = self.adapter.block_tokens(block, block_args, call.text_tokens)
-            if foreign is not None:
-                out = foreign(block_args, {"original_block": original_block})
-            else:
-                out = original_block(block_args)
+            internals = BlockInternals()
+            for method in self.methods:
+                internals = method.block_internals(call, block, block_args, internals)
+            inner, extra_flops = original_block, []
+            if not internals.is_full:
+                module = self.adapter.block_module(call.diffusion_model, block)
+                work = self.adapter.reduced_work(block, work, internals)
+                inner = partial(
+                    self.adapter.run_block, module, block,
+                    internals=internals, weights=self.weights, flop_log=extra_flops, text_tokens=call.text_tokens,
+                )
+            out = foreign(block_args, {"original_block": inner}) if foreign is not None else inner(block_args)
+            if extra_flops:
+                work = replace(work, extra_flops=work.extra_flops + sum(extra_flops))
             call.block_work[block] = work
             call.add_executed(self.adapter.block_flops(block, work))
             return out

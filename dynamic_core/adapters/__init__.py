@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BlockRef, BlockWork, CallShape, ModelAdapter, TokenLayout, UnsupportedModelError
+from .base import BlockInternals, BlockRef, BlockWork, CallShape, ModelAdapter, TokenLayout, UnsupportedModelError
 from .flux import FluxAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter,)
@@ -27,6 +27,7 @@ def adapter_for(diffusion_model: torch.nn.Module, host_model_name: str | None = 
 
 __all__ = [
     "ADAPTERS",
+    "BlockInternals",
     "BlockRef",
     "BlockWork",
     "CallShape",

@@ -8,12 +8,13 @@ they inspect the `torch.nn.Module` the host built.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Mapping
 
 import torch
 
 from ..flops import FlopBreakdown
+from ..slicing import LinearExtra, WeightSlices
 
 
 class UnsupportedModelError(ValueError):
@@ -53,6 +54,27 @@ class BlockWork:
     heads: int | None = None  # attention heads kept (None: all)
     mlp_hidden: int | None = None  # MLP hidden units kept (None: all)
     extra_flops: float = 0.0  # work a method added around the block (routers, LoRA bypasses)
+
+
+@dataclass(frozen=True)
+class BlockInternals:
+    """Reductions inside one block call, contributed by the methods; the default is the full block.
+
+    Heads and MLP groups are small sorted tuples (they double as cache keys for sliced weights).
+    """
+
+    heads: tuple[int, ...] | None = None  # attention heads kept, shared by all streams of the block
+    mlp_groups: tuple[int, ...] | None = None  # MLP hidden-unit groups kept, of `mlp_group_count`
+    mlp_group_count: int = 0
+    mlp_tokens: torch.Tensor | None = None  # (B, k) image tokens that run the MLP; the others skip it
+    extras: Mapping[str, LinearExtra] = field(default_factory=dict)  # linear name -> addend (LoRA bypass)
+
+    @property
+    def is_full(self) -> bool:
+        return self.heads is None and self.mlp_groups is None and self.mlp_tokens is None and not self.extras
+
+    def with_changes(self, **changes: Any) -> "BlockInternals":
+        return replace(self, **changes)
 
 
 @dataclass(frozen=True)
@@ -103,6 +125,31 @@ class ModelAdapter(ABC):
     @abstractmethod
     def block_tokens(self, block: BlockRef, args: Mapping[str, Any], text_tokens: int) -> BlockWork:
         """Token counts of a block call from its replacement-patch arguments (full work)."""
+
+    @abstractmethod
+    def linear_layers(self, module: torch.nn.Module, block: BlockRef) -> dict[str, torch.nn.Module]:
+        """The block's linear layers by the names `BlockInternals.extras` uses (e.g. "img_attn.qkv")."""
+
+    @abstractmethod
+    def run_block(
+        self,
+        module: torch.nn.Module,
+        block: BlockRef,
+        args: Mapping[str, Any],
+        internals: BlockInternals,
+        weights: WeightSlices,
+        flop_log: list[float],
+        text_tokens: int,
+    ) -> dict:
+        """Run the block's own forward with `internals` applied (compute really removed).
+
+        Returns the same dict a ComfyUI `original_block` returns; extra FLOPs (LoRA bypasses) are
+        appended to `flop_log`.
+        """
+
+    @abstractmethod
+    def reduced_work(self, block: BlockRef, work: BlockWork, internals: BlockInternals) -> BlockWork:
+        """`work` with the reductions of `internals` applied (for the analytic FLOPs)."""
 
     # --- calls --------------------------------------------------------------------------------
     @abstractmethod

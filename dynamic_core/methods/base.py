@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
-from ..adapters import BlockRef
+from ..adapters import BlockInternals, BlockRef
 from ..plan import MethodSettings
 
 if TYPE_CHECKING:
@@ -49,6 +49,16 @@ class DynamicMethod:
     def wrap_block(self, call: "CallState", block: BlockRef, args: BlockArgs, proceed: BlockFn) -> dict:
         """Block-level work around one block call (e.g. routing a subset of tokens through it)."""
         return proceed(args)
+
+    def block_internals(
+        self, call: "CallState", block: BlockRef, args: BlockArgs, internals: BlockInternals
+    ) -> BlockInternals:
+        """Reductions inside the block (heads, MLP groups, MLP tokens, linear extras) for this call.
+
+        `args` are the arguments the block will actually run on (after any token routing).
+        Return `internals` unchanged to leave the block alone.
+        """
+        return internals
 
     def finish(self) -> None:
         """Called when the sampling run ends, also after an error; drop per-run caches here."""

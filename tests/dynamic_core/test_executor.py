@@ -87,6 +87,24 @@ class ProbeMethod(DynamicMethod):
         self.log.append(("finish",))
 
 
+@dataclass(frozen=True)
+class HalfHeads(MethodSettings):
+    method: ClassVar[str] = "test.half_heads"
+
+
+@register
+class HalfHeadsMethod(DynamicMethod):
+    settings_type = HalfHeads
+    order = 40
+    cache_stats: ClassVar[list] = []
+
+    def block_internals(self, call, block, args, internals):
+        return internals.with_changes(heads=(0, 1))
+
+    def finish(self):
+        self.cache_stats.append((self.run.weights.hits, self.run.weights.misses))
+
+
 SAMPLE = dict(steps=3, seed=21, cfg=2.0)
 
 
@@ -153,3 +171,19 @@ def test_a_failing_run_is_cleaned_up_and_the_next_run_works(flux_model, conds):
     assert "dynamic_dit_run" not in failing.model_options["transformer_options"]
     healthy = apply_settings(failing, Probe())
     assert torch.equal(tiny_flux.sample(healthy, *conds, **SAMPLE), tiny_flux.sample(flux_model, *conds, **SAMPLE))
+
+
+def test_block_internals_remove_compute_and_telemetry_counts_it(flux_model, conds):
+    from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
+
+    HalfHeadsMethod.cache_stats.clear()
+    model = apply_settings(flux_model, HalfHeads())
+    with torch.no_grad():
+        measured, out = measure_flops(lambda: tiny_flux.sample(model, *conds, **SAMPLE))
+    run = plan_of(model).telemetry.latest()
+    assert run.executed_flops == pytest.approx(measured, rel=0.02)
+    assert run.executed_flops < 0.9 * run.full_flops
+    assert not torch.equal(out, tiny_flux.sample(flux_model, *conds, **SAMPLE))
+    hits, misses = HalfHeadsMethod.cache_stats[0]
+    assert misses == 2 * 4 + 4 * 2  # every sliced layer once: 4 per double, 2 per single block
+    assert hits == 2 * misses  # the two later calls reuse them

@@ -1,0 +1,253 @@
+"""Reduced Flux blocks: the host's block forward on sliced weights / token subsets.
+
+Oracles are masked copies of the real block (dropped heads' projection columns or dropped MLP
+units zeroed): the reduced block must give the same numbers while the FLOPs really drop.
+"""
+import copy
+
+import pytest
+import torch
+
+from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, BlockWork
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, effective_weight
+from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
+from comfyui_dynamic_dit.dynamic_core.slicing import WeightSlices, unit_indices
+
+B, T, GRID = 2, 6, (4, 5)
+N = GRID[0] * GRID[1]
+
+
+def block_args(dm, kind: str, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    d = dm.hidden_size
+    img_ids = torch.zeros(GRID[0], GRID[1], 3)
+    img_ids[..., 1] = torch.arange(GRID[0])[:, None]
+    img_ids[..., 2] = torch.arange(GRID[1])[None, :]
+    ids = torch.cat((torch.zeros(B, T, 3), img_ids.reshape(1, N, 3).expand(B, -1, -1)), dim=1)
+    args = {"vec": torch.randn(B, d, generator=g), "pe": dm.pe_embedder(ids), "attn_mask": None, "transformer_options": {}}
+    if kind == "double":
+        args |= {"img": torch.randn(B, N, d, generator=g), "txt": torch.randn(B, T, d, generator=g)}
+    else:
+        args |= {"img": torch.randn(B, T + N, d, generator=g)}
+    return args
+
+
+def run_original(module, kind, args):
+    args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    if kind == "double":
+        img, txt = module(img=args["img"], txt=args["txt"], vec=args["vec"], pe=args["pe"], attn_mask=None, transformer_options={})
+        return {"img": img, "txt": txt}
+    return {"img": module(args["img"], vec=args["vec"], pe=args["pe"], attn_mask=None, transformer_options={})}
+
+
+def run_reduced(adapter, module, ref, args, internals, weights=None, flop_log=None):
+    args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    return adapter.run_block(module, ref, args, internals, weights or WeightSlices(effective_weight), flop_log if flop_log is not None else [], T)
+
+
+def masked(module, kind, arch, heads=None, groups=None, group_count=None, drop_mlp=False):
+    """A copy of the block where dropped heads / MLP units contribute nothing."""
+    copy_ = copy.deepcopy(module)
+    d, hd = arch.hidden_size, arch.head_dim
+    with torch.no_grad():
+        if heads is not None:
+            dropped = unit_indices(tuple(h for h in range(arch.num_heads) if h not in heads), hd, torch.device("cpu"))
+            if kind == "double":
+                copy_.img_attn.proj.weight[:, dropped] = 0
+                copy_.txt_attn.proj.weight[:, dropped] = 0
+            else:
+                copy_.linear2.weight[:, dropped] = 0
+        if groups is not None or drop_mlp:
+            size = arch.mlp_hidden // (group_count or 1)
+            kept = groups if groups is not None else ()
+            dropped = unit_indices(tuple(g for g in range(group_count or 1) if g not in kept), size, torch.device("cpu"))
+            if kind == "double":
+                for mlp in (copy_.img_mlp, copy_.txt_mlp) if not drop_mlp else (copy_.img_mlp,):
+                    mlp[2].weight[:, dropped] = 0
+                    if drop_mlp:
+                        mlp[2].bias.zero_()
+            else:
+                copy_.linear2.weight[:, d + dropped] = 0
+    return copy_
+
+
+CASES = [
+    ("heads", dict(heads=(0, 2))),
+    ("mlp_groups", dict(mlp_groups=(1, 2), mlp_group_count=4)),
+    ("both", dict(heads=(1, 2, 3), mlp_groups=(0,), mlp_group_count=4)),
+]
+
+
+@pytest.mark.parametrize("kind,index", [("double", 1), ("single", 2)])
+@pytest.mark.parametrize("name,changes", CASES, ids=[c[0] for c in CASES])
+def test_reduced_width_equals_masked_block(flux_model, kind, index, name, changes):
+    adapter = adapter_of(flux_model)
+    dm = flux_model.model.diffusion_model
+    ref = BlockRef(kind, index)
+    module = adapter.block_module(dm, ref)
+    args = block_args(dm, kind)
+    internals = BlockInternals(**changes)
+    oracle = masked(module, kind, adapter.arch, internals.heads, internals.mlp_groups, internals.mlp_group_count)
+    with torch.no_grad():
+        expected = run_original(oracle, kind, args)
+        got = run_reduced(adapter, module, ref, args, internals)
+        full = run_original(module, kind, args)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(got[key], full[key], atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,index", [("double", 0), ("single", 3)])
+def test_all_heads_and_groups_kept_is_the_full_block(flux_model, kind, index):
+    adapter = adapter_of(flux_model)
+    dm = flux_model.model.diffusion_model
+    ref = BlockRef(kind, index)
+    module = adapter.block_module(dm, ref)
+    args = block_args(dm, kind)
+    internals = BlockInternals(heads=tuple(range(4)), mlp_groups=tuple(range(4)), mlp_group_count=4)
+    with torch.no_grad():
+        got, full = run_reduced(adapter, module, ref, args, internals), run_original(module, kind, args)
+    for key in full:
+        torch.testing.assert_close(got[key], full[key], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind,index", [("double", 0), ("single", 1)])
+def test_mlp_token_subset_skips_the_mlp_for_the_others(flux_model, kind, index):
+    adapter = adapter_of(flux_model)
+    dm = flux_model.model.diffusion_model
+    ref = BlockRef(kind, index)
+    module = adapter.block_module(dm, ref)
+    args = block_args(dm, kind, seed=3)
+    tokens = torch.stack([torch.tensor([0, 3, 7, 8, 19]), torch.tensor([1, 2, 5, 11, 12])])  # per sample
+    with torch.no_grad():
+        got = run_reduced(adapter, module, ref, args, BlockInternals(mlp_tokens=tokens))
+        full = run_original(module, kind, args)
+        no_mlp = run_original(masked(module, kind, adapter.arch, group_count=1, drop_mlp=True), kind, args)
+    offset = 0 if kind == "double" else T
+    selected = torch.zeros(B, N, dtype=torch.bool)
+    selected[torch.arange(B)[:, None], tokens] = True
+    image = got["img"][:, offset:]
+    torch.testing.assert_close(image[selected], full["img"][:, offset:][selected], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(image[~selected], no_mlp["img"][:, offset:][~selected], rtol=1e-5, atol=1e-5)
+    text = got["txt"] if kind == "double" else got["img"][:, :T]
+    full_text = full["txt"] if kind == "double" else full["img"][:, :T]
+    torch.testing.assert_close(text, full_text, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["double", "single"])
+@pytest.mark.parametrize(
+    "internals,part,ratio",
+    [
+        (BlockInternals(heads=(0, 1)), ("qkv", "attention", "proj"), 0.5),
+        (BlockInternals(mlp_groups=(0, 3), mlp_group_count=4), ("mlp",), 0.5),
+    ],
+    ids=["heads_half", "mlp_half"],
+)
+def test_flops_really_drop(flux_model, kind, internals, part, ratio):
+    adapter = adapter_of(flux_model)
+    dm = flux_model.model.diffusion_model
+    ref = BlockRef(kind, 0)
+    module = adapter.block_module(dm, ref)
+    args = block_args(dm, kind)
+    with torch.no_grad():
+        full_measured, _ = measure_flops(lambda: run_original(module, kind, args))
+        reduced_measured, _ = measure_flops(lambda: run_reduced(adapter, module, ref, args, internals))
+    full_work = BlockWork(batch=B, image_tokens=N, text_tokens=T)
+    full = adapter.block_flops(ref, full_work)
+    reduced = adapter.block_flops(ref, adapter.reduced_work(ref, full_work, internals))
+    assert full.total == pytest.approx(full_measured, rel=0.01)
+    assert reduced.total == pytest.approx(reduced_measured, rel=0.01)
+    for name in part:
+        assert getattr(reduced, name) == pytest.approx(ratio * getattr(full, name), rel=0.02)
+    assert full_measured - reduced_measured == pytest.approx(sum((1 - ratio) * getattr(full, n) for n in part), rel=0.02)
+
+
+def test_mlp_token_subset_flops(flux_model):
+    adapter = adapter_of(flux_model)
+    dm = flux_model.model.diffusion_model
+    for kind in ("double", "single"):
+        ref = BlockRef(kind, 0)
+        module = adapter.block_module(dm, ref)
+        args = block_args(dm, kind)
+        internals = BlockInternals(mlp_tokens=torch.arange(10).expand(B, -1))
+        with torch.no_grad():
+            measured, _ = measure_flops(lambda: run_reduced(adapter, module, ref, args, internals))
+        work = adapter.reduced_work(ref, BlockWork(batch=B, image_tokens=N, text_tokens=T), internals)
+        assert work.mlp_image_tokens == 10
+        assert adapter.block_flops(ref, work).total == pytest.approx(measured, rel=0.01)
+
+
+class LowRank:
+    """A LoRA-like extra: x @ A^T @ B^T, sliced like the layer it is added to."""
+
+    def __init__(self, out_features, in_features, rank=3, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.A = torch.randn(rank, in_features, generator=g) * 0.1
+        self.B = torch.randn(out_features, rank, generator=g) * 0.1
+
+    def __call__(self, x, rows, cols):
+        A = self.A if cols is None else self.A[:, cols]
+        B = self.B if rows is None else self.B[rows]
+        return x @ A.T @ B.T
+
+    def flops(self, tokens, in_features, out_features):
+        return 2.0 * tokens * self.A.shape[0] * (in_features + out_features)
+
+
+@pytest.mark.parametrize("kind,index", [("double", 1), ("single", 0)])
+def test_linear_extras_follow_the_slicing(flux_model, kind, index):
+    adapter = adapter_of(flux_model)
+    dm = flux_model.model.diffusion_model
+    ref = BlockRef(kind, index)
+    module = adapter.block_module(dm, ref)
+    layers = adapter.linear_layers(module, ref)
+    extras = {name: LowRank(*layer.weight.shape, seed=i) for i, (name, layer) in enumerate(layers.items())}
+    merged = copy.deepcopy(module)
+    with torch.no_grad():
+        for name, layer in adapter.linear_layers(merged, ref).items():
+            layer.weight += extras[name].B @ extras[name].A
+    args = block_args(dm, kind, seed=5)
+    tokens = torch.stack([torch.tensor([0, 4, 9]), torch.tensor([2, 3, 18])])
+    for internals in (
+        BlockInternals(extras=extras),
+        BlockInternals(heads=(1, 3), mlp_groups=(2,), mlp_group_count=4, extras=extras),
+        BlockInternals(heads=(0, 1, 2), mlp_tokens=tokens, extras=extras),
+    ):
+        oracle_internals = internals.with_changes(extras={})
+        log = []
+        with torch.no_grad():
+            got = run_reduced(adapter, module, ref, args, internals, flop_log=log)
+            expected = (
+                run_original(merged, kind, args)
+                if oracle_internals.is_full
+                else run_reduced(adapter, merged, ref, args, oracle_internals)
+            )
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=1e-4)
+        assert log and sum(log) > 0
+
+
+def test_sliced_weights_are_cached_and_invalidated(flux_model):
+    adapter = adapter_of(flux_model)
+    dm = flux_model.model.diffusion_model
+    ref = BlockRef("double", 0)
+    module = copy.deepcopy(adapter.block_module(dm, ref))
+    args = block_args(dm, "double")
+    weights = WeightSlices(effective_weight)
+    internals = BlockInternals(heads=(0, 1), mlp_groups=(0, 1), mlp_group_count=4)
+    with torch.no_grad():
+        first = run_reduced(adapter, module, ref, args, internals, weights)
+        misses = weights.misses
+        assert misses == 8  # qkv, proj, mlp in, mlp out for img and txt
+        second = run_reduced(adapter, module, ref, args, internals, weights)
+        assert weights.misses == misses and weights.hits == 8
+        torch.testing.assert_close(first["img"], second["img"], rtol=0, atol=0)
+        module.img_attn.qkv.weight.mul_(2.0)  # an in-place weight change (e.g. a hook keyframe)
+        third = run_reduced(adapter, module, ref, args, internals, weights)
+        assert weights.misses == misses + 1
+        assert not torch.allclose(first["img"], third["img"])
+    assert weights.cached_bytes > 0
+    bounded = WeightSlices(effective_weight, max_bytes=1)
+    with torch.no_grad():
+        run_reduced(adapter, module, ref, args, internals, bounded)
+    assert bounded.cached_bytes == 0
