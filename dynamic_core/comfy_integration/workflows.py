@@ -143,8 +143,20 @@ def speed_report_workflow() -> list[Node]:
     ]
 
 
+def benchmark_conditioning_workflow() -> list[Node]:
+    """Prompt and negative as conditioning files for `python -m dynamic_core.comfy_integration.bench --model ...`."""
+    inputs = [node for node in _flux_inputs() if node.key in ("clip", "prompt", "guidance", "negative")]
+    return inputs + [
+        Node("save_positive", "DynamicBenchmarkConditioning", (1160, 240), {"filename_prefix": "dynamic_dit_bench/fox"},
+             {"conditioning": ("guidance", 0)}, size=(380, 110)),
+        Node("save_negative", "DynamicBenchmarkConditioning", (1160, 380), {"filename_prefix": "dynamic_dit_bench/negative"},
+             {"conditioning": ("negative", 0)}, size=(380, 110)),
+    ]
+
+
 WORKFLOWS = {
     "flux_speed_report": ("Flux.1 with per-step speed telemetry", speed_report_workflow),
+    "benchmark_conditioning": ("Conditioning files for the command-line benchmark", benchmark_conditioning_workflow),
 }
 
 
