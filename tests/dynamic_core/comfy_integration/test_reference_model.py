@@ -1,0 +1,166 @@
+"""The committed reference model: small, documented, loads through the validating loader, and its
+samples have the statistics of photographs (checked against real crops, with an untrained model of
+the same shape as a control that must fail the same check)."""
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from comfyui_dynamic_dit.dynamic_core.comfy_integration import reference_model, tiny_flux
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return tiny_flux.load_reference()
+
+
+def test_weights_are_committed_small_fp16_and_say_how_they_were_made():
+    path = tiny_flux.REFERENCE_PATH
+    assert path.stat().st_size <= 20 * 1024 * 1024
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if k.startswith("diffusion_model.")}
+    assert dtypes == {"F16"}
+    assert metadata["command"].startswith("python -m dynamic_core.comfy_integration.reference_model")
+    training = json.loads(metadata["training"])
+    assert training["seed"] == 0 and training["image_size"] == int(metadata["image_size"])
+    assert float(metadata["final_eval_loss"]) < 1.0  # an untrained model starts near E|noise - x0|^2, about 1.3
+    assert set(json.loads(metadata["classes"])) == set(reference_model.PHOTOS)
+
+
+def test_transform_is_invertible():
+    images = torch.rand(2, 3, 16, 24)
+    latent = tiny_flux.photo_to_latent(images)
+    assert latent.shape == (2, 16, 8, 12)
+    assert torch.allclose(tiny_flux.latent_to_photo(latent), images, atol=1e-6)
+    with pytest.raises(ValueError, match="even H and W"):
+        tiny_flux.photo_to_latent(torch.rand(1, 3, 15, 16))
+
+
+def photo_statistics(images: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per image: correlation of horizontally and vertically neighbouring pixels, the share of the
+    signal's energy in its Laplacian (fine detail: ~20 for white noise, small for photos), and the
+    standard deviation (a blank image is not a photo either)."""
+    grey = images.mean(1)
+    centred = grey - grey.mean((-2, -1), keepdim=True)
+
+    def correlation(a, b):
+        a, b = a - a.mean((-2, -1), keepdim=True), b - b.mean((-2, -1), keepdim=True)
+        return (a * b).mean((-2, -1)) / (a.std((-2, -1)) * b.std((-2, -1)) + 1e-8)
+
+    neighbours = (correlation(grey[..., :, 1:], grey[..., :, :-1]) + correlation(grey[..., 1:, :], grey[..., :-1, :])) / 2
+    laplacian = 4 * grey[..., 1:-1, 1:-1] - grey[..., :-2, 1:-1] - grey[..., 2:, 1:-1] - grey[..., 1:-1, :-2] - grey[..., 1:-1, 2:]
+    detail = laplacian.pow(2).mean((-2, -1)) / (centred.pow(2).mean((-2, -1)) + 1e-8)
+    return {"neighbours": neighbours, "detail": detail, "std": grey.std((-2, -1))}
+
+
+def _samples(model_patcher, reference, classes, seeds=(0, 1), steps=16):
+    size = reference.image_size
+    images = []
+    for name in classes:
+        for seed in seeds:
+            latent = tiny_flux.sample(model_patcher, reference.conditioning(name), reference.null_conditioning(),
+                                      height=size // 2, width=size // 2, steps=steps, cfg=2.0, seed=seed)
+            images.append(tiny_flux.latent_to_photo(latent))
+    return torch.cat(images)
+
+
+def looks_like_photos(stats: dict[str, torch.Tensor], real: dict[str, torch.Tensor]) -> bool:
+    """Every image as smooth as the real crops (with margin) and not blank."""
+    return bool(
+        (stats["neighbours"] >= 0.8 * real["neighbours"].median()).all()
+        and (stats["detail"] <= 2.0 * real["detail"].quantile(0.9)).all()
+        and (stats["std"] >= 0.02).all()
+    )
+
+
+def test_samples_have_photo_statistics_and_an_untrained_model_does_not(reference):
+    classes = ["astronaut", "coffee", "moon", "grass"]
+    generator = torch.Generator().manual_seed(0)
+    photos = reference_model.load_photos(reference.image_size, reference_model.TrainConfig().scales)
+    labels = torch.tensor([reference.class_index(name) for name in classes]).repeat_interleave(8)
+    real = photo_statistics(reference_model.random_crops(photos, labels, reference.image_size, generator))
+    noise = photo_statistics(torch.rand(8, 3, reference.image_size, reference.image_size, generator=generator))
+    assert looks_like_photos(real, real) and not looks_like_photos(noise, real)  # the check separates the two
+
+    with torch.no_grad():
+        trained = photo_statistics(_samples(reference.model, reference, classes))
+        untrained_model = tiny_flux.build_model(reference.config)  # same shape, random weights
+        untrained = photo_statistics(_samples(untrained_model, reference, classes[:1]))
+    assert looks_like_photos(trained, real), trained
+    assert not looks_like_photos(untrained, real), untrained
+
+
+def test_class_conditioning_steers_colour(reference):
+    """Grey photos (moon) come out grey, colourful ones (coffee, astronaut) do not."""
+
+    def saturation(images):
+        return (images.max(1).values - images.min(1).values).mean((-2, -1))
+
+    with torch.no_grad():
+        grey = saturation(_samples(reference.model, reference, ["moon"], steps=12))
+        colour = saturation(_samples(reference.model, reference, ["coffee", "astronaut"], steps=12))
+    assert grey.max() < 0.05 and colour.min() > 2 * grey.max(), (grey, colour)
+
+
+# --- the loader refuses bad files with a precise message -----------------------------------------
+@pytest.fixture(scope="module")
+def small_reference(tmp_path_factory):
+    config = tiny_flux.TinyFlux(hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1, guidance_embed=False)
+    model = tiny_flux.build_model(config)
+    contexts, pooled = reference_model.class_conditioning(2, config, 4, 0)
+    state = model.model.diffusion_model.state_dict()
+    path = tiny_flux.save_reference(tmp_path_factory.mktemp("ref") / "ref.safetensors", state, config, ("a", "b"),
+                                    contexts, pooled, 32, {"command": "test"})
+    return path, config, state, contexts, pooled
+
+
+def test_small_reference_round_trip(small_reference):
+    path, config, state, contexts, pooled = small_reference
+    loaded = tiny_flux.load_reference(path)
+    assert loaded.config == config and loaded.classes == ("a", "b") and loaded.image_size == 32
+    for key, value in loaded.model.model.diffusion_model.state_dict().items():
+        assert torch.equal(value, state[key].half().float()), key
+    assert torch.equal(loaded.conditioning("b")[0][0], contexts[1:2])
+    assert torch.equal(loaded.null_conditioning()[0][1]["pooled_output"], torch.zeros(1, config.vec_dim))
+    with pytest.raises(ValueError, match="unknown class 'c'; the reference model knows: a, b"):
+        loaded.conditioning("c")
+
+
+def _rewrite(path, target, change):
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata())
+    change(tensors, metadata)
+    save_file(tensors, str(target), metadata=metadata)
+    return target
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda t, m: m.update(format="something else"), "expected 'dynamic_dit.reference_flux'"),
+        (lambda t, m: m.update(version="9"), "version '9' is not supported"),
+        (lambda t, m: m.update(config="{not json"), "bad metadata"),
+        (lambda t, m: t.pop("diffusion_model.final_layer.linear.weight"), r"missing \['final_layer.linear.weight'\]"),
+        (lambda t, m: t.update({"diffusion_model.img_in.weight": torch.zeros(64, 32)}), r"'img_in.weight' has shape \(64, 32\), expected \(64, 64\)"),
+        (lambda t, m: t.update({"conditioning.pooled": torch.zeros(2, 32)}), r"'conditioning.pooled' has shape \(2, 32\), expected \(3, 32\)"),
+        (lambda t, m: t.pop("conditioning.context"), "missing tensor 'conditioning.context'"),
+        (lambda t, m: t.update({"diffusion_model.img_in.bias": torch.zeros(64, dtype=torch.int32)}), "expected a floating point dtype"),
+    ],
+)
+def test_bad_reference_files_are_refused(small_reference, tmp_path, change, message):
+    path = _rewrite(small_reference[0], tmp_path / "bad.safetensors", change)
+    with pytest.raises(ValueError, match=message):
+        tiny_flux.load_reference(path)
+
+
+def test_truncated_reference_file_is_refused(small_reference, tmp_path):
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(small_reference[0].read_bytes()[:5000])
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        tiny_flux.load_reference(truncated)
+    with pytest.raises(ValueError, match="not found"):
+        tiny_flux.load_reference(tmp_path / "missing.safetensors")
