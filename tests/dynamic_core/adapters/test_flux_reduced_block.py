@@ -32,6 +32,14 @@ def block_args(dm, kind: str, seed: int = 0) -> dict:
     return args
 
 
+def block_under_test(flux_model, kind: str, index: int, seed: int = 0):
+    """The adapter, the real block module, its ref and realistic patch arguments."""
+    adapter = adapter_of(flux_model)
+    dm = flux_model.model.diffusion_model
+    ref = BlockRef(kind, index)
+    return adapter, adapter.block_module(dm, ref), ref, block_args(dm, kind, seed)
+
+
 def run_original(module, kind, args):
     args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     if kind == "double":
@@ -81,11 +89,7 @@ CASES = [
 @pytest.mark.parametrize("kind,index", [("double", 1), ("single", 2)])
 @pytest.mark.parametrize("name,changes", CASES, ids=[c[0] for c in CASES])
 def test_reduced_width_equals_masked_block(flux_model, kind, index, name, changes):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
-    ref = BlockRef(kind, index)
-    module = adapter.block_module(dm, ref)
-    args = block_args(dm, kind)
+    adapter, module, ref, args = block_under_test(flux_model, kind, index)
     internals = BlockInternals(**changes)
     oracle = masked(module, kind, adapter.arch, internals.heads, internals.mlp_groups, internals.mlp_group_count)
     with torch.no_grad():
@@ -99,11 +103,7 @@ def test_reduced_width_equals_masked_block(flux_model, kind, index, name, change
 
 @pytest.mark.parametrize("kind,index", [("double", 0), ("single", 3)])
 def test_all_heads_and_groups_kept_is_the_full_block(flux_model, kind, index):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
-    ref = BlockRef(kind, index)
-    module = adapter.block_module(dm, ref)
-    args = block_args(dm, kind)
+    adapter, module, ref, args = block_under_test(flux_model, kind, index)
     internals = BlockInternals(heads=tuple(range(4)), mlp_groups=tuple(range(4)), mlp_group_count=4)
     with torch.no_grad():
         got, full = run_reduced(adapter, module, ref, args, internals), run_original(module, kind, args)
@@ -113,11 +113,7 @@ def test_all_heads_and_groups_kept_is_the_full_block(flux_model, kind, index):
 
 @pytest.mark.parametrize("kind,index", [("double", 0), ("single", 1)])
 def test_mlp_token_subset_skips_the_mlp_for_the_others(flux_model, kind, index):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
-    ref = BlockRef(kind, index)
-    module = adapter.block_module(dm, ref)
-    args = block_args(dm, kind, seed=3)
+    adapter, module, ref, args = block_under_test(flux_model, kind, index, seed=3)
     tokens = torch.stack([torch.tensor([0, 3, 7, 8, 19]), torch.tensor([1, 2, 5, 11, 12])])  # per sample
     with torch.no_grad():
         got = run_reduced(adapter, module, ref, args, BlockInternals(mlp_tokens=tokens))
@@ -144,11 +140,7 @@ def test_mlp_token_subset_skips_the_mlp_for_the_others(flux_model, kind, index):
     ids=["heads_half", "mlp_half"],
 )
 def test_flops_really_drop(flux_model, kind, internals, part, ratio):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
-    ref = BlockRef(kind, 0)
-    module = adapter.block_module(dm, ref)
-    args = block_args(dm, kind)
+    adapter, module, ref, args = block_under_test(flux_model, kind, 0)
     with torch.no_grad():
         full_measured, _ = measure_flops(lambda: run_original(module, kind, args))
         reduced_measured, _ = measure_flops(lambda: run_reduced(adapter, module, ref, args, internals))
@@ -163,12 +155,8 @@ def test_flops_really_drop(flux_model, kind, internals, part, ratio):
 
 
 def test_mlp_token_subset_flops(flux_model):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
     for kind in ("double", "single"):
-        ref = BlockRef(kind, 0)
-        module = adapter.block_module(dm, ref)
-        args = block_args(dm, kind)
+        adapter, module, ref, args = block_under_test(flux_model, kind, 0)
         internals = BlockInternals(mlp_tokens=torch.arange(10).expand(B, -1))
         with torch.no_grad():
             measured, _ = measure_flops(lambda: run_reduced(adapter, module, ref, args, internals))
@@ -196,17 +184,13 @@ class LowRank:
 
 @pytest.mark.parametrize("kind,index", [("double", 1), ("single", 0)])
 def test_linear_extras_follow_the_slicing(flux_model, kind, index):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
-    ref = BlockRef(kind, index)
-    module = adapter.block_module(dm, ref)
+    adapter, module, ref, args = block_under_test(flux_model, kind, index, seed=5)
     layers = adapter.linear_layers(module, ref)
     extras = {name: LowRank(*layer.weight.shape, seed=i) for i, (name, layer) in enumerate(layers.items())}
     merged = copy.deepcopy(module)
     with torch.no_grad():
         for name, layer in adapter.linear_layers(merged, ref).items():
             layer.weight += extras[name].B @ extras[name].A
-    args = block_args(dm, kind, seed=5)
     tokens = torch.stack([torch.tensor([0, 4, 9]), torch.tensor([2, 3, 18])])
     for internals in (
         BlockInternals(extras=extras),
@@ -228,11 +212,8 @@ def test_linear_extras_follow_the_slicing(flux_model, kind, index):
 
 
 def test_sliced_weights_are_cached_and_invalidated(flux_model):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
-    ref = BlockRef("double", 0)
-    module = copy.deepcopy(adapter.block_module(dm, ref))
-    args = block_args(dm, "double")
+    adapter, module, ref, args = block_under_test(flux_model, "double", 0)
+    module = copy.deepcopy(module)
     weights = WeightSlices(effective_weight)
     internals = BlockInternals(heads=(0, 1), mlp_groups=(0, 1), mlp_group_count=4)
     with torch.no_grad():
