@@ -81,6 +81,7 @@ class RunContext:
         sigma_to_percent: Callable[[float], float] | None = None,
         percent_to_sigma: Callable[[float], float] | None = None,
         weight_source: WeightSource | None = None,
+        progress_listener: Callable[[dict], None] | None = None,
     ) -> None:
         self.plan = plan
         self.adapter = adapter
@@ -88,6 +89,7 @@ class RunContext:
         self.steps = StepTracker(sigmas, sigma_to_percent)
         self.percent_to_sigma = percent_to_sigma
         self.weights = WeightSlices(weight_source or plain_weights)  # sliced effective weights, this run only
+        self._progress_listener = progress_listener
         self.record = RunRecord(
             model=model_name,
             device=_device_name(self.device),
@@ -105,6 +107,9 @@ class RunContext:
         self.steps.step_callback(step)
         for method in self.methods:
             method.on_step(step, latent)
+        if self._progress_listener is not None:
+            # steps before `step` are settled: their extra evaluations all happened before this callback
+            self._progress_listener(self.record.progress(settled_steps=step))
 
     def finish(self) -> RunRecord:
         self.steps.finish()
@@ -114,6 +119,8 @@ class RunContext:
         finally:
             self.weights.clear()
             self.record.finished = True
+        if self._progress_listener is not None and self.record.calls:
+            self._progress_listener(self.record.progress())
         return self.record
 
     # --- model calls --------------------------------------------------------------------------

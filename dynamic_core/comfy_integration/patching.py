@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from typing import Any, Callable
 
 import torch
@@ -142,6 +143,7 @@ def _outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         sigma_to_percent=lambda s: invert_decreasing(model_sampling.percent_to_sigma, s),
         percent_to_sigma=model_sampling.percent_to_sigma,
         weight_source=effective_weight,
+        progress_listener=_progress_publisher(),
     )
     user_callback = bound.arguments.get("callback")
 
@@ -163,6 +165,27 @@ def _outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
             plan.telemetry.add(record)
             logger.info("Dynamic DiT: %s", record.summary(plan.telemetry.latest_comparable(record)))
         guider.model_options = original_options
+
+
+PROGRESS_EVENT = "dynamic_dit.progress"
+
+
+def _progress_publisher() -> Callable[[dict], None] | None:
+    """Send per-step progress to the browser of the client that queued the prompt, inside a server.
+
+    `server` is only in sys.modules when ComfyUI runs as a server; as a library there is no one to tell.
+    """
+    prompt_server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    if prompt_server is None:
+        return None
+
+    def publish(progress: dict) -> None:
+        try:
+            prompt_server.send_sync(PROGRESS_EVENT, progress, prompt_server.client_id)
+        except Exception:  # a live view must never break sampling
+            logger.debug("Dynamic DiT: could not send progress", exc_info=True)
+
+    return publish
 
 
 def _order_model_wrappers(transformer_options: dict) -> None:
