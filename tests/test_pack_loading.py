@@ -31,6 +31,18 @@ def test_loads_through_comfyui_custom_node_loader():
         assert "required" in info
 
 
+def test_entry_module_read_as_a_lone_file_does_not_fail():
+    # pytest does this in a checkout folder whose name is no Python identifier (e.g. comfyui-dynamic-dit)
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("comfyui-dynamic-dit", str(REPO_ROOT / "__init__.py"))
+    spec = importlib.util.spec_from_loader("comfyui-dynamic-dit", loader, is_package=False)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.NODE_CLASS_MAPPINGS == {} and module.WEB_DIRECTORY == "./web"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
