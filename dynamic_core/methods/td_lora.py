@@ -245,6 +245,12 @@ def block_linear_index(adapter: ModelAdapter, diffusion_model: torch.nn.Module) 
     return index
 
 
+def block_linear_shapes(adapter: ModelAdapter, diffusion_model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear a TD-LoRA can gate, by module path (what a trainer adapts)."""
+    shapes = linear_shapes(diffusion_model)
+    return {path: shapes[path] for path in block_linear_index(adapter, diffusion_model)}
+
+
 def linear_shapes(diffusion_model: torch.nn.Module) -> dict[str, tuple[int, int]]:
     """(out, in) of every module with a 2-D weight, by module path."""
     shapes = {}

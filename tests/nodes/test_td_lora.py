@@ -10,8 +10,7 @@ from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, plan_of
 from comfyui_dynamic_dit.dynamic_core.methods.td_lora import (
     architecture_metadata,
-    block_linear_index,
-    linear_shapes,
+    block_linear_shapes,
     random_td_lora,
     save_td_lora_file,
     td_lora_state_dict,
@@ -33,9 +32,7 @@ def folders(tmp_path, monkeypatch):
 
 
 def layers_of(model, experts, seed=0):
-    dm = model.model.diffusion_model
-    shapes = {p: s for p, s in linear_shapes(dm).items() if p in block_linear_index(adapter_of(model), dm)}
-    return random_td_lora(shapes, experts=experts, rank=4, seed=seed)
+    return random_td_lora(block_linear_shapes(adapter_of(model), model.model.diffusion_model), experts=experts, rank=4, seed=seed)
 
 
 def write_td(model, path, experts, seed=0, architecture_of=None):

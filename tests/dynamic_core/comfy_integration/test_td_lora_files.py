@@ -21,6 +21,7 @@ from comfyui_dynamic_dit.dynamic_core.methods.td_lora import (
     GateWeights,
     architecture_metadata,
     block_linear_index,
+    block_linear_shapes,
     linear_shapes,
     random_td_lora,
     td_lora_state_dict,
@@ -173,8 +174,7 @@ def test_k3_mixture_equals_the_merged_mixture_under_width_slicing(flux_model, co
     and columns), so the sliced bypass must equal slicing the full bypass output.
     """
     gates = [0.5, 0.3, 0.2]
-    dm = flux_model.model.diffusion_model
-    shapes = {p: s for p, s in linear_shapes(dm).items() if p in block_linear_index(adapter_of(flux_model), dm)}
+    shapes = block_linear_shapes(adapter_of(flux_model), flux_model.model.diffusion_model)
     layers, _ = random_td_lora(shapes, experts=3, rank=4, seed=3, scale=0.03)
     tensors, metadata = td_lora_state_dict(layers, architecture_metadata(adapter_of(flux_model)), constant_gate(gates))
     merged = {}
@@ -198,9 +198,7 @@ def test_k3_mixture_equals_the_merged_mixture_under_width_slicing(flux_model, co
 # --- K > 1: gates per step ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def k3_state(flux_model):
-    dm = flux_model.model.diffusion_model
-    shapes = {p: s for p, s in linear_shapes(dm).items() if p in block_linear_index(adapter_of(flux_model), dm)}
-    layers, gate = random_td_lora(shapes, experts=3, rank=4, seed=5)
+    layers, gate = random_td_lora(block_linear_shapes(adapter_of(flux_model), flux_model.model.diffusion_model), experts=3, rank=4, seed=5)
     return td_lora_state_dict(layers, architecture_metadata(adapter_of(flux_model)), gate)
 
 

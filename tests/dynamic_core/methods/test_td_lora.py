@@ -17,9 +17,8 @@ from comfyui_dynamic_dit.dynamic_core.methods.td_lora import (
     LowRankLayer,
     architecture_metadata,
     bind_layers,
-    block_linear_index,
+    block_linear_shapes,
     expert_columns,
-    linear_shapes,
     load_td_lora_file,
     parse_td_lora,
     per_sample_sigmas,
@@ -33,9 +32,7 @@ QKV = "double_blocks.0.img_attn.qkv"
 
 
 def block_shapes(model) -> dict:
-    dm = model.model.diffusion_model
-    shapes = linear_shapes(dm)
-    return {path: shapes[path] for path in block_linear_index(adapter_of(model), dm)}
+    return block_linear_shapes(adapter_of(model), model.model.diffusion_model)
 
 
 def one_layer(experts=3, rank=4, out_features=12, in_features=10, alpha=2.0, seed=0):
