@@ -11,11 +11,10 @@ import folder_paths
 import nodes as comfy_nodes
 
 from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, plan_of
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings, plan_of
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.td_lora_files import apply_td_lora, load_td_lora
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
-from comfyui_dynamic_dit.dynamic_core.methods import DynamicMethod, register
-from comfyui_dynamic_dit.dynamic_core.methods import td_lora
+from comfyui_dynamic_dit.dynamic_core.methods import DynamicMethod, register, td_lora
 from comfyui_dynamic_dit.dynamic_core.methods.td_lora import (
     ExpertLayer,
     GateWeights,
@@ -49,8 +48,6 @@ class FixedWidthMethod(DynamicMethod):
 
 
 def with_width(model):
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings
-
     return apply_settings(model, FixedWidth())
 
 
@@ -193,6 +190,8 @@ def test_k3_mixture_equals_the_merged_mixture_under_width_slicing(flux_model, co
     if width:
         assert run.executed_flops < 0.8 * run.full_flops
         assert not torch.allclose(got, tiny_flux.sample(td(flux_model, tensors, 0.9, metadata), *conds, **SAMPLE), atol=1e-3)
+        width_first = td(with_width(flux_model), tensors, 0.9, metadata)  # chaining order does not matter
+        assert torch.equal(tiny_flux.sample(width_first, *conds, **SAMPLE), got)
 
 
 # --- K > 1: gates per step ----------------------------------------------------------------------------
