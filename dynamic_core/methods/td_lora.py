@@ -33,7 +33,7 @@ from ..plan import MethodSettings
 from .base import DynamicMethod, register
 
 if TYPE_CHECKING:
-    from ..executor import CallState, ModelCall
+    from ..executor import CallState, ModelCall, RunContext
 
 FORMAT = "td_lora"
 VERSION = 1
@@ -620,7 +620,7 @@ class TDLoRAMethod(DynamicMethod):
     settings_type = TDLoRASettings
     order = 40
 
-    def __init__(self, settings: TDLoRASettings, run: Any) -> None:
+    def __init__(self, settings: TDLoRASettings, run: "RunContext") -> None:
         super().__init__(settings, run)
         self.lora = settings.lora
         self.bound = settings.bound
@@ -695,7 +695,7 @@ class TDLoRAMethod(DynamicMethod):
         extras = dict(internals.extras)
         for name, layer in layers.items():
             down, up = self._cast(layer, like)
-            gate = layer.gate or self.lora.gate
+            gate = layer.gate if layer.gate is not None else self.lora.gate
             columns = state.columns(gate, layer.rank, like) if gate is not None and layer.experts > 1 else None
             bypass = GatedBypass(down, up, columns)
             extras[name] = _SummedExtra(extras[name], bypass) if name in extras else bypass
