@@ -59,10 +59,29 @@ def _easycache(threshold: float) -> Callable[[Any], Any]:
     return build
 
 
+def _td_lora(arg: str | None) -> Case:
+    """A random TD-LoRA on every block linear: K experts (default 3) of rank r (default 16), e.g. 'tdlora:4/32'."""
+    experts_text, _, rank_text = (arg or "3").partition("/")
+    experts, rank = int(experts_text), int(rank_text or 16)
+
+    def build(model):
+        from ..methods.td_lora import architecture_metadata, block_linear_shapes, parse_td_lora, random_td_lora, td_lora_state_dict
+        from .patching import adapter_of
+        from .td_lora_files import apply_td_lora
+
+        adapter = adapter_of(model)
+        layers, gate = random_td_lora(block_linear_shapes(adapter, model.model.diffusion_model), experts, rank)
+        tensors, metadata = td_lora_state_dict(layers, architecture_metadata(adapter), gate)
+        return apply_td_lora(model, parse_td_lora(tensors, metadata, f"random-K{experts}-r{rank}"), 1.0)
+
+    return Case(f"TD-LoRA K={experts} rank {rank}", build)
+
+
 # name -> builder(argument string or None) -> Case; methods add theirs as they land
 CASE_BUILDERS: dict[str, Callable[[str | None], Case]] = {
     "off": lambda arg: Case("every method off", _off),
     "easycache": lambda arg: Case(f"EasyCache {arg or '0.2'}", _easycache(float(arg or 0.2))),
+    "tdlora": _td_lora,
 }
 
 

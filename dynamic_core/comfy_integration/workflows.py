@@ -143,8 +143,28 @@ def speed_report_workflow() -> list[Node]:
     ]
 
 
+def td_lora_workflow() -> list[Node]:
+    """Flux.1 with a TD-LoRA next to the same seed without it; the report shows the gates of every step
+    and what the bypass costs against the baseline."""
+    return _flux_inputs() + [
+        Node("tdlora", "DynamicTDLoRALoader", (380, 80), {"file": "dynamic_dit/flux_td_lora.safetensors", "strength": 1.0},
+             {"model": ("unet", 0)}),
+        Node("baseline", "DynamicTelemetry", (800, 520), links={"model": ("unet", 0)}),
+        _sampler("sampler", "tdlora", (1160, 80), "KSampler (TD-LoRA)"),
+        _sampler("baseline_sampler", "baseline", (1160, 420), "KSampler (without TD-LoRA)"),
+        Node("report", "DynamicSpeedReport", (1520, 80), links={
+            "model": ("tdlora", 0), "latent": ("sampler", 0),
+            "baseline_model": ("baseline", 0), "baseline_latent": ("baseline_sampler", 0),
+        }, size=(420, 200)),
+        Node("decode", "VAEDecode", (1980, 80), links={"samples": ("report", 0), "vae": ("vae", 0)}),
+        Node("save", "SaveImage", (2200, 80), {"filename_prefix": "dynamic_dit_td_lora"}, {"images": ("decode", 0)}, size=(400, 420)),
+        Node("chart", "PreviewImage", (1520, 340), links={"images": ("report", 2)}, size=(480, 320)),
+    ]
+
+
 WORKFLOWS = {
     "flux_speed_report": ("Flux.1 with per-step speed telemetry", speed_report_workflow),
+    "flux_td_lora": ("Flux.1 with a TD-LoRA (timestep-gated LoRA experts)", td_lora_workflow),
 }
 
 

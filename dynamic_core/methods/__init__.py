@@ -2,5 +2,6 @@
 from __future__ import annotations
 
 from .base import REGISTRY, DynamicMethod, register
+from . import td_lora  # noqa: F401  (importing registers the method)
 
 __all__ = ["REGISTRY", "DynamicMethod", "register"]
