@@ -2,5 +2,6 @@
 from __future__ import annotations
 
 from .base import REGISTRY, DynamicMethod, register
+from . import token_router  # noqa: F401  (registers the Token Router)
 
 __all__ = ["REGISTRY", "DynamicMethod", "register"]
