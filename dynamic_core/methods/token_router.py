@@ -268,6 +268,8 @@ class TokenRouterMethod(DynamicMethod):
         self._position = {block: i for i, block in enumerate(blocks)}
         self._routed = {block for i, block in enumerate(blocks) if settings.lowest_ratio(blocks, i) < 1.0}
         self._router = settings.router if settings.score == "router" else None
+        if self._router is not None:  # blocks the file has no router for run in full
+            self._routed = {block for block in self._routed if block.label in self._router.routers}
         self._gated = self._router is not None and self._router.router == "diffcr" and settings.mode != "sdt"
         self._keeps_update_size = settings.score == "update"
         self._keeps_sketch = settings.score == "input_change"
@@ -392,9 +394,7 @@ class TokenRouterMethod(DynamicMethod):
     def _scores(self, call, block, x, history, sketch) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(B, N) scores, higher = keep; and the DiffCR gates of the tokens (B, N) when the update is scaled."""
         if self._router is not None:
-            params = self._router.routers.get(block.label)
-            if params is None:
-                raise ValueError(f"Token Router: router file '{self._router.name}' has no router for block {block.label}.")
+            params = self._router.routers[block.label]
             scores = self._router_scores(x, block, params)
             call.add_executed(FlopBreakdown(extra=router_flops(self._router.router, params, x.shape[0] * x.shape[1])))
             gates = scores if self._gated else None

@@ -176,7 +176,7 @@ def _validate(name: str, metadata: dict[str, str], tensors: dict[str, torch.Tens
             raise fail(f"unexpected tensor '{key}' for a '{router}' router file (expected {expected}, ratios, ratio_bounds).")
         kind, _, index = label.partition(".")
         if kind not in depths or not index.isdigit() or int(index) >= depths[kind]:
-            known = ", ".join(f"{k}.0-{k}.{d - 1}" for k, d in depths.items())
+            known = ", ".join(f"{k}.0-{k}.{d - 1}" for k, d in sorted(depths.items()))
             raise fail(f"tensor '{key}' names block '{label}', which the model does not have ({known}).")
         routers.setdefault(label, {})[param] = tensors[key].float()
     for label, params in routers.items():

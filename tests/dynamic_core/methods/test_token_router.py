@@ -533,3 +533,17 @@ def test_heun_and_a_router_file_with_learned_ratios(flux_model, conds, tmp_path)
     lasts = [c for c in run.calls if c.sigma < 0.8]  # sigma percent 0.5 and 0.75: the second region
     assert firsts and all(c.blocks["single.0"] == {"tokens": 32, "of": 64} and "double.0" not in c.blocks for c in firsts)
     assert lasts and all(c.blocks["single.0"] == {"tokens": 16, "of": 64} for c in lasts)
+
+
+def test_blocks_without_a_router_in_the_file_run_in_full(flux_model, conds, tmp_path):
+    g = torch.Generator().manual_seed(4)
+    routers = {label: {"fc1.weight": torch.randn(8, 256, generator=g), "fc1.bias": torch.zeros(8),
+                       "fc2.weight": torch.randn(1, 8, generator=g), "fc2.bias": torch.zeros(1)} for label in ("double.1", "single.2")}
+    save_router_file(tmp_path / "part.safetensors", adapter_of(flux_model), "dydit", routers)
+    settings = TokenRouterSettings(mode="diffcr", score="router", router=load_router_file(tmp_path / "part.safetensors"),
+                                   keep_start=0.5, keep_end=0.5, **ALL_BLOCKS)
+    model = apply_settings(flux_model, settings)
+    tiny_flux.sample(model, *conds, **SAMPLE)
+    calls = plan_of(model).telemetry.latest().calls
+    assert all(c.blocks == {"double.1": {"tokens": 40, "of": 80}, "single.2": {"tokens": 40, "of": 80}} for c in calls)
+    assert all(c.methods["token_router"] == "diffcr keep 0.50 (2 blocks)" for c in calls)
