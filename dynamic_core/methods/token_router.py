@@ -163,12 +163,15 @@ class TokenRouterSettings(MethodSettings):
 
     def describe(self) -> str:
         if self.uses_file_ratios:
-            ratios = "file ratios"
+            ratios = f"ratios of {self.router.name}"
         elif self.keep_start == self.keep_end:
             ratios = f"keep {self.keep_start:g}"
         else:
             ratios = f"keep {self.keep_start:g}->{self.keep_end:g}"
-        score = {"update": "update magnitude", "input_change": "input change", "router": "router"}[self.score]
+        if self.score == "router":
+            score = f"router {self.router.name}" if self.router is not None else "router"
+        else:
+            score = {"update": "update magnitude", "input_change": "input change"}[self.score]
         return f"token router ({self.mode}, {ratios}, {score})"
 
     # --- keep ratios ------------------------------------------------------------------------------

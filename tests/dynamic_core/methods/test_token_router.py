@@ -32,19 +32,8 @@ ALL_BLOCKS = dict(first_full=0, last_full=0)
 
 
 # --- helpers -----------------------------------------------------------------------------------------
-def block_args(dm, kind: str, seed: int = 0, batch: int = B) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    d = dm.hidden_size
-    img_ids = torch.zeros(GRID[0], GRID[1], 3)
-    img_ids[..., 1] = torch.arange(GRID[0])[:, None]
-    img_ids[..., 2] = torch.arange(GRID[1])[None, :]
-    ids = torch.cat((torch.zeros(batch, T, 3), img_ids.reshape(1, N, 3).expand(batch, -1, -1)), dim=1)
-    args = {"vec": torch.randn(batch, d, generator=g), "pe": dm.pe_embedder(ids), "attn_mask": None, "transformer_options": {}}
-    if kind == "double":
-        args |= {"img": torch.randn(batch, N, d, generator=g), "txt": torch.randn(batch, T, d, generator=g)}
-    else:
-        args |= {"img": torch.randn(batch, T + N, d, generator=g)}
-    return args
+def block_args(dm, kind: str, seed: int = 0) -> dict:
+    return tiny_flux.block_arguments(dm, kind, B, T, GRID, seed)
 
 
 def cloned(args: dict) -> dict:
@@ -215,7 +204,7 @@ def test_learned_ratios_from_the_file(flux_model, tmp_path):
     ratios = torch.tensor([[1.0, 0.5, 0.5, 0.5, 0.5, 1.0], [1.0, 1.0, 0.25, 0.25, 0.75, 1.0]])
     router = random_router_file(tmp_path / "r.safetensors", adapter, "diffcr", ratios=ratios)
     settings = TokenRouterSettings(router=router, **ALL_BLOCKS)
-    assert settings.uses_file_ratios and settings.describe().startswith("token router (reuse, file ratios")
+    assert settings.uses_file_ratios and settings.describe() == "token router (reuse, ratios of r.safetensors, input change)"
     blocks = adapter.blocks
     at = lambda pos, p: settings.block_ratio(blocks, pos, p, router.region_ratios(p))  # noqa: E731
     assert at(2, 0.1) == 0.5 and at(2, 0.5) == 0.25 and at(2, 1.0) == 0.25 and at(0, 0.9) == 1.0
