@@ -430,12 +430,17 @@ class TokenRouterMethod(DynamicMethod):
 
     # --- history ------------------------------------------------------------------------------
     @staticmethod
-    def _chunk_key(chunk: "Chunk", position: int) -> Hashable:
-        return (chunk.kind, chunk.uuid if chunk.uuid is not None else position)
+    def _chunk_keys(chunks: Sequence["Chunk"]) -> tuple[Hashable, ...]:
+        """One key per chunk: its kind and conditioning uuid (the position without one), made unique in the call."""
+        keys: list[Hashable] = []
+        for position, chunk in enumerate(chunks):
+            base = (chunk.kind, chunk.uuid if chunk.uuid is not None else position)
+            keys.append(base + (sum(1 for key in keys if key[:2] == base),))
+        return tuple(keys)
 
     def _load_history(self, block: BlockRef, chunks: Sequence["Chunk"], batch: int, tokens: int) -> _History | None:
         """The block's history for the rows of this call, or None when some chunk has none that fits."""
-        keys = tuple(self._chunk_key(chunk, i) for i, chunk in enumerate(chunks))
+        keys = self._chunk_keys(chunks)
         parts = []
         for key, chunk in zip(keys, chunks):
             history = self._history.get((block, key))
@@ -454,7 +459,7 @@ class TokenRouterMethod(DynamicMethod):
         return merged
 
     def _store_history(self, block: BlockRef, chunks: Sequence["Chunk"], history: _History) -> None:
-        keys = tuple(self._chunk_key(chunk, i) for i, chunk in enumerate(chunks))
+        keys = self._chunk_keys(chunks)
         if len(chunks) == 1:
             self._history[(block, keys[0])] = history
             return
