@@ -169,7 +169,7 @@ def gather_sequence(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Ten
     view = [batch] + [1] * (x.ndim - 1)
     view[dim] = length
     expanded = x.expand(batch, *x.shape[1:])
-    return expanded.gather(dim, index.view(view).expand(shape))
+    return expanded.gather(dim, index.reshape(view).expand(shape))
 
 
 def gather_square_mask(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
