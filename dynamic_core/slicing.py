@@ -156,3 +156,29 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def scatter_tokens(base: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A copy of `base` (B, N, C) with rows `index` (B, k) replaced by `values` (B, k, C)."""
     return base.scatter(1, index[..., None].expand(-1, -1, base.shape[-1]), values)
+
+
+def gather_sequence(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """x (b, ..., L, ...) with its sequence along `dim` restricted to per-sample positions `index` (B, L').
+
+    `b` may be 1 (shared by the batch, e.g. RoPE tables) or B; the result has batch B.
+    """
+    batch, length = index.shape
+    shape = [batch, *x.shape[1:]]
+    shape[dim] = length
+    view = [batch] + [1] * (x.ndim - 1)
+    view[dim] = length
+    expanded = x.expand(batch, *x.shape[1:])
+    return expanded.gather(dim, index.reshape(view).expand(shape))
+
+
+def gather_square_mask(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """An attention mask (..., L, L) over a sequence, restricted to positions `index` (B, L') as queries and keys.
+
+    Accepts the layouts attention functions accept ((L, L), (b, L, L), (b, heads, L, L), b in {1, B})
+    and returns one with batch B and the same number of dimensions (at least 3).
+    """
+    if mask.ndim == 2:
+        mask = mask[None]
+    rows = gather_sequence(mask, index, dim=mask.ndim - 2)
+    return gather_sequence(rows, index, dim=mask.ndim - 1)

@@ -151,6 +151,33 @@ class ModelAdapter(ABC):
     def reduced_work(self, block: BlockRef, work: BlockWork, internals: BlockInternals) -> BlockWork:
         """`work` with the reductions of `internals` applied (for the analytic FLOPs)."""
 
+    # --- token routing (optional: a family that cannot route tokens leaves these out) ------------
+    @property
+    def routes_tokens(self) -> bool:
+        """Whether this adapter implements the three token-routing methods below."""
+        return False
+
+    def image_tokens(self, block: BlockRef, stream: Mapping[str, Any], text_tokens: int) -> torch.Tensor:
+        """The (B, N, D) image tokens of a block's arguments or output, as a view (writes go through)."""
+        raise NotImplementedError(f"the {self.display_name} adapter cannot route tokens")
+
+    def select_image_tokens(
+        self, block: BlockRef, args: Mapping[str, Any], index: torch.Tensor, text_tokens: int
+    ) -> dict:
+        """Block arguments restricted to the image tokens `index` (B, k) (0..N-1, sorted) and every text token.
+
+        The token streams are fresh tensors (the block may update them in place without touching
+        `args`), and RoPE / attention masks are gathered along with the tokens.
+        """
+        raise NotImplementedError(f"the {self.display_name} adapter cannot route tokens")
+
+    def merge_image_tokens(
+        self, block: BlockRef, args: Mapping[str, Any], reduced_out: Mapping[str, Any], index: torch.Tensor, text_tokens: int
+    ) -> dict:
+        """The full block output: image tokens `index` and the text from `reduced_out`, every other image
+        token as it is in `args`. Written into the tensors of `args`, as the host's blocks do."""
+        raise NotImplementedError(f"the {self.display_name} adapter cannot route tokens")
+
     # --- calls --------------------------------------------------------------------------------
     @abstractmethod
     def call_shape(self, arguments: Mapping[str, Any]) -> CallShape:

@@ -21,7 +21,16 @@ from typing import Any, Callable, Mapping
 import torch
 
 from ..flops import FlopBreakdown, attention_flops, linear_flops
-from ..slicing import ModuleView, SlicedLinear, WeightSlices, gather_tokens, scatter_tokens, unit_indices
+from ..slicing import (
+    ModuleView,
+    SlicedLinear,
+    WeightSlices,
+    gather_sequence,
+    gather_square_mask,
+    gather_tokens,
+    scatter_tokens,
+    unit_indices,
+)
 from .base import BlockInternals, BlockRef, BlockWork, CallShape, ModelAdapter, TokenLayout, UnsupportedModelError
 
 DOUBLE = "double"
@@ -214,6 +223,40 @@ class FluxAdapter(ModelAdapter):
             img, txt = _call_forward(type(module), reduced.double_view(), args)
             return {"img": img, "txt": txt}
         return {"img": _call_forward(type(module), reduced.single_view(text_tokens), args)}
+
+    # --- token routing ------------------------------------------------------------------------
+    @property
+    def routes_tokens(self) -> bool:
+        return True
+
+    def image_tokens(self, block: BlockRef, stream: Mapping[str, Any], text_tokens: int) -> torch.Tensor:
+        img = stream["img"]
+        return img if block.kind == DOUBLE else img[:, text_tokens:]
+
+    def select_image_tokens(
+        self, block: BlockRef, args: Mapping[str, Any], index: torch.Tensor, text_tokens: int
+    ) -> dict:
+        text = torch.arange(text_tokens, device=index.device).expand(index.shape[0], -1)
+        joint = torch.cat((text, index + text_tokens), dim=1)  # positions in the [text, image] sequence
+        reduced = dict(args)
+        # The double block's txt stream is passed as is: the block updates it in place, as the host's would.
+        reduced["img"] = gather_tokens(args["img"], index if block.kind == DOUBLE else joint)
+        if args.get("pe") is not None:
+            reduced["pe"] = gather_sequence(args["pe"], joint, dim=2)
+        if args.get("attn_mask") is not None:
+            reduced["attn_mask"] = gather_square_mask(args["attn_mask"], joint)
+        return reduced
+
+    def merge_image_tokens(
+        self, block: BlockRef, args: Mapping[str, Any], reduced_out: Mapping[str, Any], index: torch.Tensor, text_tokens: int
+    ) -> dict:
+        img, out = args["img"], reduced_out["img"]
+        if block.kind == DOUBLE:
+            img.scatter_(1, index[..., None].expand(-1, -1, img.shape[-1]), out)
+        else:
+            img[:, :text_tokens] = out[:, :text_tokens]
+            img[:, text_tokens:].scatter_(1, index[..., None].expand(-1, -1, img.shape[-1]), out[:, text_tokens:])
+        return {**reduced_out, "img": img}
 
     # --- calls --------------------------------------------------------------------------------
     def image_tokens_of(self, latent: torch.Tensor) -> int:

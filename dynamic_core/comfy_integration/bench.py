@@ -77,11 +77,32 @@ def _td_lora(arg: str | None) -> Case:
     return Case(f"TD-LoRA K={experts} rank {rank}", build)
 
 
+def _token_router(mode: str, keep: float) -> Callable[[Any], Any]:
+    def build(model):
+        from ..methods.token_router import TokenRouterSettings
+        from .patching import apply_settings
+
+        return apply_settings(
+            model, TokenRouterSettings(mode=mode, keep_start=keep, keep_end=keep, first_full=0, last_full=0, score="update")
+        )
+
+    return build
+
+
+def _token_router_case(mode: str) -> Callable[[str | None], Case]:
+    return lambda arg: Case(
+        f"Token Router {mode} keep {arg or '0.5'} (every block, update-magnitude score)", _token_router(mode, float(arg or 0.5))
+    )
+
+
 # name -> builder(argument string or None) -> Case; methods add theirs as they land
 CASE_BUILDERS: dict[str, Callable[[str | None], Case]] = {
     "off": lambda arg: Case("every method off", _off),
     "easycache": lambda arg: Case(f"EasyCache {arg or '0.2'}", _easycache(float(arg or 0.2))),
     "tdlora": _td_lora,
+    "diffcr": _token_router_case("diffcr"),
+    "sdt": _token_router_case("sdt"),
+    "reuse": _token_router_case("reuse"),
 }
 
 

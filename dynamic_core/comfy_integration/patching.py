@@ -302,6 +302,24 @@ def register_model_folder() -> None:
     folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(extensions) | {".safetensors"})
 
 
+def model_files() -> list[str]:
+    """The files in `models/dynamic_dit/`, for a node's file combo."""
+    import folder_paths
+
+    return folder_paths.get_filename_list(MODEL_FOLDER)
+
+
+def model_file_path(name: str) -> str:
+    """The full path of a file of `models/dynamic_dit/`, or ValueError naming the folder."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(MODEL_FOLDER, name)
+    if path is None:
+        folders = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER)) or f"models/{MODEL_FOLDER}"
+        raise ValueError(f"'{name}' was not found in the dynamic_dit model folder ({folders}).")
+    return path
+
+
 def save_preview(image: Any, prefix: str = "dynamic_dit_report") -> list[dict]:
     """Save a PIL image to ComfyUI's temp folder and return the UI entry that shows it on the node."""
     import os

@@ -162,9 +162,32 @@ def td_lora_workflow() -> list[Node]:
     ]
 
 
+def token_router_workflow() -> list[Node]:
+    """The same seed at full compute and through the Token Router, both images, and the speed report."""
+    router = dict(mode="reuse", keep_ratio_start=0.5, keep_ratio_end=0.5, first_full_blocks=2, last_full_blocks=2,
+                  score="input change", router_file="none", use_file_ratios=True, start_percent=0.0, end_percent=1.0,
+                  block_overrides="")
+    return _flux_inputs() + [
+        Node("telemetry", "DynamicTelemetry", (380, 80), links={"model": ("unet", 0)}, title="Full compute (baseline)"),
+        _sampler("baseline", "telemetry", (1160, 80), "KSampler (full compute)"),
+        Node("base_decode", "VAEDecode", (1520, 80), links={"samples": ("baseline", 0), "vae": ("vae", 0)}),
+        Node("base_preview", "PreviewImage", (1760, 80), links={"images": ("base_decode", 0)}, size=(400, 420)),
+        Node("router", "DynamicTokenRouter", (800, 540), router, {"model": ("unet", 0)}, size=(340, 390)),
+        _sampler("sampler", "router", (1160, 560), "KSampler (Token Router)"),
+        Node("report", "DynamicSpeedReport", (1520, 560),
+             links={"model": ("router", 0), "latent": ("sampler", 0), "baseline_model": ("telemetry", 0),
+                    "baseline_latent": ("baseline", 0)}, size=(420, 200)),
+        Node("decode", "VAEDecode", (1980, 560), links={"samples": ("report", 0), "vae": ("vae", 0)}),
+        Node("save", "SaveImage", (2200, 560), {"filename_prefix": "dynamic_dit_token_router"}, {"images": ("decode", 0)},
+             size=(400, 420)),
+        Node("chart", "PreviewImage", (1520, 800), links={"images": ("report", 2)}, size=(480, 320)),
+    ]
+
+
 WORKFLOWS = {
     "flux_speed_report": ("Flux.1 with per-step speed telemetry", speed_report_workflow),
     "flux_td_lora": ("Flux.1 with a TD-LoRA (timestep-gated LoRA experts)", td_lora_workflow),
+    "flux_token_router": ("Flux.1 Token Router against full compute", token_router_workflow),
 }
 
 

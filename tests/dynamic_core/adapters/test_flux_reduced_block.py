@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, BlockWork
+from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, effective_weight
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
 from comfyui_dynamic_dit.dynamic_core.slicing import WeightSlices, unit_indices
@@ -18,18 +19,7 @@ N = GRID[0] * GRID[1]
 
 
 def block_args(dm, kind: str, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    d = dm.hidden_size
-    img_ids = torch.zeros(GRID[0], GRID[1], 3)
-    img_ids[..., 1] = torch.arange(GRID[0])[:, None]
-    img_ids[..., 2] = torch.arange(GRID[1])[None, :]
-    ids = torch.cat((torch.zeros(B, T, 3), img_ids.reshape(1, N, 3).expand(B, -1, -1)), dim=1)
-    args = {"vec": torch.randn(B, d, generator=g), "pe": dm.pe_embedder(ids), "attn_mask": None, "transformer_options": {}}
-    if kind == "double":
-        args |= {"img": torch.randn(B, N, d, generator=g), "txt": torch.randn(B, T, d, generator=g)}
-    else:
-        args |= {"img": torch.randn(B, T + N, d, generator=g)}
-    return args
+    return tiny_flux.block_arguments(dm, kind, B, T, GRID, seed)
 
 
 def block_under_test(flux_model, kind: str, index: int, seed: int = 0):
