@@ -1,9 +1,9 @@
 """The pack's ComfyUI nodes: thin declarations over dynamic_core."""
 from __future__ import annotations
 
-from . import report, telemetry
+from . import report, telemetry, width
 
-_MODULES = (telemetry, report)
+_MODULES = (telemetry, report, width)
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {}
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {}
