@@ -59,10 +59,23 @@ def _easycache(threshold: float) -> Callable[[Any], Any]:
     return build
 
 
+def _width(fraction: float) -> Callable[[Any], Any]:
+    """Constant width (heads and MLP) over the whole schedule, training-free ranking."""
+
+    def build(model):
+        from ..methods.width import WidthSettings
+        from .patching import apply_settings
+
+        return apply_settings(model, WidthSettings(noisy_width=fraction, clean_width=fraction))
+
+    return build
+
+
 # name -> builder(argument string or None) -> Case; methods add theirs as they land
 CASE_BUILDERS: dict[str, Callable[[str | None], Case]] = {
     "off": lambda arg: Case("every method off", _off),
     "easycache": lambda arg: Case(f"EasyCache {arg or '0.2'}", _easycache(float(arg or 0.2))),
+    "width": lambda arg: Case(f"width {arg or '0.5'}", _width(float(arg or 0.5))),
 }
 
 
@@ -91,7 +104,8 @@ def run_cases(model, positive, negative, cases: list[Case], sample: dict, repeat
 
     baseline = Case("full compute", _off)
     patched = {case.name: case.build(model) for case in [baseline, *cases]}
-    sample_model(patched[baseline.name], positive, negative, **{**sample, "steps": 1})  # warm-up
+    for warm in patched.values():  # warm-up; one-off work (e.g. a width calibration) is not measured
+        sample_model(warm, positive, negative, **{**sample, "steps": 1})
     results: dict[str, Result] = {}
     reference = None
     for repeat in range(repeats):

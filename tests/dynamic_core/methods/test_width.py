@@ -499,3 +499,12 @@ def test_schedule_helpers():
     assert WidthSettings(noisy_width=1.0, clean_width=0.8).enabled
     assert WidthSettings().describe() == "width heads+MLP 0.50->1.00"
     assert WidthSettings(target_flops=0.6, parts="mlp", start_percent=0.1).describe() == "width MLP target FLOPs 0.60 in 10%-100%"
+
+
+def test_benchmark_case(flux_model):
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration.bench import parse_cases
+
+    (case,) = parse_cases("width:0.4")
+    assert case.name == "width 0.4"
+    settings = plan_of(case.build(flux_model)).settings["width"]
+    assert (settings.noisy_width, settings.clean_width, settings.parts, settings.start_percent, settings.end_percent) == (0.4, 0.4, "both", 0.0, 1.0)
