@@ -398,19 +398,25 @@ class _Probes(dict):
 
     def __init__(self, run: "RunContext", diffusion_model: torch.nn.Module, groups: int):
         super().__init__()
-        self.heads: list[torch.Tensor] = []
-        self.groups: list[torch.Tensor] = []
+        self.blocks = run.adapter.blocks
+        self.scores: dict[BlockRef, tuple[torch.Tensor, torch.Tensor]] = {}
         adapter = run.adapter
-        for block in adapter.blocks:
+        for block in self.blocks:
             module = adapter.block_module(diffusion_model, block)
 
             def probe(args: dict, extra: dict, block: BlockRef = block, module: torch.nn.Module = module) -> dict:
                 out, heads, groups_ = adapter.measure_units(module, block, args, groups, run.weights.source)
-                self.heads.append(heads)
-                self.groups.append(groups_)
+                self.scores[block] = (heads, groups_)
                 return out
 
             self[adapter.patch_key(block)] = probe
+
+    def orders(self, part: int) -> tuple[tuple[int, ...], ...]:
+        """Per block (in execution order): units by measured share, largest first (ties: lower index)."""
+        missing = [b.label for b in self.blocks if b not in self.scores]
+        if missing:
+            raise RuntimeError(f"Dynamic width: calibration did not reach blocks {', '.join(missing)}.")
+        return tuple(_order(self.scores[block][part]) for block in self.blocks)
 
 
 def calibrate(
@@ -432,7 +438,7 @@ def calibrate(
     noise = torch.randn(1, adapter.output_channels, height, width, generator=generator).to(like.device)
     sigmas = [float(run.percent_to_sigma(p)) for p in spec.percents]
     x = sampling.noise_scaling(_sigma(sigmas[0], noise), noise, torch.zeros_like(noise))
-    head_scores, group_scores, flops = [], [], 0.0
+    head_orders, group_orders, flops = [], [], 0.0
     with torch.no_grad():
         for i, sigma in enumerate(sigmas):
             s = _sigma(sigma, noise)
@@ -441,8 +447,8 @@ def calibrate(
                 sampling.calculate_input(s, x).to(like.dtype), sampling.timestep(s).float(), spec.text_tokens, spec.guidance
             )
             out = diffusion_model(**arguments, transformer_options={"patches_replace": {"dit": probes}}).float()
-            head_scores.append(probes.heads)
-            group_scores.append(probes.groups)
+            head_orders.append(probes.orders(0))
+            group_orders.append(probes.orders(1))
             flops += _calibration_flops(adapter, adapter.call_shape(arguments))
             if i + 1 < len(sigmas):  # an Euler step to the next point
                 denoised = sampling.calculate_denoised(s, out, x)
@@ -451,8 +457,8 @@ def calibrate(
         torch.cuda.synchronize(like.device)
     return WidthRanking(
         percents=tuple(spec.percents),
-        heads=tuple(tuple(_order(s) for s in point) for point in head_scores),
-        groups=tuple(tuple(_order(s) for s in point) for point in group_scores),
+        heads=tuple(head_orders),
+        groups=tuple(group_orders),
         seconds=time.perf_counter() - started,
         flops=flops,
     )

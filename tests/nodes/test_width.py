@@ -4,7 +4,6 @@ import torch
 import torch.nn.functional as F
 
 import comfy.model_management
-import comfy.model_patcher
 import folder_paths
 import nodes as comfy_nodes
 
@@ -157,7 +156,7 @@ def write_lora(folder, model, rank=4, seed=0):
 
 
 @pytest.mark.parametrize("lowvram", [False, True], ids=["loaded", "lowvram"])
-def test_lora_before_the_node_is_honoured(tiny_config, conds, tmp_path, model_folder, monkeypatch, lowvram):
+def test_lora_before_the_node_is_honoured(tiny_config, conds, tmp_path, model_folder, monkeypatch, request, lowvram):
     base = tiny_flux.build_model(tiny_config)  # its own weights: the LoRA is merged into them while loaded
     dm = base.model.diffusion_model
     original = {name: dm.get_submodule(name).weight.detach().clone() for name in LORA_LAYERS}
@@ -182,14 +181,8 @@ def test_lora_before_the_node_is_honoured(tiny_config, conds, tmp_path, model_fo
         return out
 
     monkeypatch.setattr(slicing.SlicedLinear, "__call__", spy)
-    if lowvram:  # offload every layer: ComfyUI applies the LoRA on the fly through weight functions
-        load = comfy.model_patcher.ModelPatcher.load
-        monkeypatch.setattr(
-            comfy.model_patcher.ModelPatcher, "load",
-            lambda self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False: load(
-                self, device_to, 1, force_patch_weights, False
-            ),
-        )
+    if lowvram:  # ComfyUI applies the LoRA on the fly through weight functions
+        request.getfixturevalue("lowvram_loading")
     try:
         out = tiny_flux.sample(model, *conds, **FAST)
     finally:

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import comfy.model_management
-import comfy.model_patcher
 
 from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings, install_executor, plan_of
@@ -273,20 +272,14 @@ def _diff_patches(model, spec: dict) -> dict:
 
 
 @pytest.mark.parametrize("lowvram", [False, True], ids=["loaded", "lowvram"])
-def test_ranking_follows_the_patched_weights(tiny_config, conds, monkeypatch, lowvram):
+def test_ranking_follows_the_patched_weights(tiny_config, conds, monkeypatch, request, lowvram):
     base = tiny_flux.build_model(tiny_config)
     arch = adapter_of(base).arch
     patched = base.clone()
     patched.add_patches(_diff_patches(base, _boosting_patches(arch)))
     captured = _captured_ranking(monkeypatch)
-    if lowvram:  # offload every layer: the patches are applied on the fly by weight functions
-        load = comfy.model_patcher.ModelPatcher.load
-        monkeypatch.setattr(
-            comfy.model_patcher.ModelPatcher, "load",
-            lambda self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False: load(
-                self, device_to, 1, force_patch_weights, False
-            ),
-        )
+    if lowvram:  # the patches are applied on the fly by weight functions
+        request.getfixturevalue("lowvram_loading")
     try:
         sample(apply_settings(base, WidthSettings(noisy_width=0.5, calibration=SMALL)), conds)
         sample(apply_settings(patched, WidthSettings(noisy_width=0.5, calibration=SMALL)), conds)
