@@ -283,11 +283,7 @@ def group_share_oracle(module, kind, arch, args, group):
 
 @pytest.mark.parametrize("kind,index", [("double", 1), ("single", 2)])
 def test_measured_units_are_each_units_share_of_the_output(flux_model, kind, index):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
-    block = BlockRef(kind, index)
-    module = adapter.block_module(dm, block)
-    args = block_args(dm, kind, seed=index)
+    adapter, module, block, args = block_under_test(flux_model, kind, index, seed=index)
     with torch.no_grad():
         fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}  # blocks add in place
         out, heads, groups = adapter.measure_units(module, block, fresh, UNIT_GROUPS, effective_weight)
