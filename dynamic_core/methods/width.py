@@ -557,7 +557,8 @@ class DynamicWidth(DynamicMethod):
         self._active: WidthDecision | None = None
         self._ranking: WidthRanking | None = None
         self._ramp: tuple[float, float] | None = None
-        self._router_on: tuple[torch.Tensor, ...] | None = None
+        self._router_on: tuple[torch.Tensor, ...] | None = None  # the router's rows in block order, on the device
+        self._router_rows: torch.Tensor | None = None
         if settings.router is not None:
             rows = {label: row for row, label in enumerate(settings.router.labels)}
             self._router_rows = torch.tensor([rows[block.label] for block in self.blocks])
