@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Mapping
 import torch
 
 from ..flops import FlopBreakdown
-from ..slicing import LinearExtra, WeightSlices
+from ..slicing import LinearExtra, WeightSlices, WeightSource
 
 
 class UnsupportedModelError(ValueError):
@@ -201,3 +201,46 @@ class ModelAdapter(ABC):
 
     def full_block_work(self, block: BlockRef, shape: CallShape) -> BlockWork:
         return BlockWork(batch=shape.batch, image_tokens=shape.image_tokens, text_tokens=shape.text_tokens)
+
+    # --- width: unit counts, calibration inputs, timestep features ----------------------------
+    # Optional seam for methods that thin attention heads and MLP channel groups; a family that
+    # does not implement it cannot use those methods (the error names the family).
+    @property
+    def head_count(self) -> int:
+        """Attention heads per block (the unit BlockInternals.heads counts)."""
+        raise NotImplementedError(f"{self.display_name}: attention heads are not described by this adapter")
+
+    @property
+    def mlp_hidden(self) -> int:
+        """MLP hidden units per block (split into BlockInternals.mlp_group_count equal groups)."""
+        raise NotImplementedError(f"{self.display_name}: MLP widths are not described by this adapter")
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the latent the sampler integrates (the model's output)."""
+        raise NotImplementedError(f"{self.display_name}: the latent layout is not described by this adapter")
+
+    def neutral_arguments(self, latent: torch.Tensor, timestep: torch.Tensor, text_tokens: int, guidance: float) -> dict[str, Any]:
+        """Model-call arguments (by the host's parameter names) for `latent` at `timestep` with neutral
+        conditioning: empty text, no pooled vector, as ComfyUI's ConditioningZeroOut gives."""
+        raise NotImplementedError(f"{self.display_name}: calibration inputs are not described by this adapter")
+
+    def timestep_features(self, diffusion_model: torch.nn.Module, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, F) features of the timestep alone (no text, no guidance), computed by the model's own code."""
+        raise NotImplementedError(f"{self.display_name}: timestep features are not described by this adapter")
+
+    def measure_units(
+        self,
+        module: torch.nn.Module,
+        block: BlockRef,
+        args: Mapping[str, Any],
+        mlp_group_count: int,
+        weights: WeightSource,
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Run the block's own forward at full width and measure each unit's share of its output.
+
+        Returns the block's output (as `original_block` returns it), and per attention head (H,) and
+        per MLP group (G,) the sum over tokens of the L2 norm of that unit's contribution to the
+        residual stream (after the block's gate), divided by the number of tokens.
+        """
+        raise NotImplementedError(f"{self.display_name}: unit contributions are not described by this adapter")

@@ -89,6 +89,18 @@ def _token_router(mode: str, keep: float) -> Callable[[Any], Any]:
     return build
 
 
+def _width(fraction: float) -> Callable[[Any], Any]:
+    """Constant width (heads and MLP) over the whole schedule, training-free ranking."""
+
+    def build(model):
+        from ..methods.width import WidthSettings
+        from .patching import apply_settings
+
+        return apply_settings(model, WidthSettings(noisy_width=fraction, clean_width=fraction))
+
+    return build
+
+
 def _token_router_case(mode: str) -> Callable[[str | None], Case]:
     return lambda arg: Case(
         f"Token Router {mode} keep {arg or '0.5'} (every block, update-magnitude score)", _token_router(mode, float(arg or 0.5))
@@ -103,6 +115,7 @@ CASE_BUILDERS: dict[str, Callable[[str | None], Case]] = {
     "diffcr": _token_router_case("diffcr"),
     "sdt": _token_router_case("sdt"),
     "reuse": _token_router_case("reuse"),
+    "width": lambda arg: Case(f"width {arg or '0.5'}", _width(float(arg or 0.5))),
 }
 
 
@@ -131,7 +144,8 @@ def run_cases(model, positive, negative, cases: list[Case], sample: dict, repeat
 
     baseline = Case("full compute", _off)
     patched = {case.name: case.build(model) for case in [baseline, *cases]}
-    sample_model(patched[baseline.name], positive, negative, **{**sample, "steps": 1})  # warm-up
+    for warm in patched.values():  # warm-up; one-off work (e.g. a width calibration) is not measured
+        sample_model(warm, positive, negative, **{**sample, "steps": 1})
     results: dict[str, Result] = {}
     reference = None
     for repeat in range(repeats):

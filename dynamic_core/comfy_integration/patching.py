@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 
+import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
@@ -144,6 +145,9 @@ def _outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         percent_to_sigma=model_sampling.percent_to_sigma,
         weight_source=effective_weight,
         progress_listener=_progress_publisher(),
+        weight_cache_bytes=lambda: _slice_cache_budget(guider.model_patcher.load_device),
+        model_sampling=model_sampling,
+        weights_key=guider.model_patcher.patches_uuid,
     )
     user_callback = bound.arguments.get("callback")
 
@@ -279,6 +283,17 @@ def effective_weight(layer: torch.nn.Module, like: torch.Tensor) -> tuple[torch.
     return weight, bias
 
 
+SLICE_CACHE_SHARE = 0.5
+
+
+def _slice_cache_budget(device: Any) -> int:
+    """Bytes of sliced weights a run may keep: half of what is free once the model is loaded, less
+    ComfyUI's inference reserve. Beyond it the oldest slices go (they are re-sliced when needed), so
+    per-step width decisions never pile up copies of the model next to it."""
+    free = comfy.model_management.get_free_memory(device)
+    return int(max(0, free - comfy.model_management.minimum_inference_memory()) * SLICE_CACHE_SHARE)
+
+
 def _count_params(module: torch.nn.Module) -> str:
     count = sum(p.numel() for p in module.parameters())
     return f"{count / 1e9:.2f}B params" if count >= 1e9 else f"{count / 1e6:.1f}M params"
@@ -316,7 +331,7 @@ def model_file_path(name: str) -> str:
     path = folder_paths.get_full_path(MODEL_FOLDER, name)
     if path is None:
         folders = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER)) or f"models/{MODEL_FOLDER}"
-        raise ValueError(f"'{name}' was not found in the dynamic_dit model folder ({folders}).")
+        raise ValueError(f"'{name}' was not found in the dynamic_dit model folder ({folders}); refresh the node's file list.")
     return path
 
 

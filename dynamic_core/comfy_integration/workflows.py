@@ -184,10 +184,30 @@ def token_router_workflow() -> list[Node]:
     ]
 
 
+def width_workflow() -> list[Node]:
+    """Full compute next to the Dynamic Width Patcher ('balanced'), same seed; the report compares them."""
+    return _flux_inputs() + [
+        Node("baseline", "DynamicTelemetry", (380, 80), links={"model": ("unet", 0)}),
+        Node("width", "DynamicWidthPatcher", (380, 640), {"preset": "balanced"}, {"model": ("unet", 0)}, size=(360, 330)),
+        _sampler("sampler_full", "baseline", (1160, 80), "KSampler (full compute)"),
+        _sampler("sampler_width", "width", (1160, 400), "KSampler (dynamic width)"),
+        Node("report", "DynamicSpeedReport", (1520, 400), links={
+            "model": ("width", 0), "latent": ("sampler_width", 0),
+            "baseline_model": ("baseline", 0), "baseline_latent": ("sampler_full", 0),
+        }, size=(420, 200)),
+        Node("decode_full", "VAEDecode", (1520, 80), links={"samples": ("sampler_full", 0), "vae": ("vae", 0)}),
+        Node("save_full", "SaveImage", (1760, 80), {"filename_prefix": "dynamic_dit_full"}, {"images": ("decode_full", 0)}, size=(400, 300)),
+        Node("decode_width", "VAEDecode", (1980, 400), links={"samples": ("report", 0), "vae": ("vae", 0)}),
+        Node("save_width", "SaveImage", (2200, 400), {"filename_prefix": "dynamic_dit_width"}, {"images": ("decode_width", 0)}, size=(400, 420)),
+        Node("chart", "PreviewImage", (1520, 660), links={"images": ("report", 2)}, size=(480, 320)),
+    ]
+
+
 WORKFLOWS = {
     "flux_speed_report": ("Flux.1 with per-step speed telemetry", speed_report_workflow),
     "flux_td_lora": ("Flux.1 with a TD-LoRA (timestep-gated LoRA experts)", td_lora_workflow),
     "flux_token_router": ("Flux.1 Token Router against full compute", token_router_workflow),
+    "flux_dynamic_width": ("Flux.1 with the Dynamic Width Patcher against full compute", width_workflow),
 }
 
 

@@ -4,5 +4,6 @@ from __future__ import annotations
 from .base import REGISTRY, DynamicMethod, register
 from . import td_lora  # noqa: F401  (importing registers the method)
 from . import token_router  # noqa: F401  (registers the Token Router)
+from . import width  # noqa: F401  (registers the Dynamic Width Patcher)
 
 __all__ = ["REGISTRY", "DynamicMethod", "register"]

@@ -222,3 +222,96 @@ def test_sliced_weights_are_cached_and_invalidated(flux_model):
     with torch.no_grad():
         run_reduced(adapter, module, ref, args, internals, bounded)
     assert bounded.cached_bytes == 0
+
+# --- the width seam: per-unit contributions, calibration inputs, timestep features ---------------
+# Oracles are masked copies of the real block: with every output column but one unit's zeroed, the
+# block's residual update is exactly that unit's gated share.
+UNIT_GROUPS = 8
+NOTHING = torch.tensor([], dtype=torch.long)
+
+
+def joint(out: dict) -> torch.Tensor:
+    return torch.cat((out["txt"], out["img"]), dim=1) if "txt" in out else out["img"]
+
+
+def keep_only(layer, cols):
+    """Only input columns `cols` reach the output (no bias either)."""
+    with torch.no_grad():
+        kept = layer.weight[:, cols].clone()
+        layer.weight.zero_()
+        layer.weight[:, cols] = kept
+        layer.bias.zero_()
+
+
+def head_share_oracle(module, kind, arch, args, head):
+    """Mean over all tokens of ||the residual update of a block where only `head` reaches the output||."""
+    oracle = copy.deepcopy(module)
+    cols = unit_indices((head,), arch.head_dim, torch.device("cpu"))
+    if kind == "double":
+        for stream in ("img", "txt"):
+            keep_only(getattr(oracle, f"{stream}_attn").proj, cols)
+            keep_only(getattr(oracle, f"{stream}_mlp")[2], NOTHING)
+    else:
+        keep_only(oracle.linear2, cols)
+    return (joint(run_original(oracle, kind, args)) - joint(args)).norm(dim=-1).mean()
+
+
+def group_share_oracle(module, kind, arch, args, group):
+    size = arch.mlp_hidden // UNIT_GROUPS
+    cols = unit_indices((group,), size, torch.device("cpu"))
+    if kind == "single":
+        oracle = copy.deepcopy(module)
+        keep_only(oracle.linear2, arch.hidden_size + cols)
+        return (joint(run_original(oracle, kind, args)) - joint(args)).norm(dim=-1).mean()
+    # double: the MLP sees the stream after attention, so compare with the block whose MLP adds nothing
+    only, none = copy.deepcopy(module), copy.deepcopy(module)
+    for stream in ("img", "txt"):
+        keep_only(getattr(only, f"{stream}_mlp")[2], cols)
+        keep_only(getattr(none, f"{stream}_mlp")[2], NOTHING)
+    return (joint(run_original(only, kind, args)) - joint(run_original(none, kind, args))).norm(dim=-1).mean()
+
+
+@pytest.mark.parametrize("kind,index", [("double", 1), ("single", 2)])
+def test_measured_units_are_each_units_share_of_the_output(flux_model, kind, index):
+    adapter, module, block, args = block_under_test(flux_model, kind, index, seed=index)
+    with torch.no_grad():
+        fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}  # blocks add in place
+        out, heads, groups = adapter.measure_units(module, block, fresh, UNIT_GROUPS, effective_weight)
+        expected_out = joint(run_original(module, kind, args))
+        got_out = joint(out)
+        expected_heads = torch.stack([head_share_oracle(module, kind, adapter.arch, args, h) for h in range(adapter.arch.num_heads)])
+        expected_groups = torch.stack([group_share_oracle(module, kind, adapter.arch, args, g) for g in range(UNIT_GROUPS)])
+    assert torch.equal(got_out, expected_out)  # measuring does not change the block's output
+    assert heads.shape == (adapter.arch.num_heads,) and groups.shape == (UNIT_GROUPS,)
+    torch.testing.assert_close(heads, expected_heads, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(groups, expected_groups, rtol=1e-4, atol=1e-6)
+    assert heads.std() > 0 and groups.std() > 0
+
+
+def test_neutral_arguments_run_the_model(flux_model, tiny_config):
+    adapter = adapter_of(flux_model)
+    dm = flux_model.model.diffusion_model
+    latent = torch.randn(1, adapter.output_channels, 8, 8)
+    arguments = adapter.neutral_arguments(latent, torch.tensor([0.5]), text_tokens=3, guidance=3.5)
+    assert arguments["context"].shape == (1, 3, tiny_config.context_dim) and not arguments["context"].any()
+    assert arguments["y"].shape == (1, tiny_config.vec_dim) and not arguments["y"].any()
+    assert arguments["guidance"].tolist() == [3.5]
+    assert adapter.call_shape(arguments).image_tokens == 16
+    with torch.no_grad():
+        out = dm(**arguments, transformer_options={})
+    assert out.shape == latent.shape and torch.isfinite(out).all()
+
+
+def test_timestep_features_are_the_models_own_time_embedding(flux_model):
+    adapter = adapter_of(flux_model)
+    dm = flux_model.model.diffusion_model
+    from comfy.ldm.flux.layers import timestep_embedding
+
+    t = torch.tensor([0.3])
+    with torch.no_grad():
+        features = adapter.timestep_features(dm, t, torch.float32)
+        expected = dm.time_in(timestep_embedding(t, 256))
+    assert features.shape == (1, adapter.arch.hidden_size)
+    assert torch.equal(features, expected)
+    with torch.no_grad():
+        assert not torch.allclose(features, adapter.timestep_features(dm, torch.tensor([0.9]), torch.float32))
