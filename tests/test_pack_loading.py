@@ -16,7 +16,7 @@ import nodes as comfy_nodes
 from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACK_NODES = {"DynamicSpeedReport", "DynamicTelemetry", "DynamicWidthPatcher", "DynamicTokenRouter", "DynamicTDLoRALoader"}
+PACK_NODES = {"DynamicSpeedReport", "DynamicTelemetry", "DynamicWidthPatcher", "DynamicTokenRouter", "DynamicTDLoRALoader", "DynamicPatchScheduler"}
 
 
 def test_every_node_is_exported():

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
 
 from ..flops import FlopBreakdown
 from ..slicing import LinearExtra, WeightSlices, WeightSource
+
+if TYPE_CHECKING:
+    from .coarse import CoarseGrid
 
 
 class UnsupportedModelError(ValueError):
@@ -244,3 +247,8 @@ class ModelAdapter(ABC):
         residual stream (after the block's gate), divided by the number of tokens.
         """
         raise NotImplementedError(f"{self.display_name}: unit contributions are not described by this adapter")
+
+    # --- coarse patch grids -------------------------------------------------------------------
+    def coarse_grid(self) -> "CoarseGrid | None":
+        """How this family runs a call on a coarser patch grid (`adapters/coarse.py`); None if it cannot."""
+        return None

@@ -34,6 +34,7 @@ from ..slicing import (
     unit_indices,
 )
 from .base import BlockInternals, BlockRef, BlockWork, CallShape, ModelAdapter, TokenLayout, UnsupportedModelError
+from .flux_coarse import FluxCoarseGrid
 
 DOUBLE = "double"
 SINGLE = "single"
@@ -335,6 +336,9 @@ class FluxAdapter(ModelAdapter):
             image += self.image_tokens_of(ref)
         guidance = self.arch.guidance_embed and arguments.get("guidance") is not None
         return CallShape(batch=x.shape[0], image_tokens=image, text_tokens=arguments["context"].shape[1], guidance=guidance)
+
+    def coarse_grid(self) -> FluxCoarseGrid:
+        return FluxCoarseGrid(self.arch, self._blocks, self.family)
 
     # --- analytic FLOPs -----------------------------------------------------------------------
     def stem_flops(self, shape: CallShape) -> FlopBreakdown:
