@@ -107,6 +107,30 @@ def _token_router_case(mode: str) -> Callable[[str | None], Case]:
     )
 
 
+def _patch_scheduler(**settings: Any) -> Callable[[Any], Any]:
+    def build(model):
+        from ..methods.patch_scheduler import PatchSchedulerSettings
+        from .patching import apply_settings
+
+        return apply_settings(model, PatchSchedulerSettings(**settings))
+
+    return build
+
+
+def _ddit_manual(arg: str | None) -> Case:
+    """`ddit:0-40%:4;40-70%:2` (ranges separated by ';', since ',' separates cases)."""
+    from ..methods.patch_scheduler import parse_schedule
+
+    schedule = parse_schedule(arg or "0-40%:4;40-70%:2;70-100%:1")
+    return Case(f"DDiT manual {', '.join(r.describe() for r in schedule)}", _patch_scheduler(mode="manual", schedule=schedule))
+
+
+def _ddit_auto(arg: str | None) -> Case:
+    """`ddit-auto:<tau>` with the node's other defaults."""
+    tau = float(arg or 0.001)
+    return Case(f"DDiT auto τ {tau:g}", _patch_scheduler(mode="auto", tau=tau))
+
+
 # name -> builder(argument string or None) -> Case; methods add theirs as they land
 CASE_BUILDERS: dict[str, Callable[[str | None], Case]] = {
     "off": lambda arg: Case("every method off", _off),
@@ -116,6 +140,8 @@ CASE_BUILDERS: dict[str, Callable[[str | None], Case]] = {
     "sdt": _token_router_case("sdt"),
     "reuse": _token_router_case("reuse"),
     "width": lambda arg: Case(f"width {arg or '0.5'}", _width(float(arg or 0.5))),
+    "ddit": _ddit_manual,
+    "ddit-auto": _ddit_auto,
 }
 
 

@@ -203,11 +203,30 @@ def width_workflow() -> list[Node]:
     ]
 
 
+def patch_scheduler_workflow() -> list[Node]:
+    """DDiT coarse patches against a full-compute baseline of the same seed, compared in the report."""
+    return _flux_inputs() + [
+        Node("telemetry", "DynamicTelemetry", (380, 80), links={"model": ("unet", 0)}),
+        _sampler("baseline", "telemetry", (1160, 80), "KSampler (full compute)"),
+        Node("ddit", "DynamicPatchScheduler", (380, 620), links={"model": ("unet", 0)}, size=(380, 330)),
+        _sampler("sampler", "ddit", (1160, 420), "KSampler (Dynamic Patch Scheduler)"),
+        Node("report", "DynamicSpeedReport", (1520, 420),
+             links={"model": ("ddit", 0), "latent": ("sampler", 0), "baseline_model": ("telemetry", 0),
+                    "baseline_latent": ("baseline", 0)}, size=(420, 200)),
+        Node("decode", "VAEDecode", (1980, 420), links={"samples": ("report", 0), "vae": ("vae", 0)}),
+        Node("save", "SaveImage", (2200, 420), {"filename_prefix": "dynamic_dit_ddit"}, {"images": ("decode", 0)}, size=(400, 420)),
+        Node("chart", "PreviewImage", (1520, 680), links={"images": ("report", 2)}, size=(480, 320)),
+        Node("decode_full", "VAEDecode", (1520, 80), links={"samples": ("baseline", 0), "vae": ("vae", 0)}),
+        Node("preview_full", "PreviewImage", (1760, 80), links={"images": ("decode_full", 0)}, size=(300, 300)),
+    ]
+
+
 WORKFLOWS = {
     "flux_speed_report": ("Flux.1 with per-step speed telemetry", speed_report_workflow),
     "flux_td_lora": ("Flux.1 with a TD-LoRA (timestep-gated LoRA experts)", td_lora_workflow),
     "flux_token_router": ("Flux.1 Token Router against full compute", token_router_workflow),
     "flux_dynamic_width": ("Flux.1 with the Dynamic Width Patcher against full compute", width_workflow),
+    "flux_patch_scheduler": ("Flux.1 with DDiT dynamic patch sizes, compared with full compute", patch_scheduler_workflow),
 }
 
 
