@@ -11,12 +11,13 @@ Facts about ComfyUI's Flux this relies on (comfy/ldm/flux/model.py, v0.3.76):
 - `post_input` patches see `{"img", "txt", "img_ids", "txt_ids"}` right after `img_in`; the image
   tokens come first in "img", reference tokens after them.
 - Patches are flattened as (c, ph, pw); the final layer returns (B, tokens, ph * pw * c) in the same
-  order, and `timestep` is sigma itself (ModelSamplingFlux, CONST: x = (1 - sigma) x0 + sigma noise).
+  order, and `timestep` is sigma itself (ModelSamplingFlux, CONST: x = (1 - sigma) x0 + sigma noise);
+  a call whose timestep is not the sigma of `transformer_options["sigmas"]` stays native.
 - ControlNet residuals and attention masks are laid out per native token.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from einops import rearrange
@@ -26,9 +27,12 @@ from ..slicing import ModuleView
 from .base import BlockRef
 from .coarse import CoarseGrid, PostInputPatch
 
+if TYPE_CHECKING:
+    from .flux import FluxArchitecture
+
 
 class FluxCoarseGrid(CoarseGrid):
-    def __init__(self, arch: Any, blocks: tuple[BlockRef, ...], family: str) -> None:
+    def __init__(self, arch: "FluxArchitecture", blocks: tuple[BlockRef, ...], family: str) -> None:
         self.arch = arch
         self.native_patch = arch.patch_size
         self.noisy_channels = arch.out_channels
@@ -58,6 +62,11 @@ class FluxCoarseGrid(CoarseGrid):
             method = extra.get("ref_latents_method", getattr(diffusion_model.params, "default_ref_method", "offset"))
             if method == "uxo":
                 return "'uxo' reference latents are placed after the native grid"
+        sigmas = (arguments.get("transformer_options") or {}).get("sigmas")
+        if isinstance(sigmas, torch.Tensor) and sigmas.numel():
+            sigma, timestep = float(sigmas.max()), float(arguments["timestep"].max())
+            if abs(sigma - timestep) > 1e-4 * max(1.0, abs(sigma)):
+                return f"the model sampling passes timestep {timestep:.4g} for sigma {sigma:.4g}, not Flux's timestep = sigma"
         return None
 
     def flow_time(self, arguments: Mapping[str, Any]) -> torch.Tensor:

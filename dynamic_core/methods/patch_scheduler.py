@@ -42,9 +42,8 @@ the per-step callback; the decision for step s uses the third difference of x_{s
 the four latest step latents (the callback of step s fires only after its first model call). For
 each candidate patch size the std inside each patch (around each channel's own mean, so that only
 spatial variation counts), then the epsilon-percentile over patches; the largest patch whose value
-is below tau wins. One factor per step for the whole batch: the most
-conservative sample decides. The first three steps and the last N steps run native. Every call of a
-step uses the decision of the step whose sigma it evaluates (`call.step.step`): Heun's second
+is below tau wins. One factor per step for the whole batch: the most conservative sample decides.
+The first three steps and the last N steps run native. Every call of a step uses the decision of the step whose sigma it evaluates (`call.step.step`): Heun's second
 evaluation of step i, at sigma_{i+1}, runs at step i+1's patch size, made from x_{i-3} ... x_i.
 **Manual mode** takes a schedule such as `0-40%:4, 40-70%:2, 70-100%:1` over the fraction of the
 run's steps done (step s of N at s/N); steps no range covers run native.

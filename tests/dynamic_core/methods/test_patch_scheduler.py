@@ -181,6 +181,9 @@ def test_calls_tied_to_the_native_grid_are_refused(flux_model):
     assert grid.refusal({"ref_latents": ref, "kwargs": {"ref_latents_method": "uxo"}}, model).startswith("'uxo'")
     assert grid.refusal({"ref_latents": ref, "kwargs": {}}, model) is None
     assert grid.refusal({"control": None, "kwargs": {}}, model) is None
+    timestep = {"timestep": torch.tensor([0.5]), "kwargs": {}}
+    assert grid.refusal({**timestep, "transformer_options": {"sigmas": torch.tensor([0.5])}}, model) is None
+    assert "not Flux's timestep = sigma" in grid.refusal({**timestep, "transformer_options": {"sigmas": torch.tensor([0.0005])}}, model)
 
 
 # --- the algebra of a training-free coarse call -------------------------------------------------------
