@@ -185,6 +185,28 @@ def test_composes_with_an_inner_token_method(flux_model, conds):
     assert run.executed_flops < 0.9 * latest(coarse_only).executed_flops  # the thinning also happened
 
 
+def test_composes_with_td_lora(flux_model, conds):
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration.td_lora_files import apply_td_lora
+    from comfyui_dynamic_dit.dynamic_core.methods.td_lora import (
+        architecture_metadata, block_linear_shapes, parse_td_lora, random_td_lora, td_lora_state_dict,
+    )
+
+    adapter = adapter_of(flux_model)
+    layers, gate = random_td_lora(block_linear_shapes(adapter, flux_model.model.diffusion_model), 2, 4)
+    lora = parse_td_lora(*td_lora_state_dict(layers, architecture_metadata(adapter), gate), "random")
+    coarse = apply_settings(flux_model, manual("0-100%:2"))
+    both = apply_settings(apply_td_lora(flux_model, lora, 1.0), manual("0-100%:2"))
+    PatchProbeMethod.reset()
+    probed = apply_settings(both, PatchProbe())
+    with torch.no_grad():
+        measured, out = measure_flops(lambda: tiny_flux.sample(probed, *conds, steps=2, cfg=1.0, seed=6))
+    assert torch.isfinite(out).all()
+    assert latest(probed).executed_flops == pytest.approx(measured, rel=0.02)
+    assert set(PatchProbeMethod.tokens_per_call().values()) == {64}
+    assert not torch.equal(out, tiny_flux.sample(coarse, *conds, steps=2, cfg=1.0, seed=6))
+
+
 def test_reference_latents_stay_native_next_to_a_coarse_image(flux_model, tiny_config):
     def conditioning(method=None):
         positive, negative = tiny_flux.conditioning(tiny_config)
