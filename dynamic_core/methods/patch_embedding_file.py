@@ -28,6 +28,8 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 import torch.nn.functional as F
 
+from .td_lora import read_safetensors
+
 if TYPE_CHECKING:
     from ..adapters.coarse import CoarseGrid
 
@@ -104,19 +106,13 @@ def save_patch_embedding_file(
 
 def load_patch_embedding_file(path: str | os.PathLike, name: str | None = None) -> PatchEmbeddingFile:
     """Read and validate a coarse-patch embedding file; any problem raises ValueError naming it."""
-    from safetensors import safe_open
-
     name = name or os.path.basename(os.fspath(path))
     try:
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        tensors, metadata = read_safetensors(path)
     except FileNotFoundError:
         raise ValueError(f"Patch embedding '{name}' was not found at {path}.") from None
-    except Exception as error:  # safetensors has its own error types for corrupt or truncated bytes
-        raise ValueError(
-            f"Patch embedding '{name}' is not a readable safetensors file (corrupt, truncated or another format): {error}"
-        ) from None
+    except ValueError as error:
+        raise ValueError(f"Patch embedding '{name}': {error}") from None
     return _validate(name, metadata, tensors)
 
 
