@@ -185,6 +185,22 @@ def test_composes_with_an_inner_token_method(flux_model, conds):
     assert run.executed_flops < 0.9 * latest(coarse_only).executed_flops  # the thinning also happened
 
 
+def test_a_coarse_step_can_also_be_thinned_by_the_token_router(flux_model, conds):
+    """The router (inside the coarse call) routes the coarse tokens; when the grid changes between
+    steps it runs that block in full once, as it does whenever the token count changes."""
+    from comfyui_dynamic_dit.dynamic_core.methods.token_router import TokenRouterSettings
+
+    router = TokenRouterSettings(mode="diffcr", keep_start=0.5, keep_end=0.5, first_full=0, last_full=0, score="update")
+    PatchProbeMethod.reset()
+    model = apply_settings(apply_settings(apply_settings(flux_model, router), manual("0-50%:2")), PatchProbe())
+    with torch.no_grad():
+        measured, out = measure_flops(lambda: tiny_flux.sample(model, *conds, steps=4, cfg=1.0, seed=6))
+    assert torch.isfinite(out).all()
+    assert latest(model).executed_flops == pytest.approx(measured, rel=0.02)
+    # coarse: full (no history), routed 64 -> 32; native: full again (token count changed), routed 256 -> 128
+    assert list(PatchProbeMethod.tokens_per_call().values()) == [64, 32, 256, 128]
+
+
 def test_composes_with_td_lora(flux_model, conds):
     from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
     from comfyui_dynamic_dit.dynamic_core.comfy_integration.td_lora_files import apply_td_lora
