@@ -276,7 +276,8 @@ class PatchSchedulerMethod(DynamicMethod):
     def __init__(self, settings: PatchSchedulerSettings, run: "RunContext") -> None:
         super().__init__(settings, run)
         grid = run.adapter.coarse_grid()
-        assert grid is not None  # validated when the node applied the settings
+        if grid is None:  # settings are validated when applied, so only a changed model gets here
+            raise UnsupportedModelError(f"The patch scheduler does not support {run.adapter.display_name} models yet.")
         self.grid: "CoarseGrid" = grid
         self._latents: OrderedDict[int, torch.Tensor] = OrderedDict()  # step -> sampler x at its start
         self._decisions: dict[int, PatchDecision] = {}
