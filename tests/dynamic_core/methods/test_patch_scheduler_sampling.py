@@ -201,6 +201,25 @@ def test_a_coarse_step_can_also_be_thinned_by_the_token_router(flux_model, conds
     assert list(PatchProbeMethod.tokens_per_call().values()) == [64, 32, 256, 128]
 
 
+def test_composes_with_the_width_patcher(flux_model, conds):
+    from comfyui_dynamic_dit.dynamic_core.methods.width import WidthSettings
+
+    width = WidthSettings(noisy_width=0.5, clean_width=0.5)
+    PatchProbeMethod.reset()
+    model = apply_settings(apply_settings(apply_settings(flux_model, manual("0-50%:2")), width), PatchProbe())
+    with torch.no_grad():
+        measured, out = measure_flops(lambda: tiny_flux.sample(model, *conds, steps=2, cfg=1.0, seed=6))
+    assert torch.isfinite(out).all()
+    run = latest(model)
+    assert run.executed_flops == pytest.approx(measured, rel=0.02)
+    assert list(PatchProbeMethod.tokens_per_call().values()) == [64, 256]
+    coarse_only = apply_settings(flux_model, manual("0-50%:2"))
+    tiny_flux.sample(coarse_only, *conds, steps=2, cfg=1.0, seed=6)
+    coarse_step = [c for c in run.calls if c.methods["patch_scheduler"].startswith("patch")]
+    thinned, plain = coarse_step[0].executed, latest(coarse_only).calls[0].executed  # (extra: the width calibration)
+    assert thinned.qkv == pytest.approx(plain.qkv / 2) and thinned.mlp == pytest.approx(plain.mlp / 2)
+
+
 def test_composes_with_td_lora(flux_model, conds):
     from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
     from comfyui_dynamic_dit.dynamic_core.comfy_integration.td_lora_files import apply_td_lora
