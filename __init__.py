@@ -1,8 +1,12 @@
 """Dynamic DiT: ComfyUI nodes that make Diffusion Transformers faster with dynamic compute."""
-from .dynamic_core.comfy_integration.patching import register_model_folder
-from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+if __package__:  # loaded as a package, the way ComfyUI loads a custom node folder
+    from .dynamic_core.comfy_integration.patching import register_model_folder
+    from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
-register_model_folder()
+    register_model_folder()
+else:  # read as a lone file, e.g. by pytest in a checkout folder whose name is no Python identifier
+    NODE_CLASS_MAPPINGS: dict = {}
+    NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
 WEB_DIRECTORY = "./web"
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
 
@@ -81,13 +81,24 @@ class RunContext:
         sigma_to_percent: Callable[[float], float] | None = None,
         percent_to_sigma: Callable[[float], float] | None = None,
         weight_source: WeightSource | None = None,
+        progress_listener: Callable[[dict], None] | None = None,
+        weight_cache_bytes: int | Callable[[], int] | None = None,
+        model_sampling: Any = None,
+        weights_key: Hashable = None,
     ) -> None:
         self.plan = plan
         self.adapter = adapter
         self.device = torch.device(device)
         self.steps = StepTracker(sigmas, sigma_to_percent)
         self.percent_to_sigma = percent_to_sigma
-        self.weights = WeightSlices(weight_source or plain_weights)  # sliced effective weights, this run only
+        # sliced effective weights, this run only
+        self.weights = WeightSlices(weight_source or plain_weights, max_bytes=weight_cache_bytes)
+        # The host's sigma <-> model-input math (timestep(sigma), calculate_input, calculate_denoised,
+        # noise_scaling), for methods that run the model on inputs of their own (calibration).
+        self.model_sampling = model_sampling
+        # Identity of the weights the model runs with (None: unknown), for caches that outlive a run.
+        self.weights_key = weights_key
+        self._progress_listener = progress_listener
         self.record = RunRecord(
             model=model_name,
             device=_device_name(self.device),
@@ -105,6 +116,9 @@ class RunContext:
         self.steps.step_callback(step)
         for method in self.methods:
             method.on_step(step, latent)
+        if self._progress_listener is not None:
+            # steps before `step` are settled: their extra evaluations all happened before this callback
+            self._progress_listener(self.record.progress(settled_steps=step))
 
     def finish(self) -> RunRecord:
         self.steps.finish()
@@ -114,6 +128,8 @@ class RunContext:
         finally:
             self.weights.clear()
             self.record.finished = True
+        if self._progress_listener is not None and self.record.calls:
+            self._progress_listener(self.record.progress())
         return self.record
 
     # --- model calls --------------------------------------------------------------------------

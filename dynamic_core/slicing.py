@@ -38,10 +38,12 @@ class WeightSlices:
 
     Entries are keyed by the layer and a small hashable slice signature (e.g. the kept head tuple),
     and remember the parameter's storage and version, so an in-place weight change invalidates
-    them. `max_bytes` bounds the cache (least recently used entries go first).
+    them. `max_bytes` bounds the cache (least recently used entries go first); it may be a function,
+    asked once when the first slice is stored, for a budget that depends on memory free only after
+    the host has loaded the model.
     """
 
-    def __init__(self, source: WeightSource = plain_weights, max_bytes: int | None = None):
+    def __init__(self, source: WeightSource = plain_weights, max_bytes: int | Callable[[], int] | None = None):
         self._source = source
         self._max_bytes = max_bytes
         self._entries: OrderedDict[Hashable, tuple[Hashable, torch.Tensor, torch.Tensor | None, int]] = OrderedDict()
@@ -76,6 +78,8 @@ class WeightSlices:
         size = weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
         if entry is not None:
             self._drop(key)
+        if callable(self._max_bytes):
+            self._max_bytes = max(0, int(self._max_bytes()))
         if self._max_bytes is None or size <= self._max_bytes:
             self._entries[key] = (stamp, weight, bias, size)
             self._bytes += size
@@ -85,6 +89,11 @@ class WeightSlices:
 
     def _drop(self, key: Hashable) -> None:
         self._bytes -= self._entries.pop(key)[3]
+
+    @property
+    def source(self) -> WeightSource:
+        """Where effective (unsliced) weights come from, for work that must not fill the cache."""
+        return self._source
 
     @property
     def cached_bytes(self) -> int:
@@ -156,3 +165,29 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 def scatter_tokens(base: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """A copy of `base` (B, N, C) with rows `index` (B, k) replaced by `values` (B, k, C)."""
     return base.scatter(1, index[..., None].expand(-1, -1, base.shape[-1]), values)
+
+
+def gather_sequence(x: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
+    """x (b, ..., L, ...) with its sequence along `dim` restricted to per-sample positions `index` (B, L').
+
+    `b` may be 1 (shared by the batch, e.g. RoPE tables) or B; the result has batch B.
+    """
+    batch, length = index.shape
+    shape = [batch, *x.shape[1:]]
+    shape[dim] = length
+    view = [batch] + [1] * (x.ndim - 1)
+    view[dim] = length
+    expanded = x.expand(batch, *x.shape[1:])
+    return expanded.gather(dim, index.reshape(view).expand(shape))
+
+
+def gather_square_mask(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """An attention mask (..., L, L) over a sequence, restricted to positions `index` (B, L') as queries and keys.
+
+    Accepts the layouts attention functions accept ((L, L), (b, L, L), (b, heads, L, L), b in {1, B})
+    and returns one with batch B and the same number of dimensions (at least 3).
+    """
+    if mask.ndim == 2:
+        mask = mask[None]
+    rows = gather_sequence(mask, index, dim=mask.ndim - 2)
+    return gather_sequence(rows, index, dim=mask.ndim - 1)

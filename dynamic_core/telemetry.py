@@ -124,6 +124,23 @@ class RunRecord:
         )
 
     # --- reports ------------------------------------------------------------------------------
+    def progress(self, settled_steps: int | None = None) -> dict:
+        """Plain data for a live view: the steps so far (only the first `settled_steps` when given)."""
+        steps = [s for s in self.steps() if s.step is not None and (settled_steps is None or s.step < settled_steps)]
+        return {
+            "model": self.model,
+            "plan": self.plan,
+            "total_steps": self.total_steps,
+            "done": self.finished,
+            "summary": self.summary() if self.finished else None,
+            "flops_reduction": self.flops_reduction,
+            "model_seconds": self.model_seconds,
+            "steps": [
+                {"step": s.step, "sigma": s.sigma, "calls": s.calls, "ms": s.seconds * 1e3, "flops_ratio": s.flops_ratio}
+                for s in steps
+            ],
+        }
+
     def summary(self, baseline: "RunRecord | None" = None) -> str:
         text = f"x{self.flops_reduction:.2f} fewer FLOPs"
         if baseline is not None and self.model_seconds > 0:

@@ -60,3 +60,22 @@ def other_flux_model():
 @pytest.fixture(scope="session")
 def conds(tiny_config):
     return tiny_flux.conditioning(tiny_config)
+
+
+@pytest.fixture
+def lowvram_loading(monkeypatch):
+    """Every model load offloads every layer, as ComfyUI's low-VRAM mode does: weights stay on the
+    offload device and LoRA patches are applied on the fly by weight functions. Unloads all models
+    afterwards, so later tests load normally again."""
+    import comfy.model_management
+    import comfy.model_patcher
+
+    load = comfy.model_patcher.ModelPatcher.load
+
+    def offload_everything(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
+        return load(self, device_to, 1, force_patch_weights, False)
+
+    monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "load", offload_everything)
+    yield
+    monkeypatch.undo()
+    comfy.model_management.unload_all_models()

@@ -16,7 +16,10 @@ import nodes as comfy_nodes
 from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PACK_NODES = {"DynamicSpeedReport", "DynamicTelemetry", "DynamicBenchmarkConditioning"}
+PACK_NODES = {
+    "DynamicSpeedReport", "DynamicTelemetry", "DynamicWidthPatcher", "DynamicTokenRouter", "DynamicTDLoRALoader",
+    "DynamicPatchScheduler", "DynamicBenchmarkConditioning",
+}
 
 
 def test_every_node_is_exported():
@@ -29,6 +32,18 @@ def test_loads_through_comfyui_custom_node_loader():
         assert name in comfy_nodes.NODE_CLASS_MAPPINGS
         info = comfy_nodes.NODE_CLASS_MAPPINGS[name].INPUT_TYPES()
         assert "required" in info
+
+
+def test_entry_module_read_as_a_lone_file_does_not_fail():
+    # pytest does this in a checkout folder whose name is no Python identifier (e.g. comfyui-dynamic-dit)
+    import importlib.machinery
+    import importlib.util
+
+    loader = importlib.machinery.SourceFileLoader("comfyui-dynamic-dit", str(REPO_ROOT / "__init__.py"))
+    spec = importlib.util.spec_from_loader("comfyui-dynamic-dit", loader, is_package=False)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.NODE_CLASS_MAPPINGS == {} and module.WEB_DIRECTORY == "./web"
 
 
 def _free_port() -> int:

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 
 import torch
 
 from ..flops import FlopBreakdown
-from ..slicing import LinearExtra, WeightSlices
+from ..slicing import LinearExtra, WeightSlices, WeightSource
+
+if TYPE_CHECKING:
+    from .coarse import CoarseGrid
 
 
 class UnsupportedModelError(ValueError):
@@ -151,6 +154,33 @@ class ModelAdapter(ABC):
     def reduced_work(self, block: BlockRef, work: BlockWork, internals: BlockInternals) -> BlockWork:
         """`work` with the reductions of `internals` applied (for the analytic FLOPs)."""
 
+    # --- token routing (optional: a family that cannot route tokens leaves these out) ------------
+    @property
+    def routes_tokens(self) -> bool:
+        """Whether this adapter implements the three token-routing methods below."""
+        return False
+
+    def image_tokens(self, block: BlockRef, stream: Mapping[str, Any], text_tokens: int) -> torch.Tensor:
+        """The (B, N, D) image tokens of a block's arguments or output, as a view (writes go through)."""
+        raise NotImplementedError(f"the {self.display_name} adapter cannot route tokens")
+
+    def select_image_tokens(
+        self, block: BlockRef, args: Mapping[str, Any], index: torch.Tensor, text_tokens: int
+    ) -> dict:
+        """Block arguments restricted to the image tokens `index` (B, k) (0..N-1, sorted) and every text token.
+
+        The token streams are fresh tensors (the block may update them in place without touching
+        `args`), and RoPE / attention masks are gathered along with the tokens.
+        """
+        raise NotImplementedError(f"the {self.display_name} adapter cannot route tokens")
+
+    def merge_image_tokens(
+        self, block: BlockRef, args: Mapping[str, Any], reduced_out: Mapping[str, Any], index: torch.Tensor, text_tokens: int
+    ) -> dict:
+        """The full block output: image tokens `index` and the text from `reduced_out`, every other image
+        token as it is in `args`. Written into the tensors of `args`, as the host's blocks do."""
+        raise NotImplementedError(f"the {self.display_name} adapter cannot route tokens")
+
     # --- calls --------------------------------------------------------------------------------
     @abstractmethod
     def call_shape(self, arguments: Mapping[str, Any]) -> CallShape:
@@ -174,3 +204,51 @@ class ModelAdapter(ABC):
 
     def full_block_work(self, block: BlockRef, shape: CallShape) -> BlockWork:
         return BlockWork(batch=shape.batch, image_tokens=shape.image_tokens, text_tokens=shape.text_tokens)
+
+    # --- width: unit counts, calibration inputs, timestep features ----------------------------
+    # Optional seam for methods that thin attention heads and MLP channel groups; a family that
+    # does not implement it cannot use those methods (the error names the family).
+    @property
+    def head_count(self) -> int:
+        """Attention heads per block (the unit BlockInternals.heads counts)."""
+        raise NotImplementedError(f"{self.display_name}: attention heads are not described by this adapter")
+
+    @property
+    def mlp_hidden(self) -> int:
+        """MLP hidden units per block (split into BlockInternals.mlp_group_count equal groups)."""
+        raise NotImplementedError(f"{self.display_name}: MLP widths are not described by this adapter")
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the latent the sampler integrates (the model's output)."""
+        raise NotImplementedError(f"{self.display_name}: the latent layout is not described by this adapter")
+
+    def neutral_arguments(self, latent: torch.Tensor, timestep: torch.Tensor, text_tokens: int, guidance: float) -> dict[str, Any]:
+        """Model-call arguments (by the host's parameter names) for `latent` at `timestep` with neutral
+        conditioning: empty text, no pooled vector, as ComfyUI's ConditioningZeroOut gives."""
+        raise NotImplementedError(f"{self.display_name}: calibration inputs are not described by this adapter")
+
+    def timestep_features(self, diffusion_model: torch.nn.Module, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, F) features of the timestep alone (no text, no guidance), computed by the model's own code."""
+        raise NotImplementedError(f"{self.display_name}: timestep features are not described by this adapter")
+
+    def measure_units(
+        self,
+        module: torch.nn.Module,
+        block: BlockRef,
+        args: Mapping[str, Any],
+        mlp_group_count: int,
+        weights: WeightSource,
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        """Run the block's own forward at full width and measure each unit's share of its output.
+
+        Returns the block's output (as `original_block` returns it), and per attention head (H,) and
+        per MLP group (G,) the sum over tokens of the L2 norm of that unit's contribution to the
+        residual stream (after the block's gate), divided by the number of tokens.
+        """
+        raise NotImplementedError(f"{self.display_name}: unit contributions are not described by this adapter")
+
+    # --- coarse patch grids -------------------------------------------------------------------
+    def coarse_grid(self) -> "CoarseGrid | None":
+        """How this family runs a call on a coarser patch grid (`adapters/coarse.py`); None if it cannot."""
+        return None

@@ -19,10 +19,22 @@ from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from ..flops import FlopBreakdown, attention_flops, linear_flops
-from ..slicing import ModuleView, SlicedLinear, WeightSlices, gather_tokens, scatter_tokens, unit_indices
+from ..slicing import (
+    ModuleView,
+    SlicedLinear,
+    WeightSlices,
+    WeightSource,
+    gather_sequence,
+    gather_square_mask,
+    gather_tokens,
+    scatter_tokens,
+    unit_indices,
+)
 from .base import BlockInternals, BlockRef, BlockWork, CallShape, ModelAdapter, TokenLayout, UnsupportedModelError
+from .flux_coarse import FluxCoarseGrid
 
 DOUBLE = "double"
 SINGLE = "single"
@@ -215,6 +227,103 @@ class FluxAdapter(ModelAdapter):
             return {"img": img, "txt": txt}
         return {"img": _call_forward(type(module), reduced.single_view(text_tokens), args)}
 
+    # --- token routing ------------------------------------------------------------------------
+    @property
+    def routes_tokens(self) -> bool:
+        return True
+
+    def image_tokens(self, block: BlockRef, stream: Mapping[str, Any], text_tokens: int) -> torch.Tensor:
+        img = stream["img"]
+        return img if block.kind == DOUBLE else img[:, text_tokens:]
+
+    def select_image_tokens(
+        self, block: BlockRef, args: Mapping[str, Any], index: torch.Tensor, text_tokens: int
+    ) -> dict:
+        text = torch.arange(text_tokens, device=index.device).expand(index.shape[0], -1)
+        joint = torch.cat((text, index + text_tokens), dim=1)  # positions in the [text, image] sequence
+        reduced = dict(args)
+        # The double block's txt stream is passed as is: the block updates it in place, as the host's would.
+        reduced["img"] = gather_tokens(args["img"], index if block.kind == DOUBLE else joint)
+        if args.get("pe") is not None:
+            reduced["pe"] = gather_sequence(args["pe"], joint, dim=2)
+        if args.get("attn_mask") is not None:
+            reduced["attn_mask"] = gather_square_mask(args["attn_mask"], joint)
+        return reduced
+
+    def merge_image_tokens(
+        self, block: BlockRef, args: Mapping[str, Any], reduced_out: Mapping[str, Any], index: torch.Tensor, text_tokens: int
+    ) -> dict:
+        img, out = args["img"], reduced_out["img"]
+        if block.kind == DOUBLE:
+            img.scatter_(1, index[..., None].expand(-1, -1, img.shape[-1]), out)
+        else:
+            img[:, :text_tokens] = out[:, :text_tokens]
+            img[:, text_tokens:].scatter_(1, index[..., None].expand(-1, -1, img.shape[-1]), out[:, text_tokens:])
+        return {**reduced_out, "img": img}
+
+    # --- width: unit counts, calibration inputs, timestep features ----------------------------
+    @property
+    def head_count(self) -> int:
+        return self.arch.num_heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return self.arch.mlp_hidden
+
+    @property
+    def output_channels(self) -> int:
+        return self.arch.out_channels
+
+    def neutral_arguments(self, latent: torch.Tensor, timestep: torch.Tensor, text_tokens: int, guidance: float) -> dict[str, Any]:
+        a, batch = self.arch, latent.shape[0]
+        x = latent
+        if a.latent_channels > latent.shape[1]:  # Fill: the masked-image and mask channels stay empty
+            x = torch.cat((latent, latent.new_zeros(batch, a.latent_channels - latent.shape[1], *latent.shape[2:])), dim=1)
+        arguments: dict[str, Any] = {"x": x, "timestep": timestep, "context": latent.new_zeros(batch, text_tokens, a.context_dim)}
+        if a.vec_dim is not None:
+            arguments["y"] = latent.new_zeros(batch, a.vec_dim)
+        if a.guidance_embed:
+            arguments["guidance"] = torch.full((batch,), float(guidance), device=latent.device, dtype=torch.float32)
+        return arguments
+
+    def timestep_features(self, diffusion_model: torch.nn.Module, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # vec = time_in(timestep_embedding(t, 256)) before guidance and pooled text are added to it;
+        # the embedding function is the one the host's Flux module itself calls.
+        embedding = inspect.getmodule(type(diffusion_model)).timestep_embedding
+        return diffusion_model.time_in(embedding(timestep, 256).to(dtype))
+
+    def measure_units(
+        self,
+        module: torch.nn.Module,
+        block: BlockRef,
+        args: Mapping[str, Any],
+        mlp_group_count: int,
+        weights: WeightSource,
+    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
+        a = self.arch
+        meter = _UnitMeter(a.num_heads, mlp_group_count, weights)
+        group_size = a.mlp_hidden // mlp_group_count
+        if block.kind == DOUBLE:
+            overrides: dict[str, Any] = {}
+            for stream in ("img", "txt"):
+                attn, mlp = getattr(module, f"{stream}_attn"), getattr(module, f"{stream}_mlp")
+                modulation = overrides[f"{stream}_mod"] = _Recorded(getattr(module, f"{stream}_mod"))
+                proj = meter.output_linear(attn.proj, [("heads", 0, a.head_dim)], lambda m=modulation: m.output[0].gate)
+                mlp_out = meter.output_linear(mlp[2], [("groups", 0, group_size)], lambda m=modulation: m.output[1].gate)
+                overrides[f"{stream}_attn"] = ModuleView(attn, proj=proj)
+                overrides[f"{stream}_mlp"] = _TokenSubsetMLP(mlp[0], mlp[1], mlp_out, None)
+            img, txt = _call_forward(type(module), ModuleView(module, **overrides), args)
+            out = {"img": img, "txt": txt}
+        else:
+            modulation = _Recorded(module.modulation)
+            linear2 = meter.output_linear(
+                module.linear2,
+                [("heads", 0, a.head_dim), ("groups", a.hidden_size, group_size)],
+                lambda: modulation.output[0].gate,
+            )
+            out = {"img": _call_forward(type(module), ModuleView(module, modulation=modulation, linear2=linear2), args)}
+        return out, meter.mean("heads"), meter.mean("groups")
+
     # --- calls --------------------------------------------------------------------------------
     def image_tokens_of(self, latent: torch.Tensor) -> int:
         p = self.arch.patch_size
@@ -227,6 +336,9 @@ class FluxAdapter(ModelAdapter):
             image += self.image_tokens_of(ref)
         guidance = self.arch.guidance_embed and arguments.get("guidance") is not None
         return CallShape(batch=x.shape[0], image_tokens=image, text_tokens=arguments["context"].shape[1], guidance=guidance)
+
+    def coarse_grid(self) -> FluxCoarseGrid:
+        return FluxCoarseGrid(self.arch, self._blocks, self.family)
 
     # --- analytic FLOPs -----------------------------------------------------------------------
     def stem_flops(self, shape: CallShape) -> FlopBreakdown:
@@ -321,6 +433,52 @@ class _SplitLinear2:
         out = self.attn_out(z[..., : self.attn_width])
         selected = self.mlp_out(gather_tokens(z[..., self.attn_width :], self.rows))
         return out.scatter_add(1, self.rows[..., None].expand(-1, -1, out.shape[-1]), selected)
+
+
+class _Recorded:
+    """A submodule whose last output is kept (a modulation: the gates the block applies later)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.output = module, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.output = self.module(*args, **kwargs)
+        return self.output
+
+
+class _UnitMeter:
+    """Sums, per attention head and per MLP group, the L2 norm of the unit's gated contribution to
+    the residual stream over every token that passes the block's output linears."""
+
+    def __init__(self, heads: int, groups: int, weights: WeightSource):
+        self.counts = {"heads": heads, "groups": groups}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = {"heads": 0, "groups": 0}
+        self.weights = weights
+
+    def output_linear(self, layer: torch.nn.Module, spans: list[tuple[str, int, int]], gate: Callable[[], torch.Tensor]):
+        """`layer` as the block calls it, measuring the input column spans (kind, first column, unit size)."""
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out = layer(x)
+            weight, _ = self.weights(layer, x)
+            gates = gate()
+            for kind, start, size in spans:
+                sums = self.sums.setdefault(kind, torch.zeros(self.counts[kind], dtype=torch.float64, device=x.device))
+                for unit in range(self.counts[kind]):
+                    cols = slice(start + unit * size, start + (unit + 1) * size)
+                    share = F.linear(x[..., cols], weight[:, cols]) * gates
+                    sums[unit] += share.float().norm(dim=-1).sum()
+                self.tokens[kind] += x.shape[:-1].numel()
+            return out
+
+        return run
+
+    def mean(self, kind: str) -> torch.Tensor:
+        sums = self.sums.get(kind)
+        if sums is None or self.tokens[kind] == 0:
+            return torch.zeros(self.counts[kind])
+        return (sums / self.tokens[kind]).float().cpu()
 
 
 class _ReducedBlock:

@@ -99,6 +99,83 @@ def _tome(ratio: float) -> Callable[[Any], Any]:
     return build
 
 
+def _td_lora(arg: str | None) -> Case:
+    """A random TD-LoRA on every block linear: K experts (default 3) of rank r (default 16), e.g. 'tdlora:4/32'."""
+    experts_text, _, rank_text = (arg or "3").partition("/")
+    experts, rank = int(experts_text), int(rank_text or 16)
+
+    def build(model):
+        from ..methods.td_lora import architecture_metadata, block_linear_shapes, parse_td_lora, random_td_lora, td_lora_state_dict
+        from .patching import adapter_of
+        from .td_lora_files import apply_td_lora
+
+        adapter = adapter_of(model)
+        layers, gate = random_td_lora(block_linear_shapes(adapter, model.model.diffusion_model), experts, rank)
+        tensors, metadata = td_lora_state_dict(layers, architecture_metadata(adapter), gate)
+        return apply_td_lora(model, parse_td_lora(tensors, metadata, f"random-K{experts}-r{rank}"), 1.0)
+
+    # A random TD-LoRA changes the model on purpose: the case measures the bypass's cost, and its PSNR
+    # only says how far the random experts moved the images.
+    return Case(f"TD-LoRA K={experts} rank {rank} (random experts: cost only)", build, family="TD-LoRA")
+
+
+def _token_router(mode: str, keep: float) -> Callable[[Any], Any]:
+    def build(model):
+        from ..methods.token_router import TokenRouterSettings
+        from .patching import apply_settings
+
+        return apply_settings(
+            model, TokenRouterSettings(mode=mode, keep_start=keep, keep_end=keep, first_full=0, last_full=0, score="update")
+        )
+
+    return build
+
+
+def _width(fraction: float) -> Callable[[Any], Any]:
+    """Constant width (heads and MLP) over the whole schedule, training-free ranking."""
+
+    def build(model):
+        from ..methods.width import WidthSettings
+        from .patching import apply_settings
+
+        return apply_settings(model, WidthSettings(noisy_width=fraction, clean_width=fraction))
+
+    return build
+
+
+def _token_router_case(mode: str) -> Callable[[str | None], Case]:
+    def case(arg: str | None) -> Case:
+        keep = _number(arg, 0.5, f"Token Router {mode} keep ratio", 0.0, 1.0)
+        return Case(f"{mode} keep {keep:g}", _token_router(mode, keep), family=mode)
+
+    return case
+
+
+def _patch_scheduler(**settings: Any) -> Callable[[Any], Any]:
+    def build(model):
+        from ..methods.patch_scheduler import PatchSchedulerSettings
+        from .patching import apply_settings
+
+        return apply_settings(model, PatchSchedulerSettings(**settings))
+
+    return build
+
+
+def _ddit_manual(arg: str | None) -> Case:
+    """`ddit:0-40%:4;40-70%:2` (ranges separated by ';', since ',' separates cases)."""
+    from ..methods.patch_scheduler import parse_schedule
+
+    schedule = parse_schedule(arg or "0-40%:4;40-70%:2;70-100%:1")
+    return Case(f"DDiT manual {', '.join(r.describe() for r in schedule)}", _patch_scheduler(mode="manual", schedule=schedule),
+                family="DDiT manual")
+
+
+def _ddit_auto(arg: str | None) -> Case:
+    """`ddit-auto:<tau>` with the node's other defaults."""
+    tau = _number(arg, 0.001, "DDiT auto tau", 0.0, 1e6)
+    return Case(f"DDiT auto τ {tau:g}", _patch_scheduler(mode="auto", tau=tau), family="DDiT auto")
+
+
 TOME_NOTE = (
     "ComfyUI's TomePatchModel merges tokens through the UNet `attn1` patch points, which Flux's blocks never call"
 )
@@ -122,6 +199,14 @@ CASE_BUILDERS: dict[str, Callable[[str | None], Case]] = {
         family="ToMe",
         note=TOME_NOTE,
     ),
+    "width": lambda arg: Case(f"width {_number(arg, 0.5, 'width', 0.05, 1.0):g}",
+                              _width(_number(arg, 0.5, "width", 0.05, 1.0)), family="width"),
+    "diffcr": _token_router_case("diffcr"),
+    "sdt": _token_router_case("sdt"),
+    "reuse": _token_router_case("reuse"),
+    "ddit": _ddit_manual,
+    "ddit-auto": _ddit_auto,
+    "tdlora": _td_lora,
 }
 
 # name -> the settings `--cases all` runs (a builder without an entry runs once at its default)
@@ -129,10 +214,17 @@ SWEEPS: dict[str, tuple[str, ...]] = {
     "easycache": ("0.05", "0.1", "0.2", "0.4"),
     "lazycache": ("0.1", "0.2", "0.4"),
     "tome": ("0.3", "0.5", "0.7"),
+    "width": ("0.75", "0.5", "0.35"),
+    "diffcr": ("0.7", "0.5", "0.3"),
+    "sdt": ("0.5",),
+    "reuse": ("0.7", "0.5", "0.3"),
+    "ddit": ("0-40%:4;40-70%:2;70-100%:1", "0-60%:2;60-100%:1"),
+    "ddit-auto": ("0.001", "0.01", "0.05"),
+    "tdlora": ("1", "3"),
 }
 
 # useful combinations `--cases all` adds, in the --cases syntax (e.g. "width:0.5+diffcr:0.7")
-COMBINATIONS: list[str] = []
+COMBINATIONS: list[str] = ["width:0.75+reuse:0.7", "ddit:0-60%:2;60-100%:1+width:0.75", "easycache:0.1+width:0.75"]
 
 
 def combine(parts: Sequence[Case]) -> Case:
@@ -155,7 +247,7 @@ def _all_cases_spec() -> list[str]:
         if name == "off":
             continue
         settings = SWEEPS.get(name)
-        specs.append(f"{name}:{','.join(settings)}" if settings else name)
+        specs.extend([f"{name}:{setting}" for setting in settings] if settings else [name])  # settings may hold ':'
     return specs + list(COMBINATIONS)
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import inspect
 import logging
+import sys
 from typing import Any, Callable
 
 import torch
 
+import comfy.model_management
 import comfy.model_patcher
 import comfy.ops
 import comfy.patcher_extension
@@ -142,6 +144,10 @@ def _outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         sigma_to_percent=lambda s: invert_decreasing(model_sampling.percent_to_sigma, s),
         percent_to_sigma=model_sampling.percent_to_sigma,
         weight_source=effective_weight,
+        progress_listener=_progress_publisher(),
+        weight_cache_bytes=lambda: _slice_cache_budget(guider.model_patcher.load_device),
+        model_sampling=model_sampling,
+        weights_key=guider.model_patcher.patches_uuid,
     )
     user_callback = bound.arguments.get("callback")
 
@@ -163,6 +169,27 @@ def _outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
             plan.telemetry.add(record)
             logger.info("Dynamic DiT: %s", record.summary(plan.telemetry.latest_comparable(record)))
         guider.model_options = original_options
+
+
+PROGRESS_EVENT = "dynamic_dit.progress"
+
+
+def _progress_publisher() -> Callable[[dict], None] | None:
+    """Send per-step progress to the browser of the client that queued the prompt, inside a server.
+
+    `server` is only in sys.modules when ComfyUI runs as a server; as a library there is no one to tell.
+    """
+    prompt_server = getattr(getattr(sys.modules.get("server"), "PromptServer", None), "instance", None)
+    if prompt_server is None:
+        return None
+
+    def publish(progress: dict) -> None:
+        try:
+            prompt_server.send_sync(PROGRESS_EVENT, progress, prompt_server.client_id)
+        except Exception:  # a live view must never break sampling
+            logger.debug("Dynamic DiT: could not send progress", exc_info=True)
+
+    return publish
 
 
 def _order_model_wrappers(transformer_options: dict) -> None:
@@ -256,6 +283,17 @@ def effective_weight(layer: torch.nn.Module, like: torch.Tensor) -> tuple[torch.
     return weight, bias
 
 
+SLICE_CACHE_SHARE = 0.5
+
+
+def _slice_cache_budget(device: Any) -> int:
+    """Bytes of sliced weights a run may keep: half of what is free once the model is loaded, less
+    ComfyUI's inference reserve. Beyond it the oldest slices go (they are re-sliced when needed), so
+    per-step width decisions never pile up copies of the model next to it."""
+    free = comfy.model_management.get_free_memory(device)
+    return int(max(0, free - comfy.model_management.minimum_inference_memory()) * SLICE_CACHE_SHARE)
+
+
 def _count_params(module: torch.nn.Module) -> str:
     count = sum(p.numel() for p in module.parameters())
     return f"{count / 1e9:.2f}B params" if count >= 1e9 else f"{count / 1e6:.1f}M params"
@@ -277,6 +315,24 @@ def register_model_folder() -> None:
     if default not in paths:
         paths = [*paths, default]
     folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(extensions) | {".safetensors"})
+
+
+def model_files() -> list[str]:
+    """The files in `models/dynamic_dit/`, for a node's file combo."""
+    import folder_paths
+
+    return folder_paths.get_filename_list(MODEL_FOLDER)
+
+
+def model_file_path(name: str) -> str:
+    """The full path of a file of `models/dynamic_dit/`, or ValueError naming the folder."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(MODEL_FOLDER, name)
+    if path is None:
+        folders = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER)) or f"models/{MODEL_FOLDER}"
+        raise ValueError(f"'{name}' was not found in the dynamic_dit model folder ({folders}); refresh the node's file list.")
+    return path
 
 
 def save_preview(image: Any, prefix: str = "dynamic_dit_report") -> list[dict]:

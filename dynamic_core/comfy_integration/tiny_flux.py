@@ -167,6 +167,32 @@ def sample(
     )
 
 
+def block_arguments(
+    diffusion_model, kind: str, batch: int, text_tokens: int, grid: tuple[int, int], seed: int = 0
+) -> dict:
+    """Random but realistic `patches_replace["dit"]` arguments for one Flux block: streams, vec, RoPE of a
+    `grid` of image tokens after `text_tokens` text tokens ("double": img and txt, "single": the joint img)."""
+    generator = torch.Generator().manual_seed(seed)
+    d = diffusion_model.hidden_size
+    image_tokens = grid[0] * grid[1]
+    img_ids = torch.zeros(grid[0], grid[1], 3)
+    img_ids[..., 1] = torch.arange(grid[0])[:, None]
+    img_ids[..., 2] = torch.arange(grid[1])[None, :]
+    ids = torch.cat((torch.zeros(batch, text_tokens, 3), img_ids.reshape(1, image_tokens, 3).expand(batch, -1, -1)), dim=1)
+    args = {
+        "vec": torch.randn(batch, d, generator=generator),
+        "pe": diffusion_model.pe_embedder(ids),
+        "attn_mask": None,
+        "transformer_options": {},
+    }
+    if kind == "double":
+        args["img"] = torch.randn(batch, image_tokens, d, generator=generator)
+        args["txt"] = torch.randn(batch, text_tokens, d, generator=generator)
+    else:
+        args["img"] = torch.randn(batch, text_tokens + image_tokens, d, generator=generator)
+    return args
+
+
 def describe(config: TinyFlux) -> str:
     return ", ".join(f"{k}={v}" for k, v in asdict(config).items())
 

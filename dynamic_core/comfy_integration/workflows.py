@@ -143,6 +143,84 @@ def speed_report_workflow() -> list[Node]:
     ]
 
 
+def td_lora_workflow() -> list[Node]:
+    """Flux.1 with a TD-LoRA next to the same seed without it; the report shows the gates of every step
+    and what the bypass costs against the baseline."""
+    return _flux_inputs() + [
+        Node("tdlora", "DynamicTDLoRALoader", (380, 80), {"file": "dynamic_dit/flux_td_lora.safetensors", "strength": 1.0},
+             {"model": ("unet", 0)}),
+        Node("baseline", "DynamicTelemetry", (800, 520), links={"model": ("unet", 0)}),
+        _sampler("sampler", "tdlora", (1160, 80), "KSampler (TD-LoRA)"),
+        _sampler("baseline_sampler", "baseline", (1160, 420), "KSampler (without TD-LoRA)"),
+        Node("report", "DynamicSpeedReport", (1520, 80), links={
+            "model": ("tdlora", 0), "latent": ("sampler", 0),
+            "baseline_model": ("baseline", 0), "baseline_latent": ("baseline_sampler", 0),
+        }, size=(420, 200)),
+        Node("decode", "VAEDecode", (1980, 80), links={"samples": ("report", 0), "vae": ("vae", 0)}),
+        Node("save", "SaveImage", (2200, 80), {"filename_prefix": "dynamic_dit_td_lora"}, {"images": ("decode", 0)}, size=(400, 420)),
+        Node("chart", "PreviewImage", (1520, 340), links={"images": ("report", 2)}, size=(480, 320)),
+    ]
+
+
+def token_router_workflow() -> list[Node]:
+    """The same seed at full compute and through the Token Router, both images, and the speed report."""
+    router = dict(mode="reuse", keep_ratio_start=0.5, keep_ratio_end=0.5, first_full_blocks=2, last_full_blocks=2,
+                  score="input change", router_file="none", use_file_ratios=True, start_percent=0.0, end_percent=1.0,
+                  block_overrides="")
+    return _flux_inputs() + [
+        Node("telemetry", "DynamicTelemetry", (380, 80), links={"model": ("unet", 0)}, title="Full compute (baseline)"),
+        _sampler("baseline", "telemetry", (1160, 80), "KSampler (full compute)"),
+        Node("base_decode", "VAEDecode", (1520, 80), links={"samples": ("baseline", 0), "vae": ("vae", 0)}),
+        Node("base_preview", "PreviewImage", (1760, 80), links={"images": ("base_decode", 0)}, size=(400, 420)),
+        Node("router", "DynamicTokenRouter", (800, 540), router, {"model": ("unet", 0)}, size=(340, 390)),
+        _sampler("sampler", "router", (1160, 560), "KSampler (Token Router)"),
+        Node("report", "DynamicSpeedReport", (1520, 560),
+             links={"model": ("router", 0), "latent": ("sampler", 0), "baseline_model": ("telemetry", 0),
+                    "baseline_latent": ("baseline", 0)}, size=(420, 200)),
+        Node("decode", "VAEDecode", (1980, 560), links={"samples": ("report", 0), "vae": ("vae", 0)}),
+        Node("save", "SaveImage", (2200, 560), {"filename_prefix": "dynamic_dit_token_router"}, {"images": ("decode", 0)},
+             size=(400, 420)),
+        Node("chart", "PreviewImage", (1520, 800), links={"images": ("report", 2)}, size=(480, 320)),
+    ]
+
+
+def width_workflow() -> list[Node]:
+    """Full compute next to the Dynamic Width Patcher ('balanced'), same seed; the report compares them."""
+    return _flux_inputs() + [
+        Node("baseline", "DynamicTelemetry", (380, 80), links={"model": ("unet", 0)}),
+        Node("width", "DynamicWidthPatcher", (380, 640), {"preset": "balanced"}, {"model": ("unet", 0)}, size=(360, 330)),
+        _sampler("sampler_full", "baseline", (1160, 80), "KSampler (full compute)"),
+        _sampler("sampler_width", "width", (1160, 400), "KSampler (dynamic width)"),
+        Node("report", "DynamicSpeedReport", (1520, 400), links={
+            "model": ("width", 0), "latent": ("sampler_width", 0),
+            "baseline_model": ("baseline", 0), "baseline_latent": ("sampler_full", 0),
+        }, size=(420, 200)),
+        Node("decode_full", "VAEDecode", (1520, 80), links={"samples": ("sampler_full", 0), "vae": ("vae", 0)}),
+        Node("save_full", "SaveImage", (1760, 80), {"filename_prefix": "dynamic_dit_full"}, {"images": ("decode_full", 0)}, size=(400, 300)),
+        Node("decode_width", "VAEDecode", (1980, 400), links={"samples": ("report", 0), "vae": ("vae", 0)}),
+        Node("save_width", "SaveImage", (2200, 400), {"filename_prefix": "dynamic_dit_width"}, {"images": ("decode_width", 0)}, size=(400, 420)),
+        Node("chart", "PreviewImage", (1520, 660), links={"images": ("report", 2)}, size=(480, 320)),
+    ]
+
+
+def patch_scheduler_workflow() -> list[Node]:
+    """DDiT coarse patches against a full-compute baseline of the same seed, compared in the report."""
+    return _flux_inputs() + [
+        Node("telemetry", "DynamicTelemetry", (380, 80), links={"model": ("unet", 0)}),
+        _sampler("baseline", "telemetry", (1160, 80), "KSampler (full compute)"),
+        Node("ddit", "DynamicPatchScheduler", (380, 620), links={"model": ("unet", 0)}, size=(380, 330)),
+        _sampler("sampler", "ddit", (1160, 420), "KSampler (Dynamic Patch Scheduler)"),
+        Node("report", "DynamicSpeedReport", (1520, 420),
+             links={"model": ("ddit", 0), "latent": ("sampler", 0), "baseline_model": ("telemetry", 0),
+                    "baseline_latent": ("baseline", 0)}, size=(420, 200)),
+        Node("decode", "VAEDecode", (1980, 420), links={"samples": ("report", 0), "vae": ("vae", 0)}),
+        Node("save", "SaveImage", (2200, 420), {"filename_prefix": "dynamic_dit_ddit"}, {"images": ("decode", 0)}, size=(400, 420)),
+        Node("chart", "PreviewImage", (1520, 680), links={"images": ("report", 2)}, size=(480, 320)),
+        Node("decode_full", "VAEDecode", (1520, 80), links={"samples": ("baseline", 0), "vae": ("vae", 0)}),
+        Node("preview_full", "PreviewImage", (1760, 80), links={"images": ("decode_full", 0)}, size=(300, 300)),
+    ]
+
+
 def benchmark_conditioning_workflow() -> list[Node]:
     """Prompt and negative as conditioning files for `python -m dynamic_core.comfy_integration.bench --model ...`."""
     inputs = [node for node in _flux_inputs() if node.key in ("clip", "prompt", "guidance", "negative")]
@@ -156,6 +234,10 @@ def benchmark_conditioning_workflow() -> list[Node]:
 
 WORKFLOWS = {
     "flux_speed_report": ("Flux.1 with per-step speed telemetry", speed_report_workflow),
+    "flux_td_lora": ("Flux.1 with a TD-LoRA (timestep-gated LoRA experts)", td_lora_workflow),
+    "flux_token_router": ("Flux.1 Token Router against full compute", token_router_workflow),
+    "flux_dynamic_width": ("Flux.1 with the Dynamic Width Patcher against full compute", width_workflow),
+    "flux_patch_scheduler": ("Flux.1 with DDiT dynamic patch sizes, compared with full compute", patch_scheduler_workflow),
     "benchmark_conditioning": ("Conditioning files for the command-line benchmark", benchmark_conditioning_workflow),
 }
 

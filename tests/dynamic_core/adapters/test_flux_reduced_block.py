@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, BlockWork
+from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, effective_weight
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
 from comfyui_dynamic_dit.dynamic_core.slicing import WeightSlices, unit_indices
@@ -18,18 +19,15 @@ N = GRID[0] * GRID[1]
 
 
 def block_args(dm, kind: str, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    d = dm.hidden_size
-    img_ids = torch.zeros(GRID[0], GRID[1], 3)
-    img_ids[..., 1] = torch.arange(GRID[0])[:, None]
-    img_ids[..., 2] = torch.arange(GRID[1])[None, :]
-    ids = torch.cat((torch.zeros(B, T, 3), img_ids.reshape(1, N, 3).expand(B, -1, -1)), dim=1)
-    args = {"vec": torch.randn(B, d, generator=g), "pe": dm.pe_embedder(ids), "attn_mask": None, "transformer_options": {}}
-    if kind == "double":
-        args |= {"img": torch.randn(B, N, d, generator=g), "txt": torch.randn(B, T, d, generator=g)}
-    else:
-        args |= {"img": torch.randn(B, T + N, d, generator=g)}
-    return args
+    return tiny_flux.block_arguments(dm, kind, B, T, GRID, seed)
+
+
+def block_under_test(flux_model, kind: str, index: int, seed: int = 0):
+    """The adapter, the real block module, its ref and realistic patch arguments."""
+    adapter = adapter_of(flux_model)
+    dm = flux_model.model.diffusion_model
+    ref = BlockRef(kind, index)
+    return adapter, adapter.block_module(dm, ref), ref, block_args(dm, kind, seed)
 
 
 def run_original(module, kind, args):
@@ -81,11 +79,7 @@ CASES = [
 @pytest.mark.parametrize("kind,index", [("double", 1), ("single", 2)])
 @pytest.mark.parametrize("name,changes", CASES, ids=[c[0] for c in CASES])
 def test_reduced_width_equals_masked_block(flux_model, kind, index, name, changes):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
-    ref = BlockRef(kind, index)
-    module = adapter.block_module(dm, ref)
-    args = block_args(dm, kind)
+    adapter, module, ref, args = block_under_test(flux_model, kind, index)
     internals = BlockInternals(**changes)
     oracle = masked(module, kind, adapter.arch, internals.heads, internals.mlp_groups, internals.mlp_group_count)
     with torch.no_grad():
@@ -99,11 +93,7 @@ def test_reduced_width_equals_masked_block(flux_model, kind, index, name, change
 
 @pytest.mark.parametrize("kind,index", [("double", 0), ("single", 3)])
 def test_all_heads_and_groups_kept_is_the_full_block(flux_model, kind, index):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
-    ref = BlockRef(kind, index)
-    module = adapter.block_module(dm, ref)
-    args = block_args(dm, kind)
+    adapter, module, ref, args = block_under_test(flux_model, kind, index)
     internals = BlockInternals(heads=tuple(range(4)), mlp_groups=tuple(range(4)), mlp_group_count=4)
     with torch.no_grad():
         got, full = run_reduced(adapter, module, ref, args, internals), run_original(module, kind, args)
@@ -113,11 +103,7 @@ def test_all_heads_and_groups_kept_is_the_full_block(flux_model, kind, index):
 
 @pytest.mark.parametrize("kind,index", [("double", 0), ("single", 1)])
 def test_mlp_token_subset_skips_the_mlp_for_the_others(flux_model, kind, index):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
-    ref = BlockRef(kind, index)
-    module = adapter.block_module(dm, ref)
-    args = block_args(dm, kind, seed=3)
+    adapter, module, ref, args = block_under_test(flux_model, kind, index, seed=3)
     tokens = torch.stack([torch.tensor([0, 3, 7, 8, 19]), torch.tensor([1, 2, 5, 11, 12])])  # per sample
     with torch.no_grad():
         got = run_reduced(adapter, module, ref, args, BlockInternals(mlp_tokens=tokens))
@@ -144,11 +130,7 @@ def test_mlp_token_subset_skips_the_mlp_for_the_others(flux_model, kind, index):
     ids=["heads_half", "mlp_half"],
 )
 def test_flops_really_drop(flux_model, kind, internals, part, ratio):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
-    ref = BlockRef(kind, 0)
-    module = adapter.block_module(dm, ref)
-    args = block_args(dm, kind)
+    adapter, module, ref, args = block_under_test(flux_model, kind, 0)
     with torch.no_grad():
         full_measured, _ = measure_flops(lambda: run_original(module, kind, args))
         reduced_measured, _ = measure_flops(lambda: run_reduced(adapter, module, ref, args, internals))
@@ -163,12 +145,8 @@ def test_flops_really_drop(flux_model, kind, internals, part, ratio):
 
 
 def test_mlp_token_subset_flops(flux_model):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
     for kind in ("double", "single"):
-        ref = BlockRef(kind, 0)
-        module = adapter.block_module(dm, ref)
-        args = block_args(dm, kind)
+        adapter, module, ref, args = block_under_test(flux_model, kind, 0)
         internals = BlockInternals(mlp_tokens=torch.arange(10).expand(B, -1))
         with torch.no_grad():
             measured, _ = measure_flops(lambda: run_reduced(adapter, module, ref, args, internals))
@@ -196,17 +174,13 @@ class LowRank:
 
 @pytest.mark.parametrize("kind,index", [("double", 1), ("single", 0)])
 def test_linear_extras_follow_the_slicing(flux_model, kind, index):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
-    ref = BlockRef(kind, index)
-    module = adapter.block_module(dm, ref)
+    adapter, module, ref, args = block_under_test(flux_model, kind, index, seed=5)
     layers = adapter.linear_layers(module, ref)
     extras = {name: LowRank(*layer.weight.shape, seed=i) for i, (name, layer) in enumerate(layers.items())}
     merged = copy.deepcopy(module)
     with torch.no_grad():
         for name, layer in adapter.linear_layers(merged, ref).items():
             layer.weight += extras[name].B @ extras[name].A
-    args = block_args(dm, kind, seed=5)
     tokens = torch.stack([torch.tensor([0, 4, 9]), torch.tensor([2, 3, 18])])
     for internals in (
         BlockInternals(extras=extras),
@@ -228,11 +202,8 @@ def test_linear_extras_follow_the_slicing(flux_model, kind, index):
 
 
 def test_sliced_weights_are_cached_and_invalidated(flux_model):
-    adapter = adapter_of(flux_model)
-    dm = flux_model.model.diffusion_model
-    ref = BlockRef("double", 0)
-    module = copy.deepcopy(adapter.block_module(dm, ref))
-    args = block_args(dm, "double")
+    adapter, module, ref, args = block_under_test(flux_model, "double", 0)
+    module = copy.deepcopy(module)
     weights = WeightSlices(effective_weight)
     internals = BlockInternals(heads=(0, 1), mlp_groups=(0, 1), mlp_group_count=4)
     with torch.no_grad():
@@ -251,3 +222,96 @@ def test_sliced_weights_are_cached_and_invalidated(flux_model):
     with torch.no_grad():
         run_reduced(adapter, module, ref, args, internals, bounded)
     assert bounded.cached_bytes == 0
+
+# --- the width seam: per-unit contributions, calibration inputs, timestep features ---------------
+# Oracles are masked copies of the real block: with every output column but one unit's zeroed, the
+# block's residual update is exactly that unit's gated share.
+UNIT_GROUPS = 8
+NOTHING = torch.tensor([], dtype=torch.long)
+
+
+def joint(out: dict) -> torch.Tensor:
+    return torch.cat((out["txt"], out["img"]), dim=1) if "txt" in out else out["img"]
+
+
+def keep_only(layer, cols):
+    """Only input columns `cols` reach the output (no bias either)."""
+    with torch.no_grad():
+        kept = layer.weight[:, cols].clone()
+        layer.weight.zero_()
+        layer.weight[:, cols] = kept
+        layer.bias.zero_()
+
+
+def head_share_oracle(module, kind, arch, args, head):
+    """Mean over all tokens of ||the residual update of a block where only `head` reaches the output||."""
+    oracle = copy.deepcopy(module)
+    cols = unit_indices((head,), arch.head_dim, torch.device("cpu"))
+    if kind == "double":
+        for stream in ("img", "txt"):
+            keep_only(getattr(oracle, f"{stream}_attn").proj, cols)
+            keep_only(getattr(oracle, f"{stream}_mlp")[2], NOTHING)
+    else:
+        keep_only(oracle.linear2, cols)
+    return (joint(run_original(oracle, kind, args)) - joint(args)).norm(dim=-1).mean()
+
+
+def group_share_oracle(module, kind, arch, args, group):
+    size = arch.mlp_hidden // UNIT_GROUPS
+    cols = unit_indices((group,), size, torch.device("cpu"))
+    if kind == "single":
+        oracle = copy.deepcopy(module)
+        keep_only(oracle.linear2, arch.hidden_size + cols)
+        return (joint(run_original(oracle, kind, args)) - joint(args)).norm(dim=-1).mean()
+    # double: the MLP sees the stream after attention, so compare with the block whose MLP adds nothing
+    only, none = copy.deepcopy(module), copy.deepcopy(module)
+    for stream in ("img", "txt"):
+        keep_only(getattr(only, f"{stream}_mlp")[2], cols)
+        keep_only(getattr(none, f"{stream}_mlp")[2], NOTHING)
+    return (joint(run_original(only, kind, args)) - joint(run_original(none, kind, args))).norm(dim=-1).mean()
+
+
+@pytest.mark.parametrize("kind,index", [("double", 1), ("single", 2)])
+def test_measured_units_are_each_units_share_of_the_output(flux_model, kind, index):
+    adapter, module, block, args = block_under_test(flux_model, kind, index, seed=index)
+    with torch.no_grad():
+        fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}  # blocks add in place
+        out, heads, groups = adapter.measure_units(module, block, fresh, UNIT_GROUPS, effective_weight)
+        expected_out = joint(run_original(module, kind, args))
+        got_out = joint(out)
+        expected_heads = torch.stack([head_share_oracle(module, kind, adapter.arch, args, h) for h in range(adapter.arch.num_heads)])
+        expected_groups = torch.stack([group_share_oracle(module, kind, adapter.arch, args, g) for g in range(UNIT_GROUPS)])
+    assert torch.equal(got_out, expected_out)  # measuring does not change the block's output
+    assert heads.shape == (adapter.arch.num_heads,) and groups.shape == (UNIT_GROUPS,)
+    torch.testing.assert_close(heads, expected_heads, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(groups, expected_groups, rtol=1e-4, atol=1e-6)
+    assert heads.std() > 0 and groups.std() > 0
+
+
+def test_neutral_arguments_run_the_model(flux_model, tiny_config):
+    adapter = adapter_of(flux_model)
+    dm = flux_model.model.diffusion_model
+    latent = torch.randn(1, adapter.output_channels, 8, 8)
+    arguments = adapter.neutral_arguments(latent, torch.tensor([0.5]), text_tokens=3, guidance=3.5)
+    assert arguments["context"].shape == (1, 3, tiny_config.context_dim) and not arguments["context"].any()
+    assert arguments["y"].shape == (1, tiny_config.vec_dim) and not arguments["y"].any()
+    assert arguments["guidance"].tolist() == [3.5]
+    assert adapter.call_shape(arguments).image_tokens == 16
+    with torch.no_grad():
+        out = dm(**arguments, transformer_options={})
+    assert out.shape == latent.shape and torch.isfinite(out).all()
+
+
+def test_timestep_features_are_the_models_own_time_embedding(flux_model):
+    adapter = adapter_of(flux_model)
+    dm = flux_model.model.diffusion_model
+    from comfy.ldm.flux.layers import timestep_embedding
+
+    t = torch.tensor([0.3])
+    with torch.no_grad():
+        features = adapter.timestep_features(dm, t, torch.float32)
+        expected = dm.time_in(timestep_embedding(t, 256))
+    assert features.shape == (1, adapter.arch.hidden_size)
+    assert torch.equal(features, expected)
+    with torch.no_grad():
+        assert not torch.allclose(features, adapter.timestep_features(dm, torch.tensor([0.9]), torch.float32))

@@ -34,6 +34,8 @@ def test_all_expands_every_builder_at_its_sweep(monkeypatch):
     assert {f"EasyCache {float(v):g}" for v in bench.SWEEPS["easycache"]} <= set(names)
     assert {f"ToMe {float(v):g}" for v in bench.SWEEPS["tome"]} <= set(names)
     assert names[-1] == "ToMe 0.5 + EasyCache 0.2"
+    expected = 1 + sum(len(bench.SWEEPS.get(name, (None,))) for name in bench.CASE_BUILDERS if name != "off") + 1
+    assert len(names) == expected  # every builder at every sweep setting, none lost to the case syntax
 
 
 @pytest.mark.parametrize(

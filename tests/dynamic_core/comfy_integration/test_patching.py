@@ -186,3 +186,36 @@ def test_unsupported_model_raises_and_leaves_the_input_alone():
     with pytest.raises(UnsupportedModelError, match="Chroma"):
         install_executor(chroma)
     assert chroma.model_options == before and not chroma.wrappers
+
+
+def test_live_progress_is_published_inside_a_server(flux_model, conds, monkeypatch):
+    import sys
+    import types
+
+    sent = []
+
+    class FakePromptServer:
+        client_id = "browser-1"
+
+        def send_sync(self, event, data, sid=None):
+            sent.append((event, data, sid))
+
+    fake_server = types.ModuleType("server")
+    fake_server.PromptServer = type("PromptServer", (), {"instance": FakePromptServer()})
+    monkeypatch.setitem(sys.modules, "server", fake_server)
+    patched = install_executor(flux_model)
+    tiny_flux.sample(patched, *conds, steps=3, sampler="heun", seed=2)
+    assert [e for e, _, _ in sent] == ["dynamic_dit.progress"] * 4 and {s for _, _, s in sent} == {"browser-1"}
+    # at callback i the steps before i are settled (heun's second evaluation included)
+    assert [[s["calls"] for s in d["steps"]] for _, d, _ in sent] == [[], [2], [2, 2], [2, 2, 1]]
+    final = sent[-1][1]
+    assert final["done"] and final["summary"].startswith("x1.00 fewer FLOPs") and final["total_steps"] == 3
+
+
+def test_no_progress_events_outside_a_server(flux_model, conds, monkeypatch):
+    import sys
+
+    monkeypatch.delitem(sys.modules, "server", raising=False)
+    patched = install_executor(flux_model)
+    tiny_flux.sample(patched, *conds, steps=2, seed=2)  # nothing to send to, nothing breaks
+    assert latest_run(patched).finished

@@ -1,0 +1,79 @@
+"""The seam for running a model call on a coarser patch grid (DDiT's dynamic patch sizes).
+
+A family that supports coarse grids returns a `CoarseGrid` from `ModelAdapter.coarse_grid()`. It
+holds everything family specific: how the host assigns token positions (so a coarse token can get the
+position of the centre of the native region it covers), the order of the features in a flattened
+patch, where the hidden states before the final layer can be replaced and read through the host's
+patch points, and which inputs tie a call to the native token grid. The patch scheduler itself
+(`methods/patch_scheduler.py`) is family independent.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, Mapping
+
+import torch
+
+from .base import BlockRef
+
+# A patch run on the embedded image tokens right after the host's input embedding: it receives and
+# returns the host's dict (for Flux `{"img", "txt", "img_ids", "txt_ids"}`).
+PostInputPatch = Callable[[dict], dict]
+
+
+class CoarseGrid(ABC):
+    native_patch: int  # the model's own patch size, in latent pixels
+    noisy_channels: int  # leading channels of the latent argument that carry the noisy sample
+
+    @abstractmethod
+    def file_fields(self) -> dict[str, str]:
+        """What a coarse-patch embedding file must state about the model it was trained for."""
+
+    @abstractmethod
+    def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
+        """Why this call has to stay on the native grid (inputs laid out per native token), or None."""
+
+    @abstractmethod
+    def flow_time(self, arguments: Mapping[str, Any]) -> torch.Tensor:
+        """Per batch row t of the call, with the latent argument x = (1 - t) x0 + t noise."""
+
+    @abstractmethod
+    def with_flow_time(self, arguments: Mapping[str, Any], t: torch.Tensor) -> dict[str, Any]:
+        """Argument changes that make the call evaluate the model at flow time `t` instead."""
+
+    @abstractmethod
+    def coarse_options(self, transformer_options: Mapping[str, Any], factor: int,
+                       post_input: PostInputPatch | None = None) -> dict:
+        """A new transformer_options dict for a call on a grid `factor` times coarser: token i of the
+        coarse grid gets the position of the centre of the native tokens it covers, on top of any
+        position scaling already set. `post_input` is added to the host's post-input patches."""
+
+    @abstractmethod
+    def patchify(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        """(B, C, H, W) with H, W multiples of `size` -> (B, tokens, C * size * size), host order."""
+
+    @abstractmethod
+    def unpatchify(self, tokens: torch.Tensor, rows: int, cols: int, size: int) -> torch.Tensor:
+        """The inverse of `patchify`: (B, rows * cols, C * size * size) -> (B, C, rows * size, cols * size)."""
+
+    @abstractmethod
+    def replace_image_tokens(self, embedded: dict, tokens: torch.Tensor) -> dict:
+        """Inside a post-input patch: the host's dict with the first image tokens replaced by `tokens`."""
+
+    @property
+    @abstractmethod
+    def last_block(self) -> BlockRef:
+        ...
+
+    @abstractmethod
+    def image_hidden(self, block: BlockRef, block_out: Mapping[str, Any], text_tokens: int, count: int) -> torch.Tensor:
+        """The first `count` image tokens of a block's output (B, count, D)."""
+
+    @abstractmethod
+    def final_layer(self, diffusion_model: torch.nn.Module, hidden: torch.Tensor, vec: torch.Tensor,
+                    linear: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        """The host's own final layer (norm and modulation) on `hidden`, with its last linear replaced."""
+
+    @abstractmethod
+    def final_modulation_flops(self, batch: int) -> float:
+        """FLOPs of the final layer's modulation for a batch (work `final_layer` does besides `linear`)."""

@@ -1,0 +1,120 @@
+"""Coarse patch grids for Flux.1 as ComfyUI runs it (see `coarse.py` for the seam).
+
+Facts about ComfyUI's Flux this relies on (comfy/ldm/flux/model.py, v0.3.76):
+- `process_img` gives the image token at grid row i the position `shift_y + i * scale_y` (and the
+  same along x) when `transformer_options["rope_options"]` is set, otherwise `i`. A coarse token of
+  factor f covers native tokens f*i ... f*i+f-1, whose centre is f*i + (f-1)/2: with a user's own
+  scale s and shift h on top, that is scale s*f and shift h + s*(f-1)/2.
+- Reference latents (Kontext) get their own positions from their own sizes, except with
+  `ref_latents_method="uxo"`, which places them after the main image's grid size: on a coarse grid
+  that would move them, so such calls stay native.
+- `post_input` patches see `{"img", "txt", "img_ids", "txt_ids"}` right after `img_in`; the image
+  tokens come first in "img", reference tokens after them.
+- Patches are flattened as (c, ph, pw); the final layer returns (B, tokens, ph * pw * c) in the same
+  order, and `timestep` is sigma itself (ModelSamplingFlux, CONST: x = (1 - sigma) x0 + sigma noise);
+  a call whose timestep is not the sigma of `transformer_options["sigmas"]` stays native.
+- ControlNet residuals and attention masks are laid out per native token.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+from einops import rearrange
+
+from ..flops import linear_flops
+from ..slicing import ModuleView
+from .base import BlockRef
+from .coarse import CoarseGrid, PostInputPatch
+
+if TYPE_CHECKING:
+    from .flux import FluxArchitecture
+
+
+class FluxCoarseGrid(CoarseGrid):
+    def __init__(self, arch: "FluxArchitecture", blocks: tuple[BlockRef, ...], family: str) -> None:
+        self.arch = arch
+        self.native_patch = arch.patch_size
+        self.noisy_channels = arch.out_channels
+        self._last_block = blocks[-1]
+        self._family = family
+
+    def file_fields(self) -> dict[str, str]:
+        a = self.arch
+        return {
+            "architecture": self._family,
+            "hidden_size": str(a.hidden_size),
+            "num_heads": str(a.num_heads),
+            "depth_double": str(a.depth_double),
+            "depth_single": str(a.depth_single),
+            "patch_size": str(a.patch_size),
+            "in_channels": str(a.latent_channels),
+            "out_channels": str(a.out_channels),
+        }
+
+    def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
+        extra = arguments.get("kwargs") or {}
+        if arguments.get("control") is not None:
+            return "ControlNet residuals are laid out per native token"
+        if extra.get("attention_mask") is not None:
+            return "the attention mask is laid out per native token"
+        if arguments.get("ref_latents"):
+            method = extra.get("ref_latents_method", getattr(diffusion_model.params, "default_ref_method", "offset"))
+            if method == "uxo":
+                return "'uxo' reference latents are placed after the native grid"
+        sigmas = (arguments.get("transformer_options") or {}).get("sigmas")
+        if isinstance(sigmas, torch.Tensor) and sigmas.numel():
+            sigma, timestep = float(sigmas.max()), float(arguments["timestep"].max())
+            if abs(sigma - timestep) > 1e-4 * max(1.0, abs(sigma)):
+                return f"the model sampling passes timestep {timestep:.4g} for sigma {sigma:.4g}, not Flux's timestep = sigma"
+        return None
+
+    def flow_time(self, arguments: Mapping[str, Any]) -> torch.Tensor:
+        return arguments["timestep"].float()
+
+    def with_flow_time(self, arguments: Mapping[str, Any], t: torch.Tensor) -> dict[str, Any]:
+        return {"timestep": t.to(arguments["timestep"].dtype)}
+
+    def coarse_options(self, transformer_options: Mapping[str, Any], factor: int,
+                       post_input: PostInputPatch | None = None) -> dict:
+        rope = dict(transformer_options.get("rope_options") or {})
+        for axis in ("y", "x"):
+            scale = float(rope.get(f"scale_{axis}", 1.0))
+            shift = float(rope.get(f"shift_{axis}", 0.0))
+            rope[f"scale_{axis}"] = scale * factor
+            rope[f"shift_{axis}"] = shift + scale * (factor - 1) / 2
+        options = {**transformer_options, "rope_options": rope}
+        if post_input is not None:
+            patches = dict(transformer_options.get("patches") or {})
+            patches["post_input"] = [post_input, *patches.get("post_input", [])]
+            options["patches"] = patches
+        return options
+
+    def patchify(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=size, pw=size)
+
+    def unpatchify(self, tokens: torch.Tensor, rows: int, cols: int, size: int) -> torch.Tensor:
+        return rearrange(tokens, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=rows, w=cols, ph=size, pw=size)
+
+    def replace_image_tokens(self, embedded: dict, tokens: torch.Tensor) -> dict:
+        img = embedded["img"]
+        count = tokens.shape[1]
+        return {**embedded, "img": torch.cat((tokens.to(img.dtype), img[:, count:]), dim=1)}
+
+    @property
+    def last_block(self) -> BlockRef:
+        return self._last_block
+
+    def image_hidden(self, block: BlockRef, block_out: Mapping[str, Any], text_tokens: int, count: int) -> torch.Tensor:
+        img = block_out["img"]
+        if "txt" in block_out:  # double-stream block: the image stream alone
+            return img[:, :count]
+        return img[:, text_tokens : text_tokens + count]  # single-stream block: [text, image, references]
+
+    def final_layer(self, diffusion_model: torch.nn.Module, hidden: torch.Tensor, vec: torch.Tensor,
+                    linear: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        return ModuleView(diffusion_model.final_layer, linear=linear)(hidden, vec)
+
+    def final_modulation_flops(self, batch: int) -> float:
+        d = self.arch.hidden_size
+        return linear_flops(batch, d, 2 * d)

@@ -1,0 +1,707 @@
+"""TD-LoRA (DyDiT++): timestep-gated mixtures of low-rank experts, applied as an in-place bypass.
+
+For an adapted linear layer with weight W and K experts (A_k: r x in, B_k: out x r, one alpha):
+
+    y = W x + strength * sum_k g_k(sigma) * B_k A_k x * (alpha / r)
+
+The gates g(sigma) come from a small network over the noise level (sinusoidal embedding -> Linear
+-> SiLU -> Linear -> softmax over K), shared by all layers or one per layer. A plain LoRA is the
+K = 1 case (its gate is exactly 1). The experts are stacked, so a layer costs one pair of matmuls:
+((x A^T) * gates spread over each expert's r columns) B^T; no full weight is ever merged.
+
+The bypass is a `LinearExtra` (slicing.py): when another method narrows a layer (width slicing,
+token subsets), the matching rows of B and columns of A are used, so it composes with them.
+
+This module also defines the file format (load, validate, save); see the README section
+"TD-LoRA file format". Reading standard LoRA key styles is ComfyUI-specific and lives in
+`comfy_integration/td_lora_files.py`.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters import BlockInternals, BlockRef, ModelAdapter
+from ..flops import FlopBreakdown, linear_flops
+from ..plan import MethodSettings
+from .base import DynamicMethod, register
+
+if TYPE_CHECKING:
+    from ..executor import CallState, ModelCall, RunContext
+
+FORMAT = "td_lora"
+VERSION = 1
+METHOD = "td_lora"
+STRENGTH_RANGE = (-10.0, 10.0)
+DEFAULT_TIME_SCALE = 1000.0  # sigma in [0, 1] -> t in [0, 1000], as Flux embeds its timestep
+DEFAULT_MAX_PERIOD = 10000.0
+
+_LAYER_SUFFIXES = ("lora_A", "lora_B", "alpha")
+_GATE_PARAMS = ("0.weight", "0.bias", "2.weight", "2.bias")  # nn.Sequential(Linear, SiLU, Linear)
+
+
+# --- the gating network ------------------------------------------------------------------------------
+def sinusoidal_embedding(
+    sigmas: torch.Tensor, dim: int, time_scale: float = DEFAULT_TIME_SCALE, max_period: float = DEFAULT_MAX_PERIOD
+) -> torch.Tensor:
+    """(B,) sigmas -> (B, dim) float32: [cos(t f_0..f_{h-1}), sin(t f_0..f_{h-1})], t = time_scale * sigma,
+    f_i = max_period^(-i / h), h = dim / 2 (the timestep embedding of Flux/DiT, cos first)."""
+    if dim <= 0 or dim % 2:
+        raise ValueError(f"the gate's sinusoidal embedding needs an even, positive size, got {dim}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=sigmas.device) / half)
+    args = (sigmas.float() * time_scale)[:, None] * freqs[None]
+    return torch.cat((torch.cos(args), torch.sin(args)), dim=-1)
+
+
+@dataclass(frozen=True, eq=False)
+class GateWeights:
+    """Parameters of one gating network: Linear(E -> H), SiLU, Linear(H -> K)."""
+
+    weight1: torch.Tensor  # (H, E)
+    bias1: torch.Tensor  # (H,)
+    weight2: torch.Tensor  # (K, H)
+    bias2: torch.Tensor  # (K,)
+
+    @property
+    def experts(self) -> int:
+        return int(self.weight2.shape[0])
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        return dict(zip((f"{prefix}{p}" for p in _GATE_PARAMS), (self.weight1, self.bias1, self.weight2, self.bias2)))
+
+
+@dataclass(frozen=True, eq=False)
+class GateNetwork:
+    """Gates over K experts from sigma: softmax(W2 silu(W1 emb(sigma) + b1) + b2), per sample."""
+
+    weights: GateWeights
+    time_scale: float = DEFAULT_TIME_SCALE
+    max_period: float = DEFAULT_MAX_PERIOD
+
+    @property
+    def experts(self) -> int:
+        return self.weights.experts
+
+    def to(self, device: torch.device) -> "GateNetwork":
+        w = self.weights
+        moved = GateWeights(*(t.to(device=device, dtype=torch.float32) for t in (w.weight1, w.bias1, w.weight2, w.bias2)))
+        return GateNetwork(moved, self.time_scale, self.max_period)
+
+    def __call__(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """(B,) sigmas -> (B, K) float32 gates that sum to 1 per sample."""
+        w = self.weights
+        embedding = sinusoidal_embedding(sigmas, int(w.weight1.shape[1]), self.time_scale, self.max_period)
+        hidden = F.silu(F.linear(embedding, w.weight1.float(), w.bias1.float()))
+        return torch.softmax(F.linear(hidden, w.weight2.float(), w.bias2.float()), dim=-1)
+
+    def flops(self, batch: int) -> float:
+        hidden, embed = self.weights.weight1.shape
+        return linear_flops(batch, embed, hidden) + linear_flops(batch, hidden, self.experts)
+
+
+# --- adapted layers ---------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class LowRankLayer:
+    """The bypass of one linear layer: experts stacked expert-major along the rank axis.
+
+    Column c of `up` (row c of `down`) belongs to expert c // rank and is scaled by column_scale[c]
+    (alpha / r of its expert, or of the LoRA piece it came from when a standard LoRA adapts slices
+    of the layer, e.g. diffusers' separate q, k, v on Flux's fused qkv).
+    """
+
+    down: torch.Tensor  # (R, in) with R = experts * rank
+    up: torch.Tensor  # (out, R)
+    column_scale: torch.Tensor  # (R,) float32
+    experts: int = 1
+    gate: GateNetwork | None = None  # this layer's own gate; None: the file's shared gate (or K = 1)
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0]) // self.experts
+
+    @property
+    def in_features(self) -> int:
+        return int(self.down.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.up.shape[0])
+
+    @classmethod
+    def from_experts(cls, lora_a: torch.Tensor, lora_b: torch.Tensor, alpha: float, gate: GateNetwork | None = None):
+        """From K experts: lora_a (K, r, in), lora_b (K, out, r)."""
+        experts, rank, _ = lora_a.shape
+        down = lora_a.reshape(experts * rank, lora_a.shape[2])
+        up = lora_b.permute(1, 0, 2).reshape(lora_b.shape[1], experts * rank)
+        scale = torch.full((experts * rank,), float(alpha) / rank, dtype=torch.float32)
+        return cls(down.contiguous(), up.contiguous(), scale, experts, gate)
+
+    def cast(self, strength: float, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """down, and up scaled by strength * alpha / r, in the dtype and on the device of `like`."""
+        up = self.up.float() * (self.column_scale * strength)[None, :]
+        return (
+            self.down.to(device=like.device, dtype=like.dtype).contiguous(),
+            up.to(device=like.device, dtype=like.dtype).contiguous(),
+        )
+
+    def expert_matrices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, r, in) and (K, out, r): the inverse of `from_experts` (without the scale)."""
+        k, r = self.experts, self.rank
+        return self.down.reshape(k, r, -1), self.up.reshape(-1, k, r).permute(1, 0, 2)
+
+
+def expert_columns(gates: torch.Tensor, rank: int) -> torch.Tensor:
+    """(B, K) gates -> (B, K * rank): each expert's gate over its rank columns (experts stacked expert-major)."""
+    return gates.repeat_interleave(rank, dim=1)
+
+
+class GatedBypass:
+    """The addend of one layer for one model call: ((x A^T) * column gates) B^T, sliced like the layer."""
+
+    def __init__(self, down: torch.Tensor, up: torch.Tensor, column_gates: torch.Tensor | None):
+        self.down, self.up, self.column_gates = down, up, column_gates  # up carries strength * alpha / r
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+        down = self.down if cols is None else self.down.index_select(1, cols)
+        up = self.up if rows is None else self.up.index_select(0, rows)
+        hidden = F.linear(x, down)
+        if self.column_gates is not None:
+            gates = self.column_gates
+            if gates.shape[0] != x.shape[0]:
+                raise RuntimeError(
+                    f"TD-LoRA: a layer received a batch of {x.shape[0]} but the gates were computed for {gates.shape[0]} samples"
+                )
+            hidden = hidden * gates.view(gates.shape[0], *([1] * (x.ndim - 2)), gates.shape[1])
+        return F.linear(hidden, up)
+
+    def flops(self, tokens: int, in_features: int, out_features: int) -> float:
+        return linear_flops(tokens, in_features, self.down.shape[0]) + linear_flops(tokens, self.down.shape[0], out_features)
+
+
+class _SummedExtra:
+    """Two extras on the same linear (another method's and ours): both addends."""
+
+    def __init__(self, first: Any, second: Any):
+        self.first, self.second = first, second
+
+    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+        return self.first(x, rows, cols) + self.second(x, rows, cols)
+
+    def flops(self, tokens: int, in_features: int, out_features: int) -> float:
+        return self.first.flops(tokens, in_features, out_features) + self.second.flops(tokens, in_features, out_features)
+
+
+# --- a loaded adapter -------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class TDLoRA:
+    """A loaded TD-LoRA (or a standard LoRA read as K = 1), not yet bound to a model.
+
+    `layers` are named by the diffusion model's own module paths (ComfyUI's Flux keys without the
+    `diffusion_model.` prefix and `.weight` suffix, e.g. `double_blocks.0.img_attn.qkv`).
+    `host_patches` are weight patches in the host's own format for what a bypass does not cover
+    (standard LoRAs: layers outside the blocks, bias and norm diffs); the host integration applies them.
+    """
+
+    source: str
+    experts: int
+    layers: Mapping[str, LowRankLayer]
+    gate: GateNetwork | None = None  # shared gate (gating "shared")
+    gating: str = "none"  # "none" (K = 1), "shared" or "per_layer"
+    architecture: Mapping[str, str] | None = None  # file metadata to check against the model; None: checked by key
+    host_patches: Mapping[Any, Any] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return os.path.splitext(os.path.basename(self.source))[0] or self.source
+
+    def describe(self) -> str:
+        return f"{self.name} K={self.experts}"
+
+
+def architecture_metadata(adapter: ModelAdapter) -> dict[str, str]:
+    """The metadata a TD-LoRA file for this model carries (and must match on load)."""
+    arch = adapter.arch
+    return {
+        "architecture": adapter.family,
+        **{name: str(getattr(arch, name)) for name in ("hidden_size", "num_heads", "depth_double", "depth_single") if hasattr(arch, name)},
+    }
+
+
+def block_linear_index(adapter: ModelAdapter, diffusion_model: torch.nn.Module) -> dict[str, tuple[BlockRef, str, torch.nn.Module]]:
+    """Every linear inside the blocks by its module path: path -> (block, name in the block, layer)."""
+    paths = {id(module): path for path, module in diffusion_model.named_modules()}
+    index = {}
+    for block in adapter.blocks:
+        module = adapter.block_module(diffusion_model, block)
+        for name, layer in adapter.linear_layers(module, block).items():
+            index[paths[id(layer)]] = (block, name, layer)
+    return index
+
+
+def block_linear_shapes(adapter: ModelAdapter, diffusion_model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear a TD-LoRA can gate, by module path (what a trainer adapts)."""
+    shapes = linear_shapes(diffusion_model)
+    return {path: shapes[path] for path in block_linear_index(adapter, diffusion_model)}
+
+
+def linear_shapes(diffusion_model: torch.nn.Module) -> dict[str, tuple[int, int]]:
+    """(out, in) of every module with a 2-D weight, by module path."""
+    shapes = {}
+    for path, module in diffusion_model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.ndim == 2:
+            shapes[path] = (int(weight.shape[0]), int(weight.shape[1]))
+    return shapes
+
+
+@dataclass(frozen=True)
+class BoundLayers:
+    """A TD-LoRA resolved against one model: bypasses per block, and K = 1 layers outside the blocks."""
+
+    blocks: Mapping[BlockRef, Mapping[str, LowRankLayer]]
+    outside: Mapping[str, LowRankLayer]
+
+
+def bind_layers(lora: TDLoRA, adapter: ModelAdapter, diffusion_model: torch.nn.Module) -> BoundLayers:
+    """Check `lora` against the model (architecture, layer names, shapes); raise ValueError naming the key."""
+    if lora.architecture is not None:
+        expected = architecture_metadata(adapter)
+        for key, value in expected.items():
+            found = lora.architecture.get(key)
+            if found is None:
+                raise ValueError(f"{lora.source}: the metadata has no '{key}' (a TD-LoRA file must name the model it was made for).")
+            if str(found) != value:
+                raise ValueError(
+                    f"{lora.source}: made for another model: metadata '{key}' is {found!r}, this {adapter.display_name} model "
+                    f"has {value!r} ({', '.join(f'{k}={v}' for k, v in expected.items())})."
+                )
+    index = block_linear_index(adapter, diffusion_model)
+    shapes = linear_shapes(diffusion_model)
+    blocks: dict[BlockRef, dict[str, LowRankLayer]] = {}
+    outside: dict[str, LowRankLayer] = {}
+    for path, layer in lora.layers.items():
+        if path not in shapes:
+            raise ValueError(
+                f"{lora.source}: '{path}' names no linear layer of this {adapter.display_name} model "
+                f"({adapter.display_name} layers look like '{next(iter(index), '?')}'). Is the file for another model?"
+            )
+        out_features, in_features = shapes[path]
+        if (layer.out_features, layer.in_features) != (out_features, in_features):
+            raise ValueError(
+                f"{lora.source}: '{path}' adapts a {layer.in_features} -> {layer.out_features} layer, but this model's "
+                f"'{path}' is {in_features} -> {out_features} (lora_A needs {in_features} columns, lora_B {out_features} rows)."
+            )
+        if path in index:
+            block, name, _ = index[path]
+            blocks.setdefault(block, {})[name] = layer
+        elif layer.experts > 1:
+            raise ValueError(
+                f"{lora.source}: '{path}' is outside the transformer blocks and has K={layer.experts} experts. Layers outside "
+                f"the blocks are merged once into the weights, which only a plain LoRA (K = 1) allows."
+            )
+        else:
+            outside[path] = layer
+    return BoundLayers(
+        MappingProxyType({b: MappingProxyType(v) for b, v in blocks.items()}), MappingProxyType(outside)
+    )
+
+
+# --- file format ------------------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ExpertLayer:
+    """One adapted layer as a file (and a trainer) sees it."""
+
+    lora_A: torch.Tensor  # (K, r, in)
+    lora_B: torch.Tensor  # (K, out, r)
+    alpha: float
+    gate: GateWeights | None = None  # per-layer gating only
+
+
+def td_lora_state_dict(
+    layers: Mapping[str, ExpertLayer],
+    architecture: Mapping[str, Any],
+    gate: GateWeights | None = None,
+    *,
+    time_scale: float = DEFAULT_TIME_SCALE,
+    max_period: float = DEFAULT_MAX_PERIOD,
+    metadata: Mapping[str, str] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a TD-LoRA file (validated by parsing them back)."""
+    if not layers:
+        raise ValueError("a TD-LoRA needs at least one layer")
+    first = next(iter(layers.values()))
+    experts, rank = int(first.lora_A.shape[0]), int(first.lora_A.shape[1])
+    per_layer = any(layer.gate is not None for layer in layers.values())
+    if experts > 1 and gate is None and not per_layer:
+        raise ValueError(f"K={experts} experts need a gate: pass `gate` (shared by all layers) or a gate per layer.")
+    if gate is not None and per_layer:
+        raise ValueError("pass either a shared `gate` or per-layer gates, not both.")
+    gating = "none" if experts == 1 and gate is None and not per_layer else ("per_layer" if per_layer else "shared")
+    tensors: dict[str, torch.Tensor] = {}
+    for path, layer in layers.items():
+        tensors[f"{path}.lora_A"] = layer.lora_A.contiguous()
+        tensors[f"{path}.lora_B"] = layer.lora_B.contiguous()
+        tensors[f"{path}.alpha"] = torch.tensor(float(layer.alpha), dtype=torch.float32)
+        if layer.gate is not None:
+            tensors.update({k: v.contiguous() for k, v in layer.gate.tensors(f"{path}.gate.").items()})
+    if gate is not None:
+        tensors.update({k: v.contiguous() for k, v in gate.tensors("gate.").items()})
+    header = {
+        **{str(k): str(v) for k, v in (metadata or {}).items()},
+        **{str(k): str(v) for k, v in architecture.items()},
+        "format": FORMAT,
+        "version": str(VERSION),
+        "experts": str(experts),
+        "rank": str(rank),
+        "gating": gating,
+    }
+    if gating != "none":
+        header |= {"gate_time_scale": repr(float(time_scale)), "gate_max_period": repr(float(max_period))}
+    parse_td_lora(tensors, header, "TD-LoRA being saved")
+    return tensors, header
+
+
+def save_td_lora_file(
+    path: str | os.PathLike,
+    layers: Mapping[str, ExpertLayer],
+    architecture: Mapping[str, Any],
+    gate: GateWeights | None = None,
+    **options: Any,
+) -> None:
+    """Write a TD-LoRA file (safetensors). `architecture`: e.g. `architecture_metadata(adapter)`."""
+    from safetensors.torch import save_file
+
+    tensors, header = td_lora_state_dict(layers, architecture, gate, **options)
+    save_file(tensors, os.fspath(path), metadata=header)
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the header metadata of a safetensors file; ValueError for unreadable files."""
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # safetensors raises its own error types for a damaged header or data
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({error}); it is {size} bytes, maybe truncated or corrupt. "
+            f"Copy or download it again."
+        ) from error
+    return tensors, metadata
+
+
+def is_td_lora(metadata: Mapping[str, str]) -> bool:
+    return metadata.get("format") == FORMAT
+
+
+def _int_field(metadata: Mapping[str, str], name: str, source: str, minimum: int = 1) -> int:
+    raw = metadata.get(name)
+    try:
+        value = int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: metadata '{name}' must be an integer, found {raw!r}.") from None
+    if value < minimum:
+        raise ValueError(f"{source}: metadata '{name}' must be at least {minimum}, found {value}.")
+    return value
+
+
+def _float_field(metadata: Mapping[str, str], name: str, source: str, default: float) -> float:
+    raw = metadata.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{source}: metadata '{name}' must be a number, found {raw!r}.") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{source}: metadata '{name}' must be a positive number, found {raw!r}.")
+    return value
+
+
+def _check_tensor(tensors: Mapping[str, torch.Tensor], key: str, shape: tuple[int | None, ...], source: str, what: str) -> torch.Tensor:
+    if key not in tensors:
+        raise ValueError(f"{source}: missing key '{key}' ({what}).")
+    tensor = tensors[key]
+    if not tensor.is_floating_point():
+        raise ValueError(f"{source}: '{key}' must be a floating-point tensor, found {tensor.dtype}.")
+    if tensor.ndim != len(shape) or any(want is not None and have != want for have, want in zip(tensor.shape, shape)):
+        wanted = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise ValueError(f"{source}: '{key}' has shape {tuple(tensor.shape)}, expected {wanted} ({what}).")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{source}: '{key}' contains NaN or infinite values.")
+    return tensor
+
+
+def _parse_gate(
+    tensors: Mapping[str, torch.Tensor], prefix: str, experts: int, source: str, time_scale: float, max_period: float
+) -> GateNetwork:
+    weight1 = _check_tensor(tensors, f"{prefix}0.weight", (None, None), source, "gate Linear 1: hidden x embedding")
+    hidden, embed = weight1.shape
+    if embed % 2:
+        raise ValueError(f"{source}: '{prefix}0.weight' has {embed} input columns; the sinusoidal embedding size must be even.")
+    bias1 = _check_tensor(tensors, f"{prefix}0.bias", (hidden,), source, "gate Linear 1 bias")
+    weight2 = _check_tensor(tensors, f"{prefix}2.weight", (experts, hidden), source, "gate Linear 2: K x hidden")
+    bias2 = _check_tensor(tensors, f"{prefix}2.bias", (experts,), source, "gate Linear 2 bias")
+    return GateNetwork(GateWeights(weight1, bias1, weight2, bias2), time_scale, max_period)
+
+
+def parse_td_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], source: str) -> TDLoRA:
+    """Validate a TD-LoRA file's tensors and metadata on their own (the model check is `bind_layers`)."""
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{source}: metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}.")
+    version = _int_field(metadata, "version", source)
+    if version > VERSION:
+        raise ValueError(f"{source}: TD-LoRA format version {version} is newer than this node pack reads ({VERSION}); update the pack.")
+    experts = _int_field(metadata, "experts", source)
+    rank = _int_field(metadata, "rank", source)
+    gating = metadata.get("gating", "none" if experts == 1 else None)
+    if gating not in ("none", "shared", "per_layer") or (gating == "none") != (experts == 1):
+        raise ValueError(
+            f"{source}: metadata 'gating' is {gating!r}; K={experts} needs "
+            + ("'none'." if experts == 1 else "'shared' (one gate, keys gate.*) or 'per_layer' (keys <layer>.gate.*).")
+        )
+    time_scale = _float_field(metadata, "gate_time_scale", source, DEFAULT_TIME_SCALE)
+    max_period = _float_field(metadata, "gate_max_period", source, DEFAULT_MAX_PERIOD)
+    if "architecture" not in metadata:
+        raise ValueError(f"{source}: the metadata has no 'architecture' (a TD-LoRA file must name the model it was made for).")
+
+    layer_paths: list[str] = []
+    for key in tensors:
+        path, _, suffix = key.rpartition(".")
+        if suffix == "lora_A" and path:
+            layer_paths.append(path)
+        elif suffix in _LAYER_SUFFIXES or key.startswith("gate.") or ".gate." in key:
+            continue
+        else:
+            raise ValueError(
+                f"{source}: unexpected key '{key}' (a TD-LoRA v{VERSION} file holds <layer>.lora_A, <layer>.lora_B, "
+                f"<layer>.alpha, gate.* or <layer>.gate.*)."
+            )
+    if not layer_paths:
+        raise ValueError(f"{source}: no adapted layers (no '<layer>.lora_A' keys).")
+    shared = _parse_gate(tensors, "gate.", experts, source, time_scale, max_period) if gating == "shared" else None
+    layers: dict[str, LowRankLayer] = {}
+    expected_keys = set()
+    for path in sorted(layer_paths):
+        lora_a = _check_tensor(tensors, f"{path}.lora_A", (experts, rank, None), source, "K experts x rank x in_features")
+        lora_b = _check_tensor(
+            tensors, f"{path}.lora_B", (experts, None, rank), source, f"K experts x out_features x rank, for {path}.lora_A"
+        )
+        alpha_tensor = _check_tensor(tensors, f"{path}.alpha", (), source, "a scalar; the bypass is scaled by alpha / rank")
+        gate = None
+        if gating == "per_layer":
+            gate = _parse_gate(tensors, f"{path}.gate.", experts, source, time_scale, max_period)
+            expected_keys |= {f"{path}.gate.{p}" for p in _GATE_PARAMS}
+        layers[path] = LowRankLayer.from_experts(lora_a, lora_b, float(alpha_tensor), gate)
+        expected_keys |= {f"{path}.{s}" for s in _LAYER_SUFFIXES}
+    if shared is not None:
+        expected_keys |= {f"gate.{p}" for p in _GATE_PARAMS}
+    unexpected = sorted(set(tensors) - expected_keys)
+    if unexpected:
+        key = unexpected[0]
+        path, _, suffix = key.rpartition(".")
+        if suffix in _LAYER_SUFFIXES and path not in layers:
+            raise ValueError(f"{source}: '{key}' has no matching '{path}.lora_A' (missing key).")
+        raise ValueError(f"{source}: key '{key}' does not belong to a file with gating {gating!r} and K={experts}.")
+    architecture = {k: v for k, v in metadata.items() if k not in ("format", "version", "experts", "rank", "gating")}
+    return TDLoRA(source, experts, MappingProxyType(layers), shared, gating, MappingProxyType(architecture))
+
+
+def load_td_lora_file(path: str | os.PathLike) -> TDLoRA:
+    tensors, metadata = read_safetensors(path)
+    return parse_td_lora(tensors, metadata, os.fspath(path))
+
+
+def random_td_lora(
+    shapes: Mapping[str, tuple[int, int]],
+    experts: int,
+    rank: int,
+    *,
+    per_layer_gates: bool = False,
+    gate_hidden: int = 32,
+    embed_dim: int = 64,
+    scale: float = 0.05,
+    seed: int = 0,
+) -> tuple[dict[str, ExpertLayer], GateWeights | None]:
+    """Random experts (and gates) for the layers in `shapes` (path -> (out, in)); for tests and benchmarks."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*size: int, std: float) -> torch.Tensor:
+        return torch.randn(*size, generator=generator) * std
+
+    def gate() -> GateWeights:  # logits of order 1: soft gates that still move with sigma
+        return GateWeights(
+            randn(gate_hidden, embed_dim, std=2 / math.sqrt(embed_dim)),
+            randn(gate_hidden, std=0.5),
+            randn(experts, gate_hidden, std=2 / math.sqrt(gate_hidden)),
+            randn(experts, std=0.5),
+        )
+
+    layers = {
+        path: ExpertLayer(
+            randn(experts, rank, in_features, std=1 / math.sqrt(in_features)),
+            randn(experts, out_features, rank, std=scale),
+            float(rank),
+            gate() if per_layer_gates and experts > 1 else None,
+        )
+        for path, (out_features, in_features) in shapes.items()
+    }
+    return layers, (gate() if experts > 1 and not per_layer_gates else None)
+
+
+# --- settings and runtime ---------------------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class TDLoRASettings(MethodSettings):
+    method: ClassVar[str] = METHOD
+    lora: TDLoRA
+    bound: BoundLayers
+    strength: float = 1.0
+    weight_patches: Mapping[Any, Any] = field(default_factory=dict)  # what the host merged into weights, to undo on replace
+
+    def validate(self, adapter: ModelAdapter) -> None:
+        low, high = STRENGTH_RANGE
+        if not (math.isfinite(self.strength) and low <= self.strength <= high):
+            raise ValueError(f"TD-LoRA strength must be between {low:g} and {high:g}, got {self.strength}.")
+        unknown = [b.label for b in self.bound.blocks if b not in adapter.blocks]
+        if unknown:
+            raise ValueError(f"TD-LoRA {self.lora.source}: blocks {', '.join(unknown)} do not exist in this model.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.strength != 0.0
+
+    def describe(self) -> str:
+        return f"TD-LoRA {self.lora.describe()} x{self.strength:g}"
+
+
+def per_sample_sigmas(arguments: Mapping[str, Any], batch: int, fallback: float) -> torch.Tensor:
+    """The sigma of every sample of a model call.
+
+    ComfyUI passes the latent batch's sigmas as transformer_options["sigmas"]; cond/uncond chunks
+    repeat that batch, so the sigmas tile over the chunks. Without them every sample gets the call's sigma.
+    """
+    options = arguments.get("transformer_options") or {}
+    sigmas = options.get("sigmas") if isinstance(options, Mapping) else None
+    if isinstance(sigmas, torch.Tensor) and sigmas.numel() > 0 and batch % sigmas.numel() == 0:
+        return sigmas.detach().reshape(-1).float().repeat(batch // sigmas.numel())
+    return torch.full((batch,), float(fallback), dtype=torch.float32)
+
+
+class _CallGates:
+    """The gates of one model call, computed once and shared by every block."""
+
+    def __init__(self, call: "CallState", gates: dict[int, torch.Tensor]):
+        self.call = call
+        self.gates = gates  # id(gate network) -> (B, K) float32
+        self._columns: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def columns(self, gate: GateNetwork, rank: int, like: torch.Tensor) -> torch.Tensor:
+        key = (id(gate), rank, like.dtype, like.device)
+        columns = self._columns.get(key)
+        if columns is None:
+            columns = self._columns[key] = expert_columns(self.gates[id(gate)], rank).to(like)
+        return columns
+
+
+@register
+class TDLoRAMethod(DynamicMethod):
+    settings_type = TDLoRASettings
+    order = 40
+
+    def __init__(self, settings: TDLoRASettings, run: "RunContext") -> None:
+        super().__init__(settings, run)
+        self.lora = settings.lora
+        self.bound = settings.bound
+        self.gates = self._gate_networks()
+        self._weights: dict[tuple[int, torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._gates_on: dict[tuple[int, torch.device], GateNetwork] = {}
+        self._current: _CallGates | None = None
+
+    def _gate_networks(self) -> list[GateNetwork]:
+        if self.lora.gate is not None:
+            return [self.lora.gate]
+        return [layer.gate for layers in self.bound.blocks.values() for layer in layers.values() if layer.gate is not None]
+
+    # --- gates ----------------------------------------------------------------------------------
+    def _compute_gates(self, call: "CallState", sigmas: torch.Tensor) -> _CallGates:
+        gates = {}
+        for network in self.gates:
+            key = (id(network), sigmas.device)
+            on_device = self._gates_on.get(key)
+            if on_device is None:
+                on_device = self._gates_on[key] = network.to(sigmas.device)
+            gates[id(network)] = on_device(sigmas)
+            call.add_executed(FlopBreakdown(extra=network.flops(sigmas.shape[0])))
+        state = _CallGates(call, gates)
+        call.record.methods[self.name] = self._describe_call(call, state)
+        return state
+
+    def _describe_call(self, call: "CallState", state: _CallGates) -> str:
+        text = f"K={self.lora.experts} x{self.settings.strength:g}"
+        if not state.gates:
+            return text
+        row = next((c.rows.start for c in call.chunks if c.kind == "cond"), 0)
+        stacked = torch.stack([g[min(row, g.shape[0] - 1)] for g in state.gates.values()])
+        shown = stacked.mean(dim=0).tolist()
+        label = "gates" if len(state.gates) == 1 else f"gates (mean of {len(state.gates)} layers)"
+        return f"{text} {label} " + "/".join(f"{g:.2f}" for g in shown)
+
+    def wrap_model_call(
+        self, call: "CallState", model_call: "ModelCall", proceed: Callable[["ModelCall"], torch.Tensor]
+    ) -> torch.Tensor:
+        batch = self.run.adapter.call_shape(model_call.arguments).batch
+        sigmas = per_sample_sigmas(model_call.arguments, batch, call.step.sigma).to(self.run.device)
+        self._current = self._compute_gates(call, sigmas)
+        try:
+            return proceed(model_call)
+        finally:
+            self._current = None
+
+    def gates_for(self, call: "CallState", batch: int) -> _CallGates:
+        if self._current is None or self._current.call is not call:
+            # Blocks reached without our model-level hook (e.g. called directly): one sigma for all samples.
+            self._current = self._compute_gates(call, torch.full((batch,), float(call.step.sigma), device=self.run.device))
+        return self._current
+
+    # --- bypasses -------------------------------------------------------------------------------
+    def _cast(self, layer: LowRankLayer, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """down and strength * scale * up in the input's dtype and device, once per run."""
+        key = (id(layer), like.dtype, like.device)
+        cast = self._weights.get(key)
+        if cast is None:
+            cast = self._weights[key] = layer.cast(self.settings.strength, like)
+        return cast
+
+    def block_internals(
+        self, call: "CallState", block: BlockRef, args: dict, internals: BlockInternals
+    ) -> BlockInternals:
+        layers = self.bound.blocks.get(block)
+        if not layers:
+            return internals
+        like = args["img"]
+        state = self.gates_for(call, like.shape[0])
+        extras = dict(internals.extras)
+        for name, layer in layers.items():
+            down, up = self._cast(layer, like)
+            gate = layer.gate if layer.gate is not None else self.lora.gate
+            columns = state.columns(gate, layer.rank, like) if gate is not None and layer.experts > 1 else None
+            bypass = GatedBypass(down, up, columns)
+            extras[name] = _SummedExtra(extras[name], bypass) if name in extras else bypass
+        return internals.with_changes(extras=extras)
+
+    def finish(self) -> None:
+        self._weights.clear()
+        self._gates_on.clear()
+        self._current = None

@@ -1,0 +1,101 @@
+"""Token Router: per block and per step, only some image tokens run the MLP (SDT) or the whole block."""
+from __future__ import annotations
+
+from ..dynamic_core.comfy_integration.patching import apply_settings, model_file_path, model_files
+from ..dynamic_core.methods.token_router import TokenRouterSettings, parse_block_overrides
+from ..dynamic_core.methods.token_router_file import load_router_file
+
+NO_FILE = "none"
+SCORES = {"input change": "input_change", "update magnitude": "update", "router file": "router"}
+
+
+class DynamicTokenRouter:
+    DESCRIPTION = (
+        "Routes only part of the image tokens through each block, per sample and per step; text tokens always run. "
+        "reuse: the other tokens get the update this block gave them last time (training-free). "
+        "diffcr: the other tokens skip the whole block (best with a DiffCR router file). "
+        "sdt: the other tokens skip only the MLP, attention sees every token (DyDiT). "
+        "Keep ratio 1 gives the unpatched model exactly."
+    )
+    CATEGORY = "dynamic_dit"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        ratio = {"min": 0.01, "max": 1.0, "step": 0.01}
+        percent = {"min": 0.0, "max": 1.0, "step": 0.01}
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "mode": (["reuse", "diffcr", "sdt"], {
+                    "default": "reuse",
+                    "tooltip": "reuse: left-out tokens get last step's update of this block (training-free). "
+                               "diffcr: left-out tokens skip the whole block. sdt: left-out tokens skip only the MLP.",
+                }),
+                "keep_ratio_start": ("FLOAT", {
+                    "default": 0.5, **ratio,
+                    "tooltip": "Fraction of image tokens each routed block computes at start_percent (the noisiest routed step).",
+                }),
+                "keep_ratio_end": ("FLOAT", {
+                    "default": 0.5, **ratio,
+                    "tooltip": "Fraction at end_percent; linear in between. 1 and 1 = full compute.",
+                }),
+                "first_full_blocks": ("INT", {
+                    "default": 2, "min": 0, "max": 200,
+                    "tooltip": "The first N blocks (double blocks first, then single) always run every token.",
+                }),
+                "last_full_blocks": ("INT", {
+                    "default": 2, "min": 0, "max": 200,
+                    "tooltip": "The last N blocks always run every token.",
+                }),
+                "score": (list(SCORES), {
+                    "default": "input change",
+                    "tooltip": "Which tokens to keep. input change: those whose block input moved most since they last ran. "
+                               "update magnitude: those this block changed most last time. router file: a trained router.",
+                }),
+                "router_file": ([NO_FILE, *model_files()], {
+                    "default": NO_FILE,
+                    "tooltip": "A token-router file from models/dynamic_dit/ (trained routers and/or learned keep ratios).",
+                }),
+                "use_file_ratios": ("BOOLEAN", {
+                    "default": True,
+                    "tooltip": "Use the router file's learned per-block, per-timestep keep ratios when it has them "
+                               "(instead of keep_ratio_start/end).",
+                }),
+                "start_percent": ("FLOAT", {"default": 0.0, **percent, "tooltip": "Routing starts at this sampling percent."}),
+                "end_percent": ("FLOAT", {"default": 1.0, **percent, "tooltip": "Routing ends after this sampling percent."}),
+                "block_overrides": ("STRING", {
+                    "default": "",
+                    "tooltip": "Per-block keep ratios, e.g. 'single:10-30=0.5, double:0=1.0, single:*=0.7'. "
+                               "They win over the schedule and over the first/last full blocks.",
+                }),
+            }
+        }
+
+    def patch(self, model, mode, keep_ratio_start, keep_ratio_end, first_full_blocks, last_full_blocks, score,
+              router_file, use_file_ratios, start_percent, end_percent, block_overrides):
+        if score not in SCORES:
+            raise ValueError(f"Token Router: score must be one of {', '.join(SCORES)}, got {score!r}.")
+        router = None
+        if router_file and router_file != NO_FILE:
+            router = load_router_file(model_file_path(router_file), name=router_file)
+        settings = TokenRouterSettings(
+            mode=mode,
+            keep_start=float(keep_ratio_start),
+            keep_end=float(keep_ratio_end),
+            first_full=int(first_full_blocks),
+            last_full=int(last_full_blocks),
+            overrides=parse_block_overrides(block_overrides),
+            score=SCORES[score],
+            router=router,
+            router_name=router.name if router is not None else "",
+            file_ratios=bool(use_file_ratios),
+            start_percent=float(start_percent),
+            end_percent=float(end_percent),
+        )
+        return (apply_settings(model, settings),)
+
+
+NODE_CLASS_MAPPINGS = {"DynamicTokenRouter": DynamicTokenRouter}
+NODE_DISPLAY_NAME_MAPPINGS = {"DynamicTokenRouter": "Token Router"}

@@ -1,0 +1,118 @@
+"""Dynamic Width Patcher: fewer attention heads and MLP channels at noisy steps (DyDiT TDW)."""
+from __future__ import annotations
+
+from ..dynamic_core.comfy_integration.patching import apply_settings, model_files, model_file_path
+from ..dynamic_core.methods.width import PRESETS, WidthSettings, load_width_router
+
+NO_ROUTER = "none (training-free)"
+CUSTOM = "custom"
+TARGET = "target FLOPs"
+PRESET_CHOICES = [*PRESETS, CUSTOM, TARGET]
+PART_CHOICES = {"heads and MLP": "both", "attention heads": "heads", "MLP": "mlp"}
+
+
+def _preset_help() -> str:
+    return "; ".join(f"{name}: {p.noisy_width:.2f} -> {p.clean_width:.2f}" for name, p in PRESETS.items())
+
+
+def width_settings(
+    preset: str,
+    parts: str,
+    noisy_width: float,
+    clean_width: float,
+    target_flops: float,
+    start_percent: float,
+    end_percent: float,
+    router: str = NO_ROUTER,
+    mlp_groups: int = 0,
+) -> WidthSettings:
+    """The node's widgets as settings; a router file is read and validated here."""
+    if parts not in PART_CHOICES:
+        raise ValueError(f"Dynamic Width Patcher: parts must be one of {', '.join(PART_CHOICES)}, got '{parts}'.")
+    common = dict(start_percent=start_percent, end_percent=end_percent, parts=PART_CHOICES[parts], mlp_groups=mlp_groups)
+    if router != NO_ROUTER:
+        return WidthSettings(router=load_width_router(model_file_path(router), router), **common)
+    if preset in PRESETS:
+        chosen = PRESETS[preset]
+        return WidthSettings(noisy_width=chosen.noisy_width, clean_width=chosen.clean_width, **common)
+    if preset == CUSTOM:
+        return WidthSettings(noisy_width=noisy_width, clean_width=clean_width, **common)
+    if preset == TARGET:
+        return WidthSettings(target_flops=target_flops, **common)
+    raise ValueError(f"Dynamic Width Patcher: preset must be one of {', '.join(PRESET_CHOICES)}, got '{preset}'.")
+
+
+class DynamicWidthPatcher:
+    DESCRIPTION = (
+        "Timestep-wise dynamic width (DyDiT): at noisy steps every block runs with fewer attention heads and "
+        "MLP channels, rising to full width as the image settles. The dropped heads and channels are really "
+        "skipped (sliced weights), LoRAs and fp8/low-VRAM loading keep working. Without a router file the "
+        "heads and channel groups are ranked by a short one-off calibration (cached per model and LoRA set); "
+        "with a trained router file from models/dynamic_dit/ the router decides per step. Full width gives "
+        "exactly the unpatched image."
+    )
+    CATEGORY = "dynamic_dit"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        fraction = {"min": 0.01, "max": 1.0, "step": 0.01}
+        percent = {"min": 0.0, "max": 1.0, "step": 0.01}
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "preset": (PRESET_CHOICES, {
+                    "default": "balanced",
+                    "tooltip": "Width ramps from the noisiest step to the end of the window, as the fraction of "
+                    f"heads and MLP channels kept ({_preset_help()}). 'custom' uses noisy/clean width below; "
+                    "'target FLOPs' finds the ramp that meets target_flops for each run. Ignored with a router.",
+                }),
+                "parts": (list(PART_CHOICES), {
+                    "default": "heads and MLP",
+                    "tooltip": "What to thin: attention heads, MLP channels, or both.",
+                }),
+                "noisy_width": ("FLOAT", {
+                    "default": 0.5, **fraction,
+                    "tooltip": "custom: fraction of heads / MLP channels kept at start_percent (the noisy end).",
+                }),
+                "clean_width": ("FLOAT", {
+                    "default": 1.0, **fraction,
+                    "tooltip": "custom: fraction kept at end_percent; 1.0 = full width for the final detail.",
+                }),
+                "target_flops": ("FLOAT", {
+                    "default": 0.7, **fraction,
+                    "tooltip": "target FLOPs: average FLOPs of the run's steps, as a fraction of the full model's.",
+                }),
+                "start_percent": ("FLOAT", {
+                    "default": 0.0, **percent,
+                    "tooltip": "Where the width schedule starts (0 = pure noise); before it: full width.",
+                }),
+                "end_percent": ("FLOAT", {
+                    "default": 1.0, **percent,
+                    "tooltip": "Where the width schedule ends (1 = fully denoised); after it: full width.",
+                }),
+                "router": ([NO_ROUTER, *model_files()], {
+                    "default": NO_ROUTER,
+                    "tooltip": "A trained width router from models/dynamic_dit/ (keeps a head or channel group where "
+                    "its logit is > 0), or the training-free ranking.",
+                }),
+            },
+            "optional": {
+                "mlp_groups": ("INT", {
+                    "default": 0, "min": 0, "max": 65536,
+                    "tooltip": "MLP channel groups per block that are kept or dropped together; 0 = one per attention head.",
+                }),
+            },
+        }
+
+    def patch(self, model, preset, parts, noisy_width, clean_width, target_flops, start_percent, end_percent, router,
+              mlp_groups=0):
+        settings = width_settings(
+            preset, parts, noisy_width, clean_width, target_flops, start_percent, end_percent, router, mlp_groups
+        )
+        return (apply_settings(model, settings),)
+
+
+NODE_CLASS_MAPPINGS = {"DynamicWidthPatcher": DynamicWidthPatcher}
+NODE_DISPLAY_NAME_MAPPINGS = {"DynamicWidthPatcher": "Dynamic Width Patcher"}

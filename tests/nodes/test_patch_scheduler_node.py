@@ -1,0 +1,100 @@
+"""The Dynamic Patch Scheduler node: inputs, embedding files from models/dynamic_dit/, clear errors."""
+import copy
+
+import pytest
+import torch
+
+import folder_paths
+
+from comfyui_dynamic_dit.dynamic_core.adapters import adapter_for
+from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import MODEL_FOLDER, plan_of
+from comfyui_dynamic_dit.dynamic_core.methods.patch_embedding_file import derived_layers, save_patch_embedding_file
+from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
+
+Scheduler = NODE_CLASS_MAPPINGS["DynamicPatchScheduler"]
+
+INPUTS = dict(mode="auto", tau=0.001, percentile=0.4, max_patch_factor=4, last_native_steps=2,
+              manual_schedule="0-40%:4, 40-70%:2, 70-100%:1", embedding="none", start_percent=0.0, end_percent=1.0)
+
+
+@pytest.fixture
+def model_folder(tmp_path, monkeypatch):
+    """models/dynamic_dit/ pointed at a temporary folder for the test."""
+    paths = {**folder_paths.folder_names_and_paths, MODEL_FOLDER: ([str(tmp_path)], {".safetensors"})}
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", paths)
+    folder_paths.filename_list_cache.pop(MODEL_FOLDER, None)
+    yield tmp_path
+    folder_paths.filename_list_cache.pop(MODEL_FOLDER, None)
+
+
+def write_embedding(folder, model_patcher, name="coarse.safetensors"):
+    dm = model_patcher.model.diffusion_model
+    layers = {f: derived_layers(dm.img_in.weight, dm.img_in.bias, dm.final_layer.linear.weight, dm.final_layer.linear.bias, 2, f)
+              for f in (2, 4)}
+    save_patch_embedding_file(folder / name, adapter_for(dm, "Flux").coarse_grid().file_fields(), layers)
+    return name
+
+
+def test_declaration(model_folder, flux_model):
+    write_embedding(model_folder, flux_model)
+    declared = Scheduler.INPUT_TYPES()["required"]
+    assert list(declared) == ["model", *INPUTS]
+    assert declared["embedding"][0] == ["none", "coarse.safetensors"]
+    assert declared["mode"][0] == ["auto", "manual"]
+    assert declared["tau"][1]["default"] == 0.001 and declared["percentile"][1]["default"] == 0.4
+    assert NODE_DISPLAY_NAME_MAPPINGS["DynamicPatchScheduler"] == "Dynamic Patch Scheduler"
+    assert Scheduler.RETURN_TYPES == ("MODEL",) and Scheduler.CATEGORY == "dynamic_dit"
+
+
+def test_manual_schedule_with_a_trained_file(model_folder, flux_model, conds):
+    name = write_embedding(model_folder, flux_model)
+    (model,) = Scheduler().patch(flux_model, **{**INPUTS, "mode": "manual", "embedding": name,
+                                                "manual_schedule": "0-50%:4; 50-75%:2"})
+    settings = plan_of(model).settings["patch_scheduler"]
+    assert settings.embedding.factors == (2, 4) and settings.schedule[1].factor == 2
+    out = tiny_flux.sample(model, *conds, steps=4, cfg=1.0, seed=2)
+    assert torch.isfinite(out).all()
+    steps = plan_of(model).telemetry.latest().steps()
+    assert [s.methods["patch_scheduler"][:8] for s in steps] == ["patch 4x", "patch 4x", "patch 2x", "native ("]
+
+
+def test_auto_mode_ignores_the_manual_schedule_text(flux_model):
+    (model,) = Scheduler().patch(flux_model, **{**INPUTS, "manual_schedule": "not a schedule"})
+    assert plan_of(model).settings["patch_scheduler"].schedule == ()
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"mode": "manual", "manual_schedule": "0-40%:4, 30-70%:2"}, "overlapping ranges"),
+        ({"mode": "manual", "manual_schedule": "first half coarse"}, "Cannot read 'first half coarse'"),
+        ({"percentile": 1.5}, "percentile must be between 0 and 1"),
+        ({"start_percent": 0.9, "end_percent": 0.1}, "0 <= start <= end <= 1"),
+        ({"embedding": "missing.safetensors"}, "Patch embedding 'missing.safetensors' is not in models/dynamic_dit/"),
+    ],
+)
+def test_bad_inputs_raise_and_leave_the_model_unpatched(model_folder, flux_model, changes, message):
+    before = copy.deepcopy(flux_model.model_options)
+    with pytest.raises(ValueError, match=message):
+        Scheduler().patch(flux_model, **{**INPUTS, **changes})
+    assert flux_model.model_options == before and plan_of(flux_model) is None
+
+
+def test_a_bad_embedding_file_raises_and_leaves_the_model_unpatched(model_folder, flux_model, other_flux_model):
+    (model_folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    other = write_embedding(model_folder, other_flux_model, "other.safetensors")
+    before = copy.deepcopy(flux_model.model_options)
+    with pytest.raises(ValueError, match="Patch embedding 'broken.safetensors': .*not a readable safetensors file"):
+        Scheduler().patch(flux_model, **{**INPUTS, "embedding": "broken.safetensors"})
+    with pytest.raises(ValueError, match="'other.safetensors' was made for another model: hidden_size is 192"):
+        Scheduler().patch(flux_model, **{**INPUTS, "embedding": other})
+    assert flux_model.model_options == before and plan_of(flux_model) is None
+
+
+def test_applying_the_node_twice_replaces_its_settings(flux_model):
+    (once,) = Scheduler().patch(flux_model, **INPUTS)
+    (twice,) = Scheduler().patch(once, **{**INPUTS, "tau": 0.05})
+    assert list(plan_of(twice).settings) == ["patch_scheduler"]
+    assert plan_of(twice).settings["patch_scheduler"].tau == 0.05
+    assert plan_of(once).settings["patch_scheduler"].tau == 0.001
