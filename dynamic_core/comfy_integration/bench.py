@@ -380,17 +380,10 @@ def save_conditioning_to_output(conditioning: list, filename_prefix: str) -> Pat
 
 def load_conditioning(path: str | Path, context_dim: int | None = None, vec_dim: int | None = None) -> list:
     """A ComfyUI CONDITIONING from a file of save_conditioning, checked against the model's input sizes."""
-    from safetensors import SafetensorError, safe_open
+    from ..files import read_safetensors
 
     path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"conditioning file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {error}") from error
+    tensors, metadata = read_safetensors(path, f"Conditioning file {path}")
     if metadata.get("format") != CONDITIONING_FORMAT or metadata.get("version") != CONDITIONING_VERSION:
         raise ValueError(f"{path}: not a conditioning file of version {CONDITIONING_VERSION} "
                          f"(format {metadata.get('format')!r}, version {metadata.get('version')!r}); "

@@ -31,8 +31,8 @@ from ..methods.td_lora import (
     block_linear_index,
     is_td_lora,
     parse_td_lora,
-    read_safetensors,
 )
+from ..files import read_safetensors
 from .patching import MODEL_FOLDER, adapter_of, apply_settings, diffusion_model_of, plan_of
 
 FOLDERS = (MODEL_FOLDER, "loras")
@@ -94,7 +94,7 @@ def path_of(choice: str) -> str:
 def read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata; ValueError naming the file when it cannot be read."""
     if path.lower().endswith(_SAFETENSORS):
-        return read_safetensors(path)
+        return read_safetensors(path, f"TD-LoRA file {path}")
     try:
         return comfy.utils.load_torch_file(path, safe_load=True), {}
     except Exception as error:

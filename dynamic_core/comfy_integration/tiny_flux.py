@@ -21,6 +21,8 @@ import comfy.model_patcher
 import comfy.sample
 import comfy.supported_models
 
+from ..files import read_safetensors
+
 
 @dataclass(frozen=True)
 class TinyFlux:
@@ -307,24 +309,10 @@ def save_reference(
     return path
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
-    if not path.is_file():
-        raise ValueError(f"reference model file not found: {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file (corrupt or truncated?): {error}") from error
-    return tensors, metadata
-
-
 def load_reference(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> ReferenceModel:
     """Load the reference model (default: the one committed in reference/), validating everything."""
     path = Path(path) if path is not None else REFERENCE_PATH
-    tensors, metadata = _read_safetensors(path)
+    tensors, metadata = read_safetensors(path, f"Reference model file {path}")
     if metadata.get("format") != REFERENCE_FORMAT:
         raise ValueError(f"{path}: format is {metadata.get('format')!r}, expected {REFERENCE_FORMAT!r} (a Dynamic DiT reference model)")
     if metadata.get("version") != REFERENCE_VERSION:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 import torch.nn.functional as F
 
-from .td_lora import read_safetensors
+from ..files import read_safetensors
 
 if TYPE_CHECKING:
     from ..adapters.coarse import CoarseGrid
@@ -107,12 +107,7 @@ def save_patch_embedding_file(
 def load_patch_embedding_file(path: str | os.PathLike, name: str | None = None) -> PatchEmbeddingFile:
     """Read and validate a coarse-patch embedding file; any problem raises ValueError naming it."""
     name = name or os.path.basename(os.fspath(path))
-    try:
-        tensors, metadata = read_safetensors(path)
-    except FileNotFoundError:
-        raise ValueError(f"Patch embedding '{name}' was not found at {path}.") from None
-    except ValueError as error:
-        raise ValueError(f"Patch embedding '{name}': {error}") from None
+    tensors, metadata = read_safetensors(path, f"Patch embedding '{name}'")
     return _validate(name, metadata, tensors)
 
 

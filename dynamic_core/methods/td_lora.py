@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import BlockInternals, BlockRef, ModelAdapter
+from ..files import read_safetensors
 from ..flops import FlopBreakdown, linear_flops
 from ..plan import MethodSettings
 from .base import DynamicMethod, register
@@ -382,26 +383,6 @@ def save_td_lora_file(
     save_file(tensors, os.fspath(path), metadata=header)
 
 
-def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """All tensors and the header metadata of a safetensors file; ValueError for unreadable files."""
-    from safetensors import safe_open
-
-    path = os.fspath(path)
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except FileNotFoundError:
-        raise
-    except Exception as error:  # safetensors raises its own error types for a damaged header or data
-        size = os.path.getsize(path) if os.path.exists(path) else 0
-        raise ValueError(
-            f"{path}: not a readable safetensors file ({error}); it is {size} bytes, maybe truncated or corrupt. "
-            f"Copy or download it again."
-        ) from error
-    return tensors, metadata
-
-
 def is_td_lora(metadata: Mapping[str, str]) -> bool:
     return metadata.get("format") == FORMAT
 
@@ -520,7 +501,7 @@ def parse_td_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
 
 
 def load_td_lora_file(path: str | os.PathLike) -> TDLoRA:
-    tensors, metadata = read_safetensors(path)
+    tensors, metadata = read_safetensors(path, f"TD-LoRA file {os.fspath(path)}")
     return parse_td_lora(tensors, metadata, os.fspath(path))
 
 

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
+from ..files import read_safetensors
+
 if TYPE_CHECKING:
     from ..adapters import ModelAdapter
 
@@ -122,19 +124,8 @@ def save_router_file(
 
 def load_router_file(path: str | os.PathLike, name: str | None = None) -> RouterFile:
     """Read and validate a router file; any problem raises ValueError naming the key and what was expected."""
-    from safetensors import safe_open
-
     name = name or os.path.basename(os.fspath(path))
-    try:
-        with safe_open(os.fspath(path), framework="pt", device="cpu") as handle:
-            metadata = dict(handle.metadata() or {})
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except FileNotFoundError:
-        raise ValueError(f"Router file '{name}' was not found at {path}.") from None
-    except Exception as error:  # safetensors raises its own error types for corrupt or truncated bytes
-        raise ValueError(
-            f"Router file '{name}' is not a readable safetensors file (corrupt, truncated or another format): {error}"
-        ) from None
+    tensors, metadata = read_safetensors(path, f"Router file '{name}'")
     return _validate(name, metadata, tensors)
 
 

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
 import torch
 
 from ..adapters import BlockInternals, BlockRef, CallShape, ModelAdapter, UnsupportedModelError
+from ..files import read_safetensors
 from ..flops import FlopBreakdown, linear_flops
 from ..plan import MethodSettings
 from ..steps import invert_decreasing
@@ -243,20 +244,8 @@ def save_width_router(path: str | Path, router: WidthRouter) -> None:
 
 def load_width_router(path: str | Path, name: str | None = None) -> WidthRouter:
     """Read and validate a width router file; every problem raises ValueError naming it."""
-    from safetensors import safe_open
-
     name = name or Path(path).name
-    if not Path(path).is_file():
-        raise ValueError(f"Width router '{name}' not found at {path}.")
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            metadata = handle.metadata() or {}
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-    except Exception as exc:  # safetensors raises its own error types for corrupt or truncated files
-        raise ValueError(
-            f"Width router '{name}' could not be read as a safetensors file ({exc}); it is corrupt or truncated. "
-            "Copy or export it again."
-        ) from None
+    tensors, metadata = read_safetensors(path, f"Width router '{name}'")
     return WidthRouter(RouterHeader.from_metadata(metadata, name), tensors, name)
 
 

@@ -85,7 +85,7 @@ def test_a_bad_embedding_file_raises_and_leaves_the_model_unpatched(model_folder
     (model_folder / "broken.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
     other = write_embedding(model_folder, other_flux_model, "other.safetensors")
     before = copy.deepcopy(flux_model.model_options)
-    with pytest.raises(ValueError, match="Patch embedding 'broken.safetensors': .*not a readable safetensors file"):
+    with pytest.raises(ValueError, match="Patch embedding 'broken.safetensors' is not a readable safetensors file"):
         Scheduler().patch(flux_model, **{**INPUTS, "embedding": "broken.safetensors"})
     with pytest.raises(ValueError, match="'other.safetensors' was made for another model: hidden_size is 192"):
         Scheduler().patch(flux_model, **{**INPUTS, "embedding": other})

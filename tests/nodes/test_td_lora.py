@@ -114,7 +114,7 @@ def _shape_mismatch(model, other, folders):
 
 
 ERRORS = [
-    (_truncated, "cut.safetensors: not a readable safetensors file .*truncated"),
+    (_truncated, "cut.safetensors is not a readable safetensors file .*truncated"),
     (_missing_key, "missing key 'single_blocks.1.linear2.lora_B'"),
     (_other_architecture, "made for another model: metadata 'hidden_size' is '192'"),
     (_shape_mismatch, "'lora_unet_single_blocks_0_linear2' does not fit 'diffusion_model.single_blocks.0.linear2.weight' \\(256, 1280\\)"),

@@ -115,7 +115,7 @@ def _bad_router(kind, folder, model, other_model):
         ("wrong_keys", "missing, e.g. double.0.heads.weight"),
         ("wrong_shape", r"'single.1.mlp.weight' has shape \(4, 128\), expected \(4, 256\)"),
         ("another_model", "was made for flux with hidden size 192, 3 heads"),
-        ("corrupt", "could not be read as a safetensors file"),
+        ("corrupt", "is not a readable safetensors file"),
     ],
 )
 def test_bad_router_file_leaves_the_model_unpatched(flux_model, other_flux_model, model_folder, kind, message):

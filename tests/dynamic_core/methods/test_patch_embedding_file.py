@@ -75,7 +75,7 @@ def test_bad_files_are_explained(embedding_path, corrupt, message):
 def test_truncated_and_missing_files_are_explained(embedding_path, tmp_path):
     data = embedding_path.read_bytes()
     embedding_path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="Patch embedding 'coarse.safetensors': .*not a readable safetensors file .*truncated"):
+    with pytest.raises(ValueError, match="Patch embedding 'coarse.safetensors' is not a readable safetensors file .*truncated"):
         load_patch_embedding_file(embedding_path)
     with pytest.raises(ValueError, match="was not found"):
         load_patch_embedding_file(tmp_path / "nothing.safetensors")

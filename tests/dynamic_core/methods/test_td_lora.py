@@ -241,7 +241,7 @@ def test_truncated_file_is_a_clear_error(k3_file, tmp_path):
     for cut in (len(data) // 2, 40):
         broken = tmp_path / f"cut{cut}.safetensors"
         broken.write_bytes(data[:cut])
-        with pytest.raises(ValueError, match=rf"cut{cut}.safetensors: not a readable safetensors file .*truncated"):
+        with pytest.raises(ValueError, match=rf"cut{cut}.safetensors is not a readable safetensors file .*truncated"):
             load_td_lora_file(broken)
 
 

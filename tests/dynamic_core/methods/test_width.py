@@ -437,8 +437,8 @@ BROKEN = {
     "newer_version": "format version 2; this pack reads version 1. Update",
     "bad_number": "'num_heads' must be an integer, found 'four'",
     "groups_do_not_divide": "3 MLP groups do not divide the 1024",
-    "corrupt": "could not be read as a safetensors file",
-    "truncated": "could not be read as a safetensors file",
+    "corrupt": "is not a readable safetensors file",
+    "truncated": "is not a readable safetensors file",
 }
 
 

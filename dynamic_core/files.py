@@ -1,0 +1,30 @@
+"""Reading the pack's safetensors files (routers, TD-LoRA, patch embeddings, the reference model,
+benchmark conditioning) with one kind of error a person can act on."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """All tensors and the header metadata of a safetensors file on the CPU.
+
+    `what` names the file in messages (e.g. "Router file 'x.safetensors'"). A missing, truncated or
+    corrupt file raises ValueError; the format checks are the caller's.
+    """
+    from safetensors import safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f"{what} was not found at {path}.")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except Exception as error:  # safetensors raises its own error types for a damaged header or data
+        raise ValueError(
+            f"{what} is not a readable safetensors file ({error}); it is {os.path.getsize(path)} bytes, "
+            "maybe corrupt or truncated. Copy or export it again."
+        ) from None
+    return tensors, metadata
