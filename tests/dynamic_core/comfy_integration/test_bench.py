@@ -87,7 +87,7 @@ def _args(**overrides) -> argparse.Namespace:
 
 def test_reference_model_benchmark_end_to_end():
     workload = bench.reference_workload(_args(size=32, steps=6, classes="astronaut", seeds=[0]))
-    cases = bench.parse_cases("off,easycache:1.0,tome:0.5")
+    cases = bench.parse_cases("off,easycache:1.0,lazycache:1.0,tome:0.5")
     report = bench.run_cases(workload, cases, repeats=2, log=lambda line: None, warm_up=False)
     by_name = {r.case: r for r in report.results}
     baseline, off = report.baseline, by_name["every method off"]
@@ -96,6 +96,8 @@ def test_reference_model_benchmark_end_to_end():
     assert report.unpatched.identical and report.unpatched.psnr == math.inf and report.unpatched.flops_ratio is None
     cache = by_name["EasyCache 1"]
     assert cache.flops_ratio < 0.9 and math.isfinite(cache.psnr) and not cache.identical  # it skipped steps, measurably
+    lazy = by_name["LazyCache 1"]  # skips whole model calls outside the executor: counted against the baseline
+    assert lazy.flops_ratio < 0.9 and not lazy.identical
     tome = by_name["ToMe 0.5"]
     assert tome.identical and tome.flops_ratio == 1.0  # no effect on Flux, and the table says so
     assert all(len(r.seconds) == 2 and len(r.wall) == 2 for r in report.results)
@@ -110,7 +112,8 @@ def test_reference_model_benchmark_end_to_end():
     assert cells["every method off"][1] == "100.0%" and cells["every method off"][2] == "x1.00"
     assert re.search(r"\| EasyCache 1 \| \d+\.\d% \| x\d+\.\d\d \|", section)
     assert "**ToMe 0.5**: no effect on this model" in section and "attn1" in section
-    assert re.search(r"Every method off vs the unpatched model: sampling wall time [+-]\d+\.\d% .*bit-identical", section)
+    assert re.search(r"Every method off vs the unpatched model: sampling wall time [+-]\d+\.\d% \(median\), [+-]\d+\.\d% \(fastest of 2; target .*bit-identical", section)
+    assert "**every method off** is the same configuration as full compute" in section
 
 
 def test_cli_writes_markdown_plot_and_images(tmp_path, capsys):
