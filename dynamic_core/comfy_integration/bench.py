@@ -655,7 +655,8 @@ Written by `python -m dynamic_core.comfy_integration.bench ... --markdown BENCHM
 per run, newest last). Columns:
 
 - **FLOPs vs full / FLOPs reduction**: matmul FLOPs the model executed (executor telemetry, analytic,
-  within 2 % of `FlopCounterMode`) over what the unpatched model executes for the same calls.
+  within 2 % of `FlopCounterMode`) over what full compute executed for the same jobs (a cache that
+  skips whole model calls counts as skipping them).
 - **model time (median)**: summed diffusion-model call times of one run, median over interleaved
   repeats; **speedup** against the full-compute baseline of the same process run.
 - **speedup / FLOPs reduction**: how much of the FLOPs saving turns into time (target ≥ 0.85 on a GPU
