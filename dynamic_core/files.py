@@ -28,3 +28,12 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torc
             "maybe corrupt or truncated. Copy or export it again."
         ) from None
     return tensors, metadata
+
+
+def header_problem(metadata: dict[str, str], expected_format: str, version: str, kind: str) -> str | None:
+    """Why a file's metadata is not `expected_format` at `version` (`kind` names the file type), or None."""
+    if metadata.get("format") != expected_format:
+        return f"metadata 'format' is {metadata.get('format')!r}, expected {expected_format!r}; this is not a {kind} file."
+    if metadata.get("version") != version:
+        return f"format version {metadata.get('version')!r} is not supported (this pack reads version {version})."
+    return None

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..files import read_safetensors
+from ..files import header_problem, read_safetensors
 
 if TYPE_CHECKING:
     from ..adapters.coarse import CoarseGrid
@@ -115,10 +115,9 @@ def _validate(name: str, metadata: dict[str, str], tensors: dict[str, torch.Tens
     def fail(message: str) -> ValueError:
         return ValueError(f"Patch embedding '{name}': {message}")
 
-    if metadata.get("format") != FORMAT:
-        raise fail(f"metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}; this is not a patch embedding file.")
-    if metadata.get("version") != VERSION:
-        raise fail(f"format version {metadata.get('version')!r} is not supported (this pack reads version {VERSION}).")
+    problem = header_problem(metadata, FORMAT, VERSION, "patch embedding")
+    if problem is not None:
+        raise fail(problem)
     try:
         factors = tuple(int(f) for f in metadata.get("factors", "").split(","))
     except ValueError:

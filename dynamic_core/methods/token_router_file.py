@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Mapping
 
 import torch
 
-from ..files import read_safetensors
+from ..files import header_problem, read_safetensors
 
 if TYPE_CHECKING:
     from ..adapters import ModelAdapter
@@ -133,10 +133,9 @@ def _validate(name: str, metadata: dict[str, str], tensors: dict[str, torch.Tens
     def fail(message: str) -> ValueError:
         return ValueError(f"Router file '{name}': {message}")
 
-    if metadata.get("format") != FORMAT:
-        raise fail(f"metadata 'format' is {metadata.get('format')!r}, expected {FORMAT!r}; this is not a token-router file.")
-    if metadata.get("version") != VERSION:
-        raise fail(f"format version {metadata.get('version')!r} is not supported (this pack reads version {VERSION}).")
+    problem = header_problem(metadata, FORMAT, VERSION, "token-router")
+    if problem is not None:
+        raise fail(problem)
     router = metadata.get("router")
     if router not in ROUTER_KINDS:
         raise fail(f"metadata 'router' is {router!r}, expected one of {', '.join(ROUTER_KINDS)}.")
