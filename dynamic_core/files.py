@@ -10,8 +10,8 @@ import torch
 def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """All tensors and the header metadata of a safetensors file on the CPU.
 
-    `what` names the file in messages (e.g. "Router file 'x.safetensors'"). A missing, truncated or
-    corrupt file raises ValueError; the format checks are the caller's.
+    `what` names the file in messages (e.g. "Router file 'x.safetensors'"); the messages add the full
+    path. A missing, truncated or corrupt file raises ValueError; the format checks are the caller's.
     """
     from safetensors import safe_open
 
@@ -24,7 +24,7 @@ def read_safetensors(path: str | os.PathLike, what: str) -> tuple[dict[str, torc
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except Exception as error:  # safetensors raises its own error types for a damaged header or data
         raise ValueError(
-            f"{what} is not a readable safetensors file ({error}); it is {os.path.getsize(path)} bytes, "
+            f"{what} is not a readable safetensors file ({error}); {path} is {os.path.getsize(path)} bytes, "
             "maybe corrupt or truncated. Copy or export it again."
         ) from None
     return tensors, metadata

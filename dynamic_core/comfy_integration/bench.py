@@ -383,7 +383,7 @@ def load_conditioning(path: str | Path, context_dim: int | None = None, vec_dim:
     from ..files import read_safetensors
 
     path = Path(path)
-    tensors, metadata = read_safetensors(path, f"Conditioning file {path}")
+    tensors, metadata = read_safetensors(path, f"Conditioning file '{path.name}'")
     if metadata.get("format") != CONDITIONING_FORMAT or metadata.get("version") != CONDITIONING_VERSION:
         raise ValueError(f"{path}: not a conditioning file of version {CONDITIONING_VERSION} "
                          f"(format {metadata.get('format')!r}, version {metadata.get('version')!r}); "

@@ -94,7 +94,7 @@ def path_of(choice: str) -> str:
 def read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata; ValueError naming the file when it cannot be read."""
     if path.lower().endswith(_SAFETENSORS):
-        return read_safetensors(path, f"TD-LoRA file {path}")
+        return read_safetensors(path, f"TD-LoRA file {os.path.basename(path)}")
     try:
         return comfy.utils.load_torch_file(path, safe_load=True), {}
     except Exception as error:

@@ -312,7 +312,7 @@ def save_reference(
 def load_reference(path: str | Path | None = None, dtype: torch.dtype = torch.float32) -> ReferenceModel:
     """Load the reference model (default: the one committed in reference/), validating everything."""
     path = Path(path) if path is not None else REFERENCE_PATH
-    tensors, metadata = read_safetensors(path, f"Reference model file {path}")
+    tensors, metadata = read_safetensors(path, f"Reference model file '{path.name}'")
     if metadata.get("format") != REFERENCE_FORMAT:
         raise ValueError(f"{path}: format is {metadata.get('format')!r}, expected {REFERENCE_FORMAT!r} (a Dynamic DiT reference model)")
     if metadata.get("version") != REFERENCE_VERSION:

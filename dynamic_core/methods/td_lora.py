@@ -501,7 +501,7 @@ def parse_td_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
 
 
 def load_td_lora_file(path: str | os.PathLike) -> TDLoRA:
-    tensors, metadata = read_safetensors(path, f"TD-LoRA file {os.fspath(path)}")
+    tensors, metadata = read_safetensors(path, f"TD-LoRA file {os.path.basename(path)}")
     return parse_td_lora(tensors, metadata, os.fspath(path))
 
 
