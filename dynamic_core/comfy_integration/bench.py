@@ -74,18 +74,14 @@ def _number(arg: str | None, default: float, what: str, low: float, high: float)
     return value
 
 
-def _node_output(output: Any) -> Any:
-    """The first output of a ComfyUI node call (v3 NodeOutput or a legacy tuple)."""
-    result = getattr(output, "result", output)
-    return result[0]
-
-
 def _easycache(threshold: float, lazy: bool = False) -> Callable[[Any], Any]:
     def build(model):
         from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
 
+        from .patching import node_output
+
         node = LazyCacheNode if lazy else EasyCacheNode
-        return _off(_node_output(node.execute(model, threshold, 0.15, 0.95, False)))
+        return _off(node_output(node.execute(model, threshold, 0.15, 0.95, False)))
 
     return build
 
@@ -94,7 +90,9 @@ def _tome(ratio: float) -> Callable[[Any], Any]:
     def build(model):
         from comfy_extras.nodes_tomesd import TomePatchModel
 
-        return _off(_node_output(TomePatchModel.execute(model, ratio)))
+        from .patching import node_output
+
+        return _off(node_output(TomePatchModel.execute(model, ratio)))
 
     return build
 

@@ -37,19 +37,11 @@ DEMO_CHAIN: tuple[tuple[str, dict[str, Any]], ...] = (
 
 
 def run_node(node_class: type, **inputs: Any) -> Any:
-    """Call a node as ComfyUI would, with its declared defaults for every input not given; its first output."""
-    declared = node_class.INPUT_TYPES()
-    arguments = {}
-    for section in ("required", "optional"):
-        for name, (kind, *options) in declared.get(section, {}).items():
-            config = options[0] if options else {}
-            if "default" in config:
-                arguments[name] = config["default"]
-            elif isinstance(kind, (list, tuple)) and kind:
-                arguments[name] = kind[0]
-    arguments.update(inputs)
-    output = getattr(node_class(), node_class.FUNCTION)(**arguments)
-    return getattr(output, "result", output)[0]
+    """Call a node as ComfyUI would, with its declared defaults for every widget not given; its first output."""
+    from .patching import node_output
+    from .workflows import widget_defaults
+
+    return node_output(getattr(node_class(), node_class.FUNCTION)(**{**widget_defaults(node_class), **inputs}))
 
 
 def main(argv: list[str] | None = None) -> int:

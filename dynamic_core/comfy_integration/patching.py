@@ -69,6 +69,11 @@ def apply_settings(model_patcher: Any, settings: MethodSettings) -> Any:
     return _patched_clone(model_patcher, adapter, plan)
 
 
+def node_output(output: Any) -> Any:
+    """The first output of a ComfyUI node call (a v3 NodeOutput or a legacy tuple)."""
+    return getattr(output, "result", output)[0]
+
+
 def install_executor(model_patcher: Any) -> Any:
     """A clone with the executor (and telemetry) installed and the current plan, or an empty one."""
     adapter = adapter_of(model_patcher)

@@ -36,6 +36,16 @@ def _inputs(node_cls: type) -> list[tuple[str, tuple]]:
     return [(name, tuple(spec)) for section in ("required", "optional") for name, spec in declared.get(section, {}).items()]
 
 
+def widget_defaults(node_cls: type) -> dict[str, Any]:
+    """The declared default of every widget input of a node that has one."""
+    defaults = {}
+    for name, spec in _inputs(node_cls):
+        options = spec[1] if len(spec) > 1 else {}
+        if _is_widget(spec) and "default" in options:
+            defaults[name] = options["default"]
+    return defaults
+
+
 def build(nodes: list[Node], registry: Mapping[str, type], title: str) -> dict:
     """A UI-format workflow (version 0.4) from node descriptions and the node classes in `registry`."""
     ids = {node.key: i + 1 for i, node in enumerate(nodes)}
@@ -45,16 +55,13 @@ def build(nodes: list[Node], registry: Mapping[str, type], title: str) -> dict:
     for order, node in enumerate(nodes):
         cls = registry[node.type]
         inputs, widgets = [], []
+        values = {**widget_defaults(cls), **node.widgets}
         for name, spec in _inputs(cls):
             if _is_widget(spec):
-                options = spec[1] if len(spec) > 1 else {}
-                if name in node.widgets:
-                    value = node.widgets[name]
-                elif "default" in options:
-                    value = options["default"]
-                else:
+                if name not in values:
                     raise ValueError(f"{node.key}: no value for widget '{name}' of {node.type}")
-                widgets.append(value)
+                widgets.append(values[name])
+                options = spec[1] if len(spec) > 1 else {}
                 if options.get("control_after_generate"):
                     widgets.append("fixed")
                 continue
