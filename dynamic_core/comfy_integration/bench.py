@@ -141,6 +141,37 @@ def _width(fraction: float) -> Callable[[Any], Any]:
     return build
 
 
+def _width_ramp(arg: str | None) -> Case:
+    """`ramp:<noisy>-<clean>`: the Width Patcher's linear ramp over the run (its presets: 0.75-1.0, 0.5-1.0, 0.3-0.9)."""
+    text = arg or "0.5-1.0"
+    try:
+        noisy, clean = (float(v) for v in text.split("-"))
+    except ValueError:
+        raise ValueError(f"ramp: expected <noisy>-<clean> widths such as 0.5-1.0, got '{text}'") from None
+
+    def build(model):
+        from ..methods.width import WidthSettings
+        from .patching import apply_settings
+
+        return apply_settings(model, WidthSettings(noisy_width=noisy, clean_width=clean))
+
+    return Case(f"width ramp {noisy:g}-{clean:g}", build, family="width ramp")
+
+
+def _router_node(arg: str | None) -> Case:
+    """`router:<mode>:<keep>`: the Token Router node's own defaults (first/last 2 blocks full, input-change score)."""
+    mode, _, keep_text = (arg or "reuse:0.5").partition(":")
+    keep = _number(keep_text or None, 0.5, "Token Router keep ratio", 0.0, 1.0)
+
+    def build(model):
+        from ..methods.token_router import TokenRouterSettings
+        from .patching import apply_settings
+
+        return apply_settings(model, TokenRouterSettings(mode=mode, keep_start=keep, keep_end=keep))
+
+    return Case(f"router {mode} keep {keep:g} (node defaults)", build, family=f"router {mode}")
+
+
 def _token_router_case(mode: str) -> Callable[[str | None], Case]:
     def case(arg: str | None) -> Case:
         keep = _number(arg, 0.5, f"Token Router {mode} keep ratio", 0.0, 1.0)
@@ -205,6 +236,8 @@ CASE_BUILDERS: dict[str, Callable[[str | None], Case]] = {
     "ddit": _ddit_manual,
     "ddit-auto": _ddit_auto,
     "tdlora": _td_lora,
+    "ramp": _width_ramp,
+    "router": _router_node,
 }
 
 # name -> the settings `--cases all` runs (a builder without an entry runs once at its default)
