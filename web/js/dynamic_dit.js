@@ -2,8 +2,11 @@
 // - "Dynamic Speed Report" shows its summary line on the node after it runs;
 // - while a Dynamic DiT model samples, every report node draws a live per-step chart
 //   (model ms per step as bars, FLOPs vs full as a line) from the "dynamic_dit.progress" events.
-import { app } from "../../scripts/app.js";
-import { api } from "../../scripts/api.js";
+//
+// This file is served at /extensions/<pack folder>/js/dynamic_dit.js, so the frontend's modules
+// are three levels up.
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
 
 const REPORT = "DynamicSpeedReport";
 const CHART_HEIGHT = 120;
