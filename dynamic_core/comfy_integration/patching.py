@@ -327,11 +327,17 @@ def register_model_folder() -> None:
     folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(extensions) | {".safetensors"})
 
 
-def model_files() -> list[str]:
-    """The files in `models/dynamic_dit/`, for a node's file combo."""
+def model_files(file_format: str) -> list[str]:
+    """The files in `models/dynamic_dit/` whose header metadata says `file_format`, for a node's file
+    combo: the folder holds every method's files, and each input offers only the ones it can read."""
     import folder_paths
 
-    return folder_paths.get_filename_list(MODEL_FOLDER)
+    from ..files import file_format as format_of
+
+    return [
+        name for name in folder_paths.get_filename_list(MODEL_FOLDER)
+        if format_of(folder_paths.get_full_path(MODEL_FOLDER, name) or "") == file_format
+    ]
 
 
 def model_file_path(name: str) -> str:
