@@ -18,7 +18,7 @@ from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_NODES = {
     "DynamicSpeedReport", "DynamicTelemetry", "DynamicWidthPatcher", "DynamicTokenRouter", "DynamicTDLoRALoader",
-    "DynamicPatchScheduler", "DynamicBenchmarkConditioning",
+    "DynamicPatchScheduler", "DynamicBenchmarkConditioning", "DynamicReferenceModelLoader", "DynamicReferenceLatentToImage",
 }
 
 
