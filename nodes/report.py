@@ -85,7 +85,8 @@ class DynamicSpeedReport:
             )
         baseline, note = _baseline_for(run, baseline_model)
         summary = run.summary(baseline) + (f" ({note})" if note else "")
-        text = "\n\n".join(part for part in (summary, run.table(baseline), run.block_table()) if part)
+        # Markdown: text displays such as 'Preview as Text' render the tables as aligned monospace blocks.
+        text = "\n\n".join([summary] + [f"```text\n{table}\n```" for table in (run.table(baseline), run.block_table()) if table])
         chart = render_chart(run, baseline)
         # The node draws the chart itself from these numbers (readable at any node size); the
         # chart image is an output for saving or previewing.

@@ -23,7 +23,8 @@ def test_report_of_a_full_compute_run(flux_model, conds):
     summary = out["ui"]["text"][0]
     assert summary.startswith("x1.00 fewer FLOPs") and "(full compute, a baseline for other runs)" in summary
     lines = table.splitlines()
-    assert lines[2].split()[0] == "step" and len(lines) == 3 + 3 + 1  # summary, blank, header, 3 steps, total
+    assert lines[:3] == [summary, "", "```text"] and lines[3].split()[0] == "step" and lines[-1] == "```"
+    assert len(lines) == 3 + 1 + 3 + 1 + 1  # summary, blank, fence, header, 3 steps, total, fence
     assert chart.shape == (1, 540, 960, 3) and chart.dtype == torch.float32
     assert 0.0 <= float(chart.min()) and float(chart.max()) <= 1.0
     # the node draws the chart from numbers: no squeezed image preview on the node
