@@ -69,3 +69,15 @@ def test_every_workflow_explains_itself_and_shows_the_report_table():
 def test_overlap_check_sees_an_overlap():
     assert _overlap(_box({"pos": [0, 40], "size": [100, 100]}), _box({"pos": [50, 150], "size": [100, 100]}))  # title bar
     assert not _overlap(_box({"pos": [0, 40], "size": [100, 100]}), _box({"pos": [0, 171], "size": [100, 100]}))
+
+
+def test_every_workflow_has_a_real_thumbnail():
+    # ComfyUI's template browser shows example_workflows/<name>.jpg, or a placeholder without it
+    import numpy as np
+    from PIL import Image
+
+    for name in _graphs():
+        path = EXAMPLES / f"{name}.jpg"
+        assert path.is_file(), f"{path.name} is missing: DYNAMIC_DIT_UPDATE_IMAGES=1 pytest tests/web/test_browser.py"
+        pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
+        assert min(pixels.shape) >= 200 and pixels.std() > 10, f"{path.name} is no picture of the workflow"

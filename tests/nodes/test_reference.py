@@ -1,4 +1,5 @@
-"""Try it with no download: the shipped reference model as nodes, sampled the way a server runs a prompt."""
+"""Try it with no download: the shipped reference model as nodes (run as a library and under inference mode, as
+a server runs prompts: tests/nodes/conftest.py)."""
 import pytest
 import torch
 
@@ -13,10 +14,8 @@ ToImage = NODE_CLASS_MAPPINGS["DynamicReferenceLatentToImage"]
 
 def _sample(photo_class: str, steps: int = 8) -> torch.Tensor:
     model, positive, negative, latent = Loader().load(photo_class, 1)
-    with torch.inference_mode():  # as ComfyUI runs every prompt
-        (sampled,) = comfy_nodes.KSampler().sample(model, 7, steps, 2.0, "euler", "simple", positive, negative, latent)
-        (image,) = ToImage().decode(sampled, 1)
-    return image
+    (sampled,) = comfy_nodes.KSampler().sample(model, 7, steps, 2.0, "euler", "simple", positive, negative, latent)
+    return ToImage().decode(sampled, 1)[0]
 
 
 def test_loader_gives_model_conditionings_and_an_empty_latent_of_the_trained_size():
