@@ -49,7 +49,7 @@ class TinyFlux:
         return [first, y, rest - y]
 
     def unet_config(self) -> dict:
-        return dict(
+        config = dict(
             image_model="flux",
             in_channels=self.in_channels,
             out_channels=self.in_channels,
@@ -66,6 +66,18 @@ class TinyFlux:
             qkv_bias=True,
             guidance_embed=self.guidance_embed,
         )
+        # Newer ComfyUI (0.4+) declares which text-id dims get RoPE positions; Flux.1 checkpoints get none.
+        if "txt_ids_dims" in _flux_param_names():
+            config["txt_ids_dims"] = []
+        return config
+
+
+def _flux_param_names() -> set[str]:
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    return {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
 
 
 def initialise(module: torch.nn.Module, seed: int) -> None:
@@ -344,6 +356,8 @@ def load_reference(path: str | Path | None = None, dtype: torch.dtype = torch.fl
         raise ValueError(f"{path}: 'conditioning.pooled' has shape {tuple(pooled.shape)}, expected ({rows}, {config.vec_dim})")
 
     model = build_model(config, dtype=dtype)
+    # the host's own key conversion for Flux checkpoints (newer ComfyUI names RMSNorm scales '.weight')
+    state = model.model.model_config.process_unet_state_dict(state)
     expected = model.model.diffusion_model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
