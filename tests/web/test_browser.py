@@ -111,6 +111,7 @@ def _chart_state(chromium: Chromium) -> dict:
             if (Math.abs(pixels[i] - rgb[0]) < 3 && Math.abs(pixels[i + 1] - rgb[1]) < 3 && Math.abs(pixels[i + 2] - rgb[2]) < 3) n++; return n; };
         return JSON.stringify({steps: view.data?.steps?.length ?? 0, done: !!view.data?.done, full: !!view.data?.full_compute,
             run: count(%s), baseline: count(%s), summary: view.summary.textContent, id: node.id,
+            summaryCut: view.summary.scrollHeight > view.summary.clientHeight + 1,
             size: [canvas.clientWidth, canvas.clientHeight]});
     })()""" % (json.dumps(RUN_COLOR), json.dumps(BASELINE_COLOR))))
 
@@ -186,7 +187,7 @@ def test_try_it_draws_the_chart_live_and_keeps_it(browser):
     assert any(s["run"] > 100 and s["baseline"] > 100 for s in live if not s["full"]), "no live bars next to the baseline"
     assert "step " in next(s for s in live if not s["full"])["summary"]  # the summary follows the run
     assert final["steps"] == steps and final["run"] > 300 and final["baseline"] > 300
-    assert "s full compute)" in final["summary"]
+    assert "s full compute)" in final["summary"] and not final["summaryCut"], final
     time.sleep(1.0)
     kept = _chart_state(browser)  # still there after the run
     assert kept["summary"] == final["summary"] and kept["run"] > 300
@@ -197,6 +198,10 @@ def test_try_it_draws_the_chart_live_and_keeps_it(browser):
         _thumbnail(shot, REPO_ROOT / "example_workflows" / "try_it.jpg")
         (REPO_ROOT / "docs").mkdir(exist_ok=True)
         (REPO_ROOT / "docs" / "report_node.png").write_bytes(report.read_bytes())
+    browser.evaluate("app.loadGraphData(app.graph.serialize(), true, true, 'try_it reloaded')")
+    time.sleep(0.5)
+    reloaded = _chart_state(browser)  # and when the workflow is loaded again (saved, tab reopened)
+    assert reloaded["summary"] == final["summary"] and reloaded["run"] > 300 and reloaded["id"] == final["id"]
     assert not _pack_errors(browser, since), _pack_errors(browser, since)
 
 

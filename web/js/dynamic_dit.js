@@ -10,6 +10,7 @@ import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
 const REPORT = "DynamicSpeedReport";
+const SAVED = "dynamic_dit_last_report"; // node property: the final report, kept with the workflow
 const MIN_WIDTH = 460;
 const CHART_HEIGHT = 230;
 const COLORS = {
@@ -173,7 +174,7 @@ function createView(node) {
   const summary = document.createElement("div");
   summary.className = "dynamic-dit-summary";
   summary.style.cssText =
-    "font:11px/1.35 sans-serif;color:#e1e4e8;white-space:normal;overflow-wrap:anywhere;overflow-y:auto;max-height:64px;flex:none;";
+    "font:11px/1.35 sans-serif;color:#e1e4e8;white-space:normal;overflow-wrap:anywhere;overflow-y:auto;max-height:90px;flex:none;";
   const canvas = document.createElement("canvas");
   canvas.className = "dynamic-dit-chart";
   canvas.style.cssText = `width:100%;flex:1 1 auto;min-height:${CHART_HEIGHT - 70}px;border-radius:4px;`;
@@ -212,10 +213,21 @@ app.registerExtension({
     const onExecuted = nodeType.prototype.onExecuted;
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
-      // The report's final numbers, with the baseline connected to it: they stay on the node.
+      // The report's final numbers, with the baseline connected to it. Kept in the node's properties,
+      // so they stay when the workflow is saved, reloaded or its tab reopened.
       const final = message?.dynamic_dit_chart?.[0];
-      const summary = (message?.text || []).join("\n");
-      if (final) show(this, final, `done: ${summary}`);
+      if (!final) return;
+      const summary = `done: ${(message?.text || []).join("\n")}`;
+      this.properties = this.properties || {};
+      this.properties[SAVED] = { data: final, summary };
+      show(this, final, summary);
+    };
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const result = onConfigure?.apply(this, arguments);
+      const saved = this.properties?.[SAVED];
+      if (saved?.data) show(this, saved.data, saved.summary);
+      return result;
     };
   },
 });
