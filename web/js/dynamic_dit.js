@@ -43,8 +43,9 @@ function formatMs(value) {
 function status(data) {
   if (!data) return "Waiting for a run: the chart fills in while the model samples.";
   const steps = data.steps?.length ?? 0;
-  const where = data.done ? "done" : `step ${steps}/${data.total_steps}`;
   const what = data.full_compute ? "full-compute baseline" : "dynamic run";
+  if (!steps && !data.done) return `${what}: sampling ${data.total_steps} steps, the first one is running.`;
+  const where = data.done ? "done" : `step ${steps}/${data.total_steps}`;
   return `${what}, ${where}: ${data.summary || ""}`;
 }
 
