@@ -8,6 +8,7 @@ bit-identical to the unpatched model.
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -118,8 +119,13 @@ class RunContext:
         for method in self.methods:
             method.on_step(step, latent)
         if self._progress_listener is not None:
-            # steps before `step` are settled: their extra evaluations all happened before this callback
-            self._progress_listener(self.record.progress(settled_steps=step))
+            # steps before `step` are settled: their extra evaluations all happened before this callback;
+            # a step is shown once the device has finished its calls (their timers are read without waiting)
+            settled = step
+            for call in self.record.calls:
+                if not call.resolve(wait=False) and call.step is not None:
+                    settled = min(settled, call.step)
+            self._progress_listener(self.record.progress(settled_steps=settled))
 
     def finish(self) -> RunRecord:
         self.steps.finish()
@@ -128,6 +134,9 @@ class RunContext:
                 method.finish()
         finally:
             self.indices.clear()
+            for call in self.record.calls:  # the run is over: reading device values costs nothing now
+                call.resolve(wait=True)
+                call.format_methods()
             self.record.finished = True
         if self._progress_listener is not None and self.record.calls:
             self._progress_listener(self.record.progress())
@@ -136,7 +145,7 @@ class RunContext:
     # --- model calls --------------------------------------------------------------------------
     def begin_call(
         self,
-        sigma: float,
+        sigma: float | torch.Tensor,
         cond_or_uncond: Sequence[int] | None,
         uuids: Sequence[object] | None,
         shape: CallShape,
@@ -146,7 +155,7 @@ class RunContext:
         record = CallRecord(
             index=self._call_index,
             step=None,
-            sigma=sigma,
+            sigma=math.nan,  # set by the step tracker (at once, or when the run ends)
             chunks=tuple(c.kind for c in chunks),
             batch=shape.batch,
             image_tokens=shape.image_tokens,
@@ -161,15 +170,19 @@ class RunContext:
         self.record.calls.append(call.record)
 
     def timed(self, call: CallState, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Run a model call, timing it (synchronised on CUDA) into the call's record."""
-        sync = self.device.type == "cuda"
-        if sync:
-            torch.cuda.synchronize(self.device)
-        start = time.perf_counter()
+        """Run a model call, timing it into the call's record: on CUDA with events on the stream
+        (read when they have completed, never waited for during the run), else with the host clock."""
+        if self.device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = fn()
+            end.record()
+            call.record.timer = (start, end)
+            self.end_call(call, 0.0)
+            return out
+        start_time = time.perf_counter()
         out = fn()
-        if sync:
-            torch.cuda.synchronize(self.device)
-        self.end_call(call, time.perf_counter() - start)
+        self.end_call(call, time.perf_counter() - start_time)
         return out
 
     def model_call(self, call: CallState, model_call: ModelCall) -> torch.Tensor:

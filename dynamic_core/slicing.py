@@ -83,13 +83,26 @@ class AxisSelection:
     def contiguous(self) -> bool:
         return len(self.runs) == 1
 
+    def values(self) -> list[int]:
+        return [i for a, b in self.runs for i in range(a, b)]
+
     def index(self, device: torch.device | str) -> torch.Tensor:
         device = torch.device(device)
         found = self._index.get(device)
         if found is None:
-            values = [i for a, b in self.runs for i in range(a, b)]
-            found = self._index[device] = device_index(values, device)
+            found = self._index[device] = device_index(self.values(), device)
         return found
+
+    @staticmethod
+    def build_indices(selections: "Sequence[AxisSelection]", device: torch.device | str) -> None:
+        """Make the index tensors of many selections in one host-to-device copy (e.g. every decision of a run)."""
+        device = torch.device(device)
+        missing = list({id(s): s for s in selections if not s.contiguous and device not in s._index}.values())
+        if not missing:
+            return
+        everything = device_index([i for s in missing for i in s.values()], device)
+        for selection, index in zip(missing, everything.split([s.size for s in missing])):
+            selection._index[device] = index
 
     def take(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """`tensor` restricted to the kept indices along `dim`: a view when contiguous."""
@@ -288,6 +301,12 @@ class RunIndexCache:
         if found is None:
             found = self._entries[key] = build()
         return found
+
+    def peek(self, key: tuple) -> Any:
+        return self._entries.get(key)
+
+    def put(self, key: tuple, value: Any) -> None:
+        self._entries[key] = value
 
     def clear(self) -> None:
         self._entries.clear()

@@ -18,7 +18,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 from .flops import ZERO, FlopBreakdown
 
@@ -34,12 +34,35 @@ class CallRecord:
     full: FlopBreakdown  # what the unpatched model would have executed
     executed: FlopBreakdown = ZERO
     seconds: float = 0.0
-    methods: dict[str, str] = field(default_factory=dict)  # method -> what it did in this call
+    # method -> what it did in this call; a callable is a text made from device values, formatted
+    # when the run ends (formatting it during the run would stall the host)
+    methods: dict[str, str | Callable[[], str]] = field(default_factory=dict)
     blocks: dict[str, dict[str, float]] = field(default_factory=dict)  # block label -> metric -> value
     ran_model: bool = False  # False when something (e.g. EasyCache) skipped the model entirely
+    timer: Any = None  # (start, end) accelerator events until `seconds` is read from them
 
     def note_block(self, label: str, metric: str, value: float) -> None:
         self.blocks.setdefault(label, {})[metric] = value
+
+    def resolve(self, wait: bool) -> bool:
+        """Fill `seconds` from the timer events once they have completed (waiting for them if `wait`).
+        Returns whether the call's time is known."""
+        if self.timer is None:
+            return True
+        start, end = self.timer
+        if wait:
+            end.synchronize()
+        elif not end.query():
+            return False
+        self.seconds = start.elapsed_time(end) / 1e3
+        self.timer = None
+        return True
+
+    def format_methods(self) -> None:
+        """Turn the texts made from device values into strings (once the run has ended)."""
+        for name, text in self.methods.items():
+            if callable(text):
+                self.methods[name] = text()
 
 
 @dataclass

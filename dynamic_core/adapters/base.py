@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
 
 import torch
 
@@ -149,6 +149,9 @@ class ModelAdapter(ABC):
         Returns the same dict a ComfyUI `original_block` returns; extra FLOPs (LoRA bypasses) are
         appended to `flop_log`. Index tensors that depend only on the decision go into `cache`.
         """
+
+    def prepare_reductions(self, decisions: "Iterable[BlockInternals]", cache: RunIndexCache, device: torch.device) -> None:
+        """Build ahead what running blocks with these reductions needs (index tensors), so block calls build nothing."""
 
     @abstractmethod
     def reduced_work(self, block: BlockRef, work: BlockWork, internals: BlockInternals) -> BlockWork:

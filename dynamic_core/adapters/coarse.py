@@ -33,6 +33,10 @@ class CoarseGrid(ABC):
     def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
         """Why this call has to stay on the native grid (inputs laid out per native token), or None."""
 
+    def sampling_refusal(self, model_sampling: Any) -> str | None:
+        """Why no call of a run with this host model sampling may go coarse (once per run), or None."""
+        return None
+
     @abstractmethod
     def flow_time(self, arguments: Mapping[str, Any]) -> torch.Tensor:
         """Per batch row t of the call, with the latent argument x = (1 - t) x0 + t noise."""

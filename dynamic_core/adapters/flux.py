@@ -16,14 +16,14 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from ..flops import FlopBreakdown, attention_flops, linear_flops
 from ..slicing import ModuleView, RunIndexCache, WeightSource, gather_sequence, gather_square_mask, gather_tokens
-from .flux_blocks import ReducedFluxBlock, Recorded, TokenSubsetMLP, UnitMeter, call_forward, text_positions
+from .flux_blocks import ReducedFluxBlock, Recorded, TokenSubsetMLP, UnitMeter, WidthSelections, call_forward, text_positions
 from .base import BlockInternals, BlockRef, BlockWork, CallShape, ModelAdapter, TokenLayout, UnsupportedModelError
 from .flux_coarse import FluxCoarseGrid
 
@@ -212,11 +212,16 @@ class FluxAdapter(ModelAdapter):
         text_tokens: int,
         cache: RunIndexCache,
     ) -> dict:
-        reduced = ReducedFluxBlock(self.arch, module, internals, flop_log, cache)
+        reduced = ReducedFluxBlock(self.arch, module, internals, flop_log, cache, args["img"].device)
         if block.kind == DOUBLE:
             img, txt = call_forward(type(module), reduced.double_view(), args)
             return {"img": img, "txt": txt}
         return {"img": call_forward(type(module), reduced.single_view(text_tokens), args)}
+
+    def prepare_reductions(self, decisions: Iterable[BlockInternals], cache: RunIndexCache, device: torch.device) -> None:
+        """Build the weight selections of many width decisions ahead (e.g. every step of a run), with all
+        their gather indices in one host-to-device copy."""
+        WidthSelections.prepare(cache, self.arch, decisions, device)
 
     # --- token routing ------------------------------------------------------------------------
     @property

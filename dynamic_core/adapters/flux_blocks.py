@@ -12,7 +12,7 @@ text tokens), so it is built once per decision and kept in the run's `RunIndexCa
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -78,7 +78,8 @@ class _SplitLinear2:
 class WidthSelections:
     """The kept heads and MLP groups of one decision as weight-axis selections (built once, cached per run)."""
 
-    def __init__(self, arch: "FluxArchitecture", heads: tuple[int, ...] | None, groups: tuple[int, ...] | None, group_count: int):
+    def __init__(self, arch: "FluxArchitecture", heads: tuple[int, ...] | None, groups: tuple[int, ...] | None,
+                 group_count: int, device: torch.device | None):
         d, hd, mlp = arch.hidden_size, arch.head_dim, arch.mlp_hidden
         self.head_count = arch.num_heads if heads is None else len(heads)
         self.unit_count = mlp if groups is None else len(groups) * (mlp // group_count)
@@ -97,11 +98,33 @@ class WidthSelections:
         self.linear1_mlp_rows = units.shifted(3 * d)
         self.linear2_attn_cols = head_cols
         self.linear2_mlp_cols = units.shifted(d)
+        if device is not None:  # every gather index now, with the decision, not in a later call
+            AxisSelection.build_indices(self.gathers(), device)
+
+    def gathers(self) -> list[AxisSelection]:
+        return [s for s in vars(self).values() if isinstance(s, AxisSelection) and not s.contiguous]
+
+    @staticmethod
+    def key(internals: BlockInternals) -> tuple:
+        return ("flux.width", internals.heads, internals.mlp_groups, internals.mlp_group_count)
 
     @classmethod
-    def cached(cls, cache: RunIndexCache, arch: "FluxArchitecture", internals: BlockInternals) -> "WidthSelections":
-        key = ("flux.width", internals.heads, internals.mlp_groups, internals.mlp_group_count)
-        return cache.get(key, lambda: cls(arch, internals.heads, internals.mlp_groups, internals.mlp_group_count))
+    def cached(cls, cache: RunIndexCache, arch: "FluxArchitecture", internals: BlockInternals,
+               device: torch.device) -> "WidthSelections":
+        return cache.get(cls.key(internals), lambda: cls(arch, internals.heads, internals.mlp_groups, internals.mlp_group_count, device))
+
+    @classmethod
+    def prepare(cls, cache: RunIndexCache, arch: "FluxArchitecture", decisions: Iterable[BlockInternals],
+                device: torch.device) -> None:
+        """The selections of many decisions at once, their gather indices in one host-to-device copy."""
+        made = {}
+        for internals in decisions:
+            key = cls.key(internals)
+            if (internals.heads is not None or internals.mlp_groups is not None) and key not in made and cache.peek(key) is None:
+                made[key] = cls(arch, internals.heads, internals.mlp_groups, internals.mlp_group_count, None)
+        AxisSelection.build_indices([s for selections in made.values() for s in selections.gathers()], device)
+        for key, selections in made.items():
+            cache.put(key, selections)
 
 
 def text_positions(cache: RunIndexCache, text_tokens: int, batch: int, device: torch.device) -> torch.Tensor:
@@ -114,9 +137,9 @@ class ReducedFluxBlock:
     """Builds the module views of one reduced Flux block call."""
 
     def __init__(self, arch: "FluxArchitecture", module: torch.nn.Module, internals: BlockInternals,
-                 flop_log: list[float], cache: RunIndexCache):
+                 flop_log: list[float], cache: RunIndexCache, device: torch.device):
         self.arch, self.module, self.internals, self.flop_log, self.cache = arch, module, internals, flop_log, cache
-        self.width = WidthSelections.cached(cache, arch, internals)
+        self.width = WidthSelections.cached(cache, arch, internals, device)
 
     def linear(self, layer: torch.nn.Module, name: str, rows: AxisSelection | None = None,
                cols: AxisSelection | None = None, bias: bool = True):

@@ -62,11 +62,23 @@ class FluxCoarseGrid(CoarseGrid):
             method = extra.get("ref_latents_method", getattr(diffusion_model.params, "default_ref_method", "offset"))
             if method == "uxo":
                 return "'uxo' reference latents are placed after the native grid"
-        sigmas = (arguments.get("transformer_options") or {}).get("sigmas")
-        if isinstance(sigmas, torch.Tensor) and sigmas.numel():
-            sigma, timestep = float(sigmas.max()), float(arguments["timestep"].max())
-            if abs(sigma - timestep) > 1e-4 * max(1.0, abs(sigma)):
-                return f"the model sampling passes timestep {timestep:.4g} for sigma {sigma:.4g}, not Flux's timestep = sigma"
+        return None
+
+    def sampling_refusal(self, model_sampling: Any) -> str | None:
+        """Why no call of a run with this model sampling may go coarse (checked once per run, on the host):
+        the coarse time shift assumes Flux's flow matching, where the model's timestep is its sigma."""
+        if model_sampling is None:
+            return None
+        try:
+            probe = torch.tensor([0.5])
+            timestep = float(model_sampling.timestep(probe).reshape(-1)[0])
+        except Exception:  # a model sampling whose tables live on another device: read once there
+            buffer = next(iter(model_sampling.buffers()), None)
+            if buffer is None:
+                return None
+            timestep = float(model_sampling.timestep(torch.tensor([0.5], device=buffer.device)).reshape(-1)[0])
+        if abs(timestep - 0.5) > 1e-4:
+            return f"the model sampling passes timestep {timestep:.4g} for sigma 0.5, not Flux's timestep = sigma"
         return None
 
     def flow_time(self, arguments: Mapping[str, Any]) -> torch.Tensor:

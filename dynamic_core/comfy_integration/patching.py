@@ -221,7 +221,7 @@ def _telemetry_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
     if not isinstance(run, RunContext):
         return executor(*args, **kwargs)
     sigmas = options.get("sigmas")
-    sigma = float(sigmas.max()) if isinstance(sigmas, torch.Tensor) else float("nan")
+    sigma = sigmas if isinstance(sigmas, torch.Tensor) else float("nan")  # read by the step tracker when it must
     call = run.begin_call(
         sigma,
         options.get("cond_or_uncond"),

@@ -1,8 +1,10 @@
 """Small but real ComfyUI Flux models, built programmatically, for tests, the demo and the benchmark.
 
-Stock checkpoints cannot be this small (ComfyUI's Flux detection fixes 24 heads x 128), so the model
-is built from a unet_config through `comfy.supported_models.Flux`, exactly the class ComfyUI uses
-for a loaded Flux.1 checkpoint, and wrapped in a ModelPatcher.
+Stock checkpoints cannot be this small (ComfyUI's Flux detection assumes 128-channel heads), so a
+model is built the way ComfyUI builds a loaded Flux.1 checkpoint: the host's model detection reads
+the keys of a checkpoint of this size and fills the model parameters (so fields a newer ComfyUI
+adds need no code here), the few size fields detection cannot know are set from `TinyFlux`, and
+the host's own model class is built and wrapped in a ModelPatcher.
 """
 from __future__ import annotations
 
@@ -16,10 +18,10 @@ from typing import Any, Mapping
 import torch
 
 import comfy.latent_formats
+import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sample
-import comfy.supported_models
 
 from ..files import read_safetensors
 
@@ -48,9 +50,9 @@ class TinyFlux:
         y = rest // 2 // 2 * 2
         return [first, y, rest - y]
 
-    def unet_config(self) -> dict:
-        config = dict(
-            image_model="flux",
+    def size_fields(self) -> dict:
+        """The model fields this config decides; the host's own model detection fills every other one."""
+        return dict(
             in_channels=self.in_channels,
             out_channels=self.in_channels,
             vec_in_dim=self.vec_dim,
@@ -66,18 +68,54 @@ class TinyFlux:
             qkv_bias=True,
             guidance_embed=self.guidance_embed,
         )
-        # Newer ComfyUI (0.4+) declares which text-id dims get RoPE positions; Flux.1 checkpoints get none.
-        if "txt_ids_dims" in _flux_param_names():
-            config["txt_ids_dims"] = []
-        return config
+
+    def checkpoint_skeleton(self) -> dict[str, torch.Tensor]:
+        """Shape-only tensors under the key names of a Flux.1 checkpoint of this size: what the host's
+        model detection reads (which keys exist, and the shapes of the embedders)."""
+        h, p = self.hidden_size, 2
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, device="meta")
+
+        keys = {
+            "img_in.weight": empty(h, self.in_channels * p * p),
+            "txt_in.weight": empty(h, self.context_dim),
+            "time_in.in_layer.weight": empty(h, 256),
+            "vector_in.in_layer.weight": empty(h, self.vec_dim),
+            "final_layer.linear.weight": empty(self.in_channels * p * p, h),
+        }
+        if self.guidance_embed:
+            keys["guidance_in.in_layer.weight"] = empty(h, 256)
+        for i in range(max(self.depth, 1)):  # detection recognises Flux by its first double block (depth comes from us)
+            keys[f"double_blocks.{i}.img_attn.norm.key_norm.scale"] = empty(self.head_dim)
+            keys[f"double_blocks.{i}.img_attn.qkv.weight"] = empty(3 * h, h)
+        for i in range(self.depth_single_blocks):
+            keys[f"single_blocks.{i}.norm.key_norm.scale"] = empty(self.head_dim)
+            keys[f"single_blocks.{i}.linear2.weight"] = empty(h, h + int(h * self.mlp_ratio))
+        return keys
 
 
-def _flux_param_names() -> set[str]:
-    import dataclasses
+def host_model_config(config: TinyFlux, dtype: torch.dtype = torch.float32, manual_cast_dtype: torch.dtype | None = None,
+                      scaled_fp8: torch.dtype | None = None):
+    """The host's own model config (a `comfy.supported_models` instance) for a Flux.1 model of this size.
 
-    import comfy.ldm.flux.model
-
-    return {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}
+    Built the way ComfyUI builds a loaded checkpoint's: its model detection reads the checkpoint's keys
+    and fills every model parameter it knows (including fields newer hosts add, such as Flux's
+    `txt_ids_dims`); only the size fields a small model cannot be detected by are set from `config`
+    (detection assumes Flux.1's 128-channel heads and RoPE split).
+    """
+    skeleton = config.checkpoint_skeleton()
+    unet_config = comfy.model_detection.detect_unet_config(skeleton, "")
+    if unet_config is None or unet_config.get("image_model") != "flux":
+        raise RuntimeError(f"This ComfyUI does not detect a Flux.1 checkpoint from its keys (got {unet_config}).")
+    unet_config.update(config.size_fields())
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, skeleton)
+    if model_config is None:
+        raise RuntimeError(f"This ComfyUI has no model class for the Flux.1 config {unet_config}.")
+    if scaled_fp8 is not None:
+        model_config.scaled_fp8 = scaled_fp8  # what detection sets for a checkpoint with a 'scaled_fp8' marker
+    model_config.set_inference_dtype(dtype, manual_cast_dtype)
+    return model_config
 
 
 def initialise(module: torch.nn.Module, seed: int) -> None:
@@ -88,9 +126,10 @@ def initialise(module: torch.nn.Module, seed: int) -> None:
     """
     device = next(module.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
+    norms = norm_parameters(module)
     with torch.no_grad():
         for name, param in module.named_parameters():
-            if name.endswith("scale"):  # RMSNorm / QK-norm
+            if name in norms or name.rsplit(".", 1)[-1] in ("scale_weight", "scale_input"):  # norm and fp8 scales
                 value = torch.ones(param.shape, device=device)
             elif param.ndim == 2:
                 std = 1.0 / math.sqrt(param.shape[1])
@@ -103,26 +142,54 @@ def initialise(module: torch.nn.Module, seed: int) -> None:
             del value
 
 
+def norm_parameters(module: torch.nn.Module) -> set[str]:
+    """Names of the RMSNorm scale parameters (hosts name them `.scale` or `.weight`)."""
+    return {
+        f"{path}.{name}" if path else name
+        for path, sub in module.named_modules()
+        if type(sub).__name__.endswith("RMSNorm")
+        for name, _ in sub.named_parameters(recurse=False)
+    }
+
+
+def checkpoint_state(diffusion_model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A diffusion model's weights under Flux.1 checkpoint key names (RMSNorm scales as `.scale`), the
+    format the pack's files store so that any host version reads them."""
+    state = diffusion_model.state_dict() if state is None else state
+    norms = norm_parameters(diffusion_model)
+    return {(k[: -len(".weight")] + ".scale" if k in norms and k.endswith(".weight") else k): v for k, v in state.items()}
+
+
+def host_state(model_config: Any, state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Checkpoint-format weights renamed the way this host's loader renames them for its model class."""
+    return model_config.process_unet_state_dict(dict(state))
+
+
 def build_model(
     config: TinyFlux = TinyFlux(),
     dtype: torch.dtype = torch.float32,
     state_dict: dict | None = None,
     device: torch.device | str | None = None,
+    manual_cast_dtype: torch.dtype | None = None,
+    scaled_fp8: torch.dtype | None = None,
 ):
-    """A ModelPatcher around a real ComfyUI Flux model of the given size.
+    """A ModelPatcher around a real ComfyUI Flux model of the given size, built by the host's own
+    model detection and model classes (see `host_model_config`).
 
-    `device`: where the weights are created and initialised (default: the CPU, then ComfyUI moves
-    them to its load device when sampling); pass the GPU to build a large model in place.
+    `dtype`: the weights' storage dtype (with `manual_cast_dtype` the compute dtype, e.g. fp8 storage
+    computed in float32). `device`: where the weights are created and initialised (default: the CPU,
+    then ComfyUI moves them to its load device when sampling); pass the GPU to build a large model in place.
     """
-    model_config = comfy.supported_models.Flux(config.unet_config())
-    model_config.set_inference_dtype(dtype, None)
+    model_config = host_model_config(config, dtype, manual_cast_dtype, scaled_fp8)
     load_device = comfy.model_management.get_torch_device()
     model = model_config.get_model({}, device=device)
+    diffusion_model = model.diffusion_model
     if state_dict is None:
-        initialise(model.diffusion_model, config.seed)
-    else:
-        model.diffusion_model.load_state_dict(state_dict)
-    model.diffusion_model.to(dtype)
+        initialise(diffusion_model, config.seed)
+    else:  # checkpoint key names (or this host's own), as ComfyUI's loader takes them
+        diffusion_model.load_state_dict(host_state(model_config, state_dict))
+    if dtype.is_floating_point and dtype.itemsize >= 2:
+        diffusion_model.to(dtype)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=comfy.model_management.unet_offload_device())
 
 
@@ -297,7 +364,8 @@ def save_reference(
     """Write a reference model (weights in `dtype`, conditioning tables in fp32) with its metadata."""
     from safetensors.torch import save_file
 
-    tensors = {_MODEL_PREFIX + k: v.detach().to(dtype).contiguous() for k, v in diffusion_model_state.items()}
+    named = checkpoint_state(build_model(config).model.diffusion_model, dict(diffusion_model_state))  # host-independent names
+    tensors = {_MODEL_PREFIX + k: v.detach().to(dtype).contiguous() for k, v in named.items()}
     tensors["conditioning.context"] = contexts.detach().float().contiguous()
     tensors["conditioning.pooled"] = pooled.detach().float().contiguous()
     metadata = {
@@ -356,8 +424,7 @@ def load_reference(path: str | Path | None = None, dtype: torch.dtype = torch.fl
         raise ValueError(f"{path}: 'conditioning.pooled' has shape {tuple(pooled.shape)}, expected ({rows}, {config.vec_dim})")
 
     model = build_model(config, dtype=dtype)
-    # the host's own key conversion for Flux checkpoints (newer ComfyUI names RMSNorm scales '.weight')
-    state = model.model.model_config.process_unet_state_dict(state)
+    state = host_state(model.model.model_config, state)
     expected = model.model.diffusion_model.state_dict()
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:

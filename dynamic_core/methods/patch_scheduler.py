@@ -279,6 +279,7 @@ class PatchSchedulerMethod(DynamicMethod):
         if grid is None:  # settings are validated when applied, so only a changed model gets here
             raise UnsupportedModelError(f"The patch scheduler does not support {run.adapter.display_name} models yet.")
         self.grid: "CoarseGrid" = grid
+        self._sampling_refusal = grid.sampling_refusal(run.model_sampling)  # on the host, once per run
         self._latents: OrderedDict[int, torch.Tensor] = OrderedDict()  # step -> sampler x at its start
         self._decisions: dict[int, PatchDecision] = {}
         self._layers: dict[tuple, CoarseLayers] = {}
@@ -327,10 +328,10 @@ class PatchSchedulerMethod(DynamicMethod):
         reason = decision.reason
         factor = decision.factor
         if factor > 1:
-            refusal = self.grid.refusal(model_call.arguments, call.diffusion_model)
+            refusal = self._sampling_refusal or self.grid.refusal(model_call.arguments, call.diffusion_model)
             t = self.grid.flow_time(model_call.arguments)
-            if refusal is None and float(t.min()) < MIN_FLOW_TIME:
-                refusal = f"sigma {float(t.min()):.2g} is too close to the clean end"
+            if refusal is None and call.step.sigma < MIN_FLOW_TIME:  # the host's sigma: no device read
+                refusal = f"sigma {call.step.sigma:.2g} is too close to the clean end"
             if refusal is not None:
                 factor, reason = 1, f"native ({refusal}; planned {decision.factor}x)"
         call.record.methods[self.name] = reason

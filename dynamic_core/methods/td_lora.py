@@ -630,15 +630,15 @@ class TDLoRAMethod(DynamicMethod):
         call.record.methods[self.name] = self._describe_call(call, state)
         return state
 
-    def _describe_call(self, call: "CallState", state: _CallGates) -> str:
+    def _describe_call(self, call: "CallState", state: _CallGates) -> str | Callable[[], str]:
         text = f"K={self.lora.experts} x{self.settings.strength:g}"
         if not state.gates:
             return text
         row = next((c.rows.start for c in call.chunks if c.kind == "cond"), 0)
-        stacked = torch.stack([g[min(row, g.shape[0] - 1)] for g in state.gates.values()])
-        shown = stacked.mean(dim=0).tolist()
+        stacked = torch.stack([g[min(row, g.shape[0] - 1)] for g in state.gates.values()]).mean(dim=0)
         label = "gates" if len(state.gates) == 1 else f"gates (mean of {len(state.gates)} layers)"
-        return f"{text} {label} " + "/".join(f"{g:.2f}" for g in shown)
+        # the gates live on the device: the text is made when the run has ended, not now
+        return lambda: f"{text} {label} " + "/".join(f"{g:.2f}" for g in stacked.tolist())
 
     def wrap_model_call(
         self, call: "CallState", model_call: "ModelCall", proceed: Callable[["ModelCall"], torch.Tensor]

@@ -547,7 +547,7 @@ class DynamicWidth(DynamicMethod):
         self._active: WidthDecision | None = None
         self._ranking: WidthRanking | None = None
         self._ramp: tuple[float, float] | None = None
-        self._router_on: tuple[torch.Tensor, ...] | None = None  # the router's rows in block order, on the device
+        self._routes: dict[float, WidthDecision] | None = None  # the router's decision per sigma, this run
         self._router_rows: torch.Tensor | None = None
         if settings.router is not None:
             rows = {label: row for row, label in enumerate(settings.router.labels)}
@@ -557,13 +557,17 @@ class DynamicWidth(DynamicMethod):
     def wrap_model_call(
         self, call: "CallState", model_call: "ModelCall", proceed: Callable[["ModelCall"], torch.Tensor]
     ) -> torch.Tensor:
-        decision = self._decisions.get(call.step.sigma)
+        sigma = call.step.sigma
+        decision, note = self._decisions.get(sigma), ""
         if decision is None:
-            decision, note = self._decide(call, model_call)
-            self._decisions[call.step.sigma] = decision
-            call.record.methods[self.name] = decision.text + note
-        else:
-            call.record.methods[self.name] = decision.text
+            if not self._decisions:  # the first call decides every step of the schedule, so later steps build nothing
+                note = self._decide_schedule(call, model_call)
+            if sigma not in self._decisions:  # a sigma off the schedule (e.g. a midpoint evaluation)
+                self._decisions[sigma], extra = self._decide(call, model_call, sigma, call.step.percent)
+                note += extra
+                self._prepare([self._decisions[sigma]])
+            decision = self._decisions[sigma]
+        call.record.methods[self.name] = decision.text + note
         self._active = decision
         try:
             return proceed(model_call)
@@ -590,16 +594,41 @@ class DynamicWidth(DynamicMethod):
     def finish(self) -> None:
         self._decisions.clear()
         self._active = None
-        self._router_on = None
+        self._routes = None
 
     # --- decisions ----------------------------------------------------------------------------
-    def _decide(self, call: "CallState", model_call: "ModelCall") -> tuple[WidthDecision, str]:
-        settings, percent = self.settings, call.step.percent
+    def _decide_schedule(self, call: "CallState", model_call: "ModelCall") -> str:
+        """Decide every sigma of the run's schedule now and build what their reduced blocks need, with all
+        index tensors in one copy to the device. Returns the notes of one-off work (calibration)."""
+        steps, notes = self.run.steps, []
+        for sigma in dict.fromkeys([call.step.sigma, *steps.sigmas[:-1]]):
+            percent = call.step.percent if sigma == call.step.sigma else steps.percent_of(sigma)
+            self._decisions[sigma], note = self._decide(call, model_call, sigma, percent)
+            notes.append(note)
+        self._prepare(self._decisions.values())
+        return "".join(notes)
+
+    def _prepare(self, decisions) -> None:
+        internals = [
+            self._internals(decision, i) for decision in decisions if not decision.full for i in range(len(self.blocks))
+        ]
+        self.run.adapter.prepare_reductions(internals, self.run.indices, self.run.device)
+
+    def _internals(self, decision: WidthDecision, i: int) -> BlockInternals:
+        changes: dict[str, Any] = {}
+        if decision.heads[i] is not None:
+            changes["heads"] = decision.heads[i]
+        if decision.groups[i] is not None:
+            changes.update(mlp_groups=decision.groups[i], mlp_group_count=self.group_count)
+        return BlockInternals(**changes)
+
+    def _decide(self, call: "CallState", model_call: "ModelCall", sigma: float, percent: float) -> tuple[WidthDecision, str]:
+        settings = self.settings
         none = (None,) * len(self.blocks)
         if not settings.in_window(percent):
             return WidthDecision(none, none, "full width (outside the window)"), ""
         if settings.router is not None:
-            return self._route(call, model_call), ""
+            return self._route(call, model_call, sigma), ""
         note = ""
         if self._ramp is None:
             self._ramp, note = self._solve_ramp(call)
@@ -622,23 +651,33 @@ class DynamicWidth(DynamicMethod):
         groups = tuple(_top(order, group_k) for order in self._ranking.groups[point])
         return WidthDecision(heads, groups, self._describe(heads, groups)), note
 
-    def _route(self, call: "CallState", model_call: "ModelCall") -> WidthDecision:
-        router = self.settings.router
-        timestep = model_call.arguments["timestep"].reshape(-1).max().reshape(1)
-        features = self.run.adapter.timestep_features(call.diffusion_model, timestep, model_call.arguments["x"].dtype)
-        features = features.reshape(-1).float()
-        if self._router_on is None or self._router_on[0].device != features.device:
-            rows = self._router_rows
-            self._router_on = tuple(
-                t[rows].to(features.device) for t in (router.head_weight, router.head_bias, router.group_weight, router.group_bias)
-            )
-        head_w, head_b, group_w, group_b = self._router_on
-        call.add_executed(FlopBreakdown(extra=router.flops))
-        head_logits = (head_w @ features + head_b).cpu()
-        group_logits = (group_w @ features + group_b).cpu()
-        heads = tuple(_positive(row) for row in head_logits) if self.thin_heads else (None,) * len(self.blocks)
-        groups = tuple(_positive(row) for row in group_logits) if self.thin_mlp else (None,) * len(self.blocks)
-        return WidthDecision(heads, groups, self._describe(heads, groups))
+    def _route(self, call: "CallState", model_call: "ModelCall", sigma: float) -> WidthDecision:
+        """The router's decision at `sigma`. The first call evaluates the router for every sigma of the
+        run's schedule at once (one read from the device per run, not one per step)."""
+        if self._routes is None or sigma not in self._routes:
+            sigmas = [sigma] if self._routes is not None else sorted({*self.run.steps.sigmas[:-1], sigma}, reverse=True)
+            self._routes = {**(self._routes or {}), **self._route_all(call, model_call, sigmas)}
+        return self._routes[sigma]
+
+    def _route_all(self, call: "CallState", model_call: "ModelCall", sigmas: list[float]) -> dict[float, WidthDecision]:
+        router, like = self.settings.router, model_call.arguments["timestep"]
+        sampling = self.run.model_sampling
+        values = torch.tensor(sigmas, dtype=torch.float32).to(like.device)
+        timesteps = sampling.timestep(values).float() if sampling is not None else values
+        features = self.run.adapter.timestep_features(call.diffusion_model, timesteps, model_call.arguments["x"].dtype).float()
+        rows = self._router_rows.to(features.device)
+        head_w, head_b, group_w, group_b = (
+            t.to(features.device)[rows] for t in (router.head_weight, router.head_bias, router.group_weight, router.group_bias)
+        )
+        call.add_executed(FlopBreakdown(extra=router.flops * len(sigmas)))
+        head_logits = (torch.einsum("bhf,sf->sbh", head_w, features) + head_b).cpu()  # (sigmas, blocks, heads)
+        group_logits = (torch.einsum("bgf,sf->sbg", group_w, features) + group_b).cpu()
+        routes = {}
+        for i, value in enumerate(sigmas):
+            heads = tuple(_positive(row) for row in head_logits[i]) if self.thin_heads else (None,) * len(self.blocks)
+            groups = tuple(_positive(row) for row in group_logits[i]) if self.thin_mlp else (None,) * len(self.blocks)
+            routes[value] = WidthDecision(heads, groups, self._describe(heads, groups))
+        return routes
 
     def _describe(self, heads: tuple, groups: tuple) -> str:
         def mean(kept: tuple, units: int) -> float:

@@ -104,3 +104,52 @@ def test_percent_from_a_decreasing_schedule_function():
     assert invert_decreasing(percent_to_sigma, -1.0) == 1.0
     tracker = StepTracker(SIGMAS, lambda s: invert_decreasing(percent_to_sigma, s))
     assert tracker.locate(0.6, BATCHED, Rec()).percent == pytest.approx(0.4, abs=1e-6)
+
+
+# --- sigmas on an accelerator: no read per call --------------------------------------------------
+def run_lazily(events, sigmas=SIGMAS):
+    """Like `run`, with every call's sigma as a tensor the tracker must treat as living on a device."""
+    import torch
+
+    tracker = StepTracker(sigmas, free_read_devices=())
+    records, seen = [], []
+    for event in events:
+        if event[0] == "cb":
+            tracker.step_callback(event[1])
+        else:
+            rec = Rec()
+            info = tracker.locate(torch.tensor([event[1]]), event[2] if len(event) > 2 else BATCHED, rec)
+            seen.append(info.step)
+            records.append(rec)
+    reads_during_run = tracker.sigma_reads
+    tracker.finish()
+    return [r.step for r in records], seen, reads_during_run
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "heun_split", "midpoint"])
+def test_device_sigmas_are_read_only_before_the_first_callback_and_attribution_stays_exact(sampler):
+    events = []
+    for i, s in enumerate(SIGMAS[:-1]):
+        if sampler == "heun_split":
+            events += [("call", s, "c"), ("call", s, "u"), ("cb", i)]
+            if SIGMAS[i + 1] > 0:
+                events += [("call", SIGMAS[i + 1], "c"), ("call", SIGMAS[i + 1], "u")]
+            continue
+        events += [("call", s), ("cb", i)]
+        if sampler == "heun" and SIGMAS[i + 1] > 0:
+            events.append(("call", SIGMAS[i + 1]))
+        if sampler == "midpoint" and SIGMAS[i + 1] > 0:
+            events.append(("call", SIGMAS[i + 1] * 1.1))
+    eager_final, eager_seen = run(StepTracker(SIGMAS), events)
+    lazy_final, lazy_seen, reads = run_lazily(events)
+    assert lazy_final == eager_final  # the exact attribution, made at the end
+    assert reads == (2 if sampler == "heun_split" else 1)  # only the calls before the first callback
+    if sampler != "midpoint":
+        assert lazy_seen == eager_seen  # methods see the same steps as when every sigma is read
+    else:  # a midpoint evaluation is treated as the next step's at call time
+        assert lazy_seen == [0, 1, 1, 2, 2, 3, 3]
+
+
+def test_device_sigmas_without_callbacks_are_read_at_every_call():
+    final, seen, reads = run_lazily([("call", s) for s in SIGMAS[:-1]])
+    assert final == seen == [0, 1, 2, 3] and reads == 4

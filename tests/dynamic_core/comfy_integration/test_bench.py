@@ -149,13 +149,15 @@ def checkpoint(tmp_path_factory):
     from a shifted pool of random numbers, which costs memory bandwidth instead of 340M normal draws.
     """
     config = tiny_flux.TinyFlux(**SMALLEST_LOADABLE_FLUX)
-    shapes = comfy.supported_models.Flux(config.unet_config()).get_model({}, device="meta").diffusion_model.state_dict()
+    meta_model = tiny_flux.host_model_config(config).get_model({}, device="meta").diffusion_model
+    norms = tiny_flux.norm_parameters(meta_model)
     pool = torch.randn(1 << 20, generator=torch.Generator().manual_seed(0))
     state = {}
-    for offset, (key, meta) in enumerate(shapes.items()):
+    for offset, (key, meta) in enumerate(meta_model.state_dict().items()):
         values = pool.roll(offset * 7919).repeat(meta.numel() // pool.numel() + 1)[: meta.numel()].view(meta.shape)
         scale = 1.0 / meta.shape[1] ** 0.5 if meta.ndim == 2 else 0.02
-        state[key] = (values * scale).to(torch.bfloat16) if not key.endswith("scale") else torch.ones(meta.shape, dtype=torch.bfloat16)
+        state[key] = (values * scale).to(torch.bfloat16) if key not in norms else torch.ones(meta.shape, dtype=torch.bfloat16)
+    state = tiny_flux.checkpoint_state(meta_model, state)  # the official key names
     path = tmp_path_factory.mktemp("checkpoint") / "tiny-flux.safetensors"
     comfy.utils.save_torch_file(state, str(path))
     return path, config

@@ -181,9 +181,13 @@ def test_calls_tied_to_the_native_grid_are_refused(flux_model):
     assert grid.refusal({"ref_latents": ref, "kwargs": {"ref_latents_method": "uxo"}}, model).startswith("'uxo'")
     assert grid.refusal({"ref_latents": ref, "kwargs": {}}, model) is None
     assert grid.refusal({"control": None, "kwargs": {}}, model) is None
-    timestep = {"timestep": torch.tensor([0.5]), "kwargs": {}}
-    assert grid.refusal({**timestep, "transformer_options": {"sigmas": torch.tensor([0.5])}}, model) is None
-    assert "not Flux's timestep = sigma" in grid.refusal({**timestep, "transformer_options": {"sigmas": torch.tensor([0.0005])}}, model)
+    assert grid.sampling_refusal(flux_model.model.model_sampling) is None
+
+    class ScaledTimestep(torch.nn.Module):  # e.g. a sampling that feeds the model t = 1000 sigma
+        def timestep(self, sigma):
+            return sigma * 1000
+
+    assert "not Flux's timestep = sigma" in grid.sampling_refusal(ScaledTimestep())
 
 
 # --- the algebra of a training-free coarse call -------------------------------------------------------

@@ -1,0 +1,57 @@
+"""Models are built the way the host builds a loaded checkpoint, so a newer ComfyUI's new model
+fields need no code in the pack."""
+import dataclasses
+
+import pytest
+import torch
+
+import comfy.ldm.flux.model
+import comfy.model_detection
+
+from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+
+
+def test_a_field_only_the_host_detection_knows_reaches_the_model(monkeypatch):
+    """A newer host (e.g. Flux's `txt_ids_dims` in ComfyUI 0.4+) adds a required model parameter that
+    its model detection fills; the builder must not need to know it."""
+    detect = comfy.model_detection.detect_unet_config
+    original_params = comfy.ldm.flux.model.FluxParams
+
+    def newer_detection(state_dict, key_prefix, metadata=None):
+        config = detect(state_dict, key_prefix, metadata)
+        if config is not None and config.get("image_model") == "flux":
+            config["txt_ids_dims_new"] = [3]
+        return config
+
+    def newer_params(*, txt_ids_dims_new, **fields):  # a required field, as the upstream dataclass has
+        params = original_params(**fields)
+        object.__setattr__(params, "txt_ids_dims_new", txt_ids_dims_new)
+        return params
+
+    monkeypatch.setattr(comfy.model_detection, "detect_unet_config", newer_detection)
+    monkeypatch.setattr(comfy.ldm.flux.model, "FluxParams", newer_params)
+    model = tiny_flux.build_model(tiny_flux.TinyFlux(depth=1, depth_single_blocks=1))
+    assert model.model.diffusion_model.params.txt_ids_dims_new == [3]
+
+
+def test_the_skeleton_names_real_parameters_and_sizes_are_ours():
+    config = tiny_flux.TinyFlux(hidden_size=192, num_heads=3, depth=1, depth_single_blocks=2)
+    model = tiny_flux.build_model(config)
+    dm = model.model.diffusion_model
+    host_keys = set(tiny_flux.host_state(model.model.model_config, config.checkpoint_skeleton()))  # depth >= 1 here
+    assert host_keys <= set(dm.state_dict())
+    params = dm.params
+    assert (params.hidden_size, params.num_heads, params.depth, params.depth_single_blocks) == (192, 3, 1, 2)
+    assert list(params.axes_dim) == config.axes_dim() and sum(params.axes_dim) == config.head_dim
+
+
+def test_checkpoint_names_round_trip_through_the_host_loader():
+    model = tiny_flux.build_model(tiny_flux.TinyFlux(depth=1, depth_single_blocks=1))
+    dm = model.model.diffusion_model
+    saved = tiny_flux.checkpoint_state(dm)
+    assert any(k.endswith("key_norm.scale") for k in saved)  # Flux.1 checkpoint names, whatever the host calls them
+    rebuilt = tiny_flux.build_model(tiny_flux.TinyFlux(depth=1, depth_single_blocks=1, seed=3), state_dict=saved)
+    for key, value in dm.state_dict().items():
+        assert torch.equal(rebuilt.model.diffusion_model.state_dict()[key], value), key
+    norms = tiny_flux.norm_parameters(dm)
+    assert norms and all(torch.all(dm.get_parameter(n) == 1) for n in norms)  # initialised as unit scales
