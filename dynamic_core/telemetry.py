@@ -219,7 +219,7 @@ class RunRecord:
             "total_steps": self.total_steps,
             "done": self.finished,
             "summary": self.summary(baseline, settled_steps=None if self.finished else len(steps)),
-            "flops_reduction": self.flops_reduction,
+            "flops_reduction": _number(self.flops_reduction),
             "model_seconds": self.model_seconds,
             "steps": [_step_data(s) for s in steps],
             "setup": [{"name": s.name, "seconds": s.seconds, "flops": s.flops} for s in self.setup],
@@ -309,8 +309,17 @@ def _times(factor: float, more: str, less: str) -> str:
     return f"x{factor:.2f} {more}" if factor >= 0.995 else f"x{1 / factor:.2f} {less}"
 
 
+def _number(value: float) -> float | None:
+    """A number a browser can parse: JSON has no NaN or infinity (a sigma is NaN until the step tracker
+    has read it, e.g. on an accelerator until the run ends)."""
+    return value if math.isfinite(value) else None
+
+
 def _step_data(step: StepRecord) -> dict:
-    return {"step": step.step, "sigma": step.sigma, "calls": step.calls, "ms": step.seconds * 1e3, "flops_ratio": step.flops_ratio}
+    return {
+        "step": step.step, "sigma": _number(step.sigma), "calls": step.calls, "ms": step.seconds * 1e3,
+        "flops_ratio": _number(step.flops_ratio),
+    }
 
 
 def _baseline_data(baseline: "RunRecord | None") -> dict | None:

@@ -1,4 +1,6 @@
 """Run records: one-off setup apart from the steps, honest wording, the process-wide full-compute runs."""
+import json
+import math
 import time
 from dataclasses import dataclass
 from typing import ClassVar
@@ -94,3 +96,13 @@ def test_recent_full_compute_runs_match_model_shape_and_steps():
         recent.add(record)
     assert recent.latest_comparable(_run([0.5, 0.5])) is same
     assert recent.latest_comparable(_run([0.5])) is None
+
+
+def test_progress_is_strict_json_while_sigmas_are_unknown():
+    # on an accelerator a call's sigma is NaN until the run ends; a browser's JSON.parse rejects NaN
+    run = _run([1.0, 1.0], executed=0.0)
+    for call in run.calls:
+        call.sigma = math.nan
+    data = json.loads(json.dumps(run.progress(baseline=_run([1.0, 1.0])), allow_nan=False))
+    assert data["steps"][0]["sigma"] is None and data["flops_reduction"] is None
+    assert data["baseline"]["steps"][1]["ms"] == 1000.0
