@@ -68,7 +68,7 @@ def conds(tiny_config):
 def lowvram_loading(monkeypatch):
     """Every model load offloads every layer, as ComfyUI's low-VRAM mode does: weights stay on the
     offload device and LoRA patches are applied on the fly by weight functions. Unloads all models
-    afterwards, so later tests load normally again."""
+    before (so the test's models are loaded this way) and afterwards (so later tests load normally)."""
     import comfy.model_management
     import comfy.model_patcher
 
@@ -77,6 +77,7 @@ def lowvram_loading(monkeypatch):
     def offload_everything(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
         return load(self, device_to, 1, force_patch_weights, False)
 
+    comfy.model_management.unload_all_models()  # a model an earlier test left loaded would not be loaded again
     monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "load", offload_everything)
     yield
     monkeypatch.undo()
