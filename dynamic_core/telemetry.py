@@ -208,7 +208,7 @@ class RunRecord:
 
         `baseline`: a run to compare with, None for none, or LATEST: the latest comparable
         full-compute run this process has seen (none for a full-compute run itself)."""
-        if baseline == LATEST:
+        if isinstance(baseline, str):  # LATEST
             baseline = None if self.full_compute else RECENT_FULL_COMPUTE.latest_comparable(self)
         steps = [s for s in self.steps() if s.step is not None and (settled_steps is None or s.step < settled_steps)]
         return {

@@ -74,7 +74,7 @@ def try_it_workflow() -> list[Node]:
         "64 px; pick a photo class). The same seed is sampled twice: through **Dynamic Telemetry** (full compute, "
         "the baseline) and through the dynamic chain **Patch Scheduler → Width Patcher → Token Router** at their "
         "defaults. Press *Queue*: on a CPU it takes well under a minute.\n\n"
-        f"{REPORT_HELP} The two images are at the right: at these defaults the dynamic one differs visibly on a "
+        f"{REPORT_HELP} The two images are side by side at the right: at these defaults the dynamic one differs visibly on a "
         "model this small, and the speedup is not what a 12B FLUX gets. The point is to see the nodes work; "
         "BENCHMARKS.md has measured speed and fidelity for each setting."
     )
@@ -94,10 +94,11 @@ def try_it_workflow() -> list[Node]:
         [Node("report", "DynamicSpeedReport", links={
             "model": ("router", 0), "latent": ("sampler", 0), "baseline_model": ("telemetry", 0), "baseline_latent": ("baseline", 0),
         }), Node("table", "PreviewAny", links={"source": ("report", 1)}, title="Per-step table")],
+        # the two images side by side
         [Node("image_full", "DynamicReferenceLatentToImage", links={"latent": ("baseline", 0)}),
-         Node("preview_full", "PreviewImage", links={"images": ("image_full", 0)}, title="Full compute"),
-         Node("image", "DynamicReferenceLatentToImage", links={"latent": ("report", 0)}),
-         Node("preview", "PreviewImage", links={"images": ("image", 0)}, title="Dynamic")],
+         Node("preview_full", "PreviewImage", links={"images": ("image_full", 0)}, title="Full compute", size=(360, 400))],
+        [Node("image", "DynamicReferenceLatentToImage", links={"latent": ("report", 0)}),
+         Node("preview", "PreviewImage", links={"images": ("image", 0)}, title="Dynamic", size=(360, 400))],
     ])
 
 

@@ -4,6 +4,9 @@
 // step next to the full-compute baseline, the one-off setup (e.g. width calibration) apart from the
 // steps, and the FLOPs of every step as a share of the full model's.
 //
+// Every report node of the open workflow shows the run in progress (the events do not say which
+// report a sampler feeds); each report's own numbers replace it when that report runs.
+//
 // This file is served at /extensions/<pack folder>/js/dynamic_dit.js, so the frontend's modules
 // are three levels up.
 import { app } from "../../../scripts/app.js";
