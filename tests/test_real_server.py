@@ -27,7 +27,8 @@ def test_try_it_workflow_runs_and_reports(try_it_run, comfy_server):
     for title in ("Full compute", "Dynamic"):
         (image,) = outputs[_node_id(prompt, title)]["images"]
         assert image["type"] == "temp" and image["filename"].endswith(".png")
-    assert seconds < 60, f"the try-it workflow took {seconds:.1f} s on this machine"
+    # about 7 s on an idle 2-core CPU; the bound leaves room for a machine shared with other jobs
+    assert seconds < 120, f"the try-it workflow took {seconds:.1f} s on this machine"
 
 
 def test_progress_arrives_per_step_over_the_websocket(try_it_run):
