@@ -8,6 +8,9 @@ else:  # read as a lone file, e.g. by pytest in a checkout folder whose name is 
     NODE_CLASS_MAPPINGS: dict = {}
     NODE_DISPLAY_NAME_MAPPINGS: dict = {}
 
+# The frontend extension (web/js/dynamic_dit.js), served at /extensions/<pack folder>/js/. Registered
+# here only: a `web` entry in pyproject's [tool.comfy] would register the same folder a second time
+# under the project name, and the frontend would load the extension twice.
 WEB_DIRECTORY = "./web"
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS", "WEB_DIRECTORY"]

@@ -2,6 +2,7 @@
 benchmark conditioning) with one kind of error a person can act on."""
 from __future__ import annotations
 
+import json
 import os
 
 import torch
@@ -37,3 +38,33 @@ def header_problem(metadata: dict[str, str], expected_format: str, version: str,
     if metadata.get("version") != version:
         return f"format version {metadata.get('version')!r} is not supported (this pack reads version {version})."
     return None
+
+
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
+_format_cache: dict[str, tuple[tuple[float, int], str | None]] = {}
+
+
+def file_format(path: str | os.PathLike) -> str | None:
+    """The `format` of a safetensors file's header metadata, or None (no such entry, not a readable
+    safetensors file). Reads only the header, and each file only again when its mtime or size changed,
+    so listing a folder of large files for a node's file combo stays cheap."""
+    path = os.fspath(path)
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    key = (stat.st_mtime, stat.st_size)
+    cached = _format_cache.get(path)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    found = None
+    try:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if 0 < size <= min(_MAX_HEADER_BYTES, stat.st_size - 8):
+                metadata = json.loads(handle.read(size)).get("__metadata__") or {}
+                found = metadata.get("format") if isinstance(metadata.get("format"), str) else None
+    except (OSError, ValueError, AttributeError):  # unreadable, not JSON, or JSON that is no header object
+        found = None
+    _format_cache[path] = (key, found)
+    return found

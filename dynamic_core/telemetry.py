@@ -5,12 +5,17 @@ method did (its settings, per-block details such as tokens or width kept), the F
 (analytic, from what the blocks really received) next to the FLOPs the unpatched model would have
 executed, and the wall time of the call. A RunRecord aggregates them per sampling step and
 compares against a full-compute run of the same shape when one is available.
+
+One-off setup work of a run (e.g. the width method's calibration) is noted with
+`RunRecord.note_setup`: its time and FLOPs are reported on their own, never as part of a step, also
+when it ran inside a step's model call (its time is then taken out of that call's).
 """
 from __future__ import annotations
 
 import math
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
@@ -61,6 +66,16 @@ class CallRecord:
 
 
 @dataclass
+class SetupRecord:
+    """One-off work of a run that belongs to no sampling step (a calibration, a cache warm-up)."""
+
+    name: str
+    seconds: float
+    flops: float
+    call_index: int | None = None  # the model call whose measured time contains this work, if any
+
+
+@dataclass
 class StepRecord:
     step: int | None
     sigma: float
@@ -74,6 +89,9 @@ class StepRecord:
     @property
     def flops_ratio(self) -> float:
         return self.executed / self.full if self.full else 1.0
+
+
+LATEST = "latest"  # RunRecord.progress: compare with the latest comparable full-compute run
 
 
 def _ratio(numerator: float, denominator: float) -> float:
@@ -94,9 +112,43 @@ class RunRecord:
     started: float = field(default_factory=time.time)
     calls: list[CallRecord] = field(default_factory=list)
     finished: bool = False
+    setup: list[SetupRecord] = field(default_factory=list)
+    full_compute: bool = False  # every method off: a baseline for other runs of its shape
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+
+    # --- one-off setup work -------------------------------------------------------------------
+    def note_setup(self, name: str, seconds: float, flops: float = 0.0, inside: CallRecord | None = None) -> SetupRecord:
+        """Record one-off work (`name`, e.g. "width calibration") apart from the sampling steps.
+
+        `inside`: the model call it ran in, whose measured time contains `seconds`; that time is taken
+        out of the call's step. Its FLOPs must not also be added to the call's executed FLOPs.
+        """
+        record = SetupRecord(name, float(seconds), float(flops), inside.index if inside is not None else None)
+        self.setup.append(record)
+        return record
+
+    @property
+    def setup_seconds(self) -> float:
+        return sum(s.seconds for s in self.setup)
+
+    @property
+    def setup_flops(self) -> float:
+        return sum(s.flops for s in self.setup)
+
+    def _setup_inside(self) -> dict[int, float]:
+        inside: dict[int, float] = {}
+        for record in self.setup:
+            if record.call_index is not None:
+                inside[record.call_index] = inside.get(record.call_index, 0.0) + record.seconds
+        return inside
+
+    def _call_seconds(self, call: CallRecord, inside: dict[int, float]) -> float:
+        """The call's model time without the setup work that ran inside it."""
+        return max(call.seconds - inside.get(call.index, 0.0), 0.0)
 
     # --- aggregation --------------------------------------------------------------------------
     def steps(self) -> list[StepRecord]:
+        inside = self._setup_inside()
         grouped: dict[object, list[CallRecord]] = {}
         for call in self.calls:
             grouped.setdefault(call.step if call.step is not None else ("call", call.index), []).append(call)
@@ -113,7 +165,7 @@ class RunRecord:
                     calls=len(calls),
                     executed=sum(c.executed.total for c in calls),
                     full=sum(c.full.total for c in calls),
-                    seconds=sum(c.seconds for c in calls),
+                    seconds=sum(self._call_seconds(c, inside) for c in calls),
                     methods=methods,
                     ran_model=any(c.ran_model for c in calls),
                 )
@@ -122,6 +174,7 @@ class RunRecord:
 
     @property
     def executed_flops(self) -> float:
+        """FLOPs of the sampling steps (one-off setup work not included: see setup_flops)."""
         return sum(c.executed.total for c in self.calls)
 
     @property
@@ -130,7 +183,9 @@ class RunRecord:
 
     @property
     def model_seconds(self) -> float:
-        return sum(c.seconds for c in self.calls)
+        """Model time of the sampling steps (one-off setup work not included: see setup_seconds)."""
+        inside = self._setup_inside()
+        return sum(self._call_seconds(c, inside) for c in self.calls)
 
     @property
     def flops_reduction(self) -> float:
@@ -147,44 +202,74 @@ class RunRecord:
         )
 
     # --- reports ------------------------------------------------------------------------------
-    def progress(self, settled_steps: int | None = None) -> dict:
-        """Plain data for a live view: the steps so far (only the first `settled_steps` when given)."""
+    def progress(self, settled_steps: int | None = None, baseline: "RunRecord | None | str" = LATEST) -> dict:
+        """Plain data for a live view: the steps so far (only the first `settled_steps` when given),
+        the one-off setup, a summary of the run so far, and the full-compute baseline's steps.
+
+        `baseline`: a run to compare with, None for none, or LATEST: the latest comparable
+        full-compute run this process has seen (none for a full-compute run itself)."""
+        if isinstance(baseline, str):  # LATEST
+            baseline = None if self.full_compute else RECENT_FULL_COMPUTE.latest_comparable(self)
         steps = [s for s in self.steps() if s.step is not None and (settled_steps is None or s.step < settled_steps)]
         return {
+            "run_id": self.run_id,
             "model": self.model,
             "plan": self.plan,
+            "full_compute": self.full_compute,
             "total_steps": self.total_steps,
             "done": self.finished,
-            "summary": self.summary() if self.finished else None,
-            "flops_reduction": self.flops_reduction,
+            "summary": self.summary(baseline, settled_steps=None if self.finished else len(steps)),
+            "flops_reduction": _number(self.flops_reduction),
             "model_seconds": self.model_seconds,
-            "steps": [
-                {"step": s.step, "sigma": s.sigma, "calls": s.calls, "ms": s.seconds * 1e3, "flops_ratio": s.flops_ratio}
-                for s in steps
-            ],
+            "steps": [_step_data(s) for s in steps],
+            "setup": [{"name": s.name, "seconds": s.seconds, "flops": s.flops} for s in self.setup],
+            "baseline": _baseline_data(baseline),
         }
 
-    def summary(self, baseline: "RunRecord | None" = None) -> str:
-        text = f"x{self.flops_reduction:.2f} fewer FLOPs"
-        if baseline is not None and self.model_seconds > 0:
-            text += f", x{baseline.model_seconds / self.model_seconds:.2f} faster model time"
-            text += f" ({self.model_seconds:.3f} s vs {baseline.model_seconds:.3f} s full compute)"
+    def summary(self, baseline: "RunRecord | None" = None, settled_steps: int | None = None) -> str:
+        """One line: FLOPs and model time against full compute, the setup apart, what ran.
+
+        `settled_steps`: a run in progress, compared over the steps it has finished so far."""
+        steps = self.steps()
+        if settled_steps is not None:
+            steps = [s for s in steps if s.step is not None and s.step < settled_steps]
+        executed, full = sum(s.executed for s in steps), sum(s.full for s in steps)
+        seconds = sum(s.seconds for s in steps)
+        text = _times(_ratio(full, executed), "fewer", "more") + " FLOPs"
+        base_steps = baseline.steps()[: len(steps)] if baseline is not None else None
+        if base_steps is not None and seconds > 0:
+            base_seconds = sum(s.seconds for s in base_steps)
+            text += ", " + _times(base_seconds / seconds, "faster", "slower") + " model time"
+            text += f" ({seconds:.3f} s vs {base_seconds:.3f} s full compute)"
+        elif self.full_compute:
+            text += f", model time {seconds:.3f} s (full compute, a baseline for other runs)"
         else:
-            text += f", model time {self.model_seconds:.3f} s (no full-compute run of this shape to compare)"
-        return f"{text} - {len(self.steps())} steps, {len(self.calls)} model calls, {self.plan}"
+            text += f", model time {seconds:.3f} s (no full-compute run of this shape to compare)"
+        if self.setup:
+            names = ", ".join(dict.fromkeys(s.name for s in self.setup))
+            text += f"; one-off setup {self.setup_seconds:.3f} s, {self.setup_flops / 1e9:.3g} GFLOP ({names})"
+        done = f"{len(steps)} steps" if settled_steps is None else f"step {len(steps)}/{self.total_steps}"
+        return f"{text} - {done}, {len(self.calls)} model calls, {self.plan}"
 
     def table(self, baseline: "RunRecord | None" = None) -> str:
-        """The per-step table, plain text, one row per sampling step."""
+        """The per-step table, plain text, one row per sampling step (and one per setup work)."""
         base_steps = baseline.steps() if baseline is not None else None
-        header = f"{'step':>4} {'sigma':>8} {'calls':>5} {'GFLOP run':>10} {'GFLOP full':>10} {'FLOPs':>6} {'ms':>9}"
+        header = f"{'step':>5} {'sigma':>8} {'calls':>5} {'GFLOP run':>10} {'GFLOP full':>10} {'FLOPs':>6} {'ms':>9}"
         if base_steps is not None:
             header += f" {'ms full':>9} {'speedup':>7}"
         header += "  methods"
         lines = [header]
+        for record in self.setup:
+            where = f" (inside model call {record.call_index})" if record.call_index is not None else ""
+            lines.append(
+                f"{'setup':>5} {'':>8} {'':>5} {record.flops / 1e9:>10.3f} {'':>10} {'':>6} {record.seconds * 1e3:>9.2f}"
+                + (f" {'':>9} {'':>7}" if base_steps is not None else "")
+                + f"  {record.name}, once{where}; not in any step"
+            )
         for i, step in enumerate(self.steps()):
             label = "-" if step.step is None else str(step.step)
             row = (
-                f"{label:>4} {step.sigma:>8.4f} {step.calls:>5} {step.executed / 1e9:>10.3f} {step.full / 1e9:>10.3f}"
+                f"{label:>5} {step.sigma:>8.4f} {step.calls:>5} {step.executed / 1e9:>10.3f} {step.full / 1e9:>10.3f}"
                 f" {step.flops_ratio:>6.1%} {step.seconds * 1e3:>9.2f}"
             )
             if base_steps is not None:
@@ -196,12 +281,12 @@ class RunRecord:
                 methods = "; ".join(f"{k}: {v}" for k, v in step.methods.items()) or "full compute"
             lines.append(f"{row}  {methods}")
         total = (
-            f"{'all':>4} {'':>8} {len(self.calls):>5} {self.executed_flops / 1e9:>10.3f} {self.full_flops / 1e9:>10.3f}"
+            f"{'all':>5} {'':>8} {len(self.calls):>5} {self.executed_flops / 1e9:>10.3f} {self.full_flops / 1e9:>10.3f}"
             f" {_ratio(self.executed_flops, self.full_flops):>6.1%} {self.model_seconds * 1e3:>9.2f}"
         )
         if baseline is not None:
             total += f" {baseline.model_seconds * 1e3:>9.2f} {_ratio(baseline.model_seconds, self.model_seconds):>6.2f}x"
-        lines.append(total)
+        lines.append(total + ("  steps only, setup above" if self.setup else ""))
         return "\n".join(lines)
 
     def block_table(self) -> str:
@@ -215,6 +300,33 @@ class RunRecord:
             )
             lines.append(f"step {call.step} call {call.index}: {details}")
         return "\n".join(lines)
+
+
+def _times(factor: float, more: str, less: str) -> str:
+    """'x2.04 faster' for a factor of 2.04, 'x2.04 slower' for 0.49: the factor always >= 1."""
+    if not math.isfinite(factor) or factor <= 0:
+        return f"x{factor:.2f} {more}"
+    return f"x{factor:.2f} {more}" if factor >= 0.995 else f"x{1 / factor:.2f} {less}"
+
+
+def _number(value: float) -> float | None:
+    """A number a browser can parse: JSON has no NaN or infinity (a sigma is NaN until the step tracker
+    has read it, e.g. on an accelerator until the run ends)."""
+    return value if math.isfinite(value) else None
+
+
+def _step_data(step: StepRecord) -> dict:
+    return {
+        "step": step.step, "sigma": _number(step.sigma), "calls": step.calls, "ms": step.seconds * 1e3,
+        "flops_ratio": _number(step.flops_ratio),
+    }
+
+
+def _baseline_data(baseline: "RunRecord | None") -> dict | None:
+    if baseline is None:
+        return None
+    steps = [s for s in baseline.steps() if s.step is not None]
+    return {"run_id": baseline.run_id, "model_seconds": baseline.model_seconds, "steps": [_step_data(s) for s in steps]}
 
 
 class TelemetrySink:
@@ -253,3 +365,27 @@ def find_baseline(run: RunRecord, sinks: Iterable[TelemetrySink]) -> RunRecord |
         if found is not None:
             return found
     return None
+
+
+class RecentFullCompute(TelemetrySink):
+    """The latest finished full-compute runs (every method off) of every model this process sampled:
+    what a live view compares a run with when no baseline is connected to it."""
+
+    def latest_comparable(self, run: RunRecord) -> RunRecord | None:
+        for candidate in reversed(self.runs()):
+            if candidate.model != run.model or candidate.device != run.device:
+                continue
+            if run.comparable_to(candidate) or (not run.finished and _same_schedule(run, candidate)):
+                return candidate
+        return None
+
+
+def _same_schedule(run: RunRecord, candidate: RunRecord) -> bool:
+    """A run in progress (its steps still coming) against a finished one: same latent and step count."""
+    return (
+        candidate is not run and candidate.finished
+        and candidate.latent_shape == run.latent_shape and candidate.total_steps == run.total_steps
+    )
+
+
+RECENT_FULL_COMPUTE = RecentFullCompute(keep=8)

@@ -1,8 +1,8 @@
 """Dynamic Patch Scheduler (DDiT): coarse patches at steps where the latent changes slowly."""
 from __future__ import annotations
 
-from ..dynamic_core.comfy_integration.patching import MODEL_FOLDER, apply_settings
-from ..dynamic_core.methods.patch_embedding_file import load_patch_embedding_file
+from ..dynamic_core.comfy_integration.patching import MODEL_FOLDER, apply_settings, model_files
+from ..dynamic_core.methods.patch_embedding_file import FORMAT, load_patch_embedding_file
 from ..dynamic_core.methods.patch_scheduler import MODES, PatchSchedulerSettings, parse_schedule
 
 NO_EMBEDDING = "none"
@@ -10,9 +10,7 @@ DEFAULT_SCHEDULE = "0-40%:4, 40-70%:2, 70-100%:1"
 
 
 def _embedding_files() -> list[str]:
-    import folder_paths
-
-    return [NO_EMBEDDING, *folder_paths.get_filename_list(MODEL_FOLDER)]
+    return [NO_EMBEDDING, *model_files(FORMAT)]
 
 
 def _load_embedding(name: str):

@@ -5,8 +5,8 @@ import numpy as np
 import torch
 
 from ..dynamic_core.chart import render_chart
-from ..dynamic_core.comfy_integration.patching import plan_of, save_preview
-from ..dynamic_core.telemetry import find_baseline
+from ..dynamic_core.comfy_integration.patching import plan_of
+from ..dynamic_core.telemetry import RECENT_FULL_COMPUTE, RunRecord, find_baseline
 
 CATEGORY = "dynamic_dit"
 
@@ -15,18 +15,47 @@ def _image_tensor(image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
+def _baseline_for(run: RunRecord, baseline_model) -> tuple[RunRecord | None, str]:
+    """The connected baseline's comparable run, or without a connection the latest comparable
+    full-compute run of this process; and a note when the comparison is not the connected one."""
+    if baseline_model is not None:
+        baseline_plan = plan_of(baseline_model)
+        if baseline_plan is None:
+            raise ValueError(
+                "Dynamic Speed Report: the baseline_model has no Dynamic DiT executor. Put 'Dynamic Telemetry' "
+                "between the loader and the baseline's sampler and connect its MODEL."
+            )
+        found = find_baseline(run, [baseline_plan.telemetry])
+        if found is None:
+            return None, (
+                "the connected baseline has no finished run of this shape "
+                f"(latent {list(run.latent_shape)}, {run.total_steps} steps): sample it with the same size and steps"
+            )
+        return found, ""
+    if run.full_compute:  # the baseline itself
+        return None, ""
+    found = RECENT_FULL_COMPUTE.latest_comparable(run)
+    return found, "compared with the latest full-compute run of this shape (no baseline connected)" if found else ""
+
+
 class DynamicSpeedReport:
     DESCRIPTION = (
         "Shows what the last sampling run of a Dynamic DiT model computed: per step the FLOPs executed "
         "next to the full model's, the model time, and what every method did. Connect a full-compute run "
         "(a model through 'Dynamic Telemetry' with no method on, same seed and size) as baseline to see "
-        "the measured speedup."
+        "the measured speedup. The node shows the summary and a per-step chart (live while sampling); "
+        "the 'table' output has every step in detail (connect it to 'Preview as Text')."
     )
     CATEGORY = CATEGORY
     FUNCTION = "report"
     OUTPUT_NODE = True
     RETURN_TYPES = ("LATENT", "STRING", "IMAGE")
     RETURN_NAMES = ("latent", "table", "chart")
+    OUTPUT_TOOLTIPS = (
+        "The sampler's LATENT, unchanged.",
+        "The per-step table (FLOPs, model ms, speedup, what each method did) as text.",
+        "The per-step chart as an image.",
+    )
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -54,13 +83,15 @@ class DynamicSpeedReport:
                 "Dynamic Speed Report: no sampling run was recorded for this model yet. Connect the sampler's "
                 "LATENT output so the report runs after it."
             )
-        baseline_plan = plan_of(baseline_model) if baseline_model is not None else None
-        baseline = find_baseline(run, [baseline_plan.telemetry]) if baseline_plan is not None else None
-        summary = run.summary(baseline)
-        text = "\n\n".join(part for part in (summary, run.table(baseline), run.block_table()) if part)
+        baseline, note = _baseline_for(run, baseline_model)
+        summary = run.summary(baseline) + (f" ({note})" if note else "")
+        # Markdown: text displays such as 'Preview as Text' render the tables as aligned monospace blocks.
+        text = "\n\n".join([summary] + [f"```text\n{table}\n```" for table in (run.table(baseline), run.block_table()) if table])
         chart = render_chart(run, baseline)
+        # The node draws the chart itself from these numbers (readable at any node size); the
+        # chart image is an output for saving or previewing.
         return {
-            "ui": {"text": [summary], "images": save_preview(chart)},
+            "ui": {"text": [summary], "dynamic_dit_chart": [run.progress(baseline=baseline) | {"summary": summary}]},
             "result": (latent, text, _image_tensor(chart)),
         }
 

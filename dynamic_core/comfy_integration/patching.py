@@ -29,6 +29,7 @@ from ..adapters import BlockRef, ModelAdapter, adapter_for
 from ..executor import ModelCall, RunContext
 from ..plan import DynamicPlan, MethodSettings
 from ..steps import invert_decreasing
+from ..telemetry import RECENT_FULL_COMPUTE
 
 logger = logging.getLogger("dynamic_dit")
 
@@ -153,6 +154,7 @@ def _outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         model_sampling=model_sampling,
         weights_key=guider.model_patcher.patches_uuid,
     )
+    run.record.full_compute = not plan.enabled_settings()
     user_callback = bound.arguments.get("callback")
 
     def step_callback(step: int, denoised: torch.Tensor, x: torch.Tensor, total_steps: int) -> None:
@@ -171,7 +173,10 @@ def _outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         record = run.finish()
         if record.calls:
             plan.telemetry.add(record)
-            logger.info("Dynamic DiT: %s", record.summary(plan.telemetry.latest_comparable(record)))
+            if record.full_compute:
+                RECENT_FULL_COMPUTE.add(record)
+            baseline = plan.telemetry.latest_comparable(record) or RECENT_FULL_COMPUTE.latest_comparable(record)
+            logger.info("Dynamic DiT: %s", record.summary(baseline))
         guider.model_options = original_options
 
 
@@ -315,11 +320,17 @@ def register_model_folder() -> None:
     folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(extensions) | {".safetensors"})
 
 
-def model_files() -> list[str]:
-    """The files in `models/dynamic_dit/`, for a node's file combo."""
+def model_files(file_format: str) -> list[str]:
+    """The files in `models/dynamic_dit/` whose header metadata says `file_format`, for a node's file
+    combo: the folder holds every method's files, and each input offers only the ones it can read."""
     import folder_paths
 
-    return folder_paths.get_filename_list(MODEL_FOLDER)
+    from ..files import file_format as format_of
+
+    return [
+        name for name in folder_paths.get_filename_list(MODEL_FOLDER)
+        if format_of(folder_paths.get_full_path(MODEL_FOLDER, name) or "") == file_format
+    ]
 
 
 def model_file_path(name: str) -> str:
@@ -331,17 +342,3 @@ def model_file_path(name: str) -> str:
         folders = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER)) or f"models/{MODEL_FOLDER}"
         raise ValueError(f"'{name}' was not found in the dynamic_dit model folder ({folders}); refresh the node's file list.")
     return path
-
-
-def save_preview(image: Any, prefix: str = "dynamic_dit_report") -> list[dict]:
-    """Save a PIL image to ComfyUI's temp folder and return the UI entry that shows it on the node."""
-    import os
-    import uuid
-
-    import folder_paths
-
-    name = f"{prefix}_{uuid.uuid4().hex[:12]}.png"
-    folder = folder_paths.get_temp_directory()
-    os.makedirs(folder, exist_ok=True)
-    image.save(os.path.join(folder, name), compress_level=1)
-    return [{"filename": name, "subfolder": "", "type": "temp"}]

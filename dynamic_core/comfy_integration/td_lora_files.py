@@ -32,7 +32,7 @@ from ..methods.td_lora import (
     is_td_lora,
     parse_td_lora,
 )
-from ..files import read_safetensors
+from ..files import file_format, read_safetensors
 from .patching import MODEL_FOLDER, adapter_of, apply_settings, diffusion_model_of, plan_of
 
 FOLDERS = (MODEL_FOLDER, "loras")
@@ -42,27 +42,6 @@ _SAFETENSORS = (".safetensors", ".sft")
 
 
 # --- files ---------------------------------------------------------------------------------------
-_format_cache: dict[tuple[str, float, int], str | None] = {}
-
-
-def _file_format(path: str) -> str | None:
-    """The `format` in a safetensors header (cheap: only the header is read); None if unreadable."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    key = (path, stat.st_mtime, stat.st_size)
-    if key not in _format_cache:
-        try:
-            from safetensors import safe_open
-
-            with safe_open(path, framework="pt", device="cpu") as f:
-                _format_cache[key] = (f.metadata() or {}).get("format")
-        except Exception:
-            _format_cache[key] = None
-    return _format_cache[key]
-
-
 def file_choices() -> list[str]:
     """TD-LoRA files of models/dynamic_dit/ and every LoRA of the loras folder, as 'folder/name'."""
     choices = []
@@ -75,7 +54,7 @@ def file_choices() -> list[str]:
             if folder == MODEL_FOLDER:
                 path = folder_paths.get_full_path(folder, name)
                 # models/dynamic_dit/ also holds other methods' files; a damaged file stays listed so its error shows
-                if path is None or _file_format(path) not in ("td_lora", None):
+                if path is None or file_format(path) not in ("td_lora", None):
                     continue
             choices.append(f"{folder}/{name}")
     return choices

@@ -1,7 +1,9 @@
-"""Example workflows in ComfyUI's UI format, generated from compact descriptions.
+"""Example workflows in ComfyUI's UI format (and the API format a client POSTs), generated from
+compact descriptions (`example_graphs.py`).
 
 Widget order and link types come from the real node definitions, so a workflow cannot silently
-drift from the nodes. Regenerate with:
+drift from the nodes. Nodes are placed in columns, each column's nodes stacked with their real sizes
+plus the title bar, so no two nodes overlap. Regenerate with:
 
     python -m dynamic_core.comfy_integration.workflows   (writes example_workflows/*.json)
 """
@@ -9,21 +11,59 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+ANY_TYPE = "*"  # an input that takes any type (e.g. Preview as Text)
+NOTE_TYPE = "MarkdownNote"  # a frontend-only node: in the UI workflow, never in the API prompt
+TITLE_HEIGHT = 30  # the frontend draws a node's title bar above its position
+COLUMN_GAP, ROW_GAP = 50, 40
+NOTE_COLOR, NOTE_BACKGROUND = "#432", "#653"
+
+# Node sizes the frontend (1.32) gives these nodes, measured in the browser and rounded up; a
+# node's body is never drawn smaller than this, so the layout uses at least these.
+MIN_SIZES: dict[str, tuple[int, int]] = {
+    "UNETLoader": (320, 90), "DualCLIPLoader": (320, 130), "CLIPTextEncode": (400, 200), "FluxGuidance": (320, 60),
+    "ConditioningZeroOut": (320, 30), "EmptySD3LatentImage": (320, 110), "VAELoader": (320, 60), "KSampler": (320, 270),
+    "VAEDecode": (200, 50), "SaveImage": (400, 300), "PreviewImage": (300, 300), "PreviewAny": (460, 220),
+    "DynamicTelemetry": (320, 30), "DynamicSpeedReport": (520, 380), "DynamicWidthPatcher": (340, 260),
+    "DynamicTokenRouter": (340, 310), "DynamicTDLoRALoader": (340, 90), "DynamicPatchScheduler": (340, 260),
+    "DynamicBenchmarkConditioning": (380, 60), "DynamicReferenceModelLoader": (340, 150),
+    "DynamicReferenceLatentToImage": (360, 60), NOTE_TYPE: (400, 300),
+}
 
 
 @dataclass
 class Node:
     key: str
     type: str
-    pos: tuple[int, int]
     widgets: dict[str, Any] = field(default_factory=dict)
     links: dict[str, tuple[str, int]] = field(default_factory=dict)  # input -> (source key, output index)
     title: str | None = None
-    size: tuple[int, int] = (320, 130)
+    size: tuple[int, int] | None = None  # None: MIN_SIZES of the type
+    pos: tuple[int, int] = (0, 0)  # set by `layout`
+
+
+def note(key: str, text: str, size: tuple[int, int] = (400, 300)) -> Node:
+    """A Markdown note explaining the workflow (shown in the frontend, not part of the prompt)."""
+    return Node(key, NOTE_TYPE, {"text": text}, size=size)
+
+
+def layout(columns: Sequence[Sequence[Node]], origin: tuple[int, int] = (20, 60)) -> list[Node]:
+    """Place columns left to right and each column's nodes top to bottom, sized at least MIN_SIZES."""
+    placed, x = [], origin[0]
+    for column in columns:
+        y, width = origin[1], 0
+        for node in column:
+            minimum = MIN_SIZES.get(node.type, (300, 100))
+            size = node.size or minimum
+            node.size = (max(size[0], minimum[0]), max(size[1], minimum[1]))
+            node.pos = (x, y + TITLE_HEIGHT)
+            y += TITLE_HEIGHT + node.size[1] + ROW_GAP
+            width = max(width, node.size[0])
+            placed.append(node)
+        x += width + COLUMN_GAP
+    return placed
 
 
 def _is_widget(spec: tuple) -> bool:
@@ -46,59 +86,68 @@ def widget_defaults(node_cls: type) -> dict[str, Any]:
     return defaults
 
 
+def _widget_values(node: Node, cls: type) -> dict[str, Any]:
+    values = {**widget_defaults(cls), **node.widgets}
+    known = {name for name, spec in _inputs(cls) if _is_widget(spec)}
+    unknown = (set(node.widgets) - known) | (set(node.links) - {name for name, spec in _inputs(cls) if not _is_widget(spec)})
+    if unknown:
+        raise ValueError(f"{node.key}: {node.type} has no inputs named {sorted(unknown)}")
+    missing = known - set(values)
+    if missing:
+        raise ValueError(f"{node.key}: no value for widgets {sorted(missing)} of {node.type}")
+    return values
+
+
+def _link_type(node: Node, name: str, spec: tuple, by_key: Mapping[str, Node], registry: Mapping[str, type]) -> str:
+    source_key, slot = node.links[name]
+    source_type = str(registry[by_key[source_key].type].RETURN_TYPES[slot])
+    if str(spec[0]) not in (source_type, ANY_TYPE):
+        raise ValueError(f"{node.key}.{name} expects {spec[0]}, {source_key}[{slot}] gives {source_type}")
+    return source_type
+
+
 def build(nodes: list[Node], registry: Mapping[str, type], title: str) -> dict:
-    """A UI-format workflow (version 0.4) from node descriptions and the node classes in `registry`."""
+    """A UI-format workflow (version 0.4) from placed node descriptions and the node classes in `registry`."""
     ids = {node.key: i + 1 for i, node in enumerate(nodes)}
     by_key = {node.key: node for node in nodes}
-    links, out_links = [], {}
-    ui_nodes = []
+    links, out_links, ui_nodes = [], {}, []
     for order, node in enumerate(nodes):
+        ui = {"id": ids[node.key], "type": node.type, "pos": list(node.pos), "size": list(node.size or (300, 100)),
+              "flags": {}, "order": order, "mode": 0}
+        if node.type == NOTE_TYPE:
+            ui.update(inputs=[], outputs=[], properties={}, widgets_values=[node.widgets["text"]], color=NOTE_COLOR,
+                      bgcolor=NOTE_BACKGROUND)
+            ui_nodes.append(ui)
+            continue
         cls = registry[node.type]
+        values = _widget_values(node, cls)
         inputs, widgets = [], []
-        values = {**widget_defaults(cls), **node.widgets}
         for name, spec in _inputs(cls):
             if _is_widget(spec):
-                if name not in values:
-                    raise ValueError(f"{node.key}: no value for widget '{name}' of {node.type}")
                 widgets.append(values[name])
-                options = spec[1] if len(spec) > 1 else {}
-                if options.get("control_after_generate"):
+                if (spec[1] if len(spec) > 1 else {}).get("control_after_generate"):
                     widgets.append("fixed")
                 continue
             link_id = None
             if name in node.links:
-                source_key, slot = node.links[name]
-                source_cls = registry[by_key[source_key].type]
-                source_type = source_cls.RETURN_TYPES[slot]
-                if str(source_type) != str(spec[0]):
-                    raise ValueError(f"{node.key}.{name} expects {spec[0]}, {source_key}[{slot}] gives {source_type}")
+                kind = _link_type(node, name, spec, by_key, registry)
                 link_id = len(links) + 1
-                links.append([link_id, ids[source_key], slot, ids[node.key], len(inputs), str(spec[0])])
+                source_key, slot = node.links[name]
+                links.append([link_id, ids[source_key], slot, ids[node.key], len(inputs), kind])
                 out_links.setdefault((source_key, slot), []).append(link_id)
             inputs.append({"name": name, "type": str(spec[0]), "link": link_id})
-        unknown = set(node.widgets) - {name for name, spec in _inputs(cls) if _is_widget(spec)}
-        unknown |= set(node.links) - {name for name, spec in _inputs(cls) if not _is_widget(spec)}
-        if unknown:
-            raise ValueError(f"{node.key}: {node.type} has no inputs named {sorted(unknown)}")
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-        ui = {
-            "id": ids[node.key],
-            "type": node.type,
-            "pos": list(node.pos),
-            "size": list(node.size),
-            "flags": {},
-            "order": order,
-            "mode": 0,
-            "inputs": inputs,
-            "outputs": [
-                {"name": str(names[i]), "type": str(t), "links": None, "slot_index": i} for i, t in enumerate(cls.RETURN_TYPES)
-            ],
-            "properties": {"Node name for S&R": node.type},
-            "widgets_values": widgets,
-        }
+        ui.update(
+            inputs=inputs,
+            outputs=[{"name": str(names[i]), "type": str(t), "links": None, "slot_index": i}
+                     for i, t in enumerate(cls.RETURN_TYPES)],
+            properties={"Node name for S&R": node.type},
+            widgets_values=widgets,
+        )
         if node.title:
             ui["title"] = node.title
         ui_nodes.append(ui)
+    # outputs are filled in after every node's inputs are known
     for ui, node in zip(ui_nodes, nodes):
         for output in ui["outputs"]:
             output["links"] = out_links.get((node.key, output["slot_index"]))
@@ -109,144 +158,24 @@ def build(nodes: list[Node], registry: Mapping[str, type], title: str) -> dict:
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"title": title},
+        "extra": {"title": title, "ds": {"scale": 0.6, "offset": [40, 40]}},
         "version": 0.4,
     }
 
 
-def _flux_inputs() -> list[Node]:
-    """Loaders, prompt, guidance and latent of a standard Flux.1-dev text-to-image graph."""
-    return [
-        Node("unet", "UNETLoader", (20, 80), {"unet_name": "flux1-dev.safetensors", "weight_dtype": "default"}),
-        Node("clip", "DualCLIPLoader", (20, 240),
-             {"clip_name1": "clip_l.safetensors", "clip_name2": "t5xxl_fp16.safetensors", "type": "flux", "device": "default"}),
-        Node("prompt", "CLIPTextEncode", (380, 240),
-             {"text": "a photograph of a red fox in fresh snow, morning light, 85mm"}, {"clip": ("clip", 0)}, size=(380, 160)),
-        Node("guidance", "FluxGuidance", (800, 240), {"guidance": 3.5}, {"conditioning": ("prompt", 0)}),
-        Node("negative", "ConditioningZeroOut", (800, 380), links={"conditioning": ("prompt", 0)}),
-        Node("latent", "EmptySD3LatentImage", (380, 440), {"width": 1024, "height": 1024, "batch_size": 1}),
-        Node("vae", "VAELoader", (20, 420), {"vae_name": "ae.safetensors"}),
-    ]
-
-
-def _sampler(key: str, model: str, pos: tuple[int, int], title: str) -> Node:
-    return Node(
-        key, "KSampler", pos,
-        {"seed": 42, "steps": 28, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0},
-        {"model": (model, 0), "positive": ("guidance", 0), "negative": ("negative", 0), "latent_image": ("latent", 0)},
-        title=title, size=(320, 262),
-    )
-
-
-def speed_report_workflow() -> list[Node]:
-    """Full-compute Flux with the per-step telemetry and the report (chart, table, summary on the node)."""
-    return _flux_inputs() + [
-        Node("telemetry", "DynamicTelemetry", (380, 80), links={"model": ("unet", 0)}),
-        _sampler("sampler", "telemetry", (1160, 80), "KSampler"),
-        Node("report", "DynamicSpeedReport", (1520, 80), links={"model": ("telemetry", 0), "latent": ("sampler", 0)}, size=(420, 200)),
-        Node("decode", "VAEDecode", (1980, 80), links={"samples": ("report", 0), "vae": ("vae", 0)}),
-        Node("save", "SaveImage", (2200, 80), {"filename_prefix": "dynamic_dit"}, {"images": ("decode", 0)}, size=(400, 420)),
-        Node("chart", "PreviewImage", (1520, 340), links={"images": ("report", 2)}, size=(480, 320)),
-    ]
-
-
-def td_lora_workflow() -> list[Node]:
-    """Flux.1 with a TD-LoRA next to the same seed without it; the report shows the gates of every step
-    and what the bypass costs against the baseline."""
-    return _flux_inputs() + [
-        Node("tdlora", "DynamicTDLoRALoader", (380, 80), {"file": "dynamic_dit/flux_td_lora.safetensors", "strength": 1.0},
-             {"model": ("unet", 0)}),
-        Node("baseline", "DynamicTelemetry", (800, 520), links={"model": ("unet", 0)}),
-        _sampler("sampler", "tdlora", (1160, 80), "KSampler (TD-LoRA)"),
-        _sampler("baseline_sampler", "baseline", (1160, 420), "KSampler (without TD-LoRA)"),
-        Node("report", "DynamicSpeedReport", (1520, 80), links={
-            "model": ("tdlora", 0), "latent": ("sampler", 0),
-            "baseline_model": ("baseline", 0), "baseline_latent": ("baseline_sampler", 0),
-        }, size=(420, 200)),
-        Node("decode", "VAEDecode", (1980, 80), links={"samples": ("report", 0), "vae": ("vae", 0)}),
-        Node("save", "SaveImage", (2200, 80), {"filename_prefix": "dynamic_dit_td_lora"}, {"images": ("decode", 0)}, size=(400, 420)),
-        Node("chart", "PreviewImage", (1520, 340), links={"images": ("report", 2)}, size=(480, 320)),
-    ]
-
-
-def token_router_workflow() -> list[Node]:
-    """The same seed at full compute and through the Token Router, both images, and the speed report."""
-    router = dict(mode="reuse", keep_ratio_start=0.5, keep_ratio_end=0.5, first_full_blocks=2, last_full_blocks=2,
-                  score="input change", router_file="none", use_file_ratios=True, start_percent=0.0, end_percent=1.0,
-                  block_overrides="")
-    return _flux_inputs() + [
-        Node("telemetry", "DynamicTelemetry", (380, 80), links={"model": ("unet", 0)}, title="Full compute (baseline)"),
-        _sampler("baseline", "telemetry", (1160, 80), "KSampler (full compute)"),
-        Node("base_decode", "VAEDecode", (1520, 80), links={"samples": ("baseline", 0), "vae": ("vae", 0)}),
-        Node("base_preview", "PreviewImage", (1760, 80), links={"images": ("base_decode", 0)}, size=(400, 420)),
-        Node("router", "DynamicTokenRouter", (800, 540), router, {"model": ("unet", 0)}, size=(340, 390)),
-        _sampler("sampler", "router", (1160, 560), "KSampler (Token Router)"),
-        Node("report", "DynamicSpeedReport", (1520, 560),
-             links={"model": ("router", 0), "latent": ("sampler", 0), "baseline_model": ("telemetry", 0),
-                    "baseline_latent": ("baseline", 0)}, size=(420, 200)),
-        Node("decode", "VAEDecode", (1980, 560), links={"samples": ("report", 0), "vae": ("vae", 0)}),
-        Node("save", "SaveImage", (2200, 560), {"filename_prefix": "dynamic_dit_token_router"}, {"images": ("decode", 0)},
-             size=(400, 420)),
-        Node("chart", "PreviewImage", (1520, 800), links={"images": ("report", 2)}, size=(480, 320)),
-    ]
-
-
-def width_workflow() -> list[Node]:
-    """Full compute next to the Dynamic Width Patcher ('balanced'), same seed; the report compares them."""
-    return _flux_inputs() + [
-        Node("baseline", "DynamicTelemetry", (380, 80), links={"model": ("unet", 0)}),
-        Node("width", "DynamicWidthPatcher", (380, 640), {"preset": "balanced"}, {"model": ("unet", 0)}, size=(360, 330)),
-        _sampler("sampler_full", "baseline", (1160, 80), "KSampler (full compute)"),
-        _sampler("sampler_width", "width", (1160, 400), "KSampler (dynamic width)"),
-        Node("report", "DynamicSpeedReport", (1520, 400), links={
-            "model": ("width", 0), "latent": ("sampler_width", 0),
-            "baseline_model": ("baseline", 0), "baseline_latent": ("sampler_full", 0),
-        }, size=(420, 200)),
-        Node("decode_full", "VAEDecode", (1520, 80), links={"samples": ("sampler_full", 0), "vae": ("vae", 0)}),
-        Node("save_full", "SaveImage", (1760, 80), {"filename_prefix": "dynamic_dit_full"}, {"images": ("decode_full", 0)}, size=(400, 300)),
-        Node("decode_width", "VAEDecode", (1980, 400), links={"samples": ("report", 0), "vae": ("vae", 0)}),
-        Node("save_width", "SaveImage", (2200, 400), {"filename_prefix": "dynamic_dit_width"}, {"images": ("decode_width", 0)}, size=(400, 420)),
-        Node("chart", "PreviewImage", (1520, 660), links={"images": ("report", 2)}, size=(480, 320)),
-    ]
-
-
-def patch_scheduler_workflow() -> list[Node]:
-    """DDiT coarse patches against a full-compute baseline of the same seed, compared in the report."""
-    return _flux_inputs() + [
-        Node("telemetry", "DynamicTelemetry", (380, 80), links={"model": ("unet", 0)}),
-        _sampler("baseline", "telemetry", (1160, 80), "KSampler (full compute)"),
-        Node("ddit", "DynamicPatchScheduler", (380, 620), links={"model": ("unet", 0)}, size=(380, 330)),
-        _sampler("sampler", "ddit", (1160, 420), "KSampler (Dynamic Patch Scheduler)"),
-        Node("report", "DynamicSpeedReport", (1520, 420),
-             links={"model": ("ddit", 0), "latent": ("sampler", 0), "baseline_model": ("telemetry", 0),
-                    "baseline_latent": ("baseline", 0)}, size=(420, 200)),
-        Node("decode", "VAEDecode", (1980, 420), links={"samples": ("report", 0), "vae": ("vae", 0)}),
-        Node("save", "SaveImage", (2200, 420), {"filename_prefix": "dynamic_dit_ddit"}, {"images": ("decode", 0)}, size=(400, 420)),
-        Node("chart", "PreviewImage", (1520, 680), links={"images": ("report", 2)}, size=(480, 320)),
-        Node("decode_full", "VAEDecode", (1520, 80), links={"samples": ("baseline", 0), "vae": ("vae", 0)}),
-        Node("preview_full", "PreviewImage", (1760, 80), links={"images": ("decode_full", 0)}, size=(300, 300)),
-    ]
-
-
-def benchmark_conditioning_workflow() -> list[Node]:
-    """Prompt and negative as conditioning files for `python -m dynamic_core.comfy_integration.bench --model ...`."""
-    inputs = [node for node in _flux_inputs() if node.key in ("clip", "prompt", "guidance", "negative")]
-    return inputs + [
-        Node("save_positive", "DynamicBenchmarkConditioning", (1160, 240), {"filename_prefix": "dynamic_dit_bench/fox"},
-             {"conditioning": ("guidance", 0)}, size=(380, 110)),
-        Node("save_negative", "DynamicBenchmarkConditioning", (1160, 380), {"filename_prefix": "dynamic_dit_bench/negative"},
-             {"conditioning": ("negative", 0)}, size=(380, 110)),
-    ]
-
-
-WORKFLOWS = {
-    "flux_speed_report": ("Flux.1 with per-step speed telemetry", speed_report_workflow),
-    "flux_td_lora": ("Flux.1 with a TD-LoRA (timestep-gated LoRA experts)", td_lora_workflow),
-    "flux_token_router": ("Flux.1 Token Router against full compute", token_router_workflow),
-    "flux_dynamic_width": ("Flux.1 with the Dynamic Width Patcher against full compute", width_workflow),
-    "flux_patch_scheduler": ("Flux.1 with DDiT dynamic patch sizes, compared with full compute", patch_scheduler_workflow),
-    "benchmark_conditioning": ("Conditioning files for the command-line benchmark", benchmark_conditioning_workflow),
-}
+def build_api(nodes: list[Node], registry: Mapping[str, type]) -> dict:
+    """The same graph in the API format a client POSTs to /prompt (notes left out)."""
+    ids = {node.key: str(i + 1) for i, node in enumerate(nodes)}
+    prompt = {}
+    for node in nodes:
+        if node.type == NOTE_TYPE:
+            continue
+        cls = registry[node.type]
+        values = _widget_values(node, cls)
+        inputs = {name: values[name] for name, spec in _inputs(cls) if _is_widget(spec)}
+        inputs.update({name: [ids[source], slot] for name, (source, slot) in node.links.items()})
+        prompt[ids[node.key]] = {"class_type": node.type, "inputs": inputs, "_meta": {"title": node.title or node.type}}
+    return prompt
 
 
 def registry() -> dict[str, type]:
@@ -263,6 +192,8 @@ def registry() -> dict[str, type]:
 
 
 def render_all(node_registry: Mapping[str, type]) -> dict[str, str]:
+    from .example_graphs import WORKFLOWS
+
     return {
         f"{name}.json": json.dumps(build(describe(), node_registry, title), indent=2) + "\n"
         for name, (title, describe) in WORKFLOWS.items()

@@ -1,60 +1,80 @@
-import os
-
 import pytest
 import torch
 
-import folder_paths
-
 from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.demo import run_node
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
 
 Telemetry = NODE_CLASS_MAPPINGS["DynamicTelemetry"]
 Report = NODE_CLASS_MAPPINGS["DynamicSpeedReport"]
+TokenRouter = NODE_CLASS_MAPPINGS["DynamicTokenRouter"]
 
 
 def sampled(model, conds, **settings):
     return {"samples": tiny_flux.sample(model, *conds, steps=3, seed=4, **settings)}
 
 
-def test_report_of_a_run(flux_model, conds):
+def test_report_of_a_full_compute_run(flux_model, conds):
     (model,) = Telemetry().patch(flux_model)
     latent = sampled(model, conds)
     out = Report().report(model, latent)
     passthrough, table, chart = out["result"]
     assert passthrough is latent
-    assert "x1.00 fewer FLOPs" in out["ui"]["text"][0]
-    assert "no full-compute run of this shape" in out["ui"]["text"][0]
+    summary = out["ui"]["text"][0]
+    assert summary.startswith("x1.00 fewer FLOPs") and "(full compute, a baseline for other runs)" in summary
     lines = table.splitlines()
-    assert lines[2].split()[0] == "step" and len(lines) == 3 + 3 + 1  # summary, blank, header, 3 steps, total
+    assert lines[:3] == [summary, "", "```text"] and lines[3].split()[0] == "step" and lines[-1] == "```"
+    assert len(lines) == 3 + 1 + 3 + 1 + 1  # summary, blank, fence, header, 3 steps, total, fence
     assert chart.shape == (1, 540, 960, 3) and chart.dtype == torch.float32
     assert 0.0 <= float(chart.min()) and float(chart.max()) <= 1.0
-    preview = out["ui"]["images"][0]
-    assert os.path.isfile(os.path.join(folder_paths.get_temp_directory(), preview["filename"]))
+    # the node draws the chart from numbers: no squeezed image preview on the node
+    assert "images" not in out["ui"]
+    (data,) = out["ui"]["dynamic_dit_chart"]
+    assert data["done"] and data["full_compute"] and len(data["steps"]) == 3 and data["summary"] == summary
 
 
-def test_report_against_a_full_compute_baseline(flux_model, conds):
+def test_report_against_a_connected_baseline(flux_model, conds):
     (baseline,) = Telemetry().patch(flux_model)
-    (model,) = Telemetry().patch(flux_model)
+    model = run_node(TokenRouter, model=flux_model, keep_ratio_start=0.5, keep_ratio_end=0.5, first_full_blocks=0, last_full_blocks=0)
     base_latent = sampled(baseline, conds)
     latent = sampled(model, conds)
     out = Report().report(model, latent, baseline_model=baseline, baseline_latent=base_latent)
     summary, table = out["ui"]["text"][0], out["result"][1]
-    assert "faster model time" in summary
+    assert " model time (" in summary and ("faster" in summary or "slower" in summary)
     assert "ms full" in table and "speedup" in table
+    (data,) = out["ui"]["dynamic_dit_chart"]
+    base_run = baseline.model_options["transformer_options"]["dynamic_dit"].telemetry.latest()
+    assert data["baseline"]["run_id"] == base_run.run_id and len(data["baseline"]["steps"]) == 3
 
 
-def test_baseline_of_another_shape_is_not_used(flux_model, conds):
+def test_connected_baseline_of_another_shape_is_named(flux_model, conds):
     (baseline,) = Telemetry().patch(flux_model)
     (model,) = Telemetry().patch(flux_model)
     sampled(baseline, conds, height=16, width=16)
     latent = sampled(model, conds)
-    out = Report().report(model, latent, baseline_model=baseline)
-    assert "no full-compute run of this shape" in out["ui"]["text"][0]
+    summary = Report().report(model, latent, baseline_model=baseline)["ui"]["text"][0]
+    assert "the connected baseline has no finished run of this shape (latent [1, 16, 32, 32], 3 steps)" in summary
+
+
+def test_without_a_connection_the_latest_full_compute_run_of_the_shape_is_the_baseline(flux_model, other_flux_model, conds):
+    (baseline,) = Telemetry().patch(flux_model)
+    sampled(baseline, conds)
+    model = run_node(TokenRouter, model=flux_model)
+    latent = sampled(model, conds)
+    summary = Report().report(model, latent)["ui"]["text"][0]
+    assert "s full compute)" in summary and "(compared with the latest full-compute run of this shape" in summary
 
 
 def test_report_explains_a_model_without_executor(flux_model):
     with pytest.raises(ValueError, match="no Dynamic DiT executor"):
         Report().report(flux_model, {"samples": torch.zeros(1, 16, 8, 8)})
+
+
+def test_report_explains_a_baseline_without_executor(flux_model, conds):
+    (model,) = Telemetry().patch(flux_model)
+    latent = sampled(model, conds)
+    with pytest.raises(ValueError, match="baseline_model has no Dynamic DiT executor"):
+        Report().report(model, latent, baseline_model=flux_model)
 
 
 def test_report_explains_a_model_not_sampled_yet(flux_model):

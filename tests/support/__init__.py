@@ -1,0 +1,1 @@
+"""Helpers that run the real product: a ComfyUI server subprocess and a headless Chromium."""

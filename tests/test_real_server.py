@@ -1,0 +1,65 @@
+"""The product in a real ComfyUI server: the try-it workflow POSTed to /prompt, the way a browser or an
+API client runs it (inside the server's torch.inference_mode, with websocket progress)."""
+import re
+
+from support.comfy_server import EventListener
+
+from comfyui_dynamic_dit.dynamic_core.comfy_integration import example_graphs, workflows
+
+
+def _node_id(prompt: dict, title: str) -> str:
+    return next(i for i, node in prompt.items() if node["_meta"]["title"] == title)
+
+
+def test_try_it_workflow_runs_and_reports(try_it_run, comfy_server):
+    prompt, history, _, seconds = try_it_run
+    assert history["status"]["status_str"] == "success", history["status"]
+    outputs = history["outputs"]
+    report = outputs[_node_id(prompt, "DynamicSpeedReport")]
+    summary = report["text"][0]
+    # the dynamic chain at its defaults, compared with the connected full-compute run
+    assert re.match(r"x\d+\.\d\d (fewer|more) FLOPs, x\d+\.\d\d (faster|slower) model time \(", summary), summary
+    assert "s full compute)" in summary and "patch scheduler" in summary and "token router" in summary and "width" in summary
+    (chart,) = report["dynamic_dit_chart"]
+    assert chart["done"] and len(chart["steps"]) == 16 and len(chart["baseline"]["steps"]) == 16
+    table = outputs[_node_id(prompt, "Per-step table")]["text"][0]
+    assert len([line for line in table.splitlines() if re.match(r"\s+\d+\s+\d\.\d{4}\s", line)]) == 16
+    for title in ("Full compute", "Dynamic"):
+        (image,) = outputs[_node_id(prompt, title)]["images"]
+        assert image["type"] == "temp" and image["filename"].endswith(".png")
+    # about 7 s on an idle 2-core CPU; the bound leaves room for a machine shared with other jobs
+    assert seconds < 120, f"the try-it workflow took {seconds:.1f} s on this machine"
+
+
+def test_progress_arrives_per_step_over_the_websocket(try_it_run):
+    _, _, listener, _ = try_it_run
+    events = listener.of_type("dynamic_dit.progress")
+    runs = {}
+    for event in events:
+        runs.setdefault(event["run_id"], []).append(event)
+    assert len(runs) == 2, {k: len(v) for k, v in runs.items()}
+    baseline, dynamic = sorted(runs.values(), key=lambda run: not run[0]["full_compute"])
+    for run in (baseline, dynamic):
+        assert [len(e["steps"]) for e in run] == list(range(16)) + [16]  # one per step, then done
+        assert run[-1]["done"] and all(" - step " in e["summary"] for e in run[:-1])
+    assert baseline[0]["full_compute"] and not dynamic[0]["full_compute"]
+    # the dynamic run compares with the baseline run that the same prompt sampled first
+    assert dynamic[-1]["baseline"]["run_id"] == baseline[0]["run_id"], "the baseline did not run first"
+    assert "no full-compute run" not in dynamic[-1]["summary"]
+
+
+def test_bad_input_gets_a_clear_error_and_the_server_stays_up(comfy_server):
+    nodes = example_graphs.try_it_workflow()
+    router = next(n for n in nodes if n.type == "DynamicTokenRouter")
+    router.widgets["block_overrides"] = "single:banana"
+    prompt = workflows.build_api(nodes, workflows.registry())
+    listener = EventListener(comfy_server)
+    try:
+        history = comfy_server.wait_for_history(comfy_server.queue(prompt, listener.client_id), timeout=120)
+    finally:
+        listener.close()
+    assert history["status"]["status_str"] == "error"
+    error = next(m for kind, m in history["status"]["messages"] if kind == "execution_error")
+    assert error["node_type"] == "DynamicTokenRouter" and "banana" in error["exception_message"], error
+    assert comfy_server.get("/system_stats")["system"]
+    assert comfy_server.process.poll() is None

@@ -1,0 +1,213 @@
+"""The product in a real browser: headless Chromium opens the frontend of a real ComfyUI server with the
+pack, loads every example workflow, queues the try-it workflow and watches the report node draw its chart.
+
+Screenshots are kept under out/browser/ (gitignored). With DYNAMIC_DIT_UPDATE_IMAGES=1 the test runs the
+try-it workflow exactly as it ships and writes the workflow thumbnails (example_workflows/*.jpg) and the
+README's picture of the report node (docs/report_node.png); run this module alone then (the server test's
+run of the same prompt would be answered from ComfyUI's cache):
+
+    DYNAMIC_DIT_UPDATE_IMAGES=1 .venv/bin/python -m pytest tests/web/test_browser.py
+"""
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from support.chromium import Chromium, find_chromium
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = REPO_ROOT / "out" / "browser"
+UPDATE_IMAGES = os.environ.get("DYNAMIC_DIT_UPDATE_IMAGES") == "1"
+RUN_COLOR = (86, 182, 255)  # web/js/dynamic_dit.js COLORS.run
+BASELINE_COLOR = (128, 132, 140)  # COLORS.baseline
+PACK_MARKERS = ("dynamic_dit", "DynamicDiT", "ComfyUI-DynamicDiT", "dynamic-dit")
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def browser(comfy_server):
+    binary = find_chromium()
+    if binary is None:
+        pytest.skip("Chromium is not installed (apt-get install chromium; .ci/run installs it): the browser test did not run")
+    chromium = Chromium(binary)
+    try:
+        chromium.navigate(comfy_server.url)
+        chromium.wait_for("window.app?.graph && window.LiteGraph && app.extensions?.some(e => e.name === 'dynamic_dit.report')", 90)
+        chromium.evaluate("app.extensionManager.focusMode = true")  # the graph alone, no menus over it
+        yield chromium
+    finally:
+        chromium.close()
+
+
+def _pack_errors(chromium: Chromium, since: int = 0) -> list[dict]:
+    """Console errors and uncaught exceptions that come from this pack (its script, its files, its nodes),
+    from console message `since` on."""
+    return [
+        m for m in chromium.console[since:]
+        if m["level"] == "error" and "api.comfy.org" not in m.get("url", "")  # the frontend's registry look-ups (offline)
+        and any(marker in m["text"] + m.get("url", "") for marker in PACK_MARKERS)
+    ]
+
+
+def _close_dialogs(chromium: Chromium) -> None:
+    for _ in range(5):
+        if not chromium.evaluate("!!document.querySelector('.p-dialog')"):
+            return
+        chromium.send("Input.dispatchKeyEvent", {"type": "keyDown", "key": "Escape", "code": "Escape", "windowsVirtualKeyCode": 27})
+        chromium.send("Input.dispatchKeyEvent", {"type": "keyUp", "key": "Escape", "code": "Escape", "windowsVirtualKeyCode": 27})
+        time.sleep(0.3)
+
+
+def _load(chromium: Chromium, graph: dict, name: str) -> dict:
+    chromium.evaluate(f"app.loadGraphData({json.dumps(graph)}, true, true, {json.dumps(name)})")
+    time.sleep(0.5)
+    state = json.loads(chromium.evaluate("""JSON.stringify({
+        missingDialog: !!document.querySelector('.comfy-missing-nodes'),
+        unknown: app.graph._nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type),
+        boxes: app.graph._nodes.map(n => [n.id, n.type, Array.from(n.getBounding())]),
+    })"""))
+    _close_dialogs(chromium)
+    return state
+
+
+def _fit_and_capture(chromium: Chromium, path: Path, node_ids: list[int] | None = None, margin: int = 20) -> Path:
+    """Fit the view to the given nodes (default: all) and capture just that region of the canvas."""
+    clip = json.loads(chromium.evaluate("""(() => {
+        const ids = %s;
+        const nodes = app.graph._nodes.filter(n => !ids || ids.includes(n.id));
+        const boxes = nodes.map(n => n.getBounding());
+        const x0 = Math.min(...boxes.map(b => b[0])), y0 = Math.min(...boxes.map(b => b[1]));
+        const x1 = Math.max(...boxes.map(b => b[0] + b[2])), y1 = Math.max(...boxes.map(b => b[1] + b[3]));
+        const rect = app.canvas.canvas.getBoundingClientRect();
+        const width = rect.width - 2 * %d, height = rect.height - 2 * %d;
+        const scale = Math.min(1.0, width / (x1 - x0), height / (y1 - y0));
+        app.canvas.ds.scale = scale;
+        app.canvas.ds.offset = [(rect.width - (x1 - x0) * scale) / 2 / scale - x0, (rect.height - (y1 - y0) * scale) / 2 / scale - y0];
+        app.canvas.setDirty(true, true);
+        app.canvas.draw(true, true);
+        const left = rect.left + (x0 + app.canvas.ds.offset[0]) * scale, top = rect.top + (y0 + app.canvas.ds.offset[1]) * scale;
+        return JSON.stringify({x: left - %d, y: top - %d, width: (x1 - x0) * scale + 2 * %d, height: (y1 - y0) * scale + 2 * %d, scale: 1});
+    })()""" % (json.dumps(node_ids), margin, margin, margin, margin, margin, margin)))
+    time.sleep(0.4)  # DOM widgets follow the canvas on the next frame
+    return chromium.screenshot(path, clip)
+
+
+def _ids_of(chromium: Chromium, types: list[str]) -> list[int]:
+    return chromium.evaluate(f"app.graph._nodes.filter(n => {json.dumps(types)}.includes(n.type)).map(n => n.id)")
+
+
+def _chart_state(chromium: Chromium) -> dict:
+    """What the report node shows: its data, summary, and how many pixels of its chart are in the run's and
+    the baseline's colours (read back from the node's canvas)."""
+    return json.loads(chromium.evaluate("""(() => {
+        const node = app.graph._nodes.find(n => n.type === 'DynamicSpeedReport');
+        const view = node?.dynamicDit;
+        if (!view) return JSON.stringify({missing: true});
+        const canvas = view.canvas;
+        const pixels = canvas.width && canvas.height ? canvas.getContext('2d').getImageData(0, 0, canvas.width, canvas.height).data : [];
+        const count = (rgb) => { let n = 0; for (let i = 0; i < pixels.length; i += 4)
+            if (Math.abs(pixels[i] - rgb[0]) < 3 && Math.abs(pixels[i + 1] - rgb[1]) < 3 && Math.abs(pixels[i + 2] - rgb[2]) < 3) n++; return n; };
+        return JSON.stringify({steps: view.data?.steps?.length ?? 0, done: !!view.data?.done, full: !!view.data?.full_compute,
+            run: count(%s), baseline: count(%s), summary: view.summary.textContent, id: node.id,
+            summaryCut: view.summary.scrollHeight > view.summary.clientHeight + 1,
+            size: [canvas.clientWidth, canvas.clientHeight]});
+    })()""" % (json.dumps(RUN_COLOR), json.dumps(BASELINE_COLOR))))
+
+
+def test_extension_loads_once_without_errors(browser):
+    assert browser.evaluate("app.extensions.filter(e => e.name === 'dynamic_dit.report').length") == 1
+    assert not _pack_errors(browser), _pack_errors(browser)  # e.g. a failed import, or a second registration
+
+
+def test_template_browser_gets_a_thumbnail_of_every_workflow(browser):
+    # The template browser shows /api/workflow_templates/<pack folder>/<workflow>.jpg, or a placeholder.
+    names = [p.stem for p in sorted((REPO_ROOT / "example_workflows").glob("*.json"))]
+    sizes = json.loads(browser.evaluate("""(async () => JSON.stringify(await Promise.all(%s.map(async name => {
+        const response = await fetch('/api/workflow_templates/ComfyUI-DynamicDiT/' + name + '.jpg');
+        if (!response.ok) return [name, response.status];
+        const image = await createImageBitmap(await response.blob());
+        return [name, image.width, image.height];
+    }))))()""" % json.dumps(names)))
+    assert all(len(size) == 3 and size[1] >= 320 and size[2] >= 160 for size in sizes), sizes
+
+
+def test_every_example_workflow_loads_without_missing_nodes_or_overlaps(browser):
+    since = len(browser.console)
+    for path in sorted((REPO_ROOT / "example_workflows").glob("*.json")):
+        state = _load(browser, json.loads(path.read_text()), path.stem)
+        assert not state["missingDialog"] and not state["unknown"], (path.name, state["unknown"])
+        boxes = state["boxes"]
+        for i, (id_a, type_a, a) in enumerate(boxes):
+            for id_b, type_b, b in boxes[i + 1:]:
+                overlap = a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+                assert not overlap, f"{path.name}: {type_a} #{id_a} overlaps {type_b} #{id_b} as the frontend draws them"
+        shot = _fit_and_capture(browser, ARTIFACTS / f"{path.stem}.png")
+        if UPDATE_IMAGES and path.stem != "try_it":  # try_it's thumbnail shows the run, below
+            _thumbnail(shot, path.with_suffix(".jpg"))
+    assert not _pack_errors(browser, since), _pack_errors(browser, since)
+
+
+def test_missing_node_check_sees_a_missing_node(browser):
+    graph = json.loads((REPO_ROOT / "example_workflows" / "try_it.json").read_text())
+    graph["nodes"][1]["type"] = "NoSuchNodeAnywhere"
+    state = _load(browser, graph, "missing")
+    assert state["missingDialog"] and state["unknown"] == ["NoSuchNodeAnywhere"]
+
+
+def test_try_it_draws_the_chart_live_and_keeps_it(browser):
+    since = len(browser.console)
+    graph = json.loads((REPO_ROOT / "example_workflows" / "try_it.json").read_text())
+    steps = 16
+    if not UPDATE_IMAGES:  # the images show the workflow as it ships; the test runs a lighter variant of it
+        steps = STEPS
+        for node in graph["nodes"]:
+            if node["type"] == "DynamicReferenceModelLoader":  # not the server test's class: nothing is cached
+                node["widgets_values"][0] = "moon"
+            if node["type"] == "KSampler":  # fewer steps than the workflow's 16: the browser shares the CPU cores
+                node["widgets_values"][2] = STEPS
+    _load(browser, graph, "try_it")
+    initial = _chart_state(browser)
+    assert not initial.get("missing") and initial["steps"] == 0 and initial["run"] == 0
+    assert initial["size"][0] >= 400 and initial["size"][1] >= 150, initial["size"]  # readable at the default size
+    browser.evaluate("app.queuePrompt(0, 1)")
+    samples, deadline = [], time.time() + 150
+    while time.time() < deadline:
+        state = _chart_state(browser)
+        samples.append(state)
+        if state["summary"].startswith("done:"):
+            break
+        time.sleep(0.2)
+    final = samples[-1]
+    assert final["summary"].startswith("done: x"), final["summary"]
+    live = [s for s in samples if 0 < s["steps"] < steps and not s["done"]]
+    assert any(s["full"] for s in live) and any(not s["full"] for s in live), "no live chart during both runs"
+    assert all(s["baseline"] > 100 for s in live if s["full"]), "the baseline run's bars were not drawn"
+    assert any(s["run"] > 100 and s["baseline"] > 100 for s in live if not s["full"]), "no live bars next to the baseline"
+    assert "step " in next(s for s in live if not s["full"])["summary"]  # the summary follows the run
+    assert final["steps"] == steps and final["run"] > 300 and final["baseline"] > 300
+    assert "s full compute)" in final["summary"] and not final["summaryCut"], final
+    time.sleep(1.0)
+    kept = _chart_state(browser)  # still there after the run
+    assert kept["summary"] == final["summary"] and kept["run"] > 300
+    browser.wait_for("app.graph._nodes.filter(n => n.type === 'PreviewImage').every(n => n.imgs?.length)", 30)
+    shot = _fit_and_capture(browser, ARTIFACTS / "try_it_after_run.png", _ids_of(browser, ["DynamicSpeedReport", "PreviewImage"]))
+    report = _fit_and_capture(browser, ARTIFACTS / "report_node.png", [final["id"]])
+    if UPDATE_IMAGES:
+        _thumbnail(shot, REPO_ROOT / "example_workflows" / "try_it.jpg")
+        (REPO_ROOT / "docs").mkdir(exist_ok=True)
+        (REPO_ROOT / "docs" / "report_node.png").write_bytes(report.read_bytes())
+    browser.evaluate("app.loadGraphData(app.graph.serialize(), true, true, 'try_it reloaded')")
+    time.sleep(0.5)
+    reloaded = _chart_state(browser)  # and when the workflow is loaded again (saved, tab reopened)
+    assert reloaded["summary"] == final["summary"] and reloaded["run"] > 300 and reloaded["id"] == final["id"]
+    assert not _pack_errors(browser, since), _pack_errors(browser, since)
+
+
+def _thumbnail(screenshot: Path, target: Path, width: int = 640) -> None:
+    from PIL import Image
+
+    image = Image.open(screenshot).convert("RGB")
+    image.thumbnail((width, width))
+    image.save(target, quality=85)
