@@ -2,17 +2,18 @@
 from __future__ import annotations
 
 from ..dynamic_core.comfy_integration.patching import apply_settings, model_files, model_file_path
-from ..dynamic_core.methods.width import PRESETS, ROUTER_FORMAT, WidthSettings, load_width_router
+from ..dynamic_core.methods.width import PRESET_LABELS, PRESETS, ROUTER_FORMAT, WidthSettings, load_width_router
 
 NO_ROUTER = "none (training-free)"
 CUSTOM = "custom"
 TARGET = "target FLOPs"
-PRESET_CHOICES = [*PRESETS, CUSTOM, TARGET]
+PRESET_CHOICES = [*PRESET_LABELS.values(), CUSTOM, TARGET]
+_PRESET_BY_LABEL = {label: name for name, label in PRESET_LABELS.items()}
 PART_CHOICES = {"heads and MLP": "both", "attention heads": "heads", "MLP": "mlp"}
 
 
 def _preset_help() -> str:
-    return "; ".join(f"{name}: {p.noisy_width:.2f} -> {p.clean_width:.2f}" for name, p in PRESETS.items())
+    return "; ".join(f"{PRESET_LABELS[name]}: {p.noisy_width:.2f} -> {p.clean_width:.2f}" for name, p in PRESETS.items())
 
 
 def width_settings(
@@ -32,6 +33,7 @@ def width_settings(
     common = dict(start_percent=start_percent, end_percent=end_percent, parts=PART_CHOICES[parts], mlp_groups=mlp_groups)
     if router != NO_ROUTER:
         return WidthSettings(router=load_width_router(model_file_path(router), router), **common)
+    preset = _PRESET_BY_LABEL.get(preset, preset)  # the node lists labels; scripts may pass the short names
     if preset in PRESETS:
         chosen = PRESETS[preset]
         return WidthSettings(noisy_width=chosen.noisy_width, clean_width=chosen.clean_width, **common)
@@ -63,10 +65,12 @@ class DynamicWidthPatcher:
             "required": {
                 "model": ("MODEL",),
                 "preset": (PRESET_CHOICES, {
-                    "default": "balanced",
+                    "default": "quality",
                     "tooltip": "Width ramps from the noisiest step to the end of the window, as the fraction of "
                     f"heads and MLP channels kept ({_preset_help()}). 'custom' uses noisy/clean width below; "
-                    "'target FLOPs' finds the ramp that meets target_flops for each run. Ignored with a router.",
+                    "'target FLOPs' finds the ramp that meets target_flops for each run. Ignored with a router. "
+                    "'quality' keeps the image close to full compute; the others trade image quality for speed "
+                    "(see BENCHMARKS.md), which a trained router file wins back.",
                 }),
                 "parts": (list(PART_CHOICES), {
                     "default": "heads and MLP",

@@ -31,7 +31,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 # from the nodes' defaults (training-free: the demo model has no trained routers or embeddings).
 DEMO_CHAIN: tuple[tuple[str, dict[str, Any]], ...] = (
     ("DynamicPatchScheduler", {"mode": "manual", "manual_schedule": "0-25%:2"}),
-    ("DynamicWidthPatcher", {"preset": "balanced"}),
+    ("DynamicWidthPatcher", {"preset": "fast (trades more quality)"}),
     ("DynamicTokenRouter", {"mode": "reuse"}),
 )
 

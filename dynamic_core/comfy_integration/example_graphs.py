@@ -147,14 +147,14 @@ def token_router_workflow() -> list[Node]:
 
 
 def width_workflow() -> list[Node]:
-    """Full compute next to the Dynamic Width Patcher ('balanced'), same seed."""
+    """Full compute next to the Dynamic Width Patcher ('balanced (trades quality)'), same seed."""
     text = (
         "## Dynamic width against full compute\n\n"
-        "**Dynamic Width Patcher** ('balanced') runs noisy steps with fewer attention heads and MLP channels. "
+        "**Dynamic Width Patcher** ('balanced', which trades some quality for speed) runs noisy steps with fewer attention heads and MLP channels. "
         "Without a router file it ranks them once by a short calibration, which the report shows as one-off "
         f"setup, apart from the steps. {REPORT_HELP}\n\n{FLUX_FILES}"
     )
-    width = Node("width", "DynamicWidthPatcher", {"preset": "balanced"}, {"model": ("unet", 0)})
+    width = Node("width", "DynamicWidthPatcher", {"preset": "balanced (trades quality)"}, {"model": ("unet", 0)})
     return _flux_comparison(text, [width], "width", "width", "dynamic width")
 
 

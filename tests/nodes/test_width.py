@@ -66,11 +66,12 @@ def test_full_width_through_the_node_is_identical(flux_model, conds):
 
 
 def test_applied_twice_replaces_and_chaining_order_does_not_matter(flux_model, conds):
-    twice = patch(patch(flux_model, preset="fast"), preset="quality")
+    balanced = "balanced (trades quality)"  # as the node lists it
+    twice = patch(patch(flux_model, preset="fast (trades more quality)"), preset=balanced)
     assert list(plan_of(twice).settings) == ["width"] and settings_of(twice).noisy_width == 0.75
     (telemetry_first,) = Telemetry().patch(flux_model)
-    a = patch(telemetry_first, preset="quality")
-    (b,) = Telemetry().patch(patch(flux_model, preset="quality"))
+    a = patch(telemetry_first, preset=balanced)
+    (b,) = Telemetry().patch(patch(flux_model, preset="balanced"))  # the short name, as scripts pass it
     out = tiny_flux.sample(a, *conds, **FAST)
     assert torch.equal(out, tiny_flux.sample(b, *conds, **FAST))
     assert torch.equal(out, tiny_flux.sample(twice, *conds, **FAST))

@@ -117,8 +117,11 @@ def test_calibration_work_is_counted(flux_model, conds, monkeypatch):
         measured, _ = measure_flops(lambda: sample(model, conds))
     run = latest(model)
     assert "calibrated 4 points" in run.calls[0].methods["width"]
-    assert run.calls[0].executed.extra > 0
-    assert run.executed_flops == pytest.approx(measured, rel=0.02)
+    # the calibration is one-off setup, counted apart from the steps (not in step 0) and measured with them
+    (setup,) = run.setup
+    assert setup.name == "width calibration" and setup.flops > 0 and setup.call_index == run.calls[0].index
+    assert run.executed_flops + run.setup_flops == pytest.approx(measured, rel=0.02)
+    assert run.steps()[0].executed == pytest.approx(run.steps()[1].executed, rel=0.01)  # step 0 carries no calibration
 
 
 # --- decisions ------------------------------------------------------------------------------------
