@@ -20,7 +20,7 @@ from .flops import ZERO, FlopBreakdown
 from .methods import REGISTRY, DynamicMethod
 from .methods.base import BlockArgs, BlockFn
 from .plan import DynamicPlan
-from .slicing import WeightSlices, WeightSource, plain_weights
+from .slicing import RunIndexCache, WeightSource, plain_weights
 from .steps import StepInfo, StepTracker
 from .telemetry import CallRecord, RunRecord
 
@@ -82,7 +82,6 @@ class RunContext:
         percent_to_sigma: Callable[[float], float] | None = None,
         weight_source: WeightSource | None = None,
         progress_listener: Callable[[dict], None] | None = None,
-        weight_cache_bytes: int | Callable[[], int] | None = None,
         model_sampling: Any = None,
         weights_key: Hashable = None,
     ) -> None:
@@ -91,8 +90,10 @@ class RunContext:
         self.device = torch.device(device)
         self.steps = StepTracker(sigmas, sigma_to_percent)
         self.percent_to_sigma = percent_to_sigma
-        # sliced effective weights, this run only
-        self.weights = WeightSlices(weight_source or plain_weights, max_bytes=weight_cache_bytes)
+        # Effective (cast, dequantised, LoRA-applied) weights, for work that needs a weight itself.
+        self.weight_source = weight_source or plain_weights
+        # Index tensors that depend only on a decision (kept heads, text positions), this run only.
+        self.indices = RunIndexCache()
         # The host's sigma <-> model-input math (timestep(sigma), calculate_input, calculate_denoised,
         # noise_scaling), for methods that run the model on inputs of their own (calibration).
         self.model_sampling = model_sampling
@@ -126,7 +127,7 @@ class RunContext:
             for method in self.methods:
                 method.finish()
         finally:
-            self.weights.clear()
+            self.indices.clear()
             self.record.finished = True
         if self._progress_listener is not None and self.record.calls:
             self._progress_listener(self.record.progress())
@@ -205,7 +206,7 @@ class RunContext:
                 work = self.adapter.reduced_work(block, work, internals)
                 inner = partial(
                     self.adapter.run_block, module, block,
-                    internals=internals, weights=self.weights, flop_log=extra_flops, text_tokens=call.text_tokens,
+                    internals=internals, flop_log=extra_flops, text_tokens=call.text_tokens, cache=self.indices,
                 )
             out = foreign(block_args, {"original_block": inner}) if foreign is not None else inner(block_args)
             if extra_flops:

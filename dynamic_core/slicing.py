@@ -1,19 +1,27 @@
-"""Real compute removal inside a block: sliced linears, cached sliced weights, module views.
+"""Real compute removal inside a block: narrowed linears, token gathers, module views.
 
 A block is run *reduced* by calling its own class's `forward` on a `ModuleView`: an object that
-answers every attribute from the real block except the few it overrides (a head count, sliced
-linears, a token-subset MLP). Linears are sliced on their *effective* weights, the ones the host
-would use (cast, LoRA-patched, offloaded weights brought to the device), so everything the host
-does to weights is honoured; sliced weights are cached for the sampling run.
+answers every attribute from the real block except the few it overrides (a head count, reduced
+linears, a token-subset MLP). A reduced linear runs the host layer's *own* op (its cast, its fp8
+or scaled-fp8 path, its LoRA weight functions, its offload) on a shallow copy of the layer whose
+weight is only the kept rows / columns:
+
+- kept units that form one contiguous run are a `narrow` of the stored weight: a view, no copy;
+- several runs are one `index_select` of the stored weight per call (its index tensor is made once
+  per decision); nothing is cached between calls, so memory stays at the unpatched model's;
+- the weight is narrowed *before* the host casts or moves it, so an offloaded or fp8 layer moves
+  and converts only the kept part. When the host must see the whole weight first (LoRA weight
+  functions of low-VRAM loading, quantised tensor subclasses), the narrowing runs after them,
+  inside the host's own cast.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Any, Callable, Hashable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
-import torch.nn.functional as F
 
+# Where the *effective* weight of a linear comes from (cast, dequantised, LoRA applied), for work
+# that needs the weight itself rather than the layer's output (the width calibration's unit meter).
 WeightSource = Callable[[torch.nn.Module, torch.Tensor], tuple[torch.Tensor, torch.Tensor | None]]
 
 
@@ -23,112 +31,193 @@ def plain_weights(layer: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Ten
     return layer.weight.to(like), bias
 
 
-class LinearExtra(Protocol):
-    """Something added to a linear layer's output, e.g. a LoRA bypass; must follow the same slicing."""
+def device_index(values: Sequence[int], device: torch.device | str) -> torch.Tensor:
+    """A long index tensor on `device` without stalling the host: pinned memory, asynchronous copy."""
+    host = torch.tensor(list(values), dtype=torch.long)
+    device = torch.device(device)
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
 
-    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+
+class AxisSelection:
+    """Indices kept along one axis of a weight (or sequence), built once per decision.
+
+    Stored as sorted runs `(start, stop)`; a single run is taken with `narrow` (a view), several
+    with one `index_select` whose index tensor is made on first use per device and kept.
+    """
+
+    __slots__ = ("runs", "size", "_index")
+
+    def __init__(self, runs: Sequence[tuple[int, int]]):
+        merged: list[list[int]] = []
+        for start, stop in sorted(runs):
+            if stop <= start:
+                continue
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], stop)
+            else:
+                merged.append([start, stop])
+        if not merged:
+            raise ValueError("an axis selection must keep at least one index")
+        self.runs = tuple((a, b) for a, b in merged)
+        self.size = sum(b - a for a, b in self.runs)
+        self._index: dict[torch.device, torch.Tensor] = {}
+
+    @classmethod
+    def of_units(cls, units: Sequence[int], unit_size: int, offset: int = 0) -> "AxisSelection":
+        """The indices of `units` when the axis is split into consecutive units of `unit_size`."""
+        return cls([(offset + u * unit_size, offset + (u + 1) * unit_size) for u in units])
+
+    @classmethod
+    def span(cls, start: int, stop: int) -> "AxisSelection":
+        return cls([(start, stop)])
+
+    def shifted(self, offset: int) -> "AxisSelection":
+        return AxisSelection([(a + offset, b + offset) for a, b in self.runs])
+
+    def __add__(self, other: "AxisSelection") -> "AxisSelection":
+        return AxisSelection(self.runs + other.runs)
+
+    @property
+    def contiguous(self) -> bool:
+        return len(self.runs) == 1
+
+    def index(self, device: torch.device | str) -> torch.Tensor:
+        device = torch.device(device)
+        found = self._index.get(device)
+        if found is None:
+            values = [i for a, b in self.runs for i in range(a, b)]
+            found = self._index[device] = device_index(values, device)
+        return found
+
+    def take(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        """`tensor` restricted to the kept indices along `dim`: a view when contiguous."""
+        if self.contiguous:
+            start, stop = self.runs[0]
+            return tensor.narrow(dim, start, stop - start)
+        return tensor.index_select(dim, self.index(tensor.device))
+
+    def __repr__(self) -> str:
+        return f"AxisSelection({list(self.runs)})"
+
+
+def unit_indices(units: Sequence[int], unit_size: int, device: torch.device | str) -> torch.Tensor:
+    """Indices of the channels of `units` when channels are split into consecutive groups (off the hot path)."""
+    if not len(units):
+        return torch.empty(0, dtype=torch.long, device=device)
+    return AxisSelection.of_units(units, unit_size).index(device)
+
+
+class LinearExtra(Protocol):
+    """Something added to a linear layer's output, e.g. a LoRA bypass; must follow the same narrowing."""
+
+    def __call__(self, x: torch.Tensor, rows: AxisSelection | None, cols: AxisSelection | None) -> torch.Tensor:
         """The addend for output `rows` given the input `x` restricted to input columns `cols`."""
 
     def flops(self, tokens: int, in_features: int, out_features: int) -> float:
         ...
 
 
-class WeightSlices:
-    """Effective weights of linear layers, sliced by (rows, cols) and kept for reuse within a run.
+def _is_plain_tensor(tensor: torch.Tensor | None) -> bool:
+    return tensor is None or type(tensor) in (torch.Tensor, torch.nn.Parameter)
 
-    Entries are keyed by the layer and a small hashable slice signature (e.g. the kept head tuple),
-    and remember the parameter's storage and version, so an in-place weight change invalidates
-    them. `max_bytes` bounds the cache (least recently used entries go first); it may be a function,
-    asked once when the first slice is stored, for a budget that depends on memory free only after
-    the host has loaded the model.
+
+def narrowed_layer(
+    layer: torch.nn.Module, rows: AxisSelection | None, cols: AxisSelection | None, use_bias: bool = True
+) -> torch.nn.Module:
+    """A shallow copy of a linear layer that holds only the kept rows / columns of its weight.
+
+    Calling it runs the layer class's own forward, so the host's casting, quantised matmuls and
+    weight functions apply to exactly the part that is used. The layer itself is never modified.
     """
+    reduced = object.__new__(type(layer))  # shares every tensor; its own attribute and parameter dicts
+    reduced.__dict__ = dict(layer.__dict__)
+    reduced._parameters = dict(layer._parameters)
+    reduced._buffers = dict(layer._buffers)
+    weight, bias = layer._parameters.get("weight"), layer._parameters.get("bias")
+    weight_functions = list(getattr(layer, "weight_function", None) or ())
+    bias_functions = list(getattr(layer, "bias_function", None) or ())
+    if not use_bias:
+        reduced._parameters["bias"] = bias = None
+        bias_functions = []
+    if weight_functions or bias_functions or not _is_plain_tensor(weight) or not _is_plain_tensor(bias):
+        # The host's weight functions (e.g. LoRA patches under low-VRAM loading) and quantised
+        # tensor subclasses need the whole weight: narrow after them, inside the host's own cast.
+        def narrow_weight(w: torch.Tensor) -> torch.Tensor:
+            w = rows.take(w, 0) if rows is not None else w
+            return cols.take(w, 1) if cols is not None else w
 
-    def __init__(self, source: WeightSource = plain_weights, max_bytes: int | Callable[[], int] | None = None):
-        self._source = source
-        self._max_bytes = max_bytes
-        self._entries: OrderedDict[Hashable, tuple[Hashable, torch.Tensor, torch.Tensor | None, int]] = OrderedDict()
-        self._bytes = 0
-        self.hits = 0
-        self.misses = 0
-
-    def get(
-        self,
-        layer: torch.nn.Module,
-        like: torch.Tensor,
-        signature: Hashable,
-        rows: torch.Tensor | None,
-        cols: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        key = (id(layer), signature, like.dtype, like.device)
-        weight_param = layer.weight
-        stamp = (weight_param.data_ptr(), weight_param._version, getattr(layer.bias, "_version", None))
-        entry = self._entries.get(key)
-        if entry is not None and entry[0] == stamp:
-            self._entries.move_to_end(key)
-            self.hits += 1
-            return entry[1], entry[2]
-        self.misses += 1
-        weight, bias = self._source(layer, like)
-        if rows is not None:
-            weight = weight.index_select(0, rows)
-            bias = bias.index_select(0, rows) if bias is not None else None
-        if cols is not None:
-            weight = weight.index_select(1, cols)
-        weight = weight.contiguous()
-        size = weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None else 0)
-        if entry is not None:
-            self._drop(key)
-        if callable(self._max_bytes):
-            self._max_bytes = max(0, int(self._max_bytes()))
-        if self._max_bytes is None or size <= self._max_bytes:
-            self._entries[key] = (stamp, weight, bias, size)
-            self._bytes += size
-            while self._max_bytes is not None and self._bytes > self._max_bytes:
-                self._drop(next(iter(self._entries)))
-        return weight, bias
-
-    def _drop(self, key: Hashable) -> None:
-        self._bytes -= self._entries.pop(key)[3]
-
-    @property
-    def source(self) -> WeightSource:
-        """Where effective (unsliced) weights come from, for work that must not fill the cache."""
-        return self._source
-
-    @property
-    def cached_bytes(self) -> int:
-        return self._bytes
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._bytes = 0
+        reduced.weight_function = [*weight_functions, narrow_weight]
+        if bias is not None and rows is not None:
+            reduced.bias_function = [*bias_functions, lambda b: rows.take(b, 0)]
+        reduced.comfy_cast_weights = True
+        return reduced
+    w = rows.take(weight, 0) if rows is not None else weight
+    w = cols.take(w, 1) if cols is not None else w
+    if w.dtype.itemsize == 1 and not w.is_contiguous():
+        w = w.contiguous()  # fp8 matmul kernels want dense weights; this is the kept part only
+    reduced._parameters["weight"] = w
+    if bias is not None and rows is not None:
+        reduced._parameters["bias"] = rows.take(bias, 0)
+    return reduced
 
 
-class SlicedLinear:
-    """A linear layer restricted to output `rows` and input `cols`, with optional extras (LoRA)."""
+class ReducedLinear:
+    """A linear layer restricted to output `rows` and input `cols`, with an optional extra (LoRA bypass)."""
 
     def __init__(
         self,
         layer: torch.nn.Module,
-        weights: WeightSlices,
-        signature: Hashable,
-        rows: torch.Tensor | None = None,
-        cols: torch.Tensor | None = None,
+        rows: AxisSelection | None = None,
+        cols: AxisSelection | None = None,
         extra: LinearExtra | None = None,
         flop_log: list[float] | None = None,
         use_bias: bool = True,  # False for the second half of a split matmul whose first half adds it
     ):
-        self.layer, self.weights, self.signature = layer, weights, signature
-        self.rows, self.cols, self.extra, self.flop_log = rows, cols, extra, flop_log
+        self.layer, self.rows, self.cols, self.extra, self.flop_log = layer, rows, cols, extra, flop_log
         self.use_bias = use_bias
 
+    @property
+    def out_features(self) -> int:
+        return self.rows.size if self.rows is not None else int(self.layer.weight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return self.cols.size if self.cols is not None else int(self.layer.weight.shape[1])
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weights.get(self.layer, x, self.signature, self.rows, self.cols)
-        out = F.linear(x, weight, bias if self.use_bias else None)
+        if self.rows is None and self.cols is None and self.use_bias:
+            out = self.layer(x)
+        elif "forward" in self.layer.__dict__:
+            out = self._through_replaced_forward(x)
+        else:
+            reduced = narrowed_layer(self.layer, self.rows, self.cols, self.use_bias)
+            out = type(self.layer).forward(reduced, x)  # not __call__: the layer's hooks expect its full shape
         if self.extra is not None:
             out = out + self.extra(x, self.rows, self.cols)
             if self.flop_log is not None:
-                self.flop_log.append(self.extra.flops(x.shape[:-1].numel(), weight.shape[1], weight.shape[0]))
+                self.flop_log.append(self.extra.flops(x.shape[:-1].numel(), self.in_features, self.out_features))
+        return out
+
+    def _through_replaced_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Another node replaced this layer's forward (e.g. ComfyUI's bypass-mode LoRA): its code expects the
+        whole layer, so run it on the input with zeros in the dropped columns and keep the kept rows. Exact for
+        a forward that is affine in its input; this layer then costs its full FLOPs."""
+        layer = self.layer
+        full_in = int(layer.weight.shape[1])
+        if self.cols is not None:
+            padded = x.new_zeros(*x.shape[:-1], full_in)
+            padded.index_copy_(-1, self.cols.index(x.device), x)
+            x = padded
+        out = layer(x)
+        if not self.use_bias:
+            out = out - layer(x.new_zeros(1, full_in))[0]
+        return self.rows.take(out, out.ndim - 1) if self.rows is not None else out
+        if self.extra is not None:
+            out = out + self.extra(x, self.rows, self.cols)
+            if self.flop_log is not None:
+                self.flop_log.append(self.extra.flops(x.shape[:-1].numel(), self.in_features, self.out_features))
         return out
 
 
@@ -149,12 +238,6 @@ class ModuleView:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return type(self._base).forward(self, *args, **kwargs)
-
-
-def unit_indices(groups: tuple[int, ...], group_size: int, device: torch.device) -> torch.Tensor:
-    """Indices of the channels of `groups` when channels are split into consecutive groups."""
-    starts = torch.tensor(groups, dtype=torch.long, device=device) * group_size
-    return (starts[:, None] + torch.arange(group_size, device=device)[None, :]).reshape(-1)
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -191,3 +274,20 @@ def gather_square_mask(mask: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         mask = mask[None]
     rows = gather_sequence(mask, index, dim=mask.ndim - 2)
     return gather_sequence(rows, index, dim=mask.ndim - 1)
+
+
+class RunIndexCache:
+    """Per-run cache of small index tensors that depend only on shapes (e.g. the text positions of a
+    joint sequence), so a block call launches no kernels to rebuild them."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple, Any] = {}
+
+    def get(self, key: tuple, build: Any) -> Any:
+        found = self._entries.get(key)
+        if found is None:
+            found = self._entries[key] = build()
+        return found
+
+    def clear(self) -> None:
+        self._entries.clear()

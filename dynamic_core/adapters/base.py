@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Mapping
 import torch
 
 from ..flops import FlopBreakdown
-from ..slicing import LinearExtra, WeightSlices, WeightSource
+from ..slicing import LinearExtra, RunIndexCache, WeightSource
 
 if TYPE_CHECKING:
     from .coarse import CoarseGrid
@@ -140,14 +140,14 @@ class ModelAdapter(ABC):
         block: BlockRef,
         args: Mapping[str, Any],
         internals: BlockInternals,
-        weights: WeightSlices,
         flop_log: list[float],
         text_tokens: int,
+        cache: RunIndexCache,
     ) -> dict:
         """Run the block's own forward with `internals` applied (compute really removed).
 
         Returns the same dict a ComfyUI `original_block` returns; extra FLOPs (LoRA bypasses) are
-        appended to `flop_log`.
+        appended to `flop_log`. Index tensors that depend only on the decision go into `cache`.
         """
 
     @abstractmethod

@@ -22,17 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from ..flops import FlopBreakdown, attention_flops, linear_flops
-from ..slicing import (
-    ModuleView,
-    SlicedLinear,
-    WeightSlices,
-    WeightSource,
-    gather_sequence,
-    gather_square_mask,
-    gather_tokens,
-    scatter_tokens,
-    unit_indices,
-)
+from ..slicing import ModuleView, RunIndexCache, WeightSource, gather_sequence, gather_square_mask, gather_tokens
+from .flux_blocks import ReducedFluxBlock, Recorded, TokenSubsetMLP, UnitMeter, call_forward, text_positions
 from .base import BlockInternals, BlockRef, BlockWork, CallShape, ModelAdapter, TokenLayout, UnsupportedModelError
 from .flux_coarse import FluxCoarseGrid
 
@@ -217,15 +208,15 @@ class FluxAdapter(ModelAdapter):
         block: BlockRef,
         args: Mapping[str, Any],
         internals: BlockInternals,
-        weights: WeightSlices,
         flop_log: list[float],
         text_tokens: int,
+        cache: RunIndexCache,
     ) -> dict:
-        reduced = _ReducedBlock(self.arch, module, internals, weights, flop_log, args["img"].device)
+        reduced = ReducedFluxBlock(self.arch, module, internals, flop_log, cache)
         if block.kind == DOUBLE:
-            img, txt = _call_forward(type(module), reduced.double_view(), args)
+            img, txt = call_forward(type(module), reduced.double_view(), args)
             return {"img": img, "txt": txt}
-        return {"img": _call_forward(type(module), reduced.single_view(text_tokens), args)}
+        return {"img": call_forward(type(module), reduced.single_view(text_tokens), args)}
 
     # --- token routing ------------------------------------------------------------------------
     @property
@@ -301,27 +292,27 @@ class FluxAdapter(ModelAdapter):
         weights: WeightSource,
     ) -> tuple[dict, torch.Tensor, torch.Tensor]:
         a = self.arch
-        meter = _UnitMeter(a.num_heads, mlp_group_count, weights)
+        meter = UnitMeter(a.num_heads, mlp_group_count, weights)
         group_size = a.mlp_hidden // mlp_group_count
         if block.kind == DOUBLE:
             overrides: dict[str, Any] = {}
             for stream in ("img", "txt"):
                 attn, mlp = getattr(module, f"{stream}_attn"), getattr(module, f"{stream}_mlp")
-                modulation = overrides[f"{stream}_mod"] = _Recorded(getattr(module, f"{stream}_mod"))
+                modulation = overrides[f"{stream}_mod"] = Recorded(getattr(module, f"{stream}_mod"))
                 proj = meter.output_linear(attn.proj, [("heads", 0, a.head_dim)], lambda m=modulation: m.output[0].gate)
                 mlp_out = meter.output_linear(mlp[2], [("groups", 0, group_size)], lambda m=modulation: m.output[1].gate)
                 overrides[f"{stream}_attn"] = ModuleView(attn, proj=proj)
-                overrides[f"{stream}_mlp"] = _TokenSubsetMLP(mlp[0], mlp[1], mlp_out, None)
-            img, txt = _call_forward(type(module), ModuleView(module, **overrides), args)
+                overrides[f"{stream}_mlp"] = TokenSubsetMLP(mlp[0], mlp[1], mlp_out, None)
+            img, txt = call_forward(type(module), ModuleView(module, **overrides), args)
             out = {"img": img, "txt": txt}
         else:
-            modulation = _Recorded(module.modulation)
+            modulation = Recorded(module.modulation)
             linear2 = meter.output_linear(
                 module.linear2,
                 [("heads", 0, a.head_dim), ("groups", a.hidden_size, group_size)],
                 lambda: modulation.output[0].gate,
             )
-            out = {"img": _call_forward(type(module), ModuleView(module, modulation=modulation, linear2=linear2), args)}
+            out = {"img": call_forward(type(module), ModuleView(module, modulation=modulation, linear2=linear2), args)}
         return out, meter.mean("heads"), meter.mean("groups")
 
     # --- calls --------------------------------------------------------------------------------
@@ -379,192 +370,3 @@ class FluxAdapter(ModelAdapter):
             mlp=linear_flops(b * (n_mlp + t), d, mlp) + linear_flops(b * (n_mlp + t), mlp, d),
             extra=work.extra_flops,
         )
-
-
-# --- reduced blocks --------------------------------------------------------------------------------
-_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
-
-
-def _call_forward(block_class: type, view: ModuleView, args: Mapping[str, Any]) -> Any:
-    """Call the host block class's own forward on `view` the way ComfyUI's block wrapper calls the
-    block: the stream tensors, then the keyword arguments this host version's forward accepts."""
-    accepted = _FORWARD_PARAMS.get(block_class)
-    if accepted is None:
-        accepted = _FORWARD_PARAMS[block_class] = frozenset(inspect.signature(block_class.forward).parameters)
-    kwargs = {k: args[k] for k in ("vec", "pe", "attn_mask", "transformer_options") if k in args and k in accepted}
-    if "txt" in args:  # double-stream block
-        return block_class.forward(view, img=args["img"], txt=args["txt"], **kwargs)
-    return block_class.forward(view, args["img"], **kwargs)
-
-
-class _TokenSubsetMLP:
-    """An MLP (in -> act -> out) that runs only on the selected tokens; the others get zero output."""
-
-    def __init__(self, mlp_in: Callable, act: Callable, mlp_out: Callable, tokens: torch.Tensor | None):
-        self.mlp_in, self.act, self.mlp_out, self.tokens = mlp_in, act, mlp_out, tokens
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tokens is None:
-            return self.mlp_out(self.act(self.mlp_in(x)))
-        selected = self.mlp_out(self.act(self.mlp_in(gather_tokens(x, self.tokens))))
-        return scatter_tokens(x.new_zeros(*x.shape[:-1], selected.shape[-1]), self.tokens, selected)
-
-
-class _SplitLinear1:
-    """Single-block linear1 when only some tokens run the MLP: qkv for all, MLP input for the selected."""
-
-    def __init__(self, qkv: Callable, mlp_in: Callable, rows: torch.Tensor):
-        self.qkv, self.mlp_in, self.rows = qkv, mlp_in, rows
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        qkv = self.qkv(x)
-        selected = self.mlp_in(gather_tokens(x, self.rows))
-        mlp = scatter_tokens(x.new_zeros(*x.shape[:-1], selected.shape[-1]), self.rows, selected)
-        return torch.cat((qkv, mlp), dim=-1)
-
-
-class _SplitLinear2:
-    """Single-block linear2 when only some tokens ran the MLP: the MLP columns only for those tokens."""
-
-    def __init__(self, attn_out: Callable, mlp_out: Callable, rows: torch.Tensor, attn_width: int):
-        self.attn_out, self.mlp_out, self.rows, self.attn_width = attn_out, mlp_out, rows, attn_width
-
-    def __call__(self, z: torch.Tensor) -> torch.Tensor:
-        out = self.attn_out(z[..., : self.attn_width])
-        selected = self.mlp_out(gather_tokens(z[..., self.attn_width :], self.rows))
-        return out.scatter_add(1, self.rows[..., None].expand(-1, -1, out.shape[-1]), selected)
-
-
-class _Recorded:
-    """A submodule whose last output is kept (a modulation: the gates the block applies later)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module, self.output = module, None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.output = self.module(*args, **kwargs)
-        return self.output
-
-
-class _UnitMeter:
-    """Sums, per attention head and per MLP group, the L2 norm of the unit's gated contribution to
-    the residual stream over every token that passes the block's output linears."""
-
-    def __init__(self, heads: int, groups: int, weights: WeightSource):
-        self.counts = {"heads": heads, "groups": groups}
-        self.sums: dict[str, torch.Tensor] = {}
-        self.tokens = {"heads": 0, "groups": 0}
-        self.weights = weights
-
-    def output_linear(self, layer: torch.nn.Module, spans: list[tuple[str, int, int]], gate: Callable[[], torch.Tensor]):
-        """`layer` as the block calls it, measuring the input column spans (kind, first column, unit size)."""
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            out = layer(x)
-            weight, _ = self.weights(layer, x)
-            gates = gate()
-            for kind, start, size in spans:
-                sums = self.sums.setdefault(kind, torch.zeros(self.counts[kind], dtype=torch.float64, device=x.device))
-                for unit in range(self.counts[kind]):
-                    cols = slice(start + unit * size, start + (unit + 1) * size)
-                    share = F.linear(x[..., cols], weight[:, cols]) * gates
-                    sums[unit] += share.float().norm(dim=-1).sum()
-                self.tokens[kind] += x.shape[:-1].numel()
-            return out
-
-        return run
-
-    def mean(self, kind: str) -> torch.Tensor:
-        sums = self.sums.get(kind)
-        if sums is None or self.tokens[kind] == 0:
-            return torch.zeros(self.counts[kind])
-        return (sums / self.tokens[kind]).float().cpu()
-
-
-class _ReducedBlock:
-    """Builds the module views of one reduced Flux block call."""
-
-    def __init__(self, arch: FluxArchitecture, module: torch.nn.Module, internals: BlockInternals,
-                 weights: WeightSlices, flop_log: list[float], device: torch.device):
-        self.arch, self.module, self.internals = arch, module, internals
-        self.weights, self.flop_log, self.device = weights, flop_log, device
-        d, hd = arch.hidden_size, arch.head_dim
-        heads = internals.heads
-        self.head_count = arch.num_heads if heads is None else len(heads)
-        self.head_cols = None if heads is None else unit_indices(heads, hd, device)
-        self.qkv_rows = None if heads is None else torch.cat([self.head_cols + j * d for j in range(3)])
-        groups = internals.mlp_groups
-        if groups is None:
-            self.units = None
-            self.unit_count = arch.mlp_hidden
-        else:
-            self.units = unit_indices(groups, arch.mlp_hidden // internals.mlp_group_count, device)
-            self.unit_count = self.units.numel()
-
-    def linear(self, layer: torch.nn.Module, name: str, signature: tuple, rows=None, cols=None, bias: bool = True):
-        extra = self.internals.extras.get(name)
-        if rows is None and cols is None and extra is None and bias:
-            return layer  # untouched: the host's own layer, exactly as in the full block
-        return SlicedLinear(layer, self.weights, (name,) + signature, rows, cols, extra, self.flop_log, use_bias=bias)
-
-    def modulation(self, module: torch.nn.Module, name: str):
-        if f"{name}.lin" not in self.internals.extras:
-            return module
-        return ModuleView(module, lin=self.linear(module.lin, f"{name}.lin", ()))
-
-    def double_view(self) -> ModuleView:
-        heads, groups = ("heads", self.internals.heads), ("mlp", self.internals.mlp_groups, self.internals.mlp_group_count)
-        overrides: dict[str, Any] = {"num_heads": self.head_count}
-        for stream in ("img", "txt"):
-            attn, mlp = getattr(self.module, f"{stream}_attn"), getattr(self.module, f"{stream}_mlp")
-            overrides[f"{stream}_attn"] = ModuleView(
-                attn,
-                qkv=self.linear(attn.qkv, f"{stream}_attn.qkv", heads, rows=self.qkv_rows),
-                proj=self.linear(attn.proj, f"{stream}_attn.proj", heads, cols=self.head_cols),
-            )
-            overrides[f"{stream}_mlp"] = _TokenSubsetMLP(
-                self.linear(mlp[0], f"{stream}_mlp.0", groups, rows=self.units),
-                mlp[1],
-                self.linear(mlp[2], f"{stream}_mlp.2", groups, cols=self.units),
-                self.internals.mlp_tokens if stream == "img" else None,
-            )
-            overrides[f"{stream}_mod"] = self.modulation(getattr(self.module, f"{stream}_mod"), f"{stream}_mod")
-        return ModuleView(self.module, **overrides)
-
-    def single_view(self, text_tokens: int) -> ModuleView:
-        arch, module, internals = self.arch, self.module, self.internals
-        d = arch.hidden_size
-        signature = ("heads", internals.heads, "mlp", internals.mlp_groups, internals.mlp_group_count)
-        qkv_rows = self.qkv_rows if self.qkv_rows is not None else torch.arange(3 * d, device=self.device)
-        units = self.units if self.units is not None else torch.arange(arch.mlp_hidden, device=self.device)
-        head_cols = self.head_cols if self.head_cols is not None else torch.arange(d, device=self.device)
-        overrides: dict[str, Any] = {
-            "num_heads": self.head_count,
-            "hidden_size": self.head_count * arch.head_dim,
-            "mlp_hidden_dim_first": self.unit_count,
-            "modulation": self.modulation(module.modulation, "modulation"),
-        }
-        if internals.mlp_tokens is None:
-            reduced = internals.heads is not None or internals.mlp_groups is not None
-            overrides["linear1"] = self.linear(
-                module.linear1, "linear1", signature, rows=torch.cat((qkv_rows, 3 * d + units)) if reduced else None
-            )
-            overrides["linear2"] = self.linear(
-                module.linear2, "linear2", signature, cols=torch.cat((head_cols, d + units)) if reduced else None
-            )
-        else:
-            batch = internals.mlp_tokens.shape[0]
-            text = torch.arange(text_tokens, device=self.device).expand(batch, -1)
-            rows = torch.cat((text, internals.mlp_tokens + text_tokens), dim=1)
-            overrides["linear1"] = _SplitLinear1(
-                self.linear(module.linear1, "linear1", signature + ("qkv",), rows=qkv_rows),
-                self.linear(module.linear1, "linear1", signature + ("mlp",), rows=3 * d + units),
-                rows,
-            )
-            overrides["linear2"] = _SplitLinear2(
-                self.linear(module.linear2, "linear2", signature + ("attn",), cols=head_cols),
-                self.linear(module.linear2, "linear2", signature + ("mlp",), cols=d + units, bias=False),
-                rows,
-                self.head_count * arch.head_dim,
-            )
-        return ModuleView(module, **overrides)

@@ -150,7 +150,6 @@ def _outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         percent_to_sigma=model_sampling.percent_to_sigma,
         weight_source=effective_weight,
         progress_listener=_progress_publisher(),
-        weight_cache_bytes=lambda: _slice_cache_budget(guider.model_patcher.load_device),
         model_sampling=model_sampling,
         weights_key=guider.model_patcher.patches_uuid,
     )
@@ -274,10 +273,12 @@ class BlockPatch:
 
 # --- weights -------------------------------------------------------------------------------------
 def effective_weight(layer: torch.nn.Module, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weight and bias a ComfyUI Linear would use for input `like`.
+    """The weight and bias a ComfyUI Linear applies to input `like`.
 
     Goes through `comfy.ops.cast_bias_weight`, so LoRA patches applied at load time or on the fly
-    (low-VRAM weight functions), fp8 storage and offloaded weights are all honoured.
+    (low-VRAM weight functions), fp8 storage, quantised tensors and offloaded weights are all
+    honoured; scaled-fp8 layers multiply the cast weight by their `scale_weight` in their forward,
+    so that scale is applied here too.
     """
     if not getattr(layer, "comfy_cast_weights", False) and not getattr(layer, "weight_function", None) and not getattr(
         layer, "bias_function", None
@@ -285,18 +286,10 @@ def effective_weight(layer: torch.nn.Module, like: torch.Tensor) -> tuple[torch.
         if layer.weight.device == like.device and layer.weight.dtype == like.dtype:
             return layer.weight, layer.bias
     weight, bias = comfy.ops.cast_bias_weight(layer, like)[:2]
+    scale = getattr(layer, "scale_weight", None)
+    if isinstance(scale, torch.Tensor):
+        weight = weight * scale.to(device=weight.device, dtype=weight.dtype)
     return weight, bias
-
-
-SLICE_CACHE_SHARE = 0.5
-
-
-def _slice_cache_budget(device: Any) -> int:
-    """Bytes of sliced weights a run may keep: half of what is free once the model is loaded, less
-    ComfyUI's inference reserve. Beyond it the oldest slices go (they are re-sliced when needed), so
-    per-step width decisions never pile up copies of the model next to it."""
-    free = comfy.model_management.get_free_memory(device)
-    return int(max(0, free - comfy.model_management.minimum_inference_memory()) * SLICE_CACHE_SHARE)
 
 
 def _count_params(module: torch.nn.Module) -> str:

@@ -31,6 +31,7 @@ from ..adapters import BlockInternals, BlockRef, ModelAdapter
 from ..files import read_safetensors
 from ..flops import FlopBreakdown, linear_flops
 from ..plan import MethodSettings
+from ..slicing import AxisSelection
 from .base import DynamicMethod, register
 
 if TYPE_CHECKING:
@@ -169,9 +170,9 @@ class GatedBypass:
     def __init__(self, down: torch.Tensor, up: torch.Tensor, column_gates: torch.Tensor | None):
         self.down, self.up, self.column_gates = down, up, column_gates  # up carries strength * alpha / r
 
-    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
-        down = self.down if cols is None else self.down.index_select(1, cols)
-        up = self.up if rows is None else self.up.index_select(0, rows)
+    def __call__(self, x: torch.Tensor, rows: AxisSelection | None, cols: AxisSelection | None) -> torch.Tensor:
+        down = self.down if cols is None else cols.take(self.down, 1)
+        up = self.up if rows is None else rows.take(self.up, 0)
         hidden = F.linear(x, down)
         if self.column_gates is not None:
             gates = self.column_gates
@@ -192,7 +193,7 @@ class _SummedExtra:
     def __init__(self, first: Any, second: Any):
         self.first, self.second = first, second
 
-    def __call__(self, x: torch.Tensor, rows: torch.Tensor | None, cols: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, rows: AxisSelection | None, cols: AxisSelection | None) -> torch.Tensor:
         return self.first(x, rows, cols) + self.second(x, rows, cols)
 
     def flops(self, tokens: int, in_features: int, out_features: int) -> float:

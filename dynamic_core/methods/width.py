@@ -394,7 +394,7 @@ class _Probes(dict):
             module = adapter.block_module(diffusion_model, block)
 
             def probe(args: dict, extra: dict, block: BlockRef = block, module: torch.nn.Module = module) -> dict:
-                out, heads, groups_ = adapter.measure_units(module, block, args, groups, run.weights.source)
+                out, heads, groups_ = adapter.measure_units(module, block, args, groups, run.weight_source)
                 self.scores[block] = (heads, groups_)
                 return out
 
@@ -405,7 +405,8 @@ class _Probes(dict):
         missing = [b.label for b in self.blocks if b not in self.scores]
         if missing:
             raise RuntimeError(f"Dynamic width: calibration did not reach blocks {', '.join(missing)}.")
-        return tuple(_order(self.scores[block][part]) for block in self.blocks)
+        scores = torch.stack([self.scores[block][part] for block in self.blocks]).cpu()  # one read for all blocks
+        return tuple(_order(row) for row in scores)
 
 
 def calibrate(

@@ -170,7 +170,7 @@ def test_lora_before_the_node_is_honoured(tiny_config, conds, tmp_path, model_fo
 
     layers = {dm.get_submodule(name): name for name in LORA_LAYERS}
     seen = {}
-    call = slicing.SlicedLinear.__call__
+    call = slicing.ReducedLinear.__call__
 
     def spy(self, x):
         out = call(self, x)
@@ -180,7 +180,7 @@ def test_lora_before_the_node_is_honoured(tiny_config, conds, tmp_path, model_fo
                           torch.equal(self.layer.weight, original[name]))
         return out
 
-    monkeypatch.setattr(slicing.SlicedLinear, "__call__", spy)
+    monkeypatch.setattr(slicing.ReducedLinear, "__call__", spy)
     if lowvram:  # ComfyUI applies the LoRA on the fly through weight functions
         request.getfixturevalue("lowvram_loading")
     try:
@@ -193,9 +193,9 @@ def test_lora_before_the_node_is_honoured(tiny_config, conds, tmp_path, model_fo
         assert weight_unmerged == lowvram and bool(weight_functions) == lowvram, name
         bias = dm.get_submodule(name).bias
         for weight, should_match in ((merged[name], True), (original[name], False)):
-            w = weight if rows is None else weight[rows]
-            w = w if cols is None else w[:, cols]
-            expected = F.linear(x, w, bias if rows is None else bias[rows])
+            w = weight if rows is None else rows.take(weight, 0)
+            w = w if cols is None else cols.take(w, 1)
+            expected = F.linear(x, w, bias if rows is None else rows.take(bias, 0))
             assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5) == should_match, name
 
     # and the whole run equals the same node on a model whose weights have the LoRA merged in

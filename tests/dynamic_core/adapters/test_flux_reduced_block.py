@@ -12,7 +12,7 @@ from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, 
 from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, effective_weight
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
-from comfyui_dynamic_dit.dynamic_core.slicing import WeightSlices, unit_indices
+from comfyui_dynamic_dit.dynamic_core.slicing import RunIndexCache, unit_indices
 
 B, T, GRID = 2, 6, (4, 5)
 N = GRID[0] * GRID[1]
@@ -38,9 +38,10 @@ def run_original(module, kind, args):
     return {"img": module(args["img"], vec=args["vec"], pe=args["pe"], attn_mask=None, transformer_options={})}
 
 
-def run_reduced(adapter, module, ref, args, internals, weights=None, flop_log=None):
+def run_reduced(adapter, module, ref, args, internals, cache=None, flop_log=None):
     args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-    return adapter.run_block(module, ref, args, internals, weights or WeightSlices(effective_weight), flop_log if flop_log is not None else [], T)
+    return adapter.run_block(module, ref, args, internals, flop_log if flop_log is not None else [], T, cache or RunIndexCache())
+
 
 
 def masked(module, kind, arch, heads=None, groups=None, group_count=None, drop_mlp=False):
@@ -164,8 +165,8 @@ class LowRank:
         self.B = torch.randn(out_features, rank, generator=g) * 0.1
 
     def __call__(self, x, rows, cols):
-        A = self.A if cols is None else self.A[:, cols]
-        B = self.B if rows is None else self.B[rows]
+        A = self.A if cols is None else cols.take(self.A, 1)
+        B = self.B if rows is None else rows.take(self.B, 0)
         return x @ A.T @ B.T
 
     def flops(self, tokens, in_features, out_features):
@@ -201,27 +202,41 @@ def test_linear_extras_follow_the_slicing(flux_model, kind, index):
         assert log and sum(log) > 0
 
 
-def test_sliced_weights_are_cached_and_invalidated(flux_model):
+def test_reduced_weights_are_views_or_one_gather_and_never_kept(flux_model, monkeypatch):
+    """Kept units in one run are a view of the stored weight (no copy); scattered units are one
+    index_select per call whose index tensor is made once per decision; nothing outlives the call,
+    and an in-place weight change is seen at once."""
+    import comfyui_dynamic_dit.dynamic_core.slicing as slicing
+
     adapter, module, ref, args = block_under_test(flux_model, "double", 0)
     module = copy.deepcopy(module)
-    weights = WeightSlices(effective_weight)
-    internals = BlockInternals(heads=(0, 1), mlp_groups=(0, 1), mlp_group_count=4)
+    taken = []
+    original_take = slicing.AxisSelection.take
+
+    def spy(self, tensor, dim):
+        out = original_take(self, tensor, dim)
+        taken.append((self.contiguous, out.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()))
+        return out
+
+    monkeypatch.setattr(slicing.AxisSelection, "take", spy)
+    cache = RunIndexCache()
+    prefix = BlockInternals(heads=(0, 1), mlp_groups=(0, 1), mlp_group_count=4)
     with torch.no_grad():
-        first = run_reduced(adapter, module, ref, args, internals, weights)
-        misses = weights.misses
-        assert misses == 8  # qkv, proj, mlp in, mlp out for img and txt
-        second = run_reduced(adapter, module, ref, args, internals, weights)
-        assert weights.misses == misses and weights.hits == 8
-        torch.testing.assert_close(first["img"], second["img"], rtol=0, atol=0)
+        first = run_reduced(adapter, module, ref, args, prefix, cache)
+        contiguous = [shares for is_run, shares in taken if is_run]
+        assert contiguous and all(contiguous)  # head/MLP-group prefixes: views of the stored weights
+        taken.clear()
+        scattered = BlockInternals(heads=(0, 2), mlp_groups=(1, 3), mlp_group_count=4)
+        run_reduced(adapter, module, ref, args, scattered, cache)
+        assert taken and not any(shares for _, shares in taken)  # one gathered copy per call
+        made = dict(cache._entries)
+        run_reduced(adapter, module, ref, args, scattered, cache)
+        assert cache._entries.keys() == made.keys()
+        assert all(cache._entries[k] is made[k] for k in made)  # the decision's selections are reused
         module.img_attn.qkv.weight.mul_(2.0)  # an in-place weight change (e.g. a hook keyframe)
-        third = run_reduced(adapter, module, ref, args, internals, weights)
-        assert weights.misses == misses + 1
+        third = run_reduced(adapter, module, ref, args, prefix, cache)
         assert not torch.allclose(first["img"], third["img"])
-    assert weights.cached_bytes > 0
-    bounded = WeightSlices(effective_weight, max_bytes=1)
-    with torch.no_grad():
-        run_reduced(adapter, module, ref, args, internals, bounded)
-    assert bounded.cached_bytes == 0
+
 
 # --- the width seam: per-unit contributions, calibration inputs, timestep features ---------------
 # Oracles are masked copies of the real block: with every output column but one unit's zeroed, the

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from comfyui_dynamic_dit.dynamic_core.slicing import AxisSelection
+
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
 from comfyui_dynamic_dit.dynamic_core.methods import REGISTRY, td_lora
 from comfyui_dynamic_dit.dynamic_core.methods.td_lora import (
@@ -94,13 +96,14 @@ def test_sliced_bypass_equals_slicing_the_full_bypass():
     x = torch.randn(2, 7, 12)
     gates = expert_columns(gate(torch.tensor([0.8, 0.3])), layer.rank)
     bypass = GatedBypass(*layer.cast(1.0, x), gates)
-    rows = torch.tensor([0, 3, 4, 9, 15])
-    cols = torch.tensor([1, 2, 5, 11])
+    rows = AxisSelection([(0, 1), (3, 5), (9, 10), (15, 16)])
+    cols = AxisSelection([(1, 3), (5, 6), (11, 12)])
+    row_index, col_index = rows.index("cpu"), cols.index("cpu")
     masked = torch.zeros_like(x)
-    masked[..., cols] = x[..., cols]  # what the full layer sees when the other inputs are dropped
+    masked[..., col_index] = x[..., col_index]  # what the full layer sees when the other inputs are dropped
     full = bypass(masked, None, None)
-    torch.testing.assert_close(bypass(x[..., cols], rows, cols), full[..., rows], rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(bypass(x, rows, None), bypass(x, None, None)[..., rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bypass(x[..., col_index], rows, cols), full[..., row_index], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bypass(x, rows, None), bypass(x, None, None)[..., row_index], rtol=1e-5, atol=1e-6)
     assert bypass.flops(14, 4, 5) == 2 * 14 * 12 * (4 + 5)
 
 

@@ -1,0 +1,235 @@
+"""Flux blocks run reduced, and measured: views over the host's own block classes.
+
+- `ReducedFluxBlock` builds the module view of one reduced block call: fewer heads and MLP channel
+  groups (narrowed linears), MLP on a token subset, LoRA-style extras on any linear. The host's
+  block `forward` then runs on the view.
+- `UnitMeter` measures, while the full block runs, each head's and MLP group's share of the block's
+  output (the training-free width ranking).
+
+Every index a reduced call needs depends only on the decision (which heads, which groups, how many
+text tokens), so it is built once per decision and kept in the run's `RunIndexCache`.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+
+from ..slicing import AxisSelection, ModuleView, ReducedLinear, RunIndexCache, WeightSource, gather_tokens, scatter_tokens
+from .base import BlockInternals
+
+if TYPE_CHECKING:
+    from .flux import FluxArchitecture
+
+_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
+
+
+def call_forward(block_class: type, view: Any, args: Mapping[str, Any]) -> Any:
+    """Call the host block class's own forward on `view` the way ComfyUI's block wrapper calls the
+    block: the stream tensors, then the keyword arguments this host version's forward accepts."""
+    accepted = _FORWARD_PARAMS.get(block_class)
+    if accepted is None:
+        accepted = _FORWARD_PARAMS[block_class] = frozenset(inspect.signature(block_class.forward).parameters)
+    kwargs = {k: args[k] for k in ("vec", "pe", "attn_mask", "transformer_options") if k in args and k in accepted}
+    if "txt" in args:  # double-stream block
+        return block_class.forward(view, img=args["img"], txt=args["txt"], **kwargs)
+    return block_class.forward(view, args["img"], **kwargs)
+
+
+class TokenSubsetMLP:
+    """An MLP (in -> act -> out) that runs only on the selected tokens; the others get zero output."""
+
+    def __init__(self, mlp_in: Callable, act: Callable, mlp_out: Callable, tokens: torch.Tensor | None):
+        self.mlp_in, self.act, self.mlp_out, self.tokens = mlp_in, act, mlp_out, tokens
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens is None:
+            return self.mlp_out(self.act(self.mlp_in(x)))
+        selected = self.mlp_out(self.act(self.mlp_in(gather_tokens(x, self.tokens))))
+        return scatter_tokens(x.new_zeros(*x.shape[:-1], selected.shape[-1]), self.tokens, selected)
+
+
+class _SplitLinear1:
+    """Single-block linear1 when only some tokens run the MLP: qkv for all, MLP input for the selected."""
+
+    def __init__(self, qkv: Callable, mlp_in: Callable, rows: torch.Tensor):
+        self.qkv, self.mlp_in, self.rows = qkv, mlp_in, rows
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        qkv = self.qkv(x)
+        selected = self.mlp_in(gather_tokens(x, self.rows))
+        mlp = scatter_tokens(x.new_zeros(*x.shape[:-1], selected.shape[-1]), self.rows, selected)
+        return torch.cat((qkv, mlp), dim=-1)
+
+
+class _SplitLinear2:
+    """Single-block linear2 when only some tokens ran the MLP: the MLP columns only for those tokens."""
+
+    def __init__(self, attn_out: Callable, mlp_out: Callable, rows: torch.Tensor, attn_width: int):
+        self.attn_out, self.mlp_out, self.rows, self.attn_width = attn_out, mlp_out, rows, attn_width
+
+    def __call__(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.attn_out(z[..., : self.attn_width])
+        selected = self.mlp_out(gather_tokens(z[..., self.attn_width :], self.rows))
+        return out.scatter_add(1, self.rows[..., None].expand(-1, -1, out.shape[-1]), selected)
+
+
+class WidthSelections:
+    """The kept heads and MLP groups of one decision as weight-axis selections (built once, cached per run)."""
+
+    def __init__(self, arch: "FluxArchitecture", heads: tuple[int, ...] | None, groups: tuple[int, ...] | None, group_count: int):
+        d, hd, mlp = arch.hidden_size, arch.head_dim, arch.mlp_hidden
+        self.head_count = arch.num_heads if heads is None else len(heads)
+        self.unit_count = mlp if groups is None else len(groups) * (mlp // group_count)
+        all_heads, all_units = AxisSelection.span(0, d), AxisSelection.span(0, mlp)
+        self.head_cols = None if heads is None else AxisSelection.of_units(heads, hd)
+        self.units = None if groups is None else AxisSelection.of_units(groups, mlp // group_count)
+        head_cols = self.head_cols or all_heads
+        units = self.units or all_units
+        # q, k and v of the kept heads (the rows of a fused qkv)
+        self.qkv_rows = None if heads is None else head_cols + head_cols.shifted(d) + head_cols.shifted(2 * d)
+        qkv_rows = self.qkv_rows or AxisSelection.span(0, 3 * d)
+        # single blocks: linear1 = [q | k | v | mlp in], linear2 = [attention | mlp] columns
+        self.linear1_rows = qkv_rows + units.shifted(3 * d)
+        self.linear2_cols = head_cols + units.shifted(d)
+        self.linear1_qkv_rows = qkv_rows
+        self.linear1_mlp_rows = units.shifted(3 * d)
+        self.linear2_attn_cols = head_cols
+        self.linear2_mlp_cols = units.shifted(d)
+
+    @classmethod
+    def cached(cls, cache: RunIndexCache, arch: "FluxArchitecture", internals: BlockInternals) -> "WidthSelections":
+        key = ("flux.width", internals.heads, internals.mlp_groups, internals.mlp_group_count)
+        return cache.get(key, lambda: cls(arch, internals.heads, internals.mlp_groups, internals.mlp_group_count))
+
+
+def text_positions(cache: RunIndexCache, text_tokens: int, batch: int, device: torch.device) -> torch.Tensor:
+    """(B, T) positions 0..T-1 of the text tokens, made once per run and shape."""
+    return cache.get(("flux.text", text_tokens, batch, device),
+                     lambda: torch.arange(text_tokens, device=device).expand(batch, -1))
+
+
+class ReducedFluxBlock:
+    """Builds the module views of one reduced Flux block call."""
+
+    def __init__(self, arch: "FluxArchitecture", module: torch.nn.Module, internals: BlockInternals,
+                 flop_log: list[float], cache: RunIndexCache):
+        self.arch, self.module, self.internals, self.flop_log, self.cache = arch, module, internals, flop_log, cache
+        self.width = WidthSelections.cached(cache, arch, internals)
+
+    def linear(self, layer: torch.nn.Module, name: str, rows: AxisSelection | None = None,
+               cols: AxisSelection | None = None, bias: bool = True):
+        extra = self.internals.extras.get(name)
+        if rows is None and cols is None and extra is None and bias:
+            return layer  # untouched: the host's own layer, exactly as in the full block
+        return ReducedLinear(layer, rows, cols, extra, self.flop_log, use_bias=bias)
+
+    def modulation(self, module: torch.nn.Module, name: str):
+        if f"{name}.lin" not in self.internals.extras:
+            return module
+        return ModuleView(module, lin=self.linear(module.lin, f"{name}.lin"))
+
+    def double_view(self) -> ModuleView:
+        width = self.width
+        overrides: dict[str, Any] = {"num_heads": width.head_count}
+        for stream in ("img", "txt"):
+            attn, mlp = getattr(self.module, f"{stream}_attn"), getattr(self.module, f"{stream}_mlp")
+            overrides[f"{stream}_attn"] = ModuleView(
+                attn,
+                qkv=self.linear(attn.qkv, f"{stream}_attn.qkv", rows=width.qkv_rows),
+                proj=self.linear(attn.proj, f"{stream}_attn.proj", cols=width.head_cols),
+            )
+            overrides[f"{stream}_mlp"] = TokenSubsetMLP(
+                self.linear(mlp[0], f"{stream}_mlp.0", rows=width.units),
+                mlp[1],
+                self.linear(mlp[2], f"{stream}_mlp.2", cols=width.units),
+                self.internals.mlp_tokens if stream == "img" else None,
+            )
+            overrides[f"{stream}_mod"] = self.modulation(getattr(self.module, f"{stream}_mod"), f"{stream}_mod")
+        return ModuleView(self.module, **overrides)
+
+    def single_view(self, text_tokens: int) -> ModuleView:
+        module, internals, width = self.module, self.internals, self.width
+        overrides: dict[str, Any] = {
+            "num_heads": width.head_count,
+            "hidden_size": width.head_count * self.arch.head_dim,
+            "mlp_hidden_dim_first": width.unit_count,
+            "modulation": self.modulation(module.modulation, "modulation"),
+        }
+        if internals.mlp_tokens is None:
+            reduced = internals.heads is not None or internals.mlp_groups is not None
+            overrides["linear1"] = self.linear(module.linear1, "linear1", rows=width.linear1_rows if reduced else None)
+            overrides["linear2"] = self.linear(module.linear2, "linear2", cols=width.linear2_cols if reduced else None)
+        else:
+            tokens = internals.mlp_tokens
+            text = text_positions(self.cache, text_tokens, tokens.shape[0], tokens.device)
+            rows = torch.cat((text, tokens + text_tokens), dim=1)
+            overrides["linear1"] = _SplitLinear1(
+                self.linear(module.linear1, "linear1", rows=width.linear1_qkv_rows),
+                self.linear(module.linear1, "linear1", rows=width.linear1_mlp_rows),
+                rows,
+            )
+            overrides["linear2"] = _SplitLinear2(
+                self.linear(module.linear2, "linear2", cols=width.linear2_attn_cols),
+                self.linear(module.linear2, "linear2", cols=width.linear2_mlp_cols, bias=False),
+                rows,
+                width.head_count * self.arch.head_dim,
+            )
+        return ModuleView(module, **overrides)
+
+
+class Recorded:
+    """A submodule whose last output is kept (a modulation: the gates the block applies later)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.output = module, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.output = self.module(*args, **kwargs)
+        return self.output
+
+
+class UnitMeter:
+    """Sums, per attention head and per MLP group, the L2 norm of the unit's gated contribution to
+    the residual stream over every token that passes the block's output linears.
+
+    All units of a span are measured in one batched product on the device; nothing is read back
+    until the caller asks for the means.
+    """
+
+    def __init__(self, heads: int, groups: int, weights: WeightSource):
+        self.counts = {"heads": heads, "groups": groups}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = {"heads": 0, "groups": 0}
+        self.weights = weights
+
+    def output_linear(self, layer: torch.nn.Module, spans: list[tuple[str, int, int]], gate: Callable[[], torch.Tensor]):
+        """`layer` as the block calls it, measuring the input column spans (kind, first column, unit size)."""
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out = layer(x)
+            weight, _ = self.weights(layer, x)
+            gates = gate()
+            for kind, start, size in spans:
+                units = self.counts[kind]
+                end = start + units * size
+                inputs = x[..., start:end].unflatten(-1, (units, size))  # (..., U, s)
+                columns = weight[:, start:end].unflatten(-1, (units, size))  # (D, U, s)
+                shares = torch.einsum("...us,dus->...ud", inputs, columns) * gates.unsqueeze(-2)
+                norms = shares.float().norm(dim=-1).reshape(-1, units).sum(dim=0, dtype=torch.float64)
+                if kind in self.sums:
+                    self.sums[kind] += norms
+                else:
+                    self.sums[kind] = norms
+                self.tokens[kind] += x.shape[:-1].numel()
+            return out
+
+        return run
+
+    def mean(self, kind: str) -> torch.Tensor:
+        """(units,) mean share per token, on the device of the measured block."""
+        sums = self.sums.get(kind)
+        if sums is None or self.tokens[kind] == 0:
+            return torch.zeros(self.counts[kind])
+        return (sums / self.tokens[kind]).float()
