@@ -31,11 +31,17 @@ class CoarseGrid(ABC):
 
     @abstractmethod
     def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
-        """Why this call has to stay on the native grid (inputs laid out per native token), or None."""
+        """Why this call has to stay on the native grid (inputs laid out per native token), or None.
+        Looks at the arguments' structure only: nothing is read back from the device."""
 
     @abstractmethod
     def flow_time(self, arguments: Mapping[str, Any]) -> torch.Tensor:
         """Per batch row t of the call, with the latent argument x = (1 - t) x0 + t noise."""
+
+    @abstractmethod
+    def flow_time_refusal(self, lowest: float, highest: float, sigma: float) -> str | None:
+        """Why a call whose `flow_time` spans lowest..highest at the sampler's `sigma` cannot run coarse
+        (the model sampling does not pass the flow time the coarse-call algebra needs), or None."""
 
     @abstractmethod
     def with_flow_time(self, arguments: Mapping[str, Any], t: torch.Tensor) -> dict[str, Any]:

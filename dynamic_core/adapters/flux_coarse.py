@@ -11,8 +11,9 @@ Facts about ComfyUI's Flux this relies on (comfy/ldm/flux/model.py, v0.3.76):
 - `post_input` patches see `{"img", "txt", "img_ids", "txt_ids"}` right after `img_in`; the image
   tokens come first in "img", reference tokens after them.
 - Patches are flattened as (c, ph, pw); the final layer returns (B, tokens, ph * pw * c) in the same
-  order, and `timestep` is sigma itself (ModelSamplingFlux, CONST: x = (1 - sigma) x0 + sigma noise);
-  a call whose timestep is not the sigma of `transformer_options["sigmas"]` stays native.
+  order, and `timestep` is sigma itself (ModelSamplingFlux, CONST: x = (1 - sigma) x0 + sigma noise,
+  `calculate_input` the identity, so the model's input is the sampler's x); a call whose timestep is
+  not the step's sigma stays native.
 - ControlNet residuals and attention masks are laid out per native token.
 """
 from __future__ import annotations
@@ -62,15 +63,16 @@ class FluxCoarseGrid(CoarseGrid):
             method = extra.get("ref_latents_method", getattr(diffusion_model.params, "default_ref_method", "offset"))
             if method == "uxo":
                 return "'uxo' reference latents are placed after the native grid"
-        sigmas = (arguments.get("transformer_options") or {}).get("sigmas")
-        if isinstance(sigmas, torch.Tensor) and sigmas.numel():
-            sigma, timestep = float(sigmas.max()), float(arguments["timestep"].max())
-            if abs(sigma - timestep) > 1e-4 * max(1.0, abs(sigma)):
-                return f"the model sampling passes timestep {timestep:.4g} for sigma {sigma:.4g}, not Flux's timestep = sigma"
         return None
 
     def flow_time(self, arguments: Mapping[str, Any]) -> torch.Tensor:
         return arguments["timestep"].float()
+
+    def flow_time_refusal(self, lowest: float, highest: float, sigma: float) -> str | None:
+        tolerance = 1e-4 * max(1.0, abs(sigma))
+        if abs(highest - sigma) > tolerance or abs(lowest - sigma) > tolerance:
+            return f"the model sampling passes timestep {highest:.4g} for sigma {sigma:.4g}, not Flux's timestep = sigma"
+        return None
 
     def with_flow_time(self, arguments: Mapping[str, Any], t: torch.Tensor) -> dict[str, Any]:
         return {"timestep": t.to(arguments["timestep"].dtype)}
