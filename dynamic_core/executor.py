@@ -62,6 +62,9 @@ class CallState:
     record: CallRecord
     text_tokens: int
     block_work: dict[BlockRef, BlockWork] = field(default_factory=dict)
+    # The sampler's x of this call's rows before the host's input scaling and cast to the model's
+    # dtype (full precision), where the host hands it over; None otherwise.
+    sampler_x: torch.Tensor | None = None
 
     def add_executed(self, flops: FlopBreakdown) -> None:
         self.record.executed = self.record.executed + flops

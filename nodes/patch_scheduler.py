@@ -22,14 +22,18 @@ def _load_embedding(name: str):
     return load_patch_embedding_file(path, name)
 
 
+DEFAULTS = PatchSchedulerSettings()
+
+
 class DynamicPatchScheduler:
     DESCRIPTION = (
         "Runs some sampling steps on a coarser patch grid (DDiT): a 2x patch step works on a quarter of the image "
         "tokens, a 4x step on a sixteenth, and its prediction is brought back to full resolution. 'auto' decides "
-        "per step from how smoothly the latent has been changing (third difference of the last four step latents "
-        "against tau); 'manual' follows a schedule. Without an embedding file the model's own weights are used "
-        "(no training); a trained file from models/dynamic_dit/ improves coarse steps. The first three and the last "
-        "steps stay native in auto mode."
+        "per step how unevenly the latent is changing (third difference of this step's latent and the three before) "
+        "compared with the start of the run, against tau; 'manual' follows a schedule. Without an embedding file the "
+        "model's own weights are used (no training); a trained file from models/dynamic_dit/ improves coarse steps. "
+        "In auto mode the first three and the last steps stay native, and a coarse step is followed by at least "
+        "three native ones."
     )
     CATEGORY = "dynamic_dit"
     FUNCTION = "patch"
@@ -42,21 +46,27 @@ class DynamicPatchScheduler:
                 "model": ("MODEL",),
                 "mode": (list(MODES), {"default": "auto", "tooltip": "auto: DDiT's rule decides every step. manual: follow the schedule below."}),
                 "tau": ("FLOAT", {
-                    "default": 0.001, "min": 0.0, "max": 10.0, "step": 0.0001, "round": False,
-                    "tooltip": "auto: a step runs coarse when the Δ³ statistic of the latent is below tau. Higher = more coarse "
-                               "steps (faster, less detail). The statistic shrinks with more steps; the per-step values are in "
-                               "the Dynamic Speed Report's table.",
+                    "default": DEFAULTS.tau, "min": 0.0, "max": 100.0, "step": 0.1, "round": False,
+                    "tooltip": "auto: how much rougher than at the start of the run the image's motion may get and a step "
+                               "still runs coarse. The scheduler measures how unevenly the latent changes at the first step "
+                               "it checks and compares every later step with that: a step below tau times that value runs "
+                               "coarse. Early steps sit near 1, the last steps, where fine detail forms, at 5 to 20. Higher = "
+                               "coarse steps later into the run (faster, less detail); near 1 = only the smoothest steps. "
+                               "After a coarse step the next three always run native. The Dynamic Speed Report's table "
+                               "shows each step's value.",
                 }),
                 "percentile": ("FLOAT", {
-                    "default": 0.4, "min": 0.0, "max": 1.0, "step": 0.05,
-                    "tooltip": "auto: which percentile over the patches of the per-patch Δ³ spread is compared with tau (DDiT: 0.4).",
+                    "default": DEFAULTS.epsilon, "min": 0.0, "max": 1.0, "step": 0.05,
+                    "tooltip": "auto: which percentile over the patches of the per-patch change is measured (DDiT: 0.4). "
+                               "Lower looks at the calmest parts of the image, higher at the busiest.",
                 }),
                 "max_patch_factor": ("INT", {
-                    "default": 4, "min": 2, "max": 4, "step": 2,
-                    "tooltip": "auto: the coarsest patch allowed, as a multiple of the model's patch (4x = 16 times fewer image tokens).",
+                    "default": DEFAULTS.max_factor, "min": 2, "max": 4, "step": 2,
+                    "tooltip": "auto: the coarsest patch allowed, as a multiple of the model's patch (2x = 4 times fewer "
+                               "image tokens, 4x = 16 times fewer: faster per coarse step, but costs more detail).",
                 }),
                 "last_native_steps": ("INT", {
-                    "default": 2, "min": 0, "max": 1000,
+                    "default": DEFAULTS.last_native_steps, "min": 0, "max": 1000,
                     "tooltip": "auto: the last steps always run at the native patch, where fine detail forms.",
                 }),
                 "manual_schedule": ("STRING", {

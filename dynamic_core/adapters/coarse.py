@@ -31,7 +31,8 @@ class CoarseGrid(ABC):
 
     @abstractmethod
     def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
-        """Why this call has to stay on the native grid (inputs laid out per native token), or None."""
+        """Why this call has to stay on the native grid (inputs laid out per native token), or None.
+        Looks at the arguments' structure only: nothing is read back from the device."""
 
     def sampling_refusal(self, model_sampling: Any) -> str | None:
         """Why no call of a run with this host model sampling may go coarse (once per run), or None."""

@@ -11,8 +11,9 @@ Facts about ComfyUI's Flux this relies on (comfy/ldm/flux/model.py, v0.3.76):
 - `post_input` patches see `{"img", "txt", "img_ids", "txt_ids"}` right after `img_in`; the image
   tokens come first in "img", reference tokens after them.
 - Patches are flattened as (c, ph, pw); the final layer returns (B, tokens, ph * pw * c) in the same
-  order, and `timestep` is sigma itself (ModelSamplingFlux, CONST: x = (1 - sigma) x0 + sigma noise);
-  a call whose timestep is not the sigma of `transformer_options["sigmas"]` stays native.
+  order, and `timestep` is sigma itself (ModelSamplingFlux, CONST: x = (1 - sigma) x0 + sigma noise,
+  `calculate_input` the identity, so the model's input is the sampler's x); a call whose timestep is
+  not the step's sigma stays native.
 - ControlNet residuals and attention masks are laid out per native token.
 """
 from __future__ import annotations

@@ -200,9 +200,17 @@ def _ddit_manual(arg: str | None) -> Case:
 
 
 def _ddit_auto(arg: str | None) -> Case:
-    """`ddit-auto:<tau>` with the node's other defaults."""
-    tau = _number(arg, 0.001, "DDiT auto tau", 0.0, 1e6)
-    return Case(f"DDiT auto τ {tau:g}", _patch_scheduler(mode="auto", tau=tau), family="DDiT auto")
+    """`ddit-auto:<tau>` or `ddit-auto:<tau>/<max patch factor>` (relative tau), the node's other defaults."""
+    from ..methods.patch_scheduler import PatchSchedulerSettings
+
+    defaults = PatchSchedulerSettings()
+    tau_text, _, factor_text = (arg or "").partition("/")
+    tau = _number(tau_text or None, defaults.tau, "DDiT auto tau", 0.0, 1e6)
+    factor = int(_number(factor_text or None, defaults.max_factor, "DDiT auto max patch factor", 2, 4))
+    if factor not in (2, 4):
+        raise ValueError(f"DDiT auto max patch factor must be 2 or 4, not {factor_text}")
+    return Case(f"DDiT auto τ {tau:g} up to {factor}x", _patch_scheduler(mode="auto", tau=tau, max_factor=factor),
+                family="DDiT auto")
 
 
 TOME_NOTE = (
@@ -250,7 +258,7 @@ SWEEPS: dict[str, tuple[str, ...]] = {
     "sdt": ("0.5",),
     "reuse": ("0.7", "0.5", "0.3"),
     "ddit": ("0-40%:4;40-70%:2;70-100%:1", "0-60%:2;60-100%:1"),
-    "ddit-auto": ("0.001", "0.01", "0.05"),
+    "ddit-auto": ("2", "5", "5/4"),
     "tdlora": ("1", "3"),
 }
 

@@ -4,6 +4,8 @@ It installs the executor on a *cloned* ModelPatcher through ComfyUI's public pat
 never copies ComfyUI's forward code:
 - an OUTER_SAMPLE wrapper creates the per-run RunContext (reset in `finally`) and hooks the
   sampler's per-step callback for exact step boundaries;
+- an APPLY_MODEL wrapper hands the sampler's x of each model call, before the host scales it and
+  casts it to the model's dtype, to the call (`CallState.sampler_x`);
 - two DIFFUSION_MODEL wrappers: the outermost one times every model call and records telemetry
   (so it also sees calls that EasyCache answers from its cache), the innermost one runs the
   model-level methods right around the model's own forward;
@@ -36,6 +38,7 @@ logger = logging.getLogger("dynamic_dit")
 PLAN_KEY = "dynamic_dit"  # transformer_options: the DynamicPlan of the patched model
 RUN_KEY = "dynamic_dit_run"  # transformer_options: the RunContext of the sampling run in progress
 CALL_KEY = "dynamic_dit_call"  # transformer_options: the CallState of the model call in progress
+SAMPLER_X_KEY = "dynamic_dit_sampler_x"  # transformer_options: the sampler's x of the model call in progress
 WRAPPER_KEY = "dynamic_dit"
 TELEMETRY_WRAPPER_KEY = "dynamic_dit.telemetry"
 
@@ -87,6 +90,7 @@ def _patched_clone(model_patcher: Any, adapter: ModelAdapter, plan: DynamicPlan)
     patched = model_patcher.clone()
     for wrapper_type, key, wrapper in (
         (WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper),
+        (WrappersMP.APPLY_MODEL, WRAPPER_KEY, _sampler_input_wrapper),
         (WrappersMP.DIFFUSION_MODEL, TELEMETRY_WRAPPER_KEY, _telemetry_wrapper),
         (WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, _model_wrapper),
     ):
@@ -214,6 +218,17 @@ def _order_model_wrappers(transformer_options: dict) -> None:
     wrappers.update({k: v for k, v in ordered.items() if v})
 
 
+def _sampler_input_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
+    """`BaseModel.apply_model` gets the sampler's x; the diffusion model gets it scaled by the model
+    sampling and cast to the model's dtype (bf16 rounding would swamp the patch scheduler's Δ³)."""
+    bound = _bind(executor.original, args, kwargs)
+    options = _transformer_options(bound)
+    if options is None or not isinstance(options.get(RUN_KEY), RunContext):
+        return executor(*args, **kwargs)
+    _set_transformer_options(bound, {**options, SAMPLER_X_KEY: bound.arguments["x"]})
+    return executor(*bound.args, **bound.kwargs)
+
+
 def _telemetry_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
     bound = _bind(executor.original, args, kwargs)
     options = _transformer_options(bound)
@@ -229,6 +244,7 @@ def _telemetry_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         run.adapter.call_shape(bound.arguments),
         executor.class_obj,
     )
+    call.sampler_x = options.get(SAMPLER_X_KEY)
     _set_transformer_options(bound, {**options, CALL_KEY: call})
     return run.timed(call, lambda: executor(*bound.args, **bound.kwargs))
 

@@ -37,14 +37,19 @@ the last block are captured by this method's `wrap_block`, and the host's final 
 and modulation) runs with the trained de-embedding as last linear; the same residual path is added.
 Block LoRA is left to TD-LoRA's machinery (another method), so files do not carry it yet.
 
-**Scheduler** (auto mode, DDiT's rule): the sampler's x at the start of every step is recorded from
-the per-step callback; the decision for step s uses the third difference of x_{s-4} ... x_{s-1},
-the four latest step latents (the callback of step s fires only after its first model call). For
-each candidate patch size the std inside each patch (around each channel's own mean, so that only
-spatial variation counts), then the epsilon-percentile over patches; the largest patch whose value
-is below tau wins. One factor per step for the whole batch: the most conservative sample decides.
-The first three steps and the last N steps run native. Every call of a step uses the decision of the step whose sigma it evaluates (`call.step.step`): Heun's second
-evaluation of step i, at sigma_{i+1}, runs at step i+1's patch size, made from x_{i-3} ... x_i.
+**Scheduler** (auto mode, DDiT's rule, `patch_statistics.py`): the decision for step s is made once,
+at the first model call that evaluates step s's sigma, from the third difference of x_{s-3} ... x_s:
+the sampler's x at the start of the three steps before (recorded from the per-step callback) and the
+call's own input x_s (the sampler's x before the host scales and casts it; for Flux the model's input
+is that x itself). So step 3 is the first that can run coarse. For each candidate patch size the std
+inside each patch, the epsilon-percentile over patches, divided by its value at the first step the
+scheduler evaluates (its yardstick, from native steps); the largest patch whose ratio is below tau
+wins, the sample with the largest ratio decides for the batch. The first three and the last N steps
+run native, and so does a step whose Δ³ window holds a coarse step (COARSE_WINDOW_RULE below).
+Every call of a step uses that step's decision (`call.step.step`): cond and uncond calls
+and Heun's second evaluation of step i, at sigma_{i+1}, which decides step i+1 from its own input
+(the Euler predictor of x_{i+1}). A step's decision reads one small tensor back to the host; the
+scheduler reads nothing else.
 **Manual mode** takes a schedule such as `0-40%:4, 40-70%:2, 70-100%:1` over the fraction of the
 run's steps done (step s of N at s/N); steps no range covers run native.
 Calls whose inputs are laid out per native token (ControlNet, attention masks, 'uxo' reference
@@ -53,10 +58,9 @@ latents) always run native.
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, ClassVar, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,117 +70,31 @@ from ..flops import FlopBreakdown, linear_flops
 from ..plan import MethodSettings
 from .base import BlockArgs, BlockFn, DynamicMethod, register
 from .patch_embedding_file import FACTORS, CoarseLayers, PatchEmbeddingFile
+from .patch_schedule import ScheduleRange, parse_schedule, schedule_range_at
+from .patch_statistics import (
+    PatchDecision,
+    choose_patch_factor,
+    patch_statistic,
+    relative_roughness,
+    roughness,
+    third_difference,
+)
 
 if TYPE_CHECKING:
     from ..adapters import BlockRef, ModelAdapter
     from ..adapters.coarse import CoarseGrid
     from ..executor import CallState, ModelCall, RunContext
-    from ..steps import StepInfo
 
 MODES = ("auto", "manual")
 FIRST_NATIVE_STEPS = 3
 MIN_FLOW_TIME = 1e-3  # the velocity divides by t: closer to the clean end a coarse step makes no sense
-
-
-# --- manual schedules -------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ScheduleRange:
-    start: float  # percent of the run's steps, inclusive
-    end: float  # percent, exclusive
-    factor: int
-
-    def describe(self) -> str:
-        return f"{self.start:g}-{self.end:g}%:{self.factor}x"
-
-
-_RANGE = re.compile(r"^(?P<start>\d+(?:\.\d*)?)\s*%?\s*-\s*(?P<end>\d+(?:\.\d*)?)\s*%?\s*:\s*(?P<factor>\d+)\s*x?$", re.IGNORECASE)
-
-
-def parse_schedule(text: str) -> tuple[ScheduleRange, ...]:
-    """Parse a manual schedule such as `0-40%:4, 40-70%:2, 70-100%:1` (items split by , ; or newlines)."""
-    items = [item.strip() for item in re.split(r"[,;\n]", text or "") if item.strip()]
-    if not items:
-        raise ValueError("The manual patch schedule is empty; write ranges such as '0-40%:4, 40-70%:2, 70-100%:1'.")
-    ranges = []
-    for item in items:
-        match = _RANGE.match(item)
-        if match is None:
-            raise ValueError(
-                f"Cannot read '{item}' in the manual patch schedule; each range is start-end%:factor, e.g. '0-40%:4'."
-            )
-        start, end, factor = float(match["start"]), float(match["end"]), int(match["factor"])
-        if not 0 <= start < end <= 100:
-            raise ValueError(f"'{item}' in the manual patch schedule: ranges go from 0 to 100% and start before they end.")
-        if factor not in (1, *FACTORS):
-            raise ValueError(f"'{item}' in the manual patch schedule: the patch factor must be 1 (native), 2 or 4, not {factor}.")
-        ranges.append(ScheduleRange(start, end, factor))
-    ranges.sort(key=lambda r: r.start)
-    for before, after in zip(ranges, ranges[1:]):
-        if after.start < before.end:
-            raise ValueError(f"The manual patch schedule has overlapping ranges: {before.describe()} and {after.describe()}.")
-    return tuple(ranges)
-
-
-def schedule_range_at(schedule: Sequence[ScheduleRange], percent: float) -> ScheduleRange | None:
-    return next((r for r in schedule if r.start <= percent < r.end), None)
-
-
-# --- the DDiT scheduler, as pure functions --------------------------------------------------------
-@dataclass(frozen=True)
-class PatchDecision:
-    factor: int  # 1 = native
-    reason: str  # what telemetry shows for the step
-    statistics: Mapping[int, float] = field(default_factory=dict)  # factor -> Δ³ statistic that was compared with tau
-
-
-def third_difference(latents: Sequence[torch.Tensor]) -> torch.Tensor:
-    """Δ³z of four consecutive step latents, oldest first (exactly zero for a quadratic trajectory)."""
-    z0, z1, z2, z3 = (z.double() for z in latents)
-    return z3 - 3 * z2 + 3 * z1 - z0
-
-
-def patch_statistic(delta: torch.Tensor, patch: int, epsilon: float) -> torch.Tensor:
-    """Per sample: the epsilon-percentile over patch x patch regions of the std inside each region.
-
-    `delta` is (B, C, H, W). The std inside a region is taken around each channel's own mean there
-    (pooled over channels): a change that is uniform over the region in every channel is exactly what
-    one coarse token can carry, however different the channels are. Regions cut off at the right and
-    bottom edge count only their pixels.
-    """
-    batch, channels, height, width = delta.shape
-    rows, cols = math.ceil(height / patch), math.ceil(width / patch)
-    pad = (0, cols * patch - width, 0, rows * patch - height)
-    values = F.pad(delta.double(), pad)
-    present = F.pad(torch.ones(1, 1, height, width, dtype=torch.float64, device=delta.device), pad)
-
-    def per_region(t: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, regions)
-        return t.reshape(t.shape[0], t.shape[1], rows, patch, cols, patch).sum(dim=(3, 5)).reshape(t.shape[0], t.shape[1], -1)
-
-    count = per_region(present)
-    mean = per_region(values) / count
-    variance = (per_region(values * values) / count - mean * mean).clamp_min(0).mean(dim=1)
-    return torch.quantile(variance.sqrt(), epsilon, dim=1)
-
-
-def choose_patch_factor(
-    latents: Sequence[torch.Tensor],
-    factors: Sequence[int],
-    native_patch: int,
-    tau: float,
-    epsilon: float,
-) -> PatchDecision:
-    """DDiT's rule: the largest factor whose Δ³ statistic is below tau (the worst sample of the batch counts)."""
-    delta = third_difference(latents)
-    label = f"p{epsilon * 100:g}"
-    statistics = {
-        factor: float(patch_statistic(delta, factor * native_patch, epsilon).max()) for factor in sorted(factors)
-    }
-    passing = [factor for factor, value in statistics.items() if value < tau]
-    if passing:
-        factor = max(passing)
-        return PatchDecision(factor, f"patch {factor}x (Δ³ {label} = {statistics[factor]:.2g} < τ {tau:g})", statistics)
-    values = ", ".join(f"{factor}x {value:.2g}" for factor, value in statistics.items())
-    return PatchDecision(1, f"native (Δ³ {label}: {values} ≥ τ {tau:g})", statistics)
+# COARSE_WINDOW_RULE: Δ³ is measured over native steps only. A coarse step's update is not the model's
+# own motion (detail finer than a coarse patch is carried along, not predicted): on the reference model
+# the ratio of the three windows holding it jumps to 2.2-8.8 under Euler and 1.1-5.7 under DPM++ 2M,
+# values native steps reach only late in a run (BENCHMARKS.md). Compared with tau, that jump either
+# blocked the next coarse step or let coarse steps chain into long runs (x2.7 fewer FLOPs at 17 dB).
+# So a window holding a coarse step decides nothing: its step runs native, coarse steps come at most
+# every fourth step, each after three native steps that re-form the detail.
 
 
 # --- settings ----------------------------------------------------------------------------------------
@@ -185,9 +103,11 @@ class PatchSchedulerSettings(MethodSettings):
     method: ClassVar[str] = "patch_scheduler"
 
     mode: str = "auto"
-    tau: float = 0.001
+    # Defaults measured in BENCHMARKS.md ("Patch Scheduler auto"): coarse steps on every model and sampler
+    # tried (x1.16-1.18 fewer FLOPs), 27-28 dB on the reference model; 4x patches cost ~3 dB for x1.2.
+    tau: float = 5.0  # relative: the Δ³ statistic over its value at the first step evaluated
     epsilon: float = 0.4  # the percentile over patches, as a fraction
-    max_factor: int = 4
+    max_factor: int = 2
     last_native_steps: int = 2
     schedule: tuple[ScheduleRange, ...] = ()  # manual mode
     embedding: PatchEmbeddingFile | None = None
@@ -282,6 +202,8 @@ class PatchSchedulerMethod(DynamicMethod):
         self._sampling_refusal = grid.sampling_refusal(run.model_sampling)  # on the host, once per run
         self._latents: OrderedDict[int, torch.Tensor] = OrderedDict()  # step -> sampler x at its start
         self._decisions: dict[int, PatchDecision] = {}
+        self._reference: tuple[int, torch.Tensor] | None = None  # (step, its Δ³ statistics (factors, batch))
+        self._coarse_steps: set[int] = set()  # steps with a call that ran coarse
         self._layers: dict[tuple, CoarseLayers] = {}
         self._capture: _Capture | None = None
 
@@ -290,46 +212,68 @@ class PatchSchedulerMethod(DynamicMethod):
         if self.settings.mode != "auto":
             return
         self._latents[step] = latent.detach().to(torch.float32, copy=True)
-        while len(self._latents) > 4:
+        while len(self._latents) > 3:  # x_{s-3} .. x_{s-1}; x_s is the deciding call's own input
             self._latents.popitem(last=False)
 
-    def decision(self, step: "StepInfo") -> PatchDecision:
-        if step.step is None:
+    def decision(self, call: "CallState", model_call: "ModelCall") -> PatchDecision:
+        """The decision of the step whose sigma this call evaluates, made by its first call."""
+        step = call.step.step
+        if step is None:
             return PatchDecision(1, "native (no step schedule)")
-        if step.step not in self._decisions:
-            self._decisions[step.step] = self._decide(step)
-        return self._decisions[step.step]
+        if step not in self._decisions:
+            self._decisions[step] = self._decide(call, model_call)
+        return self._decisions[step]
 
-    def _decide(self, info: "StepInfo") -> PatchDecision:
-        s, step = self.settings, info.step
+    def _decide(self, call: "CallState", model_call: "ModelCall") -> PatchDecision:
+        s, info = self.settings, call.step
+        step = info.step
         if not s.start_percent <= info.percent <= s.end_percent:
             return PatchDecision(1, f"native (outside {s.start_percent:.0%}-{s.end_percent:.0%})")
         if s.mode == "manual":
-            position = 100.0 * step / max(info.total_steps, 1)
-            chosen = schedule_range_at(s.schedule, position)
+            chosen = schedule_range_at(s.schedule, 100.0 * step / max(info.total_steps, 1))
             if chosen is None:
                 return PatchDecision(1, "native (no manual range)")
-            text = f"patch {chosen.factor}x" if chosen.factor > 1 else "native"
-            return PatchDecision(chosen.factor, f"{text} (manual {chosen.start:g}-{chosen.end:g}%)")
+            if chosen.factor == 1:
+                return PatchDecision(1, f"native (manual {chosen.start:g}-{chosen.end:g}%)")
+            return PatchDecision(chosen.factor, f"patch {chosen.factor}x (manual {chosen.start:g}-{chosen.end:g}%)")
         if step < s.first_native_steps:
             return PatchDecision(1, f"native (first {s.first_native_steps} steps)")
         if step >= info.total_steps - s.last_native_steps:
             return PatchDecision(1, f"native (last {s.last_native_steps} steps)")
-        history = [self._latents.get(i) for i in range(step - 4, step)]
+        history = [self._latents.get(i) for i in range(step - 3, step)]
         if any(z is None for z in history):
-            return PatchDecision(1, "native (Δ³ needs the latents of the 4 steps before)")
-        return choose_patch_factor(history, s.candidate_factors(), self.grid.native_patch, s.tau, s.epsilon)
+            return PatchDecision(1, "native (Δ³ needs the latents of the 3 steps before)")
+        coarse = [i for i in range(step - 3, step) if i in self._coarse_steps]
+        if coarse:  # see COARSE_WINDOW_RULE
+            return PatchDecision(1, f"native (Δ³ window holds coarse step {coarse[-1]})")
+        newest = self._newest_latent(call, model_call)
+        if any(z.shape != newest.shape for z in history):
+            return PatchDecision(1, "native (the latent changed size between steps)")
+        factors = s.candidate_factors()
+        values = roughness([*(z.to(newest.device) for z in history), newest], factors, self.grid.native_patch, s.epsilon)
+        if self._reference is None:  # the yardstick: the first step evaluated, from native steps only
+            self._reference = (step, values)
+        # The step's one device -> host read (auto mode only): its relative statistics.
+        relative = relative_roughness(values, self._reference[1]).double().tolist()
+        return choose_patch_factor(dict(zip(factors, relative)), s.tau, s.epsilon, self._reference[0])
+        return decision
+
+    def _newest_latent(self, call: "CallState", model_call: "ModelCall") -> torch.Tensor:
+        """x_s: the sampler's x of this call at full precision where the host hands it over (else the
+        model's input, the same x for Flux up to the cast), the rows of one cond/uncond chunk."""
+        x = call.sampler_x if call.sampler_x is not None else model_call.arguments["x"]
+        rows = call.chunks[0].rows if call.chunks else slice(None)
+        return x[rows, : self.grid.noisy_channels].float()
 
     # --- model calls ----------------------------------------------------------------------------
     def wrap_model_call(
         self, call: "CallState", model_call: "ModelCall", proceed: Callable[["ModelCall"], torch.Tensor]
     ) -> torch.Tensor:
-        decision = self.decision(call.step)
+        decision = self.decision(call, model_call)
         reason = decision.reason
         factor = decision.factor
         if factor > 1:
             refusal = self._sampling_refusal or self.grid.refusal(model_call.arguments, call.diffusion_model)
-            t = self.grid.flow_time(model_call.arguments)
             if refusal is None and call.step.sigma < MIN_FLOW_TIME:  # the host's sigma: no device read
                 refusal = f"sigma {call.step.sigma:.2g} is too close to the clean end"
             if refusal is not None:
@@ -337,6 +281,8 @@ class PatchSchedulerMethod(DynamicMethod):
         call.record.methods[self.name] = reason
         if factor == 1:
             return proceed(model_call)
+        self._coarse_steps.add(call.step.step)
+        t = self.grid.flow_time(model_call.arguments)
         layers = self._coarse_layers(factor, model_call.arguments["x"])
         if layers is None:
             return self._training_free_call(model_call, proceed, factor, t)
@@ -417,6 +363,8 @@ class PatchSchedulerMethod(DynamicMethod):
 
     def finish(self) -> None:
         self._latents.clear()
+        self._reference = None
+        self._coarse_steps.clear()
         self._layers.clear()
         self._capture = None
 
@@ -445,5 +393,6 @@ __all__ = [
     "choose_patch_factor",
     "parse_schedule",
     "patch_statistic",
+    "roughness",
     "third_difference",
 ]

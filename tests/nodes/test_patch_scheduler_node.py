@@ -14,7 +14,7 @@ from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAP
 
 Scheduler = NODE_CLASS_MAPPINGS["DynamicPatchScheduler"]
 
-INPUTS = dict(mode="auto", tau=0.001, percentile=0.4, max_patch_factor=4, last_native_steps=2,
+INPUTS = dict(mode="auto", tau=5.0, percentile=0.4, max_patch_factor=2, last_native_steps=2,
               manual_schedule="0-40%:4, 40-70%:2, 70-100%:1", embedding="none", start_percent=0.0, end_percent=1.0)
 
 
@@ -42,7 +42,8 @@ def test_declaration(model_folder, flux_model):
     assert list(declared) == ["model", *INPUTS]
     assert declared["embedding"][0] == ["none", "coarse.safetensors"]
     assert declared["mode"][0] == ["auto", "manual"]
-    assert declared["tau"][1]["default"] == 0.001 and declared["percentile"][1]["default"] == 0.4
+    assert declared["tau"][1]["default"] == 5.0 and declared["percentile"][1]["default"] == 0.4
+    assert declared["max_patch_factor"][1]["default"] == 2
     assert NODE_DISPLAY_NAME_MAPPINGS["DynamicPatchScheduler"] == "Dynamic Patch Scheduler"
     assert Scheduler.RETURN_TYPES == ("MODEL",) and Scheduler.CATEGORY == "dynamic_dit"
 
@@ -97,4 +98,4 @@ def test_applying_the_node_twice_replaces_its_settings(flux_model):
     (twice,) = Scheduler().patch(once, **{**INPUTS, "tau": 0.05})
     assert list(plan_of(twice).settings) == ["patch_scheduler"]
     assert plan_of(twice).settings["patch_scheduler"].tau == 0.05
-    assert plan_of(once).settings["patch_scheduler"].tau == 0.001
+    assert plan_of(once).settings["patch_scheduler"].tau == 5.0

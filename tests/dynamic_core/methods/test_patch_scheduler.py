@@ -1,5 +1,5 @@
-"""The patch scheduler's pure parts: Δ³ decisions on synthetic trajectories, manual schedules, the
-coarse-grid positions against ComfyUI's own `process_img`, and the algebra of a coarse call."""
+"""The patch scheduler's settings, the coarse-grid positions against ComfyUI's own `process_img`, and
+the algebra of a coarse call (its statistics: test_patch_statistics.py, manual schedules: test_patch_schedule.py)."""
 import math
 
 import pytest
@@ -9,121 +9,13 @@ import torch.nn.functional as F
 from comfyui_dynamic_dit.dynamic_core.adapters import adapter_for
 from comfyui_dynamic_dit.dynamic_core.executor import ModelCall, RunContext
 from comfyui_dynamic_dit.dynamic_core.methods.patch_embedding_file import derived_layers, resize_matrix
-from comfyui_dynamic_dit.dynamic_core.methods.patch_scheduler import (
-    PatchSchedulerSettings,
-    ScheduleRange,
-    choose_patch_factor,
-    parse_schedule,
-    patch_statistic,
-    third_difference,
-)
+from comfyui_dynamic_dit.dynamic_core.methods.patch_schedule import parse_schedule
+from comfyui_dynamic_dit.dynamic_core.methods.patch_scheduler import PatchSchedulerSettings
 from comfyui_dynamic_dit.dynamic_core.plan import DynamicPlan
 
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
-
-
-def quadratic_trajectory(shape=(2, 16, 32, 32), seed=0, dtype=torch.float32):
-    """Step latents z_s = a + b s + c s^2 for four consecutive steps s."""
-    a, b, c = (torch.randn(shape, generator=gen(seed + i), dtype=torch.float64) for i in range(3))
-    return [(a + b * s + c * s * s).to(dtype) for s in (4.0, 5.0, 6.0, 7.0)]
-
-
-# --- Δ³ scheduler -------------------------------------------------------------------------------------
-def test_quadratic_trajectory_has_zero_third_difference_and_gets_the_coarsest_patch():
-    assert third_difference(quadratic_trajectory(dtype=torch.float64)).abs().max() < 1e-12
-    latents = quadratic_trajectory()  # float32 like the sampler's latents: Δ³ is rounding noise only
-    assert third_difference(latents).abs().max() < 1e-4
-    decision = choose_patch_factor(latents, (2, 4), native_patch=2, tau=0.001, epsilon=0.4)
-    assert decision.factor == 4
-    assert decision.reason.startswith("patch 4x (Δ³ p40 = ")
-    assert all(value < 1e-4 for value in decision.statistics.values())
-
-
-def test_strong_high_frequency_changes_keep_the_native_patch():
-    base = quadratic_trajectory()
-    # a new pixel-level pattern at every step: Δ³ is dominated by per-pixel changes
-    latents = [z + 0.05 * torch.randn(z.shape, generator=gen(10 + i)) for i, z in enumerate(base)]
-    decision = choose_patch_factor(latents, (2, 4), native_patch=2, tau=0.001, epsilon=0.4)
-    assert decision.factor == 1
-    assert decision.reason.startswith("native (Δ³ p40: 2x ")
-    # std of 0.05 * (1, -3, 3, -1)-weighted noise is 0.05 * sqrt(20) in every patch
-    assert decision.statistics[2] == pytest.approx(0.05 * math.sqrt(20), rel=0.15)
-
-
-def test_largest_patch_below_tau_wins():
-    """Δ³ constant over 4x4 regions (per channel) but changing between them: 2x patches (4x4 latent
-    pixels) see no variation, 4x patches (8x8) do."""
-    base = quadratic_trajectory(shape=(1, 16, 32, 32))
-    blocks = torch.randn(1, 16, 8, 8, generator=gen(3)).repeat_interleave(4, -2).repeat_interleave(4, -1)
-    latents = [z + (0.1 * blocks if i == 3 else 0) for i, z in enumerate(base)]
-    decision = choose_patch_factor(latents, (2, 4), native_patch=2, tau=0.001, epsilon=0.4)
-    assert decision.statistics[2] < 1e-4 and decision.statistics[4] > 0.05
-    assert decision.factor == 2
-    assert choose_patch_factor(latents, (2, 4), 2, tau=1.0, epsilon=0.4).factor == 4
-
-
-def test_the_most_conservative_sample_decides_for_the_batch():
-    smooth = quadratic_trajectory(shape=(1, 16, 32, 32))
-    busy = [z + 0.05 * torch.randn(z.shape, generator=gen(20 + i)) for i, z in enumerate(quadratic_trajectory((1, 16, 32, 32), 7))]
-    batch = [torch.cat((a, b)) for a, b in zip(smooth, busy)]
-    assert choose_patch_factor(smooth, (2, 4), 2, 0.001, 0.4).factor == 4
-    assert choose_patch_factor(batch, (2, 4), 2, 0.001, 0.4).factor == 1
-
-
-def test_epsilon_is_a_percentile_over_patches():
-    """Δ³ busy in the top 30% of 4x4 patches only: the 20th percentile passes, the 80th does not."""
-    delta = torch.zeros(1, 4, 40, 40)
-    delta[:, :, :12] = torch.randn(1, 4, 12, 40, generator=gen(5))
-    values = patch_statistic(delta, 4, 0.2), patch_statistic(delta, 4, 0.8)
-    assert values[0].item() == 0.0 and values[1].item() > 0.5
-    latents = [torch.zeros_like(delta)] * 3 + [delta]
-    assert choose_patch_factor(latents, (2,), 2, 0.001, 0.2).factor == 2
-    assert choose_patch_factor(latents, (2,), 2, 0.001, 0.8).factor == 1
-
-
-def test_uniform_change_per_channel_is_no_variation():
-    delta = torch.randn(1, 16, 1, 1, generator=gen(11)).expand(1, 16, 24, 24) * 5
-    assert patch_statistic(delta, 8, 0.4).item() < 1e-9
-
-
-def test_patch_statistic_on_odd_sizes_counts_partial_patches_by_their_pixels():
-    delta = torch.randn(2, 3, 13, 10, generator=gen(6)).double()
-    patch, epsilon = 4, 0.4
-    expected = []
-    for b in range(2):
-        stds = [
-            delta[b, :, i : i + patch, j : j + patch].var(dim=(1, 2), unbiased=False).mean().sqrt()
-            for i in range(0, 13, patch)
-            for j in range(0, 10, patch)
-        ]
-        expected.append(torch.quantile(torch.stack(stds), epsilon))
-    assert torch.allclose(patch_statistic(delta, patch, epsilon), torch.stack(expected))
-
-
-# --- manual schedules ---------------------------------------------------------------------------------
-def test_parse_schedule():
-    assert parse_schedule("0-40%:4, 40-70%:2, 70-100%:1") == (
-        ScheduleRange(0, 40, 4), ScheduleRange(40, 70, 2), ScheduleRange(70, 100, 1)
-    )
-    assert parse_schedule("50%-100%:2x;\n 0 - 25 % : 4") == (ScheduleRange(0, 25, 4), ScheduleRange(50, 100, 2))
-
-
-@pytest.mark.parametrize(
-    "text, message",
-    [
-        ("", "empty"),
-        ("0-40:4, forty-70:2", "Cannot read 'forty-70:2'"),
-        ("40-20%:2", "start before they end"),
-        ("0-120%:2", "from 0 to 100%"),
-        ("0-50%:3", "must be 1 \\(native\\), 2 or 4, not 3"),
-        ("0-50%:4, 40-70%:2", "overlapping ranges: 0-50%:4x and 40-70%:2x"),
-    ],
-)
-def test_bad_schedules_are_explained(text, message):
-    with pytest.raises(ValueError, match=message):
-        parse_schedule(text)
 
 
 # --- settings -----------------------------------------------------------------------------------------

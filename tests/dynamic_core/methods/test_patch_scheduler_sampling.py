@@ -8,14 +8,12 @@ import torch
 
 from comfyui_dynamic_dit.dynamic_core.adapters import CallShape, adapter_for
 from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, plan_of
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, install_executor, plan_of
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
 from comfyui_dynamic_dit.dynamic_core.methods import DynamicMethod, register
-from comfyui_dynamic_dit.dynamic_core.methods.patch_scheduler import (
-    PatchSchedulerSettings,
-    choose_patch_factor,
-    parse_schedule,
-)
+from comfyui_dynamic_dit.dynamic_core.methods.patch_schedule import parse_schedule
+from comfyui_dynamic_dit.dynamic_core.methods.patch_scheduler import PatchSchedulerSettings
+from comfyui_dynamic_dit.dynamic_core.methods.patch_statistics import choose_patch_factor, relative_roughness, roughness
 from comfyui_dynamic_dit.dynamic_core.plan import MethodSettings
 
 
@@ -32,10 +30,13 @@ class PatchProbeMethod(DynamicMethod):
     order = 30
     tokens: ClassVar[list] = []  # (call index, block label, image tokens)
     latents: ClassVar[dict] = {}
+    inputs: ClassVar[list] = []  # per call: (the call's sampler_x, dtype of the image stream in the blocks)
 
     def wrap_block(self, call, block, args, proceed):
         img = args["img"].shape[1]
         self.tokens.append((call.record.index, block.label, img if "txt" in args else img - call.text_tokens))
+        if block.label == "double.0":
+            self.inputs.append((call.sampler_x, args["img"].dtype))
         return proceed(args)
 
     def on_step(self, step, latent):
@@ -45,6 +46,7 @@ class PatchProbeMethod(DynamicMethod):
     def reset(cls):
         cls.tokens.clear()
         cls.latents.clear()
+        cls.inputs.clear()
 
     @classmethod
     def tokens_per_call(cls):
@@ -144,31 +146,110 @@ def test_batch_cfg_and_a_second_order_sampler(flux_model, conds):
 
 
 def test_auto_mode_keeps_the_first_and_last_steps_native(flux_model, conds):
-    model = apply_settings(flux_model, PatchSchedulerSettings(tau=1e9, last_native_steps=2))
+    model = apply_settings(flux_model, PatchSchedulerSettings(tau=1e9, max_factor=4, last_native_steps=2))
     tiny_flux.sample(model, *conds, steps=10, cfg=1.0, seed=2)
     reasons = [s.methods["patch_scheduler"] for s in latest(model).steps()]
     assert reasons[:3] == ["native (first 3 steps)"] * 3
-    assert reasons[3] == "native (Δ³ needs the latents of the 4 steps before)"
-    assert all(r.startswith("patch 4x (Δ³ p40 = ") for r in reasons[4:8])
+    assert reasons[3].startswith("patch 4x (Δ³ p40 = 1.00 × step 3's < τ 1e+09)")  # step 3 is its own yardstick
+    assert reasons[4:7] == ["native (Δ³ window holds coarse step 3)"] * 3
+    assert reasons[7].startswith("patch 4x (Δ³ p40 = ")
     assert reasons[8:] == ["native (last 2 steps)"] * 2
     two = apply_settings(flux_model, PatchSchedulerSettings(tau=1e9, max_factor=2, last_native_steps=0))
-    tiny_flux.sample(two, *conds, steps=6, cfg=1.0, seed=2)
-    assert [s.methods["patch_scheduler"][:8] for s in latest(two).steps()][4:] == ["patch 2x"] * 2
+    tiny_flux.sample(two, *conds, steps=8, cfg=1.0, seed=2)
+    assert [s.methods["patch_scheduler"][:8] for s in latest(two).steps()][3:] == ["patch 2x", *["native ("] * 3, "patch 2x"]
 
 
-def test_decisions_use_the_latents_recorded_at_step_boundaries(flux_model, conds):
-    """Heun calls the model twice per step; Δ³ for step s comes from the callback latents x_{s-4..s-1}."""
+def test_step_s_decides_from_its_own_input_and_the_three_latents_before(flux_model, conds):
+    """No lag: step s's Δ³ is x_s - 3 x_{s-1} + 3 x_{s-2} - x_{s-3}, x_s being the input of its own model call
+    (for Euler the latent its callback reports afterwards), measured against step 3's value."""
     PatchProbeMethod.reset()
-    settings = PatchSchedulerSettings(tau=0.02, last_native_steps=1)
+    settings = PatchSchedulerSettings(tau=1.5, max_factor=4, last_native_steps=1)
     model = apply_settings(apply_settings(flux_model, settings), PatchProbe())
-    tiny_flux.sample(model, *conds, steps=7, cfg=1.0, sampler="heun", seed=4)
+    tiny_flux.sample(model, *conds, steps=9, cfg=2.0, seed=4)
     reasons = {s.step: s.methods["patch_scheduler"] for s in latest(model).steps()}
     latents = PatchProbeMethod.latents
-    assert sorted(latents) == list(range(7))
-    for step in (4, 5):
-        history = [latents[i] for i in range(step - 4, step)]
-        expected = choose_patch_factor(history, settings.candidate_factors(), 2, settings.tau, settings.epsilon)
-        assert reasons[step] == expected.reason
+    factors, patch = settings.candidate_factors(), 2
+    yardstick = roughness([latents[i] for i in range(4)], factors, patch, settings.epsilon)
+    for step in (3, 7):
+        values = roughness([latents[i] for i in range(step - 3, step + 1)], factors, patch, settings.epsilon)
+        relative = dict(zip(factors, relative_roughness(values, yardstick).tolist()))
+        assert reasons[step] == choose_patch_factor(relative, settings.tau, settings.epsilon, 3).reason
+    assert reasons[3].startswith("patch 4x")  # the first step auto mode can make coarse
+    assert [reasons[step] for step in (4, 5, 6)] == ["native (Δ³ window holds coarse step 3)"] * 3
+
+
+def test_the_decision_is_made_once_per_step(flux_model, conds, monkeypatch):
+    """Heun (two evaluations a step) with cond and uncond in separate calls (ComfyUI batches them only
+    when memory allows): one Δ³ evaluation per step, and every call of a step runs at its patch size."""
+    import comfy.model_management
+
+    from comfyui_dynamic_dit.dynamic_core.methods import patch_scheduler
+
+    monkeypatch.setattr(comfy.model_management, "get_free_memory", lambda dev=None, torch_free_too=False: (1, 1) if torch_free_too else 1)
+    evaluated = []
+    original = patch_scheduler.roughness
+    monkeypatch.setattr(patch_scheduler, "roughness", lambda *a, **k: evaluated.append(1) or original(*a, **k))
+    PatchProbeMethod.reset()
+    settings = PatchSchedulerSettings(tau=1e9, max_factor=4, last_native_steps=1)
+    model = apply_settings(apply_settings(flux_model, settings), PatchProbe())
+    tiny_flux.sample(model, *conds, steps=9, cfg=2.0, sampler="heun", seed=3)
+    run = latest(model)
+    assert all(len(c.chunks) == 1 for c in run.calls) and len(run.calls) == 2 * (2 * 9 - 1)  # heun: 17 evaluations
+    assert len(evaluated) == 2  # steps 3 and 7 (0-2 first native, 4-6 hold coarse step 3 in their window, 8 last)
+    by_sigma = {}
+    for call in run.calls:
+        by_sigma.setdefault(call.sigma, set()).add(call.methods["patch_scheduler"])
+    assert all(len(reasons) == 1 for reasons in by_sigma.values())  # every call at a sigma: one decision
+    tokens = PatchProbeMethod.tokens_per_call()
+    # sigma_3 and sigma_7: the second evaluation of the step before and the first of the step, cond and uncond
+    assert [tokens[c.index] for c in run.calls if c.methods["patch_scheduler"].startswith("patch 4x")] == [16] * 8
+
+
+def count_host_reads(fn):
+    """Calls of the tensor methods that read a value back to the host, while `fn` runs."""
+    names = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__")
+    counts = dict.fromkeys(names, 0)
+    originals = {name: getattr(torch.Tensor, name) for name in names}
+
+    def counting(name):
+        def method(self, *args, **kwargs):
+            counts[name] += 1
+            return originals[name](self, *args, **kwargs)
+        return method
+
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, counting(name))
+        fn()
+    finally:
+        for name, original in originals.items():
+            setattr(torch.Tensor, name, original)
+    return sum(counts.values())
+
+
+@pytest.mark.parametrize("settings, coarse_steps", [(PatchSchedulerSettings(tau=1e9, last_native_steps=0), 2),
+                                                    (manual("0-100%:2"), 8)], ids=["auto", "manual"])
+def test_one_host_read_per_step_and_none_per_block(flux_model, conds, settings, coarse_steps):
+    kwargs = dict(steps=8, cfg=2.0, seed=5)
+    off = count_host_reads(lambda: tiny_flux.sample(install_executor(flux_model), *conds, **kwargs))
+    model = apply_settings(flux_model, settings)
+    with_scheduler = count_host_reads(lambda: tiny_flux.sample(model, *conds, **kwargs))
+    assert sum(s.methods["patch_scheduler"].startswith("patch") for s in latest(model).steps()) == coarse_steps
+    # auto: steps 3 and 7 decide from Δ³ (4-6 hold step 3 in their window); manual: every step checks the flow
+    # time. One read inside the blocks would add 6 blocks x 8 steps.
+    assert 0 < with_scheduler - off <= kwargs["steps"]
+
+
+def test_the_newest_latent_is_the_samplers_x_at_full_precision(tiny_config, conds):
+    """A bf16 model gets its input cast to bf16; Δ³ uses the sampler's float32 x, not that (bf16 rounding,
+    2^-9 of the latent, would swamp a statistic of a few thousandths)."""
+    PatchProbeMethod.reset()
+    model = apply_settings(tiny_flux.build_model(tiny_config, dtype=torch.bfloat16), PatchProbe())
+    tiny_flux.sample(model, *conds, steps=2, cfg=1.0, seed=1)
+    assert [x.dtype for x, _ in PatchProbeMethod.inputs] == [torch.float32] * 2
+    assert [dtype for _, dtype in PatchProbeMethod.inputs] == [torch.bfloat16] * 2
+    for step, (sampler_x, _) in enumerate(PatchProbeMethod.inputs):
+        assert torch.equal(sampler_x, PatchProbeMethod.latents[step])
 
 
 def test_composes_with_an_inner_token_method(flux_model, conds):
@@ -282,3 +363,21 @@ def test_the_caller_and_the_input_model_are_left_alone(flux_model, conds):
     again = apply_settings(model, manual("0-100%:4"))
     assert list(plan_of(again).settings) == ["patch_scheduler"]
     assert plan_of(again).settings["patch_scheduler"].schedule[0].factor == 4
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return tiny_flux.load_reference()
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_the_defaults_go_coarse_on_the_reference_model(reference, sampler):
+    """Issue item 7: at its old defaults (absolute τ 0.001) auto mode never went coarse on this model.
+    Measured in BENCHMARKS.md: steps 3, 7 and 11 of 16 at 2x, x1.16 fewer FLOPs, 27-28 dB under both samplers."""
+    model = apply_settings(reference.model, PatchSchedulerSettings())
+    tiny_flux.sample(model, reference.conditioning("cat"), reference.null_conditioning(), height=32, width=32, steps=16,
+                     cfg=2.0, sampler=sampler, seed=0)
+    run = latest(model)
+    coarse = [s.step for s in run.steps() if s.methods["patch_scheduler"].startswith("patch")]
+    assert coarse[:1] == [3] and len(coarse) >= 3
+    assert run.full_flops / run.executed_flops > 1.15
