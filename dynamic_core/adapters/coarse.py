@@ -10,11 +10,13 @@ patch points, and which inputs tie a call to the native token grid. The patch sc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from .base import BlockRef
+if TYPE_CHECKING:
+    from .base import BlockRef
+    from .capabilities import CallLayout
 
 # A patch run on the embedded image tokens right after the host's input embedding: it receives and
 # returns the host's dict (for Flux `{"img", "txt", "img_ids", "txt_ids"}`).
@@ -67,15 +69,19 @@ class CoarseGrid(ABC):
 
     @property
     @abstractmethod
-    def last_block(self) -> BlockRef:
+    def last_block(self) -> "BlockRef":
         ...
 
     @abstractmethod
-    def image_hidden(self, block: BlockRef, block_out: Mapping[str, Any], text_tokens: int, count: int) -> torch.Tensor:
+    def image_hidden(self, block: "BlockRef", block_out: Mapping[str, Any], layout: "CallLayout", count: int) -> torch.Tensor:
         """The first `count` image tokens of a block's output (B, count, D)."""
 
     @abstractmethod
-    def final_layer(self, diffusion_model: torch.nn.Module, hidden: torch.Tensor, vec: torch.Tensor,
+    def final_conditioning(self, block_args: Mapping[str, Any]) -> Any:
+        """What the final layer is modulated by, read from the last block's arguments (Flux: `vec`)."""
+
+    @abstractmethod
+    def final_layer(self, diffusion_model: torch.nn.Module, hidden: torch.Tensor, conditioning: Any,
                     linear: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The host's own final layer (norm and modulation) on `hidden`, with its last linear replaced."""
 

@@ -16,11 +16,11 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
-from ..slicing import AxisSelection, ModuleView, ReducedLinear, RunIndexCache, WeightSource, gather_tokens, scatter_tokens
-from .base import BlockInternals
+from ...slicing import AxisSelection, ModuleView, ReducedLinear, RunIndexCache, WeightSource, gather_tokens, scatter_tokens
+from ..base import BlockInternals
 
 if TYPE_CHECKING:
-    from .flux import FluxArchitecture
+    from .adapter import FluxArchitecture
 
 _FORWARD_PARAMS: dict[type, frozenset[str]] = {}
 
