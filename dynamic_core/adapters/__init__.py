@@ -7,8 +7,9 @@ from .base import BlockInternals, BlockKind, BlockRef, BlockWork, CallShape, Mod
 from .capabilities import CallLayout, ModelInfo, TokenRouting, WidthUnits
 from .flux import FluxAdapter
 from .known_families import plain_name
+from .wan import WanAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, WanAdapter)
 
 
 def supported_families() -> str:

@@ -62,8 +62,9 @@ class CallLayout:
     image_tokens: int  # latent tokens over every frame (Flux: with Kontext reference tokens)
     text_tokens: int  # text tokens the blocks see (Flux: in the joint sequence; Wan: cross-attention context)
     guidance: bool = False  # whether a guidance embedding is computed in this call
-    frames: int = 1  # latent frames (video)
+    frames: int = 1  # latent frames (video), after the time patch
     image_context_tokens: int = 0  # image-conditioning tokens in the cross-attention context (Wan i2v CLIP)
+    timesteps: int = 1  # timestep embeddings per sample (Wan 2.2 TI2V 5B: one per latent frame)
 
 
 class TokenRouting(ABC):

@@ -150,6 +150,10 @@ class PatchSchedulerSettings(MethodSettings):
             raise UnsupportedModelError(f"The patch scheduler does not support {adapter.display_name} models yet.")
         if self.embedding is None:
             return
+        if not grid.trained_embedding:
+            raise UnsupportedModelError(
+                f"The patch scheduler runs {adapter.display_name} models training-free only; choose no embedding file."
+            )
         self.embedding.check_model(grid, adapter.display_name)
         factors = self.embedding.factors
         if self.mode == "manual":
@@ -211,7 +215,7 @@ class PatchSchedulerMethod(DynamicMethod):
     def on_step(self, step: int, latent: torch.Tensor) -> None:
         if self.settings.mode != "auto":
             return
-        self._latents[step] = latent.detach().to(torch.float32, copy=True)
+        self._latents[step] = _as_image(latent.detach().to(torch.float32, copy=True))
         while len(self._latents) > 3:  # x_{s-3} .. x_{s-1}; x_s is the deciding call's own input
             self._latents.popitem(last=False)
 
@@ -262,7 +266,7 @@ class PatchSchedulerMethod(DynamicMethod):
         model's input, the same x for Flux up to the cast), the rows of one cond/uncond chunk."""
         x = call.sampler_x if call.sampler_x is not None else self.run.adapter.latent(model_call.arguments)
         rows = call.chunks[0].rows if call.chunks else slice(None)
-        return x[rows, : self.grid.noisy_channels].float()
+        return _as_image(x[rows, : self.grid.noisy_channels].float())
 
     # --- model calls ----------------------------------------------------------------------------
     def wrap_model_call(
@@ -291,19 +295,19 @@ class PatchSchedulerMethod(DynamicMethod):
         grid, adapter = self.grid, self.run.adapter
         x = adapter.latent(model_call.arguments)
         noisy = grid.noisy_channels
-        low = F.avg_pool2d(_pad_to_multiple(x.float(), factor * grid.native_patch), factor)
+        low = _spatially(lambda y: F.avg_pool2d(_pad_to_multiple(y, factor * grid.native_patch), factor), x.float())
         scale = 1.0 - t + t / factor  # D x_t = scale * ((1 - t') D x0 + t' noise)
         t_coarse = (t / factor) / scale
         z = low.clone()
-        z[:, :noisy] = low[:, :noisy] / _rows(scale)
+        z[:, :noisy] = low[:, :noisy] / _rows(scale, x)
         options = grid.coarse_options(model_call.arguments["transformer_options"], factor)
         out = proceed(model_call.with_arguments(**{
             adapter.latent_argument: z.to(x.dtype), "transformer_options": options,
             **grid.with_flow_time(model_call.arguments, t_coarse),
         }))
-        denoised = z[:, :noisy] - _rows(t_coarse) * out.float()
-        upsampled = _crop(F.interpolate(denoised, scale_factor=factor, mode="bilinear", align_corners=False), x)
-        return ((x[:, :noisy].float() - upsampled) / _rows(t)).to(out.dtype)
+        denoised = z[:, :noisy] - _rows(t_coarse, x) * out.float()
+        upsampled = _crop(_spatially(lambda y: F.interpolate(y, scale_factor=factor, mode="bilinear", align_corners=False), denoised), x)
+        return ((x[:, :noisy].float() - upsampled) / _rows(t, x)).to(out.dtype)
 
     def _trained_call(self, call: "CallState", model_call: "ModelCall", proceed: Callable, factor: int,
                       t: torch.Tensor, layers: CoarseLayers) -> torch.Tensor:
@@ -342,7 +346,7 @@ class PatchSchedulerMethod(DynamicMethod):
         smooth = _crop(F.interpolate(
             F.avg_pool2d(_pad_to_multiple(noisy, size), factor), scale_factor=factor, mode="bilinear", align_corners=False
         ), x)
-        return (coarse + (noisy - smooth) / _rows(t)).to(out.dtype)
+        return (coarse + (noisy - smooth) / _rows(t, x)).to(out.dtype)
 
     def wrap_block(self, call: "CallState", block: "BlockRef", args: BlockArgs, proceed: BlockFn) -> dict:
         capture = self._capture
@@ -369,8 +373,23 @@ class PatchSchedulerMethod(DynamicMethod):
         self._capture = None
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.float().reshape(-1, 1, 1, 1)
+def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) t broadcast over a latent of `like`'s rank (image (B, C, H, W) or video (B, C, T, H, W))."""
+    return t.float().reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _as_image(x: torch.Tensor) -> torch.Tensor:
+    """A video latent (B, C, T, H, W) as an image latent (B, C * T, H, W): every frame's channels are
+    channels of one image, so spatial statistics and resampling act on each frame alone."""
+    return x if x.ndim == 4 else x.flatten(1, -3)
+
+
+def _spatially(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`fn` (a 2-D spatial op on (B, C, H, W)) applied to an image or video latent, frames kept apart."""
+    if x.ndim == 4:
+        return fn(x)
+    out = fn(_as_image(x))
+    return out.reshape(*x.shape[:-2], *out.shape[-2:])
 
 
 def _pad_to_multiple(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from ...flops import linear_flops
 from ...slicing import ModuleView
 from ..base import BlockRef
 from ..capabilities import CallLayout, ModelInfo
-from ..coarse import CoarseGrid, PostInputPatch
+from ..coarse import CoarseGrid, PostInputPatch, centred_rope_options
 
 if TYPE_CHECKING:
     from .adapter import FluxArchitecture
@@ -81,18 +81,7 @@ class FluxCoarseGrid(CoarseGrid):
 
     def coarse_options(self, transformer_options: Mapping[str, Any], factor: int,
                        post_input: PostInputPatch | None = None) -> dict:
-        rope = dict(transformer_options.get("rope_options") or {})
-        for axis in ("y", "x"):
-            scale = float(rope.get(f"scale_{axis}", 1.0))
-            shift = float(rope.get(f"shift_{axis}", 0.0))
-            rope[f"scale_{axis}"] = scale * factor
-            rope[f"shift_{axis}"] = shift + scale * (factor - 1) / 2
-        options = {**transformer_options, "rope_options": rope}
-        if post_input is not None:
-            patches = dict(transformer_options.get("patches") or {})
-            patches["post_input"] = [post_input, *patches.get("post_input", [])]
-            options["patches"] = patches
-        return options
+        return centred_rope_options(transformer_options, factor, post_input)
 
     def patchify(self, x: torch.Tensor, size: int) -> torch.Tensor:
         return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=size, pw=size)
