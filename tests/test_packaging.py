@@ -51,7 +51,7 @@ def test_registry_metadata():
 def test_package_leaves_out_tests_benchmarks_and_training():
     shipped = shipped_files()
     assert not [p for p in shipped if p.startswith(("tests/", "benchmarks/", ".ci/", "scripts/"))]
-    assert "dynamic_core/comfy_integration/reference_model.py" not in shipped and "BENCHMARKS.md" not in shipped
+    assert "devtools/reference_training.py" not in shipped and "BENCHMARKS.md" not in shipped
     for needed in ("__init__.py", "LICENSE", "pyproject.toml", "web/js/dynamic_dit.js", "reference/flux_photo_reference.safetensors",
                    "example_workflows/try_it.json", "example_workflows/try_it.jpg", "nodes/reference.py"):
         assert needed in shipped, needed

@@ -241,7 +241,7 @@ def _telemetry_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         sigma,
         options.get("cond_or_uncond"),
         options.get("uuids"),
-        run.adapter.call_shape(bound.arguments),
+        run.adapter.call_layout(bound.arguments),
         executor.class_obj,
     )
     call.sampler_x = options.get(SAMPLER_X_KEY)

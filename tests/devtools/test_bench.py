@@ -12,7 +12,7 @@ import comfy.supported_models
 import comfy.utils
 import folder_paths
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import bench, tiny_flux
+from comfyui_dynamic_dit.devtools import bench, tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import plan_of
 from comfyui_dynamic_dit.nodes.bench_conditioning import DynamicBenchmarkConditioning
 
@@ -28,7 +28,7 @@ def test_cases_take_several_settings_and_combinations():
 
 
 def test_all_expands_every_builder_at_its_sweep(monkeypatch):
-    monkeypatch.setattr(bench, "COMBINATIONS", ["tome:0.5+easycache:0.2"])
+    monkeypatch.setattr(bench.cases, "COMBINATIONS", ["tome:0.5+easycache:0.2"])
     names = [c.name for c in bench.parse_cases("all")]
     assert names[0] == "every method off"
     assert {f"EasyCache {float(v):g}" for v in bench.SWEEPS["easycache"]} <= set(names)
