@@ -12,12 +12,18 @@ Sizes (environment): GPU_CHECK_TINY=1 a tiny model for a smoke test anywhere (se
 GPU_CHECK_PROXY=1 the CPU proxy (hidden 3072, 1 double + 2 single blocks, 4096 image tokens, bf16).
 Other settings: STEPS, REPEATS, SIZE, CASES (space separated), OUT, GPU_CHECK_BUDGET_S, LOWVRAM_GB.
 Part `lowvram` (CUDA only) emulates a 16 GB card with ComfyUI's partial loading (--reserve-vram).
+Part `memory` (CPU) runs every case in a fresh process of its own (2 steps, no warm-up), so that one
+case's peak RSS does not carry the allocator's history of the cases before it.
+Timing: every repeat runs the cases in a new random order (seeded), and the table gives the median and
+the fastest repeat; on a shared CPU other jobs only ever slow a run down, so the fastest repeat is the
+estimate least touched by them (`speedup (fastest)` compares fastest with fastest).
 """
 from __future__ import annotations
 
 import collections
 import json
 import os
+import random
 import statistics
 import sys
 import threading
@@ -34,6 +40,28 @@ from devtools import host  # noqa: E402  (standard library only)
 PART = sys.argv[1] if len(sys.argv) > 1 else "main"
 TINY = os.environ.get("GPU_CHECK_TINY") == "1"
 PROXY = os.environ.get("GPU_CHECK_PROXY") == "1"
+
+if PART == "memory":  # one fresh process per case; the parent only collects (CPU proxy / tiny sizes)
+    import subprocess
+
+    out_dir = Path(os.environ.get("OUT", ROOT / "out" / "gpu_check"))
+    cases = os.environ.get("CASES", "unpatched off width:0.5 ramp:0.75-1.0 ramp:0.5-1.0 ramp:0.3-0.9 diffcr:0.5 "
+                           "reuse:0.5 sdt:0.5 ddit:0-100%:2 ddit:0-60%:2;60-100%:1 width:0.75+reuse:0.7 "
+                           "ddit:0-25%:2+ramp:0.5-1.0+reuse:0.5").split()
+    peaks = {}
+    for case in cases:
+        env = dict(os.environ, CASES=f"{case}", REPEATS="1", STEPS=os.environ.get("MEMORY_STEPS", "2"), PROBES="0",
+                   NO_WARMUP="1", OUT=str(out_dir / "memory_runs"))
+        subprocess.run([sys.executable, __file__, "main"], env=env, check=True, stdout=subprocess.DEVNULL)
+        row = json.loads((out_dir / "memory_runs" / "gpu_check_main.json").read_text())["rows"][0]
+        peaks[case] = row["peak_gib"]
+        print(f"[memory] {case}: peak RSS {peaks[case]:.2f} GiB", flush=True)
+    base_peak = peaks.get("unpatched") or next(iter(peaks.values()))
+    lines = ["| case | peak RSS GiB (own process) | vs unpatched |", "| --- | ---: | ---: |"]
+    lines += [f"| {case} | {peak:.2f} | x{peak / base_peak:.3f} |" for case, peak in peaks.items()]
+    (out_dir / "gpu_check_memory.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    sys.exit(0)
 
 import torch  # noqa: E402
 
@@ -219,7 +247,7 @@ def run_once(spec: str, n_steps: int | None = None) -> dict:
 
 
 # --- A: warm-up, interleaved repeats ---------------------------------------------------------------------
-for s in specs:
+for s in specs if os.environ.get("NO_WARMUP") != "1" else ():
     r = run_once(s, n_steps=1)
     print(f"[{PART}] warm-up {s}: {r['wall']:.2f}s", flush=True)
 results: dict[str, list[dict]] = {s: [] for s in specs}
@@ -228,7 +256,10 @@ for rep in range(repeats):
     if rep and time.perf_counter() - T_START > BUDGET:
         print(f"[{PART}] time budget reached after {rep} repeats", flush=True)
         break
-    for s in specs:
+    order = list(specs)
+    if rep:  # repeat 1 in the given order, later ones shuffled: drifting load spreads over every case
+        random.Random(rep).shuffle(order)
+    for s in order:
         if s in failed:
             continue
         try:
@@ -296,11 +327,13 @@ gib = 2**30
 base = "off" if results.get("off") else specs[0]
 base_full = results[base][0].get("full") if results[base] else None
 base_model = med([r.get("model_s", r["wall"]) for r in results[base]])
+base_fastest = min([r.get("model_s", r["wall"]) for r in results[base]], default=float("nan"))
 unpatched_rss = med([r["rss"] for r in results.get("unpatched", [])])
 unpatched_peak = med([r.get("peak") for r in results.get("unpatched", [])])
 device_name = torch.cuda.get_device_name(0) if CUDA else f"CPU {bench.machine()}"
 memory = "peak GPU GiB" if CUDA else "peak RSS GiB"
-head = (f"| case | FLOPs vs full | FLOPs reduction | model time (median) | speedup | efficiency | median step ms | {memory} | "
+head = (f"| case | FLOPs vs full | FLOPs reduction | model time (median) | speedup | efficiency | model time (fastest) | "
+        f"speedup (fastest) | efficiency (fastest) | median step ms | {memory} | "
         "memory vs unpatched | weight GiB cast per step | pack syncs per step | kernels per step | wall (median) |")
 lines = [f"### {PART}: {'TINY ' if TINY else 'CPU proxy ' if PROXY else ''}hidden {config.hidden_size}, "
          f"{arch['depth']} double + {arch['depth_single_blocks']} single blocks, {size}px ({(size // 16) ** 2} image + "
@@ -315,18 +348,23 @@ for s in specs:
     flops = rs[0]["executed"] / base_full if "executed" in rs[0] and base_full else float("nan")
     reduction = 1 / flops if flops == flops and flops > 0 else float("nan")
     speedup = base_model / model_s
+    fastest = min(r.get("model_s", r["wall"]) for r in rs)
+    speedup_fastest = base_fastest / fastest
     peak = med([r.get("peak") if CUDA else r["rss"] for r in rs])
     versus = peak / (unpatched_peak if CUDA else unpatched_rss)
     run_steps = steps
     probe = probes.get(s, {})
     row = dict(case=s, flops=flops, reduction=reduction, model_s=model_s, speedup=speedup,
-               efficiency=speedup / reduction if reduction == reduction else None, steps_ms=rs[-1].get("steps_ms"),
+               efficiency=speedup / reduction if reduction == reduction else None, model_fastest_s=fastest,
+               speedup_fastest=speedup_fastest,
+               efficiency_fastest=speedup_fastest / reduction if reduction == reduction else None, steps_ms=rs[-1].get("steps_ms"),
                peak_gib=peak / gib, memory_vs_unpatched=versus, moved_gib_per_step=med([r["moved"] for r in rs]) / gib / run_steps,
                pack_syncs_per_step=med([r["pack_syncs"] for r in rs]) / max(run_steps - 1, 1), probes=probe,
                wall=med([r["wall"] for r in rs]), methods=rs[-1].get("methods"))
     rows.append(row)
     lines.append(
         f"| {s} | {fmt(flops, '.1%')} | x{fmt(reduction, '.2f')} | {model_s:.2f} s | x{speedup:.2f} | {fmt(row['efficiency'], '.2f')} | "
+        f"{fastest:.2f} s | x{speedup_fastest:.2f} | {fmt(row['efficiency_fastest'], '.2f')} | "
         f"{fmt(med(row['steps_ms'] or []), '.0f')} | {row['peak_gib']:.2f} | x{versus:.3f} | {row['moved_gib_per_step']:.3f} | "
         f"{row['pack_syncs_per_step']:.0f} | {fmt(probe.get('kernels', float('nan')) / 2, '.0f')} | {row['wall']:.2f} s |")
 for s, why in failed.items():

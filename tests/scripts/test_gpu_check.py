@@ -25,3 +25,13 @@ def test_tiny_gpu_check_reports_every_case_without_pack_syncs(tmp_path):
     assert rows["width:0.5"]["flops"] < 0.6 and rows["ddit:0-100%:2"]["flops"] < 0.5
     markdown = (tmp_path / "gpu_check_main.md").read_text()
     assert "| width:0.5 |" in markdown and "peak RSS GiB" in markdown
+    assert "speedup (fastest)" in markdown and all(row["model_fastest_s"] <= row["model_s"] for row in rows.values())
+
+
+def test_memory_part_measures_each_case_in_a_process_of_its_own(tmp_path):
+    env = {**os.environ, "GPU_CHECK_TINY": "1", "OUT": str(tmp_path), "CASES": "unpatched width:0.5"}
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "gpu_check.py"), "memory"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (tmp_path / "gpu_check_memory.md").read_text()
+    assert "| unpatched |" in table and "| width:0.5 |" in table and "x1.000" in table
