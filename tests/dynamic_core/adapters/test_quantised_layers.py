@@ -71,3 +71,31 @@ def test_reduced_width_is_the_dense_result_on_the_dequantised_kept_weights(kind,
     got, expected = run(model), run(reference)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_matmul_layers_keep_the_hosts_fp8_path_on_the_kept_rows(monkeypatch):
+    """Under `--fast fp8_matrix_mult` ComfyUI's fp8 layers (`comfy.ops.fp8_ops`) call `fp8_linear`; a
+    reduced layer must take that same path, handed only the kept rows (not a dequantised copy)."""
+    model, _ = quantised_model(False)
+    diffusion_model = model.model.diffusion_model
+    for layer in diffusion_model.modules():
+        if isinstance(layer, comfy.ops.manual_cast.Linear):
+            layer.__class__ = comfy.ops.fp8_ops.Linear
+            layer.scale_weight = layer.scale_input = None
+    seen = []
+
+    def recording_fp8_linear(layer, x):  # records, then lets the layer fall back (no fp8 matmul on this CPU)
+        seen.append((tuple(layer.weight.shape), layer.weight.dtype))
+        return None
+
+    monkeypatch.setattr(comfy.ops, "fp8_linear", recording_fp8_linear)
+    adapter, ref = adapter_of(model), BlockRef("single", 1)
+    args = tiny_flux.block_arguments(diffusion_model, "single", 2, 5, (4, 4), seed=4)
+    internals = BlockInternals(heads=(0, 3), mlp_groups=(1, 2), mlp_group_count=4)
+    module = adapter.block_module(diffusion_model, ref)
+    with torch.no_grad():
+        adapter.run_block(module, ref, args, internals, [], CallLayout(batch=2, image_tokens=16, text_tokens=5), RunIndexCache())
+    full_rows = module.linear1.weight.shape[0]
+    assert seen and all(dtype == FP8 for _, dtype in seen)  # the host's fp8 path, on fp8 weights
+    assert any(shape[0] < full_rows for shape, _ in seen if shape[1] == module.linear1.weight.shape[1])  # kept rows only
+    assert any(shape[1] < module.linear2.weight.shape[1] for shape, _ in seen if shape[0] == module.linear2.weight.shape[0])
