@@ -1,7 +1,8 @@
 """The example workflows of example_workflows/, as node descriptions laid out in columns.
 
 Each starts with a note that says what it shows and what it needs. `try_it` runs on the reference
-model the pack ships (no download, under a minute on a CPU); the others need FLUX.1-dev weights.
+model the pack ships (no download, under a minute on a CPU); the flux_* ones need FLUX.1-dev weights, the
+wan* ones the Wan 2.1 / 2.2 files of ComfyUI's own Wan templates (stock loaders, stock file names).
 """
 from __future__ import annotations
 
@@ -191,6 +192,158 @@ def benchmark_conditioning_workflow() -> list[Node]:
     ])
 
 
+# --- Wan 2.1 / 2.2 video: ComfyUI's stock Wan graphs (loaders, file names, sampler settings) -------------
+WAN_NEGATIVE = (  # the negative prompt of ComfyUI's own Wan templates (Wan's recommended one)
+    "色调艳丽，过曝，静态，细节模糊不清，字幕，风格，作品，画作，画面，静止，整体发灰，最差质量，低质量，JPEG压缩残留，丑陋的，残缺的，"
+    "多余的手指，画得不好的手部，画得不好的脸部，畸形的，毁容的，形态畸形的肢体，手指融合，静止不动的画面，杂乱的背景，三条腿，背景人很多，倒着走"
+)
+WAN_PROMPT = (
+    "A red fox trots through fresh snow in a birch forest at sunrise, its breath steaming in the cold air, "
+    "the camera tracking it slowly from the side, soft golden light between the trees."
+)
+WAN_FPS = 16.0  # Wan 2.1 and 2.2 A14B make 16 frames per second
+WAN_TEXT_ENCODER = "`umt5_xxl_fp8_e4m3fn_scaled.safetensors` (6.7 GB) in `models/text_encoders/`"
+WAN_VAE = "`wan_2.1_vae.safetensors` (0.25 GB) in `models/vae/`"
+WAN_CHAIN_HELP = (
+    "The chain at the nodes' defaults, on Wan: **Dynamic Patch Scheduler** runs some steps on 2x coarser patches in "
+    "height and width (frames unchanged; a quarter of the video tokens), chosen from how evenly the latent changes; "
+    "**Dynamic Width Patcher** ('quality') runs the noisiest steps with 90 % of the self-attention heads and FFN channels, "
+    "rising to full width (cross-attention to the text keeps its width); **Token Router** ('reuse', keep 0.7) runs 70 % "
+    "of the video tokens (frames x rows x cols) through every block but the first and last two, the others get the "
+    "block's last update. Each method is training-free and can be bypassed (Ctrl+B) on its own."
+)
+SKIP_BASELINE = (
+    "The full-compute run doubles the time. To skip it, select the nodes titled *(full compute)* and mute them "
+    "(Ctrl+M): the reports still show every step's FLOPs and model time, and compare with the latest full-compute "
+    "run of the same size and steps when there is one."
+)
+
+
+def _video_out(key: str, latent: tuple[str, int], prefix: str, title: str) -> list[Node]:
+    """VAE Decode -> Create Video (16 fps) -> Save Video, as ComfyUI's Wan templates end."""
+    return [
+        Node(f"decode{key}", "VAEDecode", links={"samples": latent, "vae": ("vae", 0)}, title=f"VAE Decode{title}"),
+        Node(f"video{key}", "CreateVideo", {"fps": WAN_FPS}, {"images": (f"decode{key}", 0)}, title=f"Create Video{title}"),
+        Node(f"save{key}", "SaveVideo", {"filename_prefix": f"video/{prefix}", "format": "auto", "codec": "auto"},
+             {"video": (f"video{key}", 0)}, title=f"Save Video{title}"),
+    ]
+
+
+def _wan_text(clip: Node) -> tuple[Node, Node]:
+    positive = Node("prompt", "CLIPTextEncode", {"text": WAN_PROMPT}, {"clip": (clip.key, 0)}, title="Positive prompt")
+    negative = Node("negative", "CLIPTextEncode", {"text": WAN_NEGATIVE}, {"clip": (clip.key, 0)}, title="Negative prompt")
+    return positive, negative
+
+
+def _dynamic_chain(model: str, suffix: str = "", title: str = "") -> list[Node]:
+    """Patch Scheduler -> Width Patcher -> Token Router at their defaults on `model`."""
+    return [
+        Node(f"ddit{suffix}", "DynamicPatchScheduler", links={"model": (model, 0)}, title=f"Dynamic Patch Scheduler{title}"),
+        Node(f"width{suffix}", "DynamicWidthPatcher", links={"model": (f"ddit{suffix}", 0)}, title=f"Dynamic Width Patcher{title}"),
+        Node(f"router{suffix}", "DynamicTokenRouter", links={"model": (f"width{suffix}", 0)}, title=f"Token Router{title}"),
+    ]
+
+
+def wan21_t2v_workflow() -> list[Node]:
+    """Wan 2.1 T2V 1.3B as ComfyUI's template builds it, full compute next to the dynamic chain."""
+    text = (
+        "## Wan 2.1 text-to-video 1.3B: full compute next to the dynamic chain\n\n"
+        "ComfyUI's stock Wan 2.1 graph (Load Diffusion Model → ModelSamplingSD3 shift 8 → KSampler uni_pc / simple, "
+        "30 steps, cfg 6; 832x480, 33 frames) sampled twice with the same seed: through **Dynamic Telemetry** (full "
+        "compute, the baseline) and through **Patch Scheduler → Width Patcher → Token Router**. Both videos are saved "
+        f"(`output/video/`).\n\n{WAN_CHAIN_HELP}\n\n{REPORT_HELP}\n\n"
+        "**Files** (Comfy-Org/Wan_2.1_ComfyUI_repackaged on Hugging Face, about 9.8 GB together): "
+        "`wan2.1_t2v_1.3B_fp16.safetensors` (2.8 GB) in `models/diffusion_models/`, "
+        f"{WAN_TEXT_ENCODER}, {WAN_VAE}.\n\n{SKIP_BASELINE}"
+    )
+    unet = Node("unet", "UNETLoader", {"unet_name": "wan2.1_t2v_1.3B_fp16.safetensors", "weight_dtype": "default"})
+    clip = Node("clip", "CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan", "device": "default"})
+    vae = Node("vae", "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"})
+    positive, negative = _wan_text(clip)
+    latent = Node("latent", "EmptyHunyuanLatentVideo", {"width": 832, "height": 480, "length": 33, "batch_size": 1},
+                  title="Empty video latent (832x480, 33 frames)")
+    shift = Node("shift", "ModelSamplingSD3", {"shift": 8.0}, {"model": ("unet", 0)})
+    sampling = {"seed": 42, "steps": 30, "cfg": 6.0, "sampler_name": "uni_pc", "scheduler": "simple", "denoise": 1.0}
+    conditioning = {"positive": ("prompt", 0), "negative": ("negative", 0), "latent_image": ("latent", 0)}
+    telemetry = Node("telemetry", "DynamicTelemetry", links={"model": ("shift", 0)}, title="Dynamic Telemetry (full compute)")
+    return layout([
+        [note("note", text, size=(460, 700)), unet, clip, vae],
+        [positive, negative, latent, shift],
+        [telemetry, *_dynamic_chain("shift")],
+        [Node("baseline", "KSampler", sampling, {"model": ("telemetry", 0), **conditioning}, title="KSampler (full compute)"),
+         Node("sampler", "KSampler", sampling, {"model": ("router", 0), **conditioning}, title="KSampler (dynamic)")],
+        [Node("report", "DynamicSpeedReport", links={
+            "model": ("router", 0), "latent": ("sampler", 0), "baseline_model": ("telemetry", 0), "baseline_latent": ("baseline", 0),
+        }), Node("table", "PreviewAny", links={"source": ("report", 1)}, title="Per-step table")],
+        _video_out("_full", ("baseline", 0), "wan21_full_compute", " (full compute)"),
+        _video_out("", ("report", 0), "wan21_dynamic", " (dynamic)"),
+    ])
+
+
+def wan22_t2v_a14b_workflow() -> list[Node]:
+    """Wan 2.2 T2V A14B: the high-noise expert samples the first half of the steps, the low-noise expert the
+    rest (two KSamplerAdvanced, as ComfyUI's template does it), each expert through the dynamic chain."""
+    text = (
+        "## Wan 2.2 text-to-video A14B (two experts): full compute next to the dynamic chain\n\n"
+        "ComfyUI's stock Wan 2.2 graph: the high-noise expert samples steps 0-10 of 20 (KSamplerAdvanced, "
+        "leftover noise returned), the low-noise expert steps 10-20; ModelSamplingSD3 shift 8 on both, euler / simple, "
+        "cfg 3.5; 1280x704, 81 frames. The dynamic chain **Patch Scheduler → Width Patcher → Token Router** sits on "
+        "both experts (each expert's schedules run over its own part of the steps, its noise levels deciding the "
+        "width), and each expert has its own **Dynamic Speed Report**, compared with the same expert at full compute "
+        f"(**Dynamic Telemetry**, same seed).\n\n{WAN_CHAIN_HELP}\n\n{REPORT_HELP}\n\n"
+        "**Files** (Comfy-Org/Wan_2.2_ComfyUI_Repackaged and Wan_2.1_ComfyUI_repackaged on Hugging Face, about 35.6 GB "
+        "together): `wan2.2_t2v_high_noise_14B_fp8_scaled.safetensors` and `wan2.2_t2v_low_noise_14B_fp8_scaled.safetensors` "
+        f"(14.3 GB each) in `models/diffusion_models/`, {WAN_TEXT_ENCODER}, {WAN_VAE} (Wan 2.2's A14B uses the Wan 2.1 VAE)."
+        f"\n\n{SKIP_BASELINE}"
+    )
+    unets = {
+        expert: Node(f"unet_{expert}", "UNETLoader",
+                     {"unet_name": f"wan2.2_t2v_{expert}_noise_14B_fp8_scaled.safetensors", "weight_dtype": "default"},
+                     title=f"Load Diffusion Model ({expert} noise)")
+        for expert in ("high", "low")
+    }
+    clip = Node("clip", "CLIPLoader", {"clip_name": "umt5_xxl_fp8_e4m3fn_scaled.safetensors", "type": "wan", "device": "default"})
+    vae = Node("vae", "VAELoader", {"vae_name": "wan_2.1_vae.safetensors"})
+    positive, negative = _wan_text(clip)
+    latent = Node("latent", "EmptyHunyuanLatentVideo", {"width": 1280, "height": 704, "length": 81, "batch_size": 1},
+                  title="Empty video latent (1280x704, 81 frames)")
+    shifts = {expert: Node(f"shift_{expert}", "ModelSamplingSD3", {"shift": 8.0}, {"model": (f"unet_{expert}", 0)},
+                           title=f"ModelSamplingSD3 ({expert} noise)") for expert in ("high", "low")}
+    telemetry = {expert: Node(f"telemetry_{expert}", "DynamicTelemetry", links={"model": (f"shift_{expert}", 0)},
+                              title=f"Dynamic Telemetry ({expert} noise, full compute)") for expert in ("high", "low")}
+    chains = {expert: _dynamic_chain(f"shift_{expert}", f"_{expert}", f" ({expert} noise)") for expert in ("high", "low")}
+
+    def sampler(key: str, model: str, latent_in: tuple[str, int], high: bool, title: str) -> Node:
+        widgets = {"add_noise": "enable" if high else "disable", "noise_seed": 42, "steps": 20, "cfg": 3.5,
+                   "sampler_name": "euler", "scheduler": "simple", "start_at_step": 0 if high else 10,
+                   "end_at_step": 10 if high else 10000, "return_with_leftover_noise": "enable" if high else "disable"}
+        return Node(key, "KSamplerAdvanced", widgets, {"model": (model, 0), "positive": ("prompt", 0), "negative": ("negative", 0),
+                                                       "latent_image": latent_in}, title=title)
+
+    def report(expert: str, sampler_key: str, baseline_key: str) -> list[Node]:
+        return [Node(f"report_{expert}", "DynamicSpeedReport", links={
+                    "model": (f"router_{expert}", 0), "latent": (sampler_key, 0),
+                    "baseline_model": (f"telemetry_{expert}", 0), "baseline_latent": (baseline_key, 0)},
+                    title=f"Dynamic Speed Report ({expert} noise)"),
+                Node(f"table_{expert}", "PreviewAny", links={"source": (f"report_{expert}", 1)}, title=f"Per-step table ({expert} noise)")]
+
+    return layout([
+        [note("note", text, size=(460, 760)), unets["high"], unets["low"], clip, vae],
+        [positive, negative, latent, shifts["high"], shifts["low"]],
+        [telemetry["high"], *chains["high"]],
+        [telemetry["low"], *chains["low"]],
+        [sampler("baseline_high", "telemetry_high", ("latent", 0), True, "KSamplerAdvanced (high noise, full compute)"),
+         sampler("baseline_low", "telemetry_low", ("baseline_high", 0), False, "KSamplerAdvanced (low noise, full compute)"),
+         # the low-noise expert continues from the high-noise report's pass-through latent, so each report runs
+         # (and draws) right after its own expert
+         sampler("sampler_high", "router_high", ("latent", 0), True, "KSamplerAdvanced (high noise, dynamic)"),
+         sampler("sampler_low", "router_low", ("report_high", 0), False, "KSamplerAdvanced (low noise, dynamic)")],
+        [*report("high", "sampler_high", "baseline_high"), *report("low", "sampler_low", "baseline_low")],
+        _video_out("_full", ("baseline_low", 0), "wan22_full_compute", " (full compute)"),
+        _video_out("", ("report_low", 0), "wan22_dynamic", " (dynamic)"),
+    ])
+
+
 WORKFLOWS: dict[str, tuple[str, Callable[[], list[Node]]]] = {
     "try_it": ("Try it: the shipped reference model, full compute next to the dynamic chain (no download)", try_it_workflow),
     "flux_speed_report": ("Flux.1 with per-step speed telemetry", speed_report_workflow),
@@ -199,4 +352,7 @@ WORKFLOWS: dict[str, tuple[str, Callable[[], list[Node]]]] = {
     "flux_dynamic_width": ("Flux.1 with the Dynamic Width Patcher against full compute", width_workflow),
     "flux_patch_scheduler": ("Flux.1 with DDiT dynamic patch sizes, compared with full compute", patch_scheduler_workflow),
     "benchmark_conditioning": ("Conditioning files for the command-line benchmark", benchmark_conditioning_workflow),
+    "wan21_t2v_1_3b": ("Wan 2.1 text-to-video 1.3B, full compute next to the dynamic chain", wan21_t2v_workflow),
+    "wan22_t2v_a14b": ("Wan 2.2 text-to-video A14B (high- and low-noise experts) with the dynamic chain on both",
+                       wan22_t2v_a14b_workflow),
 }

@@ -4,6 +4,8 @@ import itertools
 import json
 from pathlib import Path
 
+import pytest
+
 from comfyui_dynamic_dit.devtools import workflows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -81,3 +83,74 @@ def test_every_workflow_has_a_real_thumbnail():
         assert path.is_file(), f"{path.name} is missing: DYNAMIC_DIT_UPDATE_IMAGES=1 pytest tests/web/test_browser.py"
         pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float32)
         assert min(pixels.shape) >= 200 and pixels.std() > 10, f"{path.name} is no picture of the workflow"
+
+
+# --- the Wan workflows sample as they ship, on tiny Wan models in place of the files -----------------
+# Nodes that read files or only show and save what the graph made: the test gives tiny stand-ins for the
+# loaders, the prompts and the empty latent, and stops at the reports (the VAE, video and preview nodes
+# need the real files).
+STAND_IN_TYPES = {"UNETLoader", "CLIPLoader", "VAELoader", "CLIPTextEncode", "EmptyHunyuanLatentVideo"}
+DISPLAY_TYPES = {"VAEDecode", "CreateVideo", "SaveVideo", "PreviewAny"}
+
+
+def _run_prompt(prompt: dict, registry: dict, stand_ins: dict) -> dict:
+    """Execute an API-format prompt in process, node by node in dependency order: outputs per node id."""
+    outputs, pending = {}, dict(prompt)
+    while pending:
+        ready = [i for i, node in pending.items()
+                 if all(v[0] in outputs for v in node["inputs"].values() if isinstance(v, list))]
+        assert ready, f"a cycle or a missing node among {sorted(pending)}"
+        for node_id in ready:
+            node = pending.pop(node_id)
+            if node["class_type"] in STAND_IN_TYPES:
+                outputs[node_id] = stand_ins[node["class_type"]](node["inputs"])
+                continue
+            inputs = {k: outputs[v[0]][v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+            cls = registry[node["class_type"]]
+            result = getattr(cls(), cls.FUNCTION)(**inputs)
+            outputs[node_id] = result["result"] if isinstance(result, dict) else result
+    return outputs
+
+
+@pytest.mark.parametrize("name", ["wan21_t2v_1_3b", "wan22_t2v_a14b"])
+def test_wan_workflows_sample_as_they_ship_on_tiny_wan_models(name):
+    """Every sampling node of the Wan workflows runs with the workflow's own settings (shift 8, uni_pc 30 steps
+    cfg 6; two KSamplerAdvanced splitting 20 steps), the pack's nodes at their defaults on every expert, and each
+    report compares its expert's dynamic run with that expert's full-compute run."""
+    import torch
+
+    from comfyui_dynamic_dit.devtools import example_graphs, tiny_wan
+
+    registry = workflows.registry()
+    nodes = example_graphs.WORKFLOWS[name][1]()
+    prompt = workflows.build_api(nodes, registry)
+    prompt = {i: n for i, n in prompt.items() if n["class_type"] not in DISPLAY_TYPES}
+    config = tiny_wan.TinyWan(num_heads=8, depth=6)  # enough heads and blocks for the defaults to act on
+    experts = {}  # file name -> a tiny model of its own (the two A14B experts differ)
+
+    def unet(inputs):
+        name_ = inputs["unet_name"]
+        experts.setdefault(name_, tiny_wan.build_model(tiny_wan.TinyWan(num_heads=8, depth=6, seed=len(experts))))
+        return (experts[name_],)
+
+    positive, negative = tiny_wan.conditioning(config)
+    texts = {example_graphs.WAN_PROMPT: positive, example_graphs.WAN_NEGATIVE: negative}
+    stand_ins = {
+        "UNETLoader": unet, "CLIPLoader": lambda inputs: (None,), "VAELoader": lambda inputs: (None,),
+        "CLIPTextEncode": lambda inputs: (texts[inputs["text"]],),
+        "EmptyHunyuanLatentVideo": lambda inputs: ({"samples": tiny_wan.latent(config, video_frames=9, height=8, width=8)},),
+    }
+    outputs = _run_prompt(prompt, registry, stand_ins)
+    reports = [i for i, n in prompt.items() if n["class_type"] == "DynamicSpeedReport"]
+    assert len(reports) == len(experts) == (2 if "a14b" in name else 1)
+    for report_id in reports:
+        latent, table, chart = outputs[report_id]
+        assert torch.isfinite(latent["samples"]).all() and chart.shape[-1] == 3
+        summary = table.splitlines()[0]
+        assert "fewer FLOPs" in summary and "full compute)" in summary, summary  # against its own baseline
+        assert "patch 2x" in table and "token_router: reuse keep" in table  # coarse steps, routed blocks
+    assert "width: heads 0.88" in outputs[reports[0]][1]  # the noisiest steps ran narrower
+    full = [outputs[i][0]["samples"] for i, n in prompt.items() if n["class_type"].startswith("KSampler") and "full" in n["_meta"]["title"]]
+    dynamic = [outputs[i][0]["samples"] for i, n in prompt.items() if n["class_type"].startswith("KSampler") and "dynamic" in n["_meta"]["title"]]
+    assert len(full) == len(dynamic) == len(experts)
+    assert not torch.equal(full[-1], dynamic[-1])  # the chain did something

@@ -5,11 +5,14 @@
     python -m devtools.bench --model flux1-dev.safetensors --positive cat.safetensors \\
         --vae ae.safetensors                                              # your own checkpoint
     python -m devtools.bench --full-size-random    # FLUX.1-dev size, timing only
+    python -m devtools.bench --tiny-wan --cases off,width:0.5,diffcr:0.5   # a tiny random Wan 2.1 T2V video model
 
 Models: the committed reference model (a small Flux trained on photographs; fidelity is meaningful),
 `--model PATH` (a real checkpoint through ComfyUI's own loader, with conditioning files written by
 the "Save Conditioning for Benchmark" node), `--full-size-random` (FLUX.1-dev-sized random bf16
-weights on a GPU, 1024 px, 28 steps; a reduced size on the CPU) or `--random` (a tiny random Flux).
+weights on a GPU, 1024 px, 28 steps; a reduced size on the CPU), `--random` (a tiny random Flux) or
+`--tiny-wan` (a random Wan 2.1 T2V built by devtools/tiny_wan.py: hidden 256, 4 heads, 6 blocks, a 9-frame
+256 px video, 8 Euler steps, cfg 1; `--hidden`, `--heads`, `--blocks`, `--frames`, `--size`, `--steps`).
 
 Cases (`--cases`, comma separated): `off`, `easycache:0.1`, `tome:0.5`, ... A bare value repeats the
 case before it with another setting (`easycache:0.05,0.1,0.2`); `+` combines methods on one model
@@ -19,8 +22,8 @@ settings plus the registered combinations.
 Every case samples the same jobs (conditioning x seed) with the same sampler; runs of all cases
 interleave (repeat 1 of every case, then repeat 2, ...) so machine noise spreads evenly. Per case:
 FLOPs executed vs the unpatched model (executor telemetry), model time (median over repeats of the
-summed diffusion-model call times, synchronised on CUDA) and its speedup against the full-compute
-baseline of the same process, PSNR and SSIM of the final images against full compute, and the wall
+summed diffusion-model call times, synchronised on CUDA, and the fastest repeat) and its speedup against
+the full-compute baseline of the same process, PSNR and SSIM of the final images against full compute, and the wall
 time of the sampling calls. The unpatched model (no executor at all) runs too, for the overhead of
 "every method off". Output: a markdown section (stdout, `--markdown FILE` appends it), a Pareto plot
 PNG (speedup vs PSNR) and a contact sheet of the final images.
@@ -41,7 +44,7 @@ _EXPORTS = {
     "report": ("BENCHMARKS_HEADER", "COLUMNS", "append_markdown", "comfyui_version", "contact_sheet", "machine",
                "markdown", "pareto_plot"),
     "runner": ("Job", "Report", "Result", "Workload", "run_cases"),
-    "workloads": ("FLUX_DEV", "checkpoint_workload", "random_workload", "reference_workload"),
+    "workloads": ("FLUX_DEV", "checkpoint_workload", "random_workload", "reference_workload", "tiny_wan_workload"),
     "cli": ("run",),
 }
 _CONDITIONING = ("CONDITIONING_FORMAT", "CONDITIONING_VERSION", "load_conditioning", "save_conditioning",

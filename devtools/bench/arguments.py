@@ -12,6 +12,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--model", type=Path, help="a Flux.1 checkpoint, loaded through ComfyUI's own loader")
     source.add_argument("--full-size-random", action="store_true", help="FLUX.1-dev-sized random bf16 weights (timing only)")
     source.add_argument("--random", action="store_true", help="a tiny random Flux (--hidden, --heads, --double, --single)")
+    source.add_argument("--tiny-wan", action="store_true",
+                        help="a tiny random Wan 2.1 T2V video model (--hidden, --heads, --blocks, --frames; default hidden 256, "
+                             "4 heads, 6 blocks, 9 frames of 256 px, 8 steps, cfg 1)")
     parser.add_argument("--cases", default="all", help="comma separated, see above (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seeds", default="0", help="comma separated seeds; every case samples every seed")
@@ -26,8 +29,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, default=None, help="--model: Flux guidance (default: from the file)")
     parser.add_argument("--vae", type=Path, help="--model: decode final latents with this VAE for PSNR/SSIM")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="--model: weight dtype")
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--heads", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=None, help="--random: default 768; --tiny-wan: default 256")
+    parser.add_argument("--heads", type=int, default=None, help="--random: default 12; --tiny-wan: default 4")
+    parser.add_argument("--blocks", type=int, default=None, help="--tiny-wan: Wan blocks (default 6)")
+    parser.add_argument("--frames", type=int, default=9, help="--tiny-wan: video frames, 4n + 1 (default 9: 3 latent frames)")
     parser.add_argument("--double", type=int, default=None, help="double blocks (--random, --full-size-random)")
     parser.add_argument("--single", type=int, default=None, help="single blocks (--random, --full-size-random)")
     parser.add_argument("--text-tokens", type=int, default=None)
@@ -46,6 +51,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--seeds: give at least one seed")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.frames < 1 or args.frames % 4 != 1:
+        parser.error(f"--frames: Wan videos have 4n + 1 frames (1, 5, 9, ...), got {args.frames}")
     if args.size is not None and args.size % 16:
         parser.error(f"--size must be a multiple of 16, got {args.size}")
     return args

@@ -48,7 +48,8 @@ def ssim(reference, other, peak: float = 1.0) -> float:
 
 
 def latent_preview(latent_format) -> Callable:
-    """ComfyUI's own linear latent -> RGB preview of a latent format (no VAE): approximate images."""
+    """ComfyUI's own linear latent -> RGB preview of a latent format (no VAE): approximate images. A video
+    latent (B, C, T, H, W) becomes one image per sample with its T frames side by side."""
     import torch
 
     factors = torch.tensor(latent_format.latent_rgb_factors, dtype=torch.float32)  # (C, 3)
@@ -57,6 +58,9 @@ def latent_preview(latent_format) -> Callable:
 
     def to_image(latent):
         x = latent_format.process_in(latent.float())
+        if x.ndim == 5:  # frames side by side: (B, C, T, H, W) -> (B, C, H, T * W)
+            b, c, t, h, w = x.shape
+            x = x.permute(0, 1, 3, 2, 4).reshape(b, c, h, t * w)
         rgb = torch.einsum("bchw,cr->brhw", x, factors) + bias.view(1, 3, 1, 1)
         return ((rgb + 1) / 2).clamp(0, 1)
 

@@ -1,4 +1,4 @@
-"""What the benchmark samples: the reference model, a random Flux, or a real checkpoint."""
+"""What the benchmark samples: the reference model, a random Flux, a random tiny Wan, or a real checkpoint."""
 from __future__ import annotations
 
 import argparse
@@ -60,7 +60,7 @@ def random_workload(args: argparse.Namespace, full_size: bool) -> Workload:
             what += (f"; REDUCED from 19 + 38 blocks, 1024 px, 28 steps"
                      + ("" if on_gpu else " because this runs on the CPU (FLUX.1-dev size needs a GPU)"))
     else:
-        config = tiny_flux.TinyFlux(hidden_size=args.hidden, num_heads=args.heads, depth=args.double or 2,
+        config = tiny_flux.TinyFlux(hidden_size=args.hidden or 768, num_heads=args.heads or 12, depth=args.double or 2,
                                     depth_single_blocks=args.single if args.single is not None else 4)
         dtype, size, steps, text_tokens = torch.float32, args.size or 512, args.steps or 6, args.text_tokens or 8
         title = args.title or f"Random tiny Flux, {size} px"
@@ -77,6 +77,36 @@ def random_workload(args: argparse.Namespace, full_size: bool) -> Workload:
         f"{what}; {size}x{size} px ({(size // 16) ** 2} image tokens), {steps} steps {args.sampler} {args.scheduler}, "
         f"cfg {cfg:g}, batch 1; seeds {', '.join(map(str, args.seeds))}",
         "ComfyUI's linear latent-to-RGB preview of the final latents", meaningful_fidelity=False,
+    )
+
+
+def tiny_wan_workload(args: argparse.Namespace) -> Workload:
+    """A random-weight Wan 2.1 T2V built through ComfyUI's own detection (devtools/tiny_wan.py), sampling a
+    short video: the workload of BENCHMARKS.md's tiny-Wan rows."""
+    from .. import tiny_wan
+
+    hidden, heads, blocks = args.hidden or 256, args.heads or 4, args.blocks or 6
+    config = tiny_wan.TinyWan(hidden_size=hidden, num_heads=heads, depth=blocks, ffn_dim=4 * hidden)
+    size, steps, frames = args.size or 256, args.steps or 8, args.frames
+    text_tokens = args.text_tokens or 32
+    latent_frames = (frames - 1) // 4 + 1
+    tokens = latent_frames * (size // 16) ** 2
+    what = (f"random tiny Wan 2.1 T2V built through ComfyUI's own model detection (hidden {hidden}, {heads} heads, "
+            f"{blocks} blocks, FFN {config.ffn_dim}, {text_tokens} text tokens of width {config.text_dim})")
+    print(f"building {what} ...", flush=True)
+    model = tiny_wan.build_model(config)
+    positive, negative = tiny_wan.conditioning(config, text_tokens=text_tokens)
+    cfg = 1.0 if args.cfg is None else args.cfg
+    latent = tiny_wan.latent(config, video_frames=frames, height=size // 8, width=size // 8)
+    sample = dict(latent=latent, steps=steps, sampler=args.sampler, scheduler=args.scheduler, cfg=cfg)
+    return Workload(
+        model, _jobs([("random conditioning", positive)], negative, args.seeds), sample,
+        latent_preview(model.model.latent_format), args.title or f"Tiny Wan 2.1 T2V, random weights, {frames} frames of {size} px",
+        f"{what}; a {frames}-frame video ({latent_frames} latent frames of {size // 8}x{size // 8} latent pixels, {size}x{size} px: "
+        f"{tokens} video tokens), {steps} steps {args.sampler} {args.scheduler}, cfg {cfg:g}, batch 1; "
+        f"seeds {', '.join(map(str, args.seeds))}",
+        "ComfyUI's linear latent-to-RGB preview of the final latents, the latent frames side by side",
+        meaningful_fidelity=False,
     )
 
 

@@ -135,6 +135,34 @@ def test_cli_writes_markdown_plot_and_images(tmp_path, capsys):
     assert markdown.read_text().count("## ") == 2 and markdown.read_text().startswith(bench.BENCHMARKS_HEADER)
 
 
+def test_tiny_wan_benchmark_end_to_end(tmp_path, capsys):
+    """`--tiny-wan` (BENCHMARKS.md's tiny-Wan rows) at its smallest: a random Wan 2.1 T2V video through the
+    command line, every method's case on it, the section with fastest-repeat columns."""
+    markdown = tmp_path / "BENCHMARKS.md"
+    argv = ["--tiny-wan", "--hidden", "64", "--heads", "4", "--blocks", "2", "--size", "64", "--frames", "5",
+            "--steps", "4", "--repeats", "2", "--text-tokens", "4", "--markdown", str(markdown),
+            "--cases", "off,width:0.5,ramp:0.75-1.0,diffcr:0.5,reuse:0.7,ddit:0-75%:2"]
+    assert bench.run(bench._parse(argv)) == 0
+    text = markdown.read_text()
+    assert "## Tiny Wan 2.1 T2V, random weights, 5 frames of 64 px" in text
+    assert "a 5-frame video (2 latent frames of 8x8 latent pixels, 64x64 px: 32 video tokens), 4 steps euler" in text
+    rows = {row.split(" | ")[0][2:]: row.strip("| ").split(" | ") for row in text.splitlines() if row.startswith("| ")}
+    assert list(rows)[0] == "setting" and rows["setting"][-2:] == ["model time (fastest)", "speedup (fastest)"]
+    assert rows["every method off"][1] == "100.0%" and rows["every method off"][6] == "inf"  # identical to full compute
+    for case in ("width 0.5", "width ramp 0.75-1", "diffcr keep 0.5", "reuse keep 0.7", "DDiT manual 0-75%:2x"):
+        assert float(rows[case][1].rstrip("%")) < 100.0, (case, rows[case])  # every method removed compute on Wan
+        assert rows[case][6] != "inf" and re.fullmatch(r"\d+\.\d ms", rows[case][10]) and rows[case][11].startswith("x")
+    assert rows["unpatched model (no executor)"][10] == "-"
+    with Image.open(tmp_path / re.search(r"\]\((benchmarks/[^)]+_images\.png)\)", text).group(1)) as sheet:
+        assert sheet.size == (260 + 2 * 160, 8 * 160)  # the two latent frames side by side; 6 cases, full, unpatched
+    assert "every method off" in capsys.readouterr().out
+
+
+def test_tiny_wan_frames_are_checked():
+    with pytest.raises(SystemExit):
+        bench._parse(["--tiny-wan", "--frames", "8"])
+
+
 # --- a real checkpoint through ComfyUI's loader --------------------------------------------------
 SMALLEST_LOADABLE_FLUX = dict(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=0, context_dim=32, vec_dim=16,
                               guidance_embed=False)
