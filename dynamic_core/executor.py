@@ -110,6 +110,7 @@ class RunContext:
             plan=plan.describe(),
             latent_shape=tuple(latent_shape),
             total_steps=self.steps.total_steps,
+            schedule=tuple(round(float(sigma), 6) for sigma in sigmas),
         )
         runtimes = [REGISTRY[s.method](s, self) for s in plan.enabled_settings()]
         self.methods: list[DynamicMethod] = sorted(runtimes, key=lambda m: m.order)

@@ -114,6 +114,9 @@ class RunRecord:
     finished: bool = False
     setup: list[SetupRecord] = field(default_factory=list)
     full_compute: bool = False  # every method off: a baseline for other runs of its shape
+    # The sampler's sigmas (rounded): runs of one shape but another schedule are not compared, e.g. the
+    # high- and low-noise experts of Wan 2.2 (same class and size, each sampling its half of the steps).
+    schedule: tuple[float, ...] = ()
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
 
     # --- one-off setup work -------------------------------------------------------------------
@@ -199,6 +202,7 @@ class RunRecord:
             and other.latent_shape == self.latent_shape
             and other.total_steps == self.total_steps
             and len(other.steps()) == len(self.steps())
+            and _same_sigmas(self, other)
         )
 
     # --- reports ------------------------------------------------------------------------------
@@ -385,7 +389,13 @@ def _same_schedule(run: RunRecord, candidate: RunRecord) -> bool:
     return (
         candidate is not run and candidate.finished
         and candidate.latent_shape == run.latent_shape and candidate.total_steps == run.total_steps
+        and _same_sigmas(run, candidate)
     )
+
+
+def _same_sigmas(run: RunRecord, other: RunRecord) -> bool:
+    """Whether two runs sample the same schedule (runs recorded without one compare by shape only)."""
+    return not run.schedule or not other.schedule or run.schedule == other.schedule
 
 
 RECENT_FULL_COMPUTE = RecentFullCompute(keep=8)

@@ -106,3 +106,18 @@ def test_progress_is_strict_json_while_sigmas_are_unknown():
     data = json.loads(json.dumps(run.progress(baseline=_run([1.0, 1.0])), allow_nan=False))
     assert data["steps"][0]["sigma"] is None and data["flops_reduction"] is None
     assert data["baseline"]["steps"][1]["ms"] == 1000.0
+
+
+def test_runs_of_one_shape_but_another_schedule_are_not_compared():
+    """Wan 2.2's two experts: same class, size and latent, each sampling its half of the sigmas. The
+    low-noise expert's run must not take the high-noise expert's full-compute run as its baseline."""
+    high = _run([1.0, 1.0], schedule=(1.0, 0.9, 0.8))
+    low_full = _run([1.0, 1.0], schedule=(0.8, 0.5, 0.0))
+    low = _run([0.5, 0.5], schedule=(0.8, 0.5, 0.0))
+    high.full_compute = low_full.full_compute = True
+    sink = RecentFullCompute(keep=4)
+    sink.add(low_full)
+    sink.add(high)
+    assert sink.latest_comparable(low) is low_full
+    assert not low.comparable_to(high) and low.comparable_to(low_full)
+    assert _run([1.0, 1.0]).comparable_to(high)  # a run recorded without a schedule compares by shape
