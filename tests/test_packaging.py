@@ -70,7 +70,7 @@ def test_shipped_files_alone_load_in_comfyui(tmp_path, comfyui_path):
     ).replace("sys.argv_pack", repr(str(pack)))
     result = subprocess.run([sys.executable, "-c", script], cwd=comfyui_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[0] == "9" and "torch.Size([1, 16, 32, 32])" in result.stdout, result.stdout
+    assert result.stdout.split()[0] == "10" and "torch.Size([1, 16, 32, 32])" in result.stdout, result.stdout
 
 
 def test_required_comfyui_version_is_the_one_tested(comfyui_path):

@@ -169,6 +169,15 @@ def train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, c
     """Train `student` on `bank`; resumes from `checkpoint` when it exists and saves to it every
     `checkpoint_every` steps and at the end. `stop_after` ends the run early at that step (with a
     checkpoint), as an interrupted run would. Returns the history and the final deterministic ratio."""
+    # ComfyUI runs nodes under torch.inference_mode(), whose tensors autograd cannot use: train outside it
+    with torch.inference_mode(False):
+        return _train(student, bank, config, checkpoint=checkpoint, callback=callback, progress_bar=progress_bar,
+                      log=log, stop_after=stop_after)
+
+
+def _train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, checkpoint: str | os.PathLike | None,
+           callback: Callable[[int, int, dict[str, float]], None] | None, progress_bar: bool,
+           log: Callable[[str], None] | None, stop_after: int | None) -> TrainResult:
     config.validate()
     if bank.rows == 0:
         raise ValueError("Trainer: no teacher trajectories (no conditioning?) to train on.")
@@ -219,7 +228,7 @@ def train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, c
         batch = bank.sample(config.batch, generator, device)
         target = schedule.at(step)
         noise = 1.0 if step < config.noise_until * config.steps else 0.0
-        with torch.inference_mode(False), torch.enable_grad(), mutation_context(config.mutation):
+        with torch.enable_grad(), mutation_context(config.mutation):
             record: list[torch.Tensor] | None = [] if config.feature_weight > 0 else None
             out, ratios = model(batch, temperature=config.temperature, noise=noise, generator=generator, record_blocks=record)
             distill = distillation(out, batch["target"])
@@ -252,8 +261,7 @@ def train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, c
     student.eval()
     result = TrainResult(steps=end, history=history, seconds=time.perf_counter() - started)
     result.final_ratio = schedule_ratio(student, bank)
-    with torch.inference_mode(False):
-        result.eval_loss = evaluate(student, bank, config.eval_rows)
+    result.eval_loss = evaluate(student, bank, config.eval_rows)
     student.train()
     return result
 
