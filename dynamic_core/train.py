@@ -30,6 +30,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a random tiny Flux instead of the reference model (tests)")
     parser.add_argument("--classes", default="", help="reference model classes to distil on, comma separated (default: all)")
     parser.add_argument("--seeds", type=int, default=2, help="sampling runs per conditioning")
+    parser.add_argument("--first-seed", type=int, default=1000,
+                        help="noise seed of the first teacher run (away from the benchmark's seeds 0..7, so it measures unseen noise)")
     parser.add_argument("--size", type=int, default=0, help="latent height and width (default: the reference model's trained size)")
     parser.add_argument("--sampling-steps", type=int, default=SAMPLING_DEFAULTS["sampling_steps"])
     parser.add_argument("--cfg", type=float, default=SAMPLING_DEFAULTS["cfg"])
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     elif rank == 0 or not distributed or args.trajectories is None:
         bank = training_host.record_trajectories(
             model, jobs, latent, steps=args.sampling_steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
-            seeds=list(range(args.seeds)), progress=lambda done, total: log(f"teacher run {done}/{total}"))
+            seeds=list(range(args.first_seed, args.first_seed + args.seeds)), progress=lambda done, total: log(f"teacher run {done}/{total}"))
         log(f"teacher trajectories: {bank.rows} rows, {len(bank.timesteps)} steps, {time.perf_counter() - started:.0f} s")
         if args.trajectories is not None and rank == 0:
             args.trajectories.parent.mkdir(parents=True, exist_ok=True)
@@ -131,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
             extra={"final_flops_ratio": f"{result.final_ratio:.4f}", "eval_distill_loss": f"{result.eval_loss:.5f}",
                    "train_seconds": f"{result.seconds:.0f}", "world_size": str(int(os.environ.get('WORLD_SIZE', '1'))),
                    "sampling": json.dumps({"steps": args.sampling_steps, "cfg": args.cfg, "sampler": args.sampler,
-                                           "scheduler": args.scheduler, "seeds": args.seeds, "latent": size})})
+                                           "scheduler": args.scheduler, "seeds": args.seeds, "first_seed": args.first_seed, "latent": size})})
         paths = export.save_student(student, args.out, metadata)
         log(f"FLOPs ratio {result.final_ratio:.3f} (target {args.target}), eval distillation loss {result.eval_loss:.4f}, "
             f"{result.seconds / 60:.1f} min; wrote {', '.join(str(p) for p in paths)}")

@@ -20,21 +20,21 @@ from comfyui_dynamic_dit.nodes.bench_conditioning import DynamicBenchmarkConditi
 # --- cases ---------------------------------------------------------------------------------------
 def test_cases_take_several_settings_and_combinations():
     names = [c.name for c in bench.parse_cases("off,easycache:0.1,0.2,tome:0.5,lazycache")]
-    assert names == ["every method off", "EasyCache 0.1", "EasyCache 0.2", "ToMe 0.5", "LazyCache 0.2"]
+    assert names == ["every method off", "EasyCache 0.1 (copied input)", "EasyCache 0.2 (copied input)", "ToMe 0.5", "LazyCache 0.2"]
     combos = bench.parse_cases("tome:0.3+easycache:0.1,0.4")
-    assert [c.name for c in combos] == ["ToMe 0.3 + EasyCache 0.1", "ToMe 0.3 + EasyCache 0.4"]
+    assert [c.name for c in combos] == ["ToMe 0.3 + EasyCache 0.1 (copied input)", "ToMe 0.3 + EasyCache 0.4 (copied input)"]
     assert combos[0].family == "ToMe+EasyCache"
-    assert [c.name for c in bench.parse_cases(["easycache:0.1", "easycache:0.1"])] == ["EasyCache 0.1"]  # no duplicates
+    assert [c.name for c in bench.parse_cases(["easycache:0.1", "easycache:0.1"])] == ["EasyCache 0.1 (copied input)"]  # no duplicates
 
 
 def test_all_expands_every_builder_at_its_sweep(monkeypatch):
     monkeypatch.setattr(bench, "COMBINATIONS", ["tome:0.5+easycache:0.2"])
     names = [c.name for c in bench.parse_cases("all")]
     assert names[0] == "every method off"
-    assert {f"EasyCache {float(v):g}" for v in bench.SWEEPS["easycache"]} <= set(names)
+    assert {f"EasyCache {float(v):g} (copied input)" for v in bench.SWEEPS["easycache"]} <= set(names)
     assert {f"ToMe {float(v):g}" for v in bench.SWEEPS["tome"]} <= set(names)
-    assert names[-1] == "ToMe 0.5 + EasyCache 0.2"
-    expected = 1 + sum(len(bench.SWEEPS.get(name, (None,))) for name in bench.CASE_BUILDERS if name != "off") + 1
+    assert names[-1] == "ToMe 0.5 + EasyCache 0.2 (copied input)"
+    expected = 1 + sum(len(bench.SWEEPS.get(name, (None,))) for name in bench.CASE_BUILDERS if name not in ("off", "trained")) + 1
     assert len(names) == expected  # every builder at every sweep setting, none lost to the case syntax
 
 
@@ -55,6 +55,19 @@ def test_a_combination_composes_both_patches(flux_model):
     assert "easycache" in options and "attn1_patch" in options.get("patches", {})
     assert plan_of(patched) is not None  # the executor is installed on top
     assert plan_of(flux_model) is None and "easycache" not in flux_model.model_options.get("transformer_options", {})
+
+
+def test_easycache_gets_a_copy_of_the_input_from_a_wrapper_outside_its_own(flux_model):
+    """ComfyUI's EasyCache adds into x in place, which corrupts fp32 flow sampling; bf16 users get a cast copy."""
+    from comfy.patcher_extension import WrappersMP
+
+    (case,) = bench.parse_cases("easycache:0.2")
+    keys = list(case.build(flux_model).wrappers[WrappersMP.DIFFUSION_MODEL])
+    assert keys.index(bench.COPY_INPUT_KEY) < keys.index("easycache")
+    seen = []
+    x = torch.zeros(1)
+    bench._copy_input(lambda inner, *rest: seen.append(inner), x, 1)
+    assert seen and seen[0] is not x and torch.equal(seen[0], x)
 
 
 # --- fidelity ------------------------------------------------------------------------------------
