@@ -16,7 +16,7 @@ from typing import Any, Callable, Hashable, Mapping, Sequence
 
 import torch
 
-from .adapters import BlockInternals, BlockRef, BlockWork, CallShape, ModelAdapter
+from .adapters import BlockInternals, BlockRef, BlockWork, CallLayout, ModelAdapter
 from .flops import ZERO, FlopBreakdown
 from .methods import REGISTRY, DynamicMethod
 from .methods.base import BlockArgs, BlockFn
@@ -57,10 +57,10 @@ class CallState:
     run: "RunContext"
     step: StepInfo
     chunks: tuple[Chunk, ...]
-    shape: CallShape  # as the unpatched model would see this call
+    shape: CallLayout  # as the unpatched model would see this call
     diffusion_model: torch.nn.Module
     record: CallRecord
-    text_tokens: int
+    layout: CallLayout  # as the blocks see it so far (the adapter refines it from the block calls)
     block_work: dict[BlockRef, BlockWork] = field(default_factory=dict)
     # The sampler's x of this call's rows before the host's input scaling and cast to the model's
     # dtype (full precision), where the host hands it over; None otherwise.
@@ -151,7 +151,7 @@ class RunContext:
         sigma: float | torch.Tensor,
         cond_or_uncond: Sequence[int] | None,
         uuids: Sequence[object] | None,
-        shape: CallShape,
+        shape: CallLayout,
         diffusion_model: torch.nn.Module,
     ) -> CallState:
         chunks = _chunks(shape.batch, cond_or_uncond, uuids)
@@ -166,7 +166,7 @@ class RunContext:
         )
         self._call_index += 1
         step = self.steps.locate(sigma, tuple((c.kind, c.uuid) for c in chunks), record)
-        return CallState(self, step, chunks, shape, diffusion_model, record, text_tokens=shape.text_tokens)
+        return CallState(self, step, chunks, shape, diffusion_model, record, layout=shape)
 
     def end_call(self, call: CallState, seconds: float) -> None:
         call.record.seconds = seconds
@@ -191,7 +191,7 @@ class RunContext:
     def model_call(self, call: CallState, model_call: ModelCall) -> torch.Tensor:
         def run_model(mc: ModelCall) -> torch.Tensor:
             call.record.ran_model = True
-            call.add_executed(self.adapter.stem_flops(self.adapter.call_shape(mc.arguments)))
+            call.add_executed(self.adapter.stem_flops(self.adapter.call_layout(mc.arguments)))
             return mc.invoke()
 
         proceed: Callable[[ModelCall], torch.Tensor] = run_model
@@ -208,11 +208,10 @@ class RunContext:
         original_block: BlockFn,
         foreign: ForeignPatch | None = None,
     ) -> dict:
-        if "txt" in args:
-            call.text_tokens = args["txt"].shape[1]
+        call.layout = self.adapter.block_layout(block, args, call.layout)
 
         def run_block(block_args: BlockArgs) -> dict:
-            work = self.adapter.block_tokens(block, block_args, call.text_tokens)
+            work = self.adapter.block_work(block, block_args, call.layout)
             internals = BlockInternals()
             for method in self.methods:
                 internals = method.block_internals(call, block, block_args, internals)
@@ -222,7 +221,7 @@ class RunContext:
                 work = self.adapter.reduced_work(block, work, internals)
                 inner = partial(
                     self.adapter.run_block, module, block,
-                    internals=internals, flop_log=extra_flops, text_tokens=call.text_tokens, cache=self.indices,
+                    internals=internals, flop_log=extra_flops, layout=call.layout, cache=self.indices,
                 )
             out = foreign(block_args, {"original_block": inner}) if foreign is not None else inner(block_args)
             if extra_flops:

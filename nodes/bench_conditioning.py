@@ -1,14 +1,14 @@
 """Save Conditioning for Benchmark: a prompt's conditioning as a file for the command-line benchmark."""
 from __future__ import annotations
 
-from ..dynamic_core.comfy_integration.bench import save_conditioning_to_output
+from ..dynamic_core.comfy_integration.conditioning_file import save_conditioning_to_output
 
 
 class DynamicBenchmarkConditioning:
     DESCRIPTION = (
         "Saves a prompt's conditioning (text embedding, pooled output, Flux guidance) to ComfyUI's output "
         "folder, for the command-line benchmark on your own checkpoint: python -m "
-        "dynamic_core.comfy_integration.bench --model flux1-dev.safetensors --positive <this file> --vae ae.safetensors"
+        "devtools.bench --model flux1-dev.safetensors --positive <this file> --vae ae.safetensors"
     )
     CATEGORY = "dynamic_dit"
     FUNCTION = "save"

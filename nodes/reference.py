@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from ..dynamic_core.comfy_integration import tiny_flux
+from ..dynamic_core.comfy_integration import reference as reference_model
 
 CLASS_TOOLTIP = "The photo class to sample; the model was trained on crops of one photograph per class."
 _loaded: dict[str, Any] = {}  # "key": (path, mtime, size), "reference": the ReferenceModel
@@ -20,15 +20,15 @@ def reference_classes(path: os.PathLike | str | None = None) -> list[str]:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path or tiny_flux.REFERENCE_PATH), framework="pt", device="cpu") as handle:
+        with safe_open(str(path or reference_model.REFERENCE_PATH), framework="pt", device="cpu") as handle:
             return list(json.loads((handle.metadata() or {})["classes"]))
     except Exception:  # a missing or damaged file: the loader says what is wrong when it runs
         return []
 
 
-def load_cached_reference() -> tiny_flux.ReferenceModel:
+def load_cached_reference() -> reference_model.ReferenceModel:
     """The reference model, loaded once per process (again when the file changes)."""
-    path = tiny_flux.REFERENCE_PATH
+    path = reference_model.REFERENCE_PATH
     try:
         stat = os.stat(path)
     except OSError:
@@ -38,7 +38,7 @@ def load_cached_reference() -> tiny_flux.ReferenceModel:
         ) from None
     key = (str(path), stat.st_mtime, stat.st_size)
     if _loaded.get("key") != key:
-        _loaded["reference"] = tiny_flux.load_reference(path)
+        _loaded["reference"] = reference_model.load_reference(path)
         _loaded["key"] = key
     return _loaded["reference"]
 
@@ -109,7 +109,7 @@ class DynamicReferenceLatentToImage:
                 f"Reference Latent to Image: expected the reference model's LATENT (batch, 16, height, width), got "
                 f"{tuple(samples.shape)}. Decode other models' latents with VAE Decode."
             )
-        photo = tiny_flux.latent_to_photo(samples.float().cpu())
+        photo = reference_model.latent_to_photo(samples.float().cpu())
         if pixel_scale > 1:
             photo = torch.nn.functional.interpolate(photo, scale_factor=int(pixel_scale), mode="nearest")
         return (photo.permute(0, 2, 3, 1).contiguous(),)

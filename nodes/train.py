@@ -9,8 +9,9 @@ import torch
 
 from ..dynamic_core.comfy_integration.patching import MODEL_FOLDER, apply_settings, adapter_of
 from ..dynamic_core.comfy_integration.td_lora_files import apply_td_lora
-from ..dynamic_core.methods.td_lora import load_td_lora_file
-from ..dynamic_core.methods.width import WidthSettings, load_width_router
+from ..dynamic_core.methods.td_lora_file import load_td_lora_file
+from ..dynamic_core.methods.width import WidthSettings
+from ..dynamic_core.methods.width_file import load_width_router
 from ..dynamic_core.training.student import StudentSpec
 from ..dynamic_core.training.trainer import TrainConfig
 

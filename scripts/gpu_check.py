@@ -29,7 +29,7 @@ from pathlib import Path
 T_START = time.perf_counter()
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from dynamic_core.comfy_integration import host  # noqa: E402  (standard library only)
+from devtools import host  # noqa: E402  (standard library only)
 
 PART = sys.argv[1] if len(sys.argv) > 1 else "main"
 TINY = os.environ.get("GPU_CHECK_TINY") == "1"
@@ -49,7 +49,7 @@ host.load_pack()
 import comfy.model_management  # noqa: E402
 
 from comfyui_dynamic_dit.dynamic_core import steps as step_tracking  # noqa: E402
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import bench, tiny_flux  # noqa: E402
+from comfyui_dynamic_dit.devtools import bench, tiny_flux  # noqa: E402
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, plan_of  # noqa: E402
 from comfyui_dynamic_dit.dynamic_core.executor import RunContext  # noqa: E402
 from comfyui_dynamic_dit.dynamic_core.methods.width import WidthSettings  # noqa: E402

@@ -12,10 +12,10 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
-.venv/bin/python -m dynamic_core.comfy_integration.host >/dev/null  # fetch the ComfyUI host once
+.venv/bin/python -m devtools.host >/dev/null  # fetch the ComfyUI host once
 
 case "$command" in
   test) exec .venv/bin/python -m pytest "$@" ;;
-  demo) exec .venv/bin/python -m dynamic_core.comfy_integration.demo "$@" ;;
+  demo) exec .venv/bin/python -m devtools.demo "$@" ;;
   *) echo "usage: scripts/run.sh test|demo [args]" >&2; exit 2 ;;
 esac

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("dynamic_dit_host", REPO / "dynamic_core" / "comfy_integration" / "host.py")
+spec = importlib.util.spec_from_file_location("dynamic_dit_host", REPO / "devtools" / "host.py")
 host = importlib.util.module_from_spec(spec)
 sys.modules[spec.name] = host
 spec.loader.exec_module(host)
@@ -23,7 +23,8 @@ host.load_pack()
 
 import torch  # noqa: E402
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux, training_host  # noqa: E402
+from comfyui_dynamic_dit.devtools import tiny_flux  # noqa: E402
+from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host  # noqa: E402
 from comfyui_dynamic_dit.dynamic_core.training.student import StudentSpec  # noqa: E402
 from comfyui_dynamic_dit.dynamic_core.training.trainer import TrainConfig, train  # noqa: E402
 

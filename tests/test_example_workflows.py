@@ -4,7 +4,7 @@ import itertools
 import json
 from pathlib import Path
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import workflows
+from comfyui_dynamic_dit.devtools import workflows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "example_workflows"
@@ -19,7 +19,7 @@ def test_example_workflows_are_current():
     on_disk = {p.name: p.read_text() for p in EXAMPLES.glob("*.json")}
     assert set(on_disk) == set(rendered)
     for name, text in rendered.items():
-        assert on_disk[name] == text, f"{name} is stale: python -m dynamic_core.comfy_integration.workflows"
+        assert on_disk[name] == text, f"{name} is stale: python -m devtools.workflows"
 
 
 def test_example_workflows_use_known_nodes_and_consistent_links():

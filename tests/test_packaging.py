@@ -51,7 +51,12 @@ def test_registry_metadata():
 def test_package_leaves_out_tests_benchmarks_and_training():
     shipped = shipped_files()
     assert not [p for p in shipped if p.startswith(("tests/", "benchmarks/", ".ci/", "scripts/"))]
-    assert "dynamic_core/comfy_integration/reference_model.py" not in shipped and "BENCHMARKS.md" not in shipped
+    assert "devtools/reference_training.py" not in shipped and "BENCHMARKS.md" not in shipped
+    # training-only: the CLI, the benchmark's trained files, checkpoints; the node's trainer and the loaders' checks ship
+    assert "devtools/train.py" not in shipped and not [p for p in shipped if p.startswith("reference/trained/") or p.endswith(".ckpt")]
+    for needed in ("nodes/train.py", "dynamic_core/training/trainer.py", "dynamic_core/comfy_integration/training_host.py",
+                   "dynamic_core/fingerprint.py", "dynamic_core/files.py"):
+        assert needed in shipped, needed
     for needed in ("__init__.py", "LICENSE", "pyproject.toml", "web/js/dynamic_dit.js", "reference/flux_photo_reference.safetensors",
                    "example_workflows/try_it.json", "example_workflows/try_it.jpg", "nodes/reference.py"):
         assert needed in shipped, needed

@@ -4,7 +4,7 @@ import re
 
 from support.comfy_server import EventListener
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import example_graphs, workflows
+from comfyui_dynamic_dit.devtools import example_graphs, workflows
 
 
 def _node_id(prompt: dict, title: str) -> str:

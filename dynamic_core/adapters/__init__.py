@@ -1,12 +1,15 @@
-"""Model adapters, one file per family, and the lookup that picks one for a loaded model."""
+"""Model adapters, one package per family, and the lookup that picks one for a loaded model."""
 from __future__ import annotations
 
 import torch
 
-from .base import BlockInternals, BlockRef, BlockWork, CallShape, ModelAdapter, TokenLayout, UnsupportedModelError
+from .base import BlockInternals, BlockKind, BlockRef, BlockWork, CallShape, ModelAdapter, UnsupportedModelError
+from .capabilities import CallLayout, ModelInfo, TokenRouting, WidthUnits
 from .flux import FluxAdapter
+from .known_families import plain_name
+from .wan import WanAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter,)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, WanAdapter)
 
 
 def supported_families() -> str:
@@ -14,26 +17,30 @@ def supported_families() -> str:
 
 
 def adapter_for(diffusion_model: torch.nn.Module, host_model_name: str | None = None) -> ModelAdapter:
-    """The adapter for this model, or UnsupportedModelError naming what is supported."""
+    """The adapter for this model, or UnsupportedModelError naming the model and what is supported."""
     for adapter_cls in ADAPTERS:
-        if adapter_cls.claims(diffusion_model):
+        if adapter_cls.claims(diffusion_model, host_model_name):
             return adapter_cls(diffusion_model, host_model_name)
-    described = host_model_name or type(diffusion_model).__name__
-    raise UnsupportedModelError(
-        f"Dynamic DiT does not support the model family '{described}' "
-        f"({type(diffusion_model).__module__}). Supported: {supported_families()}."
-    )
+    name = plain_name(host_model_name, type(diffusion_model))
+    if name is None:  # a family this pack has no name for: say what the host calls it
+        described = host_model_name or type(diffusion_model).__name__
+        name = f"the model family '{described}' ({type(diffusion_model).__module__})"
+    raise UnsupportedModelError(f"Dynamic DiT does not support {name} models. Supported: {supported_families()}.")
 
 
 __all__ = [
     "ADAPTERS",
     "BlockInternals",
+    "BlockKind",
     "BlockRef",
     "BlockWork",
+    "CallLayout",
     "CallShape",
     "ModelAdapter",
-    "TokenLayout",
+    "ModelInfo",
+    "TokenRouting",
     "UnsupportedModelError",
+    "WidthUnits",
     "adapter_for",
     "supported_families",
 ]

@@ -1,23 +1,25 @@
 """The model-adapter seam: what the executor and the methods need to know about a DiT family.
 
-An adapter describes one model family (Flux now; Wan and MMDiT later): which blocks exist and how
-ComfyUI addresses them, how image and text tokens are laid out in each block's inputs, where the
-heads and MLP channels live, and the analytic FLOPs of every part. Adapters never import ComfyUI;
-they inspect the `torch.nn.Module` the host built.
+An adapter describes one model family (a package under `adapters/`): which blocks exist and how
+ComfyUI addresses them, the capabilities it offers (capabilities.py, coarse.py), and the analytic
+FLOPs of every part. Adapters never import ComfyUI; they inspect the `torch.nn.Module` the host built.
 """
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 
 from ..flops import FlopBreakdown
-from ..slicing import LinearExtra, RunIndexCache, WeightSource
+from ..slicing import LinearExtra, RunIndexCache
+from .capabilities import CallLayout, ModelInfo, TokenRouting, WidthUnits
 
 if TYPE_CHECKING:
     from .coarse import CoarseGrid
+
+CallShape = CallLayout  # the old name
 
 
 class UnsupportedModelError(ValueError):
@@ -34,16 +36,6 @@ class BlockRef:
     @property
     def label(self) -> str:
         return f"{self.kind}.{self.index}"
-
-
-@dataclass(frozen=True)
-class CallShape:
-    """Token counts of one model call, as the unpatched model would see them."""
-
-    batch: int
-    image_tokens: int  # includes reference-image tokens (Kontext) that join the image stream
-    text_tokens: int
-    guidance: bool = False  # whether a guidance embedding is computed in this call
 
 
 @dataclass(frozen=True)
@@ -71,34 +63,67 @@ class BlockInternals:
     mlp_group_count: int = 0
     mlp_tokens: torch.Tensor | None = None  # (B, k) image tokens that run the MLP; the others skip it
     extras: Mapping[str, LinearExtra] = field(default_factory=dict)  # linear name -> addend (LoRA bypass)
+    # Training only (the executor never sets it): linear name -> a function of the host layer returning what
+    # the block calls instead (a trainer's masked linear with trainable bypasses). Full width only: masks
+    # keep every column, so nothing is removed; the trained decisions remove it at inference.
+    linear_overrides: Mapping[str, Callable[[torch.nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = field(default_factory=dict)
 
     @property
     def is_full(self) -> bool:
-        return self.heads is None and self.mlp_groups is None and self.mlp_tokens is None and not self.extras
+        return (self.heads is None and self.mlp_groups is None and self.mlp_tokens is None and not self.extras
+                and not self.linear_overrides)
+
+    @property
+    def adapted_linears(self) -> frozenset[str]:
+        """Names of the linears an extra or an override touches (the block views rebuild those)."""
+        return frozenset(self.extras) | frozenset(self.linear_overrides)
+
+    def overridden(self, layer: torch.nn.Module, name: str, narrowed: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The override of linear `name` built on `layer`, or None; refused on a narrowed layer."""
+        build = self.linear_overrides.get(name)
+        if build is None:
+            return None
+        if narrowed:
+            raise ValueError(f"linear '{name}': a training override runs at full width only, not on a narrowed layer")
+        return build(layer)
 
     def with_changes(self, **changes: Any) -> "BlockInternals":
         return replace(self, **changes)
 
 
 @dataclass(frozen=True)
-class TokenLayout:
-    """Where text and image tokens sit inside the sequences a block receives."""
+class BlockKind:
+    """One kind of block of a family, as data: how ComfyUI addresses it and which linears it has."""
 
-    text_first: bool  # joint sequences (and RoPE `pe`) are [text, image]
-    pe_sequence_dim: int  # dimension of `pe` that runs along the joint sequence
+    kind: str  # BlockRef.kind, e.g. "double"
+    patch_name: str  # the name in ComfyUI's `patches_replace["dit"]` keys, e.g. "double_block"
+    module_list: str  # the diffusion model's attribute holding these blocks, e.g. "double_blocks"
+    linears: tuple[str, ...]  # the block's linear layers by module path inside the block (BlockInternals.extras names)
 
 
 class ModelAdapter(ABC):
-    """Describes one supported model family to the executor and the methods."""
+    """Describes one supported model family to the executor and the methods.
+
+    The executor and the methods talk to an adapter only through what it hands out: `model_info()`,
+    `call_layout()`, the block runner below (`blocks`, `run_block`, ...), and the optional
+    capabilities `token_routing()`, `width_units()`, `coarse_grid()`. Nothing outside the adapter
+    reads a family's argument names or constants.
+    """
 
     family: ClassVar[str]
     display_name: ClassVar[str]
     # Human-readable names of the variants this adapter accepts, for error messages.
     supported_variants: ClassVar[tuple[str, ...]]
+    # The family's block kinds in execution order, as data (patch keys, module lists, linear layers).
+    block_kinds: ClassVar[tuple[BlockKind, ...]]
+    # The diffusion model's parameter that holds the noisy latent (ComfyUI's DiTs all call it "x").
+    latent_argument: ClassVar[str] = "x"
+    # Its parameter that holds the timestep (what `WidthUnits.timestep_features` reads; ComfyUI's DiTs: "timestep").
+    timestep_argument: ClassVar[str] = "timestep"
 
     @classmethod
     @abstractmethod
-    def claims(cls, diffusion_model: torch.nn.Module) -> bool:
+    def claims(cls, diffusion_model: torch.nn.Module, host_model_name: str | None = None) -> bool:
         """True if the model belongs to this family tree, even a variant the adapter refuses.
 
         Claiming lets the adapter explain precisely why a near relative (Flux 2, Chroma) is refused.
@@ -107,31 +132,58 @@ class ModelAdapter(ABC):
     def __init__(self, diffusion_model: torch.nn.Module, host_model_name: str | None = None) -> None:
         """Inspect and validate; raise UnsupportedModelError for a variant that is not supported."""
 
+    # --- what the model is --------------------------------------------------------------------
+    @abstractmethod
+    def model_info(self) -> ModelInfo:
+        """The model's description, the header every file format of the pack records and checks."""
+
+    @abstractmethod
+    def call_layout(self, arguments: Mapping[str, Any]) -> CallLayout:
+        """Token counts of a model call from the diffusion model's arguments (by parameter name)."""
+
+    def latent(self, arguments: Mapping[str, Any]) -> torch.Tensor:
+        """The noisy latent of a model call (B, C, H, W) or, for video, (B, C, T, H, W)."""
+        return arguments[self.latent_argument]
+
+    def call_shape(self, arguments: Mapping[str, Any]) -> CallLayout:
+        """Old name of `call_layout`."""
+        return self.call_layout(arguments)
+
+    def block_layout(self, block: BlockRef, args: Mapping[str, Any], layout: CallLayout) -> CallLayout:
+        """The call's layout as this block call sees it (a family whose blocks reveal the text length
+        refines it here); the executor keeps the result for the blocks that follow."""
+        return layout
+
     # --- blocks -------------------------------------------------------------------------------
     @property
     @abstractmethod
     def blocks(self) -> tuple[BlockRef, ...]:
         """Every block in execution order."""
 
-    @abstractmethod
+    def _kind(self, block: BlockRef) -> BlockKind:
+        for kind in self.block_kinds:
+            if kind.kind == block.kind:
+                return kind
+        raise KeyError(f"{self.display_name} has no '{block.kind}' blocks")
+
     def patch_key(self, block: BlockRef) -> tuple[str, int]:
         """The key ComfyUI uses in `patches_replace["dit"]` for this block."""
+        return (self._kind(block).patch_name, block.index)
 
-    @abstractmethod
     def block_module(self, diffusion_model: torch.nn.Module, block: BlockRef) -> torch.nn.Module:
-        ...
+        return getattr(diffusion_model, self._kind(block).module_list)[block.index]
 
-    @abstractmethod
-    def token_layout(self, block: BlockRef) -> TokenLayout:
-        ...
-
-    @abstractmethod
-    def block_tokens(self, block: BlockRef, args: Mapping[str, Any], text_tokens: int) -> BlockWork:
-        """Token counts of a block call from its replacement-patch arguments (full work)."""
-
-    @abstractmethod
     def linear_layers(self, module: torch.nn.Module, block: BlockRef) -> dict[str, torch.nn.Module]:
         """The block's linear layers by the names `BlockInternals.extras` uses (e.g. "img_attn.qkv")."""
+        return {name: module.get_submodule(name) for name in self._kind(block).linears}
+
+    @abstractmethod
+    def hidden_states(self, block: BlockRef, args: Mapping[str, Any]) -> torch.Tensor:
+        """The block call's main token stream: its batch, dtype and device are the call's."""
+
+    @abstractmethod
+    def block_work(self, block: BlockRef, args: Mapping[str, Any], layout: CallLayout) -> BlockWork:
+        """Token counts of a block call from its replacement-patch arguments (full work)."""
 
     @abstractmethod
     def run_block(
@@ -141,7 +193,7 @@ class ModelAdapter(ABC):
         args: Mapping[str, Any],
         internals: BlockInternals,
         flop_log: list[float],
-        text_tokens: int,
+        layout: CallLayout,
         cache: RunIndexCache,
     ) -> dict:
         """Run the block's own forward with `internals` applied (compute really removed).
@@ -157,101 +209,34 @@ class ModelAdapter(ABC):
     def reduced_work(self, block: BlockRef, work: BlockWork, internals: BlockInternals) -> BlockWork:
         """`work` with the reductions of `internals` applied (for the analytic FLOPs)."""
 
-    # --- token routing (optional: a family that cannot route tokens leaves these out) ------------
-    @property
-    def routes_tokens(self) -> bool:
-        """Whether this adapter implements the three token-routing methods below."""
-        return False
+    # --- optional capabilities (None: the family cannot) ----------------------------------------
+    def token_routing(self) -> "TokenRouting | None":
+        """How a subset of the image tokens runs a block (the Token Router), or None."""
+        return None
 
-    def image_tokens(self, block: BlockRef, stream: Mapping[str, Any], text_tokens: int) -> torch.Tensor:
-        """The (B, N, D) image tokens of a block's arguments or output, as a view (writes go through)."""
-        raise NotImplementedError(f"the {self.display_name} adapter cannot route tokens")
+    def width_units(self) -> "WidthUnits | None":
+        """The heads and MLP groups of the blocks (the Width Patcher), or None."""
+        return None
 
-    def select_image_tokens(
-        self, block: BlockRef, args: Mapping[str, Any], index: torch.Tensor, text_tokens: int
-    ) -> dict:
-        """Block arguments restricted to the image tokens `index` (B, k) (0..N-1, sorted) and every text token.
-
-        The token streams are fresh tensors (the block may update them in place without touching
-        `args`), and RoPE / attention masks are gathered along with the tokens.
-        """
-        raise NotImplementedError(f"the {self.display_name} adapter cannot route tokens")
-
-    def merge_image_tokens(
-        self, block: BlockRef, args: Mapping[str, Any], reduced_out: Mapping[str, Any], index: torch.Tensor, text_tokens: int
-    ) -> dict:
-        """The full block output: image tokens `index` and the text from `reduced_out`, every other image
-        token as it is in `args`. Written into the tensors of `args`, as the host's blocks do."""
-        raise NotImplementedError(f"the {self.display_name} adapter cannot route tokens")
-
-    # --- calls --------------------------------------------------------------------------------
-    @abstractmethod
-    def call_shape(self, arguments: Mapping[str, Any]) -> CallShape:
-        """Token counts of a model call from the diffusion model's arguments (by parameter name)."""
+    def coarse_grid(self) -> "CoarseGrid | None":
+        """How this family runs a call on a coarser patch grid (`adapters/coarse.py`), or None."""
+        return None
 
     # --- analytic FLOPs -----------------------------------------------------------------------
     @abstractmethod
-    def stem_flops(self, shape: CallShape) -> FlopBreakdown:
+    def stem_flops(self, layout: CallLayout) -> FlopBreakdown:
         """Everything outside the blocks: embeddings, final layer."""
 
     @abstractmethod
     def block_flops(self, block: BlockRef, work: BlockWork) -> FlopBreakdown:
         ...
 
-    def full_flops(self, shape: CallShape) -> FlopBreakdown:
-        """FLOPs of the unpatched model for a call of this shape."""
-        total = self.stem_flops(shape)
+    def full_flops(self, layout: CallLayout) -> FlopBreakdown:
+        """FLOPs of the unpatched model for a call of this layout."""
+        total = self.stem_flops(layout)
         for block in self.blocks:
-            total = total + self.block_flops(block, self.full_block_work(block, shape))
+            total = total + self.block_flops(block, self.full_block_work(block, layout))
         return total
 
-    def full_block_work(self, block: BlockRef, shape: CallShape) -> BlockWork:
-        return BlockWork(batch=shape.batch, image_tokens=shape.image_tokens, text_tokens=shape.text_tokens)
-
-    # --- width: unit counts, calibration inputs, timestep features ----------------------------
-    # Optional seam for methods that thin attention heads and MLP channel groups; a family that
-    # does not implement it cannot use those methods (the error names the family).
-    @property
-    def head_count(self) -> int:
-        """Attention heads per block (the unit BlockInternals.heads counts)."""
-        raise NotImplementedError(f"{self.display_name}: attention heads are not described by this adapter")
-
-    @property
-    def mlp_hidden(self) -> int:
-        """MLP hidden units per block (split into BlockInternals.mlp_group_count equal groups)."""
-        raise NotImplementedError(f"{self.display_name}: MLP widths are not described by this adapter")
-
-    @property
-    def output_channels(self) -> int:
-        """Channels of the latent the sampler integrates (the model's output)."""
-        raise NotImplementedError(f"{self.display_name}: the latent layout is not described by this adapter")
-
-    def neutral_arguments(self, latent: torch.Tensor, timestep: torch.Tensor, text_tokens: int, guidance: float) -> dict[str, Any]:
-        """Model-call arguments (by the host's parameter names) for `latent` at `timestep` with neutral
-        conditioning: empty text, no pooled vector, as ComfyUI's ConditioningZeroOut gives."""
-        raise NotImplementedError(f"{self.display_name}: calibration inputs are not described by this adapter")
-
-    def timestep_features(self, diffusion_model: torch.nn.Module, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(B, F) features of the timestep alone (no text, no guidance), computed by the model's own code."""
-        raise NotImplementedError(f"{self.display_name}: timestep features are not described by this adapter")
-
-    def measure_units(
-        self,
-        module: torch.nn.Module,
-        block: BlockRef,
-        args: Mapping[str, Any],
-        mlp_group_count: int,
-        weights: WeightSource,
-    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        """Run the block's own forward at full width and measure each unit's share of its output.
-
-        Returns the block's output (as `original_block` returns it), and per attention head (H,) and
-        per MLP group (G,) the sum over tokens of the L2 norm of that unit's contribution to the
-        residual stream (after the block's gate), divided by the number of tokens.
-        """
-        raise NotImplementedError(f"{self.display_name}: unit contributions are not described by this adapter")
-
-    # --- coarse patch grids -------------------------------------------------------------------
-    def coarse_grid(self) -> "CoarseGrid | None":
-        """How this family runs a call on a coarser patch grid (`adapters/coarse.py`); None if it cannot."""
-        return None
+    def full_block_work(self, block: BlockRef, layout: CallLayout) -> BlockWork:
+        return BlockWork(batch=layout.batch, image_tokens=layout.image_tokens, text_tokens=layout.text_tokens)

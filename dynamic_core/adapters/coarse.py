@@ -10,20 +10,44 @@ patch points, and which inputs tie a call to the native token grid. The patch sc
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from .base import BlockRef
+if TYPE_CHECKING:
+    from .base import BlockRef
+    from .capabilities import CallLayout
 
 # A patch run on the embedded image tokens right after the host's input embedding: it receives and
 # returns the host's dict (for Flux `{"img", "txt", "img_ids", "txt_ids"}`).
 PostInputPatch = Callable[[dict], dict]
 
 
+def centred_rope_options(transformer_options: Mapping[str, Any], factor: int, post_input: PostInputPatch | None = None) -> dict:
+    """transformer_options whose `rope_options` place coarse token i at the centre of the native tokens
+    f*i .. f*i+f-1, i.e. position f*i + (f-1)/2 (scale f, shift (f-1)/2 along y and x), on top of a scale
+    s and shift h a user set already: scale s*f, shift h + s*(f-1)/2. Hosts whose RoPE positions read
+    `rope_options` as `shift + i * scale` (ComfyUI's Flux and Wan) share it. The caller's dicts are not changed."""
+    rope = dict(transformer_options.get("rope_options") or {})
+    for axis in ("y", "x"):
+        scale = float(rope.get(f"scale_{axis}", 1.0))
+        shift = float(rope.get(f"shift_{axis}", 0.0))
+        rope[f"scale_{axis}"] = scale * factor
+        rope[f"shift_{axis}"] = shift + scale * (factor - 1) / 2
+    options = {**transformer_options, "rope_options": rope}
+    if post_input is not None:
+        patches = dict(transformer_options.get("patches") or {})
+        patches["post_input"] = [post_input, *patches.get("post_input", [])]
+        options["patches"] = patches
+    return options
+
+
 class CoarseGrid(ABC):
     native_patch: int  # the model's own patch size, in latent pixels
     noisy_channels: int  # leading channels of the latent argument that carry the noisy sample
+    # Whether a trained coarse-patch embedding can run (it needs the host's post-input patch and the
+    # final layer); False: training-free coarse steps only.
+    trained_embedding: bool = True
 
     @abstractmethod
     def file_fields(self) -> dict[str, str]:
@@ -67,15 +91,19 @@ class CoarseGrid(ABC):
 
     @property
     @abstractmethod
-    def last_block(self) -> BlockRef:
+    def last_block(self) -> "BlockRef":
         ...
 
     @abstractmethod
-    def image_hidden(self, block: BlockRef, block_out: Mapping[str, Any], text_tokens: int, count: int) -> torch.Tensor:
+    def image_hidden(self, block: "BlockRef", block_out: Mapping[str, Any], layout: "CallLayout", count: int) -> torch.Tensor:
         """The first `count` image tokens of a block's output (B, count, D)."""
 
     @abstractmethod
-    def final_layer(self, diffusion_model: torch.nn.Module, hidden: torch.Tensor, vec: torch.Tensor,
+    def final_conditioning(self, block_args: Mapping[str, Any]) -> Any:
+        """What the final layer is modulated by, read from the last block's arguments (Flux: `vec`)."""
+
+    @abstractmethod
+    def final_layer(self, diffusion_model: torch.nn.Module, hidden: torch.Tensor, conditioning: Any,
                     linear: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The host's own final layer (norm and modulation) on `hidden`, with its last linear replaced."""
 

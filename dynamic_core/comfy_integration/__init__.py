@@ -1,6 +1,4 @@
-"""Everything that talks to ComfyUI: the patch points (`patching`), locating and bootstrapping a
-ComfyUI host (`host`), small real Flux models for tests and demos (`tiny_flux`), and the demo.
-
-Import the submodule you need; this package itself imports nothing, so `host` can run before
-ComfyUI is importable.
+"""Everything of the runtime that talks to ComfyUI: the patch points (`patching`), reading LoRA and
+TD-LoRA files (`td_lora_files`), the reference model the pack ships (`reference`) and benchmark
+conditioning files (`conditioning_file`). Developer tooling is in the top-level `devtools/` package.
 """

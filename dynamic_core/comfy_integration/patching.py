@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -55,6 +55,14 @@ def diffusion_model_of(model_patcher: Any) -> torch.nn.Module:
 def adapter_of(model_patcher: Any) -> ModelAdapter:
     """The adapter for a patcher's model; raises UnsupportedModelError naming what is supported."""
     return adapter_for(diffusion_model_of(model_patcher), type(model_patcher.model).__name__)
+
+
+def check_base_weights(model_patcher: Any, metadata: Mapping[str, str], name: str) -> None:
+    """A trained file fits only the base weights it was trained on: refuse it (ValueError) when its
+    header's `base_fingerprint` names other weights, also when every shape matches (another fine-tune)."""
+    from ..fingerprint import check_fingerprint
+
+    check_fingerprint(metadata, diffusion_model_of(model_patcher), adapter_of(model_patcher).model_info(), name)
 
 
 def plan_of(model_patcher: Any) -> DynamicPlan | None:
@@ -241,7 +249,7 @@ def _telemetry_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         sigma,
         options.get("cond_or_uncond"),
         options.get("uuids"),
-        run.adapter.call_shape(bound.arguments),
+        run.adapter.call_layout(bound.arguments),
         executor.class_obj,
     )
     call.sampler_x = options.get(SAMPLER_X_KEY)

@@ -1,6 +1,6 @@
 """The trainer in ComfyUI: record the teacher's trajectories with the host's own sampler, prepare the
-frozen model for autograd, and build the student. Shared by the CLI (`python -m dynamic_core.train`)
-and the "Train Dynamic DiT" node."""
+frozen model for autograd, and build the student. Runtime, not developer tooling: the "Train Dynamic
+DiT" node uses it, and so does the CLI (`python -m devtools.train`)."""
 from __future__ import annotations
 
 import inspect
@@ -23,26 +23,28 @@ RECORD_KEY = "dynamic_dit.train_record"
 
 
 def _recorder(bank: Trajectories) -> Callable:
-    """A DIFFUSION_MODEL wrapper that records every call's arguments and output into `bank`."""
+    """A DIFFUSION_MODEL wrapper that records every call's tensor arguments and output into `bank`."""
     signatures: dict[Any, inspect.Signature] = {}
 
     def wrapper(executor: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         original = getattr(executor.original, "__func__", executor.original)
         signature = signatures.get(original) or signatures.setdefault(original, inspect.signature(executor.original))
-        arguments = signature.bind(*args, **kwargs).arguments
-        for unsupported in ("ref_latents", "control"):
-            if arguments.get(unsupported) is not None:
-                raise ValueError(
-                    f"Train Dynamic DiT: the teacher's model calls carry '{unsupported}' (Kontext reference images or a "
-                    "ControlNet); the trainer does not record those yet. Train without them."
-                )
-        record = {k: detached(v) if isinstance(v, torch.Tensor) else None
-                  for k, v in ((k, arguments.get(k)) for k in ("x", "timestep", "context", "y", "guidance"))}
+        bound = signature.bind(*args, **kwargs).arguments
+        arguments = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
+        options = arguments.pop("transformer_options", None) or {}
+        # Anything but tensors (a ControlNet, Kontext reference latents, ...) the student could not replay
+        unsupported = sorted(k for k, v in arguments.items() if v is not None and not isinstance(v, torch.Tensor))
+        if unsupported:
+            raise ValueError(
+                f"Train Dynamic DiT: the teacher's model calls carry {', '.join(repr(k) for k in unsupported)} (e.g. Kontext "
+                "reference images or a ControlNet); the trainer records tensor inputs only. Train without them."
+            )
+        record = {k: detached(v) for k, v in arguments.items() if v is not None}
         out = executor(*args, **kwargs)
-        options = arguments.get("transformer_options") or {}
-        sigmas = per_sample_sigmas({"transformer_options": options}, record["x"].shape[0], math.nan)
+        latent = record[bank.latent_argument]
+        sigmas = per_sample_sigmas({"transformer_options": options}, latent.shape[0], math.nan)
         if torch.isnan(sigmas).any():
-            sigmas = record["timestep"].reshape(-1).float()
+            sigmas = record[bank.timestep_argument].reshape(-1).float()
         bank.add_call(record, sigmas, detached(out))
         return out
 
@@ -57,7 +59,8 @@ def record_trajectories(model_patcher: Any, jobs: Sequence[tuple[list, list]], l
     sampler schedule."""
     if not jobs:
         raise ValueError("Train Dynamic DiT: no conditioning given; the trainer needs at least one prompt to distil on.")
-    bank = Trajectories()
+    adapter = adapter_of(model_patcher)  # unsupported models are refused before any sampling
+    bank = Trajectories(adapter.latent_argument, adapter.timestep_argument)
     recording = model_patcher.clone()
     recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, RECORD_KEY, _recorder(bank))
     total, done = len(jobs) * len(seeds), 0
@@ -104,9 +107,12 @@ def feature_statistics(adapter: ModelAdapter, diffusion_model: torch.nn.Module, 
                        dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, float]:
     """Mean and scale of the router features over the schedule's timesteps (the routers learn on
     normalised features; the export folds the normalisation back into the file's weights)."""
+    units = adapter.width_units()
+    if units is None:  # no router to feed: a neutral normalisation
+        return torch.zeros(adapter.model_info().hidden_size), 1.0
     with torch.no_grad(), torch.inference_mode(False):
         values = torch.tensor(list(timesteps), dtype=torch.float32, device=device)
-        features = adapter.timestep_features(diffusion_model, values, dtype).float()
+        features = units.timestep_features(diffusion_model, values, dtype).float()
         mean = features.mean(0)
         scale = float((features - mean).pow(2).mean().sqrt().clamp_min(1e-6)) if len(timesteps) > 1 else 1.0
     return mean.cpu(), scale
@@ -114,8 +120,7 @@ def feature_statistics(adapter: ModelAdapter, diffusion_model: torch.nn.Module, 
 
 def build_student(model_patcher: Any, bank: Trajectories, spec: StudentSpec, seed: int = 0) -> DynamicStudent:
     adapter, diffusion_model, device = prepare_model(model_patcher)
-    dtype = next(iter(bank.groups.values()))["x"][0].dtype if bank.groups else torch.float32
-    mean, scale = feature_statistics(adapter, diffusion_model, bank.timesteps, dtype, device)
+    mean, scale = feature_statistics(adapter, diffusion_model, bank.timesteps, bank.dtype, device)
     with torch.inference_mode(False):
         return DynamicStudent(adapter, diffusion_model, spec, mean, scale, seed=seed).to(device)
 

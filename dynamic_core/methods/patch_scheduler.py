@@ -60,7 +60,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -150,6 +150,10 @@ class PatchSchedulerSettings(MethodSettings):
             raise UnsupportedModelError(f"The patch scheduler does not support {adapter.display_name} models yet.")
         if self.embedding is None:
             return
+        if not grid.trained_embedding:
+            raise UnsupportedModelError(
+                f"The patch scheduler runs {adapter.display_name} models training-free only; choose no embedding file."
+            )
         self.embedding.check_model(grid, adapter.display_name)
         factors = self.embedding.factors
         if self.mode == "manual":
@@ -184,7 +188,7 @@ class _Capture:
     call: "CallState"
     count: int  # coarse image tokens
     hidden: torch.Tensor | None = None
-    vec: torch.Tensor | None = None
+    conditioning: Any = None  # what the final layer is modulated by (the grid reads it off the last block)
 
 
 @register
@@ -211,7 +215,7 @@ class PatchSchedulerMethod(DynamicMethod):
     def on_step(self, step: int, latent: torch.Tensor) -> None:
         if self.settings.mode != "auto":
             return
-        self._latents[step] = latent.detach().to(torch.float32, copy=True)
+        self._latents[step] = _as_image(latent.detach().to(torch.float32, copy=True))
         while len(self._latents) > 3:  # x_{s-3} .. x_{s-1}; x_s is the deciding call's own input
             self._latents.popitem(last=False)
 
@@ -256,14 +260,13 @@ class PatchSchedulerMethod(DynamicMethod):
         # The step's one device -> host read (auto mode only): its relative statistics.
         relative = relative_roughness(values, self._reference[1]).double().tolist()
         return choose_patch_factor(dict(zip(factors, relative)), s.tau, s.epsilon, self._reference[0])
-        return decision
 
     def _newest_latent(self, call: "CallState", model_call: "ModelCall") -> torch.Tensor:
         """x_s: the sampler's x of this call at full precision where the host hands it over (else the
         model's input, the same x for Flux up to the cast), the rows of one cond/uncond chunk."""
-        x = call.sampler_x if call.sampler_x is not None else model_call.arguments["x"]
+        x = call.sampler_x if call.sampler_x is not None else self.run.adapter.latent(model_call.arguments)
         rows = call.chunks[0].rows if call.chunks else slice(None)
-        return x[rows, : self.grid.noisy_channels].float()
+        return _as_image(x[rows, : self.grid.noisy_channels].float())
 
     # --- model calls ----------------------------------------------------------------------------
     def wrap_model_call(
@@ -283,32 +286,33 @@ class PatchSchedulerMethod(DynamicMethod):
             return proceed(model_call)
         self._coarse_steps.add(call.step.step)
         t = self.grid.flow_time(model_call.arguments)
-        layers = self._coarse_layers(factor, model_call.arguments["x"])
+        layers = self._coarse_layers(factor, self.run.adapter.latent(model_call.arguments))
         if layers is None:
             return self._training_free_call(model_call, proceed, factor, t)
         return self._trained_call(call, model_call, proceed, factor, t, layers)
 
     def _training_free_call(self, model_call: "ModelCall", proceed: Callable, factor: int, t: torch.Tensor) -> torch.Tensor:
-        grid = self.grid
-        x = model_call.arguments["x"]
+        grid, adapter = self.grid, self.run.adapter
+        x = adapter.latent(model_call.arguments)
         noisy = grid.noisy_channels
-        low = F.avg_pool2d(_pad_to_multiple(x.float(), factor * grid.native_patch), factor)
+        low = _spatially(lambda y: F.avg_pool2d(_pad_to_multiple(y, factor * grid.native_patch), factor), x.float())
         scale = 1.0 - t + t / factor  # D x_t = scale * ((1 - t') D x0 + t' noise)
         t_coarse = (t / factor) / scale
         z = low.clone()
-        z[:, :noisy] = low[:, :noisy] / _rows(scale)
+        z[:, :noisy] = low[:, :noisy] / _rows(scale, x)
         options = grid.coarse_options(model_call.arguments["transformer_options"], factor)
-        out = proceed(model_call.with_arguments(
-            x=z.to(x.dtype), transformer_options=options, **grid.with_flow_time(model_call.arguments, t_coarse)
-        ))
-        denoised = z[:, :noisy] - _rows(t_coarse) * out.float()
-        upsampled = _crop(F.interpolate(denoised, scale_factor=factor, mode="bilinear", align_corners=False), x)
-        return ((x[:, :noisy].float() - upsampled) / _rows(t)).to(out.dtype)
+        out = proceed(model_call.with_arguments(**{
+            adapter.latent_argument: z.to(x.dtype), "transformer_options": options,
+            **grid.with_flow_time(model_call.arguments, t_coarse),
+        }))
+        denoised = z[:, :noisy] - _rows(t_coarse, x) * out.float()
+        upsampled = _crop(_spatially(lambda y: F.interpolate(y, scale_factor=factor, mode="bilinear", align_corners=False), denoised), x)
+        return ((x[:, :noisy].float() - upsampled) / _rows(t, x)).to(out.dtype)
 
     def _trained_call(self, call: "CallState", model_call: "ModelCall", proceed: Callable, factor: int,
                       t: torch.Tensor, layers: CoarseLayers) -> torch.Tensor:
-        grid = self.grid
-        x = model_call.arguments["x"]
+        grid, adapter = self.grid, self.run.adapter
+        x = adapter.latent(model_call.arguments)
         size = factor * grid.native_patch
         padded = _pad_to_multiple(x, size)
         rows, cols = padded.shape[-2] // size, padded.shape[-1] // size
@@ -319,7 +323,7 @@ class PatchSchedulerMethod(DynamicMethod):
         )
         self._capture = capture = _Capture(call, rows * cols)
         try:
-            out = proceed(model_call.with_arguments(x=placeholder, transformer_options=options))
+            out = proceed(model_call.with_arguments(**{adapter.latent_argument: placeholder, "transformer_options": options}))
         finally:
             self._capture = None
         if capture.hidden is None:
@@ -328,7 +332,7 @@ class PatchSchedulerMethod(DynamicMethod):
                 "hidden states for the trained de-embedding are missing (another node replaced the model's blocks?)."
             )
         deembedded = grid.final_layer(
-            call.diffusion_model, capture.hidden, capture.vec, lambda h: F.linear(h, layers.deembed_weight, layers.deembed_bias)
+            call.diffusion_model, capture.hidden, capture.conditioning, lambda h: F.linear(h, layers.deembed_weight, layers.deembed_bias)
         )
         batch, count = x.shape[0], rows * cols
         channels_in = x.shape[1]
@@ -342,14 +346,14 @@ class PatchSchedulerMethod(DynamicMethod):
         smooth = _crop(F.interpolate(
             F.avg_pool2d(_pad_to_multiple(noisy, size), factor), scale_factor=factor, mode="bilinear", align_corners=False
         ), x)
-        return (coarse + (noisy - smooth) / _rows(t)).to(out.dtype)
+        return (coarse + (noisy - smooth) / _rows(t, x)).to(out.dtype)
 
     def wrap_block(self, call: "CallState", block: "BlockRef", args: BlockArgs, proceed: BlockFn) -> dict:
         capture = self._capture
         out = proceed(args)
         if capture is not None and capture.call is call and block == self.grid.last_block:
-            capture.hidden = self.grid.image_hidden(block, out, call.text_tokens, capture.count)
-            capture.vec = args["vec"]
+            capture.hidden = self.grid.image_hidden(block, out, call.layout, capture.count)
+            capture.conditioning = self.grid.final_conditioning(args)
         return out
 
     def _coarse_layers(self, factor: int, like: torch.Tensor) -> CoarseLayers | None:
@@ -369,8 +373,23 @@ class PatchSchedulerMethod(DynamicMethod):
         self._capture = None
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    return t.float().reshape(-1, 1, 1, 1)
+def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) t broadcast over a latent of `like`'s rank (image (B, C, H, W) or video (B, C, T, H, W))."""
+    return t.float().reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def _as_image(x: torch.Tensor) -> torch.Tensor:
+    """A video latent (B, C, T, H, W) as an image latent (B, C * T, H, W): every frame's channels are
+    channels of one image, so spatial statistics and resampling act on each frame alone."""
+    return x if x.ndim == 4 else x.flatten(1, -3)
+
+
+def _spatially(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`fn` (a 2-D spatial op on (B, C, H, W)) applied to an image or video latent, frames kept apart."""
+    if x.ndim == 4:
+        return fn(x)
+    out = fn(_as_image(x))
+    return out.reshape(*x.shape[:-2], *out.shape[-2:])
 
 
 def _pad_to_multiple(x: torch.Tensor, size: int) -> torch.Tensor:

@@ -41,15 +41,7 @@ _PARAMS = {
 
 def model_description(adapter: "ModelAdapter") -> dict[str, str]:
     """The metadata a router file records about the model it was made for."""
-    description = {
-        "architecture": adapter.family,
-        "hidden_size": str(adapter.arch.hidden_size),
-        "num_heads": str(adapter.arch.num_heads),
-    }
-    for block in adapter.blocks:
-        key = f"depth_{block.kind}"
-        description[key] = str(int(description.get(key, "0")) + 1)
-    return description
+    return adapter.model_info().header()
 
 
 @dataclass(frozen=True, eq=False)

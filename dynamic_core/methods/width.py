@@ -1,5 +1,7 @@
 """Timestep-wise dynamic width (DyDiT TDW) with the compute really removed.
 
+The router file format is in `width_file.py`, the training-free calibration in `width_calibration.py`.
+
 At noisy timesteps a DiT needs fewer attention heads and MLP channels, so every block's width
 becomes a function of the timestep: one decision per model call (per sigma), shared by the batch,
 made once for all blocks and cached per sigma for the run (Heun's second evaluation and separate
@@ -18,22 +20,18 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
-import time
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
 
-from ..adapters import BlockInternals, BlockRef, CallShape, ModelAdapter, UnsupportedModelError
-from ..files import read_safetensors
-from ..flops import FlopBreakdown, linear_flops
+from ..adapters import BlockInternals, BlockRef, CallLayout, ModelAdapter, UnsupportedModelError
+from ..flops import FlopBreakdown
 from ..plan import MethodSettings
 from ..steps import invert_decreasing
 from .base import BlockArgs, DynamicMethod, register
+from .width_calibration import RANKINGS, CalibrationSpec, WidthRanking, calibrate, ranking_for
+from .width_file import ROUTER_FEATURES, ROUTER_FORMAT, ROUTER_VERSION, RouterHeader, WidthRouter, load_width_router, save_width_router
 
 if TYPE_CHECKING:
     from ..executor import CallState, ModelCall, RunContext
@@ -68,209 +66,7 @@ PRESET_LABELS: dict[str, str] = {
 }
 
 
-# --- router files --------------------------------------------------------------------------------
-ROUTER_FORMAT = "dynamic_dit.width_router"
-ROUTER_VERSION = 1
-ROUTER_FEATURES = "time_in"  # the model's own timestep embedding, time_in(sinusoidal(t, 256))
-
-
-@dataclass(frozen=True)
-class RouterHeader:
-    """What a width router file was made for; stored as safetensors header metadata (all strings)."""
-
-    architecture: str  # adapter family, e.g. "flux"
-    hidden_size: int
-    num_heads: int
-    mlp_hidden: int
-    mlp_groups: int
-    depths: tuple[tuple[str, int], ...]  # (block kind, count) by kind, e.g. (("double", 19), ("single", 38))
-    features: str = ROUTER_FEATURES
-    version: int = ROUTER_VERSION
-
-    @classmethod
-    def for_adapter(cls, adapter: ModelAdapter, mlp_groups: int | None = None) -> "RouterHeader":
-        depths: dict[str, int] = {}
-        for block in adapter.blocks:
-            depths[block.kind] = depths.get(block.kind, 0) + 1
-        return cls(
-            architecture=adapter.family,
-            hidden_size=int(adapter.arch.hidden_size),
-            num_heads=adapter.head_count,
-            mlp_hidden=adapter.mlp_hidden,
-            mlp_groups=mlp_groups or adapter.head_count,
-            depths=tuple(sorted(depths.items())),
-        )
-
-    @property
-    def feature_dim(self) -> int:
-        return self.hidden_size  # time_in maps to the hidden size
-
-    def block_labels(self) -> list[str]:
-        return [BlockRef(kind, i).label for kind, count in self.depths for i in range(count)]
-
-    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
-        shapes: dict[str, tuple[int, ...]] = {}
-        for label in self.block_labels():
-            for part, units in (("heads", self.num_heads), ("mlp", self.mlp_groups)):
-                shapes[f"{label}.{part}.weight"] = (units, self.feature_dim)
-                shapes[f"{label}.{part}.bias"] = (units,)
-        return shapes
-
-    def metadata(self) -> dict[str, str]:
-        meta = {
-            "format": ROUTER_FORMAT,
-            "version": str(self.version),
-            "architecture": self.architecture,
-            "hidden_size": str(self.hidden_size),
-            "num_heads": str(self.num_heads),
-            "mlp_hidden": str(self.mlp_hidden),
-            "mlp_groups": str(self.mlp_groups),
-            "features": self.features,
-        }
-        meta.update({f"depth_{kind}": str(count) for kind, count in self.depths})
-        return meta
-
-    @classmethod
-    def from_metadata(cls, metadata: Mapping[str, str], name: str) -> "RouterHeader":
-        found = metadata.get("format")
-        if found != ROUTER_FORMAT:
-            what = f"its metadata 'format' is '{found}'" if found else "it has no 'format' metadata"
-            raise ValueError(f"'{name}' is not a Dynamic DiT width router: {what}, expected '{ROUTER_FORMAT}'.")
-
-        def integer(key: str) -> int:
-            value = metadata.get(key)
-            if value is None:
-                raise ValueError(f"Width router '{name}': metadata '{key}' is missing.")
-            try:
-                number = int(value)
-            except ValueError:
-                raise ValueError(f"Width router '{name}': metadata '{key}' must be an integer, found '{value}'.") from None
-            if number < 1 and not key.startswith("depth_"):
-                raise ValueError(f"Width router '{name}': metadata '{key}' must be positive, found {number}.")
-            return number
-
-        version = integer("version")
-        if version != ROUTER_VERSION:
-            raise ValueError(
-                f"Width router '{name}' has format version {version}; this pack reads version {ROUTER_VERSION}. "
-                + ("Update the Dynamic DiT nodes." if version > ROUTER_VERSION else "Export the router again.")
-            )
-        features = metadata.get("features")
-        if features != ROUTER_FEATURES:
-            raise ValueError(f"Width router '{name}': features '{features}' are not supported (expected '{ROUTER_FEATURES}').")
-        depths = tuple(sorted((key[len("depth_"):], integer(key)) for key in metadata if key.startswith("depth_")))
-        if not depths or sum(count for _, count in depths) == 0:
-            raise ValueError(f"Width router '{name}': no 'depth_<block kind>' metadata, so it routes no blocks.")
-        header = cls(
-            architecture=metadata.get("architecture", ""),
-            hidden_size=integer("hidden_size"),
-            num_heads=integer("num_heads"),
-            mlp_hidden=integer("mlp_hidden"),
-            mlp_groups=integer("mlp_groups"),
-            depths=depths,
-            features=features,
-            version=version,
-        )
-        if header.mlp_hidden % header.mlp_groups:
-            raise ValueError(
-                f"Width router '{name}': {header.mlp_groups} MLP groups do not divide the {header.mlp_hidden} MLP hidden units."
-            )
-        return header
-
-    def describe(self) -> str:
-        blocks = " + ".join(f"{count} {kind}" for kind, count in self.depths)
-        return (
-            f"{self.architecture or 'unknown architecture'} with hidden size {self.hidden_size}, {self.num_heads} heads, "
-            f"{self.mlp_hidden} MLP units, {blocks} blocks"
-        )
-
-
-class WidthRouter:
-    """Per block, linear maps of the timestep features to head and MLP-group logits (keep where > 0).
-
-    Tensors are validated (keys, shapes, dtypes, finite values) and kept stacked in float32 on the
-    CPU; they are shared, never copied, by every clone of a patched model.
-    """
-
-    def __init__(self, header: RouterHeader, tensors: Mapping[str, torch.Tensor], name: str = "router"):
-        self.header, self.name = header, name
-        expected = header.expected_shapes()
-        missing = [key for key in expected if key not in tensors]
-        unexpected = sorted(key for key in tensors if key not in expected)
-        if missing:
-            raise ValueError(
-                f"Width router '{name}': {len(missing)} tensor(s) missing, e.g. {', '.join(missing[:3])}; "
-                f"a router for {header.describe()} has {len(expected)} tensors named '<block>.heads|mlp.weight|bias'."
-            )
-        if unexpected:
-            raise ValueError(f"Width router '{name}': unexpected tensor(s) {', '.join(unexpected[:3])} for {header.describe()}.")
-        for key, shape in expected.items():
-            tensor = tensors[key]
-            if tuple(tensor.shape) != shape:
-                raise ValueError(f"Width router '{name}': '{key}' has shape {tuple(tensor.shape)}, expected {shape}.")
-            if not tensor.is_floating_point():
-                raise ValueError(f"Width router '{name}': '{key}' has dtype {tensor.dtype}, expected a floating-point dtype.")
-            if not torch.isfinite(tensor).all():
-                raise ValueError(f"Width router '{name}': '{key}' contains NaN or infinite values.")
-        self.labels = header.block_labels()
-
-        def stacked(part: str, kind: str) -> torch.Tensor:
-            return torch.stack([tensors[f"{label}.{part}.{kind}"].detach().float().cpu() for label in self.labels])
-
-        self.head_weight, self.head_bias = stacked("heads", "weight"), stacked("heads", "bias")
-        self.group_weight, self.group_bias = stacked("mlp", "weight"), stacked("mlp", "bias")
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for row, label in enumerate(self.labels):
-            out[f"{label}.heads.weight"], out[f"{label}.heads.bias"] = self.head_weight[row], self.head_bias[row]
-            out[f"{label}.mlp.weight"], out[f"{label}.mlp.bias"] = self.group_weight[row], self.group_bias[row]
-        return {k: v.contiguous() for k, v in out.items()}
-
-    def check(self, adapter: ModelAdapter) -> None:
-        """Raise ValueError unless this router was made for the adapter's model."""
-        mine = self.header
-        model = RouterHeader.for_adapter(adapter, mine.mlp_groups)
-        if (mine.architecture, mine.hidden_size, mine.num_heads, mine.mlp_hidden, dict(mine.depths)) != (
-            model.architecture, model.hidden_size, model.num_heads, model.mlp_hidden, dict(model.depths)
-        ):
-            raise ValueError(
-                f"Width router '{self.name}' was made for {mine.describe()}; this model is {model.describe()}. "
-                "Use a router trained for this model."
-            )
-
-    @property
-    def flops(self) -> float:
-        """FLOPs of evaluating every block's router once."""
-        rows = self.head_weight.shape[0] * (self.head_weight.shape[1] + self.group_weight.shape[1])
-        return linear_flops(1, self.header.feature_dim, rows)
-
-
-def save_width_router(path: str | Path, router: WidthRouter) -> None:
-    from safetensors.torch import save_file
-
-    save_file(router.tensors(), str(path), metadata=router.header.metadata())
-
-
-def load_width_router(path: str | Path, name: str | None = None) -> WidthRouter:
-    """Read and validate a width router file; every problem raises ValueError naming it."""
-    name = name or Path(path).name
-    tensors, metadata = read_safetensors(path, f"Width router '{name}'")
-    return WidthRouter(RouterHeader.from_metadata(metadata, name), tensors, name)
-
-
 # --- settings ------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CalibrationSpec:
-    """The deterministic synthetic input of the training-free ranking (see `calibrate`)."""
-
-    percents: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75)  # sampling progress of the measured points
-    latent_size: tuple[int, int] = (32, 32)  # latent height, width (Flux: 16x16 = 256 image tokens)
-    text_tokens: int = 16
-    guidance: float = 3.5  # guidance embedding value for guidance-distilled models (Flux dev's default)
-    seed: int = 0
-
-
 @dataclass(frozen=True)
 class WidthSettings(MethodSettings):
     """Width of every block as a function of the sampling progress.
@@ -309,10 +105,10 @@ class WidthSettings(MethodSettings):
             raise ValueError("Dynamic width: a router decides the widths itself; use either a router or a target FLOPs ratio.")
         if self.mlp_groups < 0:
             raise ValueError(f"Dynamic width: mlp_groups must be >= 0 (0 = one per head), got {self.mlp_groups}.")
-        try:
-            heads, mlp_hidden = adapter.head_count, adapter.mlp_hidden
-        except NotImplementedError as exc:
-            raise UnsupportedModelError(f"Dynamic width does not support this model: {exc}.") from None
+        units = adapter.width_units()
+        if units is None:
+            raise UnsupportedModelError(f"Dynamic width does not support {adapter.display_name} models: their heads and MLP widths are not described.")
+        heads, mlp_hidden = units.head_count, units.mlp_hidden
         if self.router is not None:
             self.router.check(adapter)
             if self.mlp_groups and self.mlp_groups != self.router.header.mlp_groups:
@@ -333,7 +129,7 @@ class WidthSettings(MethodSettings):
     def group_count(self, adapter: ModelAdapter) -> int:
         if self.router is not None:
             return self.router.header.mlp_groups
-        return self.mlp_groups or adapter.head_count
+        return self.mlp_groups or adapter.model_info().num_heads
 
     @property
     def enabled(self) -> bool:
@@ -371,160 +167,6 @@ def kept_count(fraction: float, units: int) -> int:
     return min(units, max(1, math.floor(fraction * units + 0.5)))
 
 
-# --- training-free ranking -----------------------------------------------------------------------
-@dataclass(frozen=True)
-class WidthRanking:
-    """Per calibration point and block: heads and MLP groups, largest measured contribution first."""
-
-    percents: tuple[float, ...]
-    heads: tuple[tuple[tuple[int, ...], ...], ...]  # [point][block] -> head indices
-    groups: tuple[tuple[tuple[int, ...], ...], ...]
-    seconds: float
-    flops: float
-
-    def point(self, percent: float) -> int:
-        """The calibration point nearest to `percent` (ties go to the noisier one)."""
-        return min(range(len(self.percents)), key=lambda i: (abs(self.percents[i] - percent), i))
-
-
-def _order(scores: torch.Tensor) -> tuple[int, ...]:
-    values = scores.tolist()
-    return tuple(sorted(range(len(values)), key=lambda u: (-values[u], u)))
-
-
-class _Probes(dict):
-    """`patches_replace["dit"]` entries that measure every block's units while running it."""
-
-    def __init__(self, run: "RunContext", diffusion_model: torch.nn.Module, groups: int):
-        super().__init__()
-        self.blocks = run.adapter.blocks
-        self.scores: dict[BlockRef, tuple[torch.Tensor, torch.Tensor]] = {}
-        adapter = run.adapter
-        for block in self.blocks:
-            module = adapter.block_module(diffusion_model, block)
-
-            def probe(args: dict, extra: dict, block: BlockRef = block, module: torch.nn.Module = module) -> dict:
-                out, heads, groups_ = adapter.measure_units(module, block, args, groups, run.weight_source)
-                self.scores[block] = (heads, groups_)
-                return out
-
-            self[adapter.patch_key(block)] = probe
-
-    def orders(self, part: int) -> tuple[tuple[int, ...], ...]:
-        """Per block (in execution order): units by measured share, largest first (ties: lower index)."""
-        missing = [b.label for b in self.blocks if b not in self.scores]
-        if missing:
-            raise RuntimeError(f"Dynamic width: calibration did not reach blocks {', '.join(missing)}.")
-        scores = torch.stack([self.scores[block][part] for block in self.blocks]).cpu()  # one read for all blocks
-        return tuple(_order(row) for row in scores)
-
-
-def calibrate(
-    run: "RunContext", diffusion_model: torch.nn.Module, like: torch.Tensor, spec: CalibrationSpec, groups: int
-) -> WidthRanking:
-    """Rank every block's heads and MLP groups by their share of the block's output.
-
-    The input depends on nothing but the model and `spec`: seeded noise (a CPU generator, so the
-    device does not matter) sampled with the full model and neutral conditioning (empty text, as
-    ConditioningZeroOut gives) by Euler steps through the sigmas of `spec.percents`, measured at each
-    of them. The same weights therefore always give the same ranking, whatever ran before.
-    """
-    adapter, sampling = run.adapter, run.model_sampling
-    if sampling is None or run.percent_to_sigma is None:
-        raise RuntimeError("Dynamic width: calibration needs the host's model sampling; the run did not provide it.")
-    started = time.perf_counter()
-    generator = torch.Generator().manual_seed(spec.seed)
-    height, width = spec.latent_size
-    noise = torch.randn(1, adapter.output_channels, height, width, generator=generator).to(like.device)
-    sigmas = [float(run.percent_to_sigma(p)) for p in spec.percents]
-    x = sampling.noise_scaling(_sigma(sigmas[0], noise), noise, torch.zeros_like(noise))
-    head_orders, group_orders, flops = [], [], 0.0
-    with torch.no_grad():
-        for i, sigma in enumerate(sigmas):
-            s = _sigma(sigma, noise)
-            probes = _Probes(run, diffusion_model, groups)
-            arguments = adapter.neutral_arguments(
-                sampling.calculate_input(s, x).to(like.dtype), sampling.timestep(s).float(), spec.text_tokens, spec.guidance
-            )
-            out = diffusion_model(**arguments, transformer_options={"patches_replace": {"dit": probes}}).float()
-            head_orders.append(probes.orders(0))
-            group_orders.append(probes.orders(1))
-            flops += _calibration_flops(adapter, adapter.call_shape(arguments))
-            if i + 1 < len(sigmas):  # an Euler step to the next point
-                denoised = sampling.calculate_denoised(s, out, x)
-                x = denoised + (x - denoised) * (sigmas[i + 1] / sigma)
-    if like.device.type == "cuda":
-        torch.cuda.synchronize(like.device)
-    return WidthRanking(
-        percents=tuple(spec.percents),
-        heads=tuple(head_orders),
-        groups=tuple(group_orders),
-        seconds=time.perf_counter() - started,
-        flops=flops,
-    )
-
-
-def _sigma(value: float, like: torch.Tensor) -> torch.Tensor:
-    return torch.full((like.shape[0],), value, dtype=torch.float32, device=like.device)
-
-
-def _calibration_flops(adapter: ModelAdapter, shape: CallShape) -> float:
-    """A full forward, plus the probes: every block's output linears once more, one unit at a time."""
-    total = adapter.full_flops(shape).total
-    for block in adapter.blocks:
-        part = adapter.block_flops(block, adapter.full_block_work(block, shape))
-        total += part.proj + part.mlp / 2  # the MLP's output half (D x M, like its input half)
-    return total
-
-
-class _RankingCache:
-    """Rankings per diffusion-model module (weakly held) and weight identity; small LRU per module."""
-
-    def __init__(self, per_model: int = 8):
-        self._lock = threading.Lock()
-        self._models: "weakref.WeakKeyDictionary[torch.nn.Module, OrderedDict]" = weakref.WeakKeyDictionary()
-        self._per_model = per_model
-
-    def get(self, model: torch.nn.Module, key: Any) -> WidthRanking | None:
-        with self._lock:
-            entries = self._models.get(model)
-            if entries is None or key not in entries:
-                return None
-            entries.move_to_end(key)
-            return entries[key]
-
-    def put(self, model: torch.nn.Module, key: Any, ranking: WidthRanking) -> None:
-        with self._lock:
-            entries = self._models.setdefault(model, OrderedDict())
-            entries[key] = ranking
-            while len(entries) > self._per_model:
-                entries.popitem(last=False)
-
-    def clear(self) -> None:
-        with self._lock:
-            self._models.clear()
-
-
-RANKINGS = _RankingCache()
-
-
-def ranking_for(
-    run: "RunContext", diffusion_model: torch.nn.Module, like: torch.Tensor, spec: CalibrationSpec, groups: int
-) -> tuple[WidthRanking, bool]:
-    """The cached ranking of these weights, or a fresh calibration (then True)."""
-    key = None
-    if run.weights_key is not None:
-        modules = tuple(id(run.adapter.block_module(diffusion_model, b)) for b in run.adapter.blocks)
-        key = (run.weights_key, modules, spec, groups, like.dtype, str(like.device))
-        cached = RANKINGS.get(diffusion_model, key)
-        if cached is not None:
-            return cached, False
-    ranking = calibrate(run, diffusion_model, like, spec, groups)
-    if key is not None:
-        RANKINGS.put(diffusion_model, key, ranking)
-    return ranking, True
-
-
 # --- the runtime ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class WidthDecision:
@@ -548,8 +190,12 @@ class DynamicWidth(DynamicMethod):
     def __init__(self, settings: WidthSettings, run: "RunContext") -> None:
         super().__init__(settings, run)
         adapter = run.adapter
+        units = adapter.width_units()
+        if units is None:  # settings are validated when applied, so only a changed model gets here
+            raise UnsupportedModelError(f"Dynamic width does not support {adapter.display_name} models.")
+        self.units = units
         self.thin_heads, self.thin_mlp = PARTS[settings.parts]
-        self.head_count = adapter.head_count
+        self.head_count = units.head_count
         self.group_count = settings.group_count(adapter)
         self.blocks = adapter.blocks
         self.block_index = {block: i for i, block in enumerate(self.blocks)}
@@ -648,7 +294,8 @@ class DynamicWidth(DynamicMethod):
         if head_k == self.head_count and group_k == self.group_count:
             return WidthDecision(none, none, "full width"), note
         if self._ranking is None:
-            self._ranking, fresh = ranking_for(self.run, call.diffusion_model, model_call.arguments["x"], settings.calibration, self.group_count)
+            latent = self.run.adapter.latent(model_call.arguments)
+            self._ranking, fresh = ranking_for(self.run, call.diffusion_model, latent, settings.calibration, self.group_count)
             if fresh:
                 # one-off work, shown apart from the steps (its time is inside this call's, taken out of step 0)
                 self.run.record.note_setup("width calibration", self._ranking.seconds, self._ranking.flops, inside=call.record)
@@ -671,11 +318,11 @@ class DynamicWidth(DynamicMethod):
         return self._routes[sigma]
 
     def _route_all(self, call: "CallState", model_call: "ModelCall", sigmas: list[float]) -> dict[float, WidthDecision]:
-        router, like = self.settings.router, model_call.arguments["timestep"]
+        router, like = self.settings.router, self.run.adapter.latent(model_call.arguments)
         sampling = self.run.model_sampling
         values = torch.tensor(sigmas, dtype=torch.float32).to(like.device)
         timesteps = sampling.timestep(values).float() if sampling is not None else values
-        features = self.run.adapter.timestep_features(call.diffusion_model, timesteps, model_call.arguments["x"].dtype).float()
+        features = self.units.timestep_features(call.diffusion_model, timesteps, like.dtype).float()
         rows = self._router_rows.to(features.device)
         head_w, head_b, group_w, group_b = (
             t.to(features.device)[rows] for t in (router.head_weight, router.head_bias, router.group_weight, router.group_bias)
@@ -748,7 +395,7 @@ class DynamicWidth(DynamicMethod):
 class _FlopsRatio:
     """FLOPs of a call of `shape` at a width fraction, over the full model's (analytic, memoised)."""
 
-    def __init__(self, adapter: ModelAdapter, shape: CallShape, heads: int, groups: int, thin_heads: bool, thin_mlp: bool):
+    def __init__(self, adapter: ModelAdapter, shape: CallLayout, heads: int, groups: int, thin_heads: bool, thin_mlp: bool):
         self.adapter, self.shape = adapter, shape
         self.heads, self.groups, self.thin_heads, self.thin_mlp = heads, groups, thin_heads, thin_mlp
         self.full = adapter.full_flops(shape).total

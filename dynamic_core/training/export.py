@@ -1,10 +1,11 @@
 """Writing a trained student as files today's loaders read: one file per part, with shared metadata.
 
-The width router goes into the width router format (`methods/width.py`, read by the Dynamic Width
-Patcher), the TD-LoRA experts and gate into the TD-LoRA format (`methods/td_lora.py`, read by the
+The width router goes into the width router format (`methods/width_file.py`, read by the Dynamic Width
+Patcher), the TD-LoRA experts and gate into the TD-LoRA format (`methods/td_lora_file.py`, read by the
 TD-LoRA Loader). Each loader validates its own format strictly (no foreign tensors), so the parts
 cannot share one file; both carry the same training metadata (base architecture, base weight
-fingerprint, parts, target, steps, command), and the file names share a stem:
+fingerprint, parts, target, steps, command; the model part from `ModelInfo.header`, the one header builder
+of every format), and the file names share a stem:
 `<name>.width.safetensors`, `<name>.td_lora.safetensors`.
 """
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import Mapping
 
 import torch
 
-from ..fingerprint import METADATA_KEY, fingerprint_text
-from ..methods.td_lora import ExpertLayer, GateWeights, architecture_metadata, save_td_lora_file
-from ..methods.width import RouterHeader, WidthRouter, save_width_router
+from ..methods.td_lora import GateWeights
+from ..methods.td_lora_file import ExpertLayer, save_td_lora_file
+from ..methods.width_file import RouterHeader, WidthRouter
 from .student import DynamicStudent
 
 SUFFIXES = {"width": ".width.safetensors", "td_lora": ".td_lora.safetensors"}
@@ -29,8 +30,7 @@ def training_metadata(student: DynamicStudent, *, target: float, steps: int, com
     """The metadata every file of one training run carries (all strings, as safetensors requires)."""
     spec = student.spec
     return {
-        **architecture_metadata(student.adapter),
-        METADATA_KEY: fingerprint_text(student.diffusion_model),
+        **student.adapter.model_info().header(weights=student.diffusion_model),  # with the base-weight fingerprint
         "base_model": base_model,
         "trainer": "dynamic_dit.train",
         "trained_parts": ",".join(spec.parts),
@@ -97,9 +97,9 @@ def save_student(student: DynamicStudent, stem: str | os.PathLike, metadata: Map
     if "td_lora" in student.spec.parts:
         layers, gate = td_lora_layers(student)
         path = stem.with_name(stem.name + SUFFIXES["td_lora"])
-        save_td_lora_file(path, layers, architecture_metadata(student.adapter), gate, metadata=metadata)
+        save_td_lora_file(path, layers, student.adapter.model_info().header(), gate, metadata=metadata)
         written.append(path)
     return written
 
 
-__all__ = ["SUFFIXES", "save_student", "td_lora_layers", "training_metadata", "width_router", "save_width_router"]
+__all__ = ["SUFFIXES", "save_student", "td_lora_layers", "training_metadata", "width_router"]

@@ -1,17 +1,17 @@
-"""The student: the frozen host model with trainable dynamic parts, run through the host's own blocks.
+"""The student: the frozen host model with trainable dynamic parts, run through the adapter's own blocks.
 
 Trainable parts (any subset):
 - "width": per block, linear maps of the model's own timestep features to head and MLP-group logits
   (exactly the width router file's parametrisation); a unit is kept where its logit is > 0. During
-  training the keep decisions are straight-through Gumbel-sigmoid gates and applied as *masks* on the
-  inputs of the output linears (attention proj / MLP out / single-block linear2). Masking a head's
-  (or group's) columns there is exactly what slicing it away does at inference: heads attend
-  independently and an MLP group's units only meet the network through those columns.
+  training the keep decisions are straight-through Gumbel-sigmoid gates applied as *masks* on the input
+  columns each unit owns in the block's output linears (`WidthUnits.unit_columns`). Masking a unit's
+  columns there is exactly what slicing it away does at inference; masks exist only here, in training.
 - "td_lora": K low-rank experts per block linear, mixed by a gate over sigma (the TD-LoRA file
   format's parametrisation), as the compensation that makes the reduced model match the full one.
 
-Every block runs as the host block class's own `forward` on a `ModuleView` whose linears are wrapped
-(nothing of the host's forward is copied), through the host's `patches_replace["dit"]` point.
+The trainer speaks to the model only through the adapter: blocks run as `adapter.run_block` at full
+width with `BlockInternals.linear_overrides` (the host block's own forward on module views, nothing
+copied), the router reads `WidthUnits.timestep_features`, FLOPs come from the adapter's analytic counts.
 """
 from __future__ import annotations
 
@@ -22,11 +22,11 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..adapters import BlockRef, CallShape, ModelAdapter
-from ..adapters.flux_blocks import call_forward
+from ..adapters import BlockInternals, BlockRef, CallLayout, ModelAdapter, UnsupportedModelError
 from ..methods.td_lora import block_linear_index, sinusoidal_embedding
-from ..slicing import ModuleView
+from ..slicing import RunIndexCache
 from .objectives import gumbel_sigmoid
+from .trajectories import TRAINER_KEYS
 
 PARTS = ("width", "td_lora")
 WIDTH_PARTS = ("both", "heads", "mlp")
@@ -57,35 +57,31 @@ class StudentSpec:
             raise ValueError(f"Trainer: mlp_groups must be >= 0 (0 = one per head), got {self.mlp_groups}.")
 
 
+def _per_row(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (B, C) per-sample mask broadcast over x's token axes."""
+    return mask.reshape(mask.shape[0], *([1] * (x.ndim - 2)), mask.shape[-1]).to(x.dtype)
+
+
 class _Adapted:
-    """A block linear as the student calls it: the host layer, plus the TD-LoRA bypass, with an optional
-    mask on its input columns (the width decision of the heads / groups feeding it)."""
+    """A block linear as the student calls it: the host layer with its input columns masked (the width
+    decision of the units feeding it) and the TD-LoRA bypass on the masked input, as the sliced layer
+    and its sliced bypass compute at inference."""
 
     def __init__(self, layer: torch.nn.Module, lora: tuple[torch.Tensor, torch.Tensor] | None,
                  columns: torch.Tensor | None, mask: torch.Tensor | None):
         self.layer, self.lora, self.columns, self.mask = layer, lora, columns, mask
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mask is not None:  # (B, in) per sample; x is (B, tokens, in) or (B, in)
-            x = x * (self.mask.unsqueeze(1) if x.ndim == 3 else self.mask).to(x.dtype)
+        if self.mask is not None:
+            x = x * _per_row(self.mask, x)
         out = self.layer(x)
         if self.lora is not None:
             down, up = self.lora  # (K*r, in), (out, K*r)
             hidden = F.linear(x, down.to(x.dtype))
             if self.columns is not None:
-                hidden = hidden * (self.columns.unsqueeze(1) if x.ndim == 3 else self.columns).to(x.dtype)
+                hidden = hidden * _per_row(self.columns, hidden)
             out = out + F.linear(hidden, up.to(x.dtype))
         return out
-
-
-class _MaskedMLP:
-    """nn.Sequential(Linear, act, Linear) with its hidden groups masked (the width decision) and bypasses."""
-
-    def __init__(self, first: Callable, act: Callable, second: Callable):
-        self.first, self.act, self.second = first, act, second
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.second(self.act(self.first(x)))
 
 
 class DynamicStudent(torch.nn.Module):
@@ -98,18 +94,20 @@ class DynamicStudent(torch.nn.Module):
         spec.validate()
         self.spec, self.adapter = spec, adapter
         object.__setattr__(self, "diffusion_model", diffusion_model)  # not a submodule: frozen, never synced
-        arch = adapter.arch
         self.blocks: tuple[BlockRef, ...] = tuple(adapter.blocks)
-        self.head_count, self.head_dim = adapter.head_count, arch.head_dim
-        self.group_count = spec.mlp_groups or adapter.head_count
-        if adapter.mlp_hidden % self.group_count:
-            raise ValueError(f"Trainer: {self.group_count} MLP groups do not divide the {adapter.mlp_hidden} MLP units.")
-        self.group_size = adapter.mlp_hidden // self.group_count
+        self.units = adapter.width_units()
+        if self.units is None and "width" in spec.parts:
+            raise UnsupportedModelError(f"Trainer: {adapter.display_name} models have no dynamic width, so no width router can be trained.")
+        self.head_count = self.units.head_count if self.units is not None else 0
+        self.group_count = (spec.mlp_groups or self.head_count) if self.units is not None else 0
+        if self.units is not None and self.units.mlp_hidden % self.group_count:
+            raise ValueError(f"Trainer: {self.group_count} MLP groups do not divide the {self.units.mlp_hidden} MLP units.")
+        self.group_size = self.units.mlp_hidden // self.group_count if self.units is not None else 0
         self.thin_heads = "width" in spec.parts and spec.width_parts in ("both", "heads")
         self.thin_mlp = "width" in spec.parts and spec.width_parts in ("both", "mlp")
+        self.time_scale = adapter.model_info().timestep_scale  # the TD-LoRA gate embeds sigma as the file will
         generator = torch.Generator().manual_seed(seed)
-        features = int(arch.hidden_size)
-        blocks = len(self.blocks)
+        features, blocks = int(feature_mean.shape[-1]), len(self.blocks)
         # Router features are normalised while training ((f - mean) / scale), folded into the file's W, b.
         self.register_buffer("feature_mean", feature_mean.detach().float().clone())
         self.register_buffer("feature_scale", torch.tensor(float(feature_scale)))
@@ -143,13 +141,26 @@ class DynamicStudent(torch.nn.Module):
         self._by_block: dict[BlockRef, dict[str, str]] = {}
         for key, (block, name) in self.lora_paths.items():
             self._by_block.setdefault(block, {})[name] = key
-        self._coefficients: dict[CallShape, tuple[float, torch.Tensor, torch.Tensor, float]] = {}
+        self._columns = {block: self.units.unit_columns(block) for block in self.blocks} if "width" in spec.parts else {}
+        self._coefficients: dict[CallLayout, tuple[float, torch.Tensor, torch.Tensor, float]] = {}
+
+    # --- model calls ------------------------------------------------------------------------------
+    def latent(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return inputs[self.adapter.latent_argument]
+
+    def timestep(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return inputs[self.adapter.timestep_argument]
+
+    @staticmethod
+    def arguments(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The recorded model-call arguments of a batch (by the host's parameter names)."""
+        return {k: v for k, v in inputs.items() if k not in TRAINER_KEYS}
 
     # --- decisions ----------------------------------------------------------------------------------
     def features(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(B, D) normalised router features: the model's own time_in(sinusoidal(t)), as the router file reads them."""
+        """(B, D) normalised router features: the model's own timestep features, as the router file reads them."""
         with torch.no_grad():
-            raw = self.adapter.timestep_features(self.diffusion_model, timestep, dtype).float()
+            raw = self.units.timestep_features(self.diffusion_model, timestep, dtype).float()
         return (raw - self.feature_mean) / self.feature_scale
 
     def masks(self, timestep: torch.Tensor, dtype: torch.dtype, temperature: float, noise: float,
@@ -179,132 +190,116 @@ class DynamicStudent(torch.nn.Module):
         """(B, K*r) expert gates spread over their rank columns (None for K = 1: the gate is 1)."""
         if "td_lora" not in self.spec.parts or self.spec.experts == 1:
             return None
-        embedding = sinusoidal_embedding(sigmas.float(), self.spec.gate_embed)
+        embedding = sinusoidal_embedding(sigmas.float(), self.spec.gate_embed, self.time_scale)
         gates = torch.softmax(self.gate(embedding), dim=-1)
         return gates.repeat_interleave(self.spec.rank, dim=1)
 
     # --- FLOPs --------------------------------------------------------------------------------------
-    def flop_coefficients(self, shape: CallShape) -> tuple[float, torch.Tensor, torch.Tensor, float]:
+    def flop_coefficients(self, layout: CallLayout) -> tuple[float, torch.Tensor, torch.Tensor, float]:
         """A call's FLOPs as base + sum_b (a_b * heads kept_b + c_b * groups kept_b), per sample, with the
         TD-LoRA bypasses included (their in/out sizes shrink with the width, as the sliced bypass does),
         and the full model's FLOPs per sample. Exact: every term is linear in the kept heads and groups."""
-        found = self._coefficients.get(shape)
+        found = self._coefficients.get(layout)
         if found is not None:
             return found
-        adapter, one = self.adapter, replace(shape, batch=1)
+        adapter, one = self.adapter, replace(layout, batch=1)
         base = adapter.stem_flops(one).total
         per_head, per_group = [], []
+        heads, groups = max(self.head_count, 1), max(self.group_count, 1)
         for block in self.blocks:
-            def flops(heads: int, groups: int) -> float:
+            def flops(kept_heads: int, kept_groups: int) -> float:
                 work = adapter.full_block_work(block, one)
-                work = replace(work, heads=heads, mlp_hidden=groups * self.group_size,
-                               extra_flops=self._lora_flops(block, work, heads, groups))
-                return adapter.block_flops(block, work).total
+                if self.units is not None:
+                    work = replace(work, heads=kept_heads, mlp_hidden=kept_groups * self.group_size)
+                return adapter.block_flops(block, replace(work, extra_flops=self._lora_flops(block, work))).total
 
-            full = flops(self.head_count, self.group_count)
-            a = (full - flops(0, self.group_count)) / self.head_count
-            c = (full - flops(self.head_count, 0)) / self.group_count
-            base += full - a * self.head_count - c * self.group_count
+            full = flops(heads, groups)
+            a = (full - flops(0, groups)) / heads if self.units is not None else 0.0
+            c = (full - flops(heads, 0)) / groups if self.units is not None else 0.0
+            base += full - a * heads - c * groups
             per_head.append(a)
             per_group.append(c)
         found = (base, torch.tensor(per_head), torch.tensor(per_group), adapter.full_flops(one).total)
-        self._coefficients[shape] = found
+        self._coefficients[layout] = found
         return found
 
-    def _lora_flops(self, block: BlockRef, work: Any, heads: int, groups: int) -> float:
+    def _lora_flops(self, block: BlockRef, work: Any) -> float:
         layers = self._by_block.get(block)
         if not layers:
             return 0.0
-        inner, units, d = heads * self.head_dim, groups * self.group_size, self.adapter.arch.hidden_size
-        n, t = work.image_tokens, work.text_tokens
-        columns = self.spec.experts * self.spec.rank
-        # (tokens, in, out) of each adapted linear at this width
-        sizes = {
-            "img_mod.lin": (1, d, 6 * d), "txt_mod.lin": (1, d, 6 * d), "modulation.lin": (1, d, 3 * d),
-            "img_attn.qkv": (n, d, 3 * inner), "txt_attn.qkv": (t, d, 3 * inner),
-            "img_attn.proj": (n, inner, d), "txt_attn.proj": (t, inner, d),
-            "img_mlp.0": (n, d, units), "txt_mlp.0": (t, d, units), "img_mlp.2": (n, units, d), "txt_mlp.2": (t, units, d),
-            "linear1": (n + t, d, 3 * inner + units), "linear2": (n + t, inner + units, d),
-        }
-        total = 0.0
-        for name in layers:
-            tokens, fan_in, fan_out = sizes[name]
-            total += 2.0 * tokens * columns * (fan_in + fan_out)
-        return total
+        if self.units is None:
+            raise UnsupportedModelError(f"Trainer: {self.adapter.display_name} does not describe its block linears for the FLOPs count.")
+        sizes, columns = self.units.linear_sizes(block, work), self.spec.experts * self.spec.rank
+        return sum(2.0 * sizes[name][0] * columns * (sizes[name][1] + sizes[name][2]) for name in layers)
 
-    def flops_ratio(self, shape: CallShape, heads: torch.Tensor | None, groups: torch.Tensor | None) -> torch.Tensor:
+    def flops_ratio(self, layout: CallLayout, heads: torch.Tensor | None, groups: torch.Tensor | None) -> torch.Tensor:
         """(B,) differentiable FLOPs of each sample's call over the full model's."""
-        base, per_head, per_group, full = self.flop_coefficients(shape)
-        batch = shape.batch
-        head_count = heads.sum(-1) if heads is not None else torch.full((batch, len(self.blocks)), float(self.head_count))
-        group_count = groups.sum(-1) if groups is not None else torch.full((batch, len(self.blocks)), float(self.group_count))
+        base, per_head, per_group, full = self.flop_coefficients(layout)
+        batch, shape = layout.batch, (layout.batch, len(self.blocks))
+        head_count = heads.sum(-1) if heads is not None else torch.full(shape, float(max(self.head_count, 1)))
+        group_count = groups.sum(-1) if groups is not None else torch.full(shape, float(max(self.group_count, 1)))
         flops = base + (head_count * per_head.to(head_count)).sum(-1) + (group_count * per_group.to(group_count)).sum(-1)
-        return flops / full
+        return (flops / full).expand(batch)
 
     # --- the forward --------------------------------------------------------------------------------
     def forward(self, inputs: Mapping[str, torch.Tensor], temperature: float = 1.0, noise: float = 1.0,
                 generator: torch.Generator | None = None, record_blocks: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's model output for a batch of recorded model inputs, and its (B,) FLOPs ratios."""
-        x, timestep = inputs["x"], inputs["timestep"]
-        dtype = x.dtype
-        heads, groups = self.masks(timestep, dtype, temperature, noise, generator)
+        arguments = self.arguments(inputs)
+        heads, groups = self.masks(self.timestep(inputs), self.latent(inputs).dtype, temperature, noise, generator)
         columns = self.lora_columns(inputs["sigmas"])
-        patches = {self.adapter.patch_key(b): self._block_patch(i, b, heads, groups, columns, record_blocks)
+        layout = self.adapter.call_layout(arguments)
+        state = {"layout": layout, "cache": RunIndexCache()}
+        patches = {self.adapter.patch_key(b): self._block_patch(i, b, heads, groups, columns, state, record_blocks)
                    for i, b in enumerate(self.blocks)}
         options = {"patches_replace": {"dit": patches}, "sigmas": inputs["sigmas"]}
-        kwargs = {k: inputs[k] for k in ("y", "guidance") if inputs.get(k) is not None}
-        out = self.diffusion_model(x, timestep, inputs["context"], transformer_options=options, **kwargs)
-        shape = self.adapter.call_shape({"x": x, "context": inputs["context"]})
-        return out, self.flops_ratio(shape, heads, groups)
+        out = self.diffusion_model(**arguments, transformer_options=options)
+        return out, self.flops_ratio(layout, heads, groups)
+
+    def _mask(self, block: BlockRef, name: str, i: int, heads: torch.Tensor | None, groups: torch.Tensor | None,
+              in_features: int) -> torch.Tensor | None:
+        """(B, in_features) keep mask of linear `name`'s input columns, or None (no unit feeds it, or none is thinned)."""
+        spans = self._columns.get(block, {}).get(name)
+        gates = {"heads": heads, "groups": groups}
+        if not spans or all(gates[kind] is None for kind, _, _ in spans):
+            return None
+        live = next(g for g in gates.values() if g is not None)
+        batch, device = live.shape[0], live.device
+        pieces, at = [], 0
+        for kind, start, width in sorted(spans, key=lambda span: span[1]):
+            if start > at:
+                pieces.append(torch.ones(batch, start - at, device=device))
+            gate = gates[kind]
+            if gate is None:
+                pieces.append(torch.ones(batch, width, device=device))
+            else:  # each unit's gate over its columns
+                pieces.append(gate[:, i].repeat_interleave(width // gate.shape[-1], dim=-1))
+            at = start + width
+        if at < in_features:
+            pieces.append(torch.ones(batch, in_features - at, device=device))
+        return torch.cat(pieces, dim=-1)
 
     def _block_patch(self, i: int, block: BlockRef, heads: torch.Tensor | None, groups: torch.Tensor | None,
-                     columns: torch.Tensor | None, record: list | None) -> Callable[[dict, dict], dict]:
-        head_mask = heads[:, i].repeat_interleave(self.head_dim, dim=-1) if heads is not None else None
-        unit_mask = groups[:, i].repeat_interleave(self.group_size, dim=-1) if groups is not None else None
+                     columns: torch.Tensor | None, state: dict, record: list | None) -> Callable[[dict, dict], dict]:
         names = self._by_block.get(block, {})
+        adapted = set(names) | set(self._columns.get(block, {}))
 
-        def lora(name: str):
-            key = names.get(name)
-            return (self.lora_down[key], self.lora_up[key]) if key is not None else None
+        def override(name: str) -> Callable[[torch.nn.Module], Callable]:
+            def build(layer: torch.nn.Module) -> Callable:
+                key = names.get(name)
+                lora = (self.lora_down[key], self.lora_up[key]) if key is not None else None
+                mask = self._mask(block, name, i, heads, groups, int(layer.weight.shape[1]))
+                return _Adapted(layer, lora, columns if lora is not None else None, mask)
+            return build
 
-        def linear(layer: torch.nn.Module, name: str, mask: torch.Tensor | None = None):
-            bypass = lora(name)
-            if bypass is None and mask is None:
-                return layer
-            return _Adapted(layer, bypass, columns, mask)
-
-        def modulation(module: torch.nn.Module, name: str):
-            return ModuleView(module, lin=linear(module.lin, f"{name}.lin")) if lora(f"{name}.lin") is not None else module
+        internals = BlockInternals(linear_overrides={name: override(name) for name in adapted})
 
         def patch(args: dict, extra: dict) -> dict:
             module = self.adapter.block_module(self.diffusion_model, block)
-            if block.kind == "double":
-                overrides: dict[str, Any] = {}
-                for stream in ("img", "txt"):
-                    attn, mlp = getattr(module, f"{stream}_attn"), getattr(module, f"{stream}_mlp")
-                    overrides[f"{stream}_attn"] = ModuleView(
-                        attn, qkv=linear(attn.qkv, f"{stream}_attn.qkv"), proj=linear(attn.proj, f"{stream}_attn.proj", head_mask)
-                    )
-                    overrides[f"{stream}_mlp"] = _MaskedMLP(
-                        linear(mlp[0], f"{stream}_mlp.0"), mlp[1], linear(mlp[2], f"{stream}_mlp.2", unit_mask)
-                    )
-                    overrides[f"{stream}_mod"] = modulation(getattr(module, f"{stream}_mod"), f"{stream}_mod")
-                img, txt = call_forward(type(module), ModuleView(module, **overrides), args)
-                out = {"img": img, "txt": txt}
-            else:
-                mask = None
-                if head_mask is not None or unit_mask is not None:
-                    batch = args["img"].shape[0]
-                    ones = args["img"].new_ones(batch, 1)
-                    mask = torch.cat((
-                        head_mask if head_mask is not None else ones.expand(batch, self.head_count * self.head_dim),
-                        unit_mask if unit_mask is not None else ones.expand(batch, self.group_count * self.group_size),
-                    ), dim=-1)
-                view = ModuleView(module, linear1=linear(module.linear1, "linear1"), linear2=linear(module.linear2, "linear2", mask),
-                                  modulation=modulation(module.modulation, "modulation"))
-                out = {"img": call_forward(type(module), view, args)}
+            state["layout"] = self.adapter.block_layout(block, args, state["layout"])
+            out = self.adapter.run_block(module, block, args, internals, [], state["layout"], state["cache"])
             if record is not None:
-                record.append(out["img"])
+                record.append(self.adapter.hidden_states(block, out))
             return out
 
         return patch

@@ -23,7 +23,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,9 +133,9 @@ def schedule_ratio(student: DynamicStudent, bank: Trajectories, *, noise: float 
     device = next(iter(student.buffers())).device
     timesteps = torch.tensor(bank.timesteps, dtype=torch.float32, device=device)
     with torch.set_grad_enabled(grad):
-        heads, groups = student.masks(timesteps, rows["x"].dtype, temperature, noise, generator)
-        shape = student.adapter.call_shape({"x": rows["x"].expand(len(timesteps), *rows["x"].shape[1:]), "context": rows["context"]})
-        ratio = student.flops_ratio(shape, heads, groups).mean()
+        heads, groups = student.masks(timesteps, student.latent(rows).dtype, temperature, noise, generator)
+        layout = replace(student.adapter.call_layout(student.arguments(rows)), batch=len(timesteps))
+        ratio = student.flops_ratio(layout, heads, groups).mean()
     return ratio if grad else float(ratio)
 
 
@@ -150,16 +150,18 @@ def _teacher_features(student: DynamicStudent, batch: dict[str, torch.Tensor]) -
     """The frozen model's block outputs on the batch (full compute, no bypass), for the feature loss."""
     record: list[torch.Tensor] = []
     patches = {}
+    adapter = student.adapter
     for block in student.blocks:
-        def patch(args: dict, extra: dict, record=record) -> dict:
+        def patch(args: dict, extra: dict, record=record, block=block) -> dict:
             out = extra["original_block"](args)
-            record.append(out["img"].clone())
+            record.append(adapter.hidden_states(block, out).clone())
             return out
-        patches[student.adapter.patch_key(block)] = patch
-    with torch.no_grad():
-        kwargs = {k: batch[k] for k in ("y", "guidance") if batch.get(k) is not None}
-        student.diffusion_model(batch["x"].clone(), batch["timestep"], batch["context"],
-                                transformer_options={"patches_replace": {"dit": patches}, "sigmas": batch["sigmas"]}, **kwargs)
+        patches[adapter.patch_key(block)] = patch
+    arguments = student.arguments(batch)
+    latent = adapter.latent_argument
+    with torch.no_grad():  # the host's blocks add into their inputs in place: the batch's latent stays untouched
+        student.diffusion_model(**{**arguments, latent: arguments[latent].clone()},
+                                transformer_options={"patches_replace": {"dit": patches}, "sigmas": batch["sigmas"]})
     return record
 
 

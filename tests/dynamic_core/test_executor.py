@@ -9,7 +9,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, plan_of
 from comfyui_dynamic_dit.dynamic_core.methods import DynamicMethod, register
 from comfyui_dynamic_dit.dynamic_core.plan import MethodSettings
@@ -77,7 +77,7 @@ class ProbeMethod(DynamicMethod):
 
     def wrap_block(self, call, block, args, proceed):
         if block.index == 0:
-            self.log.append(("block", block.kind, args["img"].shape[1], call.text_tokens))
+            self.log.append(("block", block.kind, args["img"].shape[1], call.layout.text_tokens))
         return proceed(args)
 
     def on_step(self, step, latent):

@@ -5,7 +5,7 @@ import time
 from dataclasses import dataclass
 from typing import ClassVar
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, plan_of
 from comfyui_dynamic_dit.dynamic_core.flops import FlopBreakdown
 from comfyui_dynamic_dit.dynamic_core.methods.base import REGISTRY, DynamicMethod

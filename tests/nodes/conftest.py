@@ -11,7 +11,7 @@ import contextlib
 import pytest
 import torch
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 
 
 @pytest.fixture(scope="session", params=["library", "inference_mode"])

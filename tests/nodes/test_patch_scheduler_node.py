@@ -7,7 +7,7 @@ import torch
 import folder_paths
 
 from comfyui_dynamic_dit.dynamic_core.adapters import adapter_for
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import MODEL_FOLDER, plan_of
 from comfyui_dynamic_dit.dynamic_core.methods.patch_embedding_file import derived_layers, save_patch_embedding_file
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS

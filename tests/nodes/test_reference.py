@@ -5,7 +5,8 @@ import torch
 
 import nodes as comfy_nodes
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
+from comfyui_dynamic_dit.dynamic_core.comfy_integration import reference as reference_model
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS, reference
 
 Loader = NODE_CLASS_MAPPINGS["DynamicReferenceModelLoader"]
@@ -49,7 +50,7 @@ def test_bad_inputs_are_explained(monkeypatch, tmp_path):
         ToImage().decode({"samples": torch.zeros(1, 4, 8, 8)}, 1)
     with pytest.raises(ValueError, match="unknown class 'dragon'; the reference model knows: astronaut, brick"):
         Loader().load("dragon", 1)
-    monkeypatch.setattr(tiny_flux, "REFERENCE_PATH", tmp_path / "gone.safetensors")
+    monkeypatch.setattr(reference_model, "REFERENCE_PATH", tmp_path / "gone.safetensors")
     assert Loader.INPUT_TYPES()["required"]["photo_class"][0] == ["(reference model file missing)"]
     with pytest.raises(ValueError, match="The reference model file is missing: .*gone.safetensors"):
         reference.load_cached_reference()

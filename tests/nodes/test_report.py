@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.demo import run_node
+from comfyui_dynamic_dit.devtools import tiny_flux
+from comfyui_dynamic_dit.devtools.demo import run_node
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
 
 Telemetry = NODE_CLASS_MAPPINGS["DynamicTelemetry"]

@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 import folder_paths
 import nodes as comfy_nodes
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, plan_of
 from comfyui_dynamic_dit.dynamic_core.methods.td_lora import (
     architecture_metadata,

@@ -7,10 +7,10 @@ import torch
 
 import comfy.utils
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.td_lora_files import file_choices
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import model_files
-from comfyui_dynamic_dit.dynamic_core.methods.width import ROUTER_FORMAT
+from comfyui_dynamic_dit.dynamic_core.methods.width_file import ROUTER_FORMAT
 from comfyui_dynamic_dit.nodes.td_lora import DynamicTDLoRALoader
 from comfyui_dynamic_dit.nodes.train import DynamicTrainer
 from comfyui_dynamic_dit.nodes.width import DynamicWidthPatcher

@@ -8,7 +8,7 @@ import folder_paths
 import nodes as comfy_nodes
 
 from comfyui_dynamic_dit.dynamic_core import slicing
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, plan_of
 from comfyui_dynamic_dit.dynamic_core.methods.width import PRESETS, RouterHeader, WidthRouter, save_width_router
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS

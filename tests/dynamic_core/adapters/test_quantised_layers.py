@@ -8,8 +8,8 @@ import torch
 
 import comfy.ops
 
-from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, CallLayout
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings
 from comfyui_dynamic_dit.dynamic_core.methods.width import WidthSettings
 from comfyui_dynamic_dit.dynamic_core.slicing import RunIndexCache
@@ -66,7 +66,7 @@ def test_reduced_width_is_the_dense_result_on_the_dequantised_kept_weights(kind,
         module = adapter.block_module(patcher.model.diffusion_model, ref)
         fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
         with torch.no_grad():
-            return adapter.run_block(module, ref, fresh, internals, [], 5, RunIndexCache())
+            return adapter.run_block(module, ref, fresh, internals, [], CallLayout(batch=2, image_tokens=16, text_tokens=5), RunIndexCache())
 
     got, expected = run(model), run(reference)
     for key in expected:

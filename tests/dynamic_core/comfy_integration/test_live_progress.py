@@ -4,8 +4,8 @@ import types
 
 import pytest
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.demo import run_node
+from comfyui_dynamic_dit.devtools import tiny_flux
+from comfyui_dynamic_dit.devtools.demo import run_node
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import install_executor, plan_of
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
 

@@ -7,7 +7,7 @@ import torch
 
 import comfy.model_management
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, install_executor, plan_of
 from comfyui_dynamic_dit.dynamic_core.executor import RunContext
 from comfyui_dynamic_dit.dynamic_core.methods.token_router import TokenRouterSettings

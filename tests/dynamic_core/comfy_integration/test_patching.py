@@ -7,7 +7,7 @@ import torch
 from comfy_extras.nodes_easycache import EasyCacheNode
 
 from comfyui_dynamic_dit.dynamic_core.adapters import UnsupportedModelError
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import (
     BlockPatch,
     PLAN_KEY,

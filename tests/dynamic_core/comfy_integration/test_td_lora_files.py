@@ -10,7 +10,7 @@ import torch
 import folder_paths
 import nodes as comfy_nodes
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings, plan_of
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.td_lora_files import apply_td_lora, load_td_lora
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops

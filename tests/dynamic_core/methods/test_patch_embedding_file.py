@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from comfyui_dynamic_dit.dynamic_core.adapters import adapter_for
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import CALL_KEY, apply_settings, plan_of
 from comfyui_dynamic_dit.dynamic_core.executor import ModelCall, RunContext
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops

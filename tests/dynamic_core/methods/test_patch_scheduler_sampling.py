@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from comfyui_dynamic_dit.dynamic_core.adapters import CallShape, adapter_for
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, install_executor, plan_of
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
 from comfyui_dynamic_dit.dynamic_core.methods import DynamicMethod, register
@@ -34,7 +34,7 @@ class PatchProbeMethod(DynamicMethod):
 
     def wrap_block(self, call, block, args, proceed):
         img = args["img"].shape[1]
-        self.tokens.append((call.record.index, block.label, img if "txt" in args else img - call.text_tokens))
+        self.tokens.append((call.record.index, block.label, img if "txt" in args else img - call.layout.text_tokens))
         if block.label == "double.0":
             self.inputs.append((call.sampler_x, args["img"].dtype))
         return proceed(args)
@@ -68,7 +68,7 @@ class ThinMlpMethod(DynamicMethod):
 
     def block_internals(self, call, block, args, internals):
         img = args["img"]
-        tokens = img.shape[1] if "txt" in args else img.shape[1] - call.text_tokens
+        tokens = img.shape[1] if "txt" in args else img.shape[1] - call.layout.text_tokens
         keep = torch.arange(tokens // 2, device=img.device).expand(img.shape[0], -1)
         return internals.with_changes(mlp_tokens=keep)
 

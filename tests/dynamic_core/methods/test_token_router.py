@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from comfyui_dynamic_dit.dynamic_core.adapters import BlockRef, CallShape
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings, effective_weight, plan_of
 from comfyui_dynamic_dit.dynamic_core.executor import RunContext
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
@@ -68,13 +68,14 @@ class Harness:
                               latent_shape=(B, 16, 8, 10), model_name="tiny", device="cpu",
                               sigma_to_percent=lambda s: 1.0 - s, weight_source=effective_weight)
         self.selected = []
-        original = self.adapter.select_image_tokens
+        routing = self.adapter.token_routing()
+        original = routing.select
 
-        def spy(block, args, index, text_tokens):
+        def spy(block, args, index, layout):
             self.selected.append(index.clone())
-            return original(block, args, index, text_tokens)
+            return original(block, args, index, layout)
 
-        self.adapter.select_image_tokens = spy
+        routing.select = spy
 
     def call(self, sigma, kinds=(0,), uuids=None, batch=B):
         shape = CallShape(batch=batch, image_tokens=N, text_tokens=T)
@@ -445,14 +446,14 @@ def test_half_the_tokens_telemetry_matches_flop_counter(flux_model, conds, mode,
 
 def test_samples_of_one_batch_get_their_own_tokens_with_cfg(flux_model, conds, monkeypatch):
     selected = []
-    adapter_type = type(adapter_of(flux_model))
-    original = adapter_type.select_image_tokens
+    routing_type = type(adapter_of(flux_model).token_routing())
+    original = routing_type.select
 
-    def spy(self, block, args, index, text_tokens):
+    def spy(self, block, args, index, layout):
         selected.append(index.clone())
-        return original(self, block, args, index, text_tokens)
+        return original(self, block, args, index, layout)
 
-    monkeypatch.setattr(adapter_type, "select_image_tokens", spy)
+    monkeypatch.setattr(routing_type, "select", spy)
     latent = torch.randn(2, 16, 16, 20, generator=torch.Generator().manual_seed(1))
     model = apply_settings(flux_model, TokenRouterSettings(mode="diffcr", score="update", keep_start=0.5, keep_end=0.5, **ALL_BLOCKS))
     out = tiny_flux.sample(model, *conds, steps=3, seed=2, cfg=3.0, latent=latent)

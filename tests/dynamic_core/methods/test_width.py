@@ -7,10 +7,10 @@ import torch
 
 import comfy.model_management
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings, install_executor, plan_of
 from comfyui_dynamic_dit.dynamic_core.flops import ZERO, measure_flops
-from comfyui_dynamic_dit.dynamic_core.methods import width
+from comfyui_dynamic_dit.dynamic_core.methods import width_calibration
 from comfyui_dynamic_dit.dynamic_core.methods.width import (
     RANKINGS,
     CalibrationSpec,
@@ -221,8 +221,8 @@ def test_same_inputs_give_the_same_image_whatever_ran_before(flux_model, other_f
 
 def test_calibration_is_cached_per_weights(flux_model, conds, monkeypatch):
     calls = []
-    original = width.calibrate
-    monkeypatch.setattr(width, "calibrate", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = width_calibration.calibrate
+    monkeypatch.setattr(width_calibration, "calibrate", lambda *a, **k: calls.append(1) or original(*a, **k))
     RANKINGS.clear()
     settings = WidthSettings(noisy_width=0.5, calibration=SMALL)
     sample(apply_settings(flux_model, settings), conds)
@@ -239,14 +239,14 @@ def test_calibration_is_cached_per_weights(flux_model, conds, monkeypatch):
 # --- the training-free ranking --------------------------------------------------------------------
 def _captured_ranking(monkeypatch):
     captured = []
-    original = width.calibrate
+    original = width_calibration.calibrate
 
     def capture(*args, **kwargs):
         ranking = original(*args, **kwargs)
         captured.append(ranking)
         return ranking
 
-    monkeypatch.setattr(width, "calibrate", capture)
+    monkeypatch.setattr(width_calibration, "calibrate", capture)
     return captured
 
 
@@ -500,7 +500,7 @@ def test_schedule_helpers():
 
 
 def test_benchmark_case(flux_model):
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration.bench import parse_cases
+    from comfyui_dynamic_dit.devtools.bench import parse_cases
 
     (case,) = parse_cases("width:0.4")
     assert case.name == "width 0.4"

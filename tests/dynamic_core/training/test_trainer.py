@@ -7,13 +7,15 @@ import pytest
 import torch
 
 from comfyui_dynamic_dit.dynamic_core.adapters import UnsupportedModelError
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux, training_host
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, diffusion_model_of
+from comfyui_dynamic_dit.devtools import tiny_flux
+from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, check_base_weights, diffusion_model_of
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.td_lora_files import apply_td_lora
-from comfyui_dynamic_dit.dynamic_core.fingerprint import check_fingerprint
 from comfyui_dynamic_dit.dynamic_core.files import header_metadata
-from comfyui_dynamic_dit.dynamic_core.methods.td_lora import bind_layers, load_td_lora_file
-from comfyui_dynamic_dit.dynamic_core.methods.width import WidthSettings, load_width_router
+from comfyui_dynamic_dit.dynamic_core.methods.td_lora import bind_layers
+from comfyui_dynamic_dit.dynamic_core.methods.td_lora_file import load_td_lora_file
+from comfyui_dynamic_dit.dynamic_core.methods.width import WidthSettings
+from comfyui_dynamic_dit.dynamic_core.methods.width_file import load_width_router
 from comfyui_dynamic_dit.dynamic_core.training.export import save_student, training_metadata
 from comfyui_dynamic_dit.dynamic_core.training.student import StudentSpec
 from comfyui_dynamic_dit.dynamic_core.training.trainer import TrainConfig, evaluate, schedule_ratio, train
@@ -56,7 +58,7 @@ def test_records_the_teachers_trajectories(bank):
     assert bank.rows == 2 * 8 * 2
     assert len(bank.timesteps) == 8
     row = bank.fixed(1)
-    assert row["x"].shape == (1, 16, 16, 16) and row["target"].shape == (1, 16, 16, 16)
+    assert row[bank.latent_argument].shape == (1, 16, 16, 16) and row["target"].shape == (1, 16, 16, 16)
 
 
 def test_untrained_student_is_the_teacher(flux_model, bank):
@@ -102,7 +104,7 @@ def test_files_round_trip_through_the_loaders(trained, flux_model, bank, tmp_pat
     assert [p.name for p in paths] == ["trained.width.safetensors", "trained.td_lora.safetensors"]
     for path in paths:
         assert header_metadata(path)["target_flops"] == "0.6"
-        check_fingerprint(header_metadata(path), diffusion_model_of(flux_model), path.name)
+        check_base_weights(flux_model, header_metadata(path), path.name)
     router = load_width_router(paths[0])
     lora = load_td_lora_file(paths[1])
     patched = apply_settings(flux_model, WidthSettings(router=router))
@@ -114,7 +116,8 @@ def test_files_round_trip_through_the_loaders(trained, flux_model, bank, tmp_pat
                      transformer_options={}, **kwargs):
         sigmas = transformer_options["sigmas"].reshape(-1).float().repeat(x.shape[0] // transformer_options["sigmas"].numel())
         with torch.no_grad():
-            return student(dict(x=x, timestep=timestep, context=context, y=y, guidance=guidance, sigmas=sigmas), noise=0.0)[0]
+            inputs = {k: v for k, v in dict(x=x, timestep=timestep, context=context, y=y, guidance=guidance).items() if v is not None}
+            return student({**inputs, "sigmas": sigmas}, noise=0.0)[0]
 
     import comfy.patcher_extension
 
@@ -140,7 +143,7 @@ def test_a_file_for_another_model_is_refused(trained, other_flux_model, tmp_path
     same_shape = tiny_flux.build_model(tiny_flux.TinyFlux(seed=5))
     for path in (width_path, lora_path):
         with pytest.raises(ValueError, match="trained for another base model"):
-            check_fingerprint(header_metadata(path), diffusion_model_of(same_shape), path.name)
+            check_base_weights(same_shape, header_metadata(path), path.name)
 
 
 @pytest.mark.parametrize("target", [0.0, -0.5, 1.5, float("nan")])

@@ -8,7 +8,7 @@ import torch
 import comfy.ldm.flux.model
 import comfy.model_detection
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.devtools import tiny_flux
 
 
 def test_a_field_only_the_host_detection_knows_reaches_the_model(monkeypatch):

@@ -13,22 +13,32 @@ Flux.1 layout, as the blocks receive it:
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
-import torch.nn.functional as F
 
-from ..flops import FlopBreakdown, attention_flops, linear_flops
-from ..slicing import ModuleView, RunIndexCache, WeightSource, gather_sequence, gather_square_mask, gather_tokens
-from .flux_blocks import ReducedFluxBlock, Recorded, TokenSubsetMLP, UnitMeter, WidthSelections, call_forward, text_positions
-from .base import BlockInternals, BlockRef, BlockWork, CallShape, ModelAdapter, TokenLayout, UnsupportedModelError
-from .flux_coarse import FluxCoarseGrid
+from ...fingerprint import sample_parameters
+from ...flops import FlopBreakdown, attention_flops, linear_flops
+from ...slicing import RunIndexCache
+from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, UnsupportedModelError
+from ..capabilities import CallLayout, ModelInfo
+from .blocks import ReducedFluxBlock, WidthSelections, call_forward
+from .coarse import FluxCoarseGrid
+from .routing import FluxTokenRouting
+from .width import FluxWidthUnits
 
 DOUBLE = "double"
 SINGLE = "single"
+
+_STREAM_LINEARS = ("mod.lin", "attn.qkv", "attn.proj", "mlp.0", "mlp.2")
+# Flux.1's blocks as data: ComfyUI's patch keys, where the blocks live, the linears TD-LoRA can adapt.
+FLUX_BLOCK_KINDS = (
+    BlockKind(DOUBLE, "double_block", "double_blocks",
+              tuple(f"{stream}_{name}" for stream in ("img", "txt") for name in _STREAM_LINEARS)),
+    BlockKind(SINGLE, "single_block", "single_blocks", ("modulation.lin", "linear1", "linear2")),
+)
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,7 @@ class FluxAdapter(ModelAdapter):
     family = "flux"
     display_name = "Flux.1"
     supported_variants = ("Flux.1 dev", "Flux.1 schnell", "Flux.1 Fill", "Flux.1 Kontext")
+    block_kinds = FLUX_BLOCK_KINDS
 
     # Model classes of the Flux family tree that this adapter recognises but does not support yet.
     _REFUSED_CLASSES = {
@@ -73,7 +84,7 @@ class FluxAdapter(ModelAdapter):
     }
 
     @classmethod
-    def claims(cls, diffusion_model: torch.nn.Module) -> bool:
+    def claims(cls, diffusion_model: torch.nn.Module, host_model_name: str | None = None) -> bool:
         module = type(diffusion_model).__module__
         return module.startswith("comfy.ldm.flux") or module.startswith("comfy.ldm.chroma")
 
@@ -97,6 +108,23 @@ class FluxAdapter(ModelAdapter):
             [BlockRef(DOUBLE, i) for i in range(self.arch.depth_double)]
             + [BlockRef(SINGLE, i) for i in range(self.arch.depth_single)]
         )
+        a = self.arch
+        self._info = ModelInfo(
+            family=self.family,
+            display_name=self.display_name,
+            hidden_size=a.hidden_size,
+            num_heads=a.num_heads,
+            mlp_hidden=a.mlp_hidden,
+            depths=((DOUBLE, a.depth_double), (SINGLE, a.depth_single)),
+            fields={"patch_size": str(a.patch_size), "in_channels": str(a.latent_channels), "out_channels": str(a.out_channels)},
+            timestep_scale=1000.0,  # Flux embeds t = 1000 * sigma (timestep_embedding's time_factor)
+            fingerprint_parameters=sample_parameters(
+                diffusion_model, ("img_in.weight", "txt_in.weight", "final_layer.linear.weight"),
+                self.block_module(diffusion_model, self._blocks[0]), self.block_module(diffusion_model, self._blocks[-1]),
+            ),
+        )
+        self._routing = FluxTokenRouting()
+        self._width = FluxWidthUnits(a)
 
     def _refuse(self, what: str) -> None:
         raise UnsupportedModelError(
@@ -158,39 +186,42 @@ class FluxAdapter(ModelAdapter):
             axes_dim=tuple(int(a) for a in params.axes_dim),
         )
 
+    # --- what the model is --------------------------------------------------------------------
+    def model_info(self) -> ModelInfo:
+        return self._info
+
+    def image_tokens_of(self, latent: torch.Tensor) -> int:
+        p = self.arch.patch_size
+        return math.ceil(latent.shape[-2] / p) * math.ceil(latent.shape[-1] / p)
+
+    def call_layout(self, arguments: Mapping[str, Any]) -> CallLayout:
+        x = arguments["x"]
+        image = self.image_tokens_of(x)
+        for ref in arguments.get("ref_latents") or ():
+            image += self.image_tokens_of(ref)
+        guidance = self.arch.guidance_embed and arguments.get("guidance") is not None
+        return CallLayout(batch=x.shape[0], image_tokens=image, text_tokens=arguments["context"].shape[1], guidance=guidance)
+
+    def block_layout(self, block: BlockRef, args: Mapping[str, Any], layout: CallLayout) -> CallLayout:
+        # A double block's own text stream gives the text length the single blocks' joint sequence starts with.
+        if block.kind == DOUBLE and args["txt"].shape[1] != layout.text_tokens:
+            return replace(layout, text_tokens=args["txt"].shape[1])
+        return layout
+
     # --- blocks -------------------------------------------------------------------------------
     @property
     def blocks(self) -> tuple[BlockRef, ...]:
         return self._blocks
 
-    def patch_key(self, block: BlockRef) -> tuple[str, int]:
-        return (f"{block.kind}_block", block.index)
+    def hidden_states(self, block: BlockRef, args: Mapping[str, Any]) -> torch.Tensor:
+        return args["img"]
 
-    def block_module(self, diffusion_model: torch.nn.Module, block: BlockRef) -> torch.nn.Module:
-        blocks = diffusion_model.double_blocks if block.kind == DOUBLE else diffusion_model.single_blocks
-        return blocks[block.index]
-
-    def token_layout(self, block: BlockRef) -> TokenLayout:
-        return TokenLayout(text_first=True, pe_sequence_dim=2)
-
-    def block_tokens(self, block: BlockRef, args: Mapping[str, Any], text_tokens: int) -> BlockWork:
+    def block_work(self, block: BlockRef, args: Mapping[str, Any], layout: CallLayout) -> BlockWork:
         img = args["img"]
         if block.kind == DOUBLE:
             return BlockWork(batch=img.shape[0], image_tokens=img.shape[1], text_tokens=args["txt"].shape[1])
-        return BlockWork(batch=img.shape[0], image_tokens=img.shape[1] - text_tokens, text_tokens=text_tokens)
-
-    def linear_layers(self, module: torch.nn.Module, block: BlockRef) -> dict[str, torch.nn.Module]:
-        if block.kind == DOUBLE:
-            layers = {}
-            for stream in ("img", "txt"):
-                attn, mlp = getattr(module, f"{stream}_attn"), getattr(module, f"{stream}_mlp")
-                layers[f"{stream}_mod.lin"] = getattr(module, f"{stream}_mod").lin
-                layers[f"{stream}_attn.qkv"] = attn.qkv
-                layers[f"{stream}_attn.proj"] = attn.proj
-                layers[f"{stream}_mlp.0"] = mlp[0]
-                layers[f"{stream}_mlp.2"] = mlp[2]
-            return layers
-        return {"modulation.lin": module.modulation.lin, "linear1": module.linear1, "linear2": module.linear2}
+        text = layout.text_tokens
+        return BlockWork(batch=img.shape[0], image_tokens=img.shape[1] - text, text_tokens=text)
 
     def reduced_work(self, block: BlockRef, work: BlockWork, internals: BlockInternals) -> BlockWork:
         changes: dict[str, Any] = {}
@@ -209,135 +240,32 @@ class FluxAdapter(ModelAdapter):
         args: Mapping[str, Any],
         internals: BlockInternals,
         flop_log: list[float],
-        text_tokens: int,
+        layout: CallLayout,
         cache: RunIndexCache,
     ) -> dict:
         reduced = ReducedFluxBlock(self.arch, module, internals, flop_log, cache, args["img"].device)
         if block.kind == DOUBLE:
             img, txt = call_forward(type(module), reduced.double_view(), args)
             return {"img": img, "txt": txt}
-        return {"img": call_forward(type(module), reduced.single_view(text_tokens), args)}
+        return {"img": call_forward(type(module), reduced.single_view(layout.text_tokens), args)}
 
     def prepare_reductions(self, decisions: Iterable[BlockInternals], cache: RunIndexCache, device: torch.device) -> None:
         """Build the weight selections of many width decisions ahead (e.g. every step of a run), with all
         their gather indices in one host-to-device copy."""
         WidthSelections.prepare(cache, self.arch, decisions, device)
 
-    # --- token routing ------------------------------------------------------------------------
-    @property
-    def routes_tokens(self) -> bool:
-        return True
+    # --- capabilities -------------------------------------------------------------------------
+    def token_routing(self) -> FluxTokenRouting:
+        return self._routing
 
-    def image_tokens(self, block: BlockRef, stream: Mapping[str, Any], text_tokens: int) -> torch.Tensor:
-        img = stream["img"]
-        return img if block.kind == DOUBLE else img[:, text_tokens:]
-
-    def select_image_tokens(
-        self, block: BlockRef, args: Mapping[str, Any], index: torch.Tensor, text_tokens: int
-    ) -> dict:
-        text = torch.arange(text_tokens, device=index.device).expand(index.shape[0], -1)
-        joint = torch.cat((text, index + text_tokens), dim=1)  # positions in the [text, image] sequence
-        reduced = dict(args)
-        # The double block's txt stream is passed as is: the block updates it in place, as the host's would.
-        reduced["img"] = gather_tokens(args["img"], index if block.kind == DOUBLE else joint)
-        if args.get("pe") is not None:
-            reduced["pe"] = gather_sequence(args["pe"], joint, dim=2)
-        if args.get("attn_mask") is not None:
-            reduced["attn_mask"] = gather_square_mask(args["attn_mask"], joint)
-        return reduced
-
-    def merge_image_tokens(
-        self, block: BlockRef, args: Mapping[str, Any], reduced_out: Mapping[str, Any], index: torch.Tensor, text_tokens: int
-    ) -> dict:
-        img, out = args["img"], reduced_out["img"]
-        if block.kind == DOUBLE:
-            img.scatter_(1, index[..., None].expand(-1, -1, img.shape[-1]), out)
-        else:
-            img[:, :text_tokens] = out[:, :text_tokens]
-            img[:, text_tokens:].scatter_(1, index[..., None].expand(-1, -1, img.shape[-1]), out[:, text_tokens:])
-        return {**reduced_out, "img": img}
-
-    # --- width: unit counts, calibration inputs, timestep features ----------------------------
-    @property
-    def head_count(self) -> int:
-        return self.arch.num_heads
-
-    @property
-    def mlp_hidden(self) -> int:
-        return self.arch.mlp_hidden
-
-    @property
-    def output_channels(self) -> int:
-        return self.arch.out_channels
-
-    def neutral_arguments(self, latent: torch.Tensor, timestep: torch.Tensor, text_tokens: int, guidance: float) -> dict[str, Any]:
-        a, batch = self.arch, latent.shape[0]
-        x = latent
-        if a.latent_channels > latent.shape[1]:  # Fill: the masked-image and mask channels stay empty
-            x = torch.cat((latent, latent.new_zeros(batch, a.latent_channels - latent.shape[1], *latent.shape[2:])), dim=1)
-        arguments: dict[str, Any] = {"x": x, "timestep": timestep, "context": latent.new_zeros(batch, text_tokens, a.context_dim)}
-        if a.vec_dim is not None:
-            arguments["y"] = latent.new_zeros(batch, a.vec_dim)
-        if a.guidance_embed:
-            arguments["guidance"] = torch.full((batch,), float(guidance), device=latent.device, dtype=torch.float32)
-        return arguments
-
-    def timestep_features(self, diffusion_model: torch.nn.Module, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        # vec = time_in(timestep_embedding(t, 256)) before guidance and pooled text are added to it;
-        # the embedding function is the one the host's Flux module itself calls.
-        embedding = inspect.getmodule(type(diffusion_model)).timestep_embedding
-        return diffusion_model.time_in(embedding(timestep, 256).to(dtype))
-
-    def measure_units(
-        self,
-        module: torch.nn.Module,
-        block: BlockRef,
-        args: Mapping[str, Any],
-        mlp_group_count: int,
-        weights: WeightSource,
-    ) -> tuple[dict, torch.Tensor, torch.Tensor]:
-        a = self.arch
-        meter = UnitMeter(a.num_heads, mlp_group_count, weights)
-        group_size = a.mlp_hidden // mlp_group_count
-        if block.kind == DOUBLE:
-            overrides: dict[str, Any] = {}
-            for stream in ("img", "txt"):
-                attn, mlp = getattr(module, f"{stream}_attn"), getattr(module, f"{stream}_mlp")
-                modulation = overrides[f"{stream}_mod"] = Recorded(getattr(module, f"{stream}_mod"))
-                proj = meter.output_linear(attn.proj, [("heads", 0, a.head_dim)], lambda m=modulation: m.output[0].gate)
-                mlp_out = meter.output_linear(mlp[2], [("groups", 0, group_size)], lambda m=modulation: m.output[1].gate)
-                overrides[f"{stream}_attn"] = ModuleView(attn, proj=proj)
-                overrides[f"{stream}_mlp"] = TokenSubsetMLP(mlp[0], mlp[1], mlp_out, None)
-            img, txt = call_forward(type(module), ModuleView(module, **overrides), args)
-            out = {"img": img, "txt": txt}
-        else:
-            modulation = Recorded(module.modulation)
-            linear2 = meter.output_linear(
-                module.linear2,
-                [("heads", 0, a.head_dim), ("groups", a.hidden_size, group_size)],
-                lambda: modulation.output[0].gate,
-            )
-            out = {"img": call_forward(type(module), ModuleView(module, modulation=modulation, linear2=linear2), args)}
-        return out, meter.mean("heads"), meter.mean("groups")
-
-    # --- calls --------------------------------------------------------------------------------
-    def image_tokens_of(self, latent: torch.Tensor) -> int:
-        p = self.arch.patch_size
-        return math.ceil(latent.shape[-2] / p) * math.ceil(latent.shape[-1] / p)
-
-    def call_shape(self, arguments: Mapping[str, Any]) -> CallShape:
-        x = arguments["x"]
-        image = self.image_tokens_of(x)
-        for ref in arguments.get("ref_latents") or ():
-            image += self.image_tokens_of(ref)
-        guidance = self.arch.guidance_embed and arguments.get("guidance") is not None
-        return CallShape(batch=x.shape[0], image_tokens=image, text_tokens=arguments["context"].shape[1], guidance=guidance)
+    def width_units(self) -> FluxWidthUnits:
+        return self._width
 
     def coarse_grid(self) -> FluxCoarseGrid:
-        return FluxCoarseGrid(self.arch, self._blocks, self.family)
+        return FluxCoarseGrid(self.arch, self._blocks, self._info)
 
     # --- analytic FLOPs -----------------------------------------------------------------------
-    def stem_flops(self, shape: CallShape) -> FlopBreakdown:
+    def stem_flops(self, shape: CallLayout) -> FlopBreakdown:
         a, b = self.arch, shape.batch
         d = a.hidden_size
         embed = linear_flops(b * shape.image_tokens, a.latent_channels * a.patch_size**2, d)

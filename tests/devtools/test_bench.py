@@ -12,7 +12,7 @@ import comfy.supported_models
 import comfy.utils
 import folder_paths
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import bench, tiny_flux
+from comfyui_dynamic_dit.devtools import bench, tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import plan_of
 from comfyui_dynamic_dit.nodes.bench_conditioning import DynamicBenchmarkConditioning
 
@@ -28,7 +28,7 @@ def test_cases_take_several_settings_and_combinations():
 
 
 def test_all_expands_every_builder_at_its_sweep(monkeypatch):
-    monkeypatch.setattr(bench, "COMBINATIONS", ["tome:0.5+easycache:0.2"])
+    monkeypatch.setattr(bench.cases, "COMBINATIONS", ["tome:0.5+easycache:0.2"])
     names = [c.name for c in bench.parse_cases("all")]
     assert names[0] == "every method off"
     assert {f"EasyCache {float(v):g} (copied input)" for v in bench.SWEEPS["easycache"]} <= set(names)
@@ -107,7 +107,7 @@ def test_reference_model_benchmark_end_to_end():
     assert baseline.psnr == math.inf and baseline.ssim == pytest.approx(1.0)  # full compute against itself (repeat 2 vs 1)
     assert off.flops_ratio == 1.0 and off.psnr == math.inf and off.identical
     assert report.unpatched.identical and report.unpatched.psnr == math.inf and report.unpatched.flops_ratio is None
-    cache = by_name["EasyCache 1"]
+    cache = by_name["EasyCache 1 (copied input)"]
     assert cache.flops_ratio < 0.9 and math.isfinite(cache.psnr) and not cache.identical  # it skipped steps, measurably
     lazy = by_name["LazyCache 1"]  # skips whole model calls outside the executor: counted against the baseline
     assert lazy.flops_ratio < 0.9 and not lazy.identical
@@ -123,7 +123,7 @@ def test_reference_model_benchmark_end_to_end():
     cells = {row.split(" | ")[0][2:]: row.strip("| ").split(" | ") for row in rows[1:]}
     assert cells["full compute (every method off)"][6] == "inf"
     assert cells["every method off"][1] == "100.0%" and cells["every method off"][2] == "x1.00"
-    assert re.search(r"\| EasyCache 1 \| \d+\.\d% \| x\d+\.\d\d \|", section)
+    assert re.search(r"\| EasyCache 1 \(copied input\) \| \d+\.\d% \| x\d+\.\d\d \|", section)
     assert "**ToMe 0.5**: no effect on this model" in section and "attn1" in section
     assert re.search(r"Every method off vs the unpatched model: sampling wall time [+-]\d+\.\d% \(median\), [+-]\d+\.\d% \(fastest of 2; target .*bit-identical", section)
     assert "**every method off** is the same configuration as full compute" in section

@@ -2,7 +2,7 @@
 seed through a full-compute baseline and through the pack's nodes; prints the per-step speedup table
 and writes the chart image.
 
-    python -m dynamic_core.comfy_integration.demo [--steps 8] [--size 512] [--out out/]
+    python -m devtools.demo [--steps 8] [--size 512] [--out out/]
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ DEMO_CHAIN: tuple[tuple[str, dict[str, Any]], ...] = (
 
 def run_node(node_class: type, **inputs: Any) -> Any:
     """Call a node as ComfyUI would, with its declared defaults for every widget not given; its first output."""
-    from .patching import node_output
+    from ..dynamic_core.comfy_integration.patching import node_output
     from .workflows import widget_defaults
 
     return node_output(getattr(node_class(), node_class.FUNCTION)(**{**widget_defaults(node_class), **inputs}))
@@ -47,10 +47,18 @@ def run_node(node_class: type, **inputs: Any) -> Any:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     host.prepare(cpu=True)
-    pack = host.load_pack()
+    host.load_pack()
+    from comfyui_dynamic_dit.devtools import demo as pack_demo  # the pack's own copy, relative imports and all
+
+    return pack_demo.run(args)
+
+
+def run(args: argparse.Namespace) -> int:
     import torch
 
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+    pack = host.load_pack()
+
+    from comfyui_dynamic_dit.devtools import tiny_flux
 
     nodes = pack.NODE_CLASS_MAPPINGS
     config = tiny_flux.TinyFlux(hidden_size=args.hidden, num_heads=args.heads)

@@ -8,8 +8,8 @@ import copy
 import pytest
 import torch
 
-from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, BlockWork
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, BlockWork, CallLayout
+from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, effective_weight
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
 from comfyui_dynamic_dit.dynamic_core.slicing import RunIndexCache, unit_indices
@@ -30,6 +30,11 @@ def block_under_test(flux_model, kind: str, index: int, seed: int = 0):
     return adapter, adapter.block_module(dm, ref), ref, block_args(dm, kind, seed)
 
 
+def layout(text_tokens):
+    """A call layout with `text_tokens` text tokens (what a reduced single block needs to know)."""
+    return CallLayout(batch=B, image_tokens=N, text_tokens=text_tokens)
+
+
 def run_original(module, kind, args):
     args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
     if kind == "double":
@@ -40,7 +45,7 @@ def run_original(module, kind, args):
 
 def run_reduced(adapter, module, ref, args, internals, cache=None, flop_log=None):
     args = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
-    return adapter.run_block(module, ref, args, internals, flop_log if flop_log is not None else [], T, cache or RunIndexCache())
+    return adapter.run_block(module, ref, args, internals, flop_log if flop_log is not None else [], layout(T), cache or RunIndexCache())
 
 
 
@@ -291,7 +296,7 @@ def test_measured_units_are_each_units_share_of_the_output(flux_model, kind, ind
     adapter, module, block, args = block_under_test(flux_model, kind, index, seed=index)
     with torch.no_grad():
         fresh = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}  # blocks add in place
-        out, heads, groups = adapter.measure_units(module, block, fresh, UNIT_GROUPS, effective_weight)
+        out, heads, groups = adapter.width_units().measure_units(module, block, fresh, UNIT_GROUPS, effective_weight)
         expected_out = joint(run_original(module, kind, args))
         got_out = joint(out)
         expected_heads = torch.stack([head_share_oracle(module, kind, adapter.arch, args, h) for h in range(adapter.arch.num_heads)])
@@ -306,8 +311,8 @@ def test_measured_units_are_each_units_share_of_the_output(flux_model, kind, ind
 def test_neutral_arguments_run_the_model(flux_model, tiny_config):
     adapter = adapter_of(flux_model)
     dm = flux_model.model.diffusion_model
-    latent = torch.randn(1, adapter.output_channels, 8, 8)
-    arguments = adapter.neutral_arguments(latent, torch.tensor([0.5]), text_tokens=3, guidance=3.5)
+    latent = torch.randn(1, adapter.arch.out_channels, 8, 8)
+    arguments = adapter.width_units().neutral_arguments(latent, torch.tensor([0.5]), text_tokens=3, guidance=3.5)
     assert arguments["context"].shape == (1, 3, tiny_config.context_dim) and not arguments["context"].any()
     assert arguments["y"].shape == (1, tiny_config.vec_dim) and not arguments["y"].any()
     assert arguments["guidance"].tolist() == [3.5]
@@ -324,9 +329,9 @@ def test_timestep_features_are_the_models_own_time_embedding(flux_model):
 
     t = torch.tensor([0.3])
     with torch.no_grad():
-        features = adapter.timestep_features(dm, t, torch.float32)
+        features = adapter.width_units().timestep_features(dm, t, torch.float32)
         expected = dm.time_in(timestep_embedding(t, 256))
     assert features.shape == (1, adapter.arch.hidden_size)
     assert torch.equal(features, expected)
     with torch.no_grad():
-        assert not torch.allclose(features, adapter.timestep_features(dm, torch.tensor([0.9]), torch.float32))
+        assert not torch.allclose(features, adapter.width_units().timestep_features(dm, torch.tensor([0.9]), torch.float32))

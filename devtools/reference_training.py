@@ -1,6 +1,6 @@
 """Train the reference model: a small model of ComfyUI's own Flux class, on real photographs.
 
-    python -m dynamic_core.comfy_integration.reference_model --out reference/flux_photo_reference.safetensors
+    python -m devtools.reference_training --out reference/flux_photo_reference.safetensors
 
 No real FLUX weights can be downloaded here, and speed numbers mean little without fidelity next to
 them, so the benchmark needs a model whose images are worth comparing. This one is trained by flow
@@ -274,8 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     host.prepare(cpu=True)
     host.load_pack()
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration import reference_model as pack_module
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux
+    from comfyui_dynamic_dit.devtools import reference_training as pack_module
+    from comfyui_dynamic_dit.devtools import tiny_flux
 
     torch.set_num_threads(args.threads)
     config = TrainConfig(**{k: getattr(args, k) for k in TRAIN_ARGUMENTS})
@@ -288,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{(time.perf_counter() - started) / args.time_steps:.2f} s per step (batch {config.batch}, {config.image_size} px, "
               f"{torch.get_num_threads()} threads, including data loading and the final evaluation)")
         return 0
-    command = "python -m dynamic_core.comfy_integration.reference_model " + shlex.join(argv)
+    command = "python -m devtools.reference_training " + shlex.join(argv)
     print(f"training: {command}\n{json.dumps(asdict(config))}\n{tiny_flux.describe(model_config)}", flush=True)
     result = pack_module.train(config, model_config, log=lambda line: print(line, flush=True), checkpoint=args.checkpoint)
     metadata = {

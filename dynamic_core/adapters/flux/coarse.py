@@ -23,35 +23,26 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 from einops import rearrange
 
-from ..flops import linear_flops
-from ..slicing import ModuleView
-from .base import BlockRef
-from .coarse import CoarseGrid, PostInputPatch
+from ...flops import linear_flops
+from ...slicing import ModuleView
+from ..base import BlockRef
+from ..capabilities import CallLayout, ModelInfo
+from ..coarse import CoarseGrid, PostInputPatch, centred_rope_options
 
 if TYPE_CHECKING:
-    from .flux import FluxArchitecture
+    from .adapter import FluxArchitecture
 
 
 class FluxCoarseGrid(CoarseGrid):
-    def __init__(self, arch: "FluxArchitecture", blocks: tuple[BlockRef, ...], family: str) -> None:
+    def __init__(self, arch: "FluxArchitecture", blocks: tuple[BlockRef, ...], info: ModelInfo) -> None:
         self.arch = arch
         self.native_patch = arch.patch_size
         self.noisy_channels = arch.out_channels
         self._last_block = blocks[-1]
-        self._family = family
+        self._info = info
 
     def file_fields(self) -> dict[str, str]:
-        a = self.arch
-        return {
-            "architecture": self._family,
-            "hidden_size": str(a.hidden_size),
-            "num_heads": str(a.num_heads),
-            "depth_double": str(a.depth_double),
-            "depth_single": str(a.depth_single),
-            "patch_size": str(a.patch_size),
-            "in_channels": str(a.latent_channels),
-            "out_channels": str(a.out_channels),
-        }
+        return self._info.header("patch_size", "in_channels", "out_channels")
 
     def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
         extra = arguments.get("kwargs") or {}
@@ -90,18 +81,7 @@ class FluxCoarseGrid(CoarseGrid):
 
     def coarse_options(self, transformer_options: Mapping[str, Any], factor: int,
                        post_input: PostInputPatch | None = None) -> dict:
-        rope = dict(transformer_options.get("rope_options") or {})
-        for axis in ("y", "x"):
-            scale = float(rope.get(f"scale_{axis}", 1.0))
-            shift = float(rope.get(f"shift_{axis}", 0.0))
-            rope[f"scale_{axis}"] = scale * factor
-            rope[f"shift_{axis}"] = shift + scale * (factor - 1) / 2
-        options = {**transformer_options, "rope_options": rope}
-        if post_input is not None:
-            patches = dict(transformer_options.get("patches") or {})
-            patches["post_input"] = [post_input, *patches.get("post_input", [])]
-            options["patches"] = patches
-        return options
+        return centred_rope_options(transformer_options, factor, post_input)
 
     def patchify(self, x: torch.Tensor, size: int) -> torch.Tensor:
         return rearrange(x, "b c (h ph) (w pw) -> b (h w) (c ph pw)", ph=size, pw=size)
@@ -118,15 +98,19 @@ class FluxCoarseGrid(CoarseGrid):
     def last_block(self) -> BlockRef:
         return self._last_block
 
-    def image_hidden(self, block: BlockRef, block_out: Mapping[str, Any], text_tokens: int, count: int) -> torch.Tensor:
+    def image_hidden(self, block: BlockRef, block_out: Mapping[str, Any], layout: CallLayout, count: int) -> torch.Tensor:
         img = block_out["img"]
         if "txt" in block_out:  # double-stream block: the image stream alone
             return img[:, :count]
+        text_tokens = layout.text_tokens
         return img[:, text_tokens : text_tokens + count]  # single-stream block: [text, image, references]
 
-    def final_layer(self, diffusion_model: torch.nn.Module, hidden: torch.Tensor, vec: torch.Tensor,
+    def final_conditioning(self, block_args: Mapping[str, Any]) -> torch.Tensor:
+        return block_args["vec"]  # Flux modulates its final layer by the same vec as the blocks
+
+    def final_layer(self, diffusion_model: torch.nn.Module, hidden: torch.Tensor, conditioning: torch.Tensor,
                     linear: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        return ModuleView(diffusion_model.final_layer, linear=linear)(hidden, vec)
+        return ModuleView(diffusion_model.final_layer, linear=linear)(hidden, conditioning)
 
     def final_modulation_flops(self, batch: int) -> float:
         d = self.arch.hidden_size

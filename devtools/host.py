@@ -21,7 +21,7 @@ PACK_MODULE = "comfyui_dynamic_dit"
 
 
 def pack_root() -> Path:
-    return Path(__file__).resolve().parents[2]
+    return Path(__file__).resolve().parents[1]
 
 
 def cache_dir() -> Path:
@@ -46,7 +46,7 @@ def find_comfyui(install: bool = True) -> Path:
     if _is_comfyui(vendored):
         return vendored
     if not install:
-        raise FileNotFoundError("No ComfyUI found: set COMFYUI_PATH or run `python -m dynamic_core.comfy_integration.host`.")
+        raise FileNotFoundError("No ComfyUI found: set COMFYUI_PATH or run `python -m devtools.host`.")
     return install_vendored_comfyui(vendored)
 
 

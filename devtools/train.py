@@ -1,8 +1,8 @@
 """Train dynamic parts for a model by self-distillation (no dataset): the CLI front end.
 
-    python -m dynamic_core.train --target 0.5 --steps 600 --out reference/trained/ref_w50
-    python -m dynamic_core.train --parts width --target 0.6 --steps 300 --out /tmp/router --resume
-    torchrun --nproc_per_node 2 -m dynamic_core.train ...      # DistributedDataParallel (gloo on CPU)
+    python -m devtools.train --target 0.5 --steps 600 --out reference/trained/ref_w50
+    python -m devtools.train --parts width --target 0.6 --steps 300 --out /tmp/router --resume
+    torchrun --nproc_per_node 2 -m devtools.train ...      # DistributedDataParallel (gloo on CPU)
 
 Model: the pack's reference model (default; every photo class, or --classes) or `--tiny` (a random tiny
 Flux, for tests). The teacher is the frozen model at full compute: its sampling runs (the model's own
@@ -10,7 +10,12 @@ sampler and schedule, cfg with the null conditioning as negative) are recorded o
 caches them), then the student (the same weights with the parts switched on) learns to match its
 outputs at the target FLOPs ratio. Writes `<out>.width.safetensors` and/or `<out>.td_lora.safetensors`
 (the width router and TD-LoRA formats the Width Patcher and the TD-LoRA Loader read), sharing the
-training metadata; the checkpoint `<out>.ckpt` is written as training goes and `--resume` continues it.
+training metadata; the checkpoint `<out>.ckpt` is written as training goes and `--resume` continues it
+(checkpoints are for resuming, not for shipping: git ignores them).
+
+Developer tooling: it bootstraps a ComfyUI host (`devtools.host`) and trains the reference or a tiny model.
+The trainer itself (`dynamic_core/training/`, `comfy_integration/training_host.py`) is runtime, shared with
+the "Train Dynamic DiT" node, which trains the user's own model.
 """
 from __future__ import annotations
 
@@ -62,8 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
     # bad input: refused before the host starts or anything is sampled
-    from .training.student import StudentSpec
-    from .training.trainer import TrainConfig
+    try:  # the pack's package (imported by the host or a test)
+        from ..dynamic_core.training.student import StudentSpec
+        from ..dynamic_core.training.trainer import TrainConfig
+    except ImportError:  # `python -m devtools.train` from the pack's folder: plain PyTorch, importable before ComfyUI
+        from dynamic_core.training.student import StudentSpec
+        from dynamic_core.training.trainer import TrainConfig
 
     spec = StudentSpec(parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()), width_parts=args.width_parts,
                        experts=args.experts, rank=args.rank)
@@ -74,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
 
-    from .comfy_integration import host
+    from . import host
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     host.prepare(cpu=not _cuda_wanted())
@@ -83,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration import tiny_flux, training_host
+    from comfyui_dynamic_dit.devtools import tiny_flux  # the pack's own copies (loaded as its package by the host)
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
     from comfyui_dynamic_dit.dynamic_core.training import export, student as student_module, trainer
 
     # the same settings as the pack's own classes (the pack is loaded as its own package by the host)
@@ -127,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.distributed.barrier()
     result = trainer.train(student, bank, config, checkpoint=checkpoint, progress_bar=not args.no_progress, log=log)
     if rank == 0:
-        command = "python -m dynamic_core.train " + shlex.join(argv)
+        command = "python -m devtools.train " + shlex.join(argv)
         metadata = export.training_metadata(
             student, target=args.target, steps=result.steps, command=command, base_model=base_name,
             extra={"final_flops_ratio": f"{result.final_ratio:.4f}", "eval_distill_loss": f"{result.eval_loss:.5f}",

@@ -171,12 +171,12 @@ def patch_scheduler_workflow() -> list[Node]:
 
 
 def benchmark_conditioning_workflow() -> list[Node]:
-    """Prompt and negative as conditioning files for `python -m dynamic_core.comfy_integration.bench --model ...`."""
+    """Prompt and negative as conditioning files for `python -m devtools.bench --model ...`."""
     inputs = _flux_inputs()
     text = (
         "## Conditioning files for the benchmark\n\n"
         "Saves the prompt (and the negative) as files under `output/dynamic_dit_bench/` for the command-line "
-        "benchmark on your own checkpoint:\n\n`python -m dynamic_core.comfy_integration.bench --model "
+        "benchmark on your own checkpoint:\n\n`python -m devtools.bench --model "
         "flux1-dev.safetensors --positive <file> --vae ae.safetensors`\n\nNeeds the FLUX.1 text encoders "
         "(`clip_l.safetensors`, `t5xxl_fp16.safetensors` in `models/text_encoders/`)."
     )

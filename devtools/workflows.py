@@ -5,7 +5,7 @@ Widget order and link types come from the real node definitions, so a workflow c
 drift from the nodes. Nodes are placed in columns, each column's nodes stacked with their real sizes
 plus the title bar, so no two nodes overlap. Regenerate with:
 
-    python -m dynamic_core.comfy_integration.workflows   (writes example_workflows/*.json)
+    python -m devtools.workflows   (writes example_workflows/*.json)
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import reference_model, tiny_flux
+from comfyui_dynamic_dit.devtools import reference_training as reference_model, tiny_flux
 
 
 @pytest.fixture(scope="module")

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
 
 import torch
 
-from ..slicing import AxisSelection, ModuleView, ReducedLinear, RunIndexCache, WeightSource, gather_tokens, scatter_tokens
-from .base import BlockInternals
+from ...slicing import AxisSelection, ModuleView, ReducedLinear, RunIndexCache, gather_tokens, scatter_tokens
+from ..base import BlockInternals
+from ..block_views import Recorded, TokenSubsetMLP, UnitMeter  # noqa: F401  (shared with other families; importable from here as before)
 
 if TYPE_CHECKING:
-    from .flux import FluxArchitecture
+    from .adapter import FluxArchitecture
 
 _FORWARD_PARAMS: dict[type, frozenset[str]] = {}
 
@@ -35,19 +36,6 @@ def call_forward(block_class: type, view: Any, args: Mapping[str, Any]) -> Any:
     if "txt" in args:  # double-stream block
         return block_class.forward(view, img=args["img"], txt=args["txt"], **kwargs)
     return block_class.forward(view, args["img"], **kwargs)
-
-
-class TokenSubsetMLP:
-    """An MLP (in -> act -> out) that runs only on the selected tokens; the others get zero output."""
-
-    def __init__(self, mlp_in: Callable, act: Callable, mlp_out: Callable, tokens: torch.Tensor | None):
-        self.mlp_in, self.act, self.mlp_out, self.tokens = mlp_in, act, mlp_out, tokens
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tokens is None:
-            return self.mlp_out(self.act(self.mlp_in(x)))
-        selected = self.mlp_out(self.act(self.mlp_in(gather_tokens(x, self.tokens))))
-        return scatter_tokens(x.new_zeros(*x.shape[:-1], selected.shape[-1]), self.tokens, selected)
 
 
 class _SplitLinear1:
@@ -143,13 +131,16 @@ class ReducedFluxBlock:
 
     def linear(self, layer: torch.nn.Module, name: str, rows: AxisSelection | None = None,
                cols: AxisSelection | None = None, bias: bool = True):
+        override = self.internals.overridden(layer, name, rows is not None or cols is not None or not bias)
+        if override is not None:
+            return override
         extra = self.internals.extras.get(name)
         if rows is None and cols is None and extra is None and bias:
             return layer  # untouched: the host's own layer, exactly as in the full block
         return ReducedLinear(layer, rows, cols, extra, self.flop_log, use_bias=bias)
 
     def modulation(self, module: torch.nn.Module, name: str):
-        if f"{name}.lin" not in self.internals.extras:
+        if f"{name}.lin" not in self.internals.adapted_linears:
             return module
         return ModuleView(module, lin=self.linear(module.lin, f"{name}.lin"))
 
@@ -200,59 +191,3 @@ class ReducedFluxBlock:
                 width.head_count * self.arch.head_dim,
             )
         return ModuleView(module, **overrides)
-
-
-class Recorded:
-    """A submodule whose last output is kept (a modulation: the gates the block applies later)."""
-
-    def __init__(self, module: torch.nn.Module):
-        self.module, self.output = module, None
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        self.output = self.module(*args, **kwargs)
-        return self.output
-
-
-class UnitMeter:
-    """Sums, per attention head and per MLP group, the L2 norm of the unit's gated contribution to
-    the residual stream over every token that passes the block's output linears.
-
-    All units of a span are measured in one batched product on the device; nothing is read back
-    until the caller asks for the means.
-    """
-
-    def __init__(self, heads: int, groups: int, weights: WeightSource):
-        self.counts = {"heads": heads, "groups": groups}
-        self.sums: dict[str, torch.Tensor] = {}
-        self.tokens = {"heads": 0, "groups": 0}
-        self.weights = weights
-
-    def output_linear(self, layer: torch.nn.Module, spans: list[tuple[str, int, int]], gate: Callable[[], torch.Tensor]):
-        """`layer` as the block calls it, measuring the input column spans (kind, first column, unit size)."""
-
-        def run(x: torch.Tensor) -> torch.Tensor:
-            out = layer(x)
-            weight, _ = self.weights(layer, x)
-            gates = gate()
-            for kind, start, size in spans:
-                units = self.counts[kind]
-                end = start + units * size
-                inputs = x[..., start:end].unflatten(-1, (units, size))  # (..., U, s)
-                columns = weight[:, start:end].unflatten(-1, (units, size))  # (D, U, s)
-                shares = torch.einsum("...us,dus->...ud", inputs, columns) * gates.unsqueeze(-2)
-                norms = shares.float().norm(dim=-1).reshape(-1, units).sum(dim=0, dtype=torch.float64)
-                if kind in self.sums:
-                    self.sums[kind] += norms
-                else:
-                    self.sums[kind] = norms
-                self.tokens[kind] += x.shape[:-1].numel()
-            return out
-
-        return run
-
-    def mean(self, kind: str) -> torch.Tensor:
-        """(units,) mean share per token, on the device of the measured block."""
-        sums = self.sums.get(kind)
-        if sums is None or self.tokens[kind] == 0:
-            return torch.zeros(self.counts[kind])
-        return (sums / self.tokens[kind]).float()

@@ -3,7 +3,7 @@ import re
 
 from PIL import Image
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import demo
+from comfyui_dynamic_dit.devtools import demo
 
 
 def test_demo_prints_the_per_step_table_and_writes_the_chart(tmp_path, capsys):

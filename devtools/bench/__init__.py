@@ -1,0 +1,75 @@
+"""Speed and fidelity of dynamic settings side by side with ComfyUI's own accelerators, in one process.
+
+    python -m devtools.bench                       # the reference model, every case
+    python -m devtools.bench --cases off,easycache:0.1,0.2,tome:0.5 --repeats 5
+    python -m devtools.bench --model flux1-dev.safetensors --positive cat.safetensors \\
+        --vae ae.safetensors                                              # your own checkpoint
+    python -m devtools.bench --full-size-random    # FLUX.1-dev size, timing only
+
+Models: the committed reference model (a small Flux trained on photographs; fidelity is meaningful),
+`--model PATH` (a real checkpoint through ComfyUI's own loader, with conditioning files written by
+the "Save Conditioning for Benchmark" node), `--full-size-random` (FLUX.1-dev-sized random bf16
+weights on a GPU, 1024 px, 28 steps; a reduced size on the CPU) or `--random` (a tiny random Flux).
+
+Cases (`--cases`, comma separated): `off`, `easycache:0.1`, `tome:0.5`, ... A bare value repeats the
+case before it with another setting (`easycache:0.05,0.1,0.2`); `+` combines methods on one model
+(`width:0.5+diffcr:0.7`; settings of a combination multiply out); `all` is every case at its sweep
+settings plus the registered combinations.
+
+Every case samples the same jobs (conditioning x seed) with the same sampler; runs of all cases
+interleave (repeat 1 of every case, then repeat 2, ...) so machine noise spreads evenly. Per case:
+FLOPs executed vs the unpatched model (executor telemetry), model time (median over repeats of the
+summed diffusion-model call times, synchronised on CUDA) and its speedup against the full-compute
+baseline of the same process, PSNR and SSIM of the final images against full compute, and the wall
+time of the sampling calls. The unpatched model (no executor at all) runs too, for the overhead of
+"every method off". Output: a markdown section (stdout, `--markdown FILE` appends it), a Pareto plot
+PNG (speedup vs PSNR) and a contact sheet of the final images.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from .arguments import _parse
+from .arguments import _parse as parse_arguments
+
+# Names importable from the package as before the split, each from the module that defines it (loaded
+# when first asked for: `python -m devtools.bench` must read its arguments before ComfyUI is importable).
+_EXPORTS = {
+    "cases": ("CASE_BUILDERS", "COMBINATIONS", "COPY_INPUT_KEY", "SWEEPS", "TOME_NOTE", "Case", "_copy_input", "combine",
+              "parse_cases"),
+    "fidelity": ("latent_preview", "psnr", "ssim"),
+    "report": ("BENCHMARKS_HEADER", "COLUMNS", "append_markdown", "comfyui_version", "contact_sheet", "machine",
+               "markdown", "pareto_plot"),
+    "runner": ("Job", "Report", "Result", "Workload", "run_cases"),
+    "workloads": ("FLUX_DEV", "checkpoint_workload", "random_workload", "reference_workload"),
+    "cli": ("run",),
+}
+_CONDITIONING = ("CONDITIONING_FORMAT", "CONDITIONING_VERSION", "load_conditioning", "save_conditioning",
+                 "save_conditioning_to_output")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:  # the submodules themselves (`bench.cases`)
+        return importlib.import_module(f".{name}", __name__)
+    for module, names in _EXPORTS.items():
+        if name in names:
+            return getattr(importlib.import_module(f".{module}", __name__), name)
+    if name in _CONDITIONING:
+        return getattr(importlib.import_module("...dynamic_core.comfy_integration.conditioning_file", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_arguments(argv)
+    import torch
+
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .. import host
+
+    host.prepare(cpu=args.device == "cpu")
+    host.load_pack()
+    from comfyui_dynamic_dit.devtools.bench.cli import run  # the pack's own copy, relative imports and all
+
+    return run(args)

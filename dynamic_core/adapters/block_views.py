@@ -1,0 +1,78 @@
+"""Pieces every family's reduced and measured blocks share: an MLP run on a token subset, a submodule
+whose output is kept, and the meter of each head's and MLP group's share of a block's output."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ..slicing import WeightSource, gather_tokens, scatter_tokens
+
+
+class TokenSubsetMLP:
+    """An MLP (in -> act -> out) that runs only on the selected tokens; the others get zero output."""
+
+    def __init__(self, mlp_in: Callable, act: Callable, mlp_out: Callable, tokens: torch.Tensor | None):
+        self.mlp_in, self.act, self.mlp_out, self.tokens = mlp_in, act, mlp_out, tokens
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tokens is None:
+            return self.mlp_out(self.act(self.mlp_in(x)))
+        selected = self.mlp_out(self.act(self.mlp_in(gather_tokens(x, self.tokens))))
+        return scatter_tokens(x.new_zeros(*x.shape[:-1], selected.shape[-1]), self.tokens, selected)
+
+
+class Recorded:
+    """A submodule whose last output is kept (a modulation: the gates the block applies later)."""
+
+    def __init__(self, module: torch.nn.Module):
+        self.module, self.output = module, None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.output = self.module(*args, **kwargs)
+        return self.output
+
+
+class UnitMeter:
+    """Sums, per attention head and per MLP group, the L2 norm of the unit's gated contribution to
+    the residual stream over every token that passes the block's output linears.
+
+    All units of a span are measured in one batched product on the device; nothing is read back
+    until the caller asks for the means.
+    """
+
+    def __init__(self, heads: int, groups: int, weights: WeightSource):
+        self.counts = {"heads": heads, "groups": groups}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.tokens = {"heads": 0, "groups": 0}
+        self.weights = weights
+
+    def output_linear(self, layer: torch.nn.Module, spans: list[tuple[str, int, int]], gate: Callable[[], torch.Tensor]):
+        """`layer` as the block calls it, measuring the input column spans (kind, first column, unit size)."""
+
+        def run(x: torch.Tensor) -> torch.Tensor:
+            out = layer(x)
+            weight, _ = self.weights(layer, x)
+            gates = gate()
+            for kind, start, size in spans:
+                units = self.counts[kind]
+                end = start + units * size
+                inputs = x[..., start:end].unflatten(-1, (units, size))  # (..., U, s)
+                columns = weight[:, start:end].unflatten(-1, (units, size))  # (D, U, s)
+                shares = torch.einsum("...us,dus->...ud", inputs, columns) * gates.unsqueeze(-2)
+                norms = shares.float().norm(dim=-1).reshape(-1, units).sum(dim=0, dtype=torch.float64)
+                if kind in self.sums:
+                    self.sums[kind] += norms
+                else:
+                    self.sums[kind] = norms
+                self.tokens[kind] += x.shape[:-1].numel()
+            return out
+
+        return run
+
+    def mean(self, kind: str) -> torch.Tensor:
+        """(units,) mean share per token, on the device of the measured block."""
+        sums = self.sums.get(kind)
+        if sums is None or self.tokens[kind] == 0:
+            return torch.zeros(self.counts[kind])
+        return (sums / self.tokens[kind]).float()

@@ -1,0 +1,104 @@
+"""Coarse patch grids for Wan as ComfyUI runs it (see `coarse.py` for the seam): training-free only.
+
+Facts about ComfyUI's Wan this relies on (comfy/ldm/wan/model.py, v0.3.76 and newer):
+- `rope_encode` gives the token at grid row i the position `shift_y + i * scale_y` (and the same along
+  x) from `transformer_options["rope_options"]`, like Flux, so a coarse token gets the centre of the
+  native tokens it covers (`centred_rope_options`). Frames keep their positions: the time patch is
+  unchanged, only height and width go coarse.
+- The model's timestep is 1000 * sigma (ModelSamplingDiscreteFlow, multiplier 1000; CONST: the input
+  is the sampler's x itself), so the flow time of a call is timestep / 1000.
+- Latents concatenated along time (`time_dim_concat`), reference latents (`ref_conv`) and in-context
+  latents are embedded at their native size next to the video, per-frame timesteps (2.2 TI2V with an
+  image) vary over the frames: such calls stay native.
+- Wan has no post-input patch point, so a trained coarse embedding cannot replace the embedded tokens
+  through the host's own forward: the training-free coarse step is all this grid offers.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+
+from ..base import BlockRef, UnsupportedModelError
+from ..capabilities import CallLayout, ModelInfo
+from ..coarse import CoarseGrid, PostInputPatch, centred_rope_options
+
+if TYPE_CHECKING:
+    from .adapter import WanArchitecture
+
+TIME_SCALE = 1000.0  # Wan's model sampling passes timestep = 1000 * sigma
+_NO_TRAINED = "Wan has no post-input patch point: coarse steps on Wan run training-free, without a trained embedding"
+
+
+class WanCoarseGrid(CoarseGrid):
+    trained_embedding = False
+
+    def __init__(self, arch: "WanArchitecture", blocks: tuple[BlockRef, ...], info: ModelInfo) -> None:
+        self.arch = arch
+        self.native_patch = arch.patch_size[1]
+        self.noisy_channels = arch.out_channels
+        self._last_block = blocks[-1]
+        self._info = info
+
+    def file_fields(self) -> dict[str, str]:
+        return self._info.header("patch_size", "in_channels", "out_channels")
+
+    def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
+        extra = arguments.get("kwargs") or {}
+        if arguments.get("time_dim_concat") is not None:
+            return "latents concatenated along time are embedded at their native size"
+        if extra.get("reference_latent") is not None or extra.get("context_latents") is not None:
+            return "reference latents are embedded at their native size"
+        if extra.get("control") is not None or arguments.get("control") is not None:
+            return "control residuals are laid out per native token"
+        timestep = arguments.get("timestep")
+        if isinstance(timestep, torch.Tensor) and timestep.ndim > 1:
+            return "the timestep varies over the frames"
+        return None
+
+    def sampling_refusal(self, model_sampling: Any) -> str | None:
+        """The coarse time shift assumes flow matching with the model's timestep at 1000 * sigma."""
+        if model_sampling is None:
+            return None
+        timestep = float(model_sampling.timestep(torch.tensor([0.5])).reshape(-1)[0])
+        if abs(timestep - 0.5 * TIME_SCALE) > 1e-3:
+            return f"the model sampling passes timestep {timestep:.4g} for sigma 0.5, not Wan's 1000 * sigma"
+        return None
+
+    def flow_time(self, arguments: Mapping[str, Any]) -> torch.Tensor:
+        return arguments["timestep"].float() / TIME_SCALE
+
+    def with_flow_time(self, arguments: Mapping[str, Any], t: torch.Tensor) -> dict[str, Any]:
+        return {"timestep": (t * TIME_SCALE).to(arguments["timestep"].dtype)}
+
+    def coarse_options(self, transformer_options: Mapping[str, Any], factor: int,
+                       post_input: PostInputPatch | None = None) -> dict:
+        if post_input is not None:
+            raise UnsupportedModelError(_NO_TRAINED)
+        return centred_rope_options(transformer_options, factor)
+
+    def patchify(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        raise UnsupportedModelError(_NO_TRAINED)
+
+    def unpatchify(self, tokens: torch.Tensor, rows: int, cols: int, size: int) -> torch.Tensor:
+        raise UnsupportedModelError(_NO_TRAINED)
+
+    def replace_image_tokens(self, embedded: dict, tokens: torch.Tensor) -> dict:
+        raise UnsupportedModelError(_NO_TRAINED)
+
+    @property
+    def last_block(self) -> BlockRef:
+        return self._last_block
+
+    def image_hidden(self, block: BlockRef, block_out: Mapping[str, Any], layout: CallLayout, count: int) -> torch.Tensor:
+        raise UnsupportedModelError(_NO_TRAINED)
+
+    def final_conditioning(self, block_args: Mapping[str, Any]) -> Any:
+        raise UnsupportedModelError(_NO_TRAINED)
+
+    def final_layer(self, diffusion_model: torch.nn.Module, hidden: torch.Tensor, conditioning: Any,
+                    linear: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        raise UnsupportedModelError(_NO_TRAINED)
+
+    def final_modulation_flops(self, batch: int) -> float:
+        return 0.0
