@@ -68,3 +68,17 @@ def file_format(path: str | os.PathLike) -> str | None:
         found = None
     _format_cache[path] = (key, found)
     return found
+
+
+def header_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The header metadata of a safetensors file without reading its tensors ({} when unreadable: the
+    file's own loader reports what is wrong)."""
+    try:
+        with open(os.fspath(path), "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 0 < size <= _MAX_HEADER_BYTES:
+                return {}
+            metadata = json.loads(handle.read(size)).get("__metadata__") or {}
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {str(k): str(v) for k, v in metadata.items()} if isinstance(metadata, dict) else {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 
 from ..dynamic_core.comfy_integration.td_lora_files import apply_td_lora, file_choices, load_td_lora, path_of, read_file
+from ..dynamic_core.comfy_integration.patching import check_base_weights
 from ..dynamic_core.methods.td_lora import STRENGTH_RANGE
 
 
@@ -50,6 +51,7 @@ class DynamicTDLoRALoader:
         path = path_of(file)
         tensors, metadata = self._read(path)
         lora = load_td_lora(model, tensors, metadata, file)
+        check_base_weights(model, metadata, f"TD-LoRA file '{file}'")  # trained files name their base
         return (apply_td_lora(model, lora, strength),)
 
 

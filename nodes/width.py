@@ -1,7 +1,8 @@
 """Dynamic Width Patcher: fewer attention heads and MLP channels at noisy steps (DyDiT TDW)."""
 from __future__ import annotations
 
-from ..dynamic_core.comfy_integration.patching import apply_settings, model_files, model_file_path
+from ..dynamic_core.comfy_integration.patching import apply_settings, check_base_weights, model_files, model_file_path
+from ..dynamic_core.files import header_metadata
 from ..dynamic_core.methods.width import PRESET_LABELS, PRESETS, ROUTER_FORMAT, WidthSettings, load_width_router
 
 NO_ROUTER = "none (training-free)"
@@ -115,6 +116,8 @@ class DynamicWidthPatcher:
         settings = width_settings(
             preset, parts, noisy_width, clean_width, target_flops, start_percent, end_percent, router, mlp_groups
         )
+        if router != NO_ROUTER:  # a trained router fits the base weights it was trained on (shapes alone cannot tell)
+            check_base_weights(model, header_metadata(model_file_path(router)), f"Width router '{router}'")
         return (apply_settings(model, settings),)
 
 

@@ -2,6 +2,8 @@
 import ast
 from pathlib import Path
 
+import pytest
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HOST_MODULES = {"comfy", "comfy_extras", "comfy_api", "comfy_execution", "folder_paths", "nodes", "server", "node_helpers"}
 
@@ -58,11 +60,12 @@ def _imported_modules(path: Path) -> set[str]:
 FAMILY_ARGUMENTS = {"img", "txt", "vec", "pe", "x", "e", "freqs", "context", "context_img_len", "timestep", "guidance"}
 
 
-def test_methods_talk_to_adapters_only_through_capabilities():
-    """No file under methods/ imports an adapter family or reads a family's argument names."""
+@pytest.mark.parametrize("folder", ["methods", "training"])
+def test_methods_and_the_trainer_talk_to_adapters_only_through_capabilities(folder):
+    """No file under methods/ or training/ imports an adapter family or reads a family's argument names."""
     families = {path.name for path in (REPO_ROOT / "dynamic_core" / "adapters").iterdir() if (path / "__init__.py").exists()}
     imports, reads = {}, {}
-    for path in (REPO_ROOT / "dynamic_core" / "methods").rglob("*.py"):
+    for path in (REPO_ROOT / "dynamic_core" / folder).rglob("*.py"):
         name = str(path.relative_to(REPO_ROOT))
         family_imports = sorted(m for m in _imported_modules(path) if any(f"adapters.{f}" in m for f in families))
         if family_imports:

@@ -52,6 +52,11 @@ def test_package_leaves_out_tests_benchmarks_and_training():
     shipped = shipped_files()
     assert not [p for p in shipped if p.startswith(("tests/", "benchmarks/", ".ci/", "scripts/"))]
     assert "devtools/reference_training.py" not in shipped and "BENCHMARKS.md" not in shipped
+    # training-only: the CLI, the benchmark's trained files, checkpoints; the node's trainer and the loaders' checks ship
+    assert "devtools/train.py" not in shipped and not [p for p in shipped if p.startswith("reference/trained/") or p.endswith(".ckpt")]
+    for needed in ("nodes/train.py", "dynamic_core/training/trainer.py", "dynamic_core/comfy_integration/training_host.py",
+                   "dynamic_core/fingerprint.py", "dynamic_core/files.py"):
+        assert needed in shipped, needed
     for needed in ("__init__.py", "LICENSE", "pyproject.toml", "web/js/dynamic_dit.js", "reference/flux_photo_reference.safetensors",
                    "example_workflows/try_it.json", "example_workflows/try_it.jpg", "nodes/reference.py"):
         assert needed in shipped, needed
@@ -70,7 +75,7 @@ def test_shipped_files_alone_load_in_comfyui(tmp_path, comfyui_path):
     ).replace("sys.argv_pack", repr(str(pack)))
     result = subprocess.run([sys.executable, "-c", script], cwd=comfyui_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[0] == "9" and "torch.Size([1, 16, 32, 32])" in result.stdout, result.stdout
+    assert result.stdout.split()[0] == "10" and "torch.Size([1, 16, 32, 32])" in result.stdout, result.stdout
 
 
 def test_required_comfyui_version_is_the_one_tested(comfyui_path):

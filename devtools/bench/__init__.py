@@ -39,7 +39,8 @@ from .arguments import _parse as parse_arguments
 # Names importable from the package as before the split, each from the module that defines it (loaded
 # when first asked for: `python -m devtools.bench` must read its arguments before ComfyUI is importable).
 _EXPORTS = {
-    "cases": ("CASE_BUILDERS", "COMBINATIONS", "SWEEPS", "TOME_NOTE", "Case", "combine", "parse_cases"),
+    "cases": ("CASE_BUILDERS", "COMBINATIONS", "COPY_INPUT_KEY", "SWEEPS", "TOME_NOTE", "Case", "_copy_input", "combine",
+              "parse_cases"),
     "fidelity": ("latent_preview", "psnr", "ssim"),
     "report": ("BENCHMARKS_HEADER", "COLUMNS", "append_markdown", "comfyui_version", "contact_sheet", "machine",
                "markdown", "pareto_plot"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 # --- cases ---------------------------------------------------------------------------------------
@@ -37,16 +38,62 @@ def _number(arg: str | None, default: float, what: str, low: float, high: float)
     return value
 
 
+COPY_INPUT_KEY = "dynamic_dit.bench.copy_input"
+
+
+def _copy_input(executor, x, *args, **kwargs):
+    """Hands the model a copy of its input x. ComfyUI's EasyCache adds its cached difference into x in place
+    (`x += diff`); on a float32 model that x is the sampler's own tensor, which flow models later use for the
+    denoised output, so every skipped step corrupts the image (8.8 dB where bf16 users get ~22 dB). bf16 and
+    fp16 users never see this: their x is cast to a new tensor first. The benchmark compares with EasyCache
+    as those users get it."""
+    return executor(x.clone(), *args, **kwargs)
+
+
 def _easycache(threshold: float, lazy: bool = False) -> Callable[[Any], Any]:
     def build(model):
+        from comfy.patcher_extension import WrappersMP
         from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
 
         from ...dynamic_core.comfy_integration.patching import node_output
 
-        node = LazyCacheNode if lazy else EasyCacheNode
-        return _off(node_output(node.execute(model, threshold, 0.15, 0.95, False)))
+        if lazy:  # LazyCache computes x + diff out of place
+            return _off(node_output(LazyCacheNode.execute(model, threshold, 0.15, 0.95, False)))
+        copying = model.clone()
+        copying.add_wrapper_with_key(WrappersMP.DIFFUSION_MODEL, COPY_INPUT_KEY, _copy_input)  # outside EasyCache's wrapper
+        return _off(node_output(EasyCacheNode.execute(copying, threshold, 0.15, 0.95, False)))
 
     return build
+
+
+def _trained(arg: str | None) -> Case:
+    """`trained:<stem>`: the files `python -m devtools.train` wrote (<stem>.width / .td_lora.safetensors)."""
+    if not arg:
+        raise ValueError("trained: give the output stem of a training run, e.g. trained:reference/trained/flux_photo_reference_t50")
+    stem = Path(arg)
+    width, lora = Path(f"{stem}.width.safetensors"), Path(f"{stem}.td_lora.safetensors")
+    if not width.is_file() and not lora.is_file():
+        raise ValueError(f"trained: neither {width} nor {lora} exists")
+
+    def build(model):
+        from ...dynamic_core.comfy_integration.patching import apply_settings, check_base_weights, install_executor
+        from ...dynamic_core.comfy_integration.td_lora_files import apply_td_lora
+        from ...dynamic_core.files import header_metadata
+        from ...dynamic_core.methods.td_lora_file import load_td_lora_file
+        from ...dynamic_core.methods.width import WidthSettings
+        from ...dynamic_core.methods.width_file import load_width_router
+
+        patched = install_executor(model)
+        if width.is_file():
+            check_base_weights(model, header_metadata(width), width.name)
+            patched = apply_settings(patched, WidthSettings(router=load_width_router(width)))
+        if lora.is_file():
+            check_base_weights(model, header_metadata(lora), lora.name)
+            patched = apply_td_lora(patched, load_td_lora_file(lora), 1.0)
+        return patched
+
+    parts = [p for p, f in (("width router", width), ("TD-LoRA", lora)) if f.is_file()]
+    return Case(f"trained {stem.name} ({' + '.join(parts)})", build, family="trained")
 
 
 def _tome(ratio: float) -> Callable[[Any], Any]:
@@ -184,7 +231,7 @@ TOME_NOTE = (
 CASE_BUILDERS: dict[str, Callable[[str | None], Case]] = {
     "off": lambda arg: Case("every method off", _off, family="off"),
     "easycache": lambda arg: Case(
-        f"EasyCache {_number(arg, 0.2, 'EasyCache reuse threshold', 0.0, 3.0):g}",
+        f"EasyCache {_number(arg, 0.2, 'EasyCache reuse threshold', 0.0, 3.0):g} (copied input)",
         _easycache(_number(arg, 0.2, "EasyCache reuse threshold", 0.0, 3.0)),
         family="EasyCache",
     ),
@@ -209,6 +256,7 @@ CASE_BUILDERS: dict[str, Callable[[str | None], Case]] = {
     "tdlora": _td_lora,
     "ramp": _width_ramp,
     "router": _router_node,
+    "trained": _trained,
 }
 
 # name -> the settings `--cases all` runs (a builder without an entry runs once at its default)
@@ -246,7 +294,7 @@ def combine(parts: Sequence[Case]) -> Case:
 def _all_cases_spec() -> list[str]:
     specs = ["off"]
     for name in CASE_BUILDERS:
-        if name == "off":
+        if name in ("off", "trained"):  # trained needs the path of a training run
             continue
         settings = SWEEPS.get(name)
         specs.extend([f"{name}:{setting}" for setting in settings] if settings else [name])  # settings may hold ':'

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 
@@ -63,10 +63,29 @@ class BlockInternals:
     mlp_group_count: int = 0
     mlp_tokens: torch.Tensor | None = None  # (B, k) image tokens that run the MLP; the others skip it
     extras: Mapping[str, LinearExtra] = field(default_factory=dict)  # linear name -> addend (LoRA bypass)
+    # Training only (the executor never sets it): linear name -> a function of the host layer returning what
+    # the block calls instead (a trainer's masked linear with trainable bypasses). Full width only: masks
+    # keep every column, so nothing is removed; the trained decisions remove it at inference.
+    linear_overrides: Mapping[str, Callable[[torch.nn.Module], Callable[[torch.Tensor], torch.Tensor]]] = field(default_factory=dict)
 
     @property
     def is_full(self) -> bool:
-        return self.heads is None and self.mlp_groups is None and self.mlp_tokens is None and not self.extras
+        return (self.heads is None and self.mlp_groups is None and self.mlp_tokens is None and not self.extras
+                and not self.linear_overrides)
+
+    @property
+    def adapted_linears(self) -> frozenset[str]:
+        """Names of the linears an extra or an override touches (the block views rebuild those)."""
+        return frozenset(self.extras) | frozenset(self.linear_overrides)
+
+    def overridden(self, layer: torch.nn.Module, name: str, narrowed: bool) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        """The override of linear `name` built on `layer`, or None; refused on a narrowed layer."""
+        build = self.linear_overrides.get(name)
+        if build is None:
+            return None
+        if narrowed:
+            raise ValueError(f"linear '{name}': a training override runs at full width only, not on a narrowed layer")
+        return build(layer)
 
     def with_changes(self, **changes: Any) -> "BlockInternals":
         return replace(self, **changes)
@@ -99,6 +118,8 @@ class ModelAdapter(ABC):
     block_kinds: ClassVar[tuple[BlockKind, ...]]
     # The diffusion model's parameter that holds the noisy latent (ComfyUI's DiTs all call it "x").
     latent_argument: ClassVar[str] = "x"
+    # Its parameter that holds the timestep (what `WidthUnits.timestep_features` reads; ComfyUI's DiTs: "timestep").
+    timestep_argument: ClassVar[str] = "timestep"
 
     @classmethod
     @abstractmethod

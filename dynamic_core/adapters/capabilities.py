@@ -19,7 +19,7 @@ import torch
 
 if TYPE_CHECKING:
     from ..slicing import WeightSource
-    from .base import BlockRef
+    from .base import BlockRef, BlockWork
 
 # t = 1000 * sigma: how DiT families (DiT, Flux, Wan) embed a flow-matching sigma in [0, 1] as a time.
 SINUSOIDAL_TIME_SCALE = 1000.0
@@ -40,10 +40,15 @@ class ModelInfo:
     # t = timestep_scale * sigma is the time the family embeds sinusoidally (Flux and Wan: 1000), the
     # default of a TD-LoRA gate's embedding.
     timestep_scale: float = SINUSOIDAL_TIME_SCALE
+    # Parameters (by name in the diffusion model) every variant has, whose values identify the base
+    # weights: what a trained file's fingerprint samples (fingerprint.py). Empty: the first 2-D ones.
+    fingerprint_parameters: tuple[str, ...] = ()
 
-    def header(self, *extra: str) -> dict[str, str]:
+    def header(self, *extra: str, weights: torch.nn.Module | None = None) -> dict[str, str]:
         """File metadata naming this model: architecture, hidden_size, num_heads, depth_<kind>, plus the
-        `extra` fields a format also checks (e.g. "mlp_hidden", "patch_size")."""
+        `extra` fields a format also checks (e.g. "mlp_hidden", "patch_size"). With `weights` (the
+        diffusion model), also `base_fingerprint`: a sample of those weights, for files that only fit
+        them (trained parts); shapes alone cannot tell one fine-tune from another."""
         out = {"architecture": self.family, "hidden_size": str(self.hidden_size), "num_heads": str(self.num_heads)}
         out.update({f"depth_{kind}": str(count) for kind, count in self.depths})
         known = {"mlp_hidden": str(self.mlp_hidden), **self.fields}
@@ -51,6 +56,10 @@ class ModelInfo:
             if name not in known:
                 raise KeyError(f"{self.display_name} models have no header field '{name}' (known: {', '.join(known)})")
             out[name] = known[name]
+        if weights is not None:
+            from ..fingerprint import METADATA_KEY, fingerprint_text
+
+            out[METADATA_KEY] = fingerprint_text(weights, self)
         return out
 
 
@@ -107,6 +116,17 @@ class WidthUnits(ABC):
     @abstractmethod
     def timestep_features(self, diffusion_model: torch.nn.Module, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(B, hidden_size) features of the timestep alone (no text, no guidance), computed by the model's own code."""
+
+    def unit_columns(self, block: "BlockRef") -> Mapping[str, tuple[tuple[str, int, int], ...]]:
+        """The block's output linears (by `BlockKind.linears` name) and the input columns each unit kind
+        owns there: (kind "heads" or "groups", first column, columns of all units of that kind). Zeroing a
+        unit's columns is exactly what removing the unit does, which is how a trainer masks it."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its output columns (needed to train a width router)")
+
+    def linear_sizes(self, block: "BlockRef", work: "BlockWork") -> Mapping[str, tuple[int, int, int]]:
+        """(rows, in_features, out_features) of each block linear for a call of `work` at its width
+        (`work.heads`, `work.mlp_hidden`); rows counts the batch. A trainer's bypass FLOPs follow them."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its linear sizes (needed to train TD-LoRA with width)")
 
     @abstractmethod
     def measure_units(self, module: torch.nn.Module, block: "BlockRef", args: Mapping[str, Any], mlp_group_count: int,

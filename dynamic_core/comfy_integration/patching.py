@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -55,6 +55,14 @@ def diffusion_model_of(model_patcher: Any) -> torch.nn.Module:
 def adapter_of(model_patcher: Any) -> ModelAdapter:
     """The adapter for a patcher's model; raises UnsupportedModelError naming what is supported."""
     return adapter_for(diffusion_model_of(model_patcher), type(model_patcher.model).__name__)
+
+
+def check_base_weights(model_patcher: Any, metadata: Mapping[str, str], name: str) -> None:
+    """A trained file fits only the base weights it was trained on: refuse it (ValueError) when its
+    header's `base_fingerprint` names other weights, also when every shape matches (another fine-tune)."""
+    from ..fingerprint import check_fingerprint
+
+    check_fingerprint(metadata, diffusion_model_of(model_patcher), adapter_of(model_patcher).model_info(), name)
 
 
 def plan_of(model_patcher: Any) -> DynamicPlan | None:

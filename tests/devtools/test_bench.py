@@ -20,21 +20,21 @@ from comfyui_dynamic_dit.nodes.bench_conditioning import DynamicBenchmarkConditi
 # --- cases ---------------------------------------------------------------------------------------
 def test_cases_take_several_settings_and_combinations():
     names = [c.name for c in bench.parse_cases("off,easycache:0.1,0.2,tome:0.5,lazycache")]
-    assert names == ["every method off", "EasyCache 0.1", "EasyCache 0.2", "ToMe 0.5", "LazyCache 0.2"]
+    assert names == ["every method off", "EasyCache 0.1 (copied input)", "EasyCache 0.2 (copied input)", "ToMe 0.5", "LazyCache 0.2"]
     combos = bench.parse_cases("tome:0.3+easycache:0.1,0.4")
-    assert [c.name for c in combos] == ["ToMe 0.3 + EasyCache 0.1", "ToMe 0.3 + EasyCache 0.4"]
+    assert [c.name for c in combos] == ["ToMe 0.3 + EasyCache 0.1 (copied input)", "ToMe 0.3 + EasyCache 0.4 (copied input)"]
     assert combos[0].family == "ToMe+EasyCache"
-    assert [c.name for c in bench.parse_cases(["easycache:0.1", "easycache:0.1"])] == ["EasyCache 0.1"]  # no duplicates
+    assert [c.name for c in bench.parse_cases(["easycache:0.1", "easycache:0.1"])] == ["EasyCache 0.1 (copied input)"]  # no duplicates
 
 
 def test_all_expands_every_builder_at_its_sweep(monkeypatch):
     monkeypatch.setattr(bench.cases, "COMBINATIONS", ["tome:0.5+easycache:0.2"])
     names = [c.name for c in bench.parse_cases("all")]
     assert names[0] == "every method off"
-    assert {f"EasyCache {float(v):g}" for v in bench.SWEEPS["easycache"]} <= set(names)
+    assert {f"EasyCache {float(v):g} (copied input)" for v in bench.SWEEPS["easycache"]} <= set(names)
     assert {f"ToMe {float(v):g}" for v in bench.SWEEPS["tome"]} <= set(names)
-    assert names[-1] == "ToMe 0.5 + EasyCache 0.2"
-    expected = 1 + sum(len(bench.SWEEPS.get(name, (None,))) for name in bench.CASE_BUILDERS if name != "off") + 1
+    assert names[-1] == "ToMe 0.5 + EasyCache 0.2 (copied input)"
+    expected = 1 + sum(len(bench.SWEEPS.get(name, (None,))) for name in bench.CASE_BUILDERS if name not in ("off", "trained")) + 1
     assert len(names) == expected  # every builder at every sweep setting, none lost to the case syntax
 
 
@@ -55,6 +55,19 @@ def test_a_combination_composes_both_patches(flux_model):
     assert "easycache" in options and "attn1_patch" in options.get("patches", {})
     assert plan_of(patched) is not None  # the executor is installed on top
     assert plan_of(flux_model) is None and "easycache" not in flux_model.model_options.get("transformer_options", {})
+
+
+def test_easycache_gets_a_copy_of_the_input_from_a_wrapper_outside_its_own(flux_model):
+    """ComfyUI's EasyCache adds into x in place, which corrupts fp32 flow sampling; bf16 users get a cast copy."""
+    from comfy.patcher_extension import WrappersMP
+
+    (case,) = bench.parse_cases("easycache:0.2")
+    keys = list(case.build(flux_model).wrappers[WrappersMP.DIFFUSION_MODEL])
+    assert keys.index(bench.COPY_INPUT_KEY) < keys.index("easycache")
+    seen = []
+    x = torch.zeros(1)
+    bench._copy_input(lambda inner, *rest: seen.append(inner), x, 1)
+    assert seen and seen[0] is not x and torch.equal(seen[0], x)
 
 
 # --- fidelity ------------------------------------------------------------------------------------
@@ -94,7 +107,7 @@ def test_reference_model_benchmark_end_to_end():
     assert baseline.psnr == math.inf and baseline.ssim == pytest.approx(1.0)  # full compute against itself (repeat 2 vs 1)
     assert off.flops_ratio == 1.0 and off.psnr == math.inf and off.identical
     assert report.unpatched.identical and report.unpatched.psnr == math.inf and report.unpatched.flops_ratio is None
-    cache = by_name["EasyCache 1"]
+    cache = by_name["EasyCache 1 (copied input)"]
     assert cache.flops_ratio < 0.9 and math.isfinite(cache.psnr) and not cache.identical  # it skipped steps, measurably
     lazy = by_name["LazyCache 1"]  # skips whole model calls outside the executor: counted against the baseline
     assert lazy.flops_ratio < 0.9 and not lazy.identical
@@ -110,7 +123,7 @@ def test_reference_model_benchmark_end_to_end():
     cells = {row.split(" | ")[0][2:]: row.strip("| ").split(" | ") for row in rows[1:]}
     assert cells["full compute (every method off)"][6] == "inf"
     assert cells["every method off"][1] == "100.0%" and cells["every method off"][2] == "x1.00"
-    assert re.search(r"\| EasyCache 1 \| \d+\.\d% \| x\d+\.\d\d \|", section)
+    assert re.search(r"\| EasyCache 1 \(copied input\) \| \d+\.\d% \| x\d+\.\d\d \|", section)
     assert "**ToMe 0.5**: no effect on this model" in section and "attn1" in section
     assert re.search(r"Every method off vs the unpatched model: sampling wall time [+-]\d+\.\d% \(median\), [+-]\d+\.\d% \(fastest of 2; target .*bit-identical", section)
     assert "**every method off** is the same configuration as full compute" in section

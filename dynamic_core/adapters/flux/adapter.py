@@ -19,6 +19,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ...fingerprint import sample_parameters
 from ...flops import FlopBreakdown, attention_flops, linear_flops
 from ...slicing import RunIndexCache
 from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, UnsupportedModelError
@@ -117,6 +118,10 @@ class FluxAdapter(ModelAdapter):
             depths=((DOUBLE, a.depth_double), (SINGLE, a.depth_single)),
             fields={"patch_size": str(a.patch_size), "in_channels": str(a.latent_channels), "out_channels": str(a.out_channels)},
             timestep_scale=1000.0,  # Flux embeds t = 1000 * sigma (timestep_embedding's time_factor)
+            fingerprint_parameters=sample_parameters(
+                diffusion_model, ("img_in.weight", "txt_in.weight", "final_layer.linear.weight"),
+                self.block_module(diffusion_model, self._blocks[0]), self.block_module(diffusion_model, self._blocks[-1]),
+            ),
         )
         self._routing = FluxTokenRouting()
         self._width = FluxWidthUnits(a)

@@ -131,13 +131,16 @@ class ReducedFluxBlock:
 
     def linear(self, layer: torch.nn.Module, name: str, rows: AxisSelection | None = None,
                cols: AxisSelection | None = None, bias: bool = True):
+        override = self.internals.overridden(layer, name, rows is not None or cols is not None or not bias)
+        if override is not None:
+            return override
         extra = self.internals.extras.get(name)
         if rows is None and cols is None and extra is None and bias:
             return layer  # untouched: the host's own layer, exactly as in the full block
         return ReducedLinear(layer, rows, cols, extra, self.flop_log, use_bias=bias)
 
     def modulation(self, module: torch.nn.Module, name: str):
-        if f"{name}.lin" not in self.internals.extras:
+        if f"{name}.lin" not in self.internals.adapted_linears:
             return module
         return ModuleView(module, lin=self.linear(module.lin, f"{name}.lin"))
 

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from ...slicing import ModuleView, WeightSource
-from ..base import BlockRef
+from ..base import BlockRef, BlockWork
 from ..capabilities import WidthUnits
 from .blocks import Recorded, TokenSubsetMLP, UnitMeter, call_forward
 
@@ -44,6 +44,32 @@ class FluxWidthUnits(WidthUnits):
         # the embedding function is the one the host's Flux module itself calls.
         embedding = inspect.getmodule(type(diffusion_model)).timestep_embedding
         return diffusion_model.time_in(embedding(timestep, 256).to(dtype))
+
+    def unit_columns(self, block: BlockRef) -> dict[str, tuple[tuple[str, int, int], ...]]:
+        d, m = self.arch.hidden_size, self.arch.mlp_hidden
+        if block.kind == DOUBLE:  # per stream: the output projection reads the heads, mlp.2 the MLP units
+            return {f"{stream}_{name}": ((kind, 0, width),) for stream in ("img", "txt")
+                    for name, kind, width in (("attn.proj", "heads", d), ("mlp.2", "groups", m))}
+        return {"linear2": (("heads", 0, d), ("groups", d, m))}  # linear2 reads [attention | gelu(mlp)]
+
+    def linear_sizes(self, block: BlockRef, work: BlockWork) -> dict[str, tuple[int, int, int]]:
+        a, b = self.arch, work.batch
+        d = a.hidden_size
+        inner = (a.num_heads if work.heads is None else work.heads) * a.head_dim
+        units = a.mlp_hidden if work.mlp_hidden is None else work.mlp_hidden
+        n, t = work.image_tokens, work.text_tokens
+        n_mlp = n if work.mlp_image_tokens is None else work.mlp_image_tokens
+        if block.kind == DOUBLE:
+            sizes = {}
+            for stream, tokens, mlp_tokens in (("img", n, n_mlp), ("txt", t, t)):
+                sizes.update({
+                    f"{stream}_mod.lin": (b, d, 6 * d), f"{stream}_attn.qkv": (b * tokens, d, 3 * inner),
+                    f"{stream}_attn.proj": (b * tokens, inner, d), f"{stream}_mlp.0": (b * mlp_tokens, d, units),
+                    f"{stream}_mlp.2": (b * mlp_tokens, units, d),
+                })
+            return sizes
+        rows = b * (n + t)
+        return {"modulation.lin": (b, d, 3 * d), "linear1": (rows, d, 3 * inner + units), "linear2": (rows, inner + units, d)}
 
     def measure_units(
         self,

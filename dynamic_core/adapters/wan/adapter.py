@@ -18,6 +18,7 @@ from typing import Any, Iterable, Mapping
 
 import torch
 
+from ...fingerprint import sample_parameters
 from ...flops import FlopBreakdown, attention_flops, linear_flops
 from ...slicing import RunIndexCache
 from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, UnsupportedModelError
@@ -94,6 +95,10 @@ class WanAdapter(ModelAdapter):
             fields={"patch_size": ",".join(map(str, a.patch_size)), "in_channels": str(a.in_channels),
                     "out_channels": str(a.out_channels)},
             timestep_scale=1000.0,  # the model sampling passes t = 1000 * sigma, embedded as it is
+            fingerprint_parameters=sample_parameters(
+                diffusion_model, ("text_embedding.0.weight", "time_embedding.0.weight", "head.head.weight"),
+                self.block_module(diffusion_model, self._blocks[0]), self.block_module(diffusion_model, self._blocks[-1]),
+            ),
         )
         self._routing = WanTokenRouting()
         self._width = WanWidthUnits(a)

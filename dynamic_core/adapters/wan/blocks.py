@@ -79,6 +79,9 @@ class ReducedWanBlock:
         self.width = WanWidthSelections.cached(cache, arch, internals, device)
 
     def linear(self, layer: torch.nn.Module, name: str, rows: AxisSelection | None = None, cols: AxisSelection | None = None):
+        override = self.internals.overridden(layer, name, rows is not None or cols is not None)
+        if override is not None:
+            return override
         extra = self.internals.extras.get(name)
         if rows is None and cols is None and extra is None:
             return layer  # untouched: the host's own layer, exactly as in the full block
@@ -86,9 +89,10 @@ class ReducedWanBlock:
 
     def view(self) -> ModuleView:
         module, internals, width = self.module, self.internals, self.width
+        adapted = internals.adapted_linears
         overrides: dict[str, Any] = {}
         attn, heads = module.self_attn, width.head_cols
-        if heads is not None or any(name.startswith("self_attn.") for name in internals.extras):
+        if heads is not None or any(name.startswith("self_attn.") for name in adapted):
             overrides["self_attn"] = ModuleView(
                 attn,
                 num_heads=width.head_count,
@@ -100,12 +104,12 @@ class ReducedWanBlock:
                 o=self.linear(attn.o, "self_attn.o", cols=heads),
             )
         cross = module.cross_attn
-        if any(name.startswith("cross_attn.") for name in internals.extras):  # LoRA only: cross-attention keeps its width
+        if any(name.startswith("cross_attn.") for name in adapted):  # LoRA only: cross-attention keeps its width
             overrides["cross_attn"] = ModuleView(cross, **{
                 name: self.linear(getattr(cross, name), f"cross_attn.{name}") for name in _CROSS_LINEARS if hasattr(cross, name)
             })
         ffn = module.ffn
-        if width.units is not None or internals.mlp_tokens is not None or "ffn.0" in internals.extras or "ffn.2" in internals.extras:
+        if width.units is not None or internals.mlp_tokens is not None or "ffn.0" in adapted or "ffn.2" in adapted:
             overrides["ffn"] = TokenSubsetMLP(
                 self.linear(ffn[0], "ffn.0", rows=width.units), ffn[1], self.linear(ffn[2], "ffn.2", cols=width.units),
                 internals.mlp_tokens,

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from ...slicing import ModuleView, WeightSource
-from ..base import BlockRef
+from ..base import BlockRef, BlockWork
 from ..block_views import TokenSubsetMLP, UnitMeter
 from ..capabilities import WidthUnits
 
@@ -37,6 +37,25 @@ class WanWidthUnits(WidthUnits):
         # e = time_embedding(sinusoidal_embedding_1d(freq_dim, t)), with the host module's own embedding function
         embedding = inspect.getmodule(type(diffusion_model)).sinusoidal_embedding_1d
         return diffusion_model.time_embedding(embedding(self.arch.freq_dim, timestep.flatten()).to(dtype))
+
+    def unit_columns(self, block: BlockRef) -> dict[str, tuple[tuple[str, int, int], ...]]:
+        # q and k stay full (their RMSNorm spans every head), so masking o's columns removes a head exactly
+        return {"self_attn.o": (("heads", 0, self.arch.hidden_size),), "ffn.2": (("groups", 0, self.arch.ffn_dim),)}
+
+    def linear_sizes(self, block: BlockRef, work: BlockWork) -> dict[str, tuple[int, int, int]]:
+        a, b = self.arch, work.batch
+        d = a.hidden_size
+        inner = (a.num_heads if work.heads is None else work.heads) * a.head_dim
+        units = a.ffn_dim if work.mlp_hidden is None else work.mlp_hidden
+        n, t = b * work.image_tokens, b * work.text_tokens
+        n_mlp = n if work.mlp_image_tokens is None else b * work.mlp_image_tokens
+        return {
+            "self_attn.q": (n, d, d), "self_attn.k": (n, d, d), "self_attn.v": (n, d, inner), "self_attn.o": (n, inner, d),
+            "cross_attn.q": (n, d, d), "cross_attn.k": (t, d, d), "cross_attn.v": (t, d, d), "cross_attn.o": (n, d, d),
+            # image-conditioning context tokens are not in BlockWork: the i2v bypass FLOPs there count as 0
+            "cross_attn.k_img": (0, d, d), "cross_attn.v_img": (0, d, d),
+            "ffn.0": (n_mlp, d, units), "ffn.2": (n_mlp, units, d),
+        }
 
     def measure_units(self, module: torch.nn.Module, block: BlockRef, args: Mapping[str, Any], mlp_group_count: int,
                       weights: WeightSource) -> tuple[dict, torch.Tensor, torch.Tensor]:

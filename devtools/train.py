@@ -1,0 +1,172 @@
+"""Train dynamic parts for a model by self-distillation (no dataset): the CLI front end.
+
+    python -m devtools.train --target 0.5 --steps 600 --out reference/trained/ref_w50
+    python -m devtools.train --parts width --target 0.6 --steps 300 --out /tmp/router --resume
+    torchrun --nproc_per_node 2 -m devtools.train ...      # DistributedDataParallel (gloo on CPU)
+
+Model: the pack's reference model (default; every photo class, or --classes) or `--tiny` (a random tiny
+Flux, for tests). The teacher is the frozen model at full compute: its sampling runs (the model's own
+sampler and schedule, cfg with the null conditioning as negative) are recorded once (`--trajectories`
+caches them), then the student (the same weights with the parts switched on) learns to match its
+outputs at the target FLOPs ratio. Writes `<out>.width.safetensors` and/or `<out>.td_lora.safetensors`
+(the width router and TD-LoRA formats the Width Patcher and the TD-LoRA Loader read), sharing the
+training metadata; the checkpoint `<out>.ckpt` is written as training goes and `--resume` continues it
+(checkpoints are for resuming, not for shipping: git ignores them).
+
+Developer tooling: it bootstraps a ComfyUI host (`devtools.host`) and trains the reference or a tiny model.
+The trainer itself (`dynamic_core/training/`, `comfy_integration/training_host.py`) is runtime, shared with
+the "Train Dynamic DiT" node, which trains the user's own model.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+SAMPLING_DEFAULTS = dict(sampling_steps=16, cfg=2.0, sampler="euler", scheduler="simple")
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="a random tiny Flux instead of the reference model (tests)")
+    parser.add_argument("--classes", default="", help="reference model classes to distil on, comma separated (default: all)")
+    parser.add_argument("--seeds", type=int, default=2, help="sampling runs per conditioning")
+    parser.add_argument("--first-seed", type=int, default=1000,
+                        help="noise seed of the first teacher run (away from the benchmark's seeds 0..7, so it measures unseen noise)")
+    parser.add_argument("--size", type=int, default=0, help="latent height and width (default: the reference model's trained size)")
+    parser.add_argument("--sampling-steps", type=int, default=SAMPLING_DEFAULTS["sampling_steps"])
+    parser.add_argument("--cfg", type=float, default=SAMPLING_DEFAULTS["cfg"])
+    parser.add_argument("--sampler", default=SAMPLING_DEFAULTS["sampler"])
+    parser.add_argument("--scheduler", default=SAMPLING_DEFAULTS["scheduler"])
+    parser.add_argument("--parts", default="width,td_lora", help="what to learn: width, td_lora (comma separated)")
+    parser.add_argument("--width-parts", default="both", choices=("both", "heads", "mlp"))
+    parser.add_argument("--experts", type=int, default=2)
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--target", type=float, default=0.5, help="FLOPs of the trained model over full compute, in (0, 1]")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=2e-3, help="TD-LoRA learning rate")
+    parser.add_argument("--router-lr", type=float, default=2e-2)
+    parser.add_argument("--weight", type=float, default=20.0, help="lambda of the compute term")
+    parser.add_argument("--feature-weight", type=float, default=0.0, help="per-block feature distillation weight")
+    parser.add_argument("--mutation", default="allow", choices=("allow", "clone"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True, help="output path stem (suffixes .width/.td_lora.safetensors)")
+    parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt when it exists")
+    parser.add_argument("--trajectories", type=Path, default=None, help="cache file of the teacher's recorded calls")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse(argv)
+    # bad input: refused before the host starts or anything is sampled
+    try:  # the pack's package (imported by the host or a test)
+        from ..dynamic_core.training.student import StudentSpec
+        from ..dynamic_core.training.trainer import TrainConfig
+    except ImportError:  # `python -m devtools.train` from the pack's folder: plain PyTorch, importable before ComfyUI
+        from dynamic_core.training.student import StudentSpec
+        from dynamic_core.training.trainer import TrainConfig
+
+    spec = StudentSpec(parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()), width_parts=args.width_parts,
+                       experts=args.experts, rank=args.rank)
+    spec.validate()
+    config = TrainConfig(target=args.target, steps=args.steps, batch=args.batch, lr=args.lr, router_lr=args.router_lr,
+                         weight=args.weight, feature_weight=args.feature_weight, mutation=args.mutation, seed=args.seed)
+    config.validate()
+    if args.seeds < 1:
+        raise SystemExit("--seeds must be >= 1")
+
+    from . import host
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    host.prepare(cpu=not _cuda_wanted())
+    host.load_pack()
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from comfyui_dynamic_dit.devtools import tiny_flux  # the pack's own copies (loaded as its package by the host)
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
+    from comfyui_dynamic_dit.dynamic_core.training import export, student as student_module, trainer
+
+    # the same settings as the pack's own classes (the pack is loaded as its own package by the host)
+    spec = student_module.StudentSpec(**{f: getattr(spec, f) for f in spec.__dataclass_fields__})
+    config = trainer.TrainConfig(**{f: getattr(config, f) for f in config.__dataclass_fields__})
+
+    rank = 0
+    if distributed:
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl" if torch.cuda.is_available() and _cuda_wanted() else "gloo")
+        rank = dist.get_rank()
+    log = trainer.print_log if rank == 0 else (lambda line: None)
+
+    model, jobs, size, base_name = _model_and_jobs(args, tiny_flux)
+    latent = torch.zeros(1, model.model.latent_format.latent_channels, size, size)
+    started = time.perf_counter()
+    bank = None
+    if args.trajectories is not None and args.trajectories.is_file():
+        bank = training_host.Trajectories.load(str(args.trajectories))
+        log(f"teacher trajectories: {bank.rows} rows from {args.trajectories}")
+    elif rank == 0 or not distributed or args.trajectories is None:
+        bank = training_host.record_trajectories(
+            model, jobs, latent, steps=args.sampling_steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
+            seeds=list(range(args.first_seed, args.first_seed + args.seeds)), progress=lambda done, total: log(f"teacher run {done}/{total}"))
+        log(f"teacher trajectories: {bank.rows} rows, {len(bank.timesteps)} steps, {time.perf_counter() - started:.0f} s")
+        if args.trajectories is not None and rank == 0:
+            args.trajectories.parent.mkdir(parents=True, exist_ok=True)
+            bank.save(str(args.trajectories))
+    if distributed and bank is None:
+        torch.distributed.barrier()  # rank 0 recorded and saved them
+        bank = training_host.Trajectories.load(str(args.trajectories))
+    elif distributed and args.trajectories is not None:
+        torch.distributed.barrier()
+
+    student = training_host.build_student(model, bank, spec, seed=args.seed)
+    checkpoint = args.out.with_name(args.out.name + ".ckpt")
+    if not args.resume and checkpoint.exists() and rank == 0:
+        checkpoint.unlink()  # a fresh run
+    if distributed:
+        torch.distributed.barrier()
+    result = trainer.train(student, bank, config, checkpoint=checkpoint, progress_bar=not args.no_progress, log=log)
+    if rank == 0:
+        command = "python -m devtools.train " + shlex.join(argv)
+        metadata = export.training_metadata(
+            student, target=args.target, steps=result.steps, command=command, base_model=base_name,
+            extra={"final_flops_ratio": f"{result.final_ratio:.4f}", "eval_distill_loss": f"{result.eval_loss:.5f}",
+                   "train_seconds": f"{result.seconds:.0f}", "world_size": str(int(os.environ.get('WORLD_SIZE', '1'))),
+                   "sampling": json.dumps({"steps": args.sampling_steps, "cfg": args.cfg, "sampler": args.sampler,
+                                           "scheduler": args.scheduler, "seeds": args.seeds, "first_seed": args.first_seed, "latent": size})})
+        paths = export.save_student(student, args.out, metadata)
+        log(f"FLOPs ratio {result.final_ratio:.3f} (target {args.target}), eval distillation loss {result.eval_loss:.4f}, "
+            f"{result.seconds / 60:.1f} min; wrote {', '.join(str(p) for p in paths)}")
+    if distributed:
+        torch.distributed.destroy_process_group()
+    return 0
+
+
+def _cuda_wanted() -> bool:
+    return os.environ.get("DYNAMIC_DIT_TRAIN_DEVICE", "cpu") == "cuda"
+
+
+def _model_and_jobs(args: argparse.Namespace, tiny_flux):
+    """The model patcher, (positive, negative) jobs, latent size and a name for the metadata."""
+    if args.tiny:
+        config = tiny_flux.TinyFlux()
+        jobs = [tiny_flux.conditioning(config, seed=s) for s in range(2)]
+        return tiny_flux.build_model(config), jobs, args.size or 16, f"random tiny Flux ({tiny_flux.describe(config)})"
+    reference = tiny_flux.load_reference()
+    names = [c.strip() for c in args.classes.split(",") if c.strip()] or list(reference.classes)
+    jobs = [(reference.conditioning(name), reference.null_conditioning()) for name in names]
+    return reference.model, jobs, args.size or reference.image_size // 2, f"reference model {tiny_flux.REFERENCE_PATH.name}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,128 @@
+"""The trainer in ComfyUI: record the teacher's trajectories with the host's own sampler, prepare the
+frozen model for autograd, and build the student. Runtime, not developer tooling: the "Train Dynamic
+DiT" node uses it, and so does the CLI (`python -m devtools.train`)."""
+from __future__ import annotations
+
+import inspect
+import math
+from typing import Any, Callable, Sequence
+
+import torch
+
+import comfy.model_management
+import comfy.patcher_extension
+import comfy.sample
+
+from ..adapters import ModelAdapter
+from ..methods.td_lora import per_sample_sigmas
+from ..training.student import DynamicStudent, StudentSpec
+from ..training.trajectories import Trajectories, detached
+from .patching import adapter_of, diffusion_model_of
+
+RECORD_KEY = "dynamic_dit.train_record"
+
+
+def _recorder(bank: Trajectories) -> Callable:
+    """A DIFFUSION_MODEL wrapper that records every call's tensor arguments and output into `bank`."""
+    signatures: dict[Any, inspect.Signature] = {}
+
+    def wrapper(executor: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        original = getattr(executor.original, "__func__", executor.original)
+        signature = signatures.get(original) or signatures.setdefault(original, inspect.signature(executor.original))
+        bound = signature.bind(*args, **kwargs).arguments
+        arguments = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
+        options = arguments.pop("transformer_options", None) or {}
+        # Anything but tensors (a ControlNet, Kontext reference latents, ...) the student could not replay
+        unsupported = sorted(k for k, v in arguments.items() if v is not None and not isinstance(v, torch.Tensor))
+        if unsupported:
+            raise ValueError(
+                f"Train Dynamic DiT: the teacher's model calls carry {', '.join(repr(k) for k in unsupported)} (e.g. Kontext "
+                "reference images or a ControlNet); the trainer records tensor inputs only. Train without them."
+            )
+        record = {k: detached(v) for k, v in arguments.items() if v is not None}
+        out = executor(*args, **kwargs)
+        latent = record[bank.latent_argument]
+        sigmas = per_sample_sigmas({"transformer_options": options}, latent.shape[0], math.nan)
+        if torch.isnan(sigmas).any():
+            sigmas = record[bank.timestep_argument].reshape(-1).float()
+        bank.add_call(record, sigmas, detached(out))
+        return out
+
+    return wrapper
+
+
+def record_trajectories(model_patcher: Any, jobs: Sequence[tuple[list, list]], latent: torch.Tensor, *, steps: int, cfg: float,
+                        sampler: str, scheduler: str, seeds: Sequence[int],
+                        progress: Callable[[int, int], None] | None = None) -> Trajectories:
+    """Full-compute sampling runs of the frozen model, one per (positive, negative) job and seed, with every
+    diffusion-model call recorded (x_i, timestep, conditioning, the teacher's output) on the model's own
+    sampler schedule."""
+    if not jobs:
+        raise ValueError("Train Dynamic DiT: no conditioning given; the trainer needs at least one prompt to distil on.")
+    adapter = adapter_of(model_patcher)  # unsupported models are refused before any sampling
+    bank = Trajectories(adapter.latent_argument, adapter.timestep_argument)
+    recording = model_patcher.clone()
+    recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, RECORD_KEY, _recorder(bank))
+    total, done = len(jobs) * len(seeds), 0
+    for positive, negative in jobs:
+        for seed in seeds:
+            noise = comfy.sample.prepare_noise(latent, seed)
+            comfy.sample.sample(recording, noise, steps, cfg, sampler, scheduler, positive, negative, latent,
+                                disable_pbar=True, seed=seed)
+            done += 1
+            if progress is not None:
+                progress(done, total)
+    return bank
+
+
+def normal_parameters(module: torch.nn.Module) -> int:
+    """Replace inference-mode parameters and buffers (ComfyUI loads models under torch.inference_mode())
+    by normal copies, which autograd can save; returns how many were replaced. Same values, so the
+    model computes exactly as before."""
+    replaced = 0
+    with torch.inference_mode(False), torch.no_grad():
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is not None and param.is_inference():
+                    sub._parameters[name] = torch.nn.Parameter(param.clone(), requires_grad=False)
+                    replaced += 1
+            for name, buffer in list(sub._buffers.items()):
+                if buffer is not None and buffer.is_inference():
+                    sub._buffers[name] = buffer.clone()
+                    replaced += 1
+    return replaced
+
+
+def prepare_model(model_patcher: Any) -> tuple[ModelAdapter, torch.nn.Module, torch.device]:
+    """The adapter (refusing unsupported models), the loaded frozen diffusion model and its device."""
+    adapter = adapter_of(model_patcher)
+    comfy.model_management.load_models_gpu([model_patcher])
+    diffusion_model = diffusion_model_of(model_patcher)
+    diffusion_model.requires_grad_(False)
+    normal_parameters(diffusion_model)
+    return adapter, diffusion_model, torch.device(model_patcher.load_device)
+
+
+def feature_statistics(adapter: ModelAdapter, diffusion_model: torch.nn.Module, timesteps: Sequence[float],
+                       dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, float]:
+    """Mean and scale of the router features over the schedule's timesteps (the routers learn on
+    normalised features; the export folds the normalisation back into the file's weights)."""
+    units = adapter.width_units()
+    if units is None:  # no router to feed: a neutral normalisation
+        return torch.zeros(adapter.model_info().hidden_size), 1.0
+    with torch.no_grad(), torch.inference_mode(False):
+        values = torch.tensor(list(timesteps), dtype=torch.float32, device=device)
+        features = units.timestep_features(diffusion_model, values, dtype).float()
+        mean = features.mean(0)
+        scale = float((features - mean).pow(2).mean().sqrt().clamp_min(1e-6)) if len(timesteps) > 1 else 1.0
+    return mean.cpu(), scale
+
+
+def build_student(model_patcher: Any, bank: Trajectories, spec: StudentSpec, seed: int = 0) -> DynamicStudent:
+    adapter, diffusion_model, device = prepare_model(model_patcher)
+    mean, scale = feature_statistics(adapter, diffusion_model, bank.timesteps, bank.dtype, device)
+    with torch.inference_mode(False):
+        return DynamicStudent(adapter, diffusion_model, spec, mean, scale, seed=seed).to(device)
+
+
+__all__ = ["build_student", "feature_statistics", "normal_parameters", "prepare_model", "record_trajectories"]

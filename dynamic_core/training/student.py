@@ -1,0 +1,305 @@
+"""The student: the frozen host model with trainable dynamic parts, run through the adapter's own blocks.
+
+Trainable parts (any subset):
+- "width": per block, linear maps of the model's own timestep features to head and MLP-group logits
+  (exactly the width router file's parametrisation); a unit is kept where its logit is > 0. During
+  training the keep decisions are straight-through Gumbel-sigmoid gates applied as *masks* on the input
+  columns each unit owns in the block's output linears (`WidthUnits.unit_columns`). Masking a unit's
+  columns there is exactly what slicing it away does at inference; masks exist only here, in training.
+- "td_lora": K low-rank experts per block linear, mixed by a gate over sigma (the TD-LoRA file
+  format's parametrisation), as the compensation that makes the reduced model match the full one.
+
+The trainer speaks to the model only through the adapter: blocks run as `adapter.run_block` at full
+width with `BlockInternals.linear_overrides` (the host block's own forward on module views, nothing
+copied), the router reads `WidthUnits.timestep_features`, FLOPs come from the adapter's analytic counts.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from ..adapters import BlockInternals, BlockRef, CallLayout, ModelAdapter, UnsupportedModelError
+from ..methods.td_lora import block_linear_index, sinusoidal_embedding
+from ..slicing import RunIndexCache
+from .objectives import gumbel_sigmoid
+from .trajectories import TRAINER_KEYS
+
+PARTS = ("width", "td_lora")
+WIDTH_PARTS = ("both", "heads", "mlp")
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    """What the student learns."""
+
+    parts: tuple[str, ...] = ("width", "td_lora")
+    width_parts: str = "both"  # what the width router thins: "both", "heads" or "mlp"
+    mlp_groups: int = 0  # MLP channel groups per block; 0 = one per head (the Width Patcher's default)
+    experts: int = 2  # TD-LoRA K
+    rank: int = 4
+    gate_hidden: int = 32
+    gate_embed: int = 64
+    init_logit: float = 3.0  # router bias at the start: every unit kept (training starts from full compute)
+
+    def validate(self) -> None:
+        unknown = [p for p in self.parts if p not in PARTS]
+        if unknown or not self.parts:
+            raise ValueError(f"Trainer: parts must be a non-empty subset of {', '.join(PARTS)}, got {', '.join(self.parts) or 'none'}.")
+        if self.width_parts not in WIDTH_PARTS:
+            raise ValueError(f"Trainer: width parts must be one of {', '.join(WIDTH_PARTS)}, got '{self.width_parts}'.")
+        if self.experts < 1 or self.rank < 1:
+            raise ValueError(f"Trainer: TD-LoRA needs experts >= 1 and rank >= 1, got K={self.experts}, r={self.rank}.")
+        if self.mlp_groups < 0:
+            raise ValueError(f"Trainer: mlp_groups must be >= 0 (0 = one per head), got {self.mlp_groups}.")
+
+
+def _per_row(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (B, C) per-sample mask broadcast over x's token axes."""
+    return mask.reshape(mask.shape[0], *([1] * (x.ndim - 2)), mask.shape[-1]).to(x.dtype)
+
+
+class _Adapted:
+    """A block linear as the student calls it: the host layer with its input columns masked (the width
+    decision of the units feeding it) and the TD-LoRA bypass on the masked input, as the sliced layer
+    and its sliced bypass compute at inference."""
+
+    def __init__(self, layer: torch.nn.Module, lora: tuple[torch.Tensor, torch.Tensor] | None,
+                 columns: torch.Tensor | None, mask: torch.Tensor | None):
+        self.layer, self.lora, self.columns, self.mask = layer, lora, columns, mask
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mask is not None:
+            x = x * _per_row(self.mask, x)
+        out = self.layer(x)
+        if self.lora is not None:
+            down, up = self.lora  # (K*r, in), (out, K*r)
+            hidden = F.linear(x, down.to(x.dtype))
+            if self.columns is not None:
+                hidden = hidden * _per_row(self.columns, hidden)
+            out = out + F.linear(hidden, up.to(x.dtype))
+        return out
+
+
+class DynamicStudent(torch.nn.Module):
+    """Trainable dynamic parts around a frozen host diffusion model (kept outside the module's parameters,
+    so DistributedDataParallel and checkpoints see only the small trainable parts)."""
+
+    def __init__(self, adapter: ModelAdapter, diffusion_model: torch.nn.Module, spec: StudentSpec,
+                 feature_mean: torch.Tensor, feature_scale: float, seed: int = 0):
+        super().__init__()
+        spec.validate()
+        self.spec, self.adapter = spec, adapter
+        object.__setattr__(self, "diffusion_model", diffusion_model)  # not a submodule: frozen, never synced
+        self.blocks: tuple[BlockRef, ...] = tuple(adapter.blocks)
+        self.units = adapter.width_units()
+        if self.units is None and "width" in spec.parts:
+            raise UnsupportedModelError(f"Trainer: {adapter.display_name} models have no dynamic width, so no width router can be trained.")
+        self.head_count = self.units.head_count if self.units is not None else 0
+        self.group_count = (spec.mlp_groups or self.head_count) if self.units is not None else 0
+        if self.units is not None and self.units.mlp_hidden % self.group_count:
+            raise ValueError(f"Trainer: {self.group_count} MLP groups do not divide the {self.units.mlp_hidden} MLP units.")
+        self.group_size = self.units.mlp_hidden // self.group_count if self.units is not None else 0
+        self.thin_heads = "width" in spec.parts and spec.width_parts in ("both", "heads")
+        self.thin_mlp = "width" in spec.parts and spec.width_parts in ("both", "mlp")
+        self.time_scale = adapter.model_info().timestep_scale  # the TD-LoRA gate embeds sigma as the file will
+        generator = torch.Generator().manual_seed(seed)
+        features, blocks = int(feature_mean.shape[-1]), len(self.blocks)
+        # Router features are normalised while training ((f - mean) / scale), folded into the file's W, b.
+        self.register_buffer("feature_mean", feature_mean.detach().float().clone())
+        self.register_buffer("feature_scale", torch.tensor(float(feature_scale)))
+        if self.thin_heads:
+            self.head_weight = torch.nn.Parameter(torch.randn(blocks, self.head_count, features, generator=generator) * 0.01)
+            self.head_bias = torch.nn.Parameter(torch.full((blocks, self.head_count), spec.init_logit))
+        if self.thin_mlp:
+            self.group_weight = torch.nn.Parameter(torch.randn(blocks, self.group_count, features, generator=generator) * 0.01)
+            self.group_bias = torch.nn.Parameter(torch.full((blocks, self.group_count), spec.init_logit))
+        self.lora_paths: dict[str, tuple[BlockRef, str]] = {}
+        self.lora_down = torch.nn.ParameterDict()
+        self.lora_up = torch.nn.ParameterDict()
+        if "td_lora" in spec.parts:
+            k, r = spec.experts, spec.rank
+            for path, (block, name, layer) in block_linear_index(adapter, diffusion_model).items():
+                out_features, in_features = layer.weight.shape
+                key = path.replace(".", "/")
+                self.lora_paths[key] = (block, name)
+                # A random, B zero: the bypass starts at exactly zero (the student starts as the teacher)
+                self.lora_down[key] = torch.nn.Parameter(torch.randn(k * r, in_features, generator=generator) / math.sqrt(in_features))
+                self.lora_up[key] = torch.nn.Parameter(torch.zeros(out_features, k * r))
+            if k > 1:
+                self.gate = torch.nn.Sequential(
+                    torch.nn.Linear(spec.gate_embed, spec.gate_hidden), torch.nn.SiLU(), torch.nn.Linear(spec.gate_hidden, k)
+                )
+                with torch.no_grad():  # uniform gates at the start; the first layer seeded like everything else
+                    self.gate[0].weight.copy_(torch.randn(spec.gate_hidden, spec.gate_embed, generator=generator) / math.sqrt(spec.gate_embed))
+                    self.gate[0].bias.zero_()
+                    self.gate[2].weight.zero_()
+                    self.gate[2].bias.zero_()
+        self._by_block: dict[BlockRef, dict[str, str]] = {}
+        for key, (block, name) in self.lora_paths.items():
+            self._by_block.setdefault(block, {})[name] = key
+        self._columns = {block: self.units.unit_columns(block) for block in self.blocks} if "width" in spec.parts else {}
+        self._coefficients: dict[CallLayout, tuple[float, torch.Tensor, torch.Tensor, float]] = {}
+
+    # --- model calls ------------------------------------------------------------------------------
+    def latent(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return inputs[self.adapter.latent_argument]
+
+    def timestep(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return inputs[self.adapter.timestep_argument]
+
+    @staticmethod
+    def arguments(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The recorded model-call arguments of a batch (by the host's parameter names)."""
+        return {k: v for k, v in inputs.items() if k not in TRAINER_KEYS}
+
+    # --- decisions ----------------------------------------------------------------------------------
+    def features(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(B, D) normalised router features: the model's own timestep features, as the router file reads them."""
+        with torch.no_grad():
+            raw = self.units.timestep_features(self.diffusion_model, timestep, dtype).float()
+        return (raw - self.feature_mean) / self.feature_scale
+
+    def masks(self, timestep: torch.Tensor, dtype: torch.dtype, temperature: float, noise: float,
+              generator: torch.Generator | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(B, blocks, H) and (B, blocks, G) keep gates: hard 0/1 values with straight-through gradients;
+        noise = 0 gives the deterministic decision inference makes (keep where logit > 0)."""
+        if "width" not in self.spec.parts:
+            return None, None
+        feats = self.features(timestep, dtype)
+
+        def gates(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+            logits = torch.einsum("buf,sf->sbu", weight, feats) + bias
+            if noise > 0:
+                uniform = torch.rand(logits.shape, generator=generator).clamp(1e-6, 1 - 1e-6).to(logits.device)
+                logits = logits + noise * (torch.log(uniform) - torch.log1p(-uniform))
+            hard = gumbel_sigmoid(logits, temperature, hard=True, noise=False)
+            # inference keeps the largest logit where none is positive; so does training
+            none = (hard.detach().sum(-1, keepdim=True) == 0).to(hard.dtype)
+            top = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(hard.dtype)
+            return hard + none * top
+
+        heads = gates(self.head_weight, self.head_bias) if self.thin_heads else None
+        groups = gates(self.group_weight, self.group_bias) if self.thin_mlp else None
+        return heads, groups
+
+    def lora_columns(self, sigmas: torch.Tensor) -> torch.Tensor | None:
+        """(B, K*r) expert gates spread over their rank columns (None for K = 1: the gate is 1)."""
+        if "td_lora" not in self.spec.parts or self.spec.experts == 1:
+            return None
+        embedding = sinusoidal_embedding(sigmas.float(), self.spec.gate_embed, self.time_scale)
+        gates = torch.softmax(self.gate(embedding), dim=-1)
+        return gates.repeat_interleave(self.spec.rank, dim=1)
+
+    # --- FLOPs --------------------------------------------------------------------------------------
+    def flop_coefficients(self, layout: CallLayout) -> tuple[float, torch.Tensor, torch.Tensor, float]:
+        """A call's FLOPs as base + sum_b (a_b * heads kept_b + c_b * groups kept_b), per sample, with the
+        TD-LoRA bypasses included (their in/out sizes shrink with the width, as the sliced bypass does),
+        and the full model's FLOPs per sample. Exact: every term is linear in the kept heads and groups."""
+        found = self._coefficients.get(layout)
+        if found is not None:
+            return found
+        adapter, one = self.adapter, replace(layout, batch=1)
+        base = adapter.stem_flops(one).total
+        per_head, per_group = [], []
+        heads, groups = max(self.head_count, 1), max(self.group_count, 1)
+        for block in self.blocks:
+            def flops(kept_heads: int, kept_groups: int) -> float:
+                work = adapter.full_block_work(block, one)
+                if self.units is not None:
+                    work = replace(work, heads=kept_heads, mlp_hidden=kept_groups * self.group_size)
+                return adapter.block_flops(block, replace(work, extra_flops=self._lora_flops(block, work))).total
+
+            full = flops(heads, groups)
+            a = (full - flops(0, groups)) / heads if self.units is not None else 0.0
+            c = (full - flops(heads, 0)) / groups if self.units is not None else 0.0
+            base += full - a * heads - c * groups
+            per_head.append(a)
+            per_group.append(c)
+        found = (base, torch.tensor(per_head), torch.tensor(per_group), adapter.full_flops(one).total)
+        self._coefficients[layout] = found
+        return found
+
+    def _lora_flops(self, block: BlockRef, work: Any) -> float:
+        layers = self._by_block.get(block)
+        if not layers:
+            return 0.0
+        if self.units is None:
+            raise UnsupportedModelError(f"Trainer: {self.adapter.display_name} does not describe its block linears for the FLOPs count.")
+        sizes, columns = self.units.linear_sizes(block, work), self.spec.experts * self.spec.rank
+        return sum(2.0 * sizes[name][0] * columns * (sizes[name][1] + sizes[name][2]) for name in layers)
+
+    def flops_ratio(self, layout: CallLayout, heads: torch.Tensor | None, groups: torch.Tensor | None) -> torch.Tensor:
+        """(B,) differentiable FLOPs of each sample's call over the full model's."""
+        base, per_head, per_group, full = self.flop_coefficients(layout)
+        batch, shape = layout.batch, (layout.batch, len(self.blocks))
+        head_count = heads.sum(-1) if heads is not None else torch.full(shape, float(max(self.head_count, 1)))
+        group_count = groups.sum(-1) if groups is not None else torch.full(shape, float(max(self.group_count, 1)))
+        flops = base + (head_count * per_head.to(head_count)).sum(-1) + (group_count * per_group.to(group_count)).sum(-1)
+        return (flops / full).expand(batch)
+
+    # --- the forward --------------------------------------------------------------------------------
+    def forward(self, inputs: Mapping[str, torch.Tensor], temperature: float = 1.0, noise: float = 1.0,
+                generator: torch.Generator | None = None, record_blocks: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The student's model output for a batch of recorded model inputs, and its (B,) FLOPs ratios."""
+        arguments = self.arguments(inputs)
+        heads, groups = self.masks(self.timestep(inputs), self.latent(inputs).dtype, temperature, noise, generator)
+        columns = self.lora_columns(inputs["sigmas"])
+        layout = self.adapter.call_layout(arguments)
+        state = {"layout": layout, "cache": RunIndexCache()}
+        patches = {self.adapter.patch_key(b): self._block_patch(i, b, heads, groups, columns, state, record_blocks)
+                   for i, b in enumerate(self.blocks)}
+        options = {"patches_replace": {"dit": patches}, "sigmas": inputs["sigmas"]}
+        out = self.diffusion_model(**arguments, transformer_options=options)
+        return out, self.flops_ratio(layout, heads, groups)
+
+    def _mask(self, block: BlockRef, name: str, i: int, heads: torch.Tensor | None, groups: torch.Tensor | None,
+              in_features: int) -> torch.Tensor | None:
+        """(B, in_features) keep mask of linear `name`'s input columns, or None (no unit feeds it, or none is thinned)."""
+        spans = self._columns.get(block, {}).get(name)
+        gates = {"heads": heads, "groups": groups}
+        if not spans or all(gates[kind] is None for kind, _, _ in spans):
+            return None
+        live = next(g for g in gates.values() if g is not None)
+        batch, device = live.shape[0], live.device
+        pieces, at = [], 0
+        for kind, start, width in sorted(spans, key=lambda span: span[1]):
+            if start > at:
+                pieces.append(torch.ones(batch, start - at, device=device))
+            gate = gates[kind]
+            if gate is None:
+                pieces.append(torch.ones(batch, width, device=device))
+            else:  # each unit's gate over its columns
+                pieces.append(gate[:, i].repeat_interleave(width // gate.shape[-1], dim=-1))
+            at = start + width
+        if at < in_features:
+            pieces.append(torch.ones(batch, in_features - at, device=device))
+        return torch.cat(pieces, dim=-1)
+
+    def _block_patch(self, i: int, block: BlockRef, heads: torch.Tensor | None, groups: torch.Tensor | None,
+                     columns: torch.Tensor | None, state: dict, record: list | None) -> Callable[[dict, dict], dict]:
+        names = self._by_block.get(block, {})
+        adapted = set(names) | set(self._columns.get(block, {}))
+
+        def override(name: str) -> Callable[[torch.nn.Module], Callable]:
+            def build(layer: torch.nn.Module) -> Callable:
+                key = names.get(name)
+                lora = (self.lora_down[key], self.lora_up[key]) if key is not None else None
+                mask = self._mask(block, name, i, heads, groups, int(layer.weight.shape[1]))
+                return _Adapted(layer, lora, columns if lora is not None else None, mask)
+            return build
+
+        internals = BlockInternals(linear_overrides={name: override(name) for name in adapted})
+
+        def patch(args: dict, extra: dict) -> dict:
+            module = self.adapter.block_module(self.diffusion_model, block)
+            state["layout"] = self.adapter.block_layout(block, args, state["layout"])
+            out = self.adapter.run_block(module, block, args, internals, [], state["layout"], state["cache"])
+            if record is not None:
+                record.append(self.adapter.hidden_states(block, out))
+            return out
+
+        return patch

@@ -1,0 +1,275 @@
+"""The self-distillation loop: student vs the cached teacher outputs, plus the compute term.
+
+loss = MSE(student, teacher) / mean(teacher^2)                  (output distillation, scale-free)
+     + feature_weight * per-block feature loss                   (optional; teacher blocks re-run)
+     + lambda * (mean FLOPs ratio of the batch - target(step))^2  (DyDiT / DiffCR compute term)
+
+target(step) holds at full compute, then warms down to the user's target (`ComputeTarget`), so
+training starts from the teacher. AdamW, checkpoints with everything needed to resume bit-exactly
+(student, optimiser, random generator, step, history), DistributedDataParallel when a process group
+is initialised (torchrun; gloo on CPU, nccl on GPU), a terminal progress bar (tqdm when installed)
+and a callback for a host progress bar.
+
+ComfyUI's Flux blocks add into their inputs in place (`img += ...`), which autograd refuses for a
+tensor it saved. The student therefore runs under `torch.autograd.graph.allow_mutation_on_saved_tensors()`
+(a saved tensor is cloned only when it is actually mutated), or, with `mutation="clone"`, under a
+saved-tensors hook that clones everything autograd saves (what the reference model's training uses);
+BENCHMARKS.md has the peak memory of both.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .objectives import ComputeTarget, feature_loss
+from .student import DynamicStudent
+from .trajectories import Trajectories
+
+MUTATION_MODES = ("allow", "clone")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    target: float = 0.5  # FLOPs of the trained model over full compute, averaged over the schedule's steps
+    steps: int = 300
+    batch: int = 8  # rows (samples of recorded calls) per step and process
+    lr: float = 2e-3  # TD-LoRA experts and gate
+    router_lr: float = 2e-2  # width routers
+    weight: float = 20.0  # lambda of the compute term
+    hold: int = -1  # steps at full compute before the warm-down; -1: 5 % of the steps
+    warmup: int = -1  # steps of the warm-down from 1 to the target; -1: 40 % of the steps
+    temperature: float = 1.0  # Gumbel-sigmoid temperature of the straight-through gates
+    noise_until: float = 0.8  # share of the steps with Gumbel noise; then the gates are the deterministic ones
+    feature_weight: float = 0.0
+    mutation: str = "allow"  # "allow" (allow_mutation_on_saved_tensors) or "clone" (clone every saved tensor)
+    seed: int = 0
+    checkpoint_every: int = 50
+    eval_rows: int = 16
+
+    def validate(self) -> None:
+        if not (isinstance(self.target, (int, float)) and 0.0 < self.target <= 1.0):
+            raise ValueError(f"Trainer: the target FLOPs ratio must be in (0, 1] (a share of full compute), got {self.target}.")
+        if self.steps < 1 or self.batch < 1:
+            raise ValueError(f"Trainer: steps and batch must be >= 1, got steps={self.steps}, batch={self.batch}.")
+        if not (self.lr > 0 and self.router_lr > 0 and self.weight >= 0):
+            raise ValueError("Trainer: learning rates must be > 0 and the compute weight >= 0.")
+        if self.mutation not in MUTATION_MODES:
+            raise ValueError(f"Trainer: mutation must be one of {', '.join(MUTATION_MODES)}, got '{self.mutation}'.")
+
+    def compute_target(self) -> ComputeTarget:
+        hold = self.hold if self.hold >= 0 else self.steps // 20
+        warmup = self.warmup if self.warmup >= 0 else max(1, int(self.steps * 0.4))
+        return ComputeTarget(self.target, warmup=warmup, hold=hold, weight=self.weight)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)
+    final_ratio: float = math.nan  # deterministic decisions, averaged over the schedule's steps
+    eval_loss: float = math.nan  # deterministic student on fixed rows
+    seconds: float = 0.0
+
+
+def mutation_context(mode: str) -> contextlib.AbstractContextManager:
+    if mode == "allow":
+        return torch.autograd.graph.allow_mutation_on_saved_tensors()
+    return torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved)
+
+
+def distillation(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
+    """MSE relative to the teacher's mean square: comparable across models and latent scales."""
+    teacher = teacher_out.float()
+    return F.mse_loss(student_out.float(), teacher) / teacher.pow(2).mean().clamp_min(1e-12)
+
+
+def _rank() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=total, initial=initial, desc="Dynamic DiT training", dynamic_ncols=True)
+
+
+def _optimizer(student: DynamicStudent, config: TrainConfig) -> torch.optim.Optimizer:
+    routers = [p for n, p in student.named_parameters() if n.startswith(("head_", "group_"))]
+    others = [p for n, p in student.named_parameters() if not n.startswith(("head_", "group_"))]
+    groups = [g for g in ({"params": routers, "lr": config.router_lr}, {"params": others, "lr": config.lr}) if g["params"]]
+    return torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0)
+
+
+def _lr_factor(step: int, steps: int) -> float:
+    """Linear warm-up over 10 steps, then cosine to 10 % over the run."""
+    if step < 10:
+        return (step + 1) / 10
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps)))
+
+
+def schedule_ratio(student: DynamicStudent, bank: Trajectories, *, noise: float = 0.0, temperature: float = 1.0,
+                   generator: torch.Generator | None = None, grad: bool = False) -> Any:
+    """The FLOPs ratio of a sampling run: the decisions at every step of the schedule, averaged (a run calls
+    the model once per step, at the shape of the recorded calls). With noise 0 the deterministic decisions
+    inference makes (a float); with `grad` a differentiable tensor."""
+    rows = bank.fixed(1)
+    device = next(iter(student.buffers())).device
+    timesteps = torch.tensor(bank.timesteps, dtype=torch.float32, device=device)
+    with torch.set_grad_enabled(grad):
+        heads, groups = student.masks(timesteps, student.latent(rows).dtype, temperature, noise, generator)
+        layout = replace(student.adapter.call_layout(student.arguments(rows)), batch=len(timesteps))
+        ratio = student.flops_ratio(layout, heads, groups).mean()
+    return ratio if grad else float(ratio)
+
+
+@torch.no_grad()
+def evaluate(student: DynamicStudent, bank: Trajectories, rows: int, mode: str = "allow") -> float:
+    batch = bank.fixed(rows)
+    out, _ = student(batch, noise=0.0)
+    return float(distillation(out, batch["target"]))
+
+
+def _teacher_features(student: DynamicStudent, batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The frozen model's block outputs on the batch (full compute, no bypass), for the feature loss."""
+    record: list[torch.Tensor] = []
+    patches = {}
+    adapter = student.adapter
+    for block in student.blocks:
+        def patch(args: dict, extra: dict, record=record, block=block) -> dict:
+            out = extra["original_block"](args)
+            record.append(adapter.hidden_states(block, out).clone())
+            return out
+        patches[adapter.patch_key(block)] = patch
+    arguments = student.arguments(batch)
+    latent = adapter.latent_argument
+    with torch.no_grad():  # the host's blocks add into their inputs in place: the batch's latent stays untouched
+        student.diffusion_model(**{**arguments, latent: arguments[latent].clone()},
+                                transformer_options={"patches_replace": {"dit": patches}, "sigmas": batch["sigmas"]})
+    return record
+
+
+def train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, checkpoint: str | os.PathLike | None = None,
+          callback: Callable[[int, int, dict[str, float]], None] | None = None, progress_bar: bool = True,
+          log: Callable[[str], None] | None = None, stop_after: int | None = None) -> TrainResult:
+    """Train `student` on `bank`; resumes from `checkpoint` when it exists and saves to it every
+    `checkpoint_every` steps and at the end. `stop_after` ends the run early at that step (with a
+    checkpoint), as an interrupted run would. Returns the history and the final deterministic ratio."""
+    # ComfyUI runs nodes under torch.inference_mode(), whose tensors autograd cannot use: train outside it
+    with torch.inference_mode(False):
+        return _train(student, bank, config, checkpoint=checkpoint, callback=callback, progress_bar=progress_bar,
+                      log=log, stop_after=stop_after)
+
+
+def _train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, checkpoint: str | os.PathLike | None,
+           callback: Callable[[int, int, dict[str, float]], None] | None, progress_bar: bool,
+           log: Callable[[str], None] | None, stop_after: int | None) -> TrainResult:
+    config.validate()
+    if bank.rows == 0:
+        raise ValueError("Trainer: no teacher trajectories (no conditioning?) to train on.")
+    rank, world = _rank()
+    device = next(iter(student.buffers())).device
+    optimizer = _optimizer(student, config)
+    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
+    schedule = config.compute_target()
+    start, history, spent = 0, [], 0.0
+    path = Path(checkpoint) if checkpoint is not None else None
+    if path is not None and path.is_file():
+        state = torch.load(path, weights_only=False, map_location=device)
+        student.load_state_dict(state["student"])
+        optimizer.load_state_dict(state["optimizer"])
+        generator.set_state(state["generators"][rank] if rank < len(state["generators"]) else state["generators"][0])
+        start, history, spent = int(state["step"]), list(state["history"]), float(state["seconds"])
+        if log:
+            log(f"resumed from {path} at step {start} of {config.steps}")
+    model: torch.nn.Module = student
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        model = DistributedDataParallel(student, find_unused_parameters=False)
+    bar = _progress_bar(config.steps, start, progress_bar and rank == 0)
+    started = time.perf_counter() - spent
+    end = config.steps if stop_after is None else min(config.steps, stop_after)
+
+    def save(step: int) -> None:
+        if path is None:
+            return
+        generators = [generator.get_state()]
+        if world > 1:
+            import torch.distributed as dist
+
+            generators = [None] * world
+            dist.all_gather_object(generators, generator.get_state())
+        if rank == 0:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(path.name + ".tmp")
+            torch.save(dict(student=student.state_dict(), optimizer=optimizer.state_dict(), generators=generators, step=step,
+                            history=history, seconds=time.perf_counter() - started, config=asdict(config)), temporary)
+            os.replace(temporary, path)  # a run killed while saving keeps the previous checkpoint
+
+    for step in range(start, end):
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * _lr_factor(step, config.steps)
+        batch = bank.sample(config.batch, generator, device)
+        target = schedule.at(step)
+        noise = 1.0 if step < config.noise_until * config.steps else 0.0
+        with torch.enable_grad(), mutation_context(config.mutation):
+            record: list[torch.Tensor] | None = [] if config.feature_weight > 0 else None
+            out, ratios = model(batch, temperature=config.temperature, noise=noise, generator=generator, record_blocks=record)
+            distill = distillation(out, batch["target"])
+            # The compute term is on the run's ratio: fresh gate draws at every step of the schedule, so the
+            # ratio inference executes (deterministic gates, every step once) is what training drives to the target.
+            ratio = schedule_ratio(student, bank, noise=noise, temperature=config.temperature, generator=generator,
+                                   grad=True) if bank.timesteps else ratios.mean()
+            loss = distill + schedule.weight * (ratio - target) ** 2
+            if record is not None:
+                features = feature_loss(record, _teacher_features(student, batch))
+                loss = loss + config.feature_weight * features
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        entry = {"step": step + 1, "loss": float(loss.detach()), "distill": float(distill.detach()), "ratio": float(ratio.detach()),
+                 "target": target}
+        history.append(entry)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(distill=f"{entry['distill']:.4f}", flops=f"{entry['ratio']:.3f}", target=f"{target:.3f}")
+        elif log and rank == 0 and ((step + 1) % 25 == 0 or step + 1 == end):
+            log(f"step {step + 1}/{config.steps} distill {entry['distill']:.4f} FLOPs {entry['ratio']:.3f} (target {target:.3f})")
+        if callback is not None and rank == 0:
+            callback(step + 1, config.steps, entry)
+        if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
+            save(step + 1)
+    if bar is not None:
+        bar.close()
+    student.eval()
+    result = TrainResult(steps=end, history=history, seconds=time.perf_counter() - started)
+    result.final_ratio = schedule_ratio(student, bank)
+    result.eval_loss = evaluate(student, bank, config.eval_rows)
+    student.train()
+    return result
+
+
+def print_log(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+__all__ = ["MUTATION_MODES", "TrainConfig", "TrainResult", "distillation", "evaluate", "mutation_context", "schedule_ratio", "train"]

@@ -1,0 +1,104 @@
+"""The teacher's trajectories: recorded full-compute model calls (inputs and outputs) to distil from.
+
+A host integration records every diffusion-model call of ordinary sampling runs of the frozen model
+(the model's own sampler and schedule, the user's conditionings) and adds them here; the trainer then
+samples rows (one sample of one call: the call's tensor arguments by the host's parameter names, its
+sigma, the teacher's output) from them. Rows of different shapes (latent sizes, text lengths) are kept
+in separate groups, since one training batch must stack. Which argument is the latent and which the
+timestep is the adapter's knowledge (`latent_argument`, `timestep_argument`), passed in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+# Row entries of the trainer's own, beside the model-call arguments: the per-sample sigma and the teacher's output.
+TRAINER_KEYS = ("sigmas", "target")
+
+
+def detached(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal (not inference-mode) CPU copy, usable by autograd later: ComfyUI runs nodes under
+    torch.inference_mode(), whose tensors autograd refuses to save."""
+    with torch.inference_mode(False):
+        return tensor.detach().to("cpu").clone()
+
+
+@dataclass
+class Trajectories:
+    """Recorded rows, grouped by shape; `timesteps` are the distinct steps of the sampling schedule."""
+
+    latent_argument: str
+    timestep_argument: str
+    groups: dict[tuple, dict[str, list[torch.Tensor]]] = field(default_factory=dict)
+    timesteps: list[float] = field(default_factory=list)
+    _stacked: dict[tuple, dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def add_call(self, arguments: Mapping[str, torch.Tensor], sigmas: torch.Tensor, output: torch.Tensor) -> None:
+        """One model call of the teacher: its tensor arguments (batched, by parameter name), per-sample
+        sigmas and output."""
+        reserved = [k for k in TRAINER_KEYS if k in arguments]
+        if reserved:
+            raise ValueError(f"the model call has arguments named {', '.join(reserved)}, which the trainer's rows use")
+        batch = arguments[self.latent_argument].shape[0]
+        if output.shape[0] != batch:
+            raise ValueError(f"the model output has batch {output.shape[0]}, its input {batch}")
+        row_tensors = {**arguments, "sigmas": sigmas.reshape(-1).float(), "target": output}
+        key = tuple(sorted((k, tuple(v.shape[1:]), str(v.dtype)) for k, v in row_tensors.items()))
+        group = self.groups.setdefault(key, {k: [] for k in row_tensors})
+        for name, tensor in row_tensors.items():
+            tensor = tensor.expand(batch, *tensor.shape[1:]) if tensor.shape[0] == 1 else tensor
+            group[name].extend(detached(tensor).unbind(0))
+        self._stacked.pop(key, None)
+        for t in arguments[self.timestep_argument].reshape(-1).tolist():
+            if not any(abs(t - known) < 1e-7 for known in self.timesteps):
+                self.timesteps.append(float(t))
+
+    @property
+    def rows(self) -> int:
+        return sum(len(group["target"]) for group in self.groups.values())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The latent's dtype (that of the largest group)."""
+        if not self.groups:
+            return torch.float32
+        return self._largest()[self.latent_argument][0].dtype
+
+    def _largest(self) -> dict[str, list[torch.Tensor]]:
+        return self.groups[max(self.groups, key=lambda k: len(self.groups[k]["target"]))]
+
+    def _stack(self, key: tuple) -> dict[str, torch.Tensor]:
+        found = self._stacked.get(key)
+        if found is None:
+            found = self._stacked[key] = {k: torch.stack(v) for k, v in self.groups[key].items()}
+        return found
+
+    def sample(self, size: int, generator: torch.Generator, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """`size` random rows of one group (a group chosen in proportion to its rows)."""
+        if not self.groups:
+            raise ValueError("no teacher trajectories were recorded")
+        keys = list(self.groups)
+        counts = torch.tensor([len(self.groups[k]["target"]) for k in keys], dtype=torch.float64)
+        key = keys[int(torch.multinomial(counts, 1, generator=generator))] if len(keys) > 1 else keys[0]
+        stacked = self._stack(key)
+        index = torch.randint(len(stacked["target"]), (size,), generator=generator)
+        return {k: v[index].to(device) for k, v in stacked.items()}
+
+    def fixed(self, size: int, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+        """`size` rows spread evenly over the largest group (the same rows every time), for evaluation."""
+        key = max(self.groups, key=lambda k: len(self.groups[k]["target"]))
+        stacked = self._stack(key)
+        count = len(stacked["target"])
+        index = torch.linspace(0, count - 1, min(size, count)).round().long()
+        return {k: v[index].to(device) for k, v in stacked.items()}
+
+    def save(self, path: str) -> None:
+        torch.save({"groups": self.groups, "timesteps": self.timesteps, "latent_argument": self.latent_argument,
+                    "timestep_argument": self.timestep_argument}, path)
+
+    @classmethod
+    def load(cls, path: str) -> "Trajectories":
+        state = torch.load(path, weights_only=True)
+        return cls(state["latent_argument"], state["timestep_argument"], state["groups"], state["timesteps"])

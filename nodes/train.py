@@ -1,0 +1,146 @@
+"""Train Dynamic DiT: learn a width router and TD-LoRA compensation for the connected model by self-distillation."""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+
+import torch
+
+from ..dynamic_core.comfy_integration.patching import MODEL_FOLDER, apply_settings, adapter_of
+from ..dynamic_core.comfy_integration.td_lora_files import apply_td_lora
+from ..dynamic_core.methods.td_lora_file import load_td_lora_file
+from ..dynamic_core.methods.width import WidthSettings
+from ..dynamic_core.methods.width_file import load_width_router
+from ..dynamic_core.training.student import StudentSpec
+from ..dynamic_core.training.trainer import TrainConfig
+
+PARTS = {"width + TD-LoRA": ("width", "td_lora"), "width": ("width",), "TD-LoRA": ("td_lora",)}
+WIDTH_PARTS = {"heads and MLP": "both", "attention heads": "heads", "MLP": "mlp"}
+_NAME = re.compile(r"^[A-Za-z0-9_.\-/]+$")
+
+
+def _conditioning_jobs(positive: list, negative: list) -> list[tuple[list, list]]:
+    """One sampling job per positive conditioning entry (a batch of prompts trains on each), all with the negative."""
+    if not positive:
+        raise ValueError("Train Dynamic DiT: no positive conditioning; connect at least one prompt.")
+    return [([entry], negative) for entry in positive]
+
+
+def output_stem(filename: str) -> str:
+    """models/dynamic_dit/<filename> (no suffix); refuses names that would leave the folder."""
+    import folder_paths
+
+    name = filename.strip()
+    for suffix in (".safetensors", ".width", ".td_lora"):
+        name = name[: -len(suffix)] if name.endswith(suffix) else name
+    if not name or not _NAME.match(name) or ".." in name.split("/") or name.startswith("/"):
+        raise ValueError(f"Train Dynamic DiT: filename '{filename}' must be a relative name of letters, digits, '_', '-', '.', '/'.")
+    folders = folder_paths.get_folder_paths(MODEL_FOLDER)
+    if not folders:
+        raise ValueError("Train Dynamic DiT: ComfyUI has no models/dynamic_dit folder registered.")
+    return os.path.join(folders[0], name)
+
+
+class DynamicTrainer:
+    DESCRIPTION = (
+        "Self-distillation, no dataset: samples the model at full compute for the given prompts (its own sampler "
+        "and schedule), then trains a per-step width router (which heads and MLP channels each block keeps) and "
+        "TD-LoRA experts that make the thinned model match the full one, at the target FLOPs ratio. Writes "
+        "<filename>.width.safetensors (for the Dynamic Width Patcher) and <filename>.td_lora.safetensors (for the "
+        "TD-LoRA Loader) into models/dynamic_dit/, and returns the model with both applied. On a CPU only small "
+        "models train in reasonable time; see the README."
+    )
+    CATEGORY = "dynamic_dit"
+    FUNCTION = "train"
+    RETURN_TYPES = ("MODEL", "STRING")
+    RETURN_NAMES = ("model", "report")
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        import comfy.samplers
+
+        return {
+            "required": {
+                "model": ("MODEL",),
+                "positive": ("CONDITIONING", {"tooltip": "The prompts to distil on (every entry of a batch is its own prompt)."}),
+                "negative": ("CONDITIONING",),
+                "latent": ("LATENT", {"tooltip": "An empty latent of the size to train at (its batch size is ignored)."}),
+                "parts": (list(PARTS), {"default": "width + TD-LoRA"}),
+                "target_flops": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 1.0, "step": 0.01,
+                                           "tooltip": "FLOPs of the trained model over full compute, averaged over the steps."}),
+                "steps": ("INT", {"default": 300, "min": 1, "max": 100000, "tooltip": "Training steps."}),
+                "filename": ("STRING", {"default": "trained/my_model"}),
+                "sampling_steps": ("INT", {"default": 20, "min": 2, "max": 200,
+                                           "tooltip": "Steps of the teacher's sampling runs (use what you sample with)."}),
+                "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler"}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "simple"}),
+                "seeds": ("INT", {"default": 2, "min": 1, "max": 64, "tooltip": "Teacher runs per prompt."}),
+            },
+            "optional": {
+                "width_parts": (list(WIDTH_PARTS), {"default": "heads and MLP"}),
+                "batch": ("INT", {"default": 8, "min": 1, "max": 256}),
+                "learning_rate": ("FLOAT", {"default": 2e-3, "min": 1e-6, "max": 1.0, "step": 1e-4}),
+                "experts": ("INT", {"default": 2, "min": 1, "max": 16}),
+                "rank": ("INT", {"default": 4, "min": 1, "max": 256}),
+                "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue <filename>.ckpt if it exists."}),
+            },
+        }
+
+    def train(self, model, positive, negative, latent, parts, target_flops, steps, filename, sampling_steps, cfg,
+              sampler_name, scheduler, seeds, width_parts="heads and MLP", batch=8, learning_rate=2e-3, experts=2, rank=4,
+              resume=False):
+        import comfy.utils
+
+        from ..dynamic_core.comfy_integration import training_host
+        from ..dynamic_core.training import export, trainer
+
+        # every input is checked before any sampling or training starts
+        if parts not in PARTS or width_parts not in WIDTH_PARTS:
+            raise ValueError(f"Train Dynamic DiT: parts must be one of {', '.join(PARTS)}; width parts one of {', '.join(WIDTH_PARTS)}.")
+        spec = StudentSpec(parts=PARTS[parts], width_parts=WIDTH_PARTS[width_parts], experts=experts, rank=rank)
+        spec.validate()
+        config = TrainConfig(target=target_flops, steps=steps, batch=batch, lr=learning_rate)
+        config.validate()
+        adapter_of(model)  # unsupported families are refused here
+        jobs = _conditioning_jobs(positive, negative)
+        samples = latent.get("samples") if isinstance(latent, dict) else None
+        if not isinstance(samples, torch.Tensor) or samples.ndim != 4:
+            raise ValueError("Train Dynamic DiT: latent must be an image LATENT (B, C, H, W), e.g. from Empty Latent Image.")
+        stem = output_stem(filename)
+
+        total = len(jobs) * seeds + steps
+        bar = comfy.utils.ProgressBar(total)
+        bank = training_host.record_trajectories(
+            model, jobs, torch.zeros_like(samples[:1]), steps=sampling_steps, cfg=cfg, sampler=sampler_name,
+            scheduler=scheduler, seeds=list(range(seeds)), progress=lambda done, _: bar.update_absolute(done, total))
+        student = training_host.build_student(model, bank, spec)
+        checkpoint = stem + ".ckpt"
+        if not resume and os.path.exists(checkpoint):
+            os.remove(checkpoint)  # a fresh run; the checkpoint of this one lets a later run resume it
+        result = trainer.train(student, bank, config, checkpoint=checkpoint,
+                               callback=lambda step, _, __: bar.update_absolute(len(jobs) * seeds + step, total))
+        command = "Train Dynamic DiT " + shlex.join(f"{k}={v}" for k, v in dict(
+            parts=parts, width_parts=width_parts, target_flops=target_flops, steps=steps, sampling_steps=sampling_steps,
+            cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=seeds, batch=batch, lr=learning_rate,
+            experts=experts, rank=rank, prompts=len(jobs)).items())
+        metadata = export.training_metadata(student, target=target_flops, steps=result.steps, command=command,
+                                            base_model=type(model.model).__name__,
+                                            extra={"final_flops_ratio": f"{result.final_ratio:.4f}",
+                                                   "eval_distill_loss": f"{result.eval_loss:.5f}"})
+        paths = export.save_student(student, stem, metadata)
+        patched = model
+        for path in paths:
+            if path.name.endswith(export.SUFFIXES["width"]):
+                patched = apply_settings(patched, WidthSettings(router=load_width_router(path), parts=spec.width_parts))
+            else:
+                patched = apply_td_lora(patched, load_td_lora_file(path), 1.0)
+        report = (f"FLOPs {result.final_ratio:.3f} of full (target {target_flops:g}), distillation loss {result.eval_loss:.4f} "
+                  f"after {result.steps} steps in {result.seconds:.0f} s; wrote " + ", ".join(p.name for p in paths))
+        return {"ui": {"text": [report]}, "result": (patched, report)}
+
+
+NODE_CLASS_MAPPINGS = {"DynamicTrainer": DynamicTrainer}
+NODE_DISPLAY_NAME_MAPPINGS = {"DynamicTrainer": "Train Dynamic DiT"}

@@ -1,0 +1,54 @@
+"""Peak memory of one training step on the reference model, per way of handling ComfyUI's in-place block adds.
+
+    python scripts/train_memory.py allow|clone|nograd [batch]
+
+Runs in a fresh process per mode (ru_maxrss only grows): records one teacher run (one class), builds the
+student, runs one no-grad student forward of the batch (baseline), then 3 training steps, and prints the
+growth of the peak resident memory over the baseline: what autograd keeps for backward in that mode.
+"""
+from __future__ import annotations
+
+import importlib.util
+import resource
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+spec = importlib.util.spec_from_file_location("dynamic_dit_host", REPO / "devtools" / "host.py")
+host = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = host
+spec.loader.exec_module(host)
+host.prepare(cpu=True)
+host.load_pack()
+
+import torch  # noqa: E402
+
+from comfyui_dynamic_dit.devtools import tiny_flux  # noqa: E402
+from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host  # noqa: E402
+from comfyui_dynamic_dit.dynamic_core.training.student import StudentSpec  # noqa: E402
+from comfyui_dynamic_dit.dynamic_core.training.trainer import TrainConfig, train  # noqa: E402
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    mode, batch = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8
+    torch.set_num_threads(1)
+    reference = tiny_flux.load_reference()
+    jobs = [(reference.conditioning("astronaut"), reference.null_conditioning())]
+    bank = training_host.record_trajectories(reference.model, jobs, torch.zeros(1, 16, 32, 32), steps=16, cfg=2.0,
+                                             sampler="euler", scheduler="simple", seeds=[1000])
+    student = training_host.build_student(reference.model, bank, StudentSpec())
+    rows = bank.sample(batch, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        student(rows, noise=0.0)
+    baseline = peak_mb()
+    if mode != "nograd":
+        train(student, bank, TrainConfig(target=0.5, steps=3, batch=batch, mutation=mode, checkpoint_every=1000), progress_bar=False)
+    print(f"{mode}: batch {batch}, peak RSS {peak_mb():.0f} MB, +{peak_mb() - baseline:.0f} MB over the no-grad forward")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""One rank of the DDP test: `python -m torch.distributed.run --nproc_per_node 2 ddp_worker.py OUT_DIR`.
+
+Trains a few steps on a tiny Flux under DistributedDataParallel (gloo, CPU) and saves this rank's
+student weights and history to OUT_DIR/rank<r>.pt."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[3]
+spec = importlib.util.spec_from_file_location("dynamic_dit_host", REPO / "devtools" / "host.py")
+host = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = host
+spec.loader.exec_module(host)
+host.prepare(cpu=True)
+host.load_pack()
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from comfyui_dynamic_dit.devtools import tiny_flux  # noqa: E402
+from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host  # noqa: E402
+from comfyui_dynamic_dit.dynamic_core.training.student import StudentSpec  # noqa: E402
+from comfyui_dynamic_dit.dynamic_core.training.trainer import TrainConfig, train  # noqa: E402
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    config = tiny_flux.TinyFlux()
+    model = tiny_flux.build_model(config)
+    jobs = [tiny_flux.conditioning(config, seed=s) for s in range(2)]
+    bank = training_host.record_trajectories(model, jobs, torch.zeros(1, 16, 16, 16), steps=4, cfg=2.0, sampler="euler",
+                                             scheduler="simple", seeds=[0])
+    # a different initial seed per rank: DDP must broadcast rank 0's weights at the start
+    student = training_host.build_student(model, bank, StudentSpec(), seed=rank)
+    initial = {k: v.clone() for k, v in student.state_dict().items()}
+    result = train(student, bank, TrainConfig(target=0.7, steps=6, batch=2, checkpoint_every=1000), progress_bar=False)
+    torch.save({"state": student.state_dict(), "initial": initial, "history": result.history}, out / f"rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Train Dynamic DiT node: trains on the connected model, writes files the loader nodes list and accept."""
+from __future__ import annotations
+
+import folder_paths
+import pytest
+import torch
+
+import comfy.utils
+
+from comfyui_dynamic_dit.devtools import tiny_flux
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.td_lora_files import file_choices
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import model_files
+from comfyui_dynamic_dit.dynamic_core.methods.width_file import ROUTER_FORMAT
+from comfyui_dynamic_dit.nodes.td_lora import DynamicTDLoRALoader
+from comfyui_dynamic_dit.nodes.train import DynamicTrainer
+from comfyui_dynamic_dit.nodes.width import DynamicWidthPatcher
+
+WIDGETS = dict(parts="width + TD-LoRA", target_flops=0.7, steps=4, filename="trained/tiny", sampling_steps=4, cfg=2.0,
+               sampler_name="euler", scheduler="simple", seeds=1, batch=2)
+
+
+@pytest.fixture
+def model_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "dynamic_dit"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "dynamic_dit", ([str(folder)], {".safetensors"}))
+    return folder
+
+
+def run(model, conds, **changes):
+    positive, negative = conds
+    return DynamicTrainer().train(model, positive, negative, {"samples": torch.zeros(1, 16, 16, 16)}, **{**WIDGETS, **changes})
+
+
+def test_trains_writes_files_the_loaders_accept(flux_model, conds, model_folder, monkeypatch):
+    progress = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: progress.append((value, total)))
+    out = run(flux_model, conds)
+    patched, report = out["result"]
+    assert (model_folder / "trained" / "tiny.width.safetensors").is_file()
+    assert (model_folder / "trained" / "tiny.td_lora.safetensors").is_file()
+    assert progress[-1] == (1 + 4, 1 + 4)  # one teacher run (one prompt, one seed), then 4 training steps
+    assert "FLOPs" in report
+    # each loader lists its file and accepts it on this model
+    assert "trained/tiny.width.safetensors" in model_files(ROUTER_FORMAT)
+    assert "dynamic_dit/trained/tiny.td_lora.safetensors" in file_choices()
+    widths = dict(preset="quality", parts="heads and MLP", noisy_width=0.5, clean_width=1.0, target_flops=0.7,
+                  start_percent=0.0, end_percent=1.0)
+    routed = DynamicWidthPatcher().patch(flux_model, router="trained/tiny.width.safetensors", **widths)[0]
+    both = DynamicTDLoRALoader().load(routed, "dynamic_dit/trained/tiny.td_lora.safetensors", 1.0)[0]
+    positive, negative = conds
+    image = tiny_flux.sample(both, positive, negative, height=16, width=16, steps=4)
+    torch.testing.assert_close(image, tiny_flux.sample(patched, positive, negative, height=16, width=16, steps=4))
+    # a model with the same shapes but other weights refuses them
+    other = tiny_flux.build_model(tiny_flux.TinyFlux(seed=3))
+    with pytest.raises(ValueError, match="trained for another base model"):
+        DynamicWidthPatcher().patch(other, router="trained/tiny.width.safetensors", **widths)
+    with pytest.raises(ValueError, match="trained for another base model"):
+        DynamicTDLoRALoader().load(other, "dynamic_dit/trained/tiny.td_lora.safetensors", 1.0)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(target_flops=1.5), r"target FLOPs ratio must be in \(0, 1\]"),
+    (dict(filename="../outside"), "must be a relative name"),
+    (dict(parts="everything"), "parts must be one of"),
+])
+def test_bad_inputs_fail_before_any_work(flux_model, conds, model_folder, changes, message, monkeypatch):
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
+
+    monkeypatch.setattr(training_host, "record_trajectories", lambda *a, **k: pytest.fail("sampled before checking inputs"))
+    with pytest.raises(ValueError, match=message):
+        run(flux_model, conds, **changes)
+
+
+def test_no_conditioning_is_refused(flux_model, conds, model_folder):
+    with pytest.raises(ValueError, match="no positive conditioning"):
+        run(flux_model, ([], conds[1]))
