@@ -5,6 +5,7 @@ import datetime
 import math
 import os
 import platform
+import textwrap
 from pathlib import Path
 
 from .runner import Report
@@ -194,7 +195,7 @@ def pareto_plot(report: Report, path: Path, width: int = 960, height: int = 640)
         label = "full" if result.family == "full" else result.case
         if label.startswith(result.family + " "):
             label = label[len(result.family) + 1:]  # the legend names the method
-        draw.text((x + 7, y - 7), label, fill=colour, font=small)
+        draw.text((x + 7, y - 7), _drawable(label), fill=colour, font=small)
     for i, family in enumerate(families):
         colour = _PALETTE[i % len(_PALETTE)]
         y = upper + 10 + i * 20
@@ -203,6 +204,17 @@ def pareto_plot(report: Report, path: Path, width: int = 960, height: int = 640)
     path.parent.mkdir(parents=True, exist_ok=True)
     image.save(path, optimize=True)
     return path
+
+
+# PIL's default font has no Greek letters: spelled out in the images (the markdown keeps the symbols).
+_SPELLED = {"τ": "tau", "Δ": "delta ", "→": "->"}
+
+
+def _drawable(text: str, width: int | None = None) -> str:
+    """Text PIL's default font can draw, wrapped at `width` characters per line when given."""
+    for symbol, spelled in _SPELLED.items():
+        text = text.replace(symbol, spelled)
+    return "\n".join(textwrap.wrap(text, width)) if width else text
 
 
 def contact_sheet(report: Report, path: Path, tile: int = 160, max_jobs: int = 6) -> Path:
@@ -219,7 +231,7 @@ def contact_sheet(report: Report, path: Path, tile: int = 160, max_jobs: int = 6
     draw = ImageDraw.Draw(sheet)
     for row, result in enumerate(rows):
         psnr_text = _db(result.psnr)
-        draw.text((8, row * tile + tile / 2), f"{result.case}\n{psnr_text}", fill="black", font=font, anchor="lm")
+        draw.text((8, row * tile + tile / 2), f"{_drawable(result.case, 34)}\n{psnr_text}", fill="black", font=font, anchor="lm")
         for column in range(jobs):
             array = (result.images[column].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
             picture = Image.fromarray(array)

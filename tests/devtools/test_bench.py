@@ -275,3 +275,11 @@ def test_save_conditioning_node_writes_into_the_output_folder(tmp_path, conds, t
         folder_paths.set_output_directory(previous)
     assert first != second and first.startswith(str(tmp_path / "bench"))
     assert torch.equal(bench.load_conditioning(second, tiny_config.context_dim)[0][0], conds[0][0][0])
+
+
+def test_image_labels_are_drawable_and_fit_the_label_column():
+    from comfyui_dynamic_dit.devtools.bench.report import _drawable
+
+    text = _drawable("DDiT auto τ 5 up to 2x + width ramp 0.9-1 + router reuse keep 0.7 (node defaults)", 34)
+    assert "τ" not in text and "tau 5" in text
+    assert all(len(line) <= 34 for line in text.splitlines()) and len(text.splitlines()) > 1
