@@ -205,9 +205,17 @@ class ModelAdapter(ABC):
     def prepare_reductions(self, decisions: "Iterable[BlockInternals]", cache: RunIndexCache, device: torch.device) -> None:
         """Build ahead what running blocks with these reductions needs (index tensors), so block calls build nothing."""
 
-    @abstractmethod
     def reduced_work(self, block: BlockRef, work: BlockWork, internals: BlockInternals) -> BlockWork:
-        """`work` with the reductions of `internals` applied (for the analytic FLOPs)."""
+        """`work` with the reductions of `internals` applied (for the analytic FLOPs): kept heads, kept
+        MLP groups (of the model's `mlp_hidden` units), MLP image tokens."""
+        changes: dict[str, Any] = {}
+        if internals.heads is not None:
+            changes["heads"] = len(internals.heads)
+        if internals.mlp_groups is not None:
+            changes["mlp_hidden"] = len(internals.mlp_groups) * (self.model_info().mlp_hidden // internals.mlp_group_count)
+        if internals.mlp_tokens is not None:
+            changes["mlp_image_tokens"] = internals.mlp_tokens.shape[1]
+        return replace(work, **changes)
 
     # --- optional capabilities (None: the family cannot) ----------------------------------------
     def token_routing(self) -> "TokenRouting | None":

@@ -1,12 +1,50 @@
-"""Pieces every family's reduced and measured blocks share: an MLP run on a token subset, a submodule
-whose output is kept, and the meter of each head's and MLP group's share of a block's output."""
+"""Pieces every family's reduced and measured blocks share: the kept units of a width decision as
+weight-axis selections, an MLP run on a token subset, a submodule whose output is kept, and the meter
+of each head's and MLP group's share of a block's output."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
-from ..slicing import WeightSource, gather_tokens, scatter_tokens
+from ..slicing import AxisSelection, RunIndexCache, WeightSource, gather_tokens, scatter_tokens
+from .base import BlockInternals
+
+
+class UnitSelections:
+    """The kept heads and MLP groups of one width decision as weight-axis selections, built once per
+    decision and kept in the run's `RunIndexCache`. A family's subclass sets `family` and builds its
+    selections in `__init__(arch, heads, groups, group_count)`, then calls `_build_indices(device)`."""
+
+    family: ClassVar[str]
+
+    def _build_indices(self, device: torch.device | None) -> None:
+        if device is not None:  # every gather index now, with the decision, not in a later call
+            AxisSelection.build_indices(self.gathers(), device)
+
+    def gathers(self) -> list[AxisSelection]:
+        """The selections that need an index tensor (several runs of units, not one narrow)."""
+        return [s for s in vars(self).values() if isinstance(s, AxisSelection) and not s.contiguous]
+
+    @classmethod
+    def key(cls, internals: BlockInternals) -> tuple:
+        return (f"{cls.family}.width", internals.heads, internals.mlp_groups, internals.mlp_group_count)
+
+    @classmethod
+    def cached(cls, cache: RunIndexCache, arch: Any, internals: BlockInternals, device: torch.device) -> "UnitSelections":
+        return cache.get(cls.key(internals), lambda: cls(arch, internals.heads, internals.mlp_groups, internals.mlp_group_count, device))
+
+    @classmethod
+    def prepare(cls, cache: RunIndexCache, arch: Any, decisions: Iterable[BlockInternals], device: torch.device) -> None:
+        """The selections of many decisions at once, their gather indices in one host-to-device copy."""
+        made = {}
+        for internals in decisions:
+            key = cls.key(internals)
+            if (internals.heads is not None or internals.mlp_groups is not None) and key not in made and cache.peek(key) is None:
+                made[key] = cls(arch, internals.heads, internals.mlp_groups, internals.mlp_group_count, None)
+        AxisSelection.build_indices([s for selections in made.values() for s in selections.gathers()], device)
+        for key, selections in made.items():
+            cache.put(key, selections)
 
 
 class TokenSubsetMLP:

@@ -223,16 +223,6 @@ class FluxAdapter(ModelAdapter):
         text = layout.text_tokens
         return BlockWork(batch=img.shape[0], image_tokens=img.shape[1] - text, text_tokens=text)
 
-    def reduced_work(self, block: BlockRef, work: BlockWork, internals: BlockInternals) -> BlockWork:
-        changes: dict[str, Any] = {}
-        if internals.heads is not None:
-            changes["heads"] = len(internals.heads)
-        if internals.mlp_groups is not None:
-            changes["mlp_hidden"] = len(internals.mlp_groups) * (self.arch.mlp_hidden // internals.mlp_group_count)
-        if internals.mlp_tokens is not None:
-            changes["mlp_image_tokens"] = internals.mlp_tokens.shape[1]
-        return replace(work, **changes)
-
     def run_block(
         self,
         module: torch.nn.Module,

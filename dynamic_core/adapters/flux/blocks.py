@@ -12,13 +12,13 @@ text tokens), so it is built once per decision and kept in the run's `RunIndexCa
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from ...slicing import AxisSelection, ModuleView, ReducedLinear, RunIndexCache, gather_tokens, scatter_tokens
 from ..base import BlockInternals
-from ..block_views import Recorded, TokenSubsetMLP, UnitMeter  # noqa: F401  (shared with other families; importable from here as before)
+from ..block_views import Recorded, TokenSubsetMLP, UnitMeter, UnitSelections  # noqa: F401  (shared with other families; importable from here as before)
 
 if TYPE_CHECKING:
     from .adapter import FluxArchitecture
@@ -63,8 +63,10 @@ class _SplitLinear2:
         return out.scatter_add(1, self.rows[..., None].expand(-1, -1, out.shape[-1]), selected)
 
 
-class WidthSelections:
+class WidthSelections(UnitSelections):
     """The kept heads and MLP groups of one decision as weight-axis selections (built once, cached per run)."""
+
+    family = "flux"
 
     def __init__(self, arch: "FluxArchitecture", heads: tuple[int, ...] | None, groups: tuple[int, ...] | None,
                  group_count: int, device: torch.device | None):
@@ -86,33 +88,7 @@ class WidthSelections:
         self.linear1_mlp_rows = units.shifted(3 * d)
         self.linear2_attn_cols = head_cols
         self.linear2_mlp_cols = units.shifted(d)
-        if device is not None:  # every gather index now, with the decision, not in a later call
-            AxisSelection.build_indices(self.gathers(), device)
-
-    def gathers(self) -> list[AxisSelection]:
-        return [s for s in vars(self).values() if isinstance(s, AxisSelection) and not s.contiguous]
-
-    @staticmethod
-    def key(internals: BlockInternals) -> tuple:
-        return ("flux.width", internals.heads, internals.mlp_groups, internals.mlp_group_count)
-
-    @classmethod
-    def cached(cls, cache: RunIndexCache, arch: "FluxArchitecture", internals: BlockInternals,
-               device: torch.device) -> "WidthSelections":
-        return cache.get(cls.key(internals), lambda: cls(arch, internals.heads, internals.mlp_groups, internals.mlp_group_count, device))
-
-    @classmethod
-    def prepare(cls, cache: RunIndexCache, arch: "FluxArchitecture", decisions: Iterable[BlockInternals],
-                device: torch.device) -> None:
-        """The selections of many decisions at once, their gather indices in one host-to-device copy."""
-        made = {}
-        for internals in decisions:
-            key = cls.key(internals)
-            if (internals.heads is not None or internals.mlp_groups is not None) and key not in made and cache.peek(key) is None:
-                made[key] = cls(arch, internals.heads, internals.mlp_groups, internals.mlp_group_count, None)
-        AxisSelection.build_indices([s for selections in made.values() for s in selections.gathers()], device)
-        for key, selections in made.items():
-            cache.put(key, selections)
+        self._build_indices(device)
 
 
 def text_positions(cache: RunIndexCache, text_tokens: int, batch: int, device: torch.device) -> torch.Tensor:

@@ -13,7 +13,7 @@ together), cross-attention to the context (untouched by width and routing), a ta
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Iterable, Mapping
 
 import torch
@@ -182,16 +182,6 @@ class WanAdapter(ModelAdapter):
     def block_work(self, block: BlockRef, args: Mapping[str, Any], layout: CallLayout) -> BlockWork:
         x = args["img"]
         return BlockWork(batch=x.shape[0], image_tokens=x.shape[1], text_tokens=args["txt"].shape[1])
-
-    def reduced_work(self, block: BlockRef, work: BlockWork, internals: BlockInternals) -> BlockWork:
-        changes: dict[str, Any] = {}
-        if internals.heads is not None:
-            changes["heads"] = len(internals.heads)
-        if internals.mlp_groups is not None:
-            changes["mlp_hidden"] = len(internals.mlp_groups) * (self.arch.ffn_dim // internals.mlp_group_count)
-        if internals.mlp_tokens is not None:
-            changes["mlp_image_tokens"] = internals.mlp_tokens.shape[1]
-        return replace(work, **changes)
 
     def run_block(self, module: torch.nn.Module, block: BlockRef, args: Mapping[str, Any], internals: BlockInternals,
                   flop_log: list[float], layout: CallLayout, cache: RunIndexCache) -> dict:

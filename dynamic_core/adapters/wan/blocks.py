@@ -9,13 +9,13 @@ and attention and the output projection shrink with them.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ...slicing import AxisSelection, ModuleView, ReducedLinear, RunIndexCache
 from ..base import BlockInternals
-from ..block_views import TokenSubsetMLP
+from ..block_views import TokenSubsetMLP, UnitSelections
 
 if TYPE_CHECKING:
     from .adapter import WanArchitecture
@@ -23,41 +23,17 @@ if TYPE_CHECKING:
 _CROSS_LINEARS = ("q", "k", "v", "o", "k_img", "v_img")
 
 
-class WanWidthSelections:
+class WanWidthSelections(UnitSelections):
     """The kept heads and FFN groups of one decision as weight-axis selections (built once, cached per run)."""
+
+    family = "wan"
 
     def __init__(self, arch: "WanArchitecture", heads: tuple[int, ...] | None, groups: tuple[int, ...] | None,
                  group_count: int, device: torch.device | None):
         self.head_count = arch.num_heads if heads is None else len(heads)
         self.head_cols = None if heads is None else AxisSelection.of_units(heads, arch.head_dim)
         self.units = None if groups is None else AxisSelection.of_units(groups, arch.ffn_dim // group_count)
-        if device is not None:
-            AxisSelection.build_indices(self.gathers(), device)
-
-    def gathers(self) -> list[AxisSelection]:
-        return [s for s in (self.head_cols, self.units) if s is not None and not s.contiguous]
-
-    @staticmethod
-    def key(internals: BlockInternals) -> tuple:
-        return ("wan.width", internals.heads, internals.mlp_groups, internals.mlp_group_count)
-
-    @classmethod
-    def cached(cls, cache: RunIndexCache, arch: "WanArchitecture", internals: BlockInternals,
-               device: torch.device) -> "WanWidthSelections":
-        return cache.get(cls.key(internals), lambda: cls(arch, internals.heads, internals.mlp_groups, internals.mlp_group_count, device))
-
-    @classmethod
-    def prepare(cls, cache: RunIndexCache, arch: "WanArchitecture", decisions: Iterable[BlockInternals],
-                device: torch.device) -> None:
-        """The selections of many decisions at once, their gather indices in one host-to-device copy."""
-        made = {}
-        for internals in decisions:
-            key = cls.key(internals)
-            if (internals.heads is not None or internals.mlp_groups is not None) and key not in made and cache.peek(key) is None:
-                made[key] = cls(arch, internals.heads, internals.mlp_groups, internals.mlp_group_count, None)
-        AxisSelection.build_indices([s for selections in made.values() for s in selections.gathers()], device)
-        for key, selections in made.items():
-            cache.put(key, selections)
+        self._build_indices(device)
 
 
 class _KeptHeads:
