@@ -8,16 +8,14 @@ growth of the peak resident memory over the baseline: what autograd keeps for ba
 """
 from __future__ import annotations
 
-import importlib.util
 import resource
 import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("dynamic_dit_host", REPO / "devtools" / "host.py")
-host = importlib.util.module_from_spec(spec)
-sys.modules[spec.name] = host
-spec.loader.exec_module(host)
+sys.path.insert(0, str(REPO))
+from devtools import host  # noqa: E402  (standard library only, as scripts/gpu_check.py loads it)
+
 host.prepare(cpu=True)
 host.load_pack()
 

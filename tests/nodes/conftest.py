@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from comfyui_dynamic_dit.devtools import tiny_flux
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import MODEL_FOLDER
 
 
 @pytest.fixture(scope="session", params=["library", "inference_mode"])
@@ -42,3 +43,17 @@ def flux_model(tiny_config, prompt_mode):
 def conds(tiny_config, prompt_mode):
     with _mode(prompt_mode):
         return tiny_flux.conditioning(tiny_config)
+
+
+@pytest.fixture
+def model_folder(tmp_path, monkeypatch):
+    """models/dynamic_dit/ pointed at a temporary folder for the test (file lists re-read)."""
+    import folder_paths
+
+    folder = tmp_path / MODEL_FOLDER
+    folder.mkdir()
+    paths = {**folder_paths.folder_names_and_paths, MODEL_FOLDER: ([str(folder)], {".safetensors"})}
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", paths)
+    folder_paths.filename_list_cache.pop(MODEL_FOLDER, None)
+    yield folder
+    folder_paths.filename_list_cache.pop(MODEL_FOLDER, None)

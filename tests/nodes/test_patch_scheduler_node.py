@@ -4,11 +4,9 @@ import copy
 import pytest
 import torch
 
-import folder_paths
-
 from comfyui_dynamic_dit.dynamic_core.adapters import adapter_for
 from comfyui_dynamic_dit.devtools import tiny_flux
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import MODEL_FOLDER, plan_of
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import plan_of
 from comfyui_dynamic_dit.dynamic_core.methods.patch_embedding_file import derived_layers, save_patch_embedding_file
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
@@ -16,16 +14,6 @@ Scheduler = NODE_CLASS_MAPPINGS["DynamicPatchScheduler"]
 
 INPUTS = dict(mode="auto", tau=5.0, percentile=0.4, max_patch_factor=2, last_native_steps=2,
               manual_schedule="0-40%:4, 40-70%:2, 70-100%:1", embedding="none", start_percent=0.0, end_percent=1.0)
-
-
-@pytest.fixture
-def model_folder(tmp_path, monkeypatch):
-    """models/dynamic_dit/ pointed at a temporary folder for the test."""
-    paths = {**folder_paths.folder_names_and_paths, MODEL_FOLDER: ([str(tmp_path)], {".safetensors"})}
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", paths)
-    folder_paths.filename_list_cache.pop(MODEL_FOLDER, None)
-    yield tmp_path
-    folder_paths.filename_list_cache.pop(MODEL_FOLDER, None)
 
 
 def write_embedding(folder, model_patcher, name="coarse.safetensors"):

@@ -1,7 +1,6 @@
 """Train Dynamic DiT node: trains on the connected model, writes files the loader nodes list and accept."""
 from __future__ import annotations
 
-import folder_paths
 import pytest
 import torch
 
@@ -17,14 +16,6 @@ from comfyui_dynamic_dit.nodes.width import DynamicWidthPatcher
 
 WIDGETS = dict(parts="width + TD-LoRA", target_flops=0.7, steps=4, filename="trained/tiny", sampling_steps=4, cfg=2.0,
                sampler_name="euler", scheduler="simple", seeds=1, batch=2)
-
-
-@pytest.fixture
-def model_folder(tmp_path, monkeypatch):
-    folder = tmp_path / "dynamic_dit"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "dynamic_dit", ([str(folder)], {".safetensors"}))
-    return folder
 
 
 def run(model, conds, **changes):

@@ -30,14 +30,6 @@ def settings_of(model):
     return plan_of(model).settings["width"]
 
 
-@pytest.fixture
-def model_folder(tmp_path, monkeypatch):
-    folder = tmp_path / "dynamic_dit"
-    folder.mkdir()
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "dynamic_dit", ([str(folder)], {".safetensors"}))
-    return folder
-
-
 def write_router(folder, model, name="router.safetensors", heads=(0, 1), groups=(2,)):
     header = RouterHeader.for_adapter(adapter_of(model))
     tensors = {}
