@@ -1,11 +1,14 @@
 """Dynamic Patch Scheduler (DDiT): coarse patches at steps where the latent changes slowly."""
 from __future__ import annotations
 
-from ..dynamic_core.comfy_integration.patching import MODEL_FOLDER, apply_settings, model_files
+from ..dynamic_core.comfy_integration.patching import MODEL_FOLDER, apply_settings, check_base_weights, model_files
+from ..dynamic_core.files import header_metadata
 from ..dynamic_core.methods.patch_embedding_file import FORMAT, load_patch_embedding_file
 from ..dynamic_core.methods.patch_scheduler import MODES, PatchSchedulerSettings, parse_schedule
 
 NO_EMBEDDING = "none"
+AS_TRAINED = "as trained"  # manual, on the schedule the embedding file was trained for (its `coarse_schedule`)
+NODE_MODES = (*MODES, AS_TRAINED)
 DEFAULT_SCHEDULE = "0-40%:4, 40-70%:2, 70-100%:1"
 
 
@@ -13,13 +16,25 @@ def _embedding_files() -> list[str]:
     return [NO_EMBEDDING, *model_files(FORMAT)]
 
 
-def _load_embedding(name: str):
+def _load_embedding(name: str, model):
+    """The file, refused unless trained on this model's weights (when it names them)."""
     import folder_paths
 
     path = folder_paths.get_full_path(MODEL_FOLDER, name)
     if path is None:
         raise ValueError(f"Patch embedding '{name}' is not in models/{MODEL_FOLDER}/; pick a file from the list or 'none'.")
-    return load_patch_embedding_file(path, name)
+    embedding = load_patch_embedding_file(path, name)
+    check_base_weights(model, header_metadata(path), name)
+    return embedding
+
+
+def _trained_schedule(embedding) -> str:
+    schedule = embedding.model.get("coarse_schedule") if embedding is not None else None
+    if not schedule:
+        raise ValueError("Patch scheduler mode 'as trained' follows the schedule a trained embedding file was made for; "
+                         "choose such a file (from Train Dynamic DiT or `python -m devtools.train --parts coarse`), or "
+                         "use 'manual' with a schedule.")
+    return schedule
 
 
 DEFAULTS = PatchSchedulerSettings()
@@ -44,7 +59,9 @@ class DynamicPatchScheduler:
         return {
             "required": {
                 "model": ("MODEL",),
-                "mode": (list(MODES), {"default": "auto", "tooltip": "auto: DDiT's rule decides every step. manual: follow the schedule below."}),
+                "mode": (list(NODE_MODES), {"default": "auto", "tooltip": "auto: DDiT's rule decides every step. manual: follow the "
+                                             "schedule below. as trained: the schedule the embedding file was trained for "
+                                             "(trained files learn the coarse steps of that schedule)."}),
                 "tau": ("FLOAT", {
                     "default": DEFAULTS.tau, "min": 0.0, "max": 100.0, "step": 0.1, "round": False,
                     "tooltip": "auto: how much rougher than at the start of the run the image's motion may get and a step "
@@ -92,6 +109,9 @@ class DynamicPatchScheduler:
 
     def patch(self, model, mode, tau, percentile, max_patch_factor, last_native_steps, manual_schedule, embedding,
               start_percent, end_percent):
+        loaded = _load_embedding(embedding, model) if embedding != NO_EMBEDDING else None
+        if mode == AS_TRAINED:
+            mode, manual_schedule = "manual", _trained_schedule(loaded)
         settings = PatchSchedulerSettings(
             mode=mode,
             tau=float(tau),
@@ -99,7 +119,7 @@ class DynamicPatchScheduler:
             max_factor=int(max_patch_factor),
             last_native_steps=int(last_native_steps),
             schedule=parse_schedule(manual_schedule) if mode == "manual" else (),
-            embedding=_load_embedding(embedding) if embedding != NO_EMBEDDING else None,
+            embedding=loaded,
             start_percent=float(start_percent),
             end_percent=float(end_percent),
         )

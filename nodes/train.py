@@ -9,13 +9,16 @@ import torch
 
 from ..dynamic_core.comfy_integration.patching import MODEL_FOLDER, apply_settings, adapter_of
 from ..dynamic_core.comfy_integration.td_lora_files import apply_td_lora
+from ..dynamic_core.methods.patch_embedding_file import load_patch_embedding_file
+from ..dynamic_core.methods.patch_scheduler import PatchSchedulerSettings, parse_schedule
 from ..dynamic_core.methods.td_lora_file import load_td_lora_file
 from ..dynamic_core.methods.width import WidthSettings
 from ..dynamic_core.methods.width_file import load_width_router
 from ..dynamic_core.training.student import StudentSpec
 from ..dynamic_core.training.trainer import TrainConfig
 
-PARTS = {"width + TD-LoRA": ("width", "td_lora"), "width": ("width",), "TD-LoRA": ("td_lora",)}
+PARTS = {"width + TD-LoRA": ("width", "td_lora"), "width": ("width",), "TD-LoRA": ("td_lora",),
+         "coarse patches (DDiT)": ("coarse",)}
 WIDTH_PARTS = {"heads and MLP": "both", "attention heads": "heads", "MLP": "mlp"}
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 
@@ -32,7 +35,7 @@ def output_stem(filename: str) -> str:
     import folder_paths
 
     name = filename.strip()
-    for suffix in (".safetensors", ".width", ".td_lora"):
+    for suffix in (".safetensors", ".width", ".td_lora", ".patch_embedding"):
         name = name[: -len(suffix)] if name.endswith(suffix) else name
     if not name or not _NAME.match(name) or ".." in name.split("/") or name.startswith("/"):
         raise ValueError(f"Train Dynamic DiT: filename '{filename}' must be a relative name of letters, digits, '_', '-', '.', '/'.")
@@ -48,8 +51,10 @@ class DynamicTrainer:
         "and schedule), then trains a per-step width router (which heads and MLP channels each block keeps) and "
         "TD-LoRA experts that make the thinned model match the full one, at the target FLOPs ratio. Writes "
         "<filename>.width.safetensors (for the Dynamic Width Patcher) and <filename>.td_lora.safetensors (for the "
-        "TD-LoRA Loader) into models/dynamic_dit/, and returns the model with both applied. On a CPU only small "
-        "models train in reasonable time; see the README."
+        "TD-LoRA Loader) into models/dynamic_dit/, and returns the model with both applied. 'coarse patches (DDiT)' "
+        "instead trains the coarse-patch embedding and a block LoRA for the coarse steps of coarse_schedule (the FLOPs "
+        "follow that schedule; target_flops is not used) and writes <filename>.patch_embedding.safetensors (for the "
+        "Dynamic Patch Scheduler, mode 'as trained'). On a CPU only small models train in reasonable time; see the README."
     )
     CATEGORY = "dynamic_dit"
     FUNCTION = "train"
@@ -86,12 +91,14 @@ class DynamicTrainer:
                 "experts": ("INT", {"default": 2, "min": 1, "max": 16}),
                 "rank": ("INT", {"default": 4, "min": 1, "max": 256}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue <filename>.ckpt if it exists."}),
+                "coarse_schedule": ("STRING", {"default": "0-70%:2", "tooltip": "coarse patches: the steps that run coarse, "
+                                               "as the Patch Scheduler's manual schedule with one factor (2 or 4)."}),
             },
         }
 
     def train(self, model, positive, negative, latent, parts, target_flops, steps, filename, sampling_steps, cfg,
               sampler_name, scheduler, seeds, width_parts="heads and MLP", batch=8, learning_rate=2e-3, experts=2, rank=4,
-              resume=False):
+              resume=False, coarse_schedule="0-70%:2"):
         import comfy.utils
 
         from ..dynamic_core.comfy_integration import training_host
@@ -100,7 +107,8 @@ class DynamicTrainer:
         # every input is checked before any sampling or training starts
         if parts not in PARTS or width_parts not in WIDTH_PARTS:
             raise ValueError(f"Train Dynamic DiT: parts must be one of {', '.join(PARTS)}; width parts one of {', '.join(WIDTH_PARTS)}.")
-        spec = StudentSpec(parts=PARTS[parts], width_parts=WIDTH_PARTS[width_parts], experts=experts, rank=rank)
+        spec = StudentSpec(parts=PARTS[parts], width_parts=WIDTH_PARTS[width_parts], experts=experts, rank=rank,
+                           coarse_schedule=coarse_schedule)
         spec.validate()
         config = TrainConfig(target=target_flops, steps=steps, batch=batch, lr=learning_rate)
         config.validate()
@@ -125,7 +133,8 @@ class DynamicTrainer:
         command = "Train Dynamic DiT " + shlex.join(f"{k}={v}" for k, v in dict(
             parts=parts, width_parts=width_parts, target_flops=target_flops, steps=steps, sampling_steps=sampling_steps,
             cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=seeds, batch=batch, lr=learning_rate,
-            experts=experts, rank=rank, prompts=len(jobs)).items())
+            experts=experts, rank=rank, prompts=len(jobs),
+            **({"coarse_schedule": coarse_schedule} if "coarse" in spec.parts else {})).items())
         metadata = export.training_metadata(student, target=target_flops, steps=result.steps, command=command,
                                             base_model=type(model.model).__name__,
                                             extra={"final_flops_ratio": f"{result.final_ratio:.4f}",
@@ -135,9 +144,13 @@ class DynamicTrainer:
         for path in paths:
             if path.name.endswith(export.SUFFIXES["width"]):
                 patched = apply_settings(patched, WidthSettings(router=load_width_router(path), parts=spec.width_parts))
+            elif path.name.endswith(export.SUFFIXES["coarse"]):
+                patched = apply_settings(patched, PatchSchedulerSettings(
+                    mode="manual", schedule=parse_schedule(coarse_schedule), embedding=load_patch_embedding_file(path)))
             else:
                 patched = apply_td_lora(patched, load_td_lora_file(path), 1.0)
-        report = (f"FLOPs {result.final_ratio:.3f} of full (target {target_flops:g}), distillation loss {result.eval_loss:.4f} "
+        goal = f"coarse schedule {coarse_schedule}" if "coarse" in spec.parts else f"target {target_flops:g}"
+        report = (f"FLOPs {result.final_ratio:.3f} of full ({goal}), distillation loss {result.eval_loss:.4f} "
                   f"after {result.steps} steps in {result.seconds:.0f} s; wrote " + ", ".join(p.name for p in paths))
         return {"ui": {"text": [report]}, "result": (patched, report)}
 

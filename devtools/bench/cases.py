@@ -67,13 +67,15 @@ def _easycache(threshold: float, lazy: bool = False) -> Callable[[Any], Any]:
 
 
 def _trained(arg: str | None) -> Case:
-    """`trained:<stem>`: the files `python -m devtools.train` wrote (<stem>.width / .td_lora.safetensors)."""
+    """`trained:<stem>`: the files `python -m devtools.train` wrote (<stem>.width / .td_lora / .patch_embedding
+    .safetensors; a patch embedding runs on the schedule it was trained for)."""
     if not arg:
         raise ValueError("trained: give the output stem of a training run, e.g. trained:reference/trained/flux_photo_reference_t50")
     stem = Path(arg)
     width, lora = Path(f"{stem}.width.safetensors"), Path(f"{stem}.td_lora.safetensors")
-    if not width.is_file() and not lora.is_file():
-        raise ValueError(f"trained: neither {width} nor {lora} exists")
+    coarse = Path(f"{stem}.patch_embedding.safetensors")
+    if not width.is_file() and not lora.is_file() and not coarse.is_file():
+        raise ValueError(f"trained: none of {width}, {lora}, {coarse} exists")
 
     def build(model):
         from ...dynamic_core.comfy_integration.patching import apply_settings, check_base_weights, install_executor
@@ -90,9 +92,17 @@ def _trained(arg: str | None) -> Case:
         if lora.is_file():
             check_base_weights(model, header_metadata(lora), lora.name)
             patched = apply_td_lora(patched, load_td_lora_file(lora), 1.0)
+        if coarse.is_file():
+            from ...dynamic_core.methods.patch_embedding_file import load_patch_embedding_file
+            from ...dynamic_core.methods.patch_scheduler import PatchSchedulerSettings, parse_schedule
+
+            header = header_metadata(coarse)
+            check_base_weights(model, header, coarse.name)
+            patched = apply_settings(patched, PatchSchedulerSettings(
+                mode="manual", schedule=parse_schedule(header["coarse_schedule"]), embedding=load_patch_embedding_file(coarse)))
         return patched
 
-    parts = [p for p, f in (("width router", width), ("TD-LoRA", lora)) if f.is_file()]
+    parts = [p for p, f in (("width router", width), ("TD-LoRA", lora), ("coarse patches", coarse)) if f.is_file()]
     return Case(f"trained {stem.name} ({' + '.join(parts)})", build, family="trained")
 
 

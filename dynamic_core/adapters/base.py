@@ -173,6 +173,10 @@ class ModelAdapter(ABC):
     def block_module(self, diffusion_model: torch.nn.Module, block: BlockRef) -> torch.nn.Module:
         return getattr(diffusion_model, self._kind(block).module_list)[block.index]
 
+    def linear_names(self, block: BlockRef) -> tuple[str, ...]:
+        """The block's linear layers by the names `BlockInternals.extras` uses, without the model."""
+        return self._kind(block).linears
+
     def linear_layers(self, module: torch.nn.Module, block: BlockRef) -> dict[str, torch.nn.Module]:
         """The block's linear layers by the names `BlockInternals.extras` uses (e.g. "img_attn.qkv")."""
         return {name: module.get_submodule(name) for name in self._kind(block).linears}

@@ -107,6 +107,11 @@ class CoarseGrid(ABC):
                     linear: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """The host's own final layer (norm and modulation) on `hidden`, with its last linear replaced."""
 
+    def native_linears(self, diffusion_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+        """The model's own patch-embedding linear and the final layer's last linear (a trainer derives the
+        coarse layers it starts from from them)."""
+        raise NotImplementedError(f"{type(self).__name__} does not name its patch embedding and final linear")
+
     @abstractmethod
     def final_modulation_flops(self, batch: int) -> float:
         """FLOPs of the final layer's modulation for a batch (work `final_layer` does besides `linear`)."""

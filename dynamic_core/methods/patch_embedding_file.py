@@ -1,6 +1,6 @@
 """Coarse-patch embedding files (DDiT): trained layers for patches f times the model's own, as safetensors.
 
-Format (version 1), in `models/dynamic_dit/`:
+Format (version 2), in `models/dynamic_dit/`:
 - header metadata: `format` = "dynamic_dit.patch_embedding", `version` = "1", `factors` (e.g. "2,4"),
   and what the adapter's coarse grid says about the model (Flux: `architecture` = "flux",
   `hidden_size`, `num_heads`, `depth_double`, `depth_single`, `patch_size` p, `in_channels` C_in
@@ -10,18 +10,24 @@ Format (version 1), in `models/dynamic_dit/`:
     patch, features in the host's order (c, ph, pw), to a token;
   - `factor<f>.patch_id` (D,): the patch-size identifier added to every token of this factor;
   - `factor<f>.deembed.weight` (C_out * P * P, D), `factor<f>.deembed.bias` (C_out * P * P,): the
-    last linear of the final layer (after the host's own final norm and modulation), output order
-    (c, ph, pw), predicting the coarse part of the velocity: the scheduler adds the residual path
-    (x - up(down(x))) / sigma from the input latent (see `patch_scheduler.py`).
-  Latents are padded to a multiple of P by repeating the edge pixels; the call runs at the given
-  sigma (no shift). Block LoRA is not part of version 1.
+    second last linear of the final layer (after the host's own final norm and modulation, beside the
+    host's own last linear), output order (c, ph, pw): a P x P correction R of the coarse velocity; the
+    scheduler combines v = (x - U D x / c) / t + (t' / t) (U v_c + R) (`patch_scheduler.coarse_output`).
+  - optional DDiT block LoRA, active only on coarse calls of its factor (any subset of the block
+    linears): `factor<f>.lora.<block>.<linear>.down` (r, in) and `.up` (out, r), block as
+    `BlockRef.label` ("double.3"), linear by the adapter's block linear names ("img_attn.qkv"); the
+    addend is (x down^T) up^T, any scale folded into `up`.
+  Latents are padded to a multiple of P by repeating the edge pixels. The call sees the noisy channels
+  divided by c = 1 - t + t/f at flow time t' = (t/f)/c, the noise level of the area-downsampled latent
+  (the training-free path's time shift).
+Version 1 (unshifted time, no block LoRA; only ever written by tests) is refused.
 All tensors are floating point and finite; they are loaded as float32.
 """
 from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
@@ -31,13 +37,17 @@ import torch.nn.functional as F
 from ..files import header_problem, read_safetensors
 
 if TYPE_CHECKING:
+    from ..adapters import ModelAdapter
     from ..adapters.coarse import CoarseGrid
 
 FORMAT = "dynamic_dit.patch_embedding"
-VERSION = "1"
+VERSION = "2"
 FACTORS = (2, 4)  # coarse patch factors a file may hold (DDiT: 2p and 4p)
 _PARAMS = ("embed.weight", "embed.bias", "deembed.weight", "deembed.bias", "patch_id")
 _KEY = re.compile(r"^factor(\d+)\.(.+)$")
+_LORA_KEY = re.compile(r"^lora\.(?P<block>[a-z_]+\.\d+)\.(?P<linear>.+)\.(?P<part>down|up)$")
+# factor -> block label -> linear name -> (down (r, in), up (out, r)), float32 on the CPU
+BlockLoRA = Mapping[int, Mapping[str, Mapping[str, tuple[torch.Tensor, torch.Tensor]]]]
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +72,21 @@ class PatchEmbeddingFile:
     name: str
     model: Mapping[str, str]  # what the file says about the model it was trained for
     layers: Mapping[int, CoarseLayers]  # factor -> layers
+    lora: BlockLoRA = field(default_factory=lambda: MappingProxyType({}))  # version 2: block LoRA of coarse calls
+
+    def check_blocks(self, adapter: "ModelAdapter") -> None:
+        """Raise ValueError unless every block LoRA names a block and a block linear of the adapter's model."""
+        labels = {block.label: block for block in adapter.blocks}
+        for factor, blocks in self.lora.items():
+            for label, linears in blocks.items():
+                if label not in labels:
+                    raise ValueError(f"Patch embedding '{self.name}': block LoRA for block {label}, which this "
+                                     f"{adapter.display_name} model does not have.")
+                known = adapter.linear_names(labels[label])
+                unknown = sorted(set(linears) - set(known))
+                if unknown:
+                    raise ValueError(f"Patch embedding '{self.name}': block {label} has no linear {', '.join(unknown)} "
+                                     f"(its linears: {', '.join(known)}).")
 
     @property
     def factors(self) -> tuple[int, ...]:
@@ -85,11 +110,14 @@ def save_patch_embedding_file(
     path: str | os.PathLike,
     model: Mapping[str, str],
     layers: Mapping[int, CoarseLayers | Mapping[str, torch.Tensor]],
+    lora: BlockLoRA | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
     """Write a coarse-patch embedding file (for tests and trainers).
 
     `model` is the model description (`CoarseGrid.file_fields()`); `layers` maps a factor to its
-    `CoarseLayers` or to a dict with the parameter names of the format (`embed.weight`, ...).
+    `CoarseLayers` or to a dict with the parameter names of the format (`embed.weight`, ...); `lora` the
+    block LoRA of coarse calls per factor; `metadata` extra header entries (a trainer's).
     """
     from safetensors.torch import save_file
 
@@ -99,9 +127,14 @@ def save_patch_embedding_file(
             params = _as_params(params)
         for param, tensor in params.items():
             tensors[f"factor{factor}.{param}"] = tensor.detach().to("cpu").contiguous()
-    metadata = {"format": FORMAT, "version": VERSION, "factors": ",".join(str(f) for f in sorted(layers)),
-                **{k: str(v) for k, v in model.items()}}
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    for factor, blocks in (lora or {}).items():
+        for label, linears in blocks.items():
+            for linear, (down, up) in linears.items():
+                tensors[f"factor{factor}.lora.{label}.{linear}.down"] = down.detach().to("cpu").float().contiguous()
+                tensors[f"factor{factor}.lora.{label}.{linear}.up"] = up.detach().to("cpu").float().contiguous()
+    header = {**{k: str(v) for k, v in (metadata or {}).items()}, **{k: str(v) for k, v in model.items()},
+              "format": FORMAT, "version": VERSION, "factors": ",".join(str(f) for f in sorted(layers))}
+    save_file(tensors, os.fspath(path), metadata=header)
 
 
 def load_patch_embedding_file(path: str | os.PathLike, name: str | None = None) -> PatchEmbeddingFile:
@@ -135,16 +168,22 @@ def _validate(name: str, metadata: dict[str, str], tensors: dict[str, torch.Tens
         raise fail("metadata 'hidden_size', 'patch_size', 'in_channels' and 'out_channels' must be integers.") from None
 
     grouped: dict[int, dict[str, torch.Tensor]] = {f: {} for f in factors}
+    lora_parts: dict[int, dict[str, dict[str, dict[str, torch.Tensor]]]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key)
-        if match is None or int(match.group(1)) not in grouped or match.group(2) not in _PARAMS:
-            hint = " (block LoRA is not part of format version 1)" if "lora" in key.lower() else ""
-            raise fail(f"unexpected tensor '{key}'{hint}; expected factor<f>.{{{', '.join(_PARAMS)}}} for factors {factors}.")
+        lora_match = _LORA_KEY.match(match.group(2)) if match is not None else None
+        if match is None or int(match.group(1)) not in grouped or (match.group(2) not in _PARAMS and lora_match is None):
+            raise fail(f"unexpected tensor '{key}'; expected factor<f>.{{{', '.join(_PARAMS)}}} or "
+                       f"factor<f>.lora.<block>.<linear>.{{down,up}} for factors {factors}.")
         if not tensor.is_floating_point():
             raise fail(f"tensor '{key}' has dtype {tensor.dtype}, expected a floating-point dtype.")
         if not torch.isfinite(tensor).all():
             raise fail(f"tensor '{key}' contains NaN or infinite values.")
-        grouped[int(match.group(1))][match.group(2)] = tensor.float()
+        if lora_match is not None:
+            linear = lora_parts.setdefault(int(match.group(1)), {}).setdefault(lora_match["block"], {}).setdefault(lora_match["linear"], {})
+            linear[lora_match["part"]] = tensor.float()
+        else:
+            grouped[int(match.group(1))][match.group(2)] = tensor.float()
 
     layers = {}
     for factor, params in grouped.items():
@@ -164,7 +203,23 @@ def _validate(name: str, metadata: dict[str, str], tensors: dict[str, torch.Tens
         layers[factor] = CoarseLayers(
             params["embed.weight"], params["embed.bias"], params["patch_id"], params["deembed.weight"], params["deembed.bias"]
         )
-    return PatchEmbeddingFile(name, MappingProxyType(model), MappingProxyType(layers))
+    lora = {factor: MappingProxyType({label: MappingProxyType(_lora_pairs(fail, factor, label, linears))
+                                      for label, linears in blocks.items()})
+            for factor, blocks in lora_parts.items()}
+    return PatchEmbeddingFile(name, MappingProxyType(model), MappingProxyType(layers), MappingProxyType(lora))
+
+
+def _lora_pairs(fail, factor: int, label: str, linears: dict[str, dict[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    pairs = {}
+    for linear, parts in linears.items():
+        where = f"factor{factor}.lora.{label}.{linear}"
+        if set(parts) != {"down", "up"}:
+            raise fail(f"block LoRA '{where}' needs both .down and .up.")
+        down, up = parts["down"], parts["up"]
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            raise fail(f"block LoRA '{where}': down {tuple(down.shape)} and up {tuple(up.shape)} are not (r, in) and (out, r).")
+        pairs[linear] = (down, up)
+    return pairs
 
 
 def _as_params(layers: CoarseLayers) -> dict[str, torch.Tensor]:
@@ -213,8 +268,8 @@ def derived_layers(
     """Coarse layers computed from the native img_in and final linear, without training.
 
     `resize="pinv_bilinear"` is DDiT's / FlexiViT's initialisation (embedding W B+, de-embedding B W_out);
-    `resize="area"` embeds the area-downsampled patch with the native weights and repeats each
-    native output pixel f x f (the pair `patch_scheduler` uses without a file, exactly).
+    `resize="area"` embeds the area-downsampled patch with the native weights (with a zero de-embedding,
+    the scheduler's training-free path exactly) and repeats each native output pixel f x f.
     """
     down, up = {"pinv_bilinear": ("pinv_bilinear", "bilinear"), "area": ("area", "nearest")}[resize]
     hidden = img_in_weight.shape[0]
@@ -237,6 +292,7 @@ def derived_layers(
 
 
 __all__ = [
+    "BlockLoRA",
     "FACTORS",
     "FORMAT",
     "VERSION",

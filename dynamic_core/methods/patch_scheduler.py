@@ -31,11 +31,15 @@ velocity is taken against the full-resolution input: v = (x_t - U x0_c) / t, i.e
 
 The residual carries the detail finer than a coarse patch straight from the input: it is what the
 velocity of that detail is when the clean image has none at that scale (exact at early steps, where
-that detail is noise). **With a trained file** the trained embedding (plus the patch-size identifier)
-replaces the embedded image tokens through the host's `post_input` patch, the hidden states after
-the last block are captured by this method's `wrap_block`, and the host's final layer (its own norm
-and modulation) runs with the trained de-embedding as last linear; the same residual path is added.
-Block LoRA is left to TD-LoRA's machinery (another method), so files do not carry it yet.
+that detail is noise). **With a trained file** the call keeps the training-free path's noise level
+(input x / c, flow time t') but the trained embedding of the f*p patches (plus the patch-size
+identifier) replaces the embedded image tokens through the host's `post_input` patch, the file's block
+LoRA acts on the block linears (`block_internals`, coarse calls only), the hidden states after the last
+block are captured by this method's `wrap_block`, and the host's final layer (its own norm and
+modulation) runs with its own last linear and the trained de-embedding side by side: the coarse velocity
+v_c upsampled bilinearly plus a trained P x P correction R, v = (x - U D x / c) / t + (t' / t) (U v_c + R)
+(`coarse_output`). Area-derived embedding and a zero de-embedding are the training-free path exactly, so
+a trainer starts from it.
 
 **Scheduler** (auto mode, DDiT's rule, `patch_statistics.py`): the decision for step s is made once,
 at the first model call that evaluates step s's sigma, from the third difference of x_{s-3} ... x_s:
@@ -69,6 +73,7 @@ from ..adapters import UnsupportedModelError
 from ..flops import FlopBreakdown, linear_flops
 from ..plan import MethodSettings
 from .base import BlockArgs, BlockFn, DynamicMethod, register
+from .low_rank import GatedBypass, SummedExtra
 from .patch_embedding_file import FACTORS, CoarseLayers, PatchEmbeddingFile
 from .patch_schedule import ScheduleRange, parse_schedule, schedule_range_at
 from .patch_statistics import (
@@ -81,7 +86,7 @@ from .patch_statistics import (
 )
 
 if TYPE_CHECKING:
-    from ..adapters import BlockRef, ModelAdapter
+    from ..adapters import BlockInternals, BlockRef, ModelAdapter
     from ..adapters.coarse import CoarseGrid
     from ..executor import CallState, ModelCall, RunContext
 
@@ -155,6 +160,7 @@ class PatchSchedulerSettings(MethodSettings):
                 f"The patch scheduler runs {adapter.display_name} models training-free only; choose no embedding file."
             )
         self.embedding.check_model(grid, adapter.display_name)
+        self.embedding.check_blocks(adapter)
         factors = self.embedding.factors
         if self.mode == "manual":
             missing = sorted({r.factor for r in self.schedule if r.factor > 1} - set(factors))
@@ -187,6 +193,7 @@ class _Capture:
 
     call: "CallState"
     count: int  # coarse image tokens
+    factor: int
     hidden: torch.Tensor | None = None
     conditioning: Any = None  # what the final layer is modulated by (the grid reads it off the last block)
 
@@ -296,8 +303,7 @@ class PatchSchedulerMethod(DynamicMethod):
         x = adapter.latent(model_call.arguments)
         noisy = grid.noisy_channels
         low = _spatially(lambda y: F.avg_pool2d(_pad_to_multiple(y, factor * grid.native_patch), factor), x.float())
-        scale = 1.0 - t + t / factor  # D x_t = scale * ((1 - t') D x0 + t' noise)
-        t_coarse = (t / factor) / scale
+        scale, t_coarse = coarse_time(t, factor)  # D x_t = scale * ((1 - t') D x0 + t' noise)
         z = low.clone()
         z[:, :noisy] = low[:, :noisy] / _rows(scale, x)
         options = grid.coarse_options(model_call.arguments["transformer_options"], factor)
@@ -313,17 +319,16 @@ class PatchSchedulerMethod(DynamicMethod):
                       t: torch.Tensor, layers: CoarseLayers) -> torch.Tensor:
         grid, adapter = self.grid, self.run.adapter
         x = adapter.latent(model_call.arguments)
-        size = factor * grid.native_patch
-        padded = _pad_to_multiple(x, size)
-        rows, cols = padded.shape[-2] // size, padded.shape[-1] // size
-        tokens = F.linear(grid.patchify(padded, size), layers.embed_weight, layers.embed_bias) + layers.patch_id
-        placeholder = x.new_zeros(x.shape[0], x.shape[1], rows * grid.native_patch, cols * grid.native_patch)
+        tokens, placeholder = coarse_tokens(grid, x, layers, factor, t)
         options = grid.coarse_options(
             model_call.arguments["transformer_options"], factor, post_input=lambda embedded: grid.replace_image_tokens(embedded, tokens)
         )
-        self._capture = capture = _Capture(call, rows * cols)
+        self._capture = capture = _Capture(call, tokens.shape[1], factor)
         try:
-            out = proceed(model_call.with_arguments(**{adapter.latent_argument: placeholder, "transformer_options": options}))
+            out = proceed(model_call.with_arguments(**{
+                adapter.latent_argument: placeholder, "transformer_options": options,
+                **grid.with_flow_time(model_call.arguments, coarse_time(t, factor)[1]),
+            }))
         finally:
             self._capture = None
         if capture.hidden is None:
@@ -331,22 +336,30 @@ class PatchSchedulerMethod(DynamicMethod):
                 f"Patch scheduler: block {grid.last_block.label} did not run through Dynamic DiT's block patch, so the "
                 "hidden states for the trained de-embedding are missing (another node replaced the model's blocks?)."
             )
-        deembedded = grid.final_layer(
-            call.diffusion_model, capture.hidden, capture.conditioning, lambda h: F.linear(h, layers.deembed_weight, layers.deembed_bias)
-        )
-        batch, count = x.shape[0], rows * cols
-        channels_in = x.shape[1]
-        call.add_executed(FlopBreakdown(extra=(
-            linear_flops(batch * count, channels_in * size * size, layers.embed_weight.shape[0])
-            + linear_flops(batch * count, layers.deembed_weight.shape[1], layers.deembed_weight.shape[0])
-            + grid.final_modulation_flops(batch)
-        )))
-        coarse = _crop(grid.unpatchify(deembedded, rows, cols, size), x).float()
-        noisy = x[:, :grid.noisy_channels].float()
-        smooth = _crop(F.interpolate(
-            F.avg_pool2d(_pad_to_multiple(noisy, size), factor), scale_factor=factor, mode="bilinear", align_corners=False
-        ), x)
-        return (coarse + (noisy - smooth) / _rows(t, x)).to(out.dtype)
+        call.add_executed(FlopBreakdown(extra=coarse_layer_flops(grid, x, layers, factor)))
+        return coarse_output(grid, call.diffusion_model, capture.hidden, capture.conditioning, layers, x, factor, t).to(out.dtype)
+
+    def block_internals(self, call: "CallState", block: "BlockRef", args: BlockArgs, internals: "BlockInternals") -> "BlockInternals":
+        """The file's block LoRA (format version 2) on the linears of a trained coarse call, and only there."""
+        capture = self._capture
+        if capture is None or capture.call is not call:
+            return internals
+        embedding = self.settings.embedding
+        lora = embedding.lora.get(capture.factor, {}).get(block.label) if embedding is not None else None
+        if not lora:
+            return internals
+        like = self.run.adapter.hidden_states(block, args)
+        extras = dict(internals.extras)
+        for name, (down, up) in lora.items():
+            bypass = GatedBypass(*self._cast_lora(down, up, like), None)
+            extras[name] = SummedExtra(extras[name], bypass) if name in extras else bypass
+        return internals.with_changes(extras=extras)
+
+    def _cast_lora(self, down: torch.Tensor, up: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(down), like.device, like.dtype)
+        if key not in self._layers:
+            self._layers[key] = (down.to(like), up.to(like))
+        return self._layers[key]
 
     def wrap_block(self, call: "CallState", block: "BlockRef", args: BlockArgs, proceed: BlockFn) -> dict:
         capture = self._capture
@@ -371,6 +384,69 @@ class PatchSchedulerMethod(DynamicMethod):
         self._coarse_steps.clear()
         self._layers.clear()
         self._capture = None
+
+
+def coarse_time(t: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale c, coarse flow time t') of the area-downsampled latent: D x_t = c ((1 - t') D x0 + t' noise)."""
+    scale = 1.0 - t + t / factor
+    return scale, (t / factor) / scale
+
+
+def coarse_tokens(grid: "CoarseGrid", x: torch.Tensor, layers: CoarseLayers, factor: int,
+                  t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trained embedding of the f*p patches of x / c (the noisy channels brought to the coarse noise level,
+    as the training-free path does), plus the patch-size identifier, (B, rows * cols, D); and the zero
+    placeholder latent of the coarse grid's size that the host embeds and the post-input patch replaces."""
+    size = factor * grid.native_patch
+    scale, _ = coarse_time(t, factor)
+    z = x.clone()
+    z[:, :grid.noisy_channels] = x[:, :grid.noisy_channels] / _rows(scale, x).to(x.dtype)
+    padded = _pad_to_multiple(z, size)
+    rows, cols = padded.shape[-2] // size, padded.shape[-1] // size
+    tokens = F.linear(grid.patchify(padded, size), layers.embed_weight, layers.embed_bias) + layers.patch_id
+    placeholder = x.new_zeros(*x.shape[:-2], rows * grid.native_patch, cols * grid.native_patch)
+    return tokens, placeholder
+
+
+def coarse_output(grid: "CoarseGrid", diffusion_model: torch.nn.Module, hidden: torch.Tensor, conditioning: Any,
+                  layers: CoarseLayers, x: torch.Tensor, factor: int, t: torch.Tensor) -> torch.Tensor:
+    """The native-resolution velocity of a trained coarse call (float32) from the last block's image tokens.
+
+    The host's final layer (its norm and modulation) runs once with two last linears side by side: its own,
+    giving the coarse model's velocity v_c on the coarse grid, and the trained de-embedding, giving a P x P
+    correction R. As the training-free path, v = (x - U x0_c) / t with x0_c = D x / c - t' (v_c + ...):
+        v = (x - U D x / c) / t + (t' / t) (U v_c + R)
+    with U bilinear upsampling; a zero de-embedding is the training-free path exactly."""
+    native = grid.native_linears(diffusion_model)[1]
+    split = native.weight.shape[0]
+
+    def both(h: torch.Tensor) -> torch.Tensor:
+        return torch.cat((native(h), F.linear(h, layers.deembed_weight.to(h.dtype), layers.deembed_bias.to(h.dtype))), dim=-1)
+
+    out = grid.final_layer(diffusion_model, hidden, conditioning, both)
+    size, patch = factor * grid.native_patch, grid.native_patch
+    rows, cols = -(-x.shape[-2] // size), -(-x.shape[-1] // size)
+    velocity = grid.unpatchify(out[..., :split], rows, cols, patch).float()
+    upsampled = _crop(F.interpolate(velocity, scale_factor=factor, mode="bilinear", align_corners=False), x)
+    correction = _crop(grid.unpatchify(out[..., split:], rows, cols, size), x).float()
+    scale, t_coarse = coarse_time(t.float(), factor)
+    noisy = x[:, :grid.noisy_channels].float()
+    smooth = _crop(F.interpolate(
+        F.avg_pool2d(_pad_to_multiple(noisy, size), factor), scale_factor=factor, mode="bilinear", align_corners=False
+    ), x)
+    return (noisy - smooth / _rows(scale, x)) / _rows(t, x) + _rows(t_coarse / t.float(), x) * (upsampled + correction)
+
+
+def coarse_layer_flops(grid: "CoarseGrid", x: torch.Tensor, layers: CoarseLayers, factor: int) -> float:
+    """FLOPs of a trained coarse call's own layers: the embedding, the final layer run again on the captured
+    tokens (modulation, the host's own last linear and the de-embedding)."""
+    size = factor * grid.native_patch
+    count = (-(-x.shape[-2] // size)) * (-(-x.shape[-1] // size))
+    batch = x.shape[0]
+    hidden, outputs = layers.deembed_weight.shape[1], layers.deembed_weight.shape[0]
+    return (linear_flops(batch * count, x.shape[1] * size * size, layers.embed_weight.shape[0])
+            + linear_flops(batch * count, hidden, outputs) + linear_flops(batch * count, hidden, outputs // factor**2)
+            + grid.final_modulation_flops(batch))
 
 
 def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -406,6 +482,10 @@ def _crop(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "PatchDecision",
+    "coarse_layer_flops",
+    "coarse_time",
+    "coarse_output",
+    "coarse_tokens",
     "PatchSchedulerMethod",
     "PatchSchedulerSettings",
     "ScheduleRange",

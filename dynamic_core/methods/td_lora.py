@@ -31,8 +31,8 @@ from ..adapters import BlockInternals, BlockRef, ModelAdapter
 from ..adapters.capabilities import SINUSOIDAL_TIME_SCALE
 from ..flops import FlopBreakdown, linear_flops
 from ..plan import MethodSettings
-from ..slicing import AxisSelection
 from .base import DynamicMethod, register
+from .low_rank import GatedBypass, SummedExtra, expert_columns
 
 if TYPE_CHECKING:
     from ..executor import CallState, ModelCall, RunContext
@@ -158,47 +158,6 @@ class LowRankLayer:
         """(K, r, in) and (K, out, r): the inverse of `from_experts` (without the scale)."""
         k, r = self.experts, self.rank
         return self.down.reshape(k, r, -1), self.up.reshape(-1, k, r).permute(1, 0, 2)
-
-
-def expert_columns(gates: torch.Tensor, rank: int) -> torch.Tensor:
-    """(B, K) gates -> (B, K * rank): each expert's gate over its rank columns (experts stacked expert-major)."""
-    return gates.repeat_interleave(rank, dim=1)
-
-
-class GatedBypass:
-    """The addend of one layer for one model call: ((x A^T) * column gates) B^T, sliced like the layer."""
-
-    def __init__(self, down: torch.Tensor, up: torch.Tensor, column_gates: torch.Tensor | None):
-        self.down, self.up, self.column_gates = down, up, column_gates  # up carries strength * alpha / r
-
-    def __call__(self, x: torch.Tensor, rows: AxisSelection | None, cols: AxisSelection | None) -> torch.Tensor:
-        down = self.down if cols is None else cols.take(self.down, 1)
-        up = self.up if rows is None else rows.take(self.up, 0)
-        hidden = F.linear(x, down)
-        if self.column_gates is not None:
-            gates = self.column_gates
-            if gates.shape[0] != x.shape[0]:
-                raise RuntimeError(
-                    f"TD-LoRA: a layer received a batch of {x.shape[0]} but the gates were computed for {gates.shape[0]} samples"
-                )
-            hidden = hidden * gates.view(gates.shape[0], *([1] * (x.ndim - 2)), gates.shape[1])
-        return F.linear(hidden, up)
-
-    def flops(self, tokens: int, in_features: int, out_features: int) -> float:
-        return linear_flops(tokens, in_features, self.down.shape[0]) + linear_flops(tokens, self.down.shape[0], out_features)
-
-
-class _SummedExtra:
-    """Two extras on the same linear (another method's and ours): both addends."""
-
-    def __init__(self, first: Any, second: Any):
-        self.first, self.second = first, second
-
-    def __call__(self, x: torch.Tensor, rows: AxisSelection | None, cols: AxisSelection | None) -> torch.Tensor:
-        return self.first(x, rows, cols) + self.second(x, rows, cols)
-
-    def flops(self, tokens: int, in_features: int, out_features: int) -> float:
-        return self.first.flops(tokens, in_features, out_features) + self.second.flops(tokens, in_features, out_features)
 
 
 # --- a loaded adapter -------------------------------------------------------------------------------
@@ -449,7 +408,7 @@ class TDLoRAMethod(DynamicMethod):
             gate = layer.gate if layer.gate is not None else self.lora.gate
             columns = state.columns(gate, layer.rank, like) if gate is not None and layer.experts > 1 else None
             bypass = GatedBypass(down, up, columns)
-            extras[name] = _SummedExtra(extras[name], bypass) if name in extras else bypass
+            extras[name] = SummedExtra(extras[name], bypass) if name in extras else bypass
         return internals.with_changes(extras=extras)
 
     def finish(self) -> None:

@@ -2,7 +2,9 @@
 
 The width router goes into the width router format (`methods/width_file.py`, read by the Dynamic Width
 Patcher), the TD-LoRA experts and gate into the TD-LoRA format (`methods/td_lora_file.py`, read by the
-TD-LoRA Loader). Each loader validates its own format strictly (no foreign tensors), so the parts
+TD-LoRA Loader), the coarse-patch layers and their block LoRA into the patch embedding format
+(`methods/patch_embedding_file.py` version 2, read by the Dynamic Patch Scheduler; the header's
+`coarse_schedule` says which steps it was trained for). Each loader validates its own format strictly (no foreign tensors), so the parts
 cannot share one file; both carry the same training metadata (base architecture, base weight
 fingerprint, parts, target, steps, command; the model part from `ModelInfo.header`, the one header builder
 of every format), and the file names share a stem:
@@ -17,12 +19,13 @@ from typing import Mapping
 
 import torch
 
+from ..methods.patch_embedding_file import save_patch_embedding_file
 from ..methods.td_lora import GateWeights
 from ..methods.td_lora_file import ExpertLayer, save_td_lora_file
 from ..methods.width_file import RouterHeader, WidthRouter
 from .student import DynamicStudent
 
-SUFFIXES = {"width": ".width.safetensors", "td_lora": ".td_lora.safetensors"}
+SUFFIXES = {"width": ".width.safetensors", "td_lora": ".td_lora.safetensors", "coarse": ".patch_embedding.safetensors"}
 
 
 def training_metadata(student: DynamicStudent, *, target: float, steps: int, command: str, base_model: str,
@@ -39,6 +42,7 @@ def training_metadata(student: DynamicStudent, *, target: float, steps: int, com
         "train_steps": str(steps),
         "command": command,
         "spec": json.dumps({k: getattr(spec, k) for k in ("experts", "rank", "mlp_groups", "gate_hidden", "gate_embed")}),
+        **({"coarse_schedule": spec.coarse_schedule, "coarse_init": spec.coarse_init} if "coarse" in spec.parts else {}),
         **{k: str(v) for k, v in (extra or {}).items()},
     }
 
@@ -79,6 +83,15 @@ def td_lora_layers(student: DynamicStudent) -> tuple[dict[str, ExpertLayer], Gat
     return layers, gate
 
 
+def coarse_lora(student: DynamicStudent) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The coarse calls' block LoRA as the patch embedding file holds it: block label -> linear -> (down, up)."""
+    blocks: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
+    for key, (block, name) in student.lora_paths.items():
+        pair = (student.lora_down[key].detach().float().cpu(), student.lora_up[key].detach().float().cpu())
+        blocks.setdefault(block.label, {})[name] = pair
+    return blocks
+
+
 def save_student(student: DynamicStudent, stem: str | os.PathLike, metadata: Mapping[str, str]) -> list[Path]:
     """Write one file per trained part next to `stem` (a path without the suffix); returns the paths."""
     stem = Path(stem)
@@ -99,7 +112,15 @@ def save_student(student: DynamicStudent, stem: str | os.PathLike, metadata: Map
         path = stem.with_name(stem.name + SUFFIXES["td_lora"])
         save_td_lora_file(path, layers, student.adapter.model_info().header(), gate, metadata=metadata)
         written.append(path)
+    if student.coarse is not None:
+        path = stem.with_name(stem.name + SUFFIXES["coarse"])
+        factor = student.coarse.factor
+        with torch.no_grad():
+            layers = student.coarse.layers()
+        save_patch_embedding_file(path, student.grid.file_fields(), {factor: layers}, {factor: coarse_lora(student)},
+                                  metadata=metadata)
+        written.append(path)
     return written
 
 
-__all__ = ["SUFFIXES", "save_student", "td_lora_layers", "training_metadata", "width_router"]
+__all__ = ["SUFFIXES", "coarse_lora", "save_student", "td_lora_layers", "training_metadata", "width_router"]

@@ -8,6 +8,9 @@ Trainable parts (any subset):
   columns there is exactly what slicing it away does at inference; masks exist only here, in training.
 - "td_lora": K low-rank experts per block linear, mixed by a gate over sigma (the TD-LoRA file
   format's parametrisation), as the compensation that makes the reduced model match the full one.
+- "coarse" (DDiT, trained alone): the coarse-patch embedding, de-embedding and patch-size identifier
+  (`coarse.py`) and a rank-r block LoRA on every block linear that acts on coarse calls only; rows of the
+  schedule's coarse steps run the Patch Scheduler's trained path (`coarse_tokens` / `coarse_output`).
 
 The trainer speaks to the model only through the adapter: blocks run as `adapter.run_block` at full
 width with `BlockInternals.linear_overrides` (the host block's own forward on module views, nothing
@@ -23,12 +26,14 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import BlockInternals, BlockRef, CallLayout, ModelAdapter, UnsupportedModelError
+from ..methods.patch_scheduler import coarse_layer_flops, coarse_output, coarse_time, coarse_tokens
 from ..methods.td_lora import block_linear_index, sinusoidal_embedding
 from ..slicing import RunIndexCache
+from .coarse import CoarseParts, coarse_step_indices, schedule_factor
 from .objectives import gumbel_sigmoid
-from .trajectories import TRAINER_KEYS
+from .trajectories import TRAINER_KEYS, Trajectories
 
-PARTS = ("width", "td_lora")
+PARTS = ("width", "td_lora", "coarse")
 WIDTH_PARTS = ("both", "heads", "mlp")
 
 
@@ -44,6 +49,8 @@ class StudentSpec:
     gate_hidden: int = 32
     gate_embed: int = 64
     init_logit: float = 3.0  # router bias at the start: every unit kept (training starts from full compute)
+    coarse_schedule: str = "0-70%:2"  # "coarse": the steps that run coarse (the Patch Scheduler's manual schedule)
+    coarse_init: str = "area"  # "coarse": how the layers start ("area": the training-free path; "pinv_bilinear": DDiT's)
 
     def validate(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
@@ -55,6 +62,11 @@ class StudentSpec:
             raise ValueError(f"Trainer: TD-LoRA needs experts >= 1 and rank >= 1, got K={self.experts}, r={self.rank}.")
         if self.mlp_groups < 0:
             raise ValueError(f"Trainer: mlp_groups must be >= 0 (0 = one per head), got {self.mlp_groups}.")
+        if "coarse" in self.parts:
+            if len(self.parts) > 1:
+                raise ValueError("Trainer: coarse patches are trained on their own (parts 'coarse' alone); train width "
+                                 "and TD-LoRA in another run.")
+            schedule_factor(self.coarse_schedule)
 
 
 def _per_row(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -117,11 +129,19 @@ class DynamicStudent(torch.nn.Module):
         if self.thin_mlp:
             self.group_weight = torch.nn.Parameter(torch.randn(blocks, self.group_count, features, generator=generator) * 0.01)
             self.group_bias = torch.nn.Parameter(torch.full((blocks, self.group_count), spec.init_logit))
+        self.coarse: CoarseParts | None = None
+        if "coarse" in spec.parts:
+            grid = adapter.coarse_grid()
+            if grid is None or not grid.trained_embedding:
+                raise UnsupportedModelError(f"Trainer: {adapter.display_name} models take no trained coarse-patch embedding.")
+            self.grid = grid
+            self.coarse_schedule, factor = schedule_factor(spec.coarse_schedule)
+            self.coarse = CoarseParts(grid, diffusion_model, factor, spec.coarse_init)
         self.lora_paths: dict[str, tuple[BlockRef, str]] = {}
         self.lora_down = torch.nn.ParameterDict()
         self.lora_up = torch.nn.ParameterDict()
-        if "td_lora" in spec.parts:
-            k, r = spec.experts, spec.rank
+        if "td_lora" in spec.parts or "coarse" in spec.parts:
+            k, r = (spec.experts if "td_lora" in spec.parts else 1), spec.rank
             for path, (block, name, layer) in block_linear_index(adapter, diffusion_model).items():
                 out_features, in_features = layer.weight.shape
                 key = path.replace(".", "/")
@@ -129,7 +149,7 @@ class DynamicStudent(torch.nn.Module):
                 # A random, B zero: the bypass starts at exactly zero (the student starts as the teacher)
                 self.lora_down[key] = torch.nn.Parameter(torch.randn(k * r, in_features, generator=generator) / math.sqrt(in_features))
                 self.lora_up[key] = torch.nn.Parameter(torch.zeros(out_features, k * r))
-            if k > 1:
+            if k > 1 and "td_lora" in spec.parts:
                 self.gate = torch.nn.Sequential(
                     torch.nn.Linear(spec.gate_embed, spec.gate_hidden), torch.nn.SiLU(), torch.nn.Linear(spec.gate_hidden, k)
                 )
@@ -143,6 +163,11 @@ class DynamicStudent(torch.nn.Module):
             self._by_block.setdefault(block, {})[name] = key
         self._columns = {block: self.units.unit_columns(block) for block in self.blocks} if "width" in spec.parts else {}
         self._coefficients: dict[CallLayout, tuple[float, torch.Tensor, torch.Tensor, float]] = {}
+
+    @property
+    def learns_compute(self) -> bool:
+        """Whether training decides the FLOPs (width routers); coarse steps are fixed by their schedule."""
+        return "width" in self.spec.parts
 
     # --- model calls ------------------------------------------------------------------------------
     def latent(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -229,7 +254,8 @@ class DynamicStudent(torch.nn.Module):
             return 0.0
         if self.units is None:
             raise UnsupportedModelError(f"Trainer: {self.adapter.display_name} does not describe its block linears for the FLOPs count.")
-        sizes, columns = self.units.linear_sizes(block, work), self.spec.experts * self.spec.rank
+        experts = self.spec.experts if "td_lora" in self.spec.parts else 1
+        sizes, columns = self.units.linear_sizes(block, work), experts * self.spec.rank
         return sum(2.0 * sizes[name][0] * columns * (sizes[name][1] + sizes[name][2]) for name in layers)
 
     def flops_ratio(self, layout: CallLayout, heads: torch.Tensor | None, groups: torch.Tensor | None) -> torch.Tensor:
@@ -245,6 +271,8 @@ class DynamicStudent(torch.nn.Module):
     def forward(self, inputs: Mapping[str, torch.Tensor], temperature: float = 1.0, noise: float = 1.0,
                 generator: torch.Generator | None = None, record_blocks: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's model output for a batch of recorded model inputs, and its (B,) FLOPs ratios."""
+        if self.coarse is not None:
+            return self._coarse_forward(inputs, record_blocks)
         arguments = self.arguments(inputs)
         heads, groups = self.masks(self.timestep(inputs), self.latent(inputs).dtype, temperature, noise, generator)
         columns = self.lora_columns(inputs["sigmas"])
@@ -255,6 +283,62 @@ class DynamicStudent(torch.nn.Module):
         options = {"patches_replace": {"dit": patches}, "sigmas": inputs["sigmas"]}
         out = self.diffusion_model(**arguments, transformer_options=options)
         return out, self.flops_ratio(layout, heads, groups)
+
+    # --- coarse patches (DDiT) ---------------------------------------------------------------------
+    def _coarse_forward(self, inputs: Mapping[str, torch.Tensor],
+                        record: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A coarse call as the Patch Scheduler's trained path runs it, through the host's blocks with the
+        block LoRA; returns the native-resolution velocity and the (B,) FLOPs ratio of the call."""
+        arguments = self.arguments(inputs)
+        grid, factor, latent = self.grid, self.coarse.factor, self.adapter.latent_argument
+        x = arguments[latent]
+        layers = self.coarse.layers(x)
+        t = grid.flow_time(arguments)
+        tokens, placeholder = coarse_tokens(grid, x, layers, factor, t)
+        coarse_arguments = {**arguments, latent: placeholder, **grid.with_flow_time(arguments, coarse_time(t, factor)[1])}
+        layout = self.adapter.call_layout(coarse_arguments)
+        state = {"layout": layout, "cache": RunIndexCache()}
+        capture = {"count": tokens.shape[1]}
+        patches = {self.adapter.patch_key(b): self._block_patch(i, b, None, None, None, state, record,
+                                                                capture if b == grid.last_block else None)
+                   for i, b in enumerate(self.blocks)}
+        options = grid.coarse_options({"patches_replace": {"dit": patches}, "sigmas": inputs["sigmas"]}, factor,
+                                      post_input=lambda embedded: grid.replace_image_tokens(embedded, tokens))
+        self.diffusion_model(**coarse_arguments, transformer_options=options)
+        out = coarse_output(grid, self.diffusion_model, capture["hidden"], capture["conditioning"], layers, x, factor, t)
+        return out, self.coarse_call_ratio(arguments, x).expand(x.shape[0])
+
+
+    def coarse_call_ratio(self, arguments: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """FLOPs of one coarse call per sample (blocks on the coarse grid with the block LoRA, the trained
+        layers) over the native call's."""
+        grid, factor = self.grid, self.coarse.factor
+        placeholder = x.new_zeros(*x.shape[:-2], -(-x.shape[-2] // (factor * grid.native_patch)) * grid.native_patch,
+                                  -(-x.shape[-1] // (factor * grid.native_patch)) * grid.native_patch)[:1]
+        native = replace(self.adapter.call_layout(arguments), batch=1)
+        coarse = replace(self.adapter.call_layout({**arguments, self.adapter.latent_argument: placeholder}), batch=1)
+        with torch.no_grad():
+            blocks = float(self.flops_ratio(coarse, None, None)[0]) * self.adapter.full_flops(coarse).total
+            layers = coarse_layer_flops(grid, x[:1], self.coarse.layers(), factor)
+        return torch.tensor((blocks + layers) / self.adapter.full_flops(native).total)
+
+
+    def coarse_run_ratio(self, bank: Trajectories) -> float:
+        """The FLOPs ratio of a whole run of the bank's schedule: coarse steps at the coarse call's ratio."""
+        rows = bank.fixed(1)
+        steps = len(bank.timesteps)
+        coarse = len(coarse_step_indices(self.coarse_schedule, steps))
+        call = float(self.coarse_call_ratio(self.arguments(rows), self.latent(rows)))
+        return (coarse * call + (steps - coarse)) / max(steps, 1)
+
+
+    def coarse_training_rows(self, bank: Trajectories) -> Trajectories:
+        """The bank's rows at the schedule's coarse steps (the only calls the coarse parts change)."""
+        steps = coarse_step_indices(self.coarse_schedule, len(bank.timesteps))
+        if not steps:
+            raise ValueError(f"Trainer: the coarse schedule '{self.spec.coarse_schedule}' runs no step of the "
+                             f"{len(bank.timesteps)}-step teacher runs coarse.")
+        return bank.restricted([bank.timesteps[s] for s in steps])
 
     def _mask(self, block: BlockRef, name: str, i: int, heads: torch.Tensor | None, groups: torch.Tensor | None,
               in_features: int) -> torch.Tensor | None:
@@ -280,7 +364,8 @@ class DynamicStudent(torch.nn.Module):
         return torch.cat(pieces, dim=-1)
 
     def _block_patch(self, i: int, block: BlockRef, heads: torch.Tensor | None, groups: torch.Tensor | None,
-                     columns: torch.Tensor | None, state: dict, record: list | None) -> Callable[[dict, dict], dict]:
+                     columns: torch.Tensor | None, state: dict, record: list | None,
+                     capture: dict | None = None) -> Callable[[dict, dict], dict]:
         names = self._by_block.get(block, {})
         adapted = set(names) | set(self._columns.get(block, {}))
 
@@ -300,6 +385,10 @@ class DynamicStudent(torch.nn.Module):
             out = self.adapter.run_block(module, block, args, internals, [], state["layout"], state["cache"])
             if record is not None:
                 record.append(self.adapter.hidden_states(block, out))
+            if capture is not None:  # the last block of a coarse call: what the trained de-embedding reads
+                capture["hidden"] = self.grid.image_hidden(block, out, state["layout"], capture["count"])
+                capture["conditioning"] = self.grid.final_conditioning(args)
             return out
 
         return patch
+

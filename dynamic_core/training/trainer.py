@@ -129,6 +129,9 @@ def schedule_ratio(student: DynamicStudent, bank: Trajectories, *, noise: float 
     """The FLOPs ratio of a sampling run: the decisions at every step of the schedule, averaged (a run calls
     the model once per step, at the shape of the recorded calls). With noise 0 the deterministic decisions
     inference makes (a float); with `grad` a differentiable tensor."""
+    if student.coarse is not None:  # the schedule fixes which steps run coarse: a constant
+        ratio = student.coarse_run_ratio(bank)
+        return torch.tensor(ratio) if grad else ratio
     rows = bank.fixed(1)
     device = next(iter(student.buffers())).device
     timesteps = torch.tensor(bank.timesteps, dtype=torch.float32, device=device)
@@ -185,6 +188,9 @@ def _train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, 
         raise ValueError("Trainer: no teacher trajectories (no conditioning?) to train on.")
     rank, world = _rank()
     device = next(iter(student.buffers())).device
+    schedule_bank = bank
+    if student.coarse is not None:  # the coarse parts change the coarse steps' calls only: train on those
+        bank = student.coarse_training_rows(bank)
     optimizer = _optimizer(student, config)
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
     schedule = config.compute_target()
@@ -236,9 +242,9 @@ def _train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, 
             distill = distillation(out, batch["target"])
             # The compute term is on the run's ratio: fresh gate draws at every step of the schedule, so the
             # ratio inference executes (deterministic gates, every step once) is what training drives to the target.
-            ratio = schedule_ratio(student, bank, noise=noise, temperature=config.temperature, generator=generator,
+            ratio = schedule_ratio(student, schedule_bank, noise=noise, temperature=config.temperature, generator=generator,
                                    grad=True) if bank.timesteps else ratios.mean()
-            loss = distill + schedule.weight * (ratio - target) ** 2
+            loss = distill + schedule.weight * (ratio - target) ** 2 if student.learns_compute else distill
             if record is not None:
                 features = feature_loss(record, _teacher_features(student, batch))
                 loss = loss + config.feature_weight * features
@@ -251,9 +257,11 @@ def _train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, 
         history.append(entry)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(distill=f"{entry['distill']:.4f}", flops=f"{entry['ratio']:.3f}", target=f"{target:.3f}")
+            bar.set_postfix(distill=f"{entry['distill']:.4f}", flops=f"{entry['ratio']:.3f}",
+                            **({"target": f"{target:.3f}"} if student.learns_compute else {}))
         elif log and rank == 0 and ((step + 1) % 25 == 0 or step + 1 == end):
-            log(f"step {step + 1}/{config.steps} distill {entry['distill']:.4f} FLOPs {entry['ratio']:.3f} (target {target:.3f})")
+            goal = f" (target {target:.3f})" if student.learns_compute else ""
+            log(f"step {step + 1}/{config.steps} distill {entry['distill']:.4f} FLOPs {entry['ratio']:.3f}{goal}")
         if callback is not None and rank == 0:
             callback(step + 1, config.steps, entry)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
@@ -262,7 +270,7 @@ def _train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, 
         bar.close()
     student.eval()
     result = TrainResult(steps=end, history=history, seconds=time.perf_counter() - started)
-    result.final_ratio = schedule_ratio(student, bank)
+    result.final_ratio = schedule_ratio(student, schedule_bank)
     result.eval_loss = evaluate(student, bank, config.eval_rows)
     student.train()
     return result

@@ -94,6 +94,16 @@ class Trajectories:
         index = torch.linspace(0, count - 1, min(size, count)).round().long()
         return {k: v[index].to(device) for k, v in stacked.items()}
 
+    def restricted(self, timesteps: list[float]) -> "Trajectories":
+        """The rows recorded at the given timesteps only (the schedule's `timesteps` kept whole)."""
+        groups = {}
+        for key, group in self.groups.items():
+            index = [i for i, t in enumerate(group[self.timestep_argument])
+                     if any(abs(float(t.reshape(-1)[0]) - known) < 1e-7 for known in timesteps)]
+            if index:
+                groups[key] = {name: [tensors[i] for i in index] for name, tensors in group.items()}
+        return Trajectories(self.latent_argument, self.timestep_argument, groups, list(self.timesteps))
+
     def save(self, path: str) -> None:
         torch.save({"groups": self.groups, "timesteps": self.timesteps, "latent_argument": self.latent_argument,
                     "timestep_argument": self.timestep_argument}, path)

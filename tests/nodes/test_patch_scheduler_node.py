@@ -29,7 +29,7 @@ def test_declaration(model_folder, flux_model):
     declared = Scheduler.INPUT_TYPES()["required"]
     assert list(declared) == ["model", *INPUTS]
     assert declared["embedding"][0] == ["none", "coarse.safetensors"]
-    assert declared["mode"][0] == ["auto", "manual"]
+    assert declared["mode"][0] == ["auto", "manual", "as trained"]
     assert declared["tau"][1]["default"] == 5.0 and declared["percentile"][1]["default"] == 0.4
     assert declared["max_patch_factor"][1]["default"] == 2
     assert NODE_DISPLAY_NAME_MAPPINGS["DynamicPatchScheduler"] == "Dynamic Patch Scheduler"

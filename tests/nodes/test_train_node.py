@@ -54,6 +54,7 @@ def test_trains_writes_files_the_loaders_accept(flux_model, conds, model_folder,
     (dict(target_flops=1.5), r"target FLOPs ratio must be in \(0, 1\]"),
     (dict(filename="../outside"), "must be a relative name"),
     (dict(parts="everything"), "parts must be one of"),
+    (dict(parts="coarse patches (DDiT)", coarse_schedule="0-50%:2, 50-90%:4"), "exactly one coarse factor"),
 ])
 def test_bad_inputs_fail_before_any_work(flux_model, conds, model_folder, changes, message, monkeypatch):
     from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
@@ -66,3 +67,26 @@ def test_bad_inputs_fail_before_any_work(flux_model, conds, model_folder, change
 def test_no_conditioning_is_refused(flux_model, conds, model_folder):
     with pytest.raises(ValueError, match="no positive conditioning"):
         run(flux_model, ([], conds[1]))
+
+
+def test_trains_coarse_patches_for_the_patch_scheduler(flux_model, conds, model_folder):
+    """parts 'coarse patches (DDiT)': a patch embedding file the Patch Scheduler lists and runs 'as trained',
+    sampling what the node's returned model samples; the schedule comes from the file."""
+    from comfyui_dynamic_dit.dynamic_core.methods.patch_embedding_file import FORMAT
+    from comfyui_dynamic_dit.nodes.patch_scheduler import DynamicPatchScheduler
+
+    patched, report = run(flux_model, conds, parts="coarse patches (DDiT)", coarse_schedule="0-60%:2")["result"]
+    assert "coarse schedule 0-60%:2" in report
+    assert "trained/tiny.patch_embedding.safetensors" in model_files(FORMAT)
+    settings = dict(tau=5.0, percentile=0.4, max_patch_factor=2, last_native_steps=2, manual_schedule="",
+                    embedding="trained/tiny.patch_embedding.safetensors", start_percent=0.0, end_percent=1.0)
+    scheduled = DynamicPatchScheduler().patch(flux_model, mode="as trained", **settings)[0]
+    positive, negative = conds
+    image = tiny_flux.sample(scheduled, positive, negative, height=16, width=16, steps=4)
+    torch.testing.assert_close(image, tiny_flux.sample(patched, positive, negative, height=16, width=16, steps=4))
+    assert (image - tiny_flux.sample(flux_model, positive, negative, height=16, width=16, steps=4)).abs().max() > 1e-4
+    other = tiny_flux.build_model(tiny_flux.TinyFlux(seed=3))
+    with pytest.raises(ValueError, match="trained for another base model"):
+        DynamicPatchScheduler().patch(other, mode="as trained", **settings)
+    with pytest.raises(ValueError, match="'as trained' follows the schedule a trained embedding file was made for"):
+        DynamicPatchScheduler().patch(flux_model, mode="as trained", **{**settings, "embedding": "none"})

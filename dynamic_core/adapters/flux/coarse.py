@@ -112,6 +112,9 @@ class FluxCoarseGrid(CoarseGrid):
                     linear: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         return ModuleView(diffusion_model.final_layer, linear=linear)(hidden, conditioning)
 
+    def native_linears(self, diffusion_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+        return diffusion_model.img_in, diffusion_model.final_layer.linear
+
     def final_modulation_flops(self, batch: int) -> float:
         d = self.arch.hidden_size
         return linear_flops(batch, d, 2 * d)

@@ -56,10 +56,13 @@ def test_round_trip(embedding_path, flux_model):
          "'factor4.embed.weight' has shape \\(1024, 256\\), expected \\(256, 1024\\)"),
         (lambda t, m: ({**t, "factor2.embed.bias": t["factor2.embed.bias"].long()}, m), "dtype torch.int64"),
         (lambda t, m: ({**t, "factor2.patch_id": torch.full((256,), float("nan"))}, m), "NaN or infinite"),
-        (lambda t, m: ({**t, "blocks.double.0.lora_down": torch.zeros(4, 256)}, m), "not part of format version 1"),
+        (lambda t, m: (t, {**m, "version": "1"}), "format version '1' is not supported \\(this pack reads version 2\\)"),
+        (lambda t, m: ({**t, "factor2.lora.double.0.img_mlp.0.down": torch.zeros(4, 256)}, m), "needs both .down and .up"),
+        (lambda t, m: ({**t, "factor2.lora.single.1.linear2.down": torch.zeros(4, 256),
+                        "factor2.lora.single.1.linear2.up": torch.zeros(256, 3)}, m), "are not \\(r, in\\) and \\(out, r\\)"),
         (lambda t, m: ({**t, "factor8.embed.bias": torch.zeros(256)}, m), "unexpected tensor 'factor8.embed.bias'"),
     ],
-    ids=["format", "version", "factors", "metadata", "missing", "shape", "dtype", "nan", "lora", "extra"],
+    ids=["format", "version", "factors", "metadata", "missing", "shape", "dtype", "nan", "version1", "lora_half", "lora_rank", "extra"],
 )
 def test_bad_files_are_explained(embedding_path, corrupt, message):
     from safetensors import safe_open
@@ -125,30 +128,53 @@ def trained_call(flux_model, embedding, factor, x, t):
     return out, call, arguments, measured
 
 
+def expected_trained_call(dm, flux_model, x, t, factor, arguments):
+    """What area-derived layers compute: the host's forward on the area-downsampled latent brought to the coarse
+    noise level (D x / c at flow time t'), its velocity upsampled bilinearly plus (the area-derived de-embedding)
+    each output pixel repeated f x f, combined with the input latent as v = (x - U D x / c) / t + (t' / t) (...)."""
+    size = 2 * factor
+    height, width = x.shape[-2:]
+    down = F.avg_pool2d(F.pad(x, (0, -width % size, 0, -height % size), mode="replicate"), factor)
+    scale = 1 - t + t / factor
+    t_coarse = (t / factor) / scale
+    host = dm._forward(down / scale, torch.full_like(arguments["timestep"], t_coarse), arguments["context"], arguments["y"],
+                       arguments["guidance"], transformer_options=grid_of(flux_model).coarse_options({}, factor))
+    # the host's own last linear upsampled bilinearly, plus the file's de-embedding (area-derived: nearest)
+    coarse = (F.interpolate(host, scale_factor=factor, mode="bilinear", align_corners=False)
+              + F.interpolate(host, scale_factor=factor, mode="nearest"))[..., :height, :width]
+    smooth = F.interpolate(down, scale_factor=factor, mode="bilinear", align_corners=False)[..., :height, :width]
+    return (x - smooth / scale) / t + (t_coarse / t) * coarse
+
+
 @pytest.mark.parametrize("factor", [2, 4])
 def test_trained_path_matches_the_host_on_the_downsampled_latent(flux_model, embedding_path, factor):
-    """Area-derived layers make the trained path compute exactly: the host's forward on the
-    area-downsampled latent at the coarse positions, each output pixel repeated f x f, plus the
-    residual path (x - up(down(x))) / t."""
+    """Area-derived layers make the trained path compute exactly `expected_trained_call`."""
     dm = flux_model.model.diffusion_model
     x = torch.randn(2, 16, 21, 30, generator=torch.Generator().manual_seed(2))
     t = 0.8
     out, call, arguments, measured = trained_call(flux_model, load_patch_embedding_file(embedding_path), factor, x, t)
 
-    size = 2 * factor
-    padded = F.pad(x, (0, -30 % size, 0, -21 % size), mode="replicate")
-    down = F.avg_pool2d(padded, factor)
-    rope = grid_of(flux_model).coarse_options({}, factor)
     with torch.no_grad():
-        host = dm._forward(down, arguments["timestep"], arguments["context"], arguments["y"], arguments["guidance"],
-                           transformer_options=rope)
-    coarse = F.interpolate(host, scale_factor=factor, mode="nearest")[..., :21, :30]
-    residual = (x - F.interpolate(down, scale_factor=factor, mode="bilinear", align_corners=False)[..., :21, :30]) / t
+        expected = expected_trained_call(dm, flux_model, x, t, factor, arguments)
     assert out.shape == x.shape
-    assert torch.allclose(out, coarse + residual, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4)
     assert call.record.methods["patch_scheduler"] == f"patch {factor}x (manual 0-100%)"
     assert call.record.executed.extra > 0
     assert call.record.executed.total == pytest.approx(measured, rel=0.02)
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_area_embedding_and_zero_deembedding_are_the_training_free_path(tmp_path, flux_model, factor):
+    """A trainer starts from the scheduler's training-free coarse call: exactly that, with such a file."""
+    layers = native_layers(flux_model, factor)
+    zero = CoarseLayers(layers.embed_weight, layers.embed_bias, layers.patch_id,
+                        torch.zeros_like(layers.deembed_weight), torch.zeros_like(layers.deembed_bias))
+    save_patch_embedding_file(tmp_path / "zero.safetensors", grid_of(flux_model).file_fields(), {factor: zero})
+    x = torch.randn(2, 16, 21, 30, generator=torch.Generator().manual_seed(4))
+    trained, *_ = trained_call(flux_model, load_patch_embedding_file(tmp_path / "zero.safetensors"), factor, x, 0.6)
+    free, call, *_ = trained_call(flux_model, None, factor, x, 0.6)
+    assert call.record.methods["patch_scheduler"] == f"patch {factor}x (manual 0-100%)"
+    torch.testing.assert_close(trained, free, rtol=1e-4, atol=1e-4)
 
 
 def test_the_patch_size_identifier_is_added_to_every_coarse_token(tmp_path, flux_model):
@@ -177,3 +203,69 @@ def test_trained_file_in_a_sampling_run(flux_model, conds, embedding_path):
     assert run.executed_flops == pytest.approx(measured, rel=0.02)
     assert [s.methods["patch_scheduler"][:8] for s in run.steps()] == ["patch 4x", "patch 4x", "patch 2x", "native ("]
     assert "with coarse.safetensors" in run.plan
+
+
+# --- version 2: block LoRA on coarse calls only ------------------------------------------------------
+def block_lora(flux_model, rank=3, seed=9):
+    """A LoRA on two linears of the first double block (down (r, in), up (out, r))."""
+    generator = torch.Generator().manual_seed(seed)
+    block = flux_model.model.diffusion_model.double_blocks[0]
+    lora = {}
+    for name in ("img_attn.qkv", "img_mlp.2"):
+        out_features, in_features = block.get_submodule(name).weight.shape
+        lora[name] = (torch.randn(rank, in_features, generator=generator) * 0.05, torch.randn(out_features, rank, generator=generator) * 0.05)
+    return {"double.0": lora}
+
+
+def test_block_lora_round_trips_and_unknown_linears_are_refused(tmp_path, flux_model):
+    lora = block_lora(flux_model)
+    path = tmp_path / "lora.safetensors"
+    save_patch_embedding_file(path, grid_of(flux_model).file_fields(), {2: native_layers(flux_model, 2)}, {2: lora})
+    loaded = load_patch_embedding_file(path)
+    for name, (down, up) in lora["double.0"].items():
+        assert torch.equal(loaded.lora[2]["double.0"][name][0], down) and torch.equal(loaded.lora[2]["double.0"][name][1], up)
+    bad = tmp_path / "bad.safetensors"
+    save_patch_embedding_file(bad, grid_of(flux_model).file_fields(), {2: native_layers(flux_model, 2)},
+                              {2: {"double.0": {"img_attn.nothing": lora["double.0"]["img_mlp.2"]}, "single.99": {}}})
+    with pytest.raises(ValueError, match="block LoRA for block single.99|has no linear img_attn.nothing"):
+        apply_settings(flux_model, PatchSchedulerSettings(embedding=load_patch_embedding_file(bad)))
+
+
+def test_block_lora_acts_as_merged_weights_on_coarse_calls(tmp_path, flux_model):
+    """The file's block LoRA on a coarse call equals the host's forward with (up @ down) merged into those weights."""
+    dm = flux_model.model.diffusion_model
+    lora = block_lora(flux_model)
+    path = tmp_path / "lora.safetensors"
+    save_patch_embedding_file(path, grid_of(flux_model).file_fields(), {2: native_layers(flux_model, 2)}, {2: lora})
+    x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(2))
+    t = 0.7
+    out, call, arguments, measured = trained_call(flux_model, load_patch_embedding_file(path), 2, x, t)
+    assert call.record.executed.total == pytest.approx(measured, rel=0.02)  # the bypass FLOPs are counted
+
+    block = dm.double_blocks[0]
+    saved = {name: block.get_submodule(name).weight.detach().clone() for name in lora["double.0"]}
+    try:
+        with torch.no_grad():
+            for name, (a, b) in lora["double.0"].items():
+                block.get_submodule(name).weight.add_(b @ a)
+            expected = expected_trained_call(dm, flux_model, x, t, 2, arguments)
+    finally:
+        with torch.no_grad():
+            for name, weight in saved.items():
+                block.get_submodule(name).weight.copy_(weight)
+    assert torch.allclose(out, expected, rtol=1e-4, atol=1e-4)
+    save_patch_embedding_file(tmp_path / "plain.safetensors", grid_of(flux_model).file_fields(), {2: native_layers(flux_model, 2)})
+    plain, *_ = trained_call(flux_model, load_patch_embedding_file(tmp_path / "plain.safetensors"), 2, x, t)
+    assert not torch.allclose(out, plain, atol=1e-3)  # the LoRA did act
+
+
+def test_block_lora_leaves_native_steps_alone(tmp_path, flux_model, conds):
+    """No coarse step in the run (4 steps at 0/25/50/75 %, coarse only from 90 %): the LoRA never acts and the
+    run is bit-identical to the unpatched model's."""
+    path = tmp_path / "with.safetensors"
+    save_patch_embedding_file(path, grid_of(flux_model).file_fields(), {2: native_layers(flux_model, 2)}, {2: block_lora(flux_model)})
+    settings = PatchSchedulerSettings(mode="manual", schedule=parse_schedule("90-100%:2"), embedding=load_patch_embedding_file(path))
+    with torch.no_grad():
+        patched = tiny_flux.sample(apply_settings(flux_model, settings), *conds, steps=4, cfg=2.0, height=16, width=16, seed=3)
+        plain = tiny_flux.sample(flux_model, *conds, steps=4, cfg=2.0, height=16, width=16, seed=3)
+    assert torch.equal(patched, plain)

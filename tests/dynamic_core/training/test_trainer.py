@@ -17,22 +17,11 @@ from comfyui_dynamic_dit.dynamic_core.methods.td_lora_file import load_td_lora_f
 from comfyui_dynamic_dit.dynamic_core.methods.width import WidthSettings
 from comfyui_dynamic_dit.dynamic_core.methods.width_file import load_width_router
 from comfyui_dynamic_dit.dynamic_core.training.export import save_student, training_metadata
-from comfyui_dynamic_dit.dynamic_core.training.student import StudentSpec
 from comfyui_dynamic_dit.dynamic_core.training.trainer import TrainConfig, evaluate, schedule_ratio, train
 
-LATENT = torch.zeros(1, 16, 16, 16)  # 8x8 = 64 image tokens
-SAMPLING = dict(steps=8, cfg=2.0, sampler="euler", scheduler="simple")
+from support.training import LATENT, SAMPLING, student_for
+
 TARGET = 0.6
-
-
-@pytest.fixture(scope="module")
-def bank(flux_model, tiny_config):
-    jobs = [tiny_flux.conditioning(tiny_config, seed=s) for s in range(2)]
-    return training_host.record_trajectories(flux_model, jobs, LATENT, seeds=[0], **SAMPLING)
-
-
-def student_for(model, bank, seed: int = 0, **spec):
-    return training_host.build_student(model, bank, StudentSpec(**spec), seed=seed)
 
 
 def config(**changes) -> TrainConfig:
