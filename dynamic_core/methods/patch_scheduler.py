@@ -70,9 +70,12 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import UnsupportedModelError
-from ..flops import FlopBreakdown, linear_flops
+from ..flops import FlopBreakdown
 from ..plan import MethodSettings
 from .base import BlockArgs, BlockFn, DynamicMethod, register
+from .coarse_path import (
+    as_image, crop_like, pad_to_multiple, per_row, spatially, coarse_layer_flops, coarse_output, coarse_time, coarse_tokens,
+)
 from .low_rank import GatedBypass, SummedExtra
 from .patch_embedding_file import FACTORS, CoarseLayers, PatchEmbeddingFile
 from .patch_schedule import ScheduleRange, parse_schedule, schedule_range_at
@@ -222,7 +225,7 @@ class PatchSchedulerMethod(DynamicMethod):
     def on_step(self, step: int, latent: torch.Tensor) -> None:
         if self.settings.mode != "auto":
             return
-        self._latents[step] = _as_image(latent.detach().to(torch.float32, copy=True))
+        self._latents[step] = as_image(latent.detach().to(torch.float32, copy=True))
         while len(self._latents) > 3:  # x_{s-3} .. x_{s-1}; x_s is the deciding call's own input
             self._latents.popitem(last=False)
 
@@ -273,7 +276,7 @@ class PatchSchedulerMethod(DynamicMethod):
         model's input, the same x for Flux up to the cast), the rows of one cond/uncond chunk."""
         x = call.sampler_x if call.sampler_x is not None else self.run.adapter.latent(model_call.arguments)
         rows = call.chunks[0].rows if call.chunks else slice(None)
-        return _as_image(x[rows, : self.grid.noisy_channels].float())
+        return as_image(x[rows, : self.grid.noisy_channels].float())
 
     # --- model calls ----------------------------------------------------------------------------
     def wrap_model_call(
@@ -302,18 +305,18 @@ class PatchSchedulerMethod(DynamicMethod):
         grid, adapter = self.grid, self.run.adapter
         x = adapter.latent(model_call.arguments)
         noisy = grid.noisy_channels
-        low = _spatially(lambda y: F.avg_pool2d(_pad_to_multiple(y, factor * grid.native_patch), factor), x.float())
+        low = spatially(lambda y: F.avg_pool2d(pad_to_multiple(y, factor * grid.native_patch), factor), x.float())
         scale, t_coarse = coarse_time(t, factor)  # D x_t = scale * ((1 - t') D x0 + t' noise)
         z = low.clone()
-        z[:, :noisy] = low[:, :noisy] / _rows(scale, x)
+        z[:, :noisy] = low[:, :noisy] / per_row(scale, x)
         options = grid.coarse_options(model_call.arguments["transformer_options"], factor)
         out = proceed(model_call.with_arguments(**{
             adapter.latent_argument: z.to(x.dtype), "transformer_options": options,
             **grid.with_flow_time(model_call.arguments, t_coarse),
         }))
-        denoised = z[:, :noisy] - _rows(t_coarse, x) * out.float()
-        upsampled = _crop(_spatially(lambda y: F.interpolate(y, scale_factor=factor, mode="bilinear", align_corners=False), denoised), x)
-        return ((x[:, :noisy].float() - upsampled) / _rows(t, x)).to(out.dtype)
+        denoised = z[:, :noisy] - per_row(t_coarse, x) * out.float()
+        upsampled = crop_like(spatially(lambda y: F.interpolate(y, scale_factor=factor, mode="bilinear", align_corners=False), denoised), x)
+        return ((x[:, :noisy].float() - upsampled) / per_row(t, x)).to(out.dtype)
 
     def _trained_call(self, call: "CallState", model_call: "ModelCall", proceed: Callable, factor: int,
                       t: torch.Tensor, layers: CoarseLayers) -> torch.Tensor:
@@ -386,106 +389,8 @@ class PatchSchedulerMethod(DynamicMethod):
         self._capture = None
 
 
-def coarse_time(t: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale c, coarse flow time t') of the area-downsampled latent: D x_t = c ((1 - t') D x0 + t' noise)."""
-    scale = 1.0 - t + t / factor
-    return scale, (t / factor) / scale
-
-
-def coarse_tokens(grid: "CoarseGrid", x: torch.Tensor, layers: CoarseLayers, factor: int,
-                  t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The trained embedding of the f*p patches of x / c (the noisy channels brought to the coarse noise level,
-    as the training-free path does), plus the patch-size identifier, (B, rows * cols, D); and the zero
-    placeholder latent of the coarse grid's size that the host embeds and the post-input patch replaces."""
-    size = factor * grid.native_patch
-    scale, _ = coarse_time(t, factor)
-    z = x.clone()
-    z[:, :grid.noisy_channels] = x[:, :grid.noisy_channels] / _rows(scale, x).to(x.dtype)
-    padded = _pad_to_multiple(z, size)
-    rows, cols = padded.shape[-2] // size, padded.shape[-1] // size
-    tokens = F.linear(grid.patchify(padded, size), layers.embed_weight, layers.embed_bias) + layers.patch_id
-    placeholder = x.new_zeros(*x.shape[:-2], rows * grid.native_patch, cols * grid.native_patch)
-    return tokens, placeholder
-
-
-def coarse_output(grid: "CoarseGrid", diffusion_model: torch.nn.Module, hidden: torch.Tensor, conditioning: Any,
-                  layers: CoarseLayers, x: torch.Tensor, factor: int, t: torch.Tensor) -> torch.Tensor:
-    """The native-resolution velocity of a trained coarse call (float32) from the last block's image tokens.
-
-    The host's final layer (its norm and modulation) runs once with two last linears side by side: its own,
-    giving the coarse model's velocity v_c on the coarse grid, and the trained de-embedding, giving a P x P
-    correction R. As the training-free path, v = (x - U x0_c) / t with x0_c = D x / c - t' (v_c + ...):
-        v = (x - U D x / c) / t + (t' / t) (U v_c + R)
-    with U bilinear upsampling; a zero de-embedding is the training-free path exactly."""
-    native = grid.native_linears(diffusion_model)[1]
-    split = native.weight.shape[0]
-
-    def both(h: torch.Tensor) -> torch.Tensor:
-        return torch.cat((native(h), F.linear(h, layers.deembed_weight.to(h.dtype), layers.deembed_bias.to(h.dtype))), dim=-1)
-
-    out = grid.final_layer(diffusion_model, hidden, conditioning, both)
-    size, patch = factor * grid.native_patch, grid.native_patch
-    rows, cols = -(-x.shape[-2] // size), -(-x.shape[-1] // size)
-    velocity = grid.unpatchify(out[..., :split], rows, cols, patch).float()
-    upsampled = _crop(F.interpolate(velocity, scale_factor=factor, mode="bilinear", align_corners=False), x)
-    correction = _crop(grid.unpatchify(out[..., split:], rows, cols, size), x).float()
-    scale, t_coarse = coarse_time(t.float(), factor)
-    noisy = x[:, :grid.noisy_channels].float()
-    smooth = _crop(F.interpolate(
-        F.avg_pool2d(_pad_to_multiple(noisy, size), factor), scale_factor=factor, mode="bilinear", align_corners=False
-    ), x)
-    return (noisy - smooth / _rows(scale, x)) / _rows(t, x) + _rows(t_coarse / t.float(), x) * (upsampled + correction)
-
-
-def coarse_layer_flops(grid: "CoarseGrid", x: torch.Tensor, layers: CoarseLayers, factor: int) -> float:
-    """FLOPs of a trained coarse call's own layers: the embedding, the final layer run again on the captured
-    tokens (modulation, the host's own last linear and the de-embedding)."""
-    size = factor * grid.native_patch
-    count = (-(-x.shape[-2] // size)) * (-(-x.shape[-1] // size))
-    batch = x.shape[0]
-    hidden, outputs = layers.deembed_weight.shape[1], layers.deembed_weight.shape[0]
-    return (linear_flops(batch * count, x.shape[1] * size * size, layers.embed_weight.shape[0])
-            + linear_flops(batch * count, hidden, outputs) + linear_flops(batch * count, hidden, outputs // factor**2)
-            + grid.final_modulation_flops(batch))
-
-
-def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """(B,) t broadcast over a latent of `like`'s rank (image (B, C, H, W) or video (B, C, T, H, W))."""
-    return t.float().reshape(-1, *([1] * (like.ndim - 1)))
-
-
-def _as_image(x: torch.Tensor) -> torch.Tensor:
-    """A video latent (B, C, T, H, W) as an image latent (B, C * T, H, W): every frame's channels are
-    channels of one image, so spatial statistics and resampling act on each frame alone."""
-    return x if x.ndim == 4 else x.flatten(1, -3)
-
-
-def _spatially(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-    """`fn` (a 2-D spatial op on (B, C, H, W)) applied to an image or video latent, frames kept apart."""
-    if x.ndim == 4:
-        return fn(x)
-    out = fn(_as_image(x))
-    return out.reshape(*x.shape[:-2], *out.shape[-2:])
-
-
-def _pad_to_multiple(x: torch.Tensor, size: int) -> torch.Tensor:
-    """Pad H and W up to multiples of `size` by repeating the edge pixels (a coarse patch must be whole)."""
-    pad_h, pad_w = -x.shape[-2] % size, -x.shape[-1] % size
-    if not pad_h and not pad_w:
-        return x
-    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-
-
-def _crop(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return y[..., : like.shape[-2], : like.shape[-1]]
-
-
 __all__ = [
     "PatchDecision",
-    "coarse_layer_flops",
-    "coarse_time",
-    "coarse_output",
-    "coarse_tokens",
     "PatchSchedulerMethod",
     "PatchSchedulerSettings",
     "ScheduleRange",

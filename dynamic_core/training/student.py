@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import BlockInternals, BlockRef, CallLayout, ModelAdapter, UnsupportedModelError
-from ..methods.patch_scheduler import coarse_layer_flops, coarse_output, coarse_time, coarse_tokens
+from ..methods.coarse_path import coarse_layer_flops, coarse_output, coarse_time, coarse_tokens
 from ..methods.td_lora import block_linear_index, sinusoidal_embedding
 from ..slicing import RunIndexCache
 from .coarse import CoarseParts, coarse_step_indices, schedule_factor

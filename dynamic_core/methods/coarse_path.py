@@ -1,0 +1,116 @@
+"""The arithmetic of a coarse model call (DDiT), shared by the Patch Scheduler's trained path and the trainer,
+so that a trained file computes at inference exactly what the student computed in training.
+
+Names: x the call's latent, t its flow time, f the coarse factor, p the model's patch, P = f p, D area
+downsampling by f, U bilinear upsampling by f, c = 1 - t + t/f and t' = (t/f)/c the coarse noise level
+(see `patch_scheduler.py` for the derivation).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..flops import linear_flops
+from .patch_embedding_file import CoarseLayers
+
+if TYPE_CHECKING:
+    from ..adapters.coarse import CoarseGrid
+
+
+def coarse_time(t: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale c, coarse flow time t') of the area-downsampled latent: D x_t = c ((1 - t') D x0 + t' noise)."""
+    scale = 1.0 - t + t / factor
+    return scale, (t / factor) / scale
+
+
+def coarse_tokens(grid: "CoarseGrid", x: torch.Tensor, layers: CoarseLayers, factor: int,
+                  t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trained embedding of the f*p patches of x / c (the noisy channels brought to the coarse noise level,
+    as the training-free path does), plus the patch-size identifier, (B, rows * cols, D); and the zero
+    placeholder latent of the coarse grid's size that the host embeds and the post-input patch replaces."""
+    size = factor * grid.native_patch
+    scale, _ = coarse_time(t, factor)
+    z = x.clone()
+    z[:, :grid.noisy_channels] = x[:, :grid.noisy_channels] / per_row(scale, x).to(x.dtype)
+    padded = pad_to_multiple(z, size)
+    rows, cols = padded.shape[-2] // size, padded.shape[-1] // size
+    tokens = F.linear(grid.patchify(padded, size), layers.embed_weight, layers.embed_bias) + layers.patch_id
+    placeholder = x.new_zeros(*x.shape[:-2], rows * grid.native_patch, cols * grid.native_patch)
+    return tokens, placeholder
+
+
+def coarse_output(grid: "CoarseGrid", diffusion_model: torch.nn.Module, hidden: torch.Tensor, conditioning: Any,
+                  layers: CoarseLayers, x: torch.Tensor, factor: int, t: torch.Tensor) -> torch.Tensor:
+    """The native-resolution velocity of a trained coarse call (float32) from the last block's image tokens.
+
+    The host's final layer (its norm and modulation) runs once with two last linears side by side: its own,
+    giving the coarse model's velocity v_c on the coarse grid, and the trained de-embedding, giving a P x P
+    correction R. As the training-free path, v = (x - U x0_c) / t with x0_c = D x / c - t' (v_c + ...):
+        v = (x - U D x / c) / t + (t' / t) (U v_c + R)
+    with U bilinear upsampling; a zero de-embedding is the training-free path exactly."""
+    native = grid.native_linears(diffusion_model)[1]
+    split = native.weight.shape[0]
+
+    def both(h: torch.Tensor) -> torch.Tensor:
+        return torch.cat((native(h), F.linear(h, layers.deembed_weight.to(h.dtype), layers.deembed_bias.to(h.dtype))), dim=-1)
+
+    out = grid.final_layer(diffusion_model, hidden, conditioning, both)
+    size, patch = factor * grid.native_patch, grid.native_patch
+    rows, cols = -(-x.shape[-2] // size), -(-x.shape[-1] // size)
+    velocity = grid.unpatchify(out[..., :split], rows, cols, patch).float()
+    upsampled = crop_like(F.interpolate(velocity, scale_factor=factor, mode="bilinear", align_corners=False), x)
+    correction = crop_like(grid.unpatchify(out[..., split:], rows, cols, size), x).float()
+    scale, t_coarse = coarse_time(t.float(), factor)
+    noisy = x[:, :grid.noisy_channels].float()
+    smooth = crop_like(F.interpolate(
+        F.avg_pool2d(pad_to_multiple(noisy, size), factor), scale_factor=factor, mode="bilinear", align_corners=False
+    ), x)
+    return (noisy - smooth / per_row(scale, x)) / per_row(t, x) + per_row(t_coarse / t.float(), x) * (upsampled + correction)
+
+
+def coarse_layer_flops(grid: "CoarseGrid", x: torch.Tensor, layers: CoarseLayers, factor: int) -> float:
+    """FLOPs of a trained coarse call's own layers: the embedding, the final layer run again on the captured
+    tokens (modulation, the host's own last linear and the de-embedding)."""
+    size = factor * grid.native_patch
+    count = (-(-x.shape[-2] // size)) * (-(-x.shape[-1] // size))
+    batch = x.shape[0]
+    hidden, outputs = layers.deembed_weight.shape[1], layers.deembed_weight.shape[0]
+    return (linear_flops(batch * count, x.shape[1] * size * size, layers.embed_weight.shape[0])
+            + linear_flops(batch * count, hidden, outputs) + linear_flops(batch * count, hidden, outputs // factor**2)
+            + grid.final_modulation_flops(batch))
+
+
+def per_row(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) t broadcast over a latent of `like`'s rank (image (B, C, H, W) or video (B, C, T, H, W))."""
+    return t.float().reshape(-1, *([1] * (like.ndim - 1)))
+
+
+def as_image(x: torch.Tensor) -> torch.Tensor:
+    """A video latent (B, C, T, H, W) as an image latent (B, C * T, H, W): every frame's channels are
+    channels of one image, so spatial statistics and resampling act on each frame alone."""
+    return x if x.ndim == 4 else x.flatten(1, -3)
+
+
+def spatially(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """`fn` (a 2-D spatial op on (B, C, H, W)) applied to an image or video latent, frames kept apart."""
+    if x.ndim == 4:
+        return fn(x)
+    out = fn(as_image(x))
+    return out.reshape(*x.shape[:-2], *out.shape[-2:])
+
+
+def pad_to_multiple(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Pad H and W up to multiples of `size` by repeating the edge pixels (a coarse patch must be whole)."""
+    pad_h, pad_w = -x.shape[-2] % size, -x.shape[-1] % size
+    if not pad_h and not pad_w:
+        return x
+    return F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
+
+
+def crop_like(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return y[..., : like.shape[-2], : like.shape[-1]]
+
+
+__all__ = ["as_image", "coarse_layer_flops", "coarse_output", "coarse_time", "coarse_tokens", "crop_like", "pad_to_multiple", "per_row", "spatially"]
