@@ -25,6 +25,18 @@ def coarse_time(t: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tenso
     return scale, (t / factor) / scale
 
 
+def coarse_grid_size(grid: "CoarseGrid", x: torch.Tensor, factor: int) -> tuple[int, int]:
+    """Rows and columns of coarse tokens for latent x (its H and W padded up to multiples of P)."""
+    size = factor * grid.native_patch
+    return -(-x.shape[-2] // size), -(-x.shape[-1] // size)
+
+
+def coarse_placeholder(grid: "CoarseGrid", x: torch.Tensor, factor: int) -> torch.Tensor:
+    """The zero latent of the coarse grid's size that the host embeds (and the post-input patch replaces)."""
+    rows, cols = coarse_grid_size(grid, x, factor)
+    return x.new_zeros(*x.shape[:-2], rows * grid.native_patch, cols * grid.native_patch)
+
+
 def coarse_tokens(grid: "CoarseGrid", x: torch.Tensor, layers: CoarseLayers, factor: int,
                   t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The trained embedding of the f*p patches of x / c (the noisy channels brought to the coarse noise level,
@@ -34,11 +46,8 @@ def coarse_tokens(grid: "CoarseGrid", x: torch.Tensor, layers: CoarseLayers, fac
     scale, _ = coarse_time(t, factor)
     z = x.clone()
     z[:, :grid.noisy_channels] = x[:, :grid.noisy_channels] / per_row(scale, x).to(x.dtype)
-    padded = pad_to_multiple(z, size)
-    rows, cols = padded.shape[-2] // size, padded.shape[-1] // size
-    tokens = F.linear(grid.patchify(padded, size), layers.embed_weight, layers.embed_bias) + layers.patch_id
-    placeholder = x.new_zeros(*x.shape[:-2], rows * grid.native_patch, cols * grid.native_patch)
-    return tokens, placeholder
+    tokens = F.linear(grid.patchify(pad_to_multiple(z, size), size), layers.embed_weight, layers.embed_bias) + layers.patch_id
+    return tokens, coarse_placeholder(grid, x, factor)
 
 
 def coarse_output(grid: "CoarseGrid", diffusion_model: torch.nn.Module, hidden: torch.Tensor, conditioning: Any,
@@ -58,7 +67,7 @@ def coarse_output(grid: "CoarseGrid", diffusion_model: torch.nn.Module, hidden: 
 
     out = grid.final_layer(diffusion_model, hidden, conditioning, both)
     size, patch = factor * grid.native_patch, grid.native_patch
-    rows, cols = -(-x.shape[-2] // size), -(-x.shape[-1] // size)
+    rows, cols = coarse_grid_size(grid, x, factor)
     velocity = grid.unpatchify(out[..., :split], rows, cols, patch).float()
     upsampled = crop_like(F.interpolate(velocity, scale_factor=factor, mode="bilinear", align_corners=False), x)
     correction = crop_like(grid.unpatchify(out[..., split:], rows, cols, size), x).float()
@@ -74,8 +83,8 @@ def coarse_layer_flops(grid: "CoarseGrid", x: torch.Tensor, layers: CoarseLayers
     """FLOPs of a trained coarse call's own layers: the embedding, the final layer run again on the captured
     tokens (modulation, the host's own last linear and the de-embedding)."""
     size = factor * grid.native_patch
-    count = (-(-x.shape[-2] // size)) * (-(-x.shape[-1] // size))
-    batch = x.shape[0]
+    rows, cols = coarse_grid_size(grid, x, factor)
+    count, batch = rows * cols, x.shape[0]
     hidden, outputs = layers.deembed_weight.shape[1], layers.deembed_weight.shape[0]
     return (linear_flops(batch * count, x.shape[1] * size * size, layers.embed_weight.shape[0])
             + linear_flops(batch * count, hidden, outputs) + linear_flops(batch * count, hidden, outputs // factor**2)
@@ -113,4 +122,5 @@ def crop_like(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return y[..., : like.shape[-2], : like.shape[-1]]
 
 
-__all__ = ["as_image", "coarse_layer_flops", "coarse_output", "coarse_time", "coarse_tokens", "crop_like", "pad_to_multiple", "per_row", "spatially"]
+__all__ = ["as_image", "coarse_grid_size", "coarse_layer_flops", "coarse_output", "coarse_placeholder", "coarse_time",
+           "coarse_tokens", "crop_like", "pad_to_multiple", "per_row", "spatially"]

@@ -55,4 +55,10 @@ def schedule_range_at(schedule: Sequence[ScheduleRange], percent: float) -> Sche
     return next((r for r in schedule if r.start <= percent < r.end), None)
 
 
-__all__ = ["ScheduleRange", "parse_schedule", "schedule_range_at"]
+def range_of_step(schedule: Sequence[ScheduleRange], step: int, steps: int) -> ScheduleRange | None:
+    """The range manual mode uses for step `step` of a run of `steps`: the one covering 100 * step / steps
+    (the scheduler at sampling time and the trainer choosing its coarse steps both ask this)."""
+    return schedule_range_at(schedule, 100.0 * step / max(steps, 1))
+
+
+__all__ = ["ScheduleRange", "parse_schedule", "range_of_step", "schedule_range_at"]

@@ -78,7 +78,7 @@ from .coarse_path import (
 )
 from .low_rank import GatedBypass, SummedExtra
 from .patch_embedding_file import FACTORS, CoarseLayers, PatchEmbeddingFile
-from .patch_schedule import ScheduleRange, parse_schedule, schedule_range_at
+from .patch_schedule import ScheduleRange, parse_schedule, range_of_step
 from .patch_statistics import (
     PatchDecision,
     choose_patch_factor,
@@ -244,7 +244,7 @@ class PatchSchedulerMethod(DynamicMethod):
         if not s.start_percent <= info.percent <= s.end_percent:
             return PatchDecision(1, f"native (outside {s.start_percent:.0%}-{s.end_percent:.0%})")
         if s.mode == "manual":
-            chosen = schedule_range_at(s.schedule, 100.0 * step / max(info.total_steps, 1))
+            chosen = range_of_step(s.schedule, step, info.total_steps)
             if chosen is None:
                 return PatchDecision(1, "native (no manual range)")
             if chosen.factor == 1:

@@ -4,12 +4,12 @@ block LoRA active on coarse calls only lives with the student's other low-rank l
 The layers start from the model's own patch embedding and final linear resized to the coarse patch
 (`derived_layers`: "area" by default, or DDiT's / FlexiViT's pseudo-inverse-bilinear resize), the
 de-embedding (a correction on top of the host's own final linear, see `coarse_output`) and the identifier
-at zero: with "area" the untrained student is exactly the scheduler's training-free path. A coarse call in training computes what the Patch Scheduler's trained path computes
-at inference (`coarse_tokens`, `coarse_output` are the same functions), so the exported file
-reproduces the training forward.
+at zero: with "area" the untrained student is exactly the scheduler's training-free path. A coarse call
+in training computes what the Patch Scheduler's trained path computes at inference (`coarse_tokens`,
+`coarse_output` are the same functions), so the exported file reproduces the training forward.
 
 Which steps run coarse is fixed by a manual schedule (`0-70%:2`): step s of N is coarse when the range
-covering 100 * s / N has factor f > 1, as the scheduler's manual mode decides. One factor per run.
+covering 100 * s / N has factor f > 1 (`range_of_step`, as the scheduler's manual mode decides). One factor per run.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 from ..adapters.coarse import CoarseGrid
 from ..methods.patch_embedding_file import CoarseLayers, derived_layers
-from ..methods.patch_schedule import ScheduleRange, parse_schedule, schedule_range_at
+from ..methods.patch_schedule import ScheduleRange, parse_schedule, range_of_step
 
 INITIALISATIONS = ("area", "pinv_bilinear")
 
@@ -38,12 +38,7 @@ def schedule_factor(text: str) -> tuple[tuple[ScheduleRange, ...], int]:
 
 def coarse_step_indices(schedule: Sequence[ScheduleRange], steps: int) -> list[int]:
     """Steps s of a run of `steps` that the schedule runs coarse (the Patch Scheduler's manual rule)."""
-    chosen = []
-    for step in range(steps):
-        found = schedule_range_at(schedule, 100.0 * step / max(steps, 1))
-        if found is not None and found.factor > 1:
-            chosen.append(step)
-    return chosen
+    return [step for step in range(steps) if (found := range_of_step(schedule, step, steps)) is not None and found.factor > 1]
 
 
 class CoarseParts(torch.nn.Module):

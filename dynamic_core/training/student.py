@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..adapters import BlockInternals, BlockRef, CallLayout, ModelAdapter, UnsupportedModelError
-from ..methods.coarse_path import coarse_layer_flops, coarse_output, coarse_time, coarse_tokens
+from ..methods.coarse_path import coarse_layer_flops, coarse_output, coarse_placeholder, coarse_time, coarse_tokens
 from ..methods.td_lora import block_linear_index, sinusoidal_embedding
 from ..slicing import RunIndexCache
 from .coarse import CoarseParts, coarse_step_indices, schedule_factor
@@ -163,6 +163,7 @@ class DynamicStudent(torch.nn.Module):
             self._by_block.setdefault(block, {})[name] = key
         self._columns = {block: self.units.unit_columns(block) for block in self.blocks} if "width" in spec.parts else {}
         self._coefficients: dict[CallLayout, tuple[float, torch.Tensor, torch.Tensor, float]] = {}
+        self._coarse_ratios: dict[tuple, float] = {}  # call shapes -> FLOPs ratio of a coarse call
 
     @property
     def learns_compute(self) -> bool:
@@ -306,31 +307,32 @@ class DynamicStudent(torch.nn.Module):
                                       post_input=lambda embedded: grid.replace_image_tokens(embedded, tokens))
         self.diffusion_model(**coarse_arguments, transformer_options=options)
         out = coarse_output(grid, self.diffusion_model, capture["hidden"], capture["conditioning"], layers, x, factor, t)
-        return out, self.coarse_call_ratio(arguments, x).expand(x.shape[0])
+        return out, torch.tensor(self.coarse_call_ratio(arguments, x)).expand(x.shape[0])
 
-
-    def coarse_call_ratio(self, arguments: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def coarse_call_ratio(self, arguments: Mapping[str, torch.Tensor], x: torch.Tensor) -> float:
         """FLOPs of one coarse call per sample (blocks on the coarse grid with the block LoRA, the trained
-        layers) over the native call's."""
+        layers) over the native call's; the shapes decide it, so it is computed once per shape of the call."""
+        key = tuple((name, tuple(value.shape[1:])) for name, value in arguments.items() if isinstance(value, torch.Tensor))
+        found = self._coarse_ratios.get(key)
+        if found is not None:
+            return found
         grid, factor = self.grid, self.coarse.factor
-        placeholder = x.new_zeros(*x.shape[:-2], -(-x.shape[-2] // (factor * grid.native_patch)) * grid.native_patch,
-                                  -(-x.shape[-1] // (factor * grid.native_patch)) * grid.native_patch)[:1]
         native = replace(self.adapter.call_layout(arguments), batch=1)
+        placeholder = coarse_placeholder(grid, x[:1], factor)
         coarse = replace(self.adapter.call_layout({**arguments, self.adapter.latent_argument: placeholder}), batch=1)
         with torch.no_grad():
             blocks = float(self.flops_ratio(coarse, None, None)[0]) * self.adapter.full_flops(coarse).total
             layers = coarse_layer_flops(grid, x[:1], self.coarse.layers(), factor)
-        return torch.tensor((blocks + layers) / self.adapter.full_flops(native).total)
-
+        found = self._coarse_ratios[key] = (blocks + layers) / self.adapter.full_flops(native).total
+        return found
 
     def coarse_run_ratio(self, bank: Trajectories) -> float:
         """The FLOPs ratio of a whole run of the bank's schedule: coarse steps at the coarse call's ratio."""
         rows = bank.fixed(1)
         steps = len(bank.timesteps)
         coarse = len(coarse_step_indices(self.coarse_schedule, steps))
-        call = float(self.coarse_call_ratio(self.arguments(rows), self.latent(rows)))
+        call = self.coarse_call_ratio(self.arguments(rows), self.latent(rows))
         return (coarse * call + (steps - coarse)) / max(steps, 1)
-
 
     def coarse_training_rows(self, bank: Trajectories) -> Trajectories:
         """The bank's rows at the schedule's coarse steps (the only calls the coarse parts change)."""
