@@ -28,15 +28,6 @@ def _load_embedding(name: str, model):
     return embedding
 
 
-def _trained_schedule(embedding) -> str:
-    schedule = embedding.model.get("coarse_schedule") if embedding is not None else None
-    if not schedule:
-        raise ValueError("Patch scheduler mode 'as trained' follows the schedule a trained embedding file was made for; "
-                         "choose such a file (from Train Dynamic DiT or `python -m devtools.train --parts coarse`), or "
-                         "use 'manual' with a schedule.")
-    return schedule
-
-
 DEFAULTS = PatchSchedulerSettings()
 
 
@@ -110,15 +101,20 @@ class DynamicPatchScheduler:
     def patch(self, model, mode, tau, percentile, max_patch_factor, last_native_steps, manual_schedule, embedding,
               start_percent, end_percent):
         loaded = _load_embedding(embedding, model) if embedding != NO_EMBEDDING else None
+        schedule = parse_schedule(manual_schedule) if mode == "manual" else ()
         if mode == AS_TRAINED:
-            mode, manual_schedule = "manual", _trained_schedule(loaded)
+            if loaded is None:
+                raise ValueError("Patch scheduler mode 'as trained' follows the schedule a trained embedding file was made "
+                                 "for; choose such a file (from Train Dynamic DiT or `python -m devtools.train --parts "
+                                 "coarse`), or use 'manual' with a schedule.")
+            mode, schedule = "manual", loaded.trained_schedule()
         settings = PatchSchedulerSettings(
             mode=mode,
             tau=float(tau),
             epsilon=float(percentile),
             max_factor=int(max_patch_factor),
             last_native_steps=int(last_native_steps),
-            schedule=parse_schedule(manual_schedule) if mode == "manual" else (),
+            schedule=schedule,
             embedding=loaded,
             start_percent=float(start_percent),
             end_percent=float(end_percent),

@@ -10,7 +10,7 @@ import torch
 from ..dynamic_core.comfy_integration.patching import MODEL_FOLDER, apply_settings, adapter_of
 from ..dynamic_core.comfy_integration.td_lora_files import apply_td_lora
 from ..dynamic_core.methods.patch_embedding_file import load_patch_embedding_file
-from ..dynamic_core.methods.patch_scheduler import PatchSchedulerSettings, parse_schedule
+from ..dynamic_core.methods.patch_scheduler import PatchSchedulerSettings
 from ..dynamic_core.methods.td_lora_file import load_td_lora_file
 from ..dynamic_core.methods.width import WidthSettings
 from ..dynamic_core.methods.width_file import load_width_router
@@ -145,8 +145,9 @@ class DynamicTrainer:
             if path.name.endswith(export.SUFFIXES["width"]):
                 patched = apply_settings(patched, WidthSettings(router=load_width_router(path), parts=spec.width_parts))
             elif path.name.endswith(export.SUFFIXES["coarse"]):
-                patched = apply_settings(patched, PatchSchedulerSettings(
-                    mode="manual", schedule=parse_schedule(coarse_schedule), embedding=load_patch_embedding_file(path)))
+                embedding = load_patch_embedding_file(path)
+                patched = apply_settings(patched, PatchSchedulerSettings(mode="manual", schedule=embedding.trained_schedule(),
+                                                                         embedding=embedding))
             else:
                 patched = apply_td_lora(patched, load_td_lora_file(path), 1.0)
         goal = f"coarse schedule {coarse_schedule}" if "coarse" in spec.parts else f"target {target_flops:g}"

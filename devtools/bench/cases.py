@@ -94,12 +94,12 @@ def _trained(arg: str | None) -> Case:
             patched = apply_td_lora(patched, load_td_lora_file(lora), 1.0)
         if coarse.is_file():
             from ...dynamic_core.methods.patch_embedding_file import load_patch_embedding_file
-            from ...dynamic_core.methods.patch_scheduler import PatchSchedulerSettings, parse_schedule
+            from ...dynamic_core.methods.patch_scheduler import PatchSchedulerSettings
 
-            header = header_metadata(coarse)
-            check_base_weights(model, header, coarse.name)
-            patched = apply_settings(patched, PatchSchedulerSettings(
-                mode="manual", schedule=parse_schedule(header["coarse_schedule"]), embedding=load_patch_embedding_file(coarse)))
+            check_base_weights(model, header_metadata(coarse), coarse.name)
+            embedding = load_patch_embedding_file(coarse)
+            patched = apply_settings(patched, PatchSchedulerSettings(mode="manual", schedule=embedding.trained_schedule(),
+                                                                     embedding=embedding))
         return patched
 
     parts = [p for p, f in (("width router", width), ("TD-LoRA", lora), ("coarse patches", coarse)) if f.is_file()]

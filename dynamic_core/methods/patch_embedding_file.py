@@ -38,6 +38,7 @@ from ..files import header_problem, read_safetensors
 
 if TYPE_CHECKING:
     from ..adapters import ModelAdapter
+    from .patch_schedule import ScheduleRange
     from ..adapters.coarse import CoarseGrid
 
 FORMAT = "dynamic_dit.patch_embedding"
@@ -104,6 +105,15 @@ class PatchEmbeddingFile:
 
     def describe(self) -> str:
         return f"{self.name} ({', '.join(f'{f}x' for f in self.factors)})"
+
+    def trained_schedule(self) -> tuple["ScheduleRange", ...]:
+        """The manual schedule the trainer made this file for (its header's `coarse_schedule`)."""
+        from .patch_schedule import parse_schedule  # it reads this module's FACTORS
+        text = self.model.get("coarse_schedule")
+        if not text:
+            raise ValueError(f"Patch embedding '{self.name}' does not say which steps it was trained for (no "
+                             "'coarse_schedule' in its header); use the Patch Scheduler's manual mode with a schedule.")
+        return parse_schedule(text)
 
 
 def save_patch_embedding_file(

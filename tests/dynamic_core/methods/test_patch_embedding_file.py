@@ -269,3 +269,13 @@ def test_block_lora_leaves_native_steps_alone(tmp_path, flux_model, conds):
         patched = tiny_flux.sample(apply_settings(flux_model, settings), *conds, steps=4, cfg=2.0, height=16, width=16, seed=3)
         plain = tiny_flux.sample(flux_model, *conds, steps=4, cfg=2.0, height=16, width=16, seed=3)
     assert torch.equal(patched, plain)
+
+
+def test_trained_schedule_comes_from_the_header(tmp_path, flux_model):
+    fields = grid_of(flux_model).file_fields()
+    save_patch_embedding_file(tmp_path / "trained.safetensors", fields, {2: native_layers(flux_model, 2)},
+                              metadata={"coarse_schedule": "0-60%:2"})
+    assert load_patch_embedding_file(tmp_path / "trained.safetensors").trained_schedule() == parse_schedule("0-60%:2")
+    save_patch_embedding_file(tmp_path / "plain.safetensors", fields, {2: native_layers(flux_model, 2)})
+    with pytest.raises(ValueError, match="'plain.safetensors' does not say which steps it was trained for"):
+        load_patch_embedding_file(tmp_path / "plain.safetensors").trained_schedule()
