@@ -2,10 +2,9 @@
 on the tiny Flux: the loss falls, the file reproduces the training forward in a real sampling run, refusals."""
 from __future__ import annotations
 
-import comfy.patcher_extension
 import pytest
 import torch
-from support.training import SAMPLING, student_for
+from support.training import SAMPLING, sampling_through, student_for
 
 from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, check_base_weights, plan_of
@@ -65,17 +64,7 @@ def test_the_file_samples_what_the_student_computed(trained, flux_model, bank, t
 
     coarse_timesteps = [bank.timesteps[s] for s in coarse_step_indices(student.coarse_schedule, len(bank.timesteps))]
 
-    def student_call(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
-                     transformer_options={}, **kwargs):
-        if not any(abs(float(timestep[0]) - t) < 1e-6 for t in coarse_timesteps):
-            return executor(x, timestep, context, y, guidance, ref_latents, control, transformer_options, **kwargs)
-        sigmas = transformer_options["sigmas"].reshape(-1).float().repeat(x.shape[0] // transformer_options["sigmas"].numel())
-        with torch.no_grad():
-            inputs = {k: v for k, v in dict(x=x, timestep=timestep, context=context, y=y, guidance=guidance).items() if v is not None}
-            return student({**inputs, "sigmas": sigmas}, noise=0.0)[0]
-
-    wrapped = flux_model.clone()
-    wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test", student_call)
+    wrapped = sampling_through(flux_model, student, only_timesteps=coarse_timesteps)
     reference = tiny_flux.sample(wrapped, positive, negative, **sampling)
     full = tiny_flux.sample(flux_model, positive, negative, **sampling)
     assert (loaded - full).abs().max() > 1e-3

@@ -19,7 +19,7 @@ from comfyui_dynamic_dit.dynamic_core.methods.width_file import load_width_route
 from comfyui_dynamic_dit.dynamic_core.training.export import save_student, training_metadata
 from comfyui_dynamic_dit.dynamic_core.training.trainer import TrainConfig, evaluate, schedule_ratio, train
 
-from support.training import LATENT, SAMPLING, student_for
+from support.training import LATENT, SAMPLING, sampling_through, student_for
 
 TARGET = 0.6
 
@@ -101,17 +101,7 @@ def test_files_round_trip_through_the_loaders(trained, flux_model, bank, tmp_pat
     positive, negative = tiny_flux.conditioning(tiny_flux.TinyFlux(), seed=0)
     loaded = tiny_flux.sample(patched, positive, negative, height=16, width=16, **{k: SAMPLING[k] for k in ("steps", "cfg")})
 
-    def student_call(executor, x, timestep, context, y=None, guidance=None, ref_latents=None, control=None,
-                     transformer_options={}, **kwargs):
-        sigmas = transformer_options["sigmas"].reshape(-1).float().repeat(x.shape[0] // transformer_options["sigmas"].numel())
-        with torch.no_grad():
-            inputs = {k: v for k, v in dict(x=x, timestep=timestep, context=context, y=y, guidance=guidance).items() if v is not None}
-            return student({**inputs, "sigmas": sigmas}, noise=0.0)[0]
-
-    import comfy.patcher_extension
-
-    masked = flux_model.clone()
-    masked.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test", student_call)
+    masked = sampling_through(flux_model, student)
     reference = tiny_flux.sample(masked, positive, negative, height=16, width=16, **{k: SAMPLING[k] for k in ("steps", "cfg")})
     full = tiny_flux.sample(flux_model, positive, negative, height=16, width=16, **{k: SAMPLING[k] for k in ("steps", "cfg")})
     assert (loaded - full).abs().max() > 1e-3  # the trained parts do change the model ...

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import comfy.patcher_extension
+from support.training import sampling_through
 
 from comfyui_dynamic_dit.devtools import tiny_wan
 from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
@@ -61,16 +61,7 @@ def test_files_round_trip_through_the_loaders_on_wan(wan, tmp_path):
         check_base_weights(model, header_metadata(path), path.name)
     loaded = apply_td_lora(apply_settings(model, WidthSettings(router=load_width_router(paths[0]))), load_td_lora_file(paths[1]), 1.0)
 
-    def student_call(executor, *args, **kwargs):
-        bound = training_host.inspect.signature(executor.original).bind(*args, **kwargs).arguments
-        options = bound.pop("transformer_options", {})
-        inputs = {k: v for k, v in {**bound, **bound.pop("kwargs", {})}.items() if isinstance(v, torch.Tensor)}
-        sigmas = options["sigmas"].reshape(-1).float().repeat(inputs["x"].shape[0] // options["sigmas"].numel())
-        with torch.no_grad():
-            return student({**inputs, "sigmas": sigmas}, noise=0.0)[0]
-
-    masked = model.clone()
-    masked.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test", student_call)
+    masked = sampling_through(model, student)
     run = dict(latent=latent, **SAMPLING)
     full = tiny_wan.sample(model, positive, negative, **run)
     reference = tiny_wan.sample(masked, positive, negative, **run)
