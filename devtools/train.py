@@ -11,8 +11,9 @@ caches them), then the student (the same weights with the parts switched on) lea
 outputs at the target FLOPs ratio. Writes `<out>.width.safetensors` and/or `<out>.td_lora.safetensors`
 (the width router and TD-LoRA formats the Width Patcher and the TD-LoRA Loader read), or with
 `--parts coarse` `<out>.patch_embedding.safetensors` (the Patch Scheduler's; the FLOPs follow
-`--coarse-schedule`, `--target` is not used), sharing the training metadata; the checkpoint `<out>.ckpt` is written as training goes and `--resume` continues it
-(checkpoints are for resuming, not for shipping: git ignores them).
+`--coarse-schedule`, `--target` is not used), sharing the training metadata; the checkpoint `<out>.ckpt`
+is written as training goes and `--resume` continues it (checkpoints are for resuming, not for shipping:
+git ignores them).
 
 Developer tooling: it bootstraps a ComfyUI host (`devtools.host`) and trains the reference or a tiny model.
 The trainer itself (`dynamic_core/training/`, `comfy_integration/training_host.py`) is runtime, shared with

@@ -4,8 +4,8 @@ The width router goes into the width router format (`methods/width_file.py`, rea
 Patcher), the TD-LoRA experts and gate into the TD-LoRA format (`methods/td_lora_file.py`, read by the
 TD-LoRA Loader), the coarse-patch layers and their block LoRA into the patch embedding format
 (`methods/patch_embedding_file.py` version 2, read by the Dynamic Patch Scheduler; the header's
-`coarse_schedule` says which steps it was trained for). Each loader validates its own format strictly (no foreign tensors), so the parts
-cannot share one file; both carry the same training metadata (base architecture, base weight
+`coarse_schedule` says which steps it was trained for). Each loader validates its own format strictly
+(no foreign tensors), so the parts cannot share one file; both carry the same training metadata (base architecture, base weight
 fingerprint, parts, target, steps, command; the model part from `ModelInfo.header`, the one header builder
 of every format), and the file names share a stem:
 `<name>.width.safetensors`, `<name>.td_lora.safetensors`.
