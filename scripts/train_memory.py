@@ -1,15 +1,18 @@
 """Peak memory of one training step on the reference model, per way of handling ComfyUI's in-place block adds.
 
-    python scripts/train_memory.py allow|clone|nograd [batch]
+    python scripts/train_memory.py allow|clone|torch|nograd [batch]
 
 Runs in a fresh process per mode (ru_maxrss only grows): records one teacher run (one class), builds the
 student, runs one no-grad student forward of the batch (baseline), then 3 training steps, and prints the
-growth of the peak resident memory over the baseline: what autograd keeps for backward in that mode.
+growth of the peak resident memory over the baseline: what autograd keeps for backward in that mode, and the
+seconds per training step. `torch` is torch's own `allow_mutation_on_saved_tensors()` (which the trainer's
+"allow" replaces, see dynamic_core/training/mutation.py), for comparison.
 """
 from __future__ import annotations
 
 import resource
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,9 +46,18 @@ def main() -> None:
     with torch.no_grad():
         student(rows, noise=0.0)
     baseline = peak_mb()
+    seconds = 0.0
     if mode != "nograd":
-        train(student, bank, TrainConfig(target=0.5, steps=3, batch=batch, mutation=mode, checkpoint_every=1000), progress_bar=False)
-    print(f"{mode}: batch {batch}, peak RSS {peak_mb():.0f} MB, +{peak_mb() - baseline:.0f} MB over the no-grad forward")
+        if mode == "torch":
+            from comfyui_dynamic_dit.dynamic_core.training import trainer
+
+            trainer.mutation_context = lambda _: torch.autograd.graph.allow_mutation_on_saved_tensors()
+        started = time.perf_counter()
+        train(student, bank, TrainConfig(target=0.5, steps=3, batch=batch, mutation="allow" if mode == "torch" else mode,
+                                         checkpoint_every=1000), progress_bar=False)
+        seconds = (time.perf_counter() - started) / 3
+    print(f"{mode}: batch {batch}, peak RSS {peak_mb():.0f} MB, +{peak_mb() - baseline:.0f} MB over the no-grad forward, "
+          f"{seconds:.2f} s per training step (with the final evaluation)")
 
 
 if __name__ == "__main__":

@@ -11,14 +11,13 @@ is initialised (torchrun; gloo on CPU, nccl on GPU), a terminal progress bar (tq
 and a callback for a host progress bar.
 
 ComfyUI's Flux blocks add into their inputs in place (`img += ...`), which autograd refuses for a
-tensor it saved. The student therefore runs under `torch.autograd.graph.allow_mutation_on_saved_tensors()`
-(a saved tensor is cloned only when it is actually mutated), or, with `mutation="clone"`, under a
-saved-tensors hook that clones everything autograd saves (what the reference model's training uses);
+tensor it saved. The student therefore runs with saved tensors copied just before something writes
+into them (`mutation="allow"`, `mutation.py`: what torch's `allow_mutation_on_saved_tensors()` means
+to do, without its mistaken identities), or, with `mutation="clone"`, with every saved tensor cloned;
 BENCHMARKS.md has the peak memory of both.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -30,11 +29,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .mutation import MUTATION_MODES, mutation_context
 from .objectives import ComputeTarget, feature_loss
 from .student import DynamicStudent
 from .trajectories import Trajectories
-
-MUTATION_MODES = ("allow", "clone")
 
 
 @dataclass(frozen=True)
@@ -50,7 +48,7 @@ class TrainConfig:
     temperature: float = 1.0  # Gumbel-sigmoid temperature of the straight-through gates
     noise_until: float = 0.8  # share of the steps with Gumbel noise; then the gates are the deterministic ones
     feature_weight: float = 0.0
-    mutation: str = "allow"  # "allow" (allow_mutation_on_saved_tensors) or "clone" (clone every saved tensor)
+    mutation: str = "allow"  # "allow" (copy a saved tensor before a write, mutation.py) or "clone" (clone every saved tensor)
     seed: int = 0
     checkpoint_every: int = 50
     eval_rows: int = 16
@@ -78,12 +76,6 @@ class TrainResult:
     final_ratio: float = math.nan  # deterministic decisions, averaged over the schedule's steps
     eval_loss: float = math.nan  # deterministic student on fixed rows
     seconds: float = 0.0
-
-
-def mutation_context(mode: str) -> contextlib.AbstractContextManager:
-    if mode == "allow":
-        return torch.autograd.graph.allow_mutation_on_saved_tensors()
-    return torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved)
 
 
 def distillation(student_out: torch.Tensor, teacher_out: torch.Tensor) -> torch.Tensor:
