@@ -15,6 +15,7 @@ import comfy.sample
 
 from ..adapters import ModelAdapter
 from ..methods.td_lora import per_sample_sigmas
+from ..steps import invert_decreasing
 from ..training.student import DynamicStudent, StudentSpec
 from ..training.trajectories import Trajectories, detached
 from .patching import adapter_of, diffusion_model_of
@@ -121,8 +122,10 @@ def feature_statistics(adapter: ModelAdapter, diffusion_model: torch.nn.Module, 
 def build_student(model_patcher: Any, bank: Trajectories, spec: StudentSpec, seed: int = 0) -> DynamicStudent:
     adapter, diffusion_model, device = prepare_model(model_patcher)
     mean, scale = feature_statistics(adapter, diffusion_model, bank.timesteps, bank.dtype, device)
+    sampling = model_patcher.model.model_sampling
     with torch.inference_mode(False):
-        return DynamicStudent(adapter, diffusion_model, spec, mean, scale, seed=seed).to(device)
+        return DynamicStudent(adapter, diffusion_model, spec, mean, scale, seed=seed,
+                              sigma_percent=lambda sigma: invert_decreasing(sampling.percent_to_sigma, sigma)).to(device)
 
 
 __all__ = ["build_student", "feature_statistics", "normal_parameters", "prepare_model", "record_trajectories"]

@@ -78,15 +78,19 @@ class RouterFile:
         """The learned keep ratio of every block at sigma percent `percent`, or None without ratios."""
         if self.ratios is None or self.ratio_bounds is None:
             return None
-        inner = self.ratio_bounds[1:-1]
-        region = int(torch.searchsorted(inner, torch.tensor(float(percent)), right=True))
-        return self.ratios[region]
+        return self.ratios[region_of(self.ratio_bounds, percent)]
 
     def describe(self) -> str:
         parts = [f"{self.router} routers for {len(self.routers)} blocks" if self.routers else "no routers"]
         if self.ratios is not None:
             parts.append(f"ratios in {self.ratios.shape[0]} regions")
         return f"{self.name} ({', '.join(parts)})"
+
+
+def region_of(bounds: torch.Tensor, percent: float) -> int:
+    """The region of sigma percent `percent` among region edges `bounds` (regions + 1,), from 0 to 1
+    (an edge belongs to the region above it; the Token Router and the trainer both use this rule)."""
+    return int(torch.searchsorted(bounds[1:-1], torch.tensor(float(percent)), right=True))
 
 
 def save_router_file(
@@ -96,8 +100,10 @@ def save_router_file(
     routers: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ratios: torch.Tensor | None = None,
     ratio_bounds: torch.Tensor | None = None,
+    metadata: Mapping[str, str] | None = None,
 ) -> None:
-    """Write a router file (for tests and trainers). `adapter_or_model` gives the model metadata."""
+    """Write a router file (for tests and trainers). `adapter_or_model` gives the model metadata;
+    `metadata` adds entries (a trainer's: base-weight fingerprint, command, ...)."""
     from safetensors.torch import save_file
 
     model = adapter_or_model if isinstance(adapter_or_model, Mapping) else model_description(adapter_or_model)
@@ -110,8 +116,8 @@ def save_router_file(
         tensors["ratios"] = ratios.detach().to("cpu", torch.float32).contiguous()
         bounds = ratio_bounds if ratio_bounds is not None else torch.linspace(0, 1, ratios.shape[0] + 1)
         tensors["ratio_bounds"] = bounds.detach().to("cpu", torch.float32).contiguous()
-    metadata = {"format": FORMAT, "version": VERSION, "router": router, **{k: str(v) for k, v in model.items()}}
-    save_file(tensors, os.fspath(path), metadata=metadata)
+    header = {**(metadata or {}), "format": FORMAT, "version": VERSION, "router": router, **{k: str(v) for k, v in model.items()}}
+    save_file(tensors, os.fspath(path), metadata=header)
 
 
 def load_router_file(path: str | os.PathLike, name: str | None = None) -> RouterFile:

@@ -122,6 +122,17 @@ class TokenRouterSettings(MethodSettings):
             if not self.router.routers:
                 raise ValueError(f"Token Router: router file '{self.router.name}' holds only ratios, no routers to score with.")
 
+    @classmethod
+    def as_trained(cls, router: RouterFile, overrides: tuple[BlockOverride, ...] = ()) -> "TokenRouterSettings":
+        """How a trained DiffCR file runs (what the trainer's student computed): its routers score, its learned
+        ratios decide every block at every step (no first/last full blocks, the whole schedule), and only the
+        kept tokens run a block, their update scaled by the router's score. Block overrides still win."""
+        if router.router != "diffcr" or router.ratios is None:
+            raise ValueError(f"Token Router: 'as trained' needs a trained DiffCR file with routers and ratios; "
+                             f"'{router.name}' holds {router.describe()}.")
+        return cls(mode="diffcr", score="router", router=router, router_name=router.name, file_ratios=True,
+                   first_full=0, last_full=0, start_percent=0.0, end_percent=1.0, overrides=overrides)
+
     @property
     def uses_file_ratios(self) -> bool:
         return self.file_ratios and self.router is not None and self.router.ratios is not None

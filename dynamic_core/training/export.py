@@ -4,11 +4,13 @@ The width router goes into the width router format (`methods/width_file.py`, rea
 Patcher), the TD-LoRA experts and gate into the TD-LoRA format (`methods/td_lora_file.py`, read by the
 TD-LoRA Loader), the coarse-patch layers and their block LoRA into the patch embedding format
 (`methods/patch_embedding_file.py` version 2, read by the Dynamic Patch Scheduler; the header's
-`coarse_schedule` says which steps it was trained for). Each loader validates its own format strictly
+`coarse_schedule` says which steps it was trained for), the token routers and keep ratios into the token-router
+format (`methods/token_router_file.py`, kind "diffcr", read by the Token Router). Each loader validates its own format strictly
 (no foreign tensors), so the parts cannot share one file; both carry the same training metadata (base architecture, base weight
 fingerprint, parts, target, steps, command; the model part from `ModelInfo.header`, the one header builder
 of every format), and the file names share a stem:
-`<name>.width.safetensors`, `<name>.td_lora.safetensors`.
+`<name>.width.safetensors`, `<name>.td_lora.safetensors`, `<name>.patch_embedding.safetensors`,
+`<name>.token_router.safetensors`.
 """
 from __future__ import annotations
 
@@ -22,10 +24,12 @@ import torch
 from ..methods.patch_embedding_file import save_patch_embedding_file
 from ..methods.td_lora import GateWeights
 from ..methods.td_lora_file import ExpertLayer, save_td_lora_file
+from ..methods.token_router_file import save_router_file
 from ..methods.width_file import RouterHeader, WidthRouter
 from .student import DynamicStudent
 
-SUFFIXES = {"width": ".width.safetensors", "td_lora": ".td_lora.safetensors", "coarse": ".patch_embedding.safetensors"}
+SUFFIXES = {"width": ".width.safetensors", "td_lora": ".td_lora.safetensors", "coarse": ".patch_embedding.safetensors",
+            "tokens": ".token_router.safetensors"}
 
 
 def training_metadata(student: DynamicStudent, *, target: float, steps: int, command: str, base_model: str,
@@ -43,6 +47,7 @@ def training_metadata(student: DynamicStudent, *, target: float, steps: int, com
         "command": command,
         "spec": json.dumps({k: getattr(spec, k) for k in ("experts", "rank", "mlp_groups", "gate_hidden", "gate_embed")}),
         **({"coarse_schedule": spec.coarse_schedule, "coarse_init": spec.coarse_init} if "coarse" in spec.parts else {}),
+        **({"ratio_bins": str(spec.ratio_bins), "min_keep": f"{spec.min_keep:g}"} if "tokens" in spec.parts else {}),
         **{k: str(v) for k, v in (extra or {}).items()},
     }
 
@@ -119,6 +124,11 @@ def save_student(student: DynamicStudent, stem: str | os.PathLike, metadata: Map
             layers = student.coarse.layers()
         save_patch_embedding_file(path, student.grid.file_fields(), {factor: layers}, {factor: coarse_lora(student)},
                                   metadata=metadata)
+        written.append(path)
+    if student.tokens is not None:
+        path = stem.with_name(stem.name + SUFFIXES["tokens"])
+        routers, ratios, bounds = student.tokens.export([block.label for block in student.blocks])
+        save_router_file(path, student.adapter, "diffcr", routers, ratios, bounds, metadata=metadata)
         written.append(path)
     return written
 

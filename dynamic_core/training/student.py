@@ -11,6 +11,9 @@ Trainable parts (any subset):
 - "coarse" (DDiT, trained alone): the coarse-patch embedding, de-embedding and patch-size identifier
   (`coarse.py`) and a rank-r block LoRA on every block linear that acts on coarse calls only; rows of the
   schedule's coarse steps run the Patch Scheduler's trained path (`coarse_tokens` / `coarse_output`).
+- "tokens" (DiffCR; alone or with "td_lora"): a token router per block and a keep ratio per block and
+  timestep region (`tokens.py`); only the kept image tokens run each block, as the Token Router's
+  *diffcr* mode runs them.
 
 The trainer speaks to the model only through the adapter: blocks run as `adapter.run_block` at full
 width with `BlockInternals.linear_overrides` (the host block's own forward on module views, nothing
@@ -31,9 +34,10 @@ from ..methods.td_lora import block_linear_index, sinusoidal_embedding
 from ..slicing import RunIndexCache
 from .coarse import CoarseParts, coarse_step_indices, schedule_factor
 from .objectives import gumbel_sigmoid
+from .tokens import RoutedStudent, TokenParts
 from .trajectories import TRAINER_KEYS, Trajectories
 
-PARTS = ("width", "td_lora", "coarse")
+PARTS = ("width", "td_lora", "coarse", "tokens")
 WIDTH_PARTS = ("both", "heads", "mlp")
 
 
@@ -51,6 +55,10 @@ class StudentSpec:
     init_logit: float = 3.0  # router bias at the start: every unit kept (training starts from full compute)
     coarse_schedule: str = "0-70%:2"  # "coarse": the steps that run coarse (the Patch Scheduler's manual schedule)
     coarse_init: str = "area"  # "coarse": how the layers start ("area": the training-free path; "pinv_bilinear": DDiT's)
+    ratio_regions: int = 4  # "tokens": timestep regions with their own keep ratios (equal spans of sigma percent)
+    ratio_bins: int = 20  # "tokens": keep-ratio bins the training interpolates between (DiffCR)
+    min_keep: float = 0.1  # "tokens": the lowest keep ratio a block may learn
+    router_init: float = 4.0  # "tokens": router bias at the start (the kept tokens' update scaled by ~0.98)
 
     def validate(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
@@ -67,6 +75,15 @@ class StudentSpec:
                 raise ValueError("Trainer: coarse patches are trained on their own (parts 'coarse' alone); train width "
                                  "and TD-LoRA in another run.")
             schedule_factor(self.coarse_schedule)
+        if "tokens" in self.parts:
+            if "width" in self.parts:
+                raise ValueError("Trainer: token routers are trained without width (parts 'tokens' or 'tokens,td_lora'); "
+                                 "train width in another run.")
+            if self.ratio_regions < 1 or self.ratio_bins < 2:
+                raise ValueError(f"Trainer: token routing needs ratio_regions >= 1 and ratio_bins >= 2, got "
+                                 f"{self.ratio_regions} and {self.ratio_bins}.")
+            if not 0.0 < self.min_keep <= 1.0:
+                raise ValueError(f"Trainer: min_keep must be in (0, 1], got {self.min_keep}.")
 
 
 def _per_row(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -96,12 +113,13 @@ class _Adapted:
         return out
 
 
-class DynamicStudent(torch.nn.Module):
+class DynamicStudent(RoutedStudent, torch.nn.Module):
     """Trainable dynamic parts around a frozen host diffusion model (kept outside the module's parameters,
     so DistributedDataParallel and checkpoints see only the small trainable parts)."""
 
     def __init__(self, adapter: ModelAdapter, diffusion_model: torch.nn.Module, spec: StudentSpec,
-                 feature_mean: torch.Tensor, feature_scale: float, seed: int = 0):
+                 feature_mean: torch.Tensor, feature_scale: float, seed: int = 0,
+                 sigma_percent: Callable[[float], float] | None = None):
         super().__init__()
         spec.validate()
         self.spec, self.adapter = spec, adapter
@@ -130,6 +148,13 @@ class DynamicStudent(torch.nn.Module):
             self.group_weight = torch.nn.Parameter(torch.randn(blocks, self.group_count, features, generator=generator) * 0.01)
             self.group_bias = torch.nn.Parameter(torch.full((blocks, self.group_count), spec.init_logit))
         self.coarse: CoarseParts | None = None
+        self.tokens: TokenParts | None = None
+        if "tokens" in spec.parts:
+            if sigma_percent is None:
+                raise ValueError("Trainer: token routing needs the model's sigma -> percent map (its ratio regions are over it).")
+            self.sigma_percent = sigma_percent
+            self.tokens = TokenParts(adapter, adapter.model_info().hidden_size, spec.ratio_regions, spec.ratio_bins,
+                                     spec.min_keep, spec.router_init, generator)
         if "coarse" in spec.parts:
             grid = adapter.coarse_grid()
             if grid is None or not grid.trained_embedding:
@@ -164,11 +189,13 @@ class DynamicStudent(torch.nn.Module):
         self._columns = {block: self.units.unit_columns(block) for block in self.blocks} if "width" in spec.parts else {}
         self._coefficients: dict[CallLayout, tuple[float, torch.Tensor, torch.Tensor, float]] = {}
         self._coarse_ratios: dict[tuple, float] = {}  # call shapes -> FLOPs ratio of a coarse call
+        self._token_flops: dict[tuple, float] = {}  # (layout, block position, image tokens) -> FLOPs per sample
+        self._percents: dict[float, float] = {}
 
     @property
     def learns_compute(self) -> bool:
-        """Whether training decides the FLOPs (width routers); coarse steps are fixed by their schedule."""
-        return "width" in self.spec.parts
+        """Whether training decides the FLOPs (width routers, keep ratios); coarse steps are fixed by their schedule."""
+        return "width" in self.spec.parts or "tokens" in self.spec.parts
 
     # --- model calls ------------------------------------------------------------------------------
     def latent(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -274,6 +301,8 @@ class DynamicStudent(torch.nn.Module):
         """The student's model output for a batch of recorded model inputs, and its (B,) FLOPs ratios."""
         if self.coarse is not None:
             return self._coarse_forward(inputs, record_blocks)
+        if self.tokens is not None:
+            return self._routed_forward(inputs, record_blocks)
         arguments = self.arguments(inputs)
         heads, groups = self.masks(self.timestep(inputs), self.latent(inputs).dtype, temperature, noise, generator)
         columns = self.lora_columns(inputs["sigmas"])
@@ -383,8 +412,12 @@ class DynamicStudent(torch.nn.Module):
 
         def patch(args: dict, extra: dict) -> dict:
             module = self.adapter.block_module(self.diffusion_model, block)
-            state["layout"] = self.adapter.block_layout(block, args, state["layout"])
-            out = self.adapter.run_block(module, block, args, internals, [], state["layout"], state["cache"])
+            layout = state["layout"] = self.adapter.block_layout(block, args, state["layout"])
+
+            def run(block_args: Mapping[str, Any]) -> dict:
+                return self.adapter.run_block(module, block, block_args, internals, [], layout, state["cache"])
+
+            out = self.tokens.run(i, block, args, layout, state["ratio"][i], run) if "ratio" in state else run(args)
             if record is not None:
                 record.append(self.adapter.hidden_states(block, out))
             if capture is not None:  # the last block of a coarse call: what the trained de-embedding reads

@@ -103,8 +103,9 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 
 def _optimizer(student: DynamicStudent, config: TrainConfig) -> torch.optim.Optimizer:
-    routers = [p for n, p in student.named_parameters() if n.startswith(("head_", "group_"))]
-    others = [p for n, p in student.named_parameters() if not n.startswith(("head_", "group_"))]
+    decisions = ("head_", "group_", "tokens.")  # width routers, token routers and keep ratios
+    routers = [p for n, p in student.named_parameters() if n.startswith(decisions)]
+    others = [p for n, p in student.named_parameters() if not n.startswith(decisions)]
     groups = [g for g in ({"params": routers, "lr": config.router_lr}, {"params": others, "lr": config.lr}) if g["params"]]
     return torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0)
 
@@ -124,6 +125,8 @@ def schedule_ratio(student: DynamicStudent, bank: Trajectories, *, noise: float 
     if student.coarse is not None:  # the schedule fixes which steps run coarse: a constant
         ratio = student.coarse_run_ratio(bank)
         return torch.tensor(ratio) if grad else ratio
+    if student.tokens is not None:  # every step at its region's keep ratios
+        return student.routed_run_ratio(bank, grad)
     rows = bank.fixed(1)
     device = next(iter(student.buffers())).device
     timesteps = torch.tensor(bank.timesteps, dtype=torch.float32, device=device)
@@ -178,6 +181,9 @@ def _train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, 
     config.validate()
     if bank.rows == 0:
         raise ValueError("Trainer: no teacher trajectories (no conditioning?) to train on.")
+    if student.tokens is not None and config.feature_weight > 0:
+        raise ValueError("Trainer: feature distillation is not available with token routing (its rows run in groups "
+                         "by timestep region); train token routers with feature_weight 0.")
     rank, world = _rank()
     device = next(iter(student.buffers())).device
     schedule_bank = bank
@@ -244,6 +250,8 @@ def _train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, 
             loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
+        if student.tokens is not None:
+            student.tokens.project_()  # keep ratios stay in [min_keep, 1]
         entry = {"step": step + 1, "loss": float(loss.detach()), "distill": float(distill.detach()), "ratio": float(ratio.detach()),
                  "target": target}
         history.append(entry)

@@ -104,6 +104,19 @@ class Trajectories:
                 groups[key] = {name: [tensors[i] for i in index] for name, tensors in group.items()}
         return Trajectories(self.latent_argument, self.timestep_argument, groups, list(self.timesteps))
 
+    def step_sigmas(self) -> list[float]:
+        """The sigma of every step of the schedule (`timesteps`' order), read from the recorded rows."""
+        found: dict[int, float] = {}
+        for group in self.groups.values():
+            for t, sigma in zip(group[self.timestep_argument], group["sigmas"]):
+                value = float(t.reshape(-1)[0])
+                step = next((i for i, known in enumerate(self.timesteps) if abs(value - known) < 1e-7), None)
+                if step is not None:
+                    found.setdefault(step, float(sigma))
+            if len(found) == len(self.timesteps):
+                break
+        return [found[i] for i in range(len(self.timesteps)) if i in found]
+
     def save(self, path: str) -> None:
         torch.save({"groups": self.groups, "timesteps": self.timesteps, "latent_argument": self.latent_argument,
                     "timestep_argument": self.timestep_argument}, path)
