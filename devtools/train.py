@@ -11,7 +11,8 @@ caches them), then the student (the same weights with the parts switched on) lea
 outputs at the target FLOPs ratio. Writes `<out>.width.safetensors` and/or `<out>.td_lora.safetensors`
 (the width router and TD-LoRA formats the Width Patcher and the TD-LoRA Loader read), or with
 `--parts coarse` `<out>.patch_embedding.safetensors` (the Patch Scheduler's; the FLOPs follow
-`--coarse-schedule`, `--target` is not used), sharing the training metadata; the checkpoint `<out>.ckpt`
+`--coarse-schedule`, `--target` is not used), or with `--parts tokens[,td_lora]` `<out>.token_router.safetensors`
+(DiffCR routers and keep ratios, for the Token Router's 'as trained' mode), sharing the training metadata; the checkpoint `<out>.ckpt`
 is written as training goes and `--resume` continues it (checkpoints are for resuming, not for shipping:
 git ignores them).
 
@@ -45,11 +46,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--sampler", default=SAMPLING_DEFAULTS["sampler"])
     parser.add_argument("--scheduler", default=SAMPLING_DEFAULTS["scheduler"])
     parser.add_argument("--parts", default="width,td_lora",
-                        help="what to learn: width, td_lora (comma separated), or coarse (DDiT's coarse patches, alone)")
+                        help="what to learn: width, td_lora, tokens (DiffCR token routers and keep ratios; not with width), "
+                             "comma separated, or coarse (DDiT's coarse patches, alone)")
     parser.add_argument("--coarse-schedule", default="0-70%:2",
                         help="coarse: the steps that run coarse, as the Patch Scheduler's manual schedule (one factor)")
     parser.add_argument("--coarse-init", default="area", choices=("area", "pinv_bilinear"),
                         help="coarse: start from the training-free coarse path (area) or DDiT's PI-resize layers")
+    parser.add_argument("--ratio-regions", type=int, default=4, help="tokens: timestep regions with their own keep ratios")
+    parser.add_argument("--ratio-bins", type=int, default=20, help="tokens: keep-ratio bins the training interpolates between")
+    parser.add_argument("--min-keep", type=float, default=0.1, help="tokens: the lowest keep ratio a block may learn")
     parser.add_argument("--width-parts", default="both", choices=("both", "heads", "mlp"))
     parser.add_argument("--experts", type=int, default=2)
     parser.add_argument("--rank", type=int, default=4)
@@ -82,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         from dynamic_core.training.trainer import TrainConfig
 
     spec = StudentSpec(parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()), width_parts=args.width_parts,
-                       experts=args.experts, rank=args.rank, coarse_schedule=args.coarse_schedule, coarse_init=args.coarse_init)
+                       experts=args.experts, rank=args.rank, coarse_schedule=args.coarse_schedule, coarse_init=args.coarse_init,
+                       ratio_regions=args.ratio_regions, ratio_bins=args.ratio_bins, min_keep=args.min_keep)
     spec.validate()
     config = TrainConfig(target=args.target, steps=args.steps, batch=args.batch, lr=args.lr, router_lr=args.router_lr,
                          weight=args.weight, feature_weight=args.feature_weight, mutation=args.mutation, seed=args.seed)

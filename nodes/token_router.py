@@ -1,12 +1,15 @@
 """Token Router: per block and per step, only some image tokens run the MLP (SDT) or the whole block."""
 from __future__ import annotations
 
-from ..dynamic_core.comfy_integration.patching import apply_settings, model_file_path, model_files
+from ..dynamic_core.comfy_integration.patching import apply_settings, check_base_weights, model_file_path, model_files
+from ..dynamic_core.files import header_metadata
 from ..dynamic_core.methods.token_router import TokenRouterSettings, parse_block_overrides
 from ..dynamic_core.methods.token_router_file import FORMAT, load_router_file
 
 NO_FILE = "none"
 SCORES = {"input change": "input_change", "update magnitude": "update", "router file": "router"}
+AS_TRAINED = "as trained"
+NODE_MODES = ["reuse", "diffcr", "sdt", AS_TRAINED]
 
 
 class DynamicTokenRouter:
@@ -15,6 +18,8 @@ class DynamicTokenRouter:
         "reuse: the other tokens get the update this block gave them last time (training-free). "
         "diffcr: the other tokens skip the whole block (best with a DiffCR router file). "
         "sdt: the other tokens skip only the MLP, attention sees every token (DyDiT). "
+        "as trained: a router file from Train Dynamic DiT runs exactly as it was trained (its routers, its learned "
+        "ratios for every block and step; the keep ratio, full-block and percent inputs are not used). "
         "Keep ratio 1 gives the unpatched model exactly."
     )
     CATEGORY = "dynamic_dit"
@@ -28,10 +33,11 @@ class DynamicTokenRouter:
         return {
             "required": {
                 "model": ("MODEL",),
-                "mode": (["reuse", "diffcr", "sdt"], {
+                "mode": (NODE_MODES, {
                     "default": "reuse",
                     "tooltip": "reuse: left-out tokens get last step's update of this block (training-free). "
-                               "diffcr: left-out tokens skip the whole block. sdt: left-out tokens skip only the MLP.",
+                               "diffcr: left-out tokens skip the whole block. sdt: left-out tokens skip only the MLP. "
+                               "as trained: a trained router file (Train Dynamic DiT, token routers) as it was trained.",
                 }),
                 "keep_ratio_start": ("FLOAT", {
                     "default": 0.7, **ratio,
@@ -80,14 +86,21 @@ class DynamicTokenRouter:
             raise ValueError(f"Token Router: score must be one of {', '.join(SCORES)}, got {score!r}.")
         router = None
         if router_file and router_file != NO_FILE:
-            router = load_router_file(model_file_path(router_file), name=router_file)
+            path = model_file_path(router_file)
+            router = load_router_file(path, name=router_file)
+            check_base_weights(model, header_metadata(path), f"Router file '{router_file}'")  # trained files name their base
+        overrides = parse_block_overrides(block_overrides)
+        if mode == AS_TRAINED:
+            if router is None:
+                raise ValueError("Token Router: mode 'as trained' needs a router file trained by Train Dynamic DiT.")
+            return (apply_settings(model, TokenRouterSettings.as_trained(router, overrides)),)
         settings = TokenRouterSettings(
             mode=mode,
             keep_start=float(keep_ratio_start),
             keep_end=float(keep_ratio_end),
             first_full=int(first_full_blocks),
             last_full=int(last_full_blocks),
-            overrides=parse_block_overrides(block_overrides),
+            overrides=overrides,
             score=SCORES[score],
             router=router,
             router_name=router.name if router is not None else "",

@@ -7,18 +7,14 @@ import shlex
 
 import torch
 
-from ..dynamic_core.comfy_integration.patching import MODEL_FOLDER, apply_settings, adapter_of
-from ..dynamic_core.comfy_integration.td_lora_files import apply_td_lora
-from ..dynamic_core.methods.patch_embedding_file import load_patch_embedding_file
-from ..dynamic_core.methods.patch_scheduler import PatchSchedulerSettings
-from ..dynamic_core.methods.td_lora_file import load_td_lora_file
-from ..dynamic_core.methods.width import WidthSettings
-from ..dynamic_core.methods.width_file import load_width_router
+from ..dynamic_core.comfy_integration.patching import MODEL_FOLDER, adapter_of
+from ..dynamic_core.comfy_integration.trained_files import apply_trained_files
 from ..dynamic_core.training.student import StudentSpec
 from ..dynamic_core.training.trainer import TrainConfig
 
 PARTS = {"width + TD-LoRA": ("width", "td_lora"), "width": ("width",), "TD-LoRA": ("td_lora",),
-         "coarse patches (DDiT)": ("coarse",)}
+         "coarse patches (DDiT)": ("coarse",), "token routers + TD-LoRA (DiffCR)": ("tokens", "td_lora"),
+         "token routers (DiffCR)": ("tokens",)}
 WIDTH_PARTS = {"heads and MLP": "both", "attention heads": "heads", "MLP": "mlp"}
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 
@@ -35,7 +31,7 @@ def output_stem(filename: str) -> str:
     import folder_paths
 
     name = filename.strip()
-    for suffix in (".safetensors", ".width", ".td_lora", ".patch_embedding"):
+    for suffix in (".safetensors", ".width", ".td_lora", ".patch_embedding", ".token_router"):
         name = name[: -len(suffix)] if name.endswith(suffix) else name
     if not name or not _NAME.match(name) or ".." in name.split("/") or name.startswith("/"):
         raise ValueError(f"Train Dynamic DiT: filename '{filename}' must be a relative name of letters, digits, '_', '-', '.', '/'.")
@@ -54,7 +50,10 @@ class DynamicTrainer:
         "TD-LoRA Loader) into models/dynamic_dit/, and returns the model with both applied. 'coarse patches (DDiT)' "
         "instead trains the coarse-patch embedding and a block LoRA for the coarse steps of coarse_schedule (the FLOPs "
         "follow that schedule; target_flops is not used) and writes <filename>.patch_embedding.safetensors (for the "
-        "Dynamic Patch Scheduler, mode 'as trained'). On a CPU only small models train in reasonable time; see the README."
+        "Dynamic Patch Scheduler, mode 'as trained'). 'token routers (DiffCR)' trains a token router per block and keep "
+        "ratios per block and timestep region at the target FLOPs (with TD-LoRA as compensation if chosen) and writes "
+        "<filename>.token_router.safetensors (for the Token Router, mode 'as trained'). On a CPU only small models train "
+        "in reasonable time; see the README."
     )
     CATEGORY = "dynamic_dit"
     FUNCTION = "train"
@@ -140,16 +139,7 @@ class DynamicTrainer:
                                             extra={"final_flops_ratio": f"{result.final_ratio:.4f}",
                                                    "eval_distill_loss": f"{result.eval_loss:.5f}"})
         paths = export.save_student(student, stem, metadata)
-        patched = model
-        for path in paths:
-            if path.name.endswith(export.SUFFIXES["width"]):
-                patched = apply_settings(patched, WidthSettings(router=load_width_router(path), parts=spec.width_parts))
-            elif path.name.endswith(export.SUFFIXES["coarse"]):
-                embedding = load_patch_embedding_file(path)
-                patched = apply_settings(patched, PatchSchedulerSettings(mode="manual", schedule=embedding.trained_schedule(),
-                                                                         embedding=embedding))
-            else:
-                patched = apply_td_lora(patched, load_td_lora_file(path), 1.0)
+        patched = apply_trained_files(model, paths)
         goal = f"coarse schedule {coarse_schedule}" if "coarse" in spec.parts else f"target {target_flops:g}"
         report = (f"FLOPs {result.final_ratio:.3f} of full ({goal}), distillation loss {result.eval_loss:.4f} "
                   f"after {result.steps} steps in {result.seconds:.0f} s; wrote " + ", ".join(p.name for p in paths))

@@ -67,43 +67,25 @@ def _easycache(threshold: float, lazy: bool = False) -> Callable[[Any], Any]:
 
 
 def _trained(arg: str | None) -> Case:
-    """`trained:<stem>`: the files `python -m devtools.train` wrote (<stem>.width / .td_lora / .patch_embedding
-    .safetensors; a patch embedding runs on the schedule it was trained for)."""
+    """`trained:<stem>`: the files `python -m devtools.train` wrote (<stem>.width / .td_lora / .patch_embedding /
+    .token_router .safetensors), each applied as trained (`apply_trained_files`)."""
     if not arg:
         raise ValueError("trained: give the output stem of a training run, e.g. trained:reference/trained/flux_photo_reference_t50")
-    stem = Path(arg)
-    width, lora = Path(f"{stem}.width.safetensors"), Path(f"{stem}.td_lora.safetensors")
-    coarse = Path(f"{stem}.patch_embedding.safetensors")
-    if not width.is_file() and not lora.is_file() and not coarse.is_file():
-        raise ValueError(f"trained: none of {width}, {lora}, {coarse} exists")
+    from ...dynamic_core.comfy_integration.trained_files import part_of, run_files
+
+    paths = run_files(arg)
+    if not paths:
+        raise ValueError(f"trained: no file of the run '{arg}' exists (<stem>.width.safetensors, .td_lora, .patch_embedding, "
+                         ".token_router)")
 
     def build(model):
-        from ...dynamic_core.comfy_integration.patching import apply_settings, check_base_weights, install_executor
-        from ...dynamic_core.comfy_integration.td_lora_files import apply_td_lora
-        from ...dynamic_core.files import header_metadata
-        from ...dynamic_core.methods.td_lora_file import load_td_lora_file
-        from ...dynamic_core.methods.width import WidthSettings
-        from ...dynamic_core.methods.width_file import load_width_router
+        from ...dynamic_core.comfy_integration.patching import install_executor
+        from ...dynamic_core.comfy_integration.trained_files import apply_trained_files
 
-        patched = install_executor(model)
-        if width.is_file():
-            check_base_weights(model, header_metadata(width), width.name)
-            patched = apply_settings(patched, WidthSettings(router=load_width_router(width)))
-        if lora.is_file():
-            check_base_weights(model, header_metadata(lora), lora.name)
-            patched = apply_td_lora(patched, load_td_lora_file(lora), 1.0)
-        if coarse.is_file():
-            from ...dynamic_core.methods.patch_embedding_file import load_patch_embedding_file
-            from ...dynamic_core.methods.patch_scheduler import PatchSchedulerSettings
+        return apply_trained_files(install_executor(model), paths)
 
-            check_base_weights(model, header_metadata(coarse), coarse.name)
-            embedding = load_patch_embedding_file(coarse)
-            patched = apply_settings(patched, PatchSchedulerSettings(mode="manual", schedule=embedding.trained_schedule(),
-                                                                     embedding=embedding))
-        return patched
-
-    parts = [p for p, f in (("width router", width), ("TD-LoRA", lora), ("coarse patches", coarse)) if f.is_file()]
-    return Case(f"trained {stem.name} ({' + '.join(parts)})", build, family="trained")
+    names = {"width": "width router", "td_lora": "TD-LoRA", "coarse": "coarse patches", "tokens": "token routers"}
+    return Case(f"trained {Path(arg).name} ({' + '.join(names[part_of(p)] for p in paths)})", build, family="trained")
 
 
 def _tome(ratio: float) -> Callable[[Any], Any]:

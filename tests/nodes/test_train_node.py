@@ -90,3 +90,27 @@ def test_trains_coarse_patches_for_the_patch_scheduler(flux_model, conds, model_
         DynamicPatchScheduler().patch(other, mode="as trained", **settings)
     with pytest.raises(ValueError, match="'as trained' follows the schedule a trained embedding file was made for"):
         DynamicPatchScheduler().patch(flux_model, mode="as trained", **{**settings, "embedding": "none"})
+
+
+def test_trains_token_routers_for_the_token_router(flux_model, conds, model_folder):
+    """parts 'token routers + TD-LoRA (DiffCR)': a token-router file the Token Router lists and runs 'as trained'
+    (with the TD-LoRA file in the TD-LoRA Loader), sampling what the node's returned model samples."""
+    from comfyui_dynamic_dit.dynamic_core.methods.token_router_file import FORMAT
+    from comfyui_dynamic_dit.nodes.token_router import DynamicTokenRouter
+
+    patched, report = run(flux_model, conds, parts="token routers + TD-LoRA (DiffCR)", steps=6)["result"]
+    assert "target 0.7" in report and "tiny.token_router.safetensors" in report
+    assert "trained/tiny.token_router.safetensors" in model_files(FORMAT)
+    widgets = dict(keep_ratio_start=0.7, keep_ratio_end=0.7, first_full_blocks=2, last_full_blocks=2, score="input change",
+                   router_file="trained/tiny.token_router.safetensors", use_file_ratios=True, start_percent=0.0,
+                   end_percent=1.0, block_overrides="")
+    routed = DynamicTokenRouter().patch(flux_model, mode="as trained", **widgets)[0]
+    routed = DynamicTDLoRALoader().load(routed, "dynamic_dit/trained/tiny.td_lora.safetensors", 1.0)[0]
+    positive, negative = conds
+    image = tiny_flux.sample(routed, positive, negative, height=16, width=16, steps=4)
+    torch.testing.assert_close(image, tiny_flux.sample(patched, positive, negative, height=16, width=16, steps=4))
+    other = tiny_flux.build_model(tiny_flux.TinyFlux(seed=3))
+    with pytest.raises(ValueError, match="trained for another base model"):
+        DynamicTokenRouter().patch(other, mode="as trained", **widgets)
+    with pytest.raises(ValueError, match="mode 'as trained' needs a router file"):
+        DynamicTokenRouter().patch(flux_model, mode="as trained", **{**widgets, "router_file": "none"})
