@@ -66,6 +66,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--weight", type=float, default=20.0, help="lambda of the compute term")
     parser.add_argument("--feature-weight", type=float, default=0.0, help="per-block feature distillation weight")
     parser.add_argument("--mutation", default="allow", choices=("allow", "clone"))
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute each block in backward: less memory for about one more forward per step")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output path stem (suffixes .width/.td_lora.safetensors)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt when it exists")
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                        ratio_regions=args.ratio_regions, ratio_bins=args.ratio_bins, min_keep=args.min_keep)
     spec.validate()
     config = TrainConfig(target=args.target, steps=args.steps, batch=args.batch, lr=args.lr, router_lr=args.router_lr,
-                         weight=args.weight, feature_weight=args.feature_weight, mutation=args.mutation, seed=args.seed)
+                         weight=args.weight, feature_weight=args.feature_weight, mutation=args.mutation, seed=args.seed,
+                         gradient_checkpointing=args.gradient_checkpointing)
     config.validate()
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")

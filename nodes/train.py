@@ -90,6 +90,8 @@ class DynamicTrainer:
                 "experts": ("INT", {"default": 2, "min": 1, "max": 16}),
                 "rank": ("INT", {"default": 4, "min": 1, "max": 256}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue <filename>.ckpt if it exists."}),
+                "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each block in backward: "
+                                                       "less memory (large models on one GPU) for about one more forward per step."}),
                 "coarse_schedule": ("STRING", {"default": "0-70%:2", "tooltip": "coarse patches: the steps that run coarse, "
                                                "as the Patch Scheduler's manual schedule with one factor (2 or 4)."}),
             },
@@ -97,7 +99,7 @@ class DynamicTrainer:
 
     def train(self, model, positive, negative, latent, parts, target_flops, steps, filename, sampling_steps, cfg,
               sampler_name, scheduler, seeds, width_parts="heads and MLP", batch=8, learning_rate=2e-3, experts=2, rank=4,
-              resume=False, coarse_schedule="0-70%:2"):
+              resume=False, coarse_schedule="0-70%:2", gradient_checkpointing=False):
         import comfy.utils
 
         from ..dynamic_core.comfy_integration import training_host
@@ -109,7 +111,8 @@ class DynamicTrainer:
         spec = StudentSpec(parts=PARTS[parts], width_parts=WIDTH_PARTS[width_parts], experts=experts, rank=rank,
                            coarse_schedule=coarse_schedule)
         spec.validate()
-        config = TrainConfig(target=target_flops, steps=steps, batch=batch, lr=learning_rate)
+        config = TrainConfig(target=target_flops, steps=steps, batch=batch, lr=learning_rate,
+                             gradient_checkpointing=bool(gradient_checkpointing))
         config.validate()
         adapter_of(model)  # unsupported families are refused here
         jobs = _conditioning_jobs(positive, negative)

@@ -1,12 +1,13 @@
 """Peak memory of one training step on the reference model, per way of handling ComfyUI's in-place block adds.
 
-    python scripts/train_memory.py allow|clone|torch|nograd [batch]
+    python scripts/train_memory.py allow|clone|torch|nograd [batch] [checkpointing] [bfloat16]
 
 Runs in a fresh process per mode (ru_maxrss only grows): records one teacher run (one class), builds the
 student, runs one no-grad student forward of the batch (baseline), then 3 training steps, and prints the
 growth of the peak resident memory over the baseline: what autograd keeps for backward in that mode, and the
 seconds per training step. `torch` is torch's own `allow_mutation_on_saved_tensors()` (which the trainer's
-"allow" replaces, see dynamic_core/training/mutation.py), for comparison.
+"allow" replaces, see dynamic_core/training/mutation.py), for comparison. `checkpointing`: gradient checkpointing
+of every block; `bfloat16`: the frozen base in bfloat16 (the trainable parts stay float32).
 """
 from __future__ import annotations
 
@@ -36,8 +37,9 @@ def peak_mb() -> float:
 
 def main() -> None:
     mode, batch = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8
+    options = set(sys.argv[3:])
     torch.set_num_threads(1)
-    reference = tiny_flux.load_reference()
+    reference = tiny_flux.load_reference(dtype=torch.bfloat16 if "bfloat16" in options else torch.float32)
     jobs = [(reference.conditioning("astronaut"), reference.null_conditioning())]
     bank = training_host.record_trajectories(reference.model, jobs, torch.zeros(1, 16, 32, 32), steps=16, cfg=2.0,
                                              sampler="euler", scheduler="simple", seeds=[1000])
@@ -54,9 +56,10 @@ def main() -> None:
             trainer.mutation_context = lambda _: torch.autograd.graph.allow_mutation_on_saved_tensors()
         started = time.perf_counter()
         train(student, bank, TrainConfig(target=0.5, steps=3, batch=batch, mutation="allow" if mode == "torch" else mode,
-                                         checkpoint_every=1000), progress_bar=False)
+                                         gradient_checkpointing="checkpointing" in options, checkpoint_every=1000),
+              progress_bar=False)
         seconds = (time.perf_counter() - started) / 3
-    print(f"{mode}: batch {batch}, peak RSS {peak_mb():.0f} MB, +{peak_mb() - baseline:.0f} MB over the no-grad forward, "
+    print(f"{mode} {' '.join(sorted(options))}: batch {batch}, peak RSS {peak_mb():.0f} MB, +{peak_mb() - baseline:.0f} MB over the no-grad forward, "
           f"{seconds:.2f} s per training step (with the final evaluation)")
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..adapters import BlockInternals, BlockRef, CallLayout, ModelAdapter, UnsupportedModelError
 from ..methods.coarse_path import coarse_layer_flops, coarse_output, coarse_placeholder, coarse_time, coarse_tokens
@@ -113,6 +114,40 @@ class _Adapted:
         return out
 
 
+def checkpointed(block_call: Callable[[Mapping[str, Any]], dict], args: Mapping[str, Any],
+                 decisions: dict[str, torch.Tensor | None]) -> dict:
+    """`block_call(args)` keeping only its inputs for backward, which recomputes the rest (gradient checkpointing).
+
+    Reentrant checkpointing: the forward runs without autograd and backward reruns it with autograd under the
+    trainer's mutation context, so the host's in-place adds are handled as in any training step. (Non-reentrant
+    checkpointing keeps recomputed tensors by reference, and the block's later in-place adds change them before
+    backward reads them: wrong gradients.) Everything with a gradient from outside the block enters as an input:
+    the block's tensor arguments (copied, since a rerun must see them unchanged; the host's blocks write into
+    them) and `decisions` (width gates, TD-LoRA gates, keep ratio; swapped in place for the call). The trainable
+    parameters inside are leaves, which the rerun's backward reaches directly."""
+    names = [name for name, value in args.items() if isinstance(value, torch.Tensor)]
+    chosen = [name for name, value in decisions.items() if value is not None]
+    keys: list[str] = []
+
+    def run(_anchor: torch.Tensor, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs, swapped = tensors[:len(names)], tensors[len(names):]
+        outside = dict(decisions)
+        decisions.update(zip(chosen, swapped))
+        try:
+            out = block_call({**args, **{name: t.clone() for name, t in zip(names, inputs)}})
+        finally:
+            decisions.update(outside)
+        keys[:] = list(out)
+        return tuple(out[key] for key in keys)
+
+    # an input that requires grad: reentrant checkpointing runs backward only then, and the first block's
+    # inputs may need none
+    anchor = torch.zeros((), requires_grad=True)
+    values = torch.utils.checkpoint.checkpoint(run, anchor, *(args[name] for name in names),
+                                               *(decisions[name] for name in chosen), use_reentrant=True)
+    return dict(zip(keys, values))
+
+
 class DynamicStudent(RoutedStudent, torch.nn.Module):
     """Trainable dynamic parts around a frozen host diffusion model (kept outside the module's parameters,
     so DistributedDataParallel and checkpoints see only the small trainable parts)."""
@@ -191,6 +226,8 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
         self._coarse_ratios: dict[tuple, float] = {}  # call shapes -> FLOPs ratio of a coarse call
         self._token_flops: dict[tuple, float] = {}  # (layout, block position, image tokens) -> FLOPs per sample
         self._percents: dict[float, float] = {}
+        # keep only each block's inputs for backward and recompute the rest (set by the trainer for a run)
+        self.gradient_checkpointing = False
 
     @property
     def learns_compute(self) -> bool:
@@ -399,13 +436,16 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
                      capture: dict | None = None) -> Callable[[dict, dict], dict]:
         names = self._by_block.get(block, {})
         adapted = set(names) | set(self._columns.get(block, {}))
+        # the decisions the block reads (tensors with gradients computed outside it); a checkpointed call swaps in
+        # its own inputs for them
+        decisions = {"heads": heads, "groups": groups, "columns": columns}
 
         def override(name: str) -> Callable[[torch.nn.Module], Callable]:
             def build(layer: torch.nn.Module) -> Callable:
                 key = names.get(name)
                 lora = (self.lora_down[key], self.lora_up[key]) if key is not None else None
-                mask = self._mask(block, name, i, heads, groups, int(layer.weight.shape[1]))
-                return _Adapted(layer, lora, columns if lora is not None else None, mask)
+                mask = self._mask(block, name, i, decisions["heads"], decisions["groups"], int(layer.weight.shape[1]))
+                return _Adapted(layer, lora, decisions["columns"] if lora is not None else None, mask)
             return build
 
         internals = BlockInternals(linear_overrides={name: override(name) for name in adapted})
@@ -417,7 +457,19 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
             def run(block_args: Mapping[str, Any]) -> dict:
                 return self.adapter.run_block(module, block, block_args, internals, [], layout, state["cache"])
 
-            out = self.tokens.run(i, block, args, layout, state["ratio"][i], run) if "ratio" in state else run(args)
+            training = torch.is_grad_enabled()  # decided here: a checkpointed block runs its forward without autograd
+            if "ratio" in state:
+                decisions["ratio"] = state["ratio"][i]
+
+            def block_call(block_args: Mapping[str, Any]) -> dict:
+                if "ratio" in decisions:
+                    return self.tokens.run(i, block, block_args, layout, decisions["ratio"], run, interpolate=training)
+                return run(block_args)
+
+            if self.gradient_checkpointing and training:
+                out = checkpointed(block_call, args, decisions)
+            else:
+                out = block_call(args)
             if record is not None:
                 record.append(self.adapter.hidden_states(block, out))
             if capture is not None:  # the last block of a coarse call: what the trained de-embedding reads

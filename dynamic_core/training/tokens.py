@@ -67,13 +67,13 @@ class TokenParts(torch.nn.Module):
         return lo_bin / self.bins, (lo_bin + 1) / self.bins, scaled - lo_bin
 
     def run(self, position: int, block: BlockRef, args: Mapping[str, Any], layout: CallLayout, ratio: torch.Tensor,
-            run_block: BlockRun) -> dict:
+            run_block: BlockRun, interpolate: bool) -> dict:
         """One block call at keep ratio `ratio` (a 0-d tensor shared by the rows of the call): interpolated
-        between the ratio bins while gradients are on (training), else exactly as inference runs it."""
+        between the ratio bins in training, else exactly as inference runs it."""
         routing = self.routing
         x = routing.image_tokens(block, args, layout)
         tokens = x.shape[1]
-        if torch.is_grad_enabled():
+        if interpolate:
             lo, hi, alpha = self.split(ratio)
             k_lo, k_hi = keep_count(lo, tokens), keep_count(hi, tokens)
         else:

@@ -48,6 +48,7 @@ class TrainConfig:
     temperature: float = 1.0  # Gumbel-sigmoid temperature of the straight-through gates
     noise_until: float = 0.8  # share of the steps with Gumbel noise; then the gates are the deterministic ones
     feature_weight: float = 0.0
+    gradient_checkpointing: bool = False  # recompute each block in backward: less memory, about one more forward
     mutation: str = "allow"  # "allow" (copy a saved tensor before a write, mutation.py) or "clone" (clone every saved tensor)
     seed: int = 0
     checkpoint_every: int = 50
@@ -190,6 +191,7 @@ def _train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, 
     if student.coarse is not None:  # the coarse parts change the coarse steps' calls only: train on those
         bank = student.coarse_training_rows(bank)
     optimizer = _optimizer(student, config)
+    student.gradient_checkpointing = config.gradient_checkpointing
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
     schedule = config.compute_target()
     start, history, spent = 0, [], 0.0
