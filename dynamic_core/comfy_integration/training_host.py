@@ -3,9 +3,10 @@ frozen model for autograd, and build the student. Runtime, not developer tooling
 DiT" node uses it, and so does the CLI (`python -m devtools.train`)."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -119,13 +120,30 @@ def feature_statistics(adapter: ModelAdapter, diffusion_model: torch.nn.Module, 
     return mean.cpu(), scale
 
 
+@contextlib.contextmanager
+def host_training_mode() -> Iterator[None]:
+    """ComfyUI's switch for training (`model_management.in_training`, newer hosts): while it is set, its
+    layers take plain PyTorch paths instead of fused kernels without autograd formulas (e.g. comfy_kitchen's
+    RoPE), as ComfyUI's own training node sets it. Older hosts have no switch and nothing to switch."""
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    previous = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = previous
+
+
 def build_student(model_patcher: Any, bank: Trajectories, spec: StudentSpec, seed: int = 0) -> DynamicStudent:
     adapter, diffusion_model, device = prepare_model(model_patcher)
     mean, scale = feature_statistics(adapter, diffusion_model, bank.timesteps, bank.dtype, device)
     sampling = model_patcher.model.model_sampling
     with torch.inference_mode(False):
         return DynamicStudent(adapter, diffusion_model, spec, mean, scale, seed=seed,
-                              sigma_percent=lambda sigma: invert_decreasing(sampling.percent_to_sigma, sigma)).to(device)
+                              sigma_percent=lambda sigma: invert_decreasing(sampling.percent_to_sigma, sigma),
+                              host_training=host_training_mode).to(device)
 
 
-__all__ = ["build_student", "feature_statistics", "normal_parameters", "prepare_model", "record_trajectories"]
+__all__ = ["build_student", "feature_statistics", "host_training_mode", "normal_parameters", "prepare_model", "record_trajectories"]

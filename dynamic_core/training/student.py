@@ -21,6 +21,7 @@ copied), the router reads `WidthUnits.timestep_features`, FLOPs come from the ad
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Mapping
@@ -115,7 +116,8 @@ class _Adapted:
 
 
 def checkpointed(block_call: Callable[[Mapping[str, Any]], dict], args: Mapping[str, Any],
-                 decisions: dict[str, torch.Tensor | None]) -> dict:
+                 decisions: dict[str, torch.Tensor | None],
+                 host_training: Callable[[], contextlib.AbstractContextManager]) -> dict:
     """`block_call(args)` keeping only its inputs for backward, which recomputes the rest (gradient checkpointing).
 
     Reentrant checkpointing: the forward runs without autograd and backward reruns it with autograd under the
@@ -124,7 +126,8 @@ def checkpointed(block_call: Callable[[Mapping[str, Any]], dict], args: Mapping[
     backward reads them: wrong gradients.) Everything with a gradient from outside the block enters as an input:
     the block's tensor arguments (copied, since a rerun must see them unchanged; the host's blocks write into
     them) and `decisions` (width gates, TD-LoRA gates, keep ratio; swapped in place for the call). The trainable
-    parameters inside are leaves, which the rerun's backward reaches directly."""
+    parameters inside are leaves, which the rerun's backward reaches directly. The rerun happens in backward,
+    outside the student's forward, so it enters the host's training mode itself."""
     names = [name for name, value in args.items() if isinstance(value, torch.Tensor)]
     chosen = [name for name, value in decisions.items() if value is not None]
     keys: list[str] = []
@@ -134,7 +137,8 @@ def checkpointed(block_call: Callable[[Mapping[str, Any]], dict], args: Mapping[
         outside = dict(decisions)
         decisions.update(zip(chosen, swapped))
         try:
-            out = block_call({**args, **{name: t.clone() for name, t in zip(names, inputs)}})
+            with host_training():
+                out = block_call({**args, **{name: t.clone() for name, t in zip(names, inputs)}})
         finally:
             decisions.update(outside)
         keys[:] = list(out)
@@ -154,10 +158,12 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
 
     def __init__(self, adapter: ModelAdapter, diffusion_model: torch.nn.Module, spec: StudentSpec,
                  feature_mean: torch.Tensor, feature_scale: float, seed: int = 0,
-                 sigma_percent: Callable[[float], float] | None = None):
+                 sigma_percent: Callable[[float], float] | None = None,
+                 host_training: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         super().__init__()
         spec.validate()
         self.spec, self.adapter = spec, adapter
+        self.host_training = host_training
         object.__setattr__(self, "diffusion_model", diffusion_model)  # not a submodule: frozen, never synced
         self.blocks: tuple[BlockRef, ...] = tuple(adapter.blocks)
         self.units = adapter.width_units()
@@ -336,6 +342,11 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
     def forward(self, inputs: Mapping[str, torch.Tensor], temperature: float = 1.0, noise: float = 1.0,
                 generator: torch.Generator | None = None, record_blocks: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's model output for a batch of recorded model inputs, and its (B,) FLOPs ratios."""
+        with self.host_training():  # the host's code paths autograd can go through
+            return self._forward(inputs, temperature, noise, generator, record_blocks)
+
+    def _forward(self, inputs: Mapping[str, torch.Tensor], temperature: float, noise: float,
+                 generator: torch.Generator | None, record_blocks: list | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.coarse is not None:
             return self._coarse_forward(inputs, record_blocks)
         if self.tokens is not None:
@@ -467,7 +478,7 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
                 return run(block_args)
 
             if self.gradient_checkpointing and training:
-                out = checkpointed(block_call, args, decisions)
+                out = checkpointed(block_call, args, decisions, self.host_training)
             else:
                 out = block_call(args)
             if record is not None:

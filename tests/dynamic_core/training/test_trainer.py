@@ -167,3 +167,25 @@ def test_gradient_checkpointing_gives_the_same_gradients(flux_model, bank, parts
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 2
     for name in grads[0]:
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-8, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_the_student_runs_in_the_hosts_training_mode(flux_model, bank, monkeypatch):
+    """Newer ComfyUI takes fused kernels without autograd formulas (comfy_kitchen's RoPE) unless
+    `model_management.in_training` is set, as its own training node sets it; the student's forward sets it
+    (a host without the switch is left alone) and restores it after."""
+    import comfy.model_management
+
+    student = student_for(flux_model, bank)
+    seen = []
+    run_block = student.adapter.run_block
+    monkeypatch.setattr(student.adapter, "run_block", lambda *a, **k: seen.append(
+        getattr(comfy.model_management, "in_training", None)) or run_block(*a, **k))
+    if not hasattr(comfy.model_management, "in_training"):  # ComfyUI 0.3.x: no switch, none made up
+        with torch.no_grad():
+            student(bank.fixed(2), noise=0.0)
+        assert seen and set(seen) == {None} and not hasattr(comfy.model_management, "in_training")
+        seen.clear()
+    monkeypatch.setattr(comfy.model_management, "in_training", False, raising=False)
+    with torch.no_grad():
+        student(bank.fixed(2), noise=0.0)
+    assert seen and all(seen) and comfy.model_management.in_training is False
