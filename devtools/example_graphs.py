@@ -66,9 +66,26 @@ def _flux_comparison(text: str, method_nodes: list[Node], dynamic_key: str, slug
     ])
 
 
+REFERENCE_SAMPLING = {"seed": 42, "steps": 16, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+REFERENCE_CONDITIONING = {"positive": ("reference", 1), "negative": ("reference", 2), "latent_image": ("reference", 3)}
+
+
+def _reference_report(dynamic_model: str, title: str) -> list[list[Node]]:
+    """The Speed Report of the "sampler" run against the "baseline" one, and the two images side by side."""
+    return [
+        [Node("report", "DynamicSpeedReport", links={
+            "model": (dynamic_model, 0), "latent": ("sampler", 0), "baseline_model": ("telemetry", 0),
+            "baseline_latent": ("baseline", 0),
+        }), Node("table", "PreviewAny", links={"source": ("report", 1)}, title="Per-step table")],
+        [Node("image_full", "DynamicReferenceLatentToImage", links={"latent": ("baseline", 0)}),
+         Node("preview_full", "PreviewImage", links={"images": ("image_full", 0)}, title="Full compute", size=(360, 400))],
+        [Node("image", "DynamicReferenceLatentToImage", links={"latent": ("report", 0)}),
+         Node("preview", "PreviewImage", links={"images": ("image", 0)}, title=title, size=(360, 400))],
+    ]
+
+
 def try_it_workflow() -> list[Node]:
     """The reference model through a full-compute baseline and the dynamic chain at the nodes' defaults."""
-    sampling = {"seed": 42, "steps": 16, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
     text = (
         "## Try Dynamic DiT, no download\n\n"
         "**Load Reference Model** gives the small Flux model the pack ships (9M parameters, trained on photographs, "
@@ -85,22 +102,48 @@ def try_it_workflow() -> list[Node]:
         Node("width", "DynamicWidthPatcher", links={"model": ("ddit", 0)}),
         Node("router", "DynamicTokenRouter", links={"model": ("width", 0)}),
     ]
-    conditioning = {"positive": ("reference", 1), "negative": ("reference", 2), "latent_image": ("reference", 3)}
     return layout([
         [note("note", text, size=(420, 380)),
          Node("reference", "DynamicReferenceModelLoader", {"photo_class": "coffee", "batch_size": 1})],
         [Node("telemetry", "DynamicTelemetry", links={"model": ("reference", 0)}, title="Dynamic Telemetry (full compute)"),
          *dynamic_chain],
-        [Node("baseline", "KSampler", sampling, {"model": ("telemetry", 0), **conditioning}, title="KSampler (full compute)"),
-         Node("sampler", "KSampler", sampling, {"model": ("router", 0), **conditioning}, title="KSampler (dynamic)")],
-        [Node("report", "DynamicSpeedReport", links={
-            "model": ("router", 0), "latent": ("sampler", 0), "baseline_model": ("telemetry", 0), "baseline_latent": ("baseline", 0),
-        }), Node("table", "PreviewAny", links={"source": ("report", 1)}, title="Per-step table")],
-        # the two images side by side
-        [Node("image_full", "DynamicReferenceLatentToImage", links={"latent": ("baseline", 0)}),
-         Node("preview_full", "PreviewImage", links={"images": ("image_full", 0)}, title="Full compute", size=(360, 400))],
-        [Node("image", "DynamicReferenceLatentToImage", links={"latent": ("report", 0)}),
-         Node("preview", "PreviewImage", links={"images": ("image", 0)}, title="Dynamic", size=(360, 400))],
+        [Node("baseline", "KSampler", REFERENCE_SAMPLING, {"model": ("telemetry", 0), **REFERENCE_CONDITIONING},
+              title="KSampler (full compute)"),
+         Node("sampler", "KSampler", REFERENCE_SAMPLING, {"model": ("router", 0), **REFERENCE_CONDITIONING},
+              title="KSampler (dynamic)")],
+        *_reference_report("router", "Dynamic"),
+    ])
+
+
+def train_workflow() -> list[Node]:
+    """The reference model: train token routers (DiffCR) with TD-LoRA for it, then sample with and without them."""
+    text = (
+        "## Train Dynamic DiT on the reference model, no download\n\n"
+        "**Train Dynamic DiT** samples the connected model at full compute for the prompt (the teacher: its own "
+        "sampler and schedule), then trains the chosen parts until the model at the target FLOPs matches those "
+        "samples: here DiffCR token routers and keep ratios per block and step with TD-LoRA experts as "
+        "compensation, at half the FLOPs. It writes `models/dynamic_dit/trained/reference_diffcr.token_router."
+        "safetensors` and `.td_lora.safetensors` (for the Token Router, mode *as trained*, and the TD-LoRA "
+        "Loader) and returns the model with both applied. On a CPU the 100 steps here take about two minutes; "
+        "BENCHMARKS.md has what longer runs with more prompts reach (600 steps, all 15 photo classes: +5.8 dB "
+        "over the training-free token router at the same FLOPs).\n\n"
+        f"{REPORT_HELP} Train on the sampler, steps and cfg you sample with."
+    )
+    return layout([
+        [note("note", text, size=(420, 420)),
+         Node("reference", "DynamicReferenceModelLoader", {"photo_class": "coffee", "batch_size": 1})],
+        [Node("train", "DynamicTrainer", {
+            "parts": "token routers + TD-LoRA (DiffCR)", "target_flops": 0.5, "steps": 100, "filename": "trained/reference_diffcr",
+            "sampling_steps": 16, "cfg": 2.0, "sampler_name": "euler", "scheduler": "simple", "seeds": 2,
+        }, links={"model": ("reference", 0), "positive": ("reference", 1), "negative": ("reference", 2),
+                  "latent": ("reference", 3)}),
+         Node("train_report", "PreviewAny", links={"source": ("train", 1)}, title="Training report")],
+        [Node("telemetry", "DynamicTelemetry", links={"model": ("reference", 0)}, title="Dynamic Telemetry (full compute)"),
+         Node("baseline", "KSampler", REFERENCE_SAMPLING, {"model": ("telemetry", 0), **REFERENCE_CONDITIONING},
+              title="KSampler (full compute)"),
+         Node("sampler", "KSampler", REFERENCE_SAMPLING, {"model": ("train", 0), **REFERENCE_CONDITIONING},
+              title="KSampler (trained)")],
+        *_reference_report("train", "Trained, half the FLOPs"),
     ])
 
 
@@ -346,6 +389,8 @@ def wan22_t2v_a14b_workflow() -> list[Node]:
 
 WORKFLOWS: dict[str, tuple[str, Callable[[], list[Node]]]] = {
     "try_it": ("Try it: the shipped reference model, full compute next to the dynamic chain (no download)", try_it_workflow),
+    "train_reference": ("Train token routers (DiffCR) for the shipped reference model, then sample with them (no download)",
+                        train_workflow),
     "flux_speed_report": ("Flux.1 with per-step speed telemetry", speed_report_workflow),
     "flux_td_lora": ("Flux.1 with a TD-LoRA (timestep-gated LoRA experts)", td_lora_workflow),
     "flux_token_router": ("Flux.1 Token Router against full compute", token_router_workflow),

@@ -29,7 +29,7 @@ MIN_SIZES: dict[str, tuple[int, int]] = {
     "DynamicTelemetry": (320, 30), "DynamicSpeedReport": (520, 380), "DynamicWidthPatcher": (340, 260),
     "DynamicTokenRouter": (340, 310), "DynamicTDLoRALoader": (340, 90), "DynamicPatchScheduler": (340, 260),
     "DynamicBenchmarkConditioning": (380, 60), "DynamicReferenceModelLoader": (340, 150),
-    "DynamicReferenceLatentToImage": (360, 60), NOTE_TYPE: (400, 300),
+    "DynamicReferenceLatentToImage": (360, 60), "DynamicTrainer": (380, 560), NOTE_TYPE: (400, 300),
     # the stock Wan video graph
     "CLIPLoader": (320, 110), "EmptyHunyuanLatentVideo": (320, 130), "ModelSamplingSD3": (320, 60),
     "KSamplerAdvanced": (340, 340), "CreateVideo": (320, 80), "SaveVideo": (400, 300),
