@@ -343,9 +343,9 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
                 generator: torch.Generator | None = None, record_blocks: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The student's model output for a batch of recorded model inputs, and its (B,) FLOPs ratios."""
         with self.host_training():  # the host's code paths autograd can go through
-            return self._forward(inputs, temperature, noise, generator, record_blocks)
+            return self._student_output(inputs, temperature, noise, generator, record_blocks)
 
-    def _forward(self, inputs: Mapping[str, torch.Tensor], temperature: float, noise: float,
+    def _student_output(self, inputs: Mapping[str, torch.Tensor], temperature: float, noise: float,
                  generator: torch.Generator | None, record_blocks: list | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.coarse is not None:
             return self._coarse_forward(inputs, record_blocks)
