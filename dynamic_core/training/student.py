@@ -346,7 +346,7 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
             return self._student_output(inputs, temperature, noise, generator, record_blocks)
 
     def _student_output(self, inputs: Mapping[str, torch.Tensor], temperature: float, noise: float,
-                 generator: torch.Generator | None, record_blocks: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+                        generator: torch.Generator | None, record_blocks: list | None) -> tuple[torch.Tensor, torch.Tensor]:
         if self.coarse is not None:
             return self._coarse_forward(inputs, record_blocks)
         if self.tokens is not None:
