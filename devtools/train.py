@@ -8,11 +8,10 @@ Model: the pack's reference model (default; every photo class, or --classes) or 
 Flux, for tests). The teacher is the frozen model at full compute: its sampling runs (the model's own
 sampler and schedule, cfg with the null conditioning as negative) are recorded once (`--trajectories`
 caches them), then the student (the same weights with the parts switched on) learns to match its
-outputs at the target FLOPs ratio. Writes `<out>.width.safetensors` and/or `<out>.td_lora.safetensors`
-(the width router and TD-LoRA formats the Width Patcher and the TD-LoRA Loader read), or with
-`--parts coarse` `<out>.patch_embedding.safetensors` (the Patch Scheduler's; the FLOPs follow
-`--coarse-schedule`, `--target` is not used), or with `--parts tokens[,td_lora]` `<out>.token_router.safetensors`
-(DiffCR routers and keep ratios, for the Token Router's 'as trained' mode), sharing the training metadata; the checkpoint `<out>.ckpt`
+outputs at the target FLOPs ratio. Writes one file, `<out>.safetensors` (a bundle of every trained part,
+each in its own format: width router, TD-LoRA, patch embedding with `--parts coarse` (the FLOPs follow
+`--coarse-schedule`, `--target` is not used), token routers with `--parts tokens[,td_lora]`; each node reads
+its part), or with `--part-files` one file per part (`<out>.width.safetensors`, ...); the checkpoint `<out>.ckpt`
 is written as training goes and `--resume` continues it (checkpoints are for resuming, not for shipping:
 git ignores them).
 
@@ -69,8 +68,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute each block in backward: less memory for about one more forward per step")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, required=True, help="output path stem (suffixes .width/.td_lora.safetensors)")
+    parser.add_argument("--out", type=Path, required=True, help="output path stem (<out>.safetensors)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt when it exists")
+    parser.add_argument("--part-files", action="store_true",
+                        help="one file per part (<out>.width/.td_lora/.patch_embedding/.token_router.safetensors) "
+                             "instead of the one bundle <out>.safetensors")
     parser.add_argument("--trajectories", type=Path, default=None, help="cache file of the teacher's recorded calls")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-progress", action="store_true")
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                    "train_seconds": f"{result.seconds:.0f}", "world_size": str(int(os.environ.get('WORLD_SIZE', '1'))),
                    "sampling": json.dumps({"steps": args.sampling_steps, "cfg": args.cfg, "sampler": args.sampler,
                                            "scheduler": args.scheduler, "seeds": args.seeds, "first_seed": args.first_seed, "latent": size})})
-        paths = export.save_student(student, args.out, metadata)
+        paths = export.save_student(student, args.out, metadata) if args.part_files else [export.save_bundle(student, args.out, metadata)]
         log(f"FLOPs ratio {result.final_ratio:.3f} (target {args.target}), eval distillation loss {result.eval_loss:.4f}, "
             f"{result.seconds / 60:.1f} min; wrote {', '.join(str(p) for p in paths)}")
     if distributed:

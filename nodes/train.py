@@ -44,16 +44,15 @@ def output_stem(filename: str) -> str:
 class DynamicTrainer:
     DESCRIPTION = (
         "Self-distillation, no dataset: samples the model at full compute for the given prompts (its own sampler "
-        "and schedule), then trains a per-step width router (which heads and MLP channels each block keeps) and "
-        "TD-LoRA experts that make the thinned model match the full one, at the target FLOPs ratio. Writes "
-        "<filename>.width.safetensors (for the Dynamic Width Patcher) and <filename>.td_lora.safetensors (for the "
-        "TD-LoRA Loader) into models/dynamic_dit/, and returns the model with both applied. 'coarse patches (DDiT)' "
-        "instead trains the coarse-patch embedding and a block LoRA for the coarse steps of coarse_schedule (the FLOPs "
-        "follow that schedule; target_flops is not used) and writes <filename>.patch_embedding.safetensors (for the "
-        "Dynamic Patch Scheduler, mode 'as trained'). 'token routers (DiffCR)' trains a token router per block and keep "
-        "ratios per block and timestep region at the target FLOPs (with TD-LoRA as compensation if chosen) and writes "
-        "<filename>.token_router.safetensors (for the Token Router, mode 'as trained'). On a CPU only small models train "
-        "in reasonable time; see the README."
+        "and schedule), then trains the chosen parts until the model at the target FLOPs matches those samples. "
+        "'width + TD-LoRA': a per-step width router (which heads and MLP channels each block keeps) and TD-LoRA "
+        "experts as compensation. 'token routers (DiffCR)': a token router per block and keep ratios per block and "
+        "timestep region (with TD-LoRA if chosen). 'coarse patches (DDiT)': the coarse-patch embedding and a block "
+        "LoRA for the coarse steps of coarse_schedule (the FLOPs follow that schedule; target_flops is not used). "
+        "Writes one file, models/dynamic_dit/<filename>.safetensors, holding every trained part: the Width Patcher, "
+        "TD-LoRA Loader, Patch Scheduler and Token Router each list it and read their part (the last two in mode "
+        "'as trained'). Returns the model with the file applied as trained. On a CPU only small models train in "
+        "reasonable time; see the README."
     )
     CATEGORY = "dynamic_dit"
     FUNCTION = "train"
@@ -141,11 +140,11 @@ class DynamicTrainer:
                                             base_model=type(model.model).__name__,
                                             extra={"final_flops_ratio": f"{result.final_ratio:.4f}",
                                                    "eval_distill_loss": f"{result.eval_loss:.5f}"})
-        paths = export.save_student(student, stem, metadata)
-        patched = apply_trained_files(model, paths)
+        path = export.save_bundle(student, stem, metadata)
+        patched = apply_trained_files(model, [path])
         goal = f"coarse schedule {coarse_schedule}" if "coarse" in spec.parts else f"target {target_flops:g}"
         report = (f"FLOPs {result.final_ratio:.3f} of full ({goal}), distillation loss {result.eval_loss:.4f} "
-                  f"after {result.steps} steps in {result.seconds:.0f} s; wrote " + ", ".join(p.name for p in paths))
+                  f"after {result.steps} steps in {result.seconds:.0f} s; wrote {path.name}")
         return {"ui": {"text": [report]}, "result": (patched, report)}
 
 

@@ -67,16 +67,16 @@ def _easycache(threshold: float, lazy: bool = False) -> Callable[[Any], Any]:
 
 
 def _trained(arg: str | None) -> Case:
-    """`trained:<stem>`: the files `python -m devtools.train` wrote (<stem>.width / .td_lora / .patch_embedding /
-    .token_router .safetensors), each applied as trained (`apply_trained_files`)."""
+    """`trained:<stem>`: the run `python -m devtools.train` wrote (<stem>.safetensors, or the part files
+    <stem>.width / .td_lora / .patch_embedding / .token_router .safetensors), applied as trained (`apply_trained_files`)."""
     if not arg:
         raise ValueError("trained: give the output stem of a training run, e.g. trained:reference/trained/flux_photo_reference_t50")
-    from ...dynamic_core.comfy_integration.trained_files import part_of, run_files
+    from ...dynamic_core.comfy_integration.trained_files import parts_of, run_files
 
     paths = run_files(arg)
     if not paths:
-        raise ValueError(f"trained: no file of the run '{arg}' exists (<stem>.width.safetensors, .td_lora, .patch_embedding, "
-                         ".token_router)")
+        raise ValueError(f"trained: no file of the run '{arg}' exists (<stem>.safetensors, or <stem>.width.safetensors, "
+                         ".td_lora, .patch_embedding, .token_router)")
 
     def build(model):
         from ...dynamic_core.comfy_integration.patching import install_executor
@@ -85,7 +85,8 @@ def _trained(arg: str | None) -> Case:
         return apply_trained_files(install_executor(model), paths)
 
     names = {"width": "width router", "td_lora": "TD-LoRA", "coarse": "coarse patches", "tokens": "token routers"}
-    return Case(f"trained {Path(arg).name} ({' + '.join(names[part_of(p)] for p in paths)})", build, family="trained")
+    return Case(f"trained {Path(arg).name} ({' + '.join(names[part] for p in paths for part in parts_of(p))})", build,
+                family="trained")
 
 
 def _tome(ratio: float) -> Callable[[Any], Any]:

@@ -345,15 +345,16 @@ def register_model_folder() -> None:
 
 
 def model_files(file_format: str) -> list[str]:
-    """The files in `models/dynamic_dit/` whose header metadata says `file_format`, for a node's file
-    combo: the folder holds every method's files, and each input offers only the ones it can read."""
+    """The files in `models/dynamic_dit/` that read as `file_format` (their own format, or a part of a
+    training-run bundle), for a node's file combo: the folder holds every method's files, and each input
+    offers only the ones it can read."""
     import folder_paths
 
-    from ..files import file_format as format_of
+    from ..files import file_formats
 
     return [
         name for name in folder_paths.get_filename_list(MODEL_FOLDER)
-        if format_of(folder_paths.get_full_path(MODEL_FOLDER, name) or "") == file_format
+        if file_format in file_formats(folder_paths.get_full_path(MODEL_FOLDER, name) or "")
     ]
 
 

@@ -32,7 +32,7 @@ from ..methods.td_lora import (
     is_td_lora,
     parse_td_lora,
 )
-from ..files import file_format, read_safetensors
+from ..files import file_formats, read_safetensors
 from .patching import MODEL_FOLDER, adapter_of, apply_settings, diffusion_model_of, plan_of
 
 FOLDERS = (MODEL_FOLDER, "loras")
@@ -54,7 +54,8 @@ def file_choices() -> list[str]:
             if folder == MODEL_FOLDER:
                 path = folder_paths.get_full_path(folder, name)
                 # models/dynamic_dit/ also holds other methods' files; a damaged file stays listed so its error shows
-                if path is None or file_format(path) not in ("td_lora", None):
+                formats = file_formats(path) if path is not None else ()
+                if path is None or (formats and "td_lora" not in formats):
                     continue
             choices.append(f"{folder}/{name}")
     return choices
@@ -73,7 +74,7 @@ def path_of(choice: str) -> str:
 def read_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and header metadata; ValueError naming the file when it cannot be read."""
     if path.lower().endswith(_SAFETENSORS):
-        return read_safetensors(path, f"TD-LoRA file {os.path.basename(path)}")
+        return read_safetensors(path, f"TD-LoRA file {os.path.basename(path)}", part="td_lora")
     try:
         return comfy.utils.load_torch_file(path, safe_load=True), {}
     except Exception as error:

@@ -150,7 +150,7 @@ def save_patch_embedding_file(
 def load_patch_embedding_file(path: str | os.PathLike, name: str | None = None) -> PatchEmbeddingFile:
     """Read and validate a coarse-patch embedding file; any problem raises ValueError naming it."""
     name = name or os.path.basename(os.fspath(path))
-    tensors, metadata = read_safetensors(path, f"Patch embedding '{name}'")
+    tensors, metadata = read_safetensors(path, f"Patch embedding '{name}'", part=FORMAT)
     return _validate(name, metadata, tensors)
 
 

@@ -206,7 +206,7 @@ def parse_td_lora(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, st
 
 
 def load_td_lora_file(path: str | os.PathLike) -> TDLoRA:
-    tensors, metadata = read_safetensors(path, f"TD-LoRA file {os.path.basename(path)}")
+    tensors, metadata = read_safetensors(path, f"TD-LoRA file {os.path.basename(path)}", part=FORMAT)
     return parse_td_lora(tensors, metadata, os.fspath(path))
 
 

@@ -123,7 +123,7 @@ def save_router_file(
 def load_router_file(path: str | os.PathLike, name: str | None = None) -> RouterFile:
     """Read and validate a router file; any problem raises ValueError naming the key and what was expected."""
     name = name or os.path.basename(os.fspath(path))
-    tensors, metadata = read_safetensors(path, f"Router file '{name}'")
+    tensors, metadata = read_safetensors(path, f"Router file '{name}'", part=FORMAT)
     return _validate(name, metadata, tensors)
 
 

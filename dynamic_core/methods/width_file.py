@@ -196,7 +196,7 @@ def save_width_router(path: str | Path, router: WidthRouter) -> None:
 def load_width_router(path: str | Path, name: str | None = None) -> WidthRouter:
     """Read and validate a width router file; every problem raises ValueError naming it."""
     name = name or Path(path).name
-    tensors, metadata = read_safetensors(path, f"Width router '{name}'")
+    tensors, metadata = read_safetensors(path, f"Width router '{name}'", part=ROUTER_FORMAT)
     return WidthRouter(RouterHeader.from_metadata(metadata, name), tensors, name)
 
 

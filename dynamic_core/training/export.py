@@ -10,12 +10,14 @@ format (`methods/token_router_file.py`, kind "diffcr", read by the Token Router)
 fingerprint, parts, target, steps, command; the model part from `ModelInfo.header`, the one header builder
 of every format), and the file names share a stem:
 `<name>.width.safetensors`, `<name>.td_lora.safetensors`, `<name>.patch_embedding.safetensors`,
-`<name>.token_router.safetensors`.
+`<name>.token_router.safetensors`. `save_bundle` puts them into one file, `<name>.safetensors` (the bundle
+format of `files.py`, which every loader reads its part from): what the Train node and the CLI write.
 """
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
@@ -133,4 +135,21 @@ def save_student(student: DynamicStudent, stem: str | os.PathLike, metadata: Map
     return written
 
 
-__all__ = ["SUFFIXES", "coarse_lora", "save_student", "td_lora_layers", "training_metadata", "width_router"]
+def save_bundle(student: DynamicStudent, path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
+    """One file with every trained part (each written by its own format's writer first, then bundled)."""
+    from ..files import read_safetensors, write_bundle
+
+    path = Path(path)
+    if not path.name.endswith(".safetensors"):
+        path = path.with_name(path.name + ".safetensors")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as folder:
+        parts = {}
+        for written in save_student(student, Path(folder) / "run", metadata):
+            tensors, part_metadata = read_safetensors(written, written.name)
+            parts[part_metadata["format"]] = (tensors, part_metadata)
+        write_bundle(path, parts, dict(metadata))
+    return path
+
+
+__all__ = ["SUFFIXES", "save_bundle", "coarse_lora", "save_student", "td_lora_layers", "training_metadata", "width_router"]

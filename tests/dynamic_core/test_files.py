@@ -30,3 +30,30 @@ def test_file_format_of_unreadable_files_is_none(tmp_path):
     save_file({"x": torch.zeros(1)}, str(tmp_path / "plain.safetensors"))
     for name in ("garbage", "short", "list", "plain", "missing"):
         assert files.file_format(tmp_path / f"{name}.safetensors") is None, name
+
+
+def test_a_bundle_gives_each_loader_its_part(tmp_path):
+    """A training run's bundle: every part's tensors and metadata come back as that part's own file holds them;
+    the file lists see its parts; a part it lacks is a clear error; other files read whole."""
+    import pytest
+
+    path = tmp_path / "run.safetensors"
+    router = ({"routers.single.0.weight": torch.ones(1, 4), "ratios": torch.full((2, 3), 0.5)},
+              {"format": "dynamic_dit.token_router", "version": "1", "router": "diffcr"})
+    lora = ({"layer.down": torch.zeros(2, 4)}, {"format": "td_lora", "version": "1", "experts": "1"})
+    files.write_bundle(path, {"dynamic_dit.token_router": router, "td_lora": lora}, {"base_fingerprint": "[1.0]"})
+    assert files.file_format(path) == files.BUNDLE_FORMAT
+    assert files.file_formats(path) == ("dynamic_dit.token_router", "td_lora")
+    assert files.header_metadata(path)["base_fingerprint"] == "[1.0]"
+    tensors, metadata = files.read_safetensors(path, "Router file 'run'", part="dynamic_dit.token_router")
+    assert metadata == router[1] and tensors.keys() == router[0].keys()
+    assert torch.equal(tensors["ratios"], router[0]["ratios"])
+    tensors, metadata = files.read_safetensors(path, "TD-LoRA file run", part="td_lora")
+    assert metadata == lora[1] and list(tensors) == ["layer.down"]
+    with pytest.raises(ValueError, match="Patch embedding 'run' is a training-run bundle without a "
+                                         "'dynamic_dit.patch_embedding' part \\(it holds dynamic_dit.token_router, td_lora\\)"):
+        files.read_safetensors(path, "Patch embedding 'run'", part="dynamic_dit.patch_embedding")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(plain), metadata={"format": "td_lora"})
+    assert files.read_safetensors(plain, "plain", part="td_lora")[1] == {"format": "td_lora"}
+    assert files.file_formats(plain) == ("td_lora",) and files.file_formats(tmp_path / "missing.safetensors") == ()

@@ -28,26 +28,27 @@ def test_trains_writes_files_the_loaders_accept(flux_model, conds, model_folder,
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: progress.append((value, total)))
     out = run(flux_model, conds)
     patched, report = out["result"]
-    assert (model_folder / "trained" / "tiny.width.safetensors").is_file()
-    assert (model_folder / "trained" / "tiny.td_lora.safetensors").is_file()
+    # one file: the bundle of both parts, next to the checkpoint
+    assert sorted(p.name for p in (model_folder / "trained").iterdir()) == ["tiny.ckpt", "tiny.safetensors"]
     assert progress[-1] == (1 + 4, 1 + 4)  # one teacher run (one prompt, one seed), then 4 training steps
     assert "FLOPs" in report
-    # each loader lists its file and accepts it on this model
-    assert "trained/tiny.width.safetensors" in model_files(ROUTER_FORMAT)
-    assert "dynamic_dit/trained/tiny.td_lora.safetensors" in file_choices()
+    # each loader lists the file and reads its part on this model; a node whose part it lacks does not list it
+    assert "trained/tiny.safetensors" in model_files(ROUTER_FORMAT)
+    assert "dynamic_dit/trained/tiny.safetensors" in file_choices()
+    assert "trained/tiny.safetensors" not in model_files("dynamic_dit.token_router")
     widths = dict(preset="quality", parts="heads and MLP", noisy_width=0.5, clean_width=1.0, target_flops=0.7,
                   start_percent=0.0, end_percent=1.0)
-    routed = DynamicWidthPatcher().patch(flux_model, router="trained/tiny.width.safetensors", **widths)[0]
-    both = DynamicTDLoRALoader().load(routed, "dynamic_dit/trained/tiny.td_lora.safetensors", 1.0)[0]
+    routed = DynamicWidthPatcher().patch(flux_model, router="trained/tiny.safetensors", **widths)[0]
+    both = DynamicTDLoRALoader().load(routed, "dynamic_dit/trained/tiny.safetensors", 1.0)[0]
     positive, negative = conds
     image = tiny_flux.sample(both, positive, negative, height=16, width=16, steps=4)
     torch.testing.assert_close(image, tiny_flux.sample(patched, positive, negative, height=16, width=16, steps=4))
     # a model with the same shapes but other weights refuses them
     other = tiny_flux.build_model(tiny_flux.TinyFlux(seed=3))
     with pytest.raises(ValueError, match="trained for another base model"):
-        DynamicWidthPatcher().patch(other, router="trained/tiny.width.safetensors", **widths)
+        DynamicWidthPatcher().patch(other, router="trained/tiny.safetensors", **widths)
     with pytest.raises(ValueError, match="trained for another base model"):
-        DynamicTDLoRALoader().load(other, "dynamic_dit/trained/tiny.td_lora.safetensors", 1.0)
+        DynamicTDLoRALoader().load(other, "dynamic_dit/trained/tiny.safetensors", 1.0)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -77,9 +78,9 @@ def test_trains_coarse_patches_for_the_patch_scheduler(flux_model, conds, model_
 
     patched, report = run(flux_model, conds, parts="coarse patches (DDiT)", coarse_schedule="0-60%:2")["result"]
     assert "coarse schedule 0-60%:2" in report
-    assert "trained/tiny.patch_embedding.safetensors" in model_files(FORMAT)
+    assert "trained/tiny.safetensors" in model_files(FORMAT)
     settings = dict(tau=5.0, percentile=0.4, max_patch_factor=2, last_native_steps=2, manual_schedule="",
-                    embedding="trained/tiny.patch_embedding.safetensors", start_percent=0.0, end_percent=1.0)
+                    embedding="trained/tiny.safetensors", start_percent=0.0, end_percent=1.0)
     scheduled = DynamicPatchScheduler().patch(flux_model, mode="as trained", **settings)[0]
     positive, negative = conds
     image = tiny_flux.sample(scheduled, positive, negative, height=16, width=16, steps=4)
@@ -99,13 +100,13 @@ def test_trains_token_routers_for_the_token_router(flux_model, conds, model_fold
     from comfyui_dynamic_dit.nodes.token_router import DynamicTokenRouter
 
     patched, report = run(flux_model, conds, parts="token routers + TD-LoRA (DiffCR)", steps=6)["result"]
-    assert "target 0.7" in report and "tiny.token_router.safetensors" in report
-    assert "trained/tiny.token_router.safetensors" in model_files(FORMAT)
+    assert "target 0.7" in report and "wrote tiny.safetensors" in report
+    assert "trained/tiny.safetensors" in model_files(FORMAT)
     widgets = dict(keep_ratio_start=0.7, keep_ratio_end=0.7, first_full_blocks=2, last_full_blocks=2, score="input change",
-                   router_file="trained/tiny.token_router.safetensors", use_file_ratios=True, start_percent=0.0,
+                   router_file="trained/tiny.safetensors", use_file_ratios=True, start_percent=0.0,
                    end_percent=1.0, block_overrides="")
     routed = DynamicTokenRouter().patch(flux_model, mode="as trained", **widgets)[0]
-    routed = DynamicTDLoRALoader().load(routed, "dynamic_dit/trained/tiny.td_lora.safetensors", 1.0)[0]
+    routed = DynamicTDLoRALoader().load(routed, "dynamic_dit/trained/tiny.safetensors", 1.0)[0]
     positive, negative = conds
     image = tiny_flux.sample(routed, positive, negative, height=16, width=16, steps=4)
     torch.testing.assert_close(image, tiny_flux.sample(patched, positive, negative, height=16, width=16, steps=4))
