@@ -34,7 +34,8 @@ def main() -> None:
     bank = training_host.record_trajectories(model, jobs, torch.zeros(1, 16, 16, 16), steps=4, cfg=2.0, sampler="euler",
                                              scheduler="simple", seeds=[0])
     # a different initial seed per rank: DDP must broadcast rank 0's weights at the start
-    student = training_host.build_student(model, bank, StudentSpec(), seed=rank)
+    parts = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else StudentSpec().parts
+    student = training_host.build_student(model, bank, StudentSpec(parts=parts), seed=rank)
     initial = {k: v.clone() for k, v in student.state_dict().items()}
     result = train(student, bank, TrainConfig(target=0.7, steps=6, batch=2, checkpoint_every=1000), progress_bar=False)
     torch.save({"state": student.state_dict(), "initial": initial, "history": result.history}, out / f"rank{rank}.pt")
