@@ -70,6 +70,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True, help="output path stem (<out>.safetensors)")
     parser.add_argument("--resume", action="store_true", help="continue from <out>.ckpt when it exists")
+    parser.add_argument("--on-policy-rounds", type=int, default=0,
+                        help="after training, rounds of sampling with the student and training on the states it visits (DAgger)")
+    parser.add_argument("--on-policy-steps", type=int, default=0, help="training steps per on-policy round (default: steps / 2)")
     parser.add_argument("--part-files", action="store_true",
                         help="one file per part (<out>.width/.td_lora/.patch_embedding/.token_router.safetensors) "
                              "instead of the one bundle <out>.safetensors")
@@ -98,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                          weight=args.weight, feature_weight=args.feature_weight, mutation=args.mutation, seed=args.seed,
                          gradient_checkpointing=args.gradient_checkpointing)
     config.validate()
+    if args.on_policy_rounds < 0 or args.on_policy_steps < 0:
+        raise SystemExit("--on-policy-rounds and --on-policy-steps must be >= 0")
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
 
@@ -153,18 +158,25 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint.unlink()  # a fresh run
     if distributed:
         torch.distributed.barrier()
+    trained_from = time.perf_counter()
     result = trainer.train(student, bank, config, checkpoint=checkpoint, progress_bar=not args.no_progress, log=log)
+    if args.on_policy_rounds:
+        bank, result = training_host.on_policy_rounds(
+            model, student, bank, jobs, latent, rounds=args.on_policy_rounds, round_steps=args.on_policy_steps or max(1, args.steps // 2),
+            config=config, steps=args.sampling_steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
+            seeds=list(range(args.first_seed, args.first_seed + args.seeds)), log=log)
     if rank == 0:
         command = "python -m devtools.train " + shlex.join(argv)
         metadata = export.training_metadata(
-            student, target=args.target, steps=result.steps, command=command, base_model=base_name,
+            student, target=args.target, steps=args.steps + (result.steps if args.on_policy_rounds else 0) * args.on_policy_rounds,
+            command=command, base_model=base_name,
             extra={"final_flops_ratio": f"{result.final_ratio:.4f}", "eval_distill_loss": f"{result.eval_loss:.5f}",
-                   "train_seconds": f"{result.seconds:.0f}", "world_size": str(int(os.environ.get('WORLD_SIZE', '1'))),
+                   "train_seconds": f"{time.perf_counter() - trained_from:.0f}", "world_size": str(int(os.environ.get('WORLD_SIZE', '1'))),
                    "sampling": json.dumps({"steps": args.sampling_steps, "cfg": args.cfg, "sampler": args.sampler,
                                            "scheduler": args.scheduler, "seeds": args.seeds, "first_seed": args.first_seed, "latent": size})})
         paths = export.save_student(student, args.out, metadata) if args.part_files else [export.save_bundle(student, args.out, metadata)]
         log(f"FLOPs ratio {result.final_ratio:.3f} (target {args.target}), eval distillation loss {result.eval_loss:.4f}, "
-            f"{result.seconds / 60:.1f} min; wrote {', '.join(str(p) for p in paths)}")
+            f"{(time.perf_counter() - trained_from) / 60:.1f} min of training; wrote {', '.join(str(p) for p in paths)}")
     if distributed:
         torch.distributed.destroy_process_group()
     return 0

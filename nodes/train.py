@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import time
 
 import torch
 
@@ -89,6 +90,9 @@ class DynamicTrainer:
                 "experts": ("INT", {"default": 2, "min": 1, "max": 16}),
                 "rank": ("INT", {"default": 4, "min": 1, "max": 256}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue <filename>.ckpt if it exists."}),
+                "on_policy_rounds": ("INT", {"default": 0, "min": 0, "max": 10, "tooltip": "After training: rounds of "
+                                             "sampling with the trained parts on and training on the states they lead to "
+                                             "(each round: the teacher runs again, then steps / 2 training steps)."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each block in backward: "
                                                        "less memory (large models on one GPU) for about one more forward per step."}),
                 "coarse_schedule": ("STRING", {"default": "0-70%:2", "tooltip": "coarse patches: the steps that run coarse, "
@@ -98,7 +102,7 @@ class DynamicTrainer:
 
     def train(self, model, positive, negative, latent, parts, target_flops, steps, filename, sampling_steps, cfg,
               sampler_name, scheduler, seeds, width_parts="heads and MLP", batch=8, learning_rate=2e-3, experts=2, rank=4,
-              resume=False, coarse_schedule="0-70%:2", gradient_checkpointing=False):
+              resume=False, coarse_schedule="0-70%:2", gradient_checkpointing=False, on_policy_rounds=0):
         import comfy.utils
 
         from ..dynamic_core.comfy_integration import training_host
@@ -120,7 +124,11 @@ class DynamicTrainer:
             raise ValueError("Train Dynamic DiT: latent must be an image LATENT (B, C, H, W), e.g. from Empty Latent Image.")
         stem = output_stem(filename)
 
-        total = len(jobs) * seeds + steps
+        if not 0 <= int(on_policy_rounds) <= 10:
+            raise ValueError(f"Train Dynamic DiT: on_policy_rounds must be 0 to 10, got {on_policy_rounds}.")
+        runs, round_steps = len(jobs) * seeds, max(1, steps // 2)
+        total = runs + steps + int(on_policy_rounds) * (runs + round_steps)
+        started = time.perf_counter()
         bar = comfy.utils.ProgressBar(total)
         bank = training_host.record_trajectories(
             model, jobs, torch.zeros_like(samples[:1]), steps=sampling_steps, cfg=cfg, sampler=sampler_name,
@@ -130,21 +138,30 @@ class DynamicTrainer:
         if not resume and os.path.exists(checkpoint):
             os.remove(checkpoint)  # a fresh run; the checkpoint of this one lets a later run resume it
         result = trainer.train(student, bank, config, checkpoint=checkpoint,
-                               callback=lambda step, _, __: bar.update_absolute(len(jobs) * seeds + step, total))
+                               callback=lambda step, _, __: bar.update_absolute(runs + step, total))
+        for index in range(int(on_policy_rounds)):
+            base = runs + steps + index * (runs + round_steps)
+            bank, result = training_host.on_policy_rounds(
+                model, student, bank, jobs, torch.zeros_like(samples[:1]), rounds=1, first_round=index, round_steps=round_steps,
+                config=config, steps=sampling_steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=list(range(seeds)),
+                progress=lambda done, _, base=base: bar.update_absolute(base + done, total),
+                callback=lambda step, _, __, base=base: bar.update_absolute(base + runs + step, total))
         command = "Train Dynamic DiT " + shlex.join(f"{k}={v}" for k, v in dict(
             parts=parts, width_parts=width_parts, target_flops=target_flops, steps=steps, sampling_steps=sampling_steps,
             cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=seeds, batch=batch, lr=learning_rate,
-            experts=experts, rank=rank, prompts=len(jobs),
+            experts=experts, rank=rank, prompts=len(jobs), on_policy_rounds=on_policy_rounds,
             **({"coarse_schedule": coarse_schedule} if "coarse" in spec.parts else {})).items())
-        metadata = export.training_metadata(student, target=target_flops, steps=result.steps, command=command,
+        metadata = export.training_metadata(student, target=target_flops, steps=steps + int(on_policy_rounds) * round_steps,
+                                            command=command,
                                             base_model=type(model.model).__name__,
                                             extra={"final_flops_ratio": f"{result.final_ratio:.4f}",
                                                    "eval_distill_loss": f"{result.eval_loss:.5f}"})
         path = export.save_bundle(student, stem, metadata)
         patched = apply_trained_files(model, [path])
         goal = f"coarse schedule {coarse_schedule}" if "coarse" in spec.parts else f"target {target_flops:g}"
+        rounds_text = f" and {on_policy_rounds} on-policy round(s) of {round_steps}" if on_policy_rounds else ""
         report = (f"FLOPs {result.final_ratio:.3f} of full ({goal}), distillation loss {result.eval_loss:.4f} "
-                  f"after {result.steps} steps in {result.seconds:.0f} s; wrote {path.name}")
+                  f"after {steps} steps{rounds_text} in {time.perf_counter() - started:.0f} s; wrote {path.name}")
         return {"ui": {"text": [report]}, "result": (patched, report)}
 
 

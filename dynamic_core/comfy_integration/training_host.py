@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+from dataclasses import replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -18,14 +19,17 @@ from ..adapters import ModelAdapter
 from ..methods.td_lora import per_sample_sigmas
 from ..steps import invert_decreasing
 from ..training.student import DynamicStudent, StudentSpec
+from ..training.trainer import TrainConfig, TrainResult, train
 from ..training.trajectories import Trajectories, detached
 from .patching import adapter_of, diffusion_model_of
 
 RECORD_KEY = "dynamic_dit.train_record"
 
 
-def _recorder(bank: Trajectories) -> Callable:
-    """A DIFFUSION_MODEL wrapper that records every call's tensor arguments and output into `bank`."""
+def _recorder(bank: Trajectories, follow: Callable[[dict], torch.Tensor | None] | None = None) -> Callable:
+    """A DIFFUSION_MODEL wrapper that records every call's tensor arguments and output into `bank`. With
+    `follow`, the sampler continues from `follow(row inputs)` where it gives an output (the student's: the
+    rows are then the states the student visits, still with the teacher's output as the target)."""
     signatures: dict[Any, inspect.Signature] = {}
 
     def wrapper(executor: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -48,6 +52,10 @@ def _recorder(bank: Trajectories) -> Callable:
         if torch.isnan(sigmas).any():
             sigmas = record[bank.timestep_argument].reshape(-1).float()
         bank.add_call(record, sigmas, detached(out))
+        if follow is not None:
+            followed = follow({**record, "sigmas": sigmas})
+            if followed is not None:
+                return followed.to(out)
         return out
 
     return wrapper
@@ -55,7 +63,8 @@ def _recorder(bank: Trajectories) -> Callable:
 
 def record_trajectories(model_patcher: Any, jobs: Sequence[tuple[list, list]], latent: torch.Tensor, *, steps: int, cfg: float,
                         sampler: str, scheduler: str, seeds: Sequence[int],
-                        progress: Callable[[int, int], None] | None = None) -> Trajectories:
+                        progress: Callable[[int, int], None] | None = None,
+                        follow: Callable[[dict], torch.Tensor | None] | None = None) -> Trajectories:
     """Full-compute sampling runs of the frozen model, one per (positive, negative) job and seed, with every
     diffusion-model call recorded (x_i, timestep, conditioning, the teacher's output) on the model's own
     sampler schedule."""
@@ -64,7 +73,7 @@ def record_trajectories(model_patcher: Any, jobs: Sequence[tuple[list, list]], l
     adapter = adapter_of(model_patcher)  # unsupported models are refused before any sampling
     bank = Trajectories(adapter.latent_argument, adapter.timestep_argument)
     recording = model_patcher.clone()
-    recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, RECORD_KEY, _recorder(bank))
+    recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, RECORD_KEY, _recorder(bank, follow))
     total, done = len(jobs) * len(seeds), 0
     for positive, negative in jobs:
         for seed in seeds:
@@ -120,6 +129,47 @@ def feature_statistics(adapter: ModelAdapter, diffusion_model: torch.nn.Module, 
     return mean.cpu(), scale
 
 
+def student_follower(student: DynamicStudent, bank: Trajectories) -> Callable[[dict], torch.Tensor | None]:
+    """`follow` for `record_trajectories`: the student's output (deterministic decisions) for the calls it changes,
+    the coarse steps of its schedule or every call, so a sampling run visits the states the student leads to."""
+    timesteps = student.changed_timesteps(bank)
+
+    def follow(inputs: dict) -> torch.Tensor | None:
+        t = float(inputs[bank.timestep_argument].reshape(-1)[0])
+        if timesteps is not None and not any(abs(t - known) < 1e-6 for known in timesteps):
+            return None
+        with torch.no_grad(), torch.inference_mode(False):
+            return student(inputs, noise=0.0)[0]
+
+    return follow
+
+
+def on_policy_rounds(model_patcher: Any, student: DynamicStudent, bank: Trajectories, jobs: Sequence[tuple[list, list]],
+                     latent: torch.Tensor, *, rounds: int, round_steps: int, config: TrainConfig, steps: int, cfg: float,
+                     sampler: str, scheduler: str, seeds: Sequence[int], first_round: int = 0,
+                     progress: Callable[[int, int], None] | None = None,
+                     callback: Callable[[int, int, dict[str, float]], None] | None = None,
+                     log: Callable[[str], None] | None = None) -> tuple[Trajectories, TrainResult | None]:
+    """On-policy refinement after training (DAgger): each round samples the prompts again with the student
+    making its calls (`student_follower`), records the states it visits with the full model's output as the
+    target, adds them to the rows and trains `round_steps` more steps on everything, at the target FLOPs from
+    the start. Teacher-forced rows alone never show the student the states its own errors lead to, and over
+    the many coarse steps of a DDiT schedule those errors add up. Rollout seeds are the teacher's + 1000 per
+    round (`first_round` numbers them on, for a caller that runs one round at a time). Returns the rows and the
+    last round's result (None for no round)."""
+    result = None
+    for round_index in range(first_round, first_round + rounds):
+        rollouts = record_trajectories(model_patcher, jobs, latent, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler,
+                                       seeds=[seed + 1000 * (round_index + 1) for seed in seeds], progress=progress,
+                                       follow=student_follower(student, bank))
+        bank = bank.extended(rollouts)
+        result = train(student, bank, replace(config, steps=round_steps, hold=0, warmup=0), progress_bar=False, log=log,
+                       callback=callback)
+        if log is not None:
+            log(f"on-policy round {round_index + 1}: {bank.rows} rows, distillation loss {result.eval_loss:.4f}")
+    return bank, result
+
+
 @contextlib.contextmanager
 def host_training_mode() -> Iterator[None]:
     """ComfyUI's switch for training (`model_management.in_training`, newer hosts): while it is set, its
@@ -146,4 +196,4 @@ def build_student(model_patcher: Any, bank: Trajectories, spec: StudentSpec, see
                               host_training=host_training_mode).to(device)
 
 
-__all__ = ["build_student", "feature_statistics", "host_training_mode", "normal_parameters", "prepare_model", "record_trajectories"]
+__all__ = ["build_student", "on_policy_rounds", "student_follower", "feature_statistics", "host_training_mode", "normal_parameters", "prepare_model", "record_trajectories"]

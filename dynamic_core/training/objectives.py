@@ -42,7 +42,7 @@ class ComputeTarget:
     def at(self, step: int) -> float:
         if step < self.hold:
             return 1.0
-        progress = min(1.0, (step - self.hold) / max(1, self.warmup))
+        progress = min(1.0, (step - self.hold) / self.warmup) if self.warmup > 0 else 1.0  # 0: at the target from the start
         return self.target + (1.0 - self.target) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def penalty(self, ratio: torch.Tensor, step: int) -> torch.Tensor:

@@ -374,13 +374,20 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
         call = self.coarse_call_ratio(self.arguments(rows), self.latent(rows))
         return (coarse * call + (steps - coarse)) / max(steps, 1)
 
+    def changed_timesteps(self, bank: Trajectories) -> list[float] | None:
+        """The timesteps of the bank's schedule whose calls the student changes (coarse: the schedule's coarse
+        steps), or None for every call."""
+        if self.coarse is None:
+            return None
+        return [bank.timesteps[s] for s in coarse_step_indices(self.coarse_schedule, len(bank.timesteps))]
+
     def coarse_training_rows(self, bank: Trajectories) -> Trajectories:
         """The bank's rows at the schedule's coarse steps (the only calls the coarse parts change)."""
-        steps = coarse_step_indices(self.coarse_schedule, len(bank.timesteps))
-        if not steps:
+        timesteps = self.changed_timesteps(bank)
+        if not timesteps:
             raise ValueError(f"Trainer: the coarse schedule '{self.spec.coarse_schedule}' runs no step of the "
                              f"{len(bank.timesteps)}-step teacher runs coarse.")
-        return bank.restricted([bank.timesteps[s] for s in steps])
+        return bank.restricted(timesteps)
 
     def _mask(self, block: BlockRef, name: str, i: int, heads: torch.Tensor | None, groups: torch.Tensor | None,
               in_features: int) -> torch.Tensor | None:

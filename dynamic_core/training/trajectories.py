@@ -104,6 +104,15 @@ class Trajectories:
                 groups[key] = {name: [tensors[i] for i in index] for name, tensors in group.items()}
         return Trajectories(self.latent_argument, self.timestep_argument, groups, list(self.timesteps))
 
+    def extended(self, other: "Trajectories") -> "Trajectories":
+        """These rows and `other`'s (the same schedule), e.g. the teacher's runs and the student's rollouts."""
+        groups = {key: {name: list(tensors) for name, tensors in group.items()} for key, group in self.groups.items()}
+        for key, group in other.groups.items():
+            mine = groups.setdefault(key, {name: [] for name in group})
+            for name, tensors in group.items():
+                mine[name].extend(tensors)
+        return Trajectories(self.latent_argument, self.timestep_argument, groups, list(self.timesteps))
+
     def step_sigmas(self) -> list[float]:
         """The sigma of every step of the schedule (`timesteps`' order), read from the recorded rows."""
         found: dict[int, float] = {}

@@ -115,3 +115,18 @@ def test_trains_token_routers_for_the_token_router(flux_model, conds, model_fold
         DynamicTokenRouter().patch(other, mode="as trained", **widgets)
     with pytest.raises(ValueError, match="mode 'as trained' needs a router file"):
         DynamicTokenRouter().patch(flux_model, mode="as trained", **{**widgets, "router_file": "none"})
+
+
+def test_on_policy_rounds_run_after_training_with_the_progress_bar(flux_model, conds, model_folder, monkeypatch):
+    progress = []
+    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: progress.append((value, total)))
+    patched, report = run(flux_model, conds, parts="coarse patches (DDiT)", coarse_schedule="0-60%:2", on_policy_rounds=2)["result"]
+    # one teacher run + 4 steps, then per round one rollout + 2 steps
+    assert progress[-1] == (1 + 4 + 2 * (1 + 2),) * 2 and sorted(set(v for v, _ in progress)) == list(range(1, 12))
+    assert "after 4 steps and 2 on-policy round(s) of 2" in report
+    from comfyui_dynamic_dit.dynamic_core.files import header_metadata
+
+    header = header_metadata(model_folder / "trained" / "tiny.safetensors")
+    assert header["train_steps"] == "8" and "on_policy_rounds=2" in header["command"]
+    with pytest.raises(ValueError, match="on_policy_rounds must be 0 to 10"):
+        run(flux_model, conds, on_policy_rounds=11)

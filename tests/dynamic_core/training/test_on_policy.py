@@ -1,0 +1,64 @@
+"""On-policy rounds (DAgger) on the tiny Flux: sampling runs follow the student where it changes the calls, record
+the states it visits with the full model's output as the target, and training continues on all rows."""
+from __future__ import annotations
+
+import pytest
+import torch
+from support.training import LATENT, SAMPLING, student_for
+
+from comfyui_dynamic_dit.devtools import tiny_flux
+from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
+from comfyui_dynamic_dit.dynamic_core.training.trainer import TrainConfig, schedule_ratio, train
+
+SCHEDULE = "0-70%:2"
+
+
+@pytest.fixture(scope="module")
+def jobs(tiny_config):
+    return [tiny_flux.conditioning(tiny_config, seed=s) for s in range(2)]
+
+
+def test_a_rollout_follows_the_student_on_its_steps_only(flux_model, bank, jobs):
+    student = student_for(flux_model, bank, parts=("coarse",), coarse_schedule=SCHEDULE)
+    follow = training_host.student_follower(student, bank)
+    coarse = student.changed_timesteps(bank)
+    assert coarse == bank.timesteps[:6]
+    followed = training_host.record_trajectories(flux_model, jobs[:1], LATENT, seeds=[0], follow=follow, **SAMPLING)
+    plain = training_host.record_trajectories(flux_model, jobs[:1], LATENT, seeds=[0], **SAMPLING)
+    latent = bank.latent_argument
+
+    def rows_at(trajectories, step):
+        group = next(iter(trajectories.groups.values()))
+        at = [i for i, t in enumerate(group[bank.timestep_argument]) if abs(float(t) - bank.timesteps[step]) < 1e-6]
+        return torch.stack([group[latent][i] for i in at]), torch.stack([group["target"][i] for i in at])
+
+    first_x, _ = rows_at(followed, 0)
+    assert torch.equal(first_x, rows_at(plain, 0)[0])  # the same noise ...
+    x, target = rows_at(followed, 3)
+    assert (x - rows_at(plain, 3)[0]).abs().max() > 1e-4  # ... then the states the coarse student leads to
+    with torch.no_grad():  # and the rows' targets are the full model's output at those states
+        full = flux_model.model.diffusion_model(**{k: v[:1] for k, v in _arguments(followed, 3).items()})
+    torch.testing.assert_close(full, target[:1], rtol=0, atol=1e-5)
+
+
+def _arguments(trajectories, step):
+    group = next(iter(trajectories.groups.values()))
+    timestep = trajectories.timesteps[step]
+    at = [i for i, t in enumerate(group[trajectories.timestep_argument]) if abs(float(t) - timestep) < 1e-6]
+    return {name: torch.stack([tensors[i] for i in at]) for name, tensors in group.items() if name not in ("sigmas", "target")}
+
+
+def test_rounds_add_rows_and_train_at_the_target(flux_model, bank, jobs):
+    student = student_for(flux_model, bank, parts=("tokens", "td_lora"), ratio_regions=2)
+    config = TrainConfig(target=0.6, steps=12, batch=4, checkpoint_every=1000)
+    train(student, bank, config, progress_bar=False)
+    before = schedule_ratio(student, bank)
+    steps_done = []
+    merged, result = training_host.on_policy_rounds(
+        flux_model, student, bank, jobs, LATENT, rounds=2, round_steps=3, config=config, steps=SAMPLING["steps"],
+        cfg=SAMPLING["cfg"], sampler=SAMPLING["sampler"], scheduler=SAMPLING["scheduler"], seeds=[0],
+        callback=lambda step, total, entry: steps_done.append((step, entry["target"])))
+    assert merged.rows == 3 * bank.rows and merged.timesteps == bank.timesteps
+    assert result.steps == 3 and [s for s, _ in steps_done] == [1, 2, 3, 1, 2, 3]
+    assert all(target == pytest.approx(0.6) for _, target in steps_done)  # at the target from the first round step
+    assert 0.6 < schedule_ratio(student, bank) < before  # the rounds kept training towards the target
