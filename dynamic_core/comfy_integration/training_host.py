@@ -121,7 +121,7 @@ def feature_statistics(adapter: ModelAdapter, diffusion_model: torch.nn.Module, 
     units = adapter.width_units()
     if units is None:  # no router to feed: a neutral normalisation
         return torch.zeros(adapter.model_info().hidden_size), 1.0
-    with torch.no_grad(), torch.inference_mode(False):
+    with torch.inference_mode(False), torch.no_grad():  # this order: inference_mode(False) turns grad mode back on
         values = torch.tensor(list(timesteps), dtype=torch.float32, device=device)
         features = units.timestep_features(diffusion_model, values, dtype).float()
         mean = features.mean(0)
@@ -138,7 +138,7 @@ def student_follower(student: DynamicStudent, bank: Trajectories) -> Callable[[d
         t = float(inputs[bank.timestep_argument].reshape(-1)[0])
         if timesteps is not None and not any(abs(t - known) < 1e-6 for known in timesteps):
             return None
-        with torch.no_grad(), torch.inference_mode(False):
+        with torch.inference_mode(False), torch.no_grad():  # this order: inference_mode(False) turns grad mode back on
             return student(inputs, noise=0.0)[0]
 
     return follow

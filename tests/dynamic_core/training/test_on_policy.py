@@ -23,6 +23,9 @@ def test_a_rollout_follows_the_student_on_its_steps_only(flux_model, bank, jobs)
     follow = training_host.student_follower(student, bank)
     coarse = student.changed_timesteps(bank)
     assert coarse == bank.timesteps[:6]
+    with torch.inference_mode():  # as ComfyUI runs a node: the student's output carries no autograd graph into the sampler
+        out = follow({**{k: v[:1] for k, v in bank.restricted(coarse).fixed(1).items()}})
+    assert out is not None and not out.requires_grad
     followed = training_host.record_trajectories(flux_model, jobs[:1], LATENT, seeds=[0], follow=follow, **SAMPLING)
     plain = training_host.record_trajectories(flux_model, jobs[:1], LATENT, seeds=[0], **SAMPLING)
     latent = bank.latent_argument
