@@ -20,7 +20,7 @@ from ..methods.td_lora import per_sample_sigmas
 from ..steps import invert_decreasing
 from ..training.student import DynamicStudent, StudentSpec
 from ..training.trainer import TrainConfig, TrainResult, train
-from ..training.trajectories import Trajectories, detached
+from ..training.trajectories import Trajectories, detached, step_index
 from .patching import adapter_of, diffusion_model_of
 
 RECORD_KEY = "dynamic_dit.train_record"
@@ -136,7 +136,7 @@ def student_follower(student: DynamicStudent, bank: Trajectories) -> Callable[[d
 
     def follow(inputs: dict) -> torch.Tensor | None:
         t = float(inputs[bank.timestep_argument].reshape(-1)[0])
-        if timesteps is not None and not any(abs(t - known) < 1e-6 for known in timesteps):
+        if timesteps is not None and step_index(t, timesteps) is None:
             return None
         with torch.inference_mode(False), torch.no_grad():  # this order: inference_mode(False) turns grad mode back on
             return student(inputs, noise=0.0)[0]

@@ -18,6 +18,11 @@ import torch
 TRAINER_KEYS = ("sigmas", "target")
 
 
+def step_index(timestep: float, timesteps: list[float]) -> int | None:
+    """The position of `timestep` among a schedule's `timesteps` (the same float up to rounding), or None."""
+    return next((i for i, known in enumerate(timesteps) if abs(timestep - known) < 1e-7), None)
+
+
 def detached(tensor: torch.Tensor) -> torch.Tensor:
     """A normal (not inference-mode) CPU copy, usable by autograd later: ComfyUI runs nodes under
     torch.inference_mode(), whose tensors autograd refuses to save."""
@@ -52,7 +57,7 @@ class Trajectories:
             group[name].extend(detached(tensor).unbind(0))
         self._stacked.pop(key, None)
         for t in arguments[self.timestep_argument].reshape(-1).tolist():
-            if not any(abs(t - known) < 1e-7 for known in self.timesteps):
+            if step_index(t, self.timesteps) is None:
                 self.timesteps.append(float(t))
 
     @property
@@ -99,7 +104,7 @@ class Trajectories:
         groups = {}
         for key, group in self.groups.items():
             index = [i for i, t in enumerate(group[self.timestep_argument])
-                     if any(abs(float(t.reshape(-1)[0]) - known) < 1e-7 for known in timesteps)]
+                     if step_index(float(t.reshape(-1)[0]), timesteps) is not None]
             if index:
                 groups[key] = {name: [tensors[i] for i in index] for name, tensors in group.items()}
         return Trajectories(self.latent_argument, self.timestep_argument, groups, list(self.timesteps))
@@ -119,7 +124,7 @@ class Trajectories:
         for group in self.groups.values():
             for t, sigma in zip(group[self.timestep_argument], group["sigmas"]):
                 value = float(t.reshape(-1)[0])
-                step = next((i for i, known in enumerate(self.timesteps) if abs(value - known) < 1e-7), None)
+                step = step_index(value, self.timesteps)
                 if step is not None:
                     found.setdefault(step, float(sigma))
             if len(found) == len(self.timesteps):
