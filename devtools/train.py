@@ -160,16 +160,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.distributed.barrier()
     trained_from = time.perf_counter()
     result = trainer.train(student, bank, config, checkpoint=checkpoint, progress_bar=not args.no_progress, log=log)
-    if args.on_policy_rounds:
-        bank, result = training_host.on_policy_rounds(
-            model, student, bank, jobs, latent, rounds=args.on_policy_rounds, round_steps=args.on_policy_steps or max(1, args.steps // 2),
-            config=config, steps=args.sampling_steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
+    round_steps = training_host.round_steps_for(args.steps, args.on_policy_steps)
+    for index in range(args.on_policy_rounds):
+        bank, result = training_host.on_policy_round(
+            model, student, bank, jobs, latent, round_index=index, round_steps=round_steps, config=config,
+            steps=args.sampling_steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
             seeds=list(range(args.first_seed, args.first_seed + args.seeds)), log=log)
     if rank == 0:
         command = "python -m devtools.train " + shlex.join(argv)
         metadata = export.training_metadata(
-            student, target=args.target, steps=args.steps + (result.steps if args.on_policy_rounds else 0) * args.on_policy_rounds,
-            command=command, base_model=base_name,
+            student, target=args.target, steps=args.steps + args.on_policy_rounds * round_steps, command=command,
+            base_model=base_name,
             extra={"final_flops_ratio": f"{result.final_ratio:.4f}", "eval_distill_loss": f"{result.eval_loss:.5f}",
                    "train_seconds": f"{time.perf_counter() - trained_from:.0f}", "world_size": str(int(os.environ.get('WORLD_SIZE', '1'))),
                    "sampling": json.dumps({"steps": args.sampling_steps, "cfg": args.cfg, "sampler": args.sampler,

@@ -126,7 +126,7 @@ class DynamicTrainer:
 
         if not 0 <= int(on_policy_rounds) <= 10:
             raise ValueError(f"Train Dynamic DiT: on_policy_rounds must be 0 to 10, got {on_policy_rounds}.")
-        runs, round_steps = len(jobs) * seeds, max(1, steps // 2)
+        runs, round_steps = len(jobs) * seeds, training_host.round_steps_for(steps)
         total = runs + steps + int(on_policy_rounds) * (runs + round_steps)
         started = time.perf_counter()
         bar = comfy.utils.ProgressBar(total)
@@ -141,8 +141,8 @@ class DynamicTrainer:
                                callback=lambda step, _, __: bar.update_absolute(runs + step, total))
         for index in range(int(on_policy_rounds)):
             base = runs + steps + index * (runs + round_steps)
-            bank, result = training_host.on_policy_rounds(
-                model, student, bank, jobs, torch.zeros_like(samples[:1]), rounds=1, first_round=index, round_steps=round_steps,
+            bank, result = training_host.on_policy_round(
+                model, student, bank, jobs, torch.zeros_like(samples[:1]), round_index=index, round_steps=round_steps,
                 config=config, steps=sampling_steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=list(range(seeds)),
                 progress=lambda done, _, base=base: bar.update_absolute(base + done, total),
                 callback=lambda step, _, __, base=base: bar.update_absolute(base + runs + step, total))

@@ -144,29 +144,31 @@ def student_follower(student: DynamicStudent, bank: Trajectories) -> Callable[[d
     return follow
 
 
-def on_policy_rounds(model_patcher: Any, student: DynamicStudent, bank: Trajectories, jobs: Sequence[tuple[list, list]],
-                     latent: torch.Tensor, *, rounds: int, round_steps: int, config: TrainConfig, steps: int, cfg: float,
-                     sampler: str, scheduler: str, seeds: Sequence[int], first_round: int = 0,
-                     progress: Callable[[int, int], None] | None = None,
-                     callback: Callable[[int, int, dict[str, float]], None] | None = None,
-                     log: Callable[[str], None] | None = None) -> tuple[Trajectories, TrainResult | None]:
-    """On-policy refinement after training (DAgger): each round samples the prompts again with the student
-    making its calls (`student_follower`), records the states it visits with the full model's output as the
-    target, adds them to the rows and trains `round_steps` more steps on everything, at the target FLOPs from
-    the start. Teacher-forced rows alone never show the student the states its own errors lead to, and over
-    the many coarse steps of a DDiT schedule those errors add up. Rollout seeds are the teacher's + 1000 per
-    round (`first_round` numbers them on, for a caller that runs one round at a time). Returns the rows and the
-    last round's result (None for no round)."""
-    result = None
-    for round_index in range(first_round, first_round + rounds):
-        rollouts = record_trajectories(model_patcher, jobs, latent, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler,
-                                       seeds=[seed + 1000 * (round_index + 1) for seed in seeds], progress=progress,
-                                       follow=student_follower(student, bank))
-        bank = bank.extended(rollouts)
-        result = train(student, bank, replace(config, steps=round_steps, hold=0, warmup=0), progress_bar=False, log=log,
-                       callback=callback)
-        if log is not None:
-            log(f"on-policy round {round_index + 1}: {bank.rows} rows, distillation loss {result.eval_loss:.4f}")
+def round_steps_for(steps: int, requested: int = 0) -> int:
+    """Training steps of one on-policy round: `requested`, or by default half the main run's steps."""
+    return requested or max(1, steps // 2)
+
+
+def on_policy_round(model_patcher: Any, student: DynamicStudent, bank: Trajectories, jobs: Sequence[tuple[list, list]],
+                    latent: torch.Tensor, *, round_index: int, round_steps: int, config: TrainConfig, steps: int, cfg: float,
+                    sampler: str, scheduler: str, seeds: Sequence[int],
+                    progress: Callable[[int, int], None] | None = None,
+                    callback: Callable[[int, int, dict[str, float]], None] | None = None,
+                    log: Callable[[str], None] | None = None) -> tuple[Trajectories, TrainResult]:
+    """One round of on-policy refinement after training (DAgger): the prompts are sampled again with the
+    student making its calls (`student_follower`), the states it visits are recorded with the full model's
+    output as the target and added to the rows, and training goes on `round_steps` steps on everything, at the
+    target FLOPs from the start. Teacher-forced rows alone never show the student the states its own errors
+    lead to, and over the many coarse steps of a DDiT schedule those errors add up. Rollout seeds are the
+    teacher's + 1000 per round (`round_index` from 0). Returns the rows and the round's result."""
+    rollouts = record_trajectories(model_patcher, jobs, latent, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler,
+                                   seeds=[seed + 1000 * (round_index + 1) for seed in seeds], progress=progress,
+                                   follow=student_follower(student, bank))
+    bank = bank.extended(rollouts)
+    result = train(student, bank, replace(config, steps=round_steps, hold=0, warmup=0), progress_bar=False, log=log,
+                   callback=callback)
+    if log is not None:
+        log(f"on-policy round {round_index + 1}: {bank.rows} rows, distillation loss {result.eval_loss:.4f}")
     return bank, result
 
 
@@ -196,4 +198,4 @@ def build_student(model_patcher: Any, bank: Trajectories, spec: StudentSpec, see
                               host_training=host_training_mode).to(device)
 
 
-__all__ = ["build_student", "on_policy_rounds", "student_follower", "feature_statistics", "host_training_mode", "normal_parameters", "prepare_model", "record_trajectories"]
+__all__ = ["build_student", "on_policy_round", "round_steps_for", "student_follower", "feature_statistics", "host_training_mode", "normal_parameters", "prepare_model", "record_trajectories"]

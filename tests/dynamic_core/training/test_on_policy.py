@@ -57,10 +57,12 @@ def test_rounds_add_rows_and_train_at_the_target(flux_model, bank, jobs):
     train(student, bank, config, progress_bar=False)
     before = schedule_ratio(student, bank)
     steps_done = []
-    merged, result = training_host.on_policy_rounds(
-        flux_model, student, bank, jobs, LATENT, rounds=2, round_steps=3, config=config, steps=SAMPLING["steps"],
-        cfg=SAMPLING["cfg"], sampler=SAMPLING["sampler"], scheduler=SAMPLING["scheduler"], seeds=[0],
-        callback=lambda step, total, entry: steps_done.append((step, entry["target"])))
+    merged = bank
+    for index in range(2):
+        merged, result = training_host.on_policy_round(
+            flux_model, student, merged, jobs, LATENT, round_index=index, round_steps=3, config=config, steps=SAMPLING["steps"],
+            cfg=SAMPLING["cfg"], sampler=SAMPLING["sampler"], scheduler=SAMPLING["scheduler"], seeds=[0],
+            callback=lambda step, total, entry: steps_done.append((step, entry["target"])))
     assert merged.rows == 3 * bank.rows and merged.timesteps == bank.timesteps
     assert result.steps == 3 and [s for s, _ in steps_done] == [1, 2, 3, 1, 2, 3]
     assert all(target == pytest.approx(0.6) for _, target in steps_done)  # at the target from the first round step
