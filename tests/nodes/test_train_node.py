@@ -18,12 +18,23 @@ WIDGETS = dict(parts="width + TD-LoRA", target_flops=0.7, steps=4, filename="tra
                sampler_name="euler", scheduler="simple", seeds=1, batch=2)
 
 
+def sample(model, conds):
+    positive, negative = conds
+    return tiny_flux.sample(model, positive, negative, height=16, width=16, steps=4)
+
+
+@pytest.fixture(scope="module")
+def other_weights():
+    """A model of the same shapes with other weights: trained files must refuse it."""
+    return tiny_flux.build_model(tiny_flux.TinyFlux(seed=3))
+
+
 def run(model, conds, **changes):
     positive, negative = conds
     return DynamicTrainer().train(model, positive, negative, {"samples": torch.zeros(1, 16, 16, 16)}, **{**WIDGETS, **changes})
 
 
-def test_trains_writes_files_the_loaders_accept(flux_model, conds, model_folder, monkeypatch):
+def test_trains_writes_files_the_loaders_accept(flux_model, conds, model_folder, other_weights, monkeypatch):
     progress = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: progress.append((value, total)))
     out = run(flux_model, conds)
@@ -40,15 +51,12 @@ def test_trains_writes_files_the_loaders_accept(flux_model, conds, model_folder,
                   start_percent=0.0, end_percent=1.0)
     routed = DynamicWidthPatcher().patch(flux_model, router="trained/tiny.safetensors", **widths)[0]
     both = DynamicTDLoRALoader().load(routed, "dynamic_dit/trained/tiny.safetensors", 1.0)[0]
-    positive, negative = conds
-    image = tiny_flux.sample(both, positive, negative, height=16, width=16, steps=4)
-    torch.testing.assert_close(image, tiny_flux.sample(patched, positive, negative, height=16, width=16, steps=4))
+    torch.testing.assert_close(sample(both, conds), sample(patched, conds))
     # a model with the same shapes but other weights refuses them
-    other = tiny_flux.build_model(tiny_flux.TinyFlux(seed=3))
     with pytest.raises(ValueError, match="trained for another base model"):
-        DynamicWidthPatcher().patch(other, router="trained/tiny.safetensors", **widths)
+        DynamicWidthPatcher().patch(other_weights, router="trained/tiny.safetensors", **widths)
     with pytest.raises(ValueError, match="trained for another base model"):
-        DynamicTDLoRALoader().load(other, "dynamic_dit/trained/tiny.safetensors", 1.0)
+        DynamicTDLoRALoader().load(other_weights, "dynamic_dit/trained/tiny.safetensors", 1.0)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -70,7 +78,7 @@ def test_no_conditioning_is_refused(flux_model, conds, model_folder):
         run(flux_model, ([], conds[1]))
 
 
-def test_trains_coarse_patches_for_the_patch_scheduler(flux_model, conds, model_folder):
+def test_trains_coarse_patches_for_the_patch_scheduler(flux_model, conds, model_folder, other_weights):
     """parts 'coarse patches (DDiT)': a patch embedding file the Patch Scheduler lists and runs 'as trained',
     sampling what the node's returned model samples; the schedule comes from the file."""
     from comfyui_dynamic_dit.dynamic_core.methods.patch_embedding_file import FORMAT
@@ -82,18 +90,16 @@ def test_trains_coarse_patches_for_the_patch_scheduler(flux_model, conds, model_
     settings = dict(tau=5.0, percentile=0.4, max_patch_factor=2, last_native_steps=2, manual_schedule="",
                     embedding="trained/tiny.safetensors", start_percent=0.0, end_percent=1.0)
     scheduled = DynamicPatchScheduler().patch(flux_model, mode="as trained", **settings)[0]
-    positive, negative = conds
-    image = tiny_flux.sample(scheduled, positive, negative, height=16, width=16, steps=4)
-    torch.testing.assert_close(image, tiny_flux.sample(patched, positive, negative, height=16, width=16, steps=4))
-    assert (image - tiny_flux.sample(flux_model, positive, negative, height=16, width=16, steps=4)).abs().max() > 1e-4
-    other = tiny_flux.build_model(tiny_flux.TinyFlux(seed=3))
+    image = sample(scheduled, conds)
+    torch.testing.assert_close(image, sample(patched, conds))
+    assert (image - sample(flux_model, conds)).abs().max() > 1e-4
     with pytest.raises(ValueError, match="trained for another base model"):
-        DynamicPatchScheduler().patch(other, mode="as trained", **settings)
+        DynamicPatchScheduler().patch(other_weights, mode="as trained", **settings)
     with pytest.raises(ValueError, match="'as trained' follows the schedule a trained embedding file was made for"):
         DynamicPatchScheduler().patch(flux_model, mode="as trained", **{**settings, "embedding": "none"})
 
 
-def test_trains_token_routers_for_the_token_router(flux_model, conds, model_folder):
+def test_trains_token_routers_for_the_token_router(flux_model, conds, model_folder, other_weights):
     """parts 'token routers + TD-LoRA (DiffCR)': a token-router file the Token Router lists and runs 'as trained'
     (with the TD-LoRA file in the TD-LoRA Loader), sampling what the node's returned model samples."""
     from comfyui_dynamic_dit.dynamic_core.methods.token_router_file import FORMAT
@@ -107,12 +113,9 @@ def test_trains_token_routers_for_the_token_router(flux_model, conds, model_fold
                    end_percent=1.0, block_overrides="")
     routed = DynamicTokenRouter().patch(flux_model, mode="as trained", **widgets)[0]
     routed = DynamicTDLoRALoader().load(routed, "dynamic_dit/trained/tiny.safetensors", 1.0)[0]
-    positive, negative = conds
-    image = tiny_flux.sample(routed, positive, negative, height=16, width=16, steps=4)
-    torch.testing.assert_close(image, tiny_flux.sample(patched, positive, negative, height=16, width=16, steps=4))
-    other = tiny_flux.build_model(tiny_flux.TinyFlux(seed=3))
+    torch.testing.assert_close(sample(routed, conds), sample(patched, conds))
     with pytest.raises(ValueError, match="trained for another base model"):
-        DynamicTokenRouter().patch(other, mode="as trained", **widgets)
+        DynamicTokenRouter().patch(other_weights, mode="as trained", **widgets)
     with pytest.raises(ValueError, match="mode 'as trained' needs a router file"):
         DynamicTokenRouter().patch(flux_model, mode="as trained", **{**widgets, "router_file": "none"})
 
