@@ -65,6 +65,12 @@ def check_base_weights(model_patcher: Any, metadata: Mapping[str, str], name: st
     check_fingerprint(metadata, diffusion_model_of(model_patcher), adapter_of(model_patcher).model_info(), name)
 
 
+def sigma_to_percent(model_sampling: Any) -> Callable[[float], float]:
+    """Sigma -> the model's sampling percent (0 = pure noise), the inverse of its own `percent_to_sigma`: what
+    the methods' percent windows and a token-router file's ratio regions are over, at inference and in training."""
+    return lambda sigma: invert_decreasing(model_sampling.percent_to_sigma, sigma)
+
+
 def plan_of(model_patcher: Any) -> DynamicPlan | None:
     return model_patcher.model_options.get("transformer_options", {}).get(PLAN_KEY)
 
@@ -159,7 +165,7 @@ def _outer_sample_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
         latent_shape=tuple(bound.arguments["noise"].shape),
         model_name=f"{type(base_model).__name__} ({_count_params(base_model.diffusion_model)})",
         device=guider.model_patcher.load_device,
-        sigma_to_percent=lambda s: invert_decreasing(model_sampling.percent_to_sigma, s),
+        sigma_to_percent=sigma_to_percent(model_sampling),
         percent_to_sigma=model_sampling.percent_to_sigma,
         weight_source=effective_weight,
         progress_listener=_progress_publisher(),

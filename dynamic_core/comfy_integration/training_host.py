@@ -17,11 +17,10 @@ import comfy.sample
 
 from ..adapters import ModelAdapter
 from ..methods.td_lora import per_sample_sigmas
-from ..steps import invert_decreasing
 from ..training.student import DynamicStudent, StudentSpec
 from ..training.trainer import TrainConfig, TrainResult, train
 from ..training.trajectories import Trajectories, detached, step_index
-from .patching import adapter_of, diffusion_model_of
+from .patching import adapter_of, diffusion_model_of, sigma_to_percent
 
 RECORD_KEY = "dynamic_dit.train_record"
 
@@ -191,10 +190,9 @@ def host_training_mode() -> Iterator[None]:
 def build_student(model_patcher: Any, bank: Trajectories, spec: StudentSpec, seed: int = 0) -> DynamicStudent:
     adapter, diffusion_model, device = prepare_model(model_patcher)
     mean, scale = feature_statistics(adapter, diffusion_model, bank.timesteps, bank.dtype, device)
-    sampling = model_patcher.model.model_sampling
     with torch.inference_mode(False):
         return DynamicStudent(adapter, diffusion_model, spec, mean, scale, seed=seed,
-                              sigma_percent=lambda sigma: invert_decreasing(sampling.percent_to_sigma, sigma),
+                              sigma_percent=sigma_to_percent(model_patcher.model.model_sampling),
                               host_training=host_training_mode).to(device)
 
 
