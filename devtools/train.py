@@ -51,6 +51,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         help="coarse: the steps that run coarse, as the Patch Scheduler's manual schedule (one factor)")
     parser.add_argument("--coarse-init", default="area", choices=("area", "pinv_bilinear"),
                         help="coarse: start from the training-free coarse path (area) or DDiT's PI-resize layers")
+    parser.add_argument("--token-mode", default="diffcr", choices=("diffcr", "sdt"),
+                        help="tokens: what a token left out skips, the whole block (DiffCR) or only the MLP (DyDiT's SDT)")
     parser.add_argument("--ratio-regions", type=int, default=4, help="tokens: timestep regions with their own keep ratios")
     parser.add_argument("--ratio-bins", type=int, default=20, help="tokens: keep-ratio bins the training interpolates between")
     parser.add_argument("--min-keep", type=float, default=0.1, help="tokens: the lowest keep ratio a block may learn")
@@ -95,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
 
     spec = StudentSpec(parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()), width_parts=args.width_parts,
                        experts=args.experts, rank=args.rank, coarse_schedule=args.coarse_schedule, coarse_init=args.coarse_init,
-                       ratio_regions=args.ratio_regions, ratio_bins=args.ratio_bins, min_keep=args.min_keep)
+                       ratio_regions=args.ratio_regions, ratio_bins=args.ratio_bins, min_keep=args.min_keep,
+                       token_mode=args.token_mode)
     spec.validate()
     config = TrainConfig(target=args.target, steps=args.steps, batch=args.batch, lr=args.lr, router_lr=args.router_lr,
                          weight=args.weight, feature_weight=args.feature_weight, mutation=args.mutation, seed=args.seed,

@@ -15,7 +15,9 @@ from ..dynamic_core.training.trainer import TrainConfig
 
 PARTS = {"width + TD-LoRA": ("width", "td_lora"), "width": ("width",), "TD-LoRA": ("td_lora",),
          "coarse patches (DDiT)": ("coarse",), "token routers + TD-LoRA (DiffCR)": ("tokens", "td_lora"),
-         "token routers (DiffCR)": ("tokens",)}
+         "token routers (DiffCR)": ("tokens",), "MLP token routers + TD-LoRA (DyDiT SDT)": ("tokens", "td_lora"),
+         "MLP token routers (DyDiT SDT)": ("tokens",)}
+SDT_PARTS = ("MLP token routers + TD-LoRA (DyDiT SDT)", "MLP token routers (DyDiT SDT)")  # left-out tokens skip the MLP only
 WIDTH_PARTS = {"heads and MLP": "both", "attention heads": "heads", "MLP": "mlp"}
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 
@@ -112,7 +114,7 @@ class DynamicTrainer:
         if parts not in PARTS or width_parts not in WIDTH_PARTS:
             raise ValueError(f"Train Dynamic DiT: parts must be one of {', '.join(PARTS)}; width parts one of {', '.join(WIDTH_PARTS)}.")
         spec = StudentSpec(parts=PARTS[parts], width_parts=WIDTH_PARTS[width_parts], experts=experts, rank=rank,
-                           coarse_schedule=coarse_schedule)
+                           coarse_schedule=coarse_schedule, token_mode="sdt" if parts in SDT_PARTS else "diffcr")
         spec.validate()
         config = TrainConfig(target=target_flops, steps=steps, batch=batch, lr=learning_rate,
                              gradient_checkpointing=bool(gradient_checkpointing))

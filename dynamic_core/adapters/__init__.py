@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .base import BlockInternals, BlockKind, BlockRef, BlockWork, CallShape, ModelAdapter, UnsupportedModelError
-from .capabilities import CallLayout, ModelInfo, TokenRouting, WidthUnits
+from .capabilities import CallLayout, MlpTokenGate, ModelInfo, TokenRouting, WidthUnits
 from .flux import FluxAdapter
 from .known_families import plain_name
 from .wan import WanAdapter
@@ -38,6 +38,7 @@ __all__ = [
     "CallShape",
     "ModelAdapter",
     "ModelInfo",
+    "MlpTokenGate",
     "TokenRouting",
     "UnsupportedModelError",
     "WidthUnits",

@@ -76,6 +76,17 @@ class CallLayout:
     timesteps: int = 1  # timestep embeddings per sample (Wan 2.2 TI2V 5B: one per latent frame)
 
 
+@dataclass(frozen=True)
+class MlpTokenGate:
+    """Where one block linear carries the image tokens' MLP update (what SDT skips for a token): its input rows
+    from `first_row` on are the image tokens in order, and either `columns` (first, count) of its input are the
+    MLP's (the linear also reads the attention, and its bias is not the MLP's) or, with `columns` None, its whole
+    output is the MLP's update. Scaling those by a token's 0/1 decision is exactly running or skipping its MLP."""
+
+    first_row: int = 0
+    columns: tuple[int, int] | None = None
+
+
 class TokenRouting(ABC):
     """How a family's blocks let a subset of the image tokens run them."""
 
@@ -96,6 +107,11 @@ class TokenRouting(ABC):
               layout: CallLayout) -> dict:
         """The full block output: image tokens `index` (and the text) from `reduced_out`, every other image
         token as it is in `args`. Written into the tensors of `args`, as the host's blocks do."""
+
+    def mlp_token_gates(self, block: "BlockRef", layout: CallLayout) -> Mapping[str, MlpTokenGate]:
+        """The block linears (by `BlockKind.linears` name) that carry the image tokens' MLP update, for a trainer
+        that learns which tokens skip the MLP (DyDiT's SDT) with every token still running the block."""
+        raise NotImplementedError(f"{type(self).__name__} does not say where a token's MLP update is (needed to train SDT routers)")
 
 
 class WidthUnits(ABC):

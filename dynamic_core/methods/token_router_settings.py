@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..adapters import ModelAdapter
 
 MODES = ("sdt", "diffcr", "reuse")
+TRAINED_MODES = {"diffcr": "diffcr", "dydit": "sdt"}  # a trained file's router kind -> the mode its student ran
 SCORES = ("update", "input_change", "router")
 
 
@@ -124,13 +125,14 @@ class TokenRouterSettings(MethodSettings):
 
     @classmethod
     def as_trained(cls, router: RouterFile, overrides: tuple[BlockOverride, ...] = ()) -> "TokenRouterSettings":
-        """How a trained DiffCR file runs (what the trainer's student computed): its routers score, its learned
-        ratios decide every block at every step (no first/last full blocks, the whole schedule), and only the
-        kept tokens run a block, their update scaled by the router's score. Block overrides still win."""
-        if router.router != "diffcr" or router.ratios is None:
-            raise ValueError(f"Token Router: 'as trained' needs a trained DiffCR file with routers and ratios; "
-                             f"'{router.name}' holds {router.describe()}.")
-        return cls(mode="diffcr", score="router", router=router, router_name=router.name, file_ratios=True,
+        """How a trained file runs (what the trainer's student computed): its routers score, its learned ratios
+        decide every block at every step (no first/last full blocks, the whole schedule). A DiffCR file's kept
+        tokens run the block, their update scaled by the router's score; a DyDiT file's (SDT) run the MLP, every
+        token the attention. Block overrides still win."""
+        if router.router not in TRAINED_MODES or router.ratios is None:
+            raise ValueError(f"Token Router: 'as trained' needs a trained file with routers and ratios (DiffCR or DyDiT "
+                             f"SDT); '{router.name}' holds {router.describe()}.")
+        return cls(mode=TRAINED_MODES[router.router], score="router", router=router, router_name=router.name, file_ratios=True,
                    first_full=0, last_full=0, start_percent=0.0, end_percent=1.0, overrides=overrides)
 
     @property

@@ -29,6 +29,7 @@ from ..methods.td_lora_file import ExpertLayer, save_td_lora_file
 from ..methods.token_router_file import save_router_file
 from ..methods.width_file import RouterHeader, WidthRouter
 from .student import DynamicStudent
+from .tokens import FILE_ROUTER
 
 SUFFIXES = {"width": ".width.safetensors", "td_lora": ".td_lora.safetensors", "coarse": ".patch_embedding.safetensors",
             "tokens": ".token_router.safetensors"}
@@ -49,7 +50,8 @@ def training_metadata(student: DynamicStudent, *, target: float, steps: int, com
         "command": command,
         "spec": json.dumps({k: getattr(spec, k) for k in ("experts", "rank", "mlp_groups", "gate_hidden", "gate_embed")}),
         **({"coarse_schedule": spec.coarse_schedule, "coarse_init": spec.coarse_init} if "coarse" in spec.parts else {}),
-        **({"ratio_bins": str(spec.ratio_bins), "min_keep": f"{spec.min_keep:g}"} if "tokens" in spec.parts else {}),
+        **({"ratio_bins": str(spec.ratio_bins), "min_keep": f"{spec.min_keep:g}", "token_mode": spec.token_mode}
+           if "tokens" in spec.parts else {}),
         **{k: str(v) for k, v in (extra or {}).items()},
     }
 
@@ -130,7 +132,7 @@ def save_student(student: DynamicStudent, stem: str | os.PathLike, metadata: Map
     if student.tokens is not None:
         path = stem.with_name(stem.name + SUFFIXES["tokens"])
         routers, ratios, bounds = student.tokens.export([block.label for block in student.blocks])
-        save_router_file(path, student.adapter, "diffcr", routers, ratios, bounds, metadata=metadata)
+        save_router_file(path, student.adapter, FILE_ROUTER[student.tokens.kind], routers, ratios, bounds, metadata=metadata)
         written.append(path)
     return written
 

@@ -11,9 +11,9 @@ Trainable parts (any subset):
 - "coarse" (DDiT, trained alone): the coarse-patch embedding, de-embedding and patch-size identifier
   (`coarse.py`) and a rank-r block LoRA on every block linear that acts on coarse calls only; rows of the
   schedule's coarse steps run the Patch Scheduler's trained path (`coarse_tokens` / `coarse_output`).
-- "tokens" (DiffCR; alone or with "td_lora"): a token router per block and a keep ratio per block and
-  timestep region (`tokens.py`); only the kept image tokens run each block, as the Token Router's
-  *diffcr* mode runs them.
+- "tokens" (alone or with "td_lora"): a token router per block and a keep ratio per block and timestep
+  region (`tokens.py`); `token_mode` "diffcr": only the kept image tokens run each block, as the Token
+  Router's *diffcr* mode runs them; "sdt" (DyDiT): every token runs attention, only the kept ones the MLP.
 
 The trainer speaks to the model only through the adapter: blocks run as `adapter.run_block` at full
 width with `BlockInternals.linear_overrides` (the host block's own forward on module views, nothing
@@ -36,7 +36,8 @@ from ..slicing import RunIndexCache
 from .coarse import CoarseParts, coarse_step_indices, schedule_factor
 from .checkpointing import checkpointed
 from .objectives import gumbel_sigmoid
-from .tokens import RoutedStudent, TokenParts
+from .adapted_linear import AdaptedLinear
+from .tokens import TOKEN_KINDS, RoutedStudent, TokenParts
 from .trajectories import TRAINER_KEYS, Trajectories
 
 PARTS = ("width", "td_lora", "coarse", "tokens")
@@ -61,6 +62,7 @@ class StudentSpec:
     ratio_bins: int = 20  # "tokens": keep-ratio bins the training interpolates between (DiffCR)
     min_keep: float = 0.1  # "tokens": the lowest keep ratio a block may learn
     router_init: float = 4.0  # "tokens": router bias at the start (the kept tokens' update scaled by ~0.98)
+    token_mode: str = "diffcr"  # "tokens": what a token left out skips, "diffcr" the block, "sdt" its MLP (DyDiT)
 
     def validate(self) -> None:
         unknown = [p for p in self.parts if p not in PARTS]
@@ -86,33 +88,8 @@ class StudentSpec:
                                  f"{self.ratio_regions} and {self.ratio_bins}.")
             if not 0.0 < self.min_keep <= 1.0:
                 raise ValueError(f"Trainer: min_keep must be in (0, 1], got {self.min_keep}.")
-
-
-def _per_row(mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A (B, C) per-sample mask broadcast over x's token axes."""
-    return mask.reshape(mask.shape[0], *([1] * (x.ndim - 2)), mask.shape[-1]).to(x.dtype)
-
-
-class _Adapted:
-    """A block linear as the student calls it: the host layer with its input columns masked (the width
-    decision of the units feeding it) and the TD-LoRA bypass on the masked input, as the sliced layer
-    and its sliced bypass compute at inference."""
-
-    def __init__(self, layer: torch.nn.Module, lora: tuple[torch.Tensor, torch.Tensor] | None,
-                 columns: torch.Tensor | None, mask: torch.Tensor | None):
-        self.layer, self.lora, self.columns, self.mask = layer, lora, columns, mask
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.mask is not None:
-            x = x * _per_row(self.mask, x)
-        out = self.layer(x)
-        if self.lora is not None:
-            down, up = self.lora  # (K*r, in), (out, K*r)
-            hidden = F.linear(x, down.to(x.dtype))
-            if self.columns is not None:
-                hidden = hidden * _per_row(self.columns, hidden)
-            out = out + F.linear(hidden, up.to(x.dtype))
-        return out
+            if self.token_mode not in TOKEN_KINDS:
+                raise ValueError(f"Trainer: token_mode must be one of {', '.join(TOKEN_KINDS)}, got '{self.token_mode}'.")
 
 
 class DynamicStudent(RoutedStudent, torch.nn.Module):
@@ -158,7 +135,7 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
                 raise ValueError("Trainer: token routing needs the model's sigma -> percent map (its ratio regions are over it).")
             self.sigma_percent = sigma_percent
             self.tokens = TokenParts(adapter, adapter.model_info().hidden_size, spec.ratio_regions, spec.ratio_bins,
-                                     spec.min_keep, spec.router_init, generator)
+                                     spec.min_keep, spec.router_init, generator, kind=spec.token_mode)
         if "coarse" in spec.parts:
             grid = adapter.coarse_grid()
             if grid is None or not grid.trained_embedding:
@@ -416,7 +393,9 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
                      columns: torch.Tensor | None, state: dict, record: list | None,
                      capture: dict | None = None) -> Callable[[dict, dict], dict]:
         names = self._by_block.get(block, {})
-        adapted = set(names) | set(self._columns.get(block, {}))
+        gated = self.tokens.gated_linears.get(block, ()) if self.tokens is not None else ()
+        adapted = set(names) | set(self._columns.get(block, {})) | set(gated)
+        sdt: dict[str, Any] = {}  # an SDT call's (token weights, MLP gates) while it runs
         # the decisions the block reads (tensors with gradients computed outside it); a checkpointed call swaps in
         # its own inputs for them
         decisions = {"heads": heads, "groups": groups, "columns": columns}
@@ -426,7 +405,11 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
                 key = names.get(name)
                 lora = (self.lora_down[key], self.lora_up[key]) if key is not None else None
                 mask = self._mask(block, name, i, decisions["heads"], decisions["groups"], int(layer.weight.shape[1]))
-                return _Adapted(layer, lora, decisions["columns"] if lora is not None else None, mask)
+                def token_weights() -> tuple[torch.Tensor, Any] | None:
+                    return (sdt["weights"], sdt["gates"][name]) if "weights" in sdt and name in sdt["gates"] else None
+
+                return AdaptedLinear(layer, lora, decisions["columns"] if lora is not None else None, mask,
+                                     token_weights if name in gated else None)
             return build
 
         internals = BlockInternals(linear_overrides={name: override(name) for name in adapted})
@@ -435,8 +418,14 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
             module = self.adapter.block_module(self.diffusion_model, block)
             layout = state["layout"] = self.adapter.block_layout(block, args, state["layout"])
 
-            def run(block_args: Mapping[str, Any]) -> dict:
-                return self.adapter.run_block(module, block, block_args, internals, [], layout, state["cache"])
+            def run(block_args: Mapping[str, Any], weighted: tuple[torch.Tensor, Mapping] | None = None) -> dict:
+                if weighted is None:
+                    return self.adapter.run_block(module, block, block_args, internals, [], layout, state["cache"])
+                sdt["weights"], sdt["gates"] = weighted
+                try:
+                    return self.adapter.run_block(module, block, block_args, internals, [], layout, state["cache"])
+                finally:
+                    sdt.clear()
 
             training = torch.is_grad_enabled()  # decided here: a checkpointed block runs its forward without autograd
             if "ratio" in state:

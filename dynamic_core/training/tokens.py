@@ -14,6 +14,13 @@
   d(loss)/d(alpha) is what the marginal tokens' updates are worth; the compute term pulls the other way.
   Inference runs k = ceil(r N) hard; a block at ratio 1 runs in full without its router, as the Token
   Router does.
+- SDT (DyDiT's spatial-wise dynamic tokens, `kind` "sdt"; the token-router file's "dydit" kind): every token
+  runs attention and only the kept ones run the MLP. Router logit l = fc2(gelu(fc1 x)) per image token; the
+  keep ratios and their bin interpolation are DiffCR's above, and the kept tokens' MLP update is not scaled:
+  its weight is the hard 0/1 decision plus sigmoid(l) - stop_gradient(sigmoid(l)) (DyDiT's straight-through
+  estimator: forward exactly what inference runs, backward the soft score's gradient). Training runs every
+  token's MLP and weights its update (the adapter's `mlp_token_gates` say where that update is), which is
+  what skipping does for a weight of 0; inference gathers the kept tokens and never runs the others.
 """
 from __future__ import annotations
 
@@ -24,29 +31,66 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from ..adapters import BlockRef, CallLayout, ModelAdapter, UnsupportedModelError
+from ..adapters import BlockRef, CallLayout, MlpTokenGate, ModelAdapter, UnsupportedModelError
 from ..methods.token_router_file import region_of, router_flops
 from ..methods.token_router_settings import keep_count
 from ..slicing import RunIndexCache, gather_tokens
 from .trajectories import Trajectories
 
-BlockRun = Callable[[Mapping[str, Any]], dict]
+BlockRun = Callable[..., dict]  # run_block(args) or, for SDT, run_block(args, (token weights, MLP gates))
+TOKEN_KINDS = ("diffcr", "sdt")
+FILE_ROUTER = {"diffcr": "diffcr", "sdt": "dydit"}  # the token-router file's router kind of each
+
+
+def token_rows(weights: torch.Tensor, gate: MlpTokenGate, rows: int) -> torch.Tensor:
+    """(B, rows, 1) multiplier of a linear's input or output rows: the image tokens' weights (B, N) from
+    `gate.first_row` on, 1 for every other row (text)."""
+    batch, tokens = weights.shape
+    before, after = gate.first_row, rows - gate.first_row - tokens
+    pieces = [weights.new_ones(batch, before)] if before else []
+    pieces.append(weights)
+    if after:
+        pieces.append(weights.new_ones(batch, after))
+    return torch.cat(pieces, dim=1)[..., None]
+
+
+def weighted_mlp(x: torch.Tensor, weights: torch.Tensor, gate: MlpTokenGate,
+                 linear: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`linear(x)` with each image token's MLP update weighted (SDT training): its MLP input columns when the
+    linear also reads the attention (the bias stays, as a skipped token keeps it), else its whole output."""
+    if gate.columns is None:
+        return linear(x) * token_rows(weights, gate, x.shape[1]).to(x.dtype)
+    first, count = gate.columns
+    scaled = x[..., first:first + count] * token_rows(weights, gate, x.shape[1]).to(x.dtype)
+    return linear(torch.cat((x[..., :first], scaled, x[..., first + count:]), dim=-1))
 
 
 class TokenParts(torch.nn.Module):
     """Per-block linear token routers and per-region, per-block keep ratios (trainable), for a student."""
 
     def __init__(self, adapter: ModelAdapter, hidden_size: int, regions: int, bins: int, min_keep: float,
-                 router_init: float, generator: torch.Generator):
+                 router_init: float, generator: torch.Generator, kind: str = "diffcr"):
         super().__init__()
         routing = adapter.token_routing()
         if routing is None:
             raise UnsupportedModelError(f"Trainer: {adapter.display_name} models cannot route tokens, so no token router can be trained.")
         object.__setattr__(self, "routing", routing)
         blocks = len(adapter.blocks)
-        self.bins, self.min_keep = bins, min_keep
-        self.router_weight = torch.nn.Parameter(torch.randn(blocks, hidden_size, generator=generator) * (0.1 / math.sqrt(hidden_size)))
-        self.router_bias = torch.nn.Parameter(torch.full((blocks,), float(router_init)))
+        self.kind, self.bins, self.min_keep = kind, bins, min_keep
+        if kind == "sdt":
+            try:  # names only (a placeholder layout): the linears the student's block views must hand to it
+                self.gated_linears = {b: tuple(routing.mlp_token_gates(b, CallLayout(1, 1, 0))) for b in adapter.blocks}
+            except NotImplementedError as error:
+                raise UnsupportedModelError(f"Trainer: {adapter.display_name} models cannot train SDT token routers ({error}).") from None
+            width = max(1, hidden_size // 16)  # DyDiT's router width, D / 16
+            self.fc1_weight = torch.nn.Parameter(torch.randn(blocks, width, hidden_size, generator=generator) / math.sqrt(hidden_size))
+            self.fc1_bias = torch.nn.Parameter(torch.zeros(blocks, width))
+            self.fc2_weight = torch.nn.Parameter(torch.randn(blocks, width, generator=generator) / math.sqrt(width))
+            self.fc2_bias = torch.nn.Parameter(torch.zeros(blocks))  # logit 0: the straight-through gradient at its largest
+        else:
+            self.gated_linears = {}
+            self.router_weight = torch.nn.Parameter(torch.randn(blocks, hidden_size, generator=generator) * (0.1 / math.sqrt(hidden_size)))
+            self.router_bias = torch.nn.Parameter(torch.full((blocks,), float(router_init)))
         self.ratio = torch.nn.Parameter(torch.ones(regions, blocks))
         self.register_buffer("bounds", torch.linspace(0.0, 1.0, regions + 1))
 
@@ -81,6 +125,8 @@ class TokenParts(torch.nn.Module):
             alpha = torch.zeros(())
         if k_lo >= tokens:  # every token kept: the full block, no router (as the Token Router runs it)
             return run_block(args)
+        if self.kind == "sdt":
+            return self._run_sdt(position, block, args, layout, x, k_lo, k_hi, alpha, run_block)
         scores = torch.sigmoid(F.linear(x.float(), self.router_weight[position:position + 1],
                                         self.router_bias[position:position + 1]).squeeze(-1))  # (B, N)
         ranked = torch.topk(scores.detach(), k_hi, dim=1).indices  # best first
@@ -100,10 +146,37 @@ class TokenParts(torch.nn.Module):
         kept_output.copy_(updated)
         return routing.merge(block, args, reduced, index, layout)
 
+    def _run_sdt(self, position: int, block: BlockRef, args: Mapping[str, Any], layout: CallLayout, x: torch.Tensor,
+                 k_lo: int, k_hi: int, alpha: torch.Tensor, run_block: BlockRun) -> dict:
+        """Every token through the block, each image token's MLP update weighted by its decision (see the module)."""
+        logits = self.logits(position, x.float())
+        soft = torch.sigmoid(logits)
+        ranked = torch.topk(logits.detach(), k_hi, dim=1).indices  # best first
+        at_hi = torch.ones_like(soft) if k_hi >= x.shape[1] else torch.zeros_like(soft).scatter_(1, ranked, 1.0)
+        at_lo = torch.zeros_like(soft).scatter_(1, ranked[:, :k_lo], 1.0)
+        alpha = alpha.to(x.device)
+        weights = (1 - alpha) * at_lo + alpha * at_hi + (soft - soft.detach())
+        return run_block(args, (weights, self.routing.mlp_token_gates(block, layout)))
+
+    def logits(self, position: int, x: torch.Tensor) -> torch.Tensor:
+        """(B, N) SDT router logits of image tokens x (B, N, D), as the file's "dydit" router computes them."""
+        hidden = F.gelu(F.linear(x, self.fc1_weight[position], self.fc1_bias[position]))
+        return F.linear(hidden, self.fc2_weight[position:position + 1], self.fc2_bias[position:position + 1]).squeeze(-1)
+
+    def router_parameters(self) -> list[torch.nn.Parameter]:
+        return ([self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias] if self.kind == "sdt"
+                else [self.router_weight, self.router_bias])
+
+    def scoring_flops(self, tokens: int) -> float:
+        """Matmul FLOPs of one block's router scoring `tokens` tokens (what the Token Router counts for the file)."""
+        if self.kind == "sdt":
+            return router_flops("dydit", {"fc1.weight": self.fc1_weight[0]}, tokens)
+        return router_flops("diffcr", {"weight": self.router_weight[:1]}, tokens)
+
     def unused_parameter_anchor(self) -> torch.Tensor:
         """0 with a gradient path to the routers: a step where every block ran in full (ratio 1) leaves them
         out of the graph, which DistributedDataParallel (find_unused_parameters=False) refuses."""
-        return (self.router_weight.sum() + self.router_bias.sum()) * 0.0
+        return sum(p.sum() for p in self.router_parameters()) * 0.0
 
     def block_flops(self, ratio: torch.Tensor | float, flops_at: Callable[[int], float], router_flops: float,
                     tokens: int, grad: bool) -> torch.Tensor | float:
@@ -120,9 +193,12 @@ class TokenParts(torch.nn.Module):
         return (1 - alpha) * (flops_at(k_lo) + router_flops) + alpha * at_hi
 
     def export(self, labels: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
-        """The file's routers (label -> weight (1, D), bias (1,)), ratios (regions, blocks) and bounds."""
-        weight, bias = self.router_weight.detach().float().cpu(), self.router_bias.detach().float().cpu()
-        routers = {label: {"weight": weight[i:i + 1].clone(), "bias": bias[i:i + 1].clone()} for i, label in enumerate(labels)}
+        """The file's routers (label -> its kind's tensors: "diffcr" weight (1, D), bias (1,); "dydit" fc1 (R, D),
+        (R,), fc2 (1, R), (1,)), ratios (regions, blocks) and bounds."""
+        names = (("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias") if self.kind == "sdt" else ("weight", "bias"))
+        values = [p.detach().float().cpu() for p in self.router_parameters()]
+        routers = {label: {name: (value[i:i + 1] if name in ("weight", "bias", "fc2.weight", "fc2.bias") else value[i]).clone()
+                           for name, value in zip(names, values)} for i, label in enumerate(labels)}
         ratios = self.ratio.detach().float().cpu().clamp(self.min_keep, 1.0)
         return routers, ratios, self.bounds.detach().float().cpu()
 
@@ -167,7 +243,7 @@ class RoutedStudent:
         else a float: exactly what inference runs."""
         one = replace(layout, batch=1)
         tokens = one.image_tokens
-        scoring = router_flops("diffcr", {"weight": self.tokens.router_weight[:1]}, tokens)
+        scoring = self.tokens.scoring_flops(tokens)
         total: Any = self.adapter.stem_flops(one).total
         for i, block in enumerate(self.blocks):
             total = total + self.tokens.block_flops(ratio[i] if grad else float(ratio[i]),
@@ -179,7 +255,8 @@ class RoutedStudent:
         key = (one, position, image_tokens)
         found = self._token_flops.get(key)
         if found is None:
-            work = replace(self.adapter.full_block_work(block, one), image_tokens=image_tokens)
+            reduced = "mlp_image_tokens" if self.tokens.kind == "sdt" else "image_tokens"  # SDT: only the MLP thins
+            work = replace(self.adapter.full_block_work(block, one), **{reduced: image_tokens})
             found = self._token_flops[key] = self.adapter.block_flops(block, replace(work, extra_flops=self._lora_flops(block, work))).total
         return found
 
@@ -193,4 +270,4 @@ class RoutedStudent:
         return sum(steps) / len(steps)
 
 
-__all__ = ["RoutedStudent", "TokenParts"]
+__all__ = ["FILE_ROUTER", "RoutedStudent", "TOKEN_KINDS", "TokenParts", "token_rows", "weighted_mlp"]

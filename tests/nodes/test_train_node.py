@@ -99,13 +99,17 @@ def test_trains_coarse_patches_for_the_patch_scheduler(flux_model, conds, model_
         DynamicPatchScheduler().patch(flux_model, mode="as trained", **{**settings, "embedding": "none"})
 
 
-def test_trains_token_routers_for_the_token_router(flux_model, conds, model_folder, other_weights):
-    """parts 'token routers + TD-LoRA (DiffCR)': a token-router file the Token Router lists and runs 'as trained'
-    (with the TD-LoRA file in the TD-LoRA Loader), sampling what the node's returned model samples."""
-    from comfyui_dynamic_dit.dynamic_core.methods.token_router_file import FORMAT
+@pytest.mark.parametrize("parts", ["token routers + TD-LoRA (DiffCR)", "MLP token routers + TD-LoRA (DyDiT SDT)"])
+def test_trains_token_routers_for_the_token_router(flux_model, conds, model_folder, other_weights, parts):
+    """parts 'token routers + TD-LoRA' (DiffCR, or SDT's MLP-only routing): a token-router file the Token Router
+    lists and runs 'as trained' (with the TD-LoRA file in the TD-LoRA Loader), sampling what the node's returned
+    model samples."""
+    from comfyui_dynamic_dit.dynamic_core.methods.token_router_file import FORMAT, load_router_file
     from comfyui_dynamic_dit.nodes.token_router import DynamicTokenRouter
 
-    patched, report = run(flux_model, conds, parts="token routers + TD-LoRA (DiffCR)", steps=6)["result"]
+    patched, report = run(flux_model, conds, parts=parts, steps=6)["result"]
+    router = load_router_file(model_folder / "trained" / "tiny.safetensors")
+    assert router.router == ("dydit" if "SDT" in parts else "diffcr")
     assert "target 0.7" in report and "wrote tiny.safetensors" in report
     assert "trained/tiny.safetensors" in model_files(FORMAT)
     widgets = dict(keep_ratio_start=0.7, keep_ratio_end=0.7, first_full_blocks=2, last_full_blocks=2, score="input change",

@@ -123,7 +123,7 @@ class FluxAdapter(ModelAdapter):
                 self.block_module(diffusion_model, self._blocks[0]), self.block_module(diffusion_model, self._blocks[-1]),
             ),
         )
-        self._routing = FluxTokenRouting()
+        self._routing = FluxTokenRouting(a)
         self._width = FluxWidthUnits(a)
 
     def _refuse(self, what: str) -> None:

@@ -7,18 +7,24 @@ sequence, text first, so both are gathered at the joint positions of the kept to
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
 from ...slicing import gather_sequence, gather_square_mask, gather_tokens
 from ..base import BlockRef
-from ..capabilities import CallLayout, TokenRouting
+from ..capabilities import CallLayout, MlpTokenGate, TokenRouting
+
+if TYPE_CHECKING:
+    from .adapter import FluxArchitecture
 
 DOUBLE = "double"
 
 
 class FluxTokenRouting(TokenRouting):
+    def __init__(self, arch: "FluxArchitecture"):
+        self.arch = arch
+
     def image_tokens(self, block: BlockRef, stream: Mapping[str, Any], layout: CallLayout) -> torch.Tensor:
         img = stream["img"]
         return img if block.kind == DOUBLE else img[:, layout.text_tokens:]
@@ -46,3 +52,9 @@ class FluxTokenRouting(TokenRouting):
             img[:, :text_tokens] = out[:, :text_tokens]
             img[:, text_tokens:].scatter_(1, index[..., None].expand(-1, -1, img.shape[-1]), out[:, text_tokens:])
         return {**reduced_out, "img": img}
+
+    def mlp_token_gates(self, block: BlockRef, layout: CallLayout) -> dict[str, MlpTokenGate]:
+        if block.kind == DOUBLE:  # the image stream's own MLP: its whole output is the update
+            return {"img_mlp.2": MlpTokenGate()}
+        # linear2 reads [attention | gelu(mlp)] of the joint [text, image] sequence and carries the bias
+        return {"linear2": MlpTokenGate(first_row=layout.text_tokens, columns=(self.arch.hidden_size, self.arch.mlp_hidden))}

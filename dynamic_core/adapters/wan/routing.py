@@ -14,7 +14,7 @@ import torch
 
 from ...slicing import gather_sequence, gather_tokens
 from ..base import BlockRef
-from ..capabilities import CallLayout, TokenRouting
+from ..capabilities import CallLayout, MlpTokenGate, TokenRouting
 
 
 def per_token_modulation(vec: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -46,3 +46,6 @@ class WanTokenRouting(TokenRouting):
         x = args["img"]
         x.scatter_(1, index[..., None].expand(-1, -1, x.shape[-1]), reduced_out["img"])
         return {**reduced_out, "img": x}
+
+    def mlp_token_gates(self, block: BlockRef, layout: CallLayout) -> dict[str, MlpTokenGate]:
+        return {"ffn.2": MlpTokenGate()}  # every token of `img` is an image token; the FFN's output is its update

@@ -67,3 +67,23 @@ def test_files_round_trip_through_the_loaders_on_wan(wan, tmp_path):
     reference = tiny_wan.sample(masked, positive, negative, **run)
     assert (reference - full).abs().max() > 1e-3
     torch.testing.assert_close(tiny_wan.sample(loaded, positive, negative, **run), reference, rtol=0, atol=1e-4)
+
+
+def test_sdt_token_routers_round_trip_on_wan(wan, tmp_path):
+    """SDT token routers on Wan (the FFN output carries a token's MLP update, `mlp_token_gates`): with routers and
+    keep ratios below 1, the file run 'as trained' by the Token Router samples what the student's forward samples."""
+    from comfyui_dynamic_dit.dynamic_core.methods.token_router import TokenRouterSettings
+    from comfyui_dynamic_dit.dynamic_core.methods.token_router_file import load_router_file
+
+    model, (positive, negative), latent, bank = wan
+    student = training_host.build_student(model, bank, StudentSpec(parts=("tokens",), token_mode="sdt", ratio_regions=2), seed=1)
+    with torch.no_grad():
+        student.tokens.ratio.copy_(torch.tensor([[0.5], [0.75]]).expand_as(student.tokens.ratio))
+    [path] = save_student(student, tmp_path / "wan", training_metadata(student, target=0.8, steps=0, command="test", base_model="tiny wan"))
+    router = load_router_file(path)
+    assert router.router == "dydit"
+    loaded = apply_settings(model, TokenRouterSettings.as_trained(router))
+    run = dict(latent=latent, **SAMPLING)
+    reference = tiny_wan.sample(sampling_through(model, student), positive, negative, **run)
+    assert (reference - tiny_wan.sample(model, positive, negative, **run)).abs().max() > 1e-3
+    torch.testing.assert_close(tiny_wan.sample(loaded, positive, negative, **run), reference, rtol=0, atol=1e-4)
