@@ -1,7 +1,8 @@
-"""One rank of the DDP test: `python -m torch.distributed.run --nproc_per_node 2 ddp_worker.py OUT_DIR`.
+"""One rank of the DDP test: `python -m torch.distributed.run --nproc_per_node 2 ddp_worker.py OUT_DIR [PARTS [OPTIONS]]`.
 
 Trains a few steps on a tiny Flux under DistributedDataParallel (gloo, CPU) and saves this rank's
-student weights and history to OUT_DIR/rank<r>.pt."""
+student weights and history to OUT_DIR/rank<r>.pt. OPTIONS (comma separated): `checkpointing` (gradient
+checkpointing), `on_policy` (one on-policy round after training, as the CLI runs it under torchrun)."""
 from __future__ import annotations
 
 import sys
@@ -35,10 +36,19 @@ def main() -> None:
                                              scheduler="simple", seeds=[0])
     # a different initial seed per rank: DDP must broadcast rank 0's weights at the start
     parts = tuple(sys.argv[2].split(",")) if len(sys.argv) > 2 else StudentSpec().parts
-    student = training_host.build_student(model, bank, StudentSpec(parts=parts), seed=rank)
+    options = sys.argv[3].split(",") if len(sys.argv) > 3 else []
+    spec = StudentSpec(parts=parts, coarse_schedule="0-60%:2")
+    student = training_host.build_student(model, bank, spec, seed=rank)
     initial = {k: v.clone() for k, v in student.state_dict().items()}
-    result = train(student, bank, TrainConfig(target=0.7, steps=6, batch=2, checkpoint_every=1000), progress_bar=False)
-    torch.save({"state": student.state_dict(), "initial": initial, "history": result.history}, out / f"rank{rank}.pt")
+    config = TrainConfig(target=0.7, steps=6, batch=2, checkpoint_every=1000, gradient_checkpointing="checkpointing" in options)
+    result = train(student, bank, config, progress_bar=False)
+    history = list(result.history)
+    if "on_policy" in options:
+        bank, round_result = training_host.on_policy_round(model, student, bank, jobs, torch.zeros(1, 16, 16, 16), round_index=0,
+                                                           round_steps=3, config=config, steps=4, cfg=2.0, sampler="euler",
+                                                           scheduler="simple", seeds=[0])
+        history += round_result.history
+    torch.save({"state": student.state_dict(), "initial": initial, "history": history}, out / f"rank{rank}.pt")
     dist.destroy_process_group()
 
 

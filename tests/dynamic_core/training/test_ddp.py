@@ -12,11 +12,13 @@ import torch
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
-@pytest.mark.parametrize("parts", ["width,td_lora", "tokens,td_lora"])
-def test_two_ranks_end_with_identical_weights(tmp_path, parts):
+@pytest.mark.parametrize("parts, options", [("width,td_lora", ""), ("tokens,td_lora", ""), ("coarse", "checkpointing,on_policy")])
+def test_two_ranks_end_with_identical_weights(tmp_path, parts, options):
+    """Also with gradient checkpointing and an on-policy round after training (both ranks roll out the same seeds,
+    so their rows stay equal, and train on them data-parallel)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER), str(tmp_path),
-               parts]
+               parts, options]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
