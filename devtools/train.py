@@ -12,8 +12,8 @@ outputs at the target FLOPs ratio. Writes one file, `<out>.safetensors` (a bundl
 each in its own format: width router, TD-LoRA, patch embedding with `--parts coarse` (the FLOPs follow
 `--coarse-schedule`, `--target` is not used), token routers with `--parts tokens[,td_lora]`; each node reads
 its part), or with `--part-files` one file per part (`<out>.width.safetensors`, ...); the checkpoint `<out>.ckpt`
-is written as training goes and `--resume` continues it (checkpoints are for resuming, not for shipping:
-git ignores them).
+(and `<out>.round<k>.ckpt` per on-policy round) is written as training goes and `--resume` continues it
+(checkpoints are for resuming, not for shipping: git ignores them).
 
 Developer tooling: it bootstraps a ComfyUI host (`devtools.host`) and trains the reference or a tiny model.
 The trainer itself (`dynamic_core/training/`, `comfy_integration/training_host.py`) is runtime, shared with
@@ -157,8 +157,8 @@ def main(argv: list[str] | None = None) -> int:
 
     student = training_host.build_student(model, bank, spec, seed=args.seed)
     checkpoint = args.out.with_name(args.out.name + ".ckpt")
-    if not args.resume and checkpoint.exists() and rank == 0:
-        checkpoint.unlink()  # a fresh run
+    if not args.resume and rank == 0:
+        training_host.remove_checkpoints(checkpoint)  # a fresh run
     if distributed:
         torch.distributed.barrier()
     trained_from = time.perf_counter()
@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         bank, result = training_host.on_policy_round(
             model, student, bank, jobs, latent, round_index=index, round_steps=round_steps, config=config,
             steps=args.sampling_steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
-            seeds=list(range(args.first_seed, args.first_seed + args.seeds)), log=log)
+            seeds=list(range(args.first_seed, args.first_seed + args.seeds)), log=log,
+            checkpoint=training_host.round_checkpoint(checkpoint, index))
     if rank == 0:
         command = "python -m devtools.train " + shlex.join(argv)
         metadata = export.training_metadata(

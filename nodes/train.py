@@ -91,7 +91,7 @@ class DynamicTrainer:
                 "learning_rate": ("FLOAT", {"default": 2e-3, "min": 1e-6, "max": 1.0, "step": 1e-4}),
                 "experts": ("INT", {"default": 2, "min": 1, "max": 16}),
                 "rank": ("INT", {"default": 4, "min": 1, "max": 256}),
-                "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue <filename>.ckpt if it exists."}),
+                "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue <filename>.ckpt (and its on-policy rounds' checkpoints) if it exists."}),
                 "on_policy_rounds": ("INT", {"default": 0, "min": 0, "max": 10, "tooltip": "After training: rounds of "
                                              "sampling with the trained parts on and training on the states they lead to "
                                              "(each round: the teacher runs again, then steps / 2 training steps)."}),
@@ -137,8 +137,8 @@ class DynamicTrainer:
             scheduler=scheduler, seeds=list(range(seeds)), progress=lambda done, _: bar.update_absolute(done, total))
         student = training_host.build_student(model, bank, spec)
         checkpoint = stem + ".ckpt"
-        if not resume and os.path.exists(checkpoint):
-            os.remove(checkpoint)  # a fresh run; the checkpoint of this one lets a later run resume it
+        if not resume:
+            training_host.remove_checkpoints(checkpoint)  # a fresh run; the checkpoints of this one let a later run resume it
         result = trainer.train(student, bank, config, checkpoint=checkpoint,
                                callback=lambda step, _, __: bar.update_absolute(runs + step, total))
         for index in range(int(on_policy_rounds)):
@@ -147,7 +147,8 @@ class DynamicTrainer:
                 model, student, bank, jobs, torch.zeros_like(samples[:1]), round_index=index, round_steps=round_steps,
                 config=config, steps=sampling_steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=list(range(seeds)),
                 progress=lambda done, _, base=base: bar.update_absolute(base + done, total),
-                callback=lambda step, _, __, base=base: bar.update_absolute(base + runs + step, total))
+                callback=lambda step, _, __, base=base: bar.update_absolute(base + runs + step, total),
+                checkpoint=training_host.round_checkpoint(checkpoint, index))
         command = "Train Dynamic DiT " + shlex.join(f"{k}={v}" for k, v in dict(
             parts=parts, width_parts=width_parts, target_flops=target_flops, steps=steps, sampling_steps=sampling_steps,
             cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=seeds, batch=batch, lr=learning_rate,

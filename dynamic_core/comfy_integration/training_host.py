@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import os
 from dataclasses import replace
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -148,24 +150,43 @@ def round_steps_for(steps: int, requested: int = 0) -> int:
     return requested or max(1, steps // 2)
 
 
+def round_checkpoint(checkpoint: str | os.PathLike | None, round_index: int) -> Path | None:
+    """The checkpoint of on-policy round `round_index` (from 0), beside the run's: `<name>.round<k>.ckpt`."""
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint)
+    return path.with_name(f"{path.stem}.round{round_index + 1}{path.suffix}")
+
+
+def remove_checkpoints(checkpoint: str | os.PathLike) -> None:
+    """A fresh run: the run's checkpoint and its rounds' go (a resumed run would continue them)."""
+    path = Path(checkpoint)
+    for found in (path, *path.parent.glob(f"{path.stem}.round*{path.suffix}")):
+        found.unlink(missing_ok=True)
+
+
 def on_policy_round(model_patcher: Any, student: DynamicStudent, bank: Trajectories, jobs: Sequence[tuple[list, list]],
                     latent: torch.Tensor, *, round_index: int, round_steps: int, config: TrainConfig, steps: int, cfg: float,
                     sampler: str, scheduler: str, seeds: Sequence[int],
                     progress: Callable[[int, int], None] | None = None,
                     callback: Callable[[int, int, dict[str, float]], None] | None = None,
-                    log: Callable[[str], None] | None = None) -> tuple[Trajectories, TrainResult]:
+                    log: Callable[[str], None] | None = None,
+                    checkpoint: str | os.PathLike | None = None) -> tuple[Trajectories, TrainResult]:
     """One round of on-policy refinement after training (DAgger): the prompts are sampled again with the
     student making its calls (`student_follower`), the states it visits are recorded with the full model's
     output as the target and added to the rows, and training goes on `round_steps` steps on everything, at the
     target FLOPs from the start. Teacher-forced rows alone never show the student the states its own errors
     lead to, and over the many coarse steps of a DDiT schedule those errors add up. Rollout seeds are the
-    teacher's + 1000 per round (`round_index` from 0). Returns the rows and the round's result."""
+    teacher's + 1000 per round (`round_index` from 0). With `checkpoint` (`round_checkpoint` of the run's) the
+    round's training saves and resumes like the main run's: a resumed run samples the finished rounds' rollouts
+    again (the same rows: the student at each round's start is the previous checkpoint's, the seeds are fixed)
+    and continues the round it stopped in. Returns the rows and the round's result."""
     rollouts = record_trajectories(model_patcher, jobs, latent, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler,
                                    seeds=[seed + 1000 * (round_index + 1) for seed in seeds], progress=progress,
                                    follow=student_follower(student, bank))
     bank = bank.extended(rollouts)
     result = train(student, bank, replace(config, steps=round_steps, hold=0, warmup=0), progress_bar=False, log=log,
-                   callback=callback)
+                   callback=callback, checkpoint=checkpoint)
     if log is not None:
         log(f"on-policy round {round_index + 1}: {bank.rows} rows, distillation loss {result.eval_loss:.4f}")
     return bank, result

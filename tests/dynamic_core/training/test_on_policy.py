@@ -67,3 +67,35 @@ def test_rounds_add_rows_and_train_at_the_target(flux_model, bank, jobs):
     assert result.steps == 3 and [s for s, _ in steps_done] == [1, 2, 3, 1, 2, 3]
     assert all(target == pytest.approx(0.6) for _, target in steps_done)  # at the target from the first round step
     assert 0.6 < schedule_ratio(student, bank) < before  # the rounds kept training towards the target
+
+
+def test_a_run_stopped_between_rounds_resumes_to_the_same_weights(flux_model, bank, jobs, tmp_path):
+    """Main run + two rounds with checkpoints; a run stopped after the first round, resumed by a new process (a new
+    student), samples the finished round's rollouts again and ends bit-identical to the uninterrupted run."""
+    config = TrainConfig(target=0.6, steps=6, batch=4, checkpoint_every=1000)
+    rollout = dict(round_steps=3, config=config, steps=SAMPLING["steps"], cfg=SAMPLING["cfg"], sampler=SAMPLING["sampler"],
+                   scheduler=SAMPLING["scheduler"], seeds=[0])
+
+    def run(folder, rounds):
+        checkpoint, trained = folder / "run.ckpt", []  # trained: (stage, step) of every step this run trained
+        student = student_for(flux_model, bank, parts=("tokens", "td_lora"), ratio_regions=2)
+        train(student, bank, config, checkpoint=checkpoint, progress_bar=False, callback=lambda s, *_: trained.append((0, s)))
+        rows = bank
+        for index in range(rounds):
+            rows, _ = training_host.on_policy_round(flux_model, student, rows, jobs, LATENT, round_index=index,
+                                                    checkpoint=training_host.round_checkpoint(checkpoint, index),
+                                                    callback=lambda s, *_, i=index: trained.append((i + 1, s)), **rollout)
+        return student, trained
+
+    (tmp_path / "whole").mkdir()
+    whole, _ = run(tmp_path / "whole", 2)
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    run(stopped, 1)
+    assert sorted(p.name for p in stopped.iterdir()) == ["run.ckpt", "run.round1.ckpt"]
+    resumed, trained = run(stopped, 2)
+    assert trained == [(2, 1), (2, 2), (2, 3)]  # only the second round trained; the rest came from the checkpoints
+    for name, value in whole.state_dict().items():
+        assert torch.equal(value, resumed.state_dict()[name]), name
+    training_host.remove_checkpoints(stopped / "run.ckpt")  # a fresh run starts from nothing
+    assert not list(stopped.iterdir())
