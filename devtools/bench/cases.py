@@ -84,8 +84,14 @@ def _trained(arg: str | None) -> Case:
 
         return apply_trained_files(install_executor(model), paths)
 
+    from ...dynamic_core.files import header_metadata
+
     names = {"width": "width router", "td_lora": "TD-LoRA", "coarse": "coarse patches", "tokens": "token routers"}
-    return Case(f"trained {Path(arg).name} ({' + '.join(names[part] for p in paths for part in parts_of(p))})", build,
+
+    def name(path: Path, part: str) -> str:  # SDT routers (tokens skip the MLP only) say so
+        return "SDT token routers" if part == "tokens" and header_metadata(path).get("token_mode") == "sdt" else names[part]
+
+    return Case(f"trained {Path(arg).name} ({' + '.join(name(p, part) for p in paths for part in parts_of(p))})", build,
                 family="trained")
 
 
