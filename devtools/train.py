@@ -37,8 +37,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="a random tiny Flux instead of the reference model (tests)")
     parser.add_argument("--classes", default="", help="reference model classes to distil on, comma separated (default: all)")
     parser.add_argument("--seeds", type=int, default=2, help="sampling runs per conditioning")
-    parser.add_argument("--first-seed", type=int, default=1000,
-                        help="noise seed of the first teacher run (away from the benchmark's seeds 0..7, so it measures unseen noise)")
+    parser.add_argument("--first-seed", type=int, default=None,
+                        help="noise seed of the first teacher run (default 1000, the node's too: away from the benchmark's "
+                             "seeds 0..7, so it measures unseen noise)")
     parser.add_argument("--size", type=int, default=0, help="latent height and width (default: the reference model's trained size)")
     parser.add_argument("--sampling-steps", type=int, default=SAMPLING_DEFAULTS["sampling_steps"])
     parser.add_argument("--cfg", type=float, default=SAMPLING_DEFAULTS["cfg"])
@@ -121,6 +122,10 @@ def main(argv: list[str] | None = None) -> int:
     from comfyui_dynamic_dit.devtools import tiny_flux  # the pack's own copies (loaded as its package by the host)
     from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
     from comfyui_dynamic_dit.dynamic_core.training import export, student as student_module, trainer
+    from comfyui_dynamic_dit.dynamic_core.training.trajectories import TEACHER_FIRST_SEED
+
+    if args.first_seed is None:
+        args.first_seed = TEACHER_FIRST_SEED
 
     # the same settings as the pack's own classes (the pack is loaded as its own package by the host)
     spec = student_module.StudentSpec(**{f: getattr(spec, f) for f in spec.__dataclass_fields__})

@@ -16,6 +16,9 @@ import torch
 
 # Row entries of the trainer's own, beside the model-call arguments: the per-sample sigma and the teacher's output.
 TRAINER_KEYS = ("sigmas", "target")
+# Noise seed of the first teacher run (then +1 per run; rollouts of on-policy round k add 1000 k): away from the
+# seeds people and the benchmark sample with (0, 1, ...), so that what a run is judged on is noise it never saw.
+TEACHER_FIRST_SEED = 1000
 
 
 def step_index(timestep: float, timesteps: list[float]) -> int | None:

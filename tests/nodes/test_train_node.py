@@ -137,3 +137,15 @@ def test_on_policy_rounds_run_after_training_with_the_progress_bar(flux_model, c
     assert header["train_steps"] == "8" and "on_policy_rounds=2" in header["command"]
     with pytest.raises(ValueError, match="on_policy_rounds must be 0 to 10"):
         run(flux_model, conds, on_policy_rounds=11)
+
+
+def test_teacher_and_rollout_seeds_stay_away_from_the_seeds_people_sample_with(flux_model, conds, model_folder, monkeypatch):
+    """The node's teacher runs use noise seeds 1000, 1001, ... (the CLI's too) and round k's rollouts 1000 k more,
+    so an image sampled at seed 0, 1, ... judges the trained model on noise it never saw."""
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
+
+    seen = []
+    record = training_host.record_trajectories
+    monkeypatch.setattr(training_host, "record_trajectories", lambda *a, **k: seen.append(k["seeds"]) or record(*a, **k))
+    run(flux_model, conds, seeds=2, steps=2, on_policy_rounds=1)
+    assert seen == [[1000, 1001], [2000, 2001]]
