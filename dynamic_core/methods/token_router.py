@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..adapters import BlockInternals, BlockRef, UnsupportedModelError
 from ..flops import FlopBreakdown
 from ..slicing import gather_tokens
 from .base import BlockArgs, BlockFn, DynamicMethod, register
-from .token_router_file import router_flops
+from .token_router_file import router_flops, router_scores
 from .token_router_settings import MODES, SCORES, BlockOverride, TokenRouterSettings, keep_count, parse_block_overrides  # noqa: F401
 
 if TYPE_CHECKING:
@@ -239,10 +238,7 @@ class TokenRouterMethod(DynamicMethod):
         weights = self._router_params.get(key)
         if weights is None:
             weights = self._router_params[key] = {n: t.to(device=x.device, dtype=x.dtype) for n, t in params.items()}
-        if self._router.router == "diffcr":
-            return torch.sigmoid(F.linear(x, weights["weight"], weights["bias"]).squeeze(-1).float())
-        hidden = F.gelu(F.linear(x, weights["fc1.weight"], weights["fc1.bias"]))
-        return F.linear(hidden, weights["fc2.weight"], weights["fc2.bias"]).squeeze(-1).float()
+        return router_scores(self._router.router, weights, x)
 
     def _sketch(self, call, x: torch.Tensor) -> torch.Tensor:
         """A fixed random projection of every token (B, N, SKETCH_SIZE), float32: norms of differences survive it."""

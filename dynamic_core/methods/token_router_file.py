@@ -23,6 +23,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from ..files import header_problem, read_safetensors
 
@@ -224,6 +225,16 @@ def _check_router_shapes(fail, label: str, router: str, params: Mapping[str, tor
         found = tuple(params[param].shape)
         if found != shape:
             raise fail(f"'routers.{label}.{param}' has shape {found}, expected {shape}.")
+
+
+def router_scores(router: str, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """(B, N) float32 scores of image tokens x (B, N, D) by one block's router, higher = keep: "diffcr"
+    sigmoid(weight . x + bias), "dydit" the logit fc2(gelu(fc1 x)). The Token Router and the trainer both score
+    with it, so a trained file ranks tokens at inference as its student did."""
+    if router == "diffcr":
+        return torch.sigmoid(F.linear(x, params["weight"], params["bias"]).squeeze(-1).float())
+    hidden = F.gelu(F.linear(x, params["fc1.weight"], params["fc1.bias"]))
+    return F.linear(hidden, params["fc2.weight"], params["fc2.bias"]).squeeze(-1).float()
 
 
 def router_flops(router: str, params: Mapping[str, torch.Tensor], tokens: float) -> float:

@@ -29,10 +29,9 @@ from dataclasses import replace
 from typing import Any, Callable, Mapping
 
 import torch
-import torch.nn.functional as F
 
 from ..adapters import BlockRef, CallLayout, MlpTokenGate, ModelAdapter, UnsupportedModelError
-from ..methods.token_router_file import region_of, router_flops
+from ..methods.token_router_file import region_of, router_flops, router_scores
 from ..methods.token_router_settings import keep_count
 from ..slicing import RunIndexCache, gather_tokens
 from .trajectories import Trajectories
@@ -127,8 +126,7 @@ class TokenParts(torch.nn.Module):
             return run_block(args)
         if self.kind == "sdt":
             return self._run_sdt(position, block, args, layout, x, k_lo, k_hi, alpha, run_block)
-        scores = torch.sigmoid(F.linear(x.float(), self.router_weight[position:position + 1],
-                                        self.router_bias[position:position + 1]).squeeze(-1))  # (B, N)
+        scores = router_scores("diffcr", self.block_router(position), x.float())  # (B, N)
         ranked = torch.topk(scores.detach(), k_hi, dim=1).indices  # best first
         index, order = ranked.sort(dim=1)  # spatial order, as the Token Router gathers them
         rank = order.argsort(dim=1)  # each gathered token's place in the ranking
@@ -149,7 +147,7 @@ class TokenParts(torch.nn.Module):
     def _run_sdt(self, position: int, block: BlockRef, args: Mapping[str, Any], layout: CallLayout, x: torch.Tensor,
                  k_lo: int, k_hi: int, alpha: torch.Tensor, run_block: BlockRun) -> dict:
         """Every token through the block, each image token's MLP update weighted by its decision (see the module)."""
-        logits = self.logits(position, x.float())
+        logits = router_scores("dydit", self.block_router(position), x.float())
         soft = torch.sigmoid(logits)
         ranked = torch.topk(logits.detach(), k_hi, dim=1).indices  # best first
         at_hi = torch.ones_like(soft) if k_hi >= x.shape[1] else torch.zeros_like(soft).scatter_(1, ranked, 1.0)
@@ -158,10 +156,13 @@ class TokenParts(torch.nn.Module):
         weights = (1 - alpha) * at_lo + alpha * at_hi + (soft - soft.detach())
         return run_block(args, (weights, self.routing.mlp_token_gates(block, layout)))
 
-    def logits(self, position: int, x: torch.Tensor) -> torch.Tensor:
-        """(B, N) SDT router logits of image tokens x (B, N, D), as the file's "dydit" router computes them."""
-        hidden = F.gelu(F.linear(x, self.fc1_weight[position], self.fc1_bias[position]))
-        return F.linear(hidden, self.fc2_weight[position:position + 1], self.fc2_bias[position:position + 1]).squeeze(-1)
+    def block_router(self, position: int) -> dict[str, torch.Tensor]:
+        """Block `position`'s router as the file holds it (`FILE_ROUTER` kind's names and shapes; views of the
+        trainable parameters): what scoring, its FLOPs and the export all read."""
+        if self.kind == "sdt":
+            return {"fc1.weight": self.fc1_weight[position], "fc1.bias": self.fc1_bias[position],
+                    "fc2.weight": self.fc2_weight[position:position + 1], "fc2.bias": self.fc2_bias[position:position + 1]}
+        return {"weight": self.router_weight[position:position + 1], "bias": self.router_bias[position:position + 1]}
 
     def router_parameters(self) -> list[torch.nn.Parameter]:
         return ([self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias] if self.kind == "sdt"
@@ -169,9 +170,7 @@ class TokenParts(torch.nn.Module):
 
     def scoring_flops(self, tokens: int) -> float:
         """Matmul FLOPs of one block's router scoring `tokens` tokens (what the Token Router counts for the file)."""
-        if self.kind == "sdt":
-            return router_flops("dydit", {"fc1.weight": self.fc1_weight[0]}, tokens)
-        return router_flops("diffcr", {"weight": self.router_weight[:1]}, tokens)
+        return router_flops(FILE_ROUTER[self.kind], self.block_router(0), tokens)
 
     def unused_parameter_anchor(self) -> torch.Tensor:
         """0 with a gradient path to the routers: a step where every block ran in full (ratio 1) leaves them
@@ -193,12 +192,9 @@ class TokenParts(torch.nn.Module):
         return (1 - alpha) * (flops_at(k_lo) + router_flops) + alpha * at_hi
 
     def export(self, labels: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
-        """The file's routers (label -> its kind's tensors: "diffcr" weight (1, D), bias (1,); "dydit" fc1 (R, D),
-        (R,), fc2 (1, R), (1,)), ratios (regions, blocks) and bounds."""
-        names = (("fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias") if self.kind == "sdt" else ("weight", "bias"))
-        values = [p.detach().float().cpu() for p in self.router_parameters()]
-        routers = {label: {name: (value[i:i + 1] if name in ("weight", "bias", "fc2.weight", "fc2.bias") else value[i]).clone()
-                           for name, value in zip(names, values)} for i, label in enumerate(labels)}
+        """The file's routers (label -> `block_router`), ratios (regions, blocks) and bounds."""
+        routers = {label: {name: value.detach().float().cpu().clone() for name, value in self.block_router(i).items()}
+                   for i, label in enumerate(labels)}
         ratios = self.ratio.detach().float().cpu().clamp(self.min_keep, 1.0)
         return routers, ratios, self.bounds.detach().float().cpu()
 
