@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.first_seed is None:
         args.first_seed = TEACHER_FIRST_SEED
+    teacher_seeds = list(range(args.first_seed, args.first_seed + args.seeds))
 
     # the same settings as the pack's own classes (the pack is loaded as its own package by the host)
     spec = student_module.StudentSpec(**{f: getattr(spec, f) for f in spec.__dataclass_fields__})
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     elif rank == 0 or not distributed or args.trajectories is None:
         bank = training_host.record_trajectories(
             model, jobs, latent, steps=args.sampling_steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
-            seeds=list(range(args.first_seed, args.first_seed + args.seeds)), progress=lambda done, total: log(f"teacher run {done}/{total}"))
+            seeds=teacher_seeds, progress=lambda done, total: log(f"teacher run {done}/{total}"))
         log(f"teacher trajectories: {bank.rows} rows, {len(bank.timesteps)} steps, {time.perf_counter() - started:.0f} s")
         if args.trajectories is not None and rank == 0:
             args.trajectories.parent.mkdir(parents=True, exist_ok=True)
@@ -173,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         bank, result = training_host.on_policy_round(
             model, student, bank, jobs, latent, round_index=index, round_steps=round_steps, config=config,
             steps=args.sampling_steps, cfg=args.cfg, sampler=args.sampler, scheduler=args.scheduler,
-            seeds=list(range(args.first_seed, args.first_seed + args.seeds)), log=log,
+            seeds=teacher_seeds, log=log,
             checkpoint=training_host.round_checkpoint(checkpoint, index))
     if rank == 0:
         command = "python -m devtools.train " + shlex.join(argv)

@@ -217,4 +217,5 @@ def build_student(model_patcher: Any, bank: Trajectories, spec: StudentSpec, see
                               host_training=host_training_mode).to(device)
 
 
-__all__ = ["build_student", "on_policy_round", "round_steps_for", "student_follower", "feature_statistics", "host_training_mode", "normal_parameters", "prepare_model", "record_trajectories"]
+__all__ = ["build_student", "feature_statistics", "host_training_mode", "normal_parameters", "on_policy_round", "prepare_model",
+           "record_trajectories", "remove_checkpoints", "round_checkpoint", "round_steps_for", "student_follower"]
