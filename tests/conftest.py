@@ -61,6 +61,16 @@ def pinned_free_memory():
         yield
 
 
+@pytest.fixture(autouse=True)
+def fresh_file_lists(monkeypatch):
+    """Each test starts with an empty ComfyUI file-list cache and leaves none behind. Tests point model folders at
+    their tmp_path; pytest deletes those folders after a passing test, and a listing cached for one of them makes
+    ComfyUI's next lookup of that folder kind raise FileNotFoundError (it checks the cached folder's mtime)."""
+    import folder_paths
+
+    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
+
+
 @pytest.fixture
 def float32_rounding():
     """Tolerance for comparing two float32 computations that are equal in exact arithmetic but round
