@@ -54,6 +54,4 @@ def model_folder(tmp_path, monkeypatch):
     folder.mkdir()
     paths = {**folder_paths.folder_names_and_paths, MODEL_FOLDER: ([str(folder)], {".safetensors"})}
     monkeypatch.setattr(folder_paths, "folder_names_and_paths", paths)
-    folder_paths.filename_list_cache.pop(MODEL_FOLDER, None)
-    yield folder
-    folder_paths.filename_list_cache.pop(MODEL_FOLDER, None)
+    return folder  # file lists are re-read: every test starts with an empty cache (tests/conftest.py)

@@ -29,7 +29,6 @@ def model_folders(tmp_path, monkeypatch):
     save_file({"lora_unet_x.lora_up.weight": torch.zeros(2, 1)}, str(loras / "style.safetensors"))
     monkeypatch.setitem(folder_paths.folder_names_and_paths, MODEL_FOLDER, ([str(dynamic_dit)], {".safetensors"}))
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(loras)], {".safetensors"}))
-    monkeypatch.setattr(folder_paths, "filename_list_cache", {})
     return dynamic_dit
 
 
