@@ -122,11 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     from comfyui_dynamic_dit.devtools import tiny_flux  # the pack's own copies (loaded as its package by the host)
     from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
     from comfyui_dynamic_dit.dynamic_core.training import export, student as student_module, trainer
-    from comfyui_dynamic_dit.dynamic_core.training.trajectories import TEACHER_FIRST_SEED
+    from comfyui_dynamic_dit.dynamic_core.training.trajectories import TEACHER_FIRST_SEED, teacher_seeds as seeds_from
 
     if args.first_seed is None:
         args.first_seed = TEACHER_FIRST_SEED
-    teacher_seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    teacher_seeds = seeds_from(args.seeds, args.first_seed)
 
     # the same settings as the pack's own classes (the pack is loaded as its own package by the host)
     spec = student_module.StudentSpec(**{f: getattr(spec, f) for f in spec.__dataclass_fields__})

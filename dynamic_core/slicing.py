@@ -227,11 +227,6 @@ class ReducedLinear:
         if not self.use_bias:
             out = out - layer(x.new_zeros(1, full_in))[0]
         return self.rows.take(out, out.ndim - 1) if self.rows is not None else out
-        if self.extra is not None:
-            out = out + self.extra(x, self.rows, self.cols)
-            if self.flop_log is not None:
-                self.flop_log.append(self.extra.flops(x.shape[:-1].numel(), self.in_features, self.out_features))
-        return out
 
 
 class ModuleView:

@@ -12,7 +12,7 @@ from ..dynamic_core.comfy_integration.patching import MODEL_FOLDER, adapter_of
 from ..dynamic_core.comfy_integration.trained_files import apply_trained_files
 from ..dynamic_core.training.student import StudentSpec
 from ..dynamic_core.training.trainer import TrainConfig
-from ..dynamic_core.training.trajectories import TEACHER_FIRST_SEED
+from ..dynamic_core.training.trajectories import teacher_seeds
 
 PARTS = {"width + TD-LoRA": ("width", "td_lora"), "width": ("width",), "TD-LoRA": ("td_lora",),
          "coarse patches (DDiT)": ("coarse",), "token routers + TD-LoRA (DiffCR)": ("tokens", "td_lora"),
@@ -131,13 +131,13 @@ class DynamicTrainer:
         if not 0 <= int(on_policy_rounds) <= 10:
             raise ValueError(f"Train Dynamic DiT: on_policy_rounds must be 0 to 10, got {on_policy_rounds}.")
         runs, round_steps = len(jobs) * seeds, training_host.round_steps_for(steps)
-        teacher_seeds = list(range(TEACHER_FIRST_SEED, TEACHER_FIRST_SEED + seeds))
+        seed_list = teacher_seeds(seeds)
         total = runs + steps + int(on_policy_rounds) * (runs + round_steps)
         started = time.perf_counter()
         bar = comfy.utils.ProgressBar(total)
         bank = training_host.record_trajectories(
             model, jobs, torch.zeros_like(samples[:1]), steps=sampling_steps, cfg=cfg, sampler=sampler_name,
-            scheduler=scheduler, seeds=teacher_seeds, progress=lambda done, _: bar.update_absolute(done, total))
+            scheduler=scheduler, seeds=seed_list, progress=lambda done, _: bar.update_absolute(done, total))
         student = training_host.build_student(model, bank, spec)
         checkpoint = stem + ".ckpt"
         if not resume:
@@ -148,7 +148,7 @@ class DynamicTrainer:
             base = runs + steps + index * (runs + round_steps)
             bank, result = training_host.on_policy_round(
                 model, student, bank, jobs, torch.zeros_like(samples[:1]), round_index=index, round_steps=round_steps,
-                config=config, steps=sampling_steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=teacher_seeds,
+                config=config, steps=sampling_steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=seed_list,
                 progress=lambda done, _, base=base: bar.update_absolute(base + done, total),
                 callback=lambda step, _, __, base=base: bar.update_absolute(base + runs + step, total),
                 checkpoint=training_host.round_checkpoint(checkpoint, index))

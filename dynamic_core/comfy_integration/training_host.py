@@ -21,7 +21,7 @@ from ..adapters import ModelAdapter
 from ..methods.td_lora import per_sample_sigmas
 from ..training.student import DynamicStudent, StudentSpec
 from ..training.trainer import TrainConfig, TrainResult, train
-from ..training.trajectories import Trajectories, detached, step_index
+from ..training.trajectories import Trajectories, detached, rollout_seeds, step_index
 from .patching import adapter_of, diffusion_model_of, sigma_to_percent
 
 RECORD_KEY = "dynamic_dit.train_record"
@@ -177,12 +177,13 @@ def on_policy_round(model_patcher: Any, student: DynamicStudent, bank: Trajector
     output as the target and added to the rows, and training goes on `round_steps` steps on everything, at the
     target FLOPs from the start. Teacher-forced rows alone never show the student the states its own errors
     lead to, and over the many coarse steps of a DDiT schedule those errors add up. Rollout seeds are the
-    teacher's + 1000 per round (`round_index` from 0). With `checkpoint` (`round_checkpoint` of the run's) the
-    round's training saves and resumes like the main run's: a resumed run samples the finished rounds' rollouts
+    teacher's moved by a stride per round (`rollout_seeds`, `round_index` from 0). With `checkpoint`
+    (`round_checkpoint` of the run's) the round's training saves and resumes like the main run's: a resumed run
+    samples the finished rounds' rollouts
     again (the same rows: the student at each round's start is the previous checkpoint's, the seeds are fixed)
     and continues the round it stopped in. Returns the rows and the round's result."""
     rollouts = record_trajectories(model_patcher, jobs, latent, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler,
-                                   seeds=[seed + 1000 * (round_index + 1) for seed in seeds], progress=progress,
+                                   seeds=rollout_seeds(seeds, round_index), progress=progress,
                                    follow=student_follower(student, bank))
     bank = bank.extended(rollouts)
     result = train(student, bank, replace(config, steps=round_steps, hold=0, warmup=0), progress_bar=False, log=log,

@@ -16,9 +16,20 @@ import torch
 
 # Row entries of the trainer's own, beside the model-call arguments: the per-sample sigma and the teacher's output.
 TRAINER_KEYS = ("sigmas", "target")
-# Noise seed of the first teacher run (then +1 per run; rollouts of on-policy round k add 1000 k): away from the
+# Noise seed of the first teacher run (then +1 per run; rollouts of on-policy round k add k strides): away from the
 # seeds people and the benchmark sample with (0, 1, ...), so that what a run is judged on is noise it never saw.
 TEACHER_FIRST_SEED = 1000
+ROLLOUT_SEED_STRIDE = 1000
+
+
+def teacher_seeds(runs: int, first: int = TEACHER_FIRST_SEED) -> list[int]:
+    """Noise seeds of the teacher's sampling runs per conditioning: `first`, `first` + 1, ..."""
+    return list(range(first, first + runs))
+
+
+def rollout_seeds(seeds: list[int] | tuple[int, ...], round_index: int) -> list[int]:
+    """Noise seeds of on-policy round `round_index`'s rollouts (from 0): the teacher's, moved by a stride per round."""
+    return [seed + ROLLOUT_SEED_STRIDE * (round_index + 1) for seed in seeds]
 
 
 def step_index(timestep: float, timesteps: list[float]) -> int | None:

@@ -99,3 +99,16 @@ def test_a_run_stopped_between_rounds_resumes_to_the_same_weights(flux_model, ba
         assert torch.equal(value, resumed.state_dict()[name]), name
     training_host.remove_checkpoints(stopped / "run.ckpt")  # a fresh run starts from nothing
     assert not list(stopped.iterdir())
+
+
+def test_teacher_and_rollout_seeds_never_meet_each_other_or_the_seeds_people_sample_with():
+    """Judging a trained file on noise it was trained on would flatter it: the teacher's runs and every round's
+    rollouts use seeds apart from each other and from 0..999 (the benchmark's and a fresh KSampler's)."""
+    from comfyui_dynamic_dit.dynamic_core.training.trajectories import rollout_seeds, teacher_seeds
+
+    teacher = teacher_seeds(64)
+    assert teacher[:3] == [1000, 1001, 1002] and len(set(teacher)) == 64
+    used = [set(teacher)] + [set(rollout_seeds(teacher, k)) for k in range(10)]  # the node allows 10 rounds
+    assert all(min(seeds) >= 1000 for seeds in used)
+    assert sum(len(seeds) for seeds in used) == len(set().union(*used))
+    assert teacher_seeds(3, first=7) == [7, 8, 9]
