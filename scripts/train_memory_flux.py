@@ -1,7 +1,7 @@
 """Training memory at FLUX.1-dev width, measured on the CPU with fewer blocks, for an estimate of a GPU run.
 
     python scripts/train_memory_flux.py DOUBLE SINGLE [--size 1024] [--text-tokens 512] [--parts coarse]
-                                        [--checkpointing] [--batch 1] [--steps 2]
+                                        [--checkpointing] [--batch 1] [--steps 2] [--hidden 3072 --heads 24]
 
 A random Flux of FLUX.1-dev's shape (hidden 3072, 24 heads, context 4096) with DOUBLE + SINGLE blocks, its frozen
 base in bfloat16 (the trainable parts float32, as the trainer keeps them), trains batch 1 at SIZE px (SIZE/16
@@ -10,7 +10,8 @@ step's update, after that step's peak; from the second step on the peak holds th
 setting; Linux's peak resident memory, VmHWM, started over before each): the resident memory after the model is
 built, and the peak growth of a no-grad student forward and of the training. Two depths give the per-block and the
 fixed part of the training's extra memory, which BENCHMARKS.md extrapolates to 19 + 38 blocks. A CPU measurement:
-a GPU's allocator and attention kernels differ (an estimate until a GPU run is recorded).
+a GPU's allocator and attention kernels differ (an estimate until a GPU run is recorded). `--hidden`/`--heads`:
+a smaller width, for the test that keeps this script working.
 """
 from __future__ import annotations
 
@@ -60,10 +61,13 @@ def main() -> None:
     parser.add_argument("--checkpointing", action="store_true")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=2, help="training steps (from the second, AdamW's states are held)")
+    parser.add_argument("--hidden", type=int, default=FLUX_DEV["hidden_size"], help="a smaller width for a quick check")
+    parser.add_argument("--heads", type=int, default=FLUX_DEV["num_heads"])
     args = parser.parse_args()
     torch.manual_seed(0)
     started = time.perf_counter()
-    config = tiny_flux.TinyFlux(**{**FLUX_DEV, "depth": args.double, "depth_single_blocks": args.single})
+    config = tiny_flux.TinyFlux(**{**FLUX_DEV, "depth": args.double, "depth_single_blocks": args.single,
+                                   "hidden_size": args.hidden, "num_heads": args.heads})
     model = tiny_flux.build_model(config, dtype=torch.bfloat16)
     weights = reset_peak()  # building in float32 peaks higher
     positive, negative = tiny_flux.conditioning(config, text_tokens=args.text_tokens)
@@ -84,7 +88,7 @@ def main() -> None:
                                      gradient_checkpointing=args.checkpointing), progress_bar=False)
     trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
     step = memory_mb("VmHWM") - resident
-    print(f"flux width {args.double}+{args.single} blocks, {(args.size // 16) ** 2}+{args.text_tokens} tokens, parts "
+    print(f"flux width {args.hidden}, {args.double}+{args.single} blocks, {(args.size // 16) ** 2}+{args.text_tokens} tokens, parts "
           f"{args.parts}{', checkpointing' if args.checkpointing else ''}, batch {args.batch}: resident after the model "
           f"{weights:.0f} MB, then peak growth of a no-grad student forward +{forward:.0f} MB, of a training step "
           f"+{step:.0f} MB ({args.steps} steps); {trainable / 1e6:.1f} M trainable; training "
