@@ -179,9 +179,8 @@ def on_policy_round(model_patcher: Any, student: DynamicStudent, bank: Trajector
     lead to, and over the many coarse steps of a DDiT schedule those errors add up. Rollout seeds are the
     teacher's moved by a stride per round (`rollout_seeds`, `round_index` from 0). With `checkpoint`
     (`round_checkpoint` of the run's) the round's training saves and resumes like the main run's: a resumed run
-    samples the finished rounds' rollouts
-    again (the same rows: the student at each round's start is the previous checkpoint's, the seeds are fixed)
-    and continues the round it stopped in. Returns the rows and the round's result."""
+    samples the finished rounds' rollouts again (the same rows: the student at each round's start is the previous
+    checkpoint's, the seeds are fixed) and continues the round it stopped in. Returns the rows and the round's result."""
     rollouts = record_trajectories(model_patcher, jobs, latent, steps=steps, cfg=cfg, sampler=sampler, scheduler=scheduler,
                                    seeds=rollout_seeds(seeds, round_index), progress=progress,
                                    follow=student_follower(student, bank))

@@ -30,8 +30,8 @@ def resident_mb() -> float:
 
 def test_batches_are_the_recorded_rows():
     bank = bank_of(6, floats=4)
-    rows = [(x, target) for x, target in zip(bank.groups[next(iter(bank.groups))]["x"],
-                                               bank.groups[next(iter(bank.groups))]["target"])]
+    (group,) = bank.groups.values()
+    rows = list(zip(group["x"], group["target"]))
     drawn = torch.randint(len(rows), (5,), generator=torch.Generator().manual_seed(3)).tolist()
     batch = bank.sample(5, torch.Generator().manual_seed(3))
     assert torch.equal(batch["x"], torch.stack([rows[i][0] for i in drawn]))
