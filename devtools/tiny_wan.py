@@ -17,7 +17,7 @@ import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
 
-from ..dynamic_core.comfy_integration.reference import initialise
+from ..dynamic_core.comfy_integration.reference import frozen_as_the_host_leaves_it, initialise
 from .tiny_flux import sample  # noqa: F401  (one sampling run, as KSampler does it, for any model)
 
 
@@ -86,6 +86,7 @@ def build_model(config: TinyWan = TinyWan(), dtype: torch.dtype = torch.float32,
         initialise(diffusion_model, config.seed)
     else:
         diffusion_model.load_state_dict(state_dict)
+    frozen_as_the_host_leaves_it(diffusion_model)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                            offload_device=comfy.model_management.unet_offload_device())
 

@@ -135,34 +135,36 @@ class DynamicTrainer:
         total = runs + steps + int(on_policy_rounds) * (runs + round_steps)
         started = time.perf_counter()
         bar = comfy.utils.ProgressBar(total)
-        bank = training_host.record_trajectories(
-            model, jobs, torch.zeros_like(samples[:1]), steps=sampling_steps, cfg=cfg, sampler=sampler_name,
-            scheduler=scheduler, seeds=seed_list, progress=lambda done, _: bar.update_absolute(done, total))
-        student = training_host.build_student(model, bank, spec)
-        checkpoint = stem + ".ckpt"
-        if not resume:
-            training_host.remove_checkpoints(checkpoint)  # a fresh run; the checkpoints of this one let a later run resume it
-        result = trainer.train(student, bank, config, checkpoint=checkpoint,
-                               callback=lambda step, _, __: bar.update_absolute(runs + step, total))
-        for index in range(int(on_policy_rounds)):
-            base = runs + steps + index * (runs + round_steps)
-            bank, result = training_host.on_policy_round(
-                model, student, bank, jobs, torch.zeros_like(samples[:1]), round_index=index, round_steps=round_steps,
-                config=config, steps=sampling_steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=seed_list,
-                progress=lambda done, _, base=base: bar.update_absolute(base + done, total),
-                callback=lambda step, _, __, base=base: bar.update_absolute(base + runs + step, total),
-                checkpoint=training_host.round_checkpoint(checkpoint, index))
-        command = "Train Dynamic DiT " + shlex.join(f"{k}={v}" for k, v in dict(
-            parts=parts, width_parts=width_parts, target_flops=target_flops, steps=steps, sampling_steps=sampling_steps,
-            cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=seeds, batch=batch, lr=learning_rate,
-            experts=experts, rank=rank, prompts=len(jobs), on_policy_rounds=on_policy_rounds,
-            **({"coarse_schedule": coarse_schedule} if "coarse" in spec.parts else {})).items())
-        metadata = export.training_metadata(student, target=target_flops, steps=steps + int(on_policy_rounds) * round_steps,
-                                            command=command,
-                                            base_model=type(model.model).__name__,
-                                            extra={"final_flops_ratio": f"{result.final_ratio:.4f}",
-                                                   "eval_distill_loss": f"{result.eval_loss:.5f}"})
-        path = export.save_bundle(student, stem, metadata)
+        with training_host.model_left_as_found(model):  # the artist's model computes as before afterwards
+            bank = training_host.record_trajectories(
+                model, jobs, torch.zeros_like(samples[:1]), steps=sampling_steps, cfg=cfg, sampler=sampler_name,
+                scheduler=scheduler, seeds=seed_list, progress=lambda done, _: bar.update_absolute(done, total))
+            student = training_host.build_student(model, bank, spec)
+            checkpoint = stem + ".ckpt"
+            if not resume:
+                training_host.remove_checkpoints(checkpoint)  # a fresh run; its checkpoints let a later run resume it
+            result = trainer.train(student, bank, config, checkpoint=checkpoint,
+                                   callback=lambda step, _, __: bar.update_absolute(runs + step, total))
+            for index in range(int(on_policy_rounds)):
+                base = runs + steps + index * (runs + round_steps)
+                bank, result = training_host.on_policy_round(
+                    model, student, bank, jobs, torch.zeros_like(samples[:1]), round_index=index, round_steps=round_steps,
+                    config=config, steps=sampling_steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=seed_list,
+                    progress=lambda done, _, base=base: bar.update_absolute(base + done, total),
+                    callback=lambda step, _, __, base=base: bar.update_absolute(base + runs + step, total),
+                    checkpoint=training_host.round_checkpoint(checkpoint, index))
+            command = "Train Dynamic DiT " + shlex.join(f"{k}={v}" for k, v in dict(
+                parts=parts, width_parts=width_parts, target_flops=target_flops, steps=steps, sampling_steps=sampling_steps,
+                cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=seeds, batch=batch, lr=learning_rate,
+                experts=experts, rank=rank, prompts=len(jobs), on_policy_rounds=on_policy_rounds,
+                **({"coarse_schedule": coarse_schedule} if "coarse" in spec.parts else {})).items())
+            metadata = export.training_metadata(student, target=target_flops,
+                                                steps=steps + int(on_policy_rounds) * round_steps,
+                                                command=command,
+                                                base_model=type(model.model).__name__,
+                                                extra={"final_flops_ratio": f"{result.final_ratio:.4f}",
+                                                       "eval_distill_loss": f"{result.eval_loss:.5f}"})
+            path = export.save_bundle(student, stem, metadata)
         patched = apply_trained_files(model, [path])
         goal = f"coarse schedule {coarse_schedule}" if "coarse" in spec.parts else f"target {target_flops:g}"
         rounds_text = f" and {on_policy_rounds} on-policy round(s) of {round_steps}" if on_policy_rounds else ""

@@ -33,6 +33,7 @@ PACK = HOST.load_pack()  # importable as `comfyui_dynamic_dit` from here on
 import torch  # noqa: E402
 
 from comfyui_dynamic_dit.devtools import tiny_flux  # noqa: E402
+from support.session_models import assert_session_models_unchanged, session_model  # noqa: E402
 
 torch.set_num_threads(2)
 
@@ -49,6 +50,22 @@ TEST_FREE_MEMORY = 16 * 2**30
 
 def fixed_free_memory(dev=None, torch_free_too=False):
     return (TEST_FREE_MEMORY, TEST_FREE_MEMORY) if torch_free_too else TEST_FREE_MEMORY
+
+
+# Run on every host (scripts/run.sh test runs them again on ComfyUI 0.12.1 with `-m every_host`): what an artist
+# touches (nodes, the real server, the browser), the trainer, and each model family's adapter.
+EVERY_HOST = ("tests/nodes/", "tests/dynamic_core/training/", "tests/dynamic_core/adapters/", "tests/test_real_server.py",
+              "tests/web/", "tests/test_pack_loading.py", "tests/test_example_workflows.py", "tests/test_hosts.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if Path(str(item.path)).resolve().relative_to(REPO_ROOT).as_posix().startswith(EVERY_HOST):
+            item.add_marker(pytest.mark.every_host)
+
+
+def pytest_report_header(config):
+    return f"ComfyUI host: {HOST.comfyui_version(COMFYUI_PATH)} at {COMFYUI_PATH}"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -101,16 +118,24 @@ def tiny_config() -> tiny_flux.TinyFlux:
     return tiny_flux.TinyFlux()
 
 
+@pytest.fixture(autouse=True)
+def session_models_stay_as_built():
+    """Order must not matter (issue 22): no test leaves a session model computing on other kernels."""
+    yield
+    assert_session_models_unchanged()
+
+
 @pytest.fixture(scope="session")
 def flux_model(tiny_config):
     """A ModelPatcher around a tiny real ComfyUI Flux.1 model. Tests must not modify it."""
-    return tiny_flux.build_model(tiny_config)
+    return session_model(tiny_flux.build_model(tiny_config))
 
 
 @pytest.fixture(scope="session")
 def other_flux_model():
     """A second, differently shaped Flux model, for tests that patch two models at once."""
-    return tiny_flux.build_model(tiny_flux.TinyFlux(hidden_size=192, num_heads=3, depth=1, depth_single_blocks=2, seed=7))
+    return session_model(tiny_flux.build_model(tiny_flux.TinyFlux(hidden_size=192, num_heads=3, depth=1,
+                                                                  depth_single_blocks=2, seed=7)))
 
 
 @pytest.fixture(scope="session")

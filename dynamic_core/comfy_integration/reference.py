@@ -191,7 +191,18 @@ def build_model(
         diffusion_model.load_state_dict(host_state(model_config, state_dict))
     if dtype.is_floating_point and dtype.itemsize >= 2:
         diffusion_model.to(dtype)
+    frozen_as_the_host_leaves_it(diffusion_model)
     return comfy.model_patcher.ModelPatcher(model, load_device=load_device, offload_device=comfy.model_management.unet_offload_device())
+
+
+def frozen_as_the_host_leaves_it(diffusion_model: torch.nn.Module) -> None:
+    """No parameter requires grad, as ComfyUI 0.12.1's loader creates them and as ComfyUI 0.3.75 leaves every
+    layer a weight patch (a LoRA) was applied to and removed from. It matters for bits: for a non-contiguous input
+    (Flux's attention output, sliced into text and image tokens) PyTorch's matmul folds the batch into one
+    matrix product when the weight requires grad and otherwise runs a batched product, which rounds differently
+    on some CPUs; a model loaded trainable would compute its first image one way and, after any LoRA, the
+    other."""
+    diffusion_model.requires_grad_(False)
 
 
 # --- the reference model: a small Flux trained on real photographs --------------------------------

@@ -22,6 +22,7 @@ from ..methods.td_lora import per_sample_sigmas
 from ..training.student import DynamicStudent, StudentSpec
 from ..training.trainer import TrainConfig, TrainResult, train
 from ..training.trajectories import Trajectories, detached, rollout_seeds, step_index
+from .autograd_paths import differentiable_host
 from .patching import adapter_of, diffusion_model_of, sigma_to_percent
 
 RECORD_KEY = "dynamic_dit.train_record"
@@ -105,8 +106,24 @@ def normal_parameters(module: torch.nn.Module) -> int:
     return replaced
 
 
+@contextlib.contextmanager
+def model_left_as_found(model_patcher: Any) -> Iterator[None]:
+    """Training freezes the connected model (`prepare_model`); afterwards each parameter requires grad again exactly
+    where it did before. The flag is not only about autograd: for a non-contiguous input PyTorch's matmul picks
+    another kernel when the weight requires grad, so a model left frozen would compute its next images with other
+    last digits than before training (on some CPUs), although nothing the artist chose had changed."""
+    diffusion_model = diffusion_model_of(model_patcher)
+    trainable = {name for name, param in diffusion_model.named_parameters() if param.requires_grad}
+    try:
+        yield
+    finally:
+        for name, param in diffusion_model.named_parameters():  # the same names, maybe new (normal) tensors
+            param.requires_grad_(name in trainable)
+
+
 def prepare_model(model_patcher: Any) -> tuple[ModelAdapter, torch.nn.Module, torch.device]:
-    """The adapter (refusing unsupported models), the loaded frozen diffusion model and its device."""
+    """The adapter (refusing unsupported models), the loaded frozen diffusion model and its device (run the
+    training inside `model_left_as_found`)."""
     adapter = adapter_of(model_patcher)
     comfy.model_management.load_models_gpu([model_patcher])
     diffusion_model = diffusion_model_of(model_patcher)
@@ -192,30 +209,15 @@ def on_policy_round(model_patcher: Any, student: DynamicStudent, bank: Trajector
     return bank, result
 
 
-@contextlib.contextmanager
-def host_training_mode() -> Iterator[None]:
-    """ComfyUI's switch for training (`model_management.in_training`, newer hosts): while it is set, its
-    layers take plain PyTorch paths instead of fused kernels without autograd formulas (e.g. comfy_kitchen's
-    RoPE), as ComfyUI's own training node sets it. Older hosts have no switch and nothing to switch."""
-    if not hasattr(comfy.model_management, "in_training"):
-        yield
-        return
-    previous = comfy.model_management.in_training
-    comfy.model_management.in_training = True
-    try:
-        yield
-    finally:
-        comfy.model_management.in_training = previous
-
-
 def build_student(model_patcher: Any, bank: Trajectories, spec: StudentSpec, seed: int = 0) -> DynamicStudent:
     adapter, diffusion_model, device = prepare_model(model_patcher)
     mean, scale = feature_statistics(adapter, diffusion_model, bank.timesteps, bank.dtype, device)
     with torch.inference_mode(False):
         return DynamicStudent(adapter, diffusion_model, spec, mean, scale, seed=seed,
                               sigma_percent=sigma_to_percent(model_patcher.model.model_sampling),
-                              host_training=host_training_mode).to(device)
+                              host_training=differentiable_host(diffusion_model)).to(device)
 
 
-__all__ = ["build_student", "feature_statistics", "host_training_mode", "normal_parameters", "on_policy_round", "prepare_model",
+__all__ = ["build_student", "feature_statistics", "model_left_as_found", "normal_parameters",
+           "on_policy_round", "prepare_model",
            "record_trajectories", "remove_checkpoints", "round_checkpoint", "round_steps_for", "student_follower"]

@@ -13,6 +13,7 @@ import torch
 
 from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import MODEL_FOLDER
+from support.session_models import session_model
 
 
 @pytest.fixture(scope="session", params=["library", "inference_mode"])
@@ -36,7 +37,7 @@ def flux_model(tiny_config, prompt_mode):
         model = tiny_flux.build_model(tiny_config)
     if prompt_mode == "inference_mode":
         assert next(model.model.diffusion_model.parameters()).is_inference()
-    return model
+    return session_model(model)
 
 
 @pytest.fixture(scope="session")

@@ -125,8 +125,10 @@ def test_trains_token_routers_for_the_token_router(flux_model, conds, model_fold
 
 
 def test_on_policy_rounds_run_after_training_with_the_progress_bar(flux_model, conds, model_folder, monkeypatch):
-    progress = []
-    monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: progress.append((value, total)))
+    progress = []  # what the node reports; the host may send fewer updates on (ComfyUI 0.12 throttles them by time)
+    update = comfy.utils.ProgressBar.update_absolute
+    monkeypatch.setattr(comfy.utils.ProgressBar, "update_absolute", lambda bar, value, total=None, preview=None: (
+        progress.append((value, total if total is not None else bar.total)), update(bar, value, total, preview)))
     patched, report = run(flux_model, conds, parts="coarse patches (DDiT)", coarse_schedule="0-60%:2", on_policy_rounds=2)["result"]
     # one teacher run + 4 steps, then per round one rollout + 2 steps
     assert progress[-1] == (1 + 4 + 2 * (1 + 2),) * 2 and sorted(set(v for v, _ in progress)) == list(range(1, 12))
@@ -149,3 +151,26 @@ def test_teacher_and_rollout_seeds_stay_away_from_the_seeds_people_sample_with(f
     monkeypatch.setattr(training_host, "record_trajectories", lambda *a, **k: seen.append(k["seeds"]) or record(*a, **k))
     run(flux_model, conds, seeds=2, steps=2, on_policy_rounds=1)
     assert seen == [[1000, 1001], [2000, 2001]]
+
+
+def test_training_leaves_the_model_computing_as_before(conds, model_folder):
+    """Issue 22: training froze the connected model for good. ComfyUI 0.3.75 loads models trainable, and PyTorch's
+    matmul picks another kernel for a frozen weight (non-contiguous inputs: Flux's attention output), so the images
+    after training differed in the last digits from the images before (on some CPUs). Same kernels, same bits."""
+    from support.op_trace import first_difference, tracing_model_calls
+
+    model = tiny_flux.build_model(tiny_flux.TinyFlux(depth=1, depth_single_blocks=1))
+    model.model.diffusion_model.requires_grad_(True)  # as ComfyUI 0.3.75's loader leaves a model
+    model.model.diffusion_model.img_in.weight.requires_grad_(False)  # and a layer a LoRA was on
+    flags = [p.requires_grad for p in model.model.diffusion_model.parameters()]
+
+    def sampled():
+        traced_model, ops = tracing_model_calls(model)
+        return sample(traced_model, conds), ops
+
+    before, ops_before = sampled()
+    run(model, conds, steps=2)
+    assert [p.requires_grad for p in model.model.diffusion_model.parameters()] == flags
+    after, ops_after = sampled()
+    assert ops_after == ops_before, first_difference(ops_before, ops_after)
+    assert torch.equal(after, before)

@@ -141,25 +141,3 @@ def test_no_conditioning_and_unsupported_models_are_refused(flux_model):
     patcher = type("Patcher", (), {"model": type("Model", (), {"diffusion_model": NotADiT()})()})()
     with pytest.raises(UnsupportedModelError):
         training_host.adapter_of(patcher)
-
-
-def test_the_student_runs_in_the_hosts_training_mode(flux_model, bank, monkeypatch):
-    """Newer ComfyUI takes fused kernels without autograd formulas (comfy_kitchen's RoPE) unless
-    `model_management.in_training` is set, as its own training node sets it; the student's forward sets it
-    (a host without the switch is left alone) and restores it after."""
-    import comfy.model_management
-
-    student = student_for(flux_model, bank)
-    seen = []
-    run_block = student.adapter.run_block
-    monkeypatch.setattr(student.adapter, "run_block", lambda *a, **k: seen.append(
-        getattr(comfy.model_management, "in_training", None)) or run_block(*a, **k))
-    if not hasattr(comfy.model_management, "in_training"):  # ComfyUI 0.3.x: no switch, none made up
-        with torch.no_grad():
-            student(bank.fixed(2), noise=0.0)
-        assert seen and set(seen) == {None} and not hasattr(comfy.model_management, "in_training")
-        seen.clear()
-    monkeypatch.setattr(comfy.model_management, "in_training", False, raising=False)
-    with torch.no_grad():
-        student(bank.fixed(2), noise=0.0)
-    assert seen and all(seen) and comfy.model_management.in_training is False
