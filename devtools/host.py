@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 from types import ModuleType
@@ -97,5 +98,64 @@ def load_pack(name: str = PACK_MODULE) -> ModuleType:
     return module
 
 
+# --- the second host: upstream ComfyUI 0.12.1 from the project's shared folder ---------------------------
+SECOND_HOST_VERSION = "0.12.1"
+SECOND_HOST_ARCHIVE = "comfyui-v0.12.1.tar.gz"
+# Its requirements beyond the vendored host's: the frontend it pins, and the least versions of the two packages
+# it asks for at least (the versions of its time; later ones may expect a later ComfyUI).
+SECOND_HOST_REQUIREMENTS = ("comfy-kitchen==0.2.7", "comfy-aimdo==0.1.7", "comfyui-frontend-package==1.37.11")
+
+
+def second_host_archive() -> Path:
+    """$DYNAMIC_DIT_SECOND_HOST, else ../shared/hosts/comfyui-v0.12.1.tar.gz beside this project's folder."""
+    explicit = os.environ.get("DYNAMIC_DIT_SECOND_HOST")
+    return Path(explicit) if explicit else pack_root().parent / "shared" / "hosts" / SECOND_HOST_ARCHIVE
+
+
+def comfyui_version(path: Path) -> str:
+    """The version a ComfyUI folder declares (comfyui_version.py), without importing it."""
+    text = (path / "comfyui_version.py").read_text() if (path / "comfyui_version.py").is_file() else ""
+    for line in text.splitlines():
+        if line.startswith("__version__"):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    return "unknown"
+
+
+def prepare_second_host(archive: Path | None = None) -> tuple[Path, Path] | None:
+    """ComfyUI 0.12.1 unpacked into the cache folder and its extra requirements installed beside it (a folder to put
+    on PYTHONPATH ahead of the environment's own packages); None where the archive is absent."""
+    archive = archive or second_host_archive()
+    if not archive.is_file():
+        return None
+    root = cache_dir() / f"ComfyUI-{SECOND_HOST_VERSION}"
+    comfyui, packages = root / "ComfyUI", root / "site-packages"
+    if not _is_comfyui(comfyui):
+        staging = root.with_name(root.name + ".partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        with tarfile.open(archive) as packed:
+            packed.extractall(staging, filter="data")
+        if not _is_comfyui(staging / "ComfyUI") or comfyui_version(staging / "ComfyUI") != SECOND_HOST_VERSION:
+            raise FileNotFoundError(f"{archive} does not hold ComfyUI {SECOND_HOST_VERSION} in a ComfyUI/ folder.")
+        shutil.rmtree(root, ignore_errors=True)
+        staging.rename(root)
+    marker = packages / ".requirements"
+    wanted = "\n".join(SECOND_HOST_REQUIREMENTS)
+    if not marker.is_file() or marker.read_text() != wanted:
+        shutil.rmtree(packages, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+                        "--no-compile", "--target", str(packages), *SECOND_HOST_REQUIREMENTS], check=True)
+        marker.write_text(wanted)
+    return comfyui, packages
+
+
 if __name__ == "__main__":
-    print(find_comfyui())
+    if sys.argv[1:] == ["--second-host"]:  # two lines for scripts/run.sh: the ComfyUI folder, the packages folder
+        prepared = prepare_second_host()
+        if prepared is None:
+            print(f"ComfyUI {SECOND_HOST_VERSION} not found at {second_host_archive()}: the tests ran on the vendored host only",
+                  file=sys.stderr)
+            sys.exit(3)
+        print("\n".join(str(p) for p in prepared))
+    else:
+        print(find_comfyui())

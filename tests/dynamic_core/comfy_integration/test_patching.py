@@ -15,6 +15,7 @@ from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import (
     plan_of,
 )
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
+from support.host_models import tiny_chroma
 
 
 def latest_run(model):
@@ -172,16 +173,7 @@ def test_keeps_a_block_patch_installed_by_another_node(flux_model, conds):
 
 
 def test_unsupported_model_raises_and_leaves_the_input_alone():
-    import comfy.model_patcher
-    import comfy.supported_models
-
-    config = comfy.supported_models.Chroma(
-        dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=64, hidden_size=128, mlp_ratio=4.0,
-             num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 24, 24], theta=10000, patch_size=2,
-             qkv_bias=True, in_dim=64, out_dim=128, hidden_dim=64, n_layers=1)
-    )
-    config.set_inference_dtype(torch.float32, None)
-    chroma = comfy.model_patcher.ModelPatcher(config.get_model({}), torch.device("cpu"), torch.device("cpu"))
+    chroma = tiny_chroma()
     before = copy.deepcopy(chroma.model_options)
     with pytest.raises(UnsupportedModelError, match="Chroma"):
         install_executor(chroma)

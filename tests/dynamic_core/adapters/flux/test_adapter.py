@@ -1,13 +1,11 @@
 import pytest
 import torch
 
-import comfy.model_patcher
-import comfy.supported_models
-
 from comfyui_dynamic_dit.dynamic_core.adapters import UnsupportedModelError, adapter_for
 from comfyui_dynamic_dit.dynamic_core.adapters.flux import DOUBLE, SINGLE
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
+from support.host_models import tiny_chroma, tiny_flux2
 
 
 def test_describes_the_tiny_flux(flux_model, tiny_config):
@@ -59,30 +57,14 @@ def test_analytic_flops_count_kontext_reference_tokens(flux_model):
     assert adapter.full_flops(shape).total == pytest.approx(measured, rel=0.02)
 
 
-def _model(config_cls, unet_config):
-    model_config = config_cls(unet_config)
-    model_config.set_inference_dtype(torch.float32, None)
-    return comfy.model_patcher.ModelPatcher(model_config.get_model({}), torch.device("cpu"), torch.device("cpu"))
-
-
 def test_refuses_flux2_with_the_supported_list():
-    flux2 = _model(
-        comfy.supported_models.Flux2,
-        dict(image_model="flux2", in_channels=32, out_channels=32, vec_in_dim=None, context_in_dim=64, hidden_size=128,
-             mlp_ratio=3.0, num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 16, 16, 16], theta=2000,
-             patch_size=1, qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False),
-    )
+    flux2 = tiny_flux2()
     with pytest.raises(UnsupportedModelError, match=r"Flux 2.*Supported: Flux\.1 dev"):
         adapter_of(flux2)
 
 
 def test_refuses_chroma():
-    chroma = _model(
-        comfy.supported_models.Chroma,
-        dict(image_model="chroma", in_channels=64, out_channels=64, context_in_dim=64, hidden_size=128, mlp_ratio=4.0,
-             num_heads=2, depth=1, depth_single_blocks=1, axes_dim=[16, 24, 24], theta=10000, patch_size=2,
-             qkv_bias=True, in_dim=64, out_dim=128, hidden_dim=64, n_layers=1),
-    )
+    chroma = tiny_chroma()
     with pytest.raises(UnsupportedModelError, match="Chroma"):
         adapter_of(chroma)
 
