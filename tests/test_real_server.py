@@ -63,3 +63,27 @@ def test_bad_input_gets_a_clear_error_and_the_server_stays_up(comfy_server):
     assert error["node_type"] == "DynamicTokenRouter" and "banana" in error["exception_message"], error
     assert comfy_server.get("/system_stats")["system"]
     assert comfy_server.process.poll() is None
+
+
+def test_the_train_workflow_trains_and_samples_in_the_server(comfy_server):
+    """The Train node as an artist runs it (issue 22: it failed on ComfyUI 0.12.1, whose fused RoPE has no backward):
+    the example train workflow, made short, inside the server's inference mode, on both hosts."""
+    nodes = example_graphs.train_workflow()
+    train = next(n for n in nodes if n.type == "DynamicTrainer")
+    train.widgets.update(steps=3, sampling_steps=4, seeds=1, filename="trained/server_check")
+    prompt = workflows.build_api(nodes, workflows.registry())
+    listener = EventListener(comfy_server)
+    try:
+        history = comfy_server.wait_for_history(comfy_server.queue(prompt, listener.client_id), timeout=300)
+    finally:
+        listener.close()
+    assert history["status"]["status_str"] == "success", history["status"]
+    report = history["outputs"][_node_id(prompt, "Training report")]["text"][0]
+    assert "wrote server_check.safetensors" in report and "after 3 steps" in report, report
+    assert (comfy_server.base / "models" / "dynamic_dit" / "trained" / "server_check.safetensors").is_file()
+    # the returned model sampled with the trained parts (3 steps do not reach the target: no speed claim here)
+    summary = history["outputs"][_node_id(prompt, "DynamicSpeedReport")]["text"][0]
+    assert "TD-LoRA server_check K=2" in summary and "ratios of server_check.safetensors" in summary, summary
+    for title in ("Full compute", "Trained, half the FLOPs"):
+        (image,) = history["outputs"][_node_id(prompt, title)]["images"]
+        assert image["filename"].endswith(".png")
