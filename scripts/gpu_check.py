@@ -11,6 +11,8 @@ kernels per step (CUDA: profiler; CPU: aten ops dispatched).
 Sizes (environment): GPU_CHECK_TINY=1 a tiny model for a smoke test anywhere (seconds);
 GPU_CHECK_PROXY=1 the CPU proxy (hidden 3072, 1 double + 2 single blocks, 4096 image tokens, bf16).
 Other settings: STEPS, REPEATS, SIZE, CASES (space separated), OUT, GPU_CHECK_BUDGET_S, LOWVRAM_GB.
+FAMILY=flux2 (with TINY or PROXY): Flux 2 instead, at the proxy Klein 4B's width (hidden 3072, 24 heads, SwiGLU
+9216, 1 double + 2 single blocks, 128-channel latent at 1/16 of the image size: 4096 image tokens at 1024 px).
 Part `lowvram` (CUDA only) emulates a 16 GB card with ComfyUI's partial loading (--reserve-vram).
 Part `memory` (CPU) runs every case in a fresh process of its own (2 steps, no warm-up), so that one
 case's peak RSS does not carry the allocator's history of the cases before it.
@@ -101,6 +103,12 @@ else:
     size, steps, text_tokens, repeats = int(os.environ.get("SIZE", 1024)), int(os.environ.get("STEPS", 28)), 512, int(os.environ.get("REPEATS", 3))
 DEFAULT_CASES = ("unpatched off width:0.5 ramp:0.75-1.0 ramp:0.5-1.0 ramp:0.3-0.9 diffcr:0.5 reuse:0.5 sdt:0.5 "
                  "ddit:0-100%:2 ddit:0-60%:2;60-100%:1 width:0.75+reuse:0.7 ddit:0-25%:2+ramp:0.5-1.0+reuse:0.5")
+FLUX2 = os.environ.get("FAMILY", "flux") == "flux2"
+if FLUX2:  # no coarse patches on Flux 2 yet
+    if not (TINY or PROXY):
+        sys.exit("FAMILY=flux2 runs with GPU_CHECK_TINY=1 or GPU_CHECK_PROXY=1 only")
+    arch = {} if TINY else dict(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=2, context_dim=7680, guidance=False)
+    DEFAULT_CASES = " ".join(c for c in DEFAULT_CASES.split() if "ddit" not in c)
 if PART == "lowvram":
     DEFAULT_CASES = "unpatched off width:0.5 ramp:0.5-1.0"
     steps, repeats = (3 if TINY else int(os.environ.get("LOWVRAM_STEPS", 6))), 1
@@ -188,17 +196,24 @@ class PeakRss:
 
 
 # --- model and cases ----------------------------------------------------------------------------------
-config = tiny_flux.TinyFlux(**arch)
 t0 = time.perf_counter()
-model = tiny_flux.build_model(config, dtype=torch.bfloat16, device=DEVICE if CUDA else None)
+if FLUX2:
+    from comfyui_dynamic_dit.devtools import tiny_flux2  # noqa: E402
+
+    config = tiny_flux2.TinyFlux2(**arch)
+    model = tiny_flux2.build_model(config, dtype=torch.bfloat16)
+else:
+    config = tiny_flux.TinyFlux(**arch)
+    model = tiny_flux.build_model(config, dtype=torch.bfloat16, device=DEVICE if CUDA else None)
 if PART == "lowvram" and CUDA:
     model.model.diffusion_model.to("cpu")  # let ComfyUI load what fits and stream the rest (partial load)
     model.model.device = torch.device("cpu")
     torch.cuda.empty_cache()
 params = sum(p.numel() for p in model.model.diffusion_model.parameters())
 print(f"[{PART}] built {params / 1e9:.2f}B params bf16 on {DEVICE} in {time.perf_counter() - t0:.1f}s", flush=True)
-positive, negative = tiny_flux.conditioning(config, text_tokens=text_tokens)
-sample_kw = dict(height=size // 8, width=size // 8, steps=steps, sampler="euler", scheduler="simple", cfg=1.0)
+positive, negative = (tiny_flux2 if FLUX2 else tiny_flux).conditioning(config, text_tokens=text_tokens)
+latent_size = size // 16 if FLUX2 else size // 8  # Flux 2: one token per latent pixel of a 16x VAE
+sample_kw = dict(height=latent_size, width=latent_size, steps=steps, sampler="euler", scheduler="simple", cfg=1.0)
 
 
 def case_of(text: str) -> bench.Case:
@@ -335,8 +350,8 @@ memory = "peak GPU GiB" if CUDA else "peak RSS GiB"
 head = (f"| case | FLOPs vs full | FLOPs reduction | model time (median) | speedup | efficiency | model time (fastest) | "
         f"speedup (fastest) | efficiency (fastest) | median step ms | {memory} | "
         "memory vs unpatched | weight GiB cast per step | pack syncs per step | kernels per step | wall (median) |")
-lines = [f"### {PART}: {'TINY ' if TINY else 'CPU proxy ' if PROXY else ''}hidden {config.hidden_size}, "
-         f"{arch['depth']} double + {arch['depth_single_blocks']} single blocks, {size}px ({(size // 16) ** 2} image + "
+lines = [f"### {PART}: {'TINY ' if TINY else 'CPU proxy ' if PROXY else ''}{'Flux 2, ' if FLUX2 else ''}hidden {config.hidden_size}, "
+         f"{config.depth} double + {config.depth_single_blocks} single blocks, {size}px ({(size // 16) ** 2} image + "
          f"{text_tokens} text tokens), {steps} steps, bf16, {device_name}, torch {torch.__version__}", "", head,
          "|" + " --- |" * (head.count("|") - 1)]
 rows = []

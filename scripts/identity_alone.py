@@ -64,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{'ok  ' if ok else 'FAIL'} {seconds:6.1f} s  {path.relative_to(ROOT)}  ({summary})", flush=True)
             if not ok:
                 failed.append(path)
+            if load is not None and load.poll() is not None:  # e.g. the kernel's OOM killer chose the load
+                print(f"the load process ended (exit code {load.returncode}) during that file: the run was no longer "
+                      "under load; not counted", flush=True)
+                return 1
     finally:
         if load is not None:
             load.kill()

@@ -21,7 +21,6 @@ HOST_MODEL_NAMES: dict[str, str] = {
     "StableAudio1": "Stable Audio",
     "HunyuanDiT": "Hunyuan-DiT",
     "PixArt": "PixArt",
-    "Flux2": "Flux 2",
     "Chroma": "Chroma",
     "ChromaRadiance": "Chroma Radiance",
     "GenmoMochi": "Mochi video",

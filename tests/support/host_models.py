@@ -26,12 +26,6 @@ def _flux_like(hidden: int, in_features: int, **extra) -> dict[str, tuple[int, .
             "double_blocks.0.img_attn.norm.key_norm.scale": (64,), "single_blocks.0.norm.key_norm.scale": (64,), **extra}
 
 
-def tiny_flux2():
-    """A Flux 2 model (its double-stream modulation shared by all blocks)."""
-    return detected_model(_flux_like(128, 32, **{"double_stream_modulation_img.lin.weight": (768, 128)}),
-                          axes_dim=[16, 16, 16, 16], num_heads=2)
-
-
 def tiny_chroma():
     """A Chroma model (Flux.1 without the modulation layers; a distilled guidance network instead)."""
     return detected_model(_flux_like(128, 256, **{"distilled_guidance_layer.norms.0.scale": (64,)}),

@@ -1,4 +1,10 @@
-"""Adapter for the Flux.1 family (dev, schnell, Fill, Kontext, Redux-conditioned) as ComfyUI builds it.
+"""Adapter for the Flux.1 family (dev, schnell, Fill, Kontext, Redux-conditioned) and Flux 2 (dev, Klein) as
+ComfyUI builds them.
+
+Flux 2 is the same block classes with other switches, read from the host's model parameters and expressed in
+`FluxArchitecture`: `shared_modulation` (the model computes each stream's modulation once and passes it to every
+block as `vec`; the blocks have no modulation layers), `gated_mlp` (SwiGLU: the first MLP linear gives
+[gate | up], so an MLP unit is a pair of rows), no biases, 4-axis RoPE (the same `pe` layout).
 
 Flux.1 layout, as the blocks receive it:
 - double-stream blocks: separate `img` (B, N, D) and `txt` (B, T, D) streams, each with its own
@@ -39,6 +45,12 @@ FLUX_BLOCK_KINDS = (
               tuple(f"{stream}_{name}" for stream in ("img", "txt") for name in _STREAM_LINEARS)),
     BlockKind(SINGLE, "single_block", "single_blocks", ("modulation.lin", "linear1", "linear2")),
 )
+# Flux 2: the blocks have no modulation layers of their own (the model modulates once for all of them).
+FLUX2_BLOCK_KINDS = (
+    BlockKind(DOUBLE, "double_block", "double_blocks",
+              tuple(f"{stream}_{name}" for stream in ("img", "txt") for name in _STREAM_LINEARS if name != "mod.lin")),
+    BlockKind(SINGLE, "single_block", "single_blocks", ("linear1", "linear2")),
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,8 @@ class FluxArchitecture:
     vec_dim: int | None
     guidance_embed: bool
     axes_dim: tuple[int, ...]
+    shared_modulation: bool = False  # Flux 2: one modulation per stream for all blocks, computed before them
+    gated_mlp: bool = False  # Flux 2: SwiGLU, the first MLP linear gives [gate | up] (2 x mlp_hidden rows)
 
 
 def _class_path(obj: object) -> str:
@@ -74,7 +88,7 @@ def _linear_shape(layer: torch.nn.Module, name: str) -> tuple[int, int]:
 class FluxAdapter(ModelAdapter):
     family = "flux"
     display_name = "Flux.1"
-    supported_variants = ("Flux.1 dev", "Flux.1 schnell", "Flux.1 Fill", "Flux.1 Kontext")
+    supported_variants = ("Flux.1 dev", "Flux.1 schnell", "Flux.1 Fill", "Flux.1 Kontext", "Flux 2 dev", "Flux 2 Klein")
     block_kinds = FLUX_BLOCK_KINDS
 
     # Model classes of the Flux family tree that this adapter recognises but does not support yet.
@@ -97,11 +111,15 @@ class FluxAdapter(ModelAdapter):
         params = getattr(diffusion_model, "params", None)
         if params is None:
             self._refuse("a Flux model without FluxParams")
-        if host_model_name == "Flux2" or getattr(params, "global_modulation", False) or len(params.axes_dim) != 3:
-            self._refuse("Flux 2 (shared global modulation, SwiGLU MLPs, 4-axis RoPE)")
-        if getattr(params, "mlp_silu_act", False):
-            self._refuse("a Flux variant with SwiGLU MLPs")
-        if host_model_name is not None and host_model_name not in ("Flux", "FluxInpaint"):
+        flux2 = host_model_name == "Flux2" or bool(getattr(params, "global_modulation", False))
+        if flux2:  # the same block classes with Flux 2's switches: shared modulation, SwiGLU, no biases, 4-axis RoPE
+            self.family, self.display_name = "flux2", "Flux 2"
+            self.block_kinds = FLUX2_BLOCK_KINDS
+            if not (getattr(params, "global_modulation", False) and getattr(params, "mlp_silu_act", False)):
+                self._refuse("a Flux 2 variant without its shared modulation and SwiGLU MLPs")
+        elif getattr(params, "mlp_silu_act", False) or getattr(params, "yak_mlp", False):
+            self._refuse("a Flux.1 variant with gated MLPs")
+        if host_model_name is not None and host_model_name not in ("Flux", "FluxInpaint", "Flux2"):
             self._refuse(f"the Flux-based '{host_model_name}' model type")
         self.arch = self._describe(diffusion_model, params)
         self._blocks = tuple(
@@ -138,29 +156,33 @@ class FluxAdapter(ModelAdapter):
             self._refuse(f"a Flux model whose hidden size {hidden} is not a multiple of its {heads} heads")
         double_blocks = list(getattr(model, "double_blocks", []))
         single_blocks = list(getattr(model, "single_blocks", []))
+        shared = bool(getattr(params, "global_modulation", False))
+        gated = bool(getattr(params, "mlp_silu_act", False))
+        activation, first_rows = ("SiLUActivation", 2) if gated else ("GELU", 1)
         mlp_hidden = None
         for i, block in enumerate(double_blocks):
             where = f"double_blocks.{i}"
             if type(block).__name__ != "DoubleStreamBlock" or getattr(block, "flipped_img_txt", False):
                 self._refuse(f"a Flux model with an unexpected double block at {where}")
-            if not getattr(block, "modulation", True):
-                self._refuse("Flux 2 (double blocks without their own modulation)")
+            if bool(getattr(block, "modulation", True)) == shared:
+                self._refuse(f"a Flux model whose double block at {where} has {'its own' if shared else 'no'} modulation")
             for stream in ("img", "txt"):
                 qkv_out, _ = _linear_shape(getattr(block, f"{stream}_attn").qkv, f"{where}.{stream}_attn.qkv")
                 mlp = getattr(block, f"{stream}_mlp")
-                if len(mlp) != 3 or type(mlp[1]).__name__ != "GELU":
-                    self._refuse(f"a Flux model with a non-GELU MLP at {where}.{stream}_mlp")
+                if len(mlp) != 3 or type(mlp[1]).__name__ != activation:
+                    self._refuse(f"a Flux model with an unexpected MLP at {where}.{stream}_mlp")
                 m_out, _ = _linear_shape(mlp[0], f"{where}.{stream}_mlp.0")
-                if qkv_out != 3 * hidden or (mlp_hidden is not None and m_out != mlp_hidden):
+                m = m_out // first_rows
+                if qkv_out != 3 * hidden or (mlp_hidden is not None and m != mlp_hidden):
                     self._refuse(f"a Flux model with inconsistent layer widths at {where}")
-                mlp_hidden = m_out
+                mlp_hidden = m
         for i, block in enumerate(single_blocks):
             where = f"single_blocks.{i}"
-            if type(block).__name__ != "SingleStreamBlock" or getattr(block, "modulation", None) is None:
+            if type(block).__name__ != "SingleStreamBlock" or (getattr(block, "modulation", None) is None) != shared:
                 self._refuse(f"a Flux model with an unexpected single block at {where}")
             m = int(block.mlp_hidden_dim)
             l1_out, _ = _linear_shape(block.linear1, f"{where}.linear1")
-            if l1_out != 3 * hidden + m or (mlp_hidden is not None and m != mlp_hidden):
+            if l1_out != 3 * hidden + first_rows * m or (mlp_hidden is not None and m != mlp_hidden):
                 self._refuse(f"a Flux model with inconsistent layer widths at {where}")
             mlp_hidden = m
         if mlp_hidden is None:
@@ -184,6 +206,8 @@ class FluxAdapter(ModelAdapter):
             vec_dim=_linear_shape(vector_in.in_layer, "vector_in.in_layer")[1] if vector_in is not None else None,
             guidance_embed=bool(params.guidance_embed),
             axes_dim=tuple(int(a) for a in params.axes_dim),
+            shared_modulation=shared,
+            gated_mlp=gated,
         )
 
     # --- what the model is --------------------------------------------------------------------
@@ -251,8 +275,10 @@ class FluxAdapter(ModelAdapter):
     def width_units(self) -> FluxWidthUnits:
         return self._width
 
-    def coarse_grid(self) -> FluxCoarseGrid:
-        return FluxCoarseGrid(self.arch, self._blocks, self._info)
+    def coarse_grid(self) -> FluxCoarseGrid | None:
+        # Flux 2 modulates its final layer by the call's vector, which its blocks never see (they receive the
+        # shared modulations): the coarse grid's seam does not reach it yet.
+        return None if self.arch.shared_modulation else FluxCoarseGrid(self.arch, self._blocks, self._info)
 
     # --- analytic FLOPs -----------------------------------------------------------------------
     def stem_flops(self, shape: CallLayout) -> FlopBreakdown:
@@ -264,6 +290,8 @@ class FluxAdapter(ModelAdapter):
         embed += embedders * (linear_flops(b, 256, d) + linear_flops(b, d, d))
         if a.vec_dim is not None:
             embed += linear_flops(b, a.vec_dim, d) + linear_flops(b, d, d)
+        if a.shared_modulation:  # Flux 2 modulates once per call: both streams of the double blocks, the single blocks
+            embed += 2 * linear_flops(b, d, 6 * d) + linear_flops(b, d, 3 * d)
         final = linear_flops(b, d, 2 * d) + linear_flops(b * shape.image_tokens, d, a.out_channels * a.patch_size**2)
         return FlopBreakdown(embed=embed, final=final)
 
@@ -275,21 +303,13 @@ class FluxAdapter(ModelAdapter):
         n, t = work.image_tokens, work.text_tokens
         n_mlp = n if work.mlp_image_tokens is None else work.mlp_image_tokens
         inner = heads * hd
-        attention = attention_flops(b, heads, n + t, n + t, hd)
-        if block.kind == DOUBLE:
-            return FlopBreakdown(
-                modulation=2 * linear_flops(b, d, 6 * d),
-                qkv=linear_flops(b * (n + t), d, 3 * inner),
-                attention=attention,
-                proj=linear_flops(b * (n + t), inner, d),
-                mlp=linear_flops(b * (n_mlp + t), d, mlp) + linear_flops(b * (n_mlp + t), mlp, d),
-                extra=work.extra_flops,
-            )
+        first = 2 * mlp if a.gated_mlp else mlp  # SwiGLU's first linear gives gate and up
+        shared = a.shared_modulation
         return FlopBreakdown(
-            modulation=linear_flops(b, d, 3 * d),
+            modulation=0.0 if shared else linear_flops(b, d, 12 * d if block.kind == DOUBLE else 3 * d),
             qkv=linear_flops(b * (n + t), d, 3 * inner),
-            attention=attention,
+            attention=attention_flops(b, heads, n + t, n + t, hd),
             proj=linear_flops(b * (n + t), inner, d),
-            mlp=linear_flops(b * (n_mlp + t), d, mlp) + linear_flops(b * (n_mlp + t), mlp, d),
+            mlp=linear_flops(b * (n_mlp + t), d, first) + linear_flops(b * (n_mlp + t), mlp, d),
             extra=work.extra_flops,
         )

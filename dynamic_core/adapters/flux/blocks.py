@@ -81,11 +81,15 @@ class WidthSelections(UnitSelections):
         # q, k and v of the kept heads (the rows of a fused qkv)
         self.qkv_rows = None if heads is None else head_cols + head_cols.shifted(d) + head_cols.shifted(2 * d)
         qkv_rows = self.qkv_rows or AxisSelection.span(0, 3 * d)
+        # the MLP's first linear: a unit's row, and with SwiGLU (Flux 2) also its row in the up half [gate | up]
+        mlp_in = units + units.shifted(mlp) if arch.gated_mlp else units
+        self.mlp_in_rows = None if groups is None else mlp_in
+        self.mlp_in_width = self.unit_count * (2 if arch.gated_mlp else 1)
         # single blocks: linear1 = [q | k | v | mlp in], linear2 = [attention | mlp] columns
-        self.linear1_rows = qkv_rows + units.shifted(3 * d)
+        self.linear1_rows = qkv_rows + mlp_in.shifted(3 * d)
         self.linear2_cols = head_cols + units.shifted(d)
         self.linear1_qkv_rows = qkv_rows
-        self.linear1_mlp_rows = units.shifted(3 * d)
+        self.linear1_mlp_rows = mlp_in.shifted(3 * d)
         self.linear2_attn_cols = head_cols
         self.linear2_mlp_cols = units.shifted(d)
         self._build_indices(device)
@@ -131,12 +135,13 @@ class ReducedFluxBlock:
                 proj=self.linear(attn.proj, f"{stream}_attn.proj", cols=width.head_cols),
             )
             overrides[f"{stream}_mlp"] = TokenSubsetMLP(
-                self.linear(mlp[0], f"{stream}_mlp.0", rows=width.units),
+                self.linear(mlp[0], f"{stream}_mlp.0", rows=width.mlp_in_rows),
                 mlp[1],
                 self.linear(mlp[2], f"{stream}_mlp.2", cols=width.units),
                 self.internals.mlp_tokens if stream == "img" else None,
             )
-            overrides[f"{stream}_mod"] = self.modulation(getattr(self.module, f"{stream}_mod"), f"{stream}_mod")
+            if not self.arch.shared_modulation:
+                overrides[f"{stream}_mod"] = self.modulation(getattr(self.module, f"{stream}_mod"), f"{stream}_mod")
         return ModuleView(self.module, **overrides)
 
     def single_view(self, text_tokens: int) -> ModuleView:
@@ -144,9 +149,10 @@ class ReducedFluxBlock:
         overrides: dict[str, Any] = {
             "num_heads": width.head_count,
             "hidden_size": width.head_count * self.arch.head_dim,
-            "mlp_hidden_dim_first": width.unit_count,
-            "modulation": self.modulation(module.modulation, "modulation"),
+            "mlp_hidden_dim_first": width.mlp_in_width,
         }
+        if not self.arch.shared_modulation:
+            overrides["modulation"] = self.modulation(module.modulation, "modulation")
         if internals.mlp_tokens is None:
             reduced = internals.heads is not None or internals.mlp_groups is not None
             overrides["linear1"] = self.linear(module.linear1, "linear1", rows=width.linear1_rows if reduced else None)

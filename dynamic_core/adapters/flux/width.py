@@ -59,17 +59,20 @@ class FluxWidthUnits(WidthUnits):
         units = a.mlp_hidden if work.mlp_hidden is None else work.mlp_hidden
         n, t = work.image_tokens, work.text_tokens
         n_mlp = n if work.mlp_image_tokens is None else work.mlp_image_tokens
+        first = 2 * units if a.gated_mlp else units  # SwiGLU's first linear gives gate and up
         if block.kind == DOUBLE:
             sizes = {}
             for stream, tokens, mlp_tokens in (("img", n, n_mlp), ("txt", t, t)):
+                if not a.shared_modulation:
+                    sizes[f"{stream}_mod.lin"] = (b, d, 6 * d)
                 sizes.update({
-                    f"{stream}_mod.lin": (b, d, 6 * d), f"{stream}_attn.qkv": (b * tokens, d, 3 * inner),
-                    f"{stream}_attn.proj": (b * tokens, inner, d), f"{stream}_mlp.0": (b * mlp_tokens, d, units),
-                    f"{stream}_mlp.2": (b * mlp_tokens, units, d),
+                    f"{stream}_attn.qkv": (b * tokens, d, 3 * inner), f"{stream}_attn.proj": (b * tokens, inner, d),
+                    f"{stream}_mlp.0": (b * mlp_tokens, d, first), f"{stream}_mlp.2": (b * mlp_tokens, units, d),
                 })
             return sizes
         rows = b * (n + t)
-        return {"modulation.lin": (b, d, 3 * d), "linear1": (rows, d, 3 * inner + units), "linear2": (rows, inner + units, d)}
+        sizes = {} if a.shared_modulation else {"modulation.lin": (b, d, 3 * d)}
+        return {**sizes, "linear1": (rows, d, 3 * inner + first), "linear2": (rows, inner + units, d)}
 
     def measure_units(
         self,
@@ -84,9 +87,12 @@ class FluxWidthUnits(WidthUnits):
         group_size = a.mlp_hidden // mlp_group_count
         if block.kind == DOUBLE:
             overrides: dict[str, Any] = {}
-            for stream in ("img", "txt"):
+            for index, stream in enumerate(("img", "txt")):
                 attn, mlp = getattr(module, f"{stream}_attn"), getattr(module, f"{stream}_mlp")
-                modulation = overrides[f"{stream}_mod"] = Recorded(getattr(module, f"{stream}_mod"))
+                if a.shared_modulation:  # Flux 2: the block receives its streams' modulations as `vec`
+                    modulation = _Given(args["vec"][index])
+                else:
+                    modulation = overrides[f"{stream}_mod"] = Recorded(getattr(module, f"{stream}_mod"))
                 proj = meter.output_linear(attn.proj, [("heads", 0, a.head_dim)], lambda m=modulation: m.output[0].gate)
                 mlp_out = meter.output_linear(mlp[2], [("groups", 0, group_size)], lambda m=modulation: m.output[1].gate)
                 overrides[f"{stream}_attn"] = ModuleView(attn, proj=proj)
@@ -94,11 +100,20 @@ class FluxWidthUnits(WidthUnits):
             img, txt = call_forward(type(module), ModuleView(module, **overrides), args)
             out = {"img": img, "txt": txt}
         else:
-            modulation = Recorded(module.modulation)
+            shared = a.shared_modulation
+            modulation = _Given((args["vec"], None)) if shared else Recorded(module.modulation)
             linear2 = meter.output_linear(
                 module.linear2,
                 [("heads", 0, a.head_dim), ("groups", a.hidden_size, group_size)],
                 lambda: modulation.output[0].gate,
             )
-            out = {"img": call_forward(type(module), ModuleView(module, modulation=modulation, linear2=linear2), args)}
+            view = ModuleView(module, linear2=linear2) if shared else ModuleView(module, modulation=modulation, linear2=linear2)
+            out = {"img": call_forward(type(module), view, args)}
         return out, meter.mean("heads"), meter.mean("groups")
+
+
+class _Given:
+    """A modulation the block receives (Flux 2), read like a `Recorded` one's output."""
+
+    def __init__(self, output: Any) -> None:
+        self.output = output
