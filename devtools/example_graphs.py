@@ -8,17 +8,14 @@ from __future__ import annotations
 
 from typing import Callable
 
+from .example_graphs_flux2 import flux2_dev_workflow
+from .graph_texts import REPORT_HELP, SKIP_BASELINE
 from .workflows import Node, layout, note
 
 FLUX_FILES = (
     "Needs FLUX.1-dev: `flux1-dev.safetensors` in `models/diffusion_models/`, `clip_l.safetensors` and "
     "`t5xxl_fp16.safetensors` in `models/text_encoders/`, `ae.safetensors` in `models/vae/` (about 34 GB together). "
     "No download at hand? Start with the **try_it** workflow: it runs on the small model the pack ships."
-)
-REPORT_HELP = (
-    "**Dynamic Speed Report** draws a bar per sampling step (model ms, the full-compute run in grey next to it, "
-    "one-off setup such as the width calibration apart) and the FLOPs of every step, live while sampling; "
-    "**Preview as Text** shows its per-step table."
 )
 
 
@@ -255,11 +252,6 @@ WAN_CHAIN_HELP = (
     "of the video tokens (frames x rows x cols) through every block but the first and last two, the others get the "
     "block's last update. Each method is training-free and can be bypassed (Ctrl+B) on its own."
 )
-SKIP_BASELINE = (
-    "The full-compute run doubles the time. To skip it, select the nodes titled *(full compute)* and mute them "
-    "(Ctrl+M): the reports still show every step's FLOPs and model time, and compare with the latest full-compute "
-    "run of the same size and steps when there is one."
-)
 
 
 def _video_out(key: str, latent: tuple[str, int], prefix: str, title: str) -> list[Node]:
@@ -400,4 +392,5 @@ WORKFLOWS: dict[str, tuple[str, Callable[[], list[Node]]]] = {
     "wan21_t2v_1_3b": ("Wan 2.1 text-to-video 1.3B, full compute next to the dynamic chain", wan21_t2v_workflow),
     "wan22_t2v_a14b": ("Wan 2.2 text-to-video A14B (high- and low-noise experts) with the dynamic chain on both",
                        wan22_t2v_a14b_workflow),
+    "flux2_dev_t2i": ("Flux 2 dev text-to-image, full compute next to the Width Patcher and Token Router", flux2_dev_workflow),
 }

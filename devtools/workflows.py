@@ -33,6 +33,9 @@ MIN_SIZES: dict[str, tuple[int, int]] = {
     # the stock Wan video graph
     "CLIPLoader": (320, 110), "EmptyHunyuanLatentVideo": (320, 130), "ModelSamplingSD3": (320, 60),
     "KSamplerAdvanced": (340, 340), "CreateVideo": (320, 80), "SaveVideo": (400, 300),
+    # the stock Flux 2 graph
+    "EmptyFlux2LatentImage": (320, 110), "Flux2Scheduler": (320, 110), "KSamplerSelect": (320, 60),
+    "RandomNoise": (320, 82), "BasicGuider": (320, 50), "SamplerCustomAdvanced": (320, 110),
 }
 
 

@@ -93,7 +93,7 @@ STAND_IN_TYPES = {"UNETLoader", "CLIPLoader", "VAELoader", "CLIPTextEncode", "Em
 DISPLAY_TYPES = {"VAEDecode", "CreateVideo", "SaveVideo", "PreviewAny"}
 
 
-def _run_prompt(prompt: dict, registry: dict, stand_ins: dict) -> dict:
+def _run_prompt(prompt: dict, registry: dict, stand_ins: dict, stand_in_types: set = STAND_IN_TYPES) -> dict:
     """Execute an API-format prompt in process, node by node in dependency order: outputs per node id."""
     outputs, pending = {}, dict(prompt)
     while pending:
@@ -102,7 +102,7 @@ def _run_prompt(prompt: dict, registry: dict, stand_ins: dict) -> dict:
         assert ready, f"a cycle or a missing node among {sorted(pending)}"
         for node_id in ready:
             node = pending.pop(node_id)
-            if node["class_type"] in STAND_IN_TYPES:
+            if node["class_type"] in stand_in_types:
                 outputs[node_id] = stand_ins[node["class_type"]](node["inputs"])
                 continue
             inputs = {k: outputs[v[0]][v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
@@ -154,3 +154,31 @@ def test_wan_workflows_sample_as_they_ship_on_tiny_wan_models(name):
     dynamic = [outputs[i][0]["samples"] for i, n in prompt.items() if n["class_type"].startswith("KSampler") and "dynamic" in n["_meta"]["title"]]
     assert len(full) == len(dynamic) == len(experts)
     assert not torch.equal(full[-1], dynamic[-1])  # the chain did something
+
+
+def test_the_flux2_workflow_samples_as_it_ships_on_a_tiny_flux2():
+    """The Flux 2 workflow's own sampling nodes (Flux2Scheduler 20 steps, RandomNoise, BasicGuider with FluxGuidance,
+    SamplerCustomAdvanced) run on a tiny Flux 2 standing in for the files; the report compares the Width Patcher and
+    Token Router at their defaults with the full-compute run on the same noise."""
+    import torch
+
+    from comfyui_dynamic_dit.devtools import example_graphs, example_graphs_flux2, tiny_flux2
+
+    registry = workflows.registry()
+    prompt = workflows.build_api(example_graphs.WORKFLOWS["flux2_dev_t2i"][1](), registry)
+    prompt = {i: n for i, n in prompt.items() if n["class_type"] not in DISPLAY_TYPES | {"SaveImage"}}
+    config = tiny_flux2.TinyFlux2(num_heads=8, depth=2, depth_single_blocks=4)  # heads and blocks for the defaults
+    positive, _ = tiny_flux2.conditioning(config)
+    stand_ins = {
+        "UNETLoader": lambda inputs: (tiny_flux2.build_model(config),), "CLIPLoader": lambda inputs: (None,),
+        "VAELoader": lambda inputs: (None,),
+        "CLIPTextEncode": lambda inputs: ({example_graphs_flux2.FLUX2_PROMPT: positive}[inputs["text"]],),
+        "EmptyFlux2LatentImage": lambda inputs: ({"samples": tiny_flux2.latent(8, 8)},),
+    }
+    outputs = _run_prompt(prompt, registry, {**stand_ins}, stand_in_types=set(stand_ins))
+    (report_id,) = [i for i, n in prompt.items() if n["class_type"] == "DynamicSpeedReport"]
+    latent, table, chart = outputs[report_id]
+    assert torch.isfinite(latent["samples"]).all() and chart.shape[-1] == 3
+    summary = table.splitlines()[0]
+    assert "fewer FLOPs" in summary and "full compute)" in summary and "20 steps" in summary, summary
+    assert "width: heads" in table and "token_router: reuse keep" in table  # both methods acted on some steps
