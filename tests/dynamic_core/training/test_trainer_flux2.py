@@ -64,3 +64,23 @@ def test_files_round_trip_through_the_loaders_on_flux2(flux2, tmp_path):
     reference = tiny_flux2.sample(sampling_through(model, student), positive, negative, **run)
     assert (reference - full).abs().max() > 1e-3
     torch.testing.assert_close(tiny_flux2.sample(loaded, positive, negative, **run), reference, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["diffcr", "sdt"])
+def test_token_routers_round_trip_on_flux2(flux2, tmp_path, mode):
+    """DiffCR and SDT token routers on Flux 2: with keep ratios below 1, the file run 'as trained' by the Token Router
+    samples what the student's forward samples (SDT: the single blocks' linear2 carries a token's MLP update)."""
+    from comfyui_dynamic_dit.dynamic_core.methods.token_router import TokenRouterSettings
+    from comfyui_dynamic_dit.dynamic_core.methods.token_router_file import load_router_file
+
+    model, (positive, negative), latent, bank = flux2
+    student = training_host.build_student(model, bank, StudentSpec(parts=("tokens",), token_mode=mode, ratio_regions=2), seed=1)
+    with torch.no_grad():
+        student.tokens.ratio.copy_(torch.tensor([[0.5], [0.75]]).expand_as(student.tokens.ratio))
+    [path] = save_student(student, tmp_path / "flux2", training_metadata(student, target=0.8, steps=0, command="test",
+                                                                         base_model="tiny flux2"))
+    loaded = apply_settings(model, TokenRouterSettings.as_trained(load_router_file(path)))
+    run = dict(latent=latent, **SAMPLING)
+    reference = tiny_flux2.sample(sampling_through(model, student), positive, negative, **run)
+    assert (reference - tiny_flux2.sample(model, positive, negative, **run)).abs().max() > 1e-3
+    torch.testing.assert_close(tiny_flux2.sample(loaded, positive, negative, **run), reference, rtol=0, atol=1e-4)
