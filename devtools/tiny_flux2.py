@@ -12,11 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
-import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
 
-from ..dynamic_core.comfy_integration.reference import frozen_as_the_host_leaves_it, initialise
+from ..dynamic_core.comfy_integration.reference import detected_model_config, frozen_as_the_host_leaves_it, initialise
 from .tiny_flux import sample  # noqa: F401  (one sampling run, as KSampler does it, for any model)
 
 LATENT_CHANNELS = 128
@@ -58,14 +57,7 @@ class TinyFlux2:
 
 
 def host_model_config(config: TinyFlux2 = TinyFlux2(), dtype: torch.dtype = torch.float32):
-    skeleton = config.checkpoint_skeleton()
-    unet_config = comfy.model_detection.detect_unet_config(skeleton, "")
-    if unet_config is None or unet_config.get("image_model") != "flux2":
-        raise RuntimeError(f"This ComfyUI does not detect a Flux 2 checkpoint from its keys (got {unet_config}).")
-    unet_config.update(config.size_fields())
-    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, skeleton)
-    if model_config is None:
-        raise RuntimeError(f"This ComfyUI has no model class for the Flux 2 config {unet_config}.")
+    model_config = detected_model_config(config.checkpoint_skeleton(), config.size_fields(), "flux2", "Flux 2")
     model_config.set_inference_dtype(dtype, None)
     return model_config
 

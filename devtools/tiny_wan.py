@@ -13,11 +13,10 @@ from typing import Any
 
 import torch
 
-import comfy.model_detection
 import comfy.model_management
 import comfy.model_patcher
 
-from ..dynamic_core.comfy_integration.reference import frozen_as_the_host_leaves_it, initialise
+from ..dynamic_core.comfy_integration.reference import detected_model_config, frozen_as_the_host_leaves_it, initialise
 from .tiny_flux import sample  # noqa: F401  (one sampling run, as KSampler does it, for any model)
 
 
@@ -65,14 +64,7 @@ class TinyWan:
 
 def host_model_config(config: TinyWan, dtype: torch.dtype = torch.float32):
     """The host's own model config (`comfy.supported_models`) for a Wan model of this size."""
-    skeleton = config.checkpoint_skeleton()
-    unet_config = comfy.model_detection.detect_unet_config(skeleton, "")
-    if unet_config is None or unet_config.get("image_model") != "wan2.1":
-        raise RuntimeError(f"This ComfyUI does not detect a Wan checkpoint from its keys (got {unet_config}).")
-    unet_config.update(config.size_fields())
-    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, skeleton)
-    if model_config is None:
-        raise RuntimeError(f"This ComfyUI has no model class for the Wan config {unet_config}.")
+    model_config = detected_model_config(config.checkpoint_skeleton(), config.size_fields(), "wan2.1", "Wan")
     model_config.set_inference_dtype(dtype, None)
     return model_config
 

@@ -105,17 +105,24 @@ def host_model_config(config: TinyFlux, dtype: torch.dtype = torch.float32, manu
     `txt_ids_dims`); only the size fields a small model cannot be detected by are set from `config`
     (detection assumes Flux.1's 128-channel heads and RoPE split).
     """
-    skeleton = config.checkpoint_skeleton()
-    unet_config = comfy.model_detection.detect_unet_config(skeleton, "")
-    if unet_config is None or unet_config.get("image_model") != "flux":
-        raise RuntimeError(f"This ComfyUI does not detect a Flux.1 checkpoint from its keys (got {unet_config}).")
-    unet_config.update(config.size_fields())
-    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, skeleton)
-    if model_config is None:
-        raise RuntimeError(f"This ComfyUI has no model class for the Flux.1 config {unet_config}.")
+    model_config = detected_model_config(config.checkpoint_skeleton(), config.size_fields(), "flux", "Flux.1")
     if scaled_fp8 is not None:
         model_config.scaled_fp8 = scaled_fp8  # what detection sets for a checkpoint with a 'scaled_fp8' marker
     model_config.set_inference_dtype(dtype, manual_cast_dtype)
+    return model_config
+
+
+def detected_model_config(skeleton: dict[str, torch.Tensor], sizes: dict, image_model: str | None, family: str):
+    """The host's own model config for a checkpoint with these keys (shape-only tensors): its model detection fills
+    every model parameter it knows, `sizes` the fields a small model cannot be detected by. `image_model`: the
+    detection result the caller expects (None: any). The caller sets the inference dtype."""
+    unet_config = comfy.model_detection.detect_unet_config(skeleton, "")
+    if unet_config is None or (image_model is not None and unet_config.get("image_model") != image_model):
+        raise RuntimeError(f"This ComfyUI does not detect a {family} checkpoint from its keys (got {unet_config}).")
+    unet_config.update(sizes)
+    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, skeleton)
+    if model_config is None:
+        raise RuntimeError(f"This ComfyUI has no model class for the {family} config {unet_config}.")
     return model_config
 
 

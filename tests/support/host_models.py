@@ -5,18 +5,15 @@ from __future__ import annotations
 
 import torch
 
-import comfy.model_detection
 import comfy.model_patcher
+
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.reference import detected_model_config
 
 
 def detected_model(keys: dict[str, tuple[int, ...]], **sizes):
     """A ModelPatcher around the host's model for the checkpoint keys (name -> shape), with `sizes` set."""
     skeleton = {name: torch.empty(shape, device="meta") for name, shape in keys.items()}
-    unet_config = comfy.model_detection.detect_unet_config(skeleton, "")
-    assert unet_config is not None, f"this ComfyUI detects no model from {sorted(keys)}"
-    unet_config.update(sizes)
-    model_config = comfy.model_detection.model_config_from_unet_config(unet_config, skeleton)
-    assert model_config is not None, f"this ComfyUI has no model class for {unet_config}"
+    model_config = detected_model_config(skeleton, sizes, None, "test")
     model_config.set_inference_dtype(torch.float32, None)
     return comfy.model_patcher.ModelPatcher(model_config.get_model({}), torch.device("cpu"), torch.device("cpu"))
 
