@@ -89,6 +89,15 @@ def fresh_file_lists(monkeypatch):
 
 
 @pytest.fixture
+def lora_folder(tmp_path, monkeypatch):
+    """ComfyUI's "loras" folder pointed at a temporary directory for this test."""
+    import folder_paths
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], set(folder_paths.supported_pt_extensions)))
+    return tmp_path
+
+
+@pytest.fixture
 def float32_rounding():
     """Tolerance for comparing two float32 computations that are equal in exact arithmetic but round
     differently, e.g. a LoRA as bypass `W x + s B A x` against ComfyUI's merged `(W + s B A) x`.

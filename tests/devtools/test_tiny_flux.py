@@ -57,12 +57,11 @@ def test_checkpoint_names_round_trip_through_the_host_loader():
     assert norms and all(torch.all(dm.get_parameter(n) == 1) for n in norms)  # initialised as unit scales
 
 
-def test_a_comfy_lora_applied_and_removed_leaves_the_model_on_the_same_kernels(tmp_path, monkeypatch):
+def test_a_comfy_lora_applied_and_removed_leaves_the_model_on_the_same_kernels(lora_folder):
     """Issue 22: a model built trainable (as ComfyUI 0.3.75 loads one) ran its first image with other matmul kernels
     than every image after a LoRA had been applied to it and removed (the host's unpatch freezes the layer), so a
     test's early reference and a later run differed in the last digits on some CPUs. The builder freezes the model
     as the host leaves it; the kernels must be the same before and after, which any CPU can check."""
-    import folder_paths
     import nodes as comfy_nodes
     from support.op_trace import first_difference, tracing_model_calls
     from safetensors.torch import save_file
@@ -81,8 +80,7 @@ def test_a_comfy_lora_applied_and_removed_leaves_the_model_on_the_same_kernels(t
         if isinstance(module, torch.nn.Linear):  # every linear layer, the attention outputs included
             lora[f"diffusion_model.{name}.lora_A.weight"] = torch.randn(2, module.in_features, generator=g) * 0.01
             lora[f"diffusion_model.{name}.lora_B.weight"] = torch.randn(module.out_features, 2, generator=g) * 0.01
-    save_file(lora, str(tmp_path / "all.safetensors"))
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], set(folder_paths.supported_pt_extensions)))
+    save_file(lora, str(lora_folder / "all.safetensors"))
     with_lora = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "all.safetensors", 1.0)[0]
     assert not torch.equal(run(with_lora)[0], before)
     after, ops_after = run(model)

@@ -7,7 +7,6 @@ from typing import ClassVar
 import pytest
 import torch
 
-import folder_paths
 import nodes as comfy_nodes
 
 from comfyui_dynamic_dit.devtools import tiny_flux
@@ -96,13 +95,6 @@ def standard_lora(model, style: str, seed: int = 0) -> dict:
     if style == "generic":
         return lora_state({f"diffusion_model.{p}": shapes[p] for p in PATHS}, ".lora_A.weight", ".lora_B.weight", 8.0, seed=seed)
     return lora_state(diffusers_pieces(shapes), ".lora_A.weight", ".lora_B.weight", seed=seed)
-
-
-@pytest.fixture
-def lora_folder(tmp_path, monkeypatch):
-    """ComfyUI's "loras" folder pointed at a temporary directory for this test."""
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], set(folder_paths.supported_pt_extensions)))
-    return tmp_path
 
 
 def comfy_lora(model, folder, name, state, strength):

@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-import folder_paths
 import nodes as comfy_nodes
 
 from comfyui_dynamic_dit.devtools import tiny_flux2
@@ -132,12 +131,6 @@ def test_half_settings_really_remove_compute(flux2, name, settings, most):
 
     ratio = sum(blocks(c.executed) for c in run.calls) / sum(blocks(c.full) for c in run.calls)
     assert ratio < most, (name, ratio)
-
-
-@pytest.fixture
-def lora_folder(tmp_path, monkeypatch):
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], set(folder_paths.supported_pt_extensions)))
-    return tmp_path
 
 
 def flux2_lora(model, rank=4, seed=0) -> dict:

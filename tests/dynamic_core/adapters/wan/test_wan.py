@@ -10,7 +10,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import comfy.sample
-import folder_paths
 import nodes as comfy_nodes
 
 from comfyui_dynamic_dit.devtools import tiny_wan
@@ -177,12 +176,6 @@ def test_coarse_tokens_sit_at_the_centres_of_their_regions():
     ids[..., 2] = (2 * torch.arange(4.0) + 0.5)[None, None, :]
     torch.testing.assert_close(coarse, dm.rope_embedder(ids.reshape(1, -1, 3)).movedim(1, 2))
     assert grid.sampling_refusal(model.model.model_sampling) is None
-
-
-@pytest.fixture
-def lora_folder(tmp_path, monkeypatch):
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "loras", ([str(tmp_path)], set(folder_paths.supported_pt_extensions)))
-    return tmp_path
 
 
 def wan_lora(model, rank=4, seed=0) -> dict:
