@@ -194,20 +194,8 @@ def comfy_server(comfyui_path, tmp_path_factory):
 def try_it_run(comfy_server):
     """The try-it workflow (reference model, full compute next to the dynamic chain), queued once through
     the server's API with a websocket client listening: (prompt, history entry, websocket messages, seconds)."""
-    import time
-
-    from support.comfy_server import EventListener
-
     from comfyui_dynamic_dit.devtools import example_graphs, workflows
 
     prompt = workflows.build_api(example_graphs.try_it_workflow(), workflows.registry())
-    listener = EventListener(comfy_server)
-    try:
-        started = time.perf_counter()
-        prompt_id = comfy_server.queue(prompt, listener.client_id)
-        history = comfy_server.wait_for_history(prompt_id, timeout=180)
-        seconds = time.perf_counter() - started
-        time.sleep(0.2)  # the last websocket messages
-    finally:
-        listener.close()
+    history, listener, seconds = comfy_server.run(prompt, timeout=180)
     return prompt, history, listener, seconds

@@ -2,8 +2,6 @@
 API client runs it (inside the server's torch.inference_mode, with websocket progress)."""
 import re
 
-from support.comfy_server import EventListener
-
 from comfyui_dynamic_dit.devtools import example_graphs, workflows
 
 
@@ -53,11 +51,7 @@ def test_bad_input_gets_a_clear_error_and_the_server_stays_up(comfy_server):
     router = next(n for n in nodes if n.type == "DynamicTokenRouter")
     router.widgets["block_overrides"] = "single:banana"
     prompt = workflows.build_api(nodes, workflows.registry())
-    listener = EventListener(comfy_server)
-    try:
-        history = comfy_server.wait_for_history(comfy_server.queue(prompt, listener.client_id), timeout=120)
-    finally:
-        listener.close()
+    history, _, _ = comfy_server.run(prompt, timeout=120)
     assert history["status"]["status_str"] == "error"
     error = next(m for kind, m in history["status"]["messages"] if kind == "execution_error")
     assert error["node_type"] == "DynamicTokenRouter" and "banana" in error["exception_message"], error
@@ -72,11 +66,7 @@ def test_the_train_workflow_trains_and_samples_in_the_server(comfy_server):
     train = next(n for n in nodes if n.type == "DynamicTrainer")
     train.widgets.update(steps=3, sampling_steps=4, seeds=1, filename="trained/server_check")
     prompt = workflows.build_api(nodes, workflows.registry())
-    listener = EventListener(comfy_server)
-    try:
-        history = comfy_server.wait_for_history(comfy_server.queue(prompt, listener.client_id), timeout=300)
-    finally:
-        listener.close()
+    history, _, _ = comfy_server.run(prompt, timeout=300)
     assert history["status"]["status_str"] == "success", history["status"]
     report = history["outputs"][_node_id(prompt, "Training report")]["text"][0]
     assert "wrote server_check.safetensors" in report and "after 3 steps" in report, report

@@ -100,6 +100,19 @@ class ComfyServer:
             time.sleep(0.25)
         raise TimeoutError(f"prompt {prompt_id} did not finish within {timeout:.0f} s:\n{self.log()[-4000:]}")
 
+    def run(self, prompt: dict, timeout: float = 120.0) -> tuple[dict, "EventListener", float]:
+        """Queue `prompt` with a websocket client listening and wait for it: its history entry, the listener (closed,
+        with every message of the run) and the seconds from queueing to the finished history."""
+        listener = EventListener(self)
+        try:
+            started = time.perf_counter()
+            history = self.wait_for_history(self.queue(prompt, listener.client_id), timeout=timeout)
+            seconds = time.perf_counter() - started
+            time.sleep(0.2)  # the last websocket messages
+        finally:
+            listener.close()
+        return history, listener, seconds
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
