@@ -107,9 +107,21 @@ SECOND_HOST_REQUIREMENTS = ("comfy-kitchen==0.2.7", "comfy-aimdo==0.1.7", "comfy
 
 
 def second_host_archive() -> Path:
-    """$DYNAMIC_DIT_SECOND_HOST, else ../shared/hosts/comfyui-v0.12.1.tar.gz beside this project's folder."""
+    """$DYNAMIC_DIT_SECOND_HOST, else ../shared/hosts/comfyui-v0.12.1.tar.gz beside this project's folder, else beside
+    the folder a local clone was made from (`git clone . /tmp/x` keeps the project's shared folder in reach)."""
     explicit = os.environ.get("DYNAMIC_DIT_SECOND_HOST")
-    return Path(explicit) if explicit else pack_root().parent / "shared" / "hosts" / SECOND_HOST_ARCHIVE
+    if explicit:
+        return Path(explicit)
+    beside = [pack_root()]
+    try:
+        origin = subprocess.run(["git", "-C", str(pack_root()), "config", "--get", "remote.origin.url"],
+                                capture_output=True, text=True).stdout.strip()
+    except OSError:  # no git on this machine
+        origin = ""
+    if origin and Path(origin).is_dir():  # a local path, not a URL
+        beside.append(Path(origin).resolve())
+    archives = [root.parent / "shared" / "hosts" / SECOND_HOST_ARCHIVE for root in beside]
+    return next((archive for archive in archives if archive.is_file()), archives[0])
 
 
 def comfyui_version(path: Path) -> str:
