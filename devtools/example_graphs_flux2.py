@@ -1,6 +1,6 @@
 """The Flux 2 example workflow: ComfyUI's own Flux 2 dev text-to-image graph (its template's loaders, file names,
 Flux2Scheduler and SamplerCustomAdvanced), sampled twice with the same noise: at full compute and through the
-Width Patcher and Token Router."""
+Patch Scheduler, Width Patcher and Token Router."""
 from __future__ import annotations
 
 from .graph_texts import REPORT_HELP, SKIP_BASELINE
@@ -32,8 +32,8 @@ def flux2_dev_workflow() -> list[Node]:
         "## Flux 2 dev text-to-image: full compute next to the dynamic chain\n\n"
         "ComfyUI's stock Flux 2 graph (Load Diffusion Model → BasicGuider with FluxGuidance 4 → SamplerCustomAdvanced, "
         "euler, Flux2Scheduler 20 steps, 1024x1024) sampled twice with the same noise: through **Dynamic Telemetry** "
-        "(full compute, the baseline) and through **Dynamic Width Patcher → Token Router** at their defaults. The "
-        "**Dynamic Patch Scheduler** does not support Flux 2 yet and is left out.\n\n"
+        "(full compute, the baseline) and through **Dynamic Patch Scheduler → Dynamic Width Patcher → Token Router** at "
+        "their defaults. On Flux 2 the Patch Scheduler runs training-free (its `embedding` stays `none`).\n\n"
         f"{REPORT_HELP}\n\n{FLUX2_FILES}\n\n{SKIP_BASELINE}"
     )
     size = {"width": 1024, "height": 1024}
@@ -47,12 +47,13 @@ def flux2_dev_workflow() -> list[Node]:
     sampler_select = Node("sampler_select", "KSamplerSelect", {"sampler_name": "euler"})
     noise = Node("noise", "RandomNoise", {"noise_seed": 42})
     telemetry = Node("telemetry", "DynamicTelemetry", links={"model": ("unet", 0)}, title="Dynamic Telemetry (full compute)")
-    width = Node("width", "DynamicWidthPatcher", links={"model": ("unet", 0)}, title="Dynamic Width Patcher")
+    patch = Node("patch", "DynamicPatchScheduler", links={"model": ("unet", 0)}, title="Dynamic Patch Scheduler")
+    width = Node("width", "DynamicWidthPatcher", links={"model": ("patch", 0)}, title="Dynamic Width Patcher")
     router = Node("router", "DynamicTokenRouter", links={"model": ("width", 0)}, title="Token Router")
     return layout([
         [note("note", text, size=(460, 560)), unet, clip, vae],
         [prompt, guidance, latent, scheduler, sampler_select, noise],
-        [telemetry, width, router],
+        [telemetry, patch, width, router],
         [*_sampler("baseline", "telemetry", " (full compute)"), *_sampler("dynamic", "router", " (dynamic)")],
         [Node("report", "DynamicSpeedReport", links={
             "model": ("router", 0), "latent": ("dynamic", 0), "baseline_model": ("telemetry", 0),

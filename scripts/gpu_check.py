@@ -104,11 +104,10 @@ else:
 DEFAULT_CASES = ("unpatched off width:0.5 ramp:0.75-1.0 ramp:0.5-1.0 ramp:0.3-0.9 diffcr:0.5 reuse:0.5 sdt:0.5 "
                  "ddit:0-100%:2 ddit:0-60%:2;60-100%:1 width:0.75+reuse:0.7 ddit:0-25%:2+ramp:0.5-1.0+reuse:0.5")
 FLUX2 = os.environ.get("FAMILY", "flux") == "flux2"
-if FLUX2:  # no coarse patches on Flux 2 yet
+if FLUX2:  # Flux 2's coarse steps are training-free, as the DDiT cases here are
     if not (TINY or PROXY):
         sys.exit("FAMILY=flux2 runs with GPU_CHECK_TINY=1 or GPU_CHECK_PROXY=1 only")
     arch = {} if TINY else dict(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=2, context_dim=7680, guidance=False)
-    DEFAULT_CASES = " ".join(c for c in DEFAULT_CASES.split() if "ddit" not in c)
 if PART == "lowvram":
     DEFAULT_CASES = "unpatched off width:0.5 ramp:0.5-1.0"
     steps, repeats = (3 if TINY else int(os.environ.get("LOWVRAM_STEPS", 6))), 1

@@ -98,6 +98,20 @@ def lora_folder(tmp_path, monkeypatch):
 
 
 @pytest.fixture
+def model_folder(tmp_path, monkeypatch):
+    """models/dynamic_dit/ pointed at a temporary folder for the test (file lists re-read)."""
+    import folder_paths
+
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import MODEL_FOLDER
+
+    folder = tmp_path / MODEL_FOLDER
+    folder.mkdir()
+    paths = {**folder_paths.folder_names_and_paths, MODEL_FOLDER: ([str(folder)], {".safetensors"})}
+    monkeypatch.setattr(folder_paths, "folder_names_and_paths", paths)
+    return folder  # file lists are re-read: every test starts with an empty cache (fresh_file_lists)
+
+
+@pytest.fixture
 def float32_rounding():
     """Tolerance for comparing two float32 computations that are equal in exact arithmetic but round
     differently, e.g. a LoRA as bypass `W x + s B A x` against ComfyUI's merged `(W + s B A) x`.

@@ -158,8 +158,8 @@ def test_wan_workflows_sample_as_they_ship_on_tiny_wan_models(name):
 
 def test_the_flux2_workflow_samples_as_it_ships_on_a_tiny_flux2():
     """The Flux 2 workflow's own sampling nodes (Flux2Scheduler 20 steps, RandomNoise, BasicGuider with FluxGuidance,
-    SamplerCustomAdvanced) run on a tiny Flux 2 standing in for the files; the report compares the Width Patcher and
-    Token Router at their defaults with the full-compute run on the same noise."""
+    SamplerCustomAdvanced) run on a tiny Flux 2 standing in for the files; the report compares the Patch Scheduler,
+    Width Patcher and Token Router at their defaults with the full-compute run on the same noise."""
     import torch
 
     from comfyui_dynamic_dit.devtools import example_graphs, example_graphs_flux2, tiny_flux2
@@ -181,4 +181,5 @@ def test_the_flux2_workflow_samples_as_it_ships_on_a_tiny_flux2():
     assert torch.isfinite(latent["samples"]).all() and chart.shape[-1] == 3
     summary = table.splitlines()[0]
     assert "fewer FLOPs" in summary and "full compute)" in summary and "20 steps" in summary, summary
-    assert "width: heads" in table and "token_router: reuse keep" in table  # both methods acted on some steps
+    assert "width: heads" in table and "token_router: reuse keep" in table  # every method acted on some steps
+    assert "patch_scheduler: patch 2x" in table

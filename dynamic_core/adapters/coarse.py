@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
+from .base import UnsupportedModelError
+
 if TYPE_CHECKING:
     from .base import BlockRef
     from .capabilities import CallLayout
@@ -115,3 +117,46 @@ class CoarseGrid(ABC):
     @abstractmethod
     def final_modulation_flops(self, batch: int) -> float:
         """FLOPs of the final layer's modulation for a batch (work `final_layer` does besides `linear`)."""
+
+
+class TrainingFreeCoarseGrid(CoarseGrid):
+    """A grid whose family has no seam a trained coarse embedding could use (no post-input patch, or a final
+    layer modulated by something its blocks never see): training-free coarse steps only. The trained-embedding
+    part of the seam says why, by the family's name, instead of running."""
+
+    trained_embedding = False
+    no_trained_reason: str = "this family runs coarse steps training-free only, without a trained embedding"
+
+    def _no_trained(self) -> UnsupportedModelError:
+        return UnsupportedModelError(self.no_trained_reason)
+
+    def coarse_options(self, transformer_options: Mapping[str, Any], factor: int,
+                       post_input: PostInputPatch | None = None) -> dict:
+        if post_input is not None:
+            raise self._no_trained()
+        return centred_rope_options(transformer_options, factor)
+
+    def patchify(self, x: torch.Tensor, size: int) -> torch.Tensor:
+        raise self._no_trained()
+
+    def unpatchify(self, tokens: torch.Tensor, rows: int, cols: int, size: int) -> torch.Tensor:
+        raise self._no_trained()
+
+    def replace_image_tokens(self, embedded: dict, tokens: torch.Tensor) -> dict:
+        raise self._no_trained()
+
+    def image_hidden(self, block: "BlockRef", block_out: Mapping[str, Any], layout: "CallLayout", count: int) -> torch.Tensor:
+        raise self._no_trained()
+
+    def final_conditioning(self, block_args: Mapping[str, Any]) -> Any:
+        raise self._no_trained()
+
+    def final_layer(self, diffusion_model: torch.nn.Module, hidden: torch.Tensor, conditioning: Any,
+                    linear: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+        raise self._no_trained()
+
+    def native_linears(self, diffusion_model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+        raise self._no_trained()
+
+    def final_modulation_flops(self, batch: int) -> float:
+        return 0.0

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from comfyui_dynamic_dit.devtools import tiny_flux
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import MODEL_FOLDER
 from support.session_models import session_model
 
 
@@ -44,15 +43,3 @@ def flux_model(tiny_config, prompt_mode):
 def conds(tiny_config, prompt_mode):
     with _mode(prompt_mode):
         return tiny_flux.conditioning(tiny_config)
-
-
-@pytest.fixture
-def model_folder(tmp_path, monkeypatch):
-    """models/dynamic_dit/ pointed at a temporary folder for the test (file lists re-read)."""
-    import folder_paths
-
-    folder = tmp_path / MODEL_FOLDER
-    folder.mkdir()
-    paths = {**folder_paths.folder_names_and_paths, MODEL_FOLDER: ([str(folder)], {".safetensors"})}
-    monkeypatch.setattr(folder_paths, "folder_names_and_paths", paths)
-    return folder  # file lists are re-read: every test starts with an empty cache (tests/conftest.py)

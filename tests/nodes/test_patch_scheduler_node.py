@@ -4,10 +4,10 @@ import copy
 import pytest
 import torch
 
-from comfyui_dynamic_dit.dynamic_core.adapters import adapter_for
+from support.nodes import write_flux_embedding
+
 from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import plan_of
-from comfyui_dynamic_dit.dynamic_core.methods.patch_embedding_file import derived_layers, save_patch_embedding_file
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 Scheduler = NODE_CLASS_MAPPINGS["DynamicPatchScheduler"]
@@ -16,12 +16,7 @@ INPUTS = dict(mode="auto", tau=5.0, percentile=0.4, max_patch_factor=2, last_nat
               manual_schedule="0-40%:4, 40-70%:2, 70-100%:1", embedding="none", start_percent=0.0, end_percent=1.0)
 
 
-def write_embedding(folder, model_patcher, name="coarse.safetensors"):
-    dm = model_patcher.model.diffusion_model
-    layers = {f: derived_layers(dm.img_in.weight, dm.img_in.bias, dm.final_layer.linear.weight, dm.final_layer.linear.bias, 2, f)
-              for f in (2, 4)}
-    save_patch_embedding_file(folder / name, adapter_for(dm, "Flux").coarse_grid().file_fields(), layers)
-    return name
+write_embedding = write_flux_embedding  # (the name the tests below use)
 
 
 def test_declaration(model_folder, flux_model):

@@ -31,7 +31,7 @@ from ...slicing import RunIndexCache
 from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, UnsupportedModelError
 from ..capabilities import CallLayout, ModelInfo
 from .blocks import ReducedFluxBlock, WidthSelections, call_forward
-from .coarse import FluxCoarseGrid
+from .coarse import Flux2CoarseGrid, FluxCoarseGrid
 from .routing import FluxTokenRouting
 from .width import FluxWidthUnits
 
@@ -90,37 +90,14 @@ class FluxAdapter(ModelAdapter):
     display_name = "Flux.1"
     supported_variants = ("Flux.1 dev", "Flux.1 schnell", "Flux.1 Fill", "Flux.1 Kontext", "Flux 2 dev", "Flux 2 Klein")
     block_kinds = FLUX_BLOCK_KINDS
-
-    # Model classes of the Flux family tree that this adapter recognises but does not support yet.
-    _REFUSED_CLASSES = {
-        "Chroma": "Chroma (Flux-derived, with a distilled modulation network instead of per-block modulation)",
-        "ChromaRadiance": "Chroma Radiance (pixel-space Chroma)",
-    }
+    _width_class: type[FluxWidthUnits] = FluxWidthUnits
 
     @classmethod
     def claims(cls, diffusion_model: torch.nn.Module, host_model_name: str | None = None) -> bool:
-        module = type(diffusion_model).__module__
-        return module.startswith("comfy.ldm.flux") or module.startswith("comfy.ldm.chroma")
+        return type(diffusion_model).__module__.startswith("comfy.ldm.flux")
 
     def __init__(self, diffusion_model: torch.nn.Module, host_model_name: str | None = None) -> None:
-        name = type(diffusion_model).__name__
-        if name in self._REFUSED_CLASSES:
-            self._refuse(self._REFUSED_CLASSES[name])
-        if _class_path(diffusion_model) != "comfy.ldm.flux.model.Flux":
-            self._refuse(f"an unknown Flux relative ({_class_path(diffusion_model)})")
-        params = getattr(diffusion_model, "params", None)
-        if params is None:
-            self._refuse("a Flux model without FluxParams")
-        flux2 = host_model_name == "Flux2" or bool(getattr(params, "global_modulation", False))
-        if flux2:  # the same block classes with Flux 2's switches: shared modulation, SwiGLU, no biases, 4-axis RoPE
-            self.family, self.display_name = "flux2", "Flux 2"
-            self.block_kinds = FLUX2_BLOCK_KINDS
-            if not (getattr(params, "global_modulation", False) and getattr(params, "mlp_silu_act", False)):
-                self._refuse("a Flux 2 variant without its shared modulation and SwiGLU MLPs")
-        elif getattr(params, "mlp_silu_act", False) or getattr(params, "yak_mlp", False):
-            self._refuse("a Flux.1 variant with gated MLPs")
-        if host_model_name is not None and host_model_name not in ("Flux", "FluxInpaint", "Flux2"):
-            self._refuse(f"the Flux-based '{host_model_name}' model type")
+        params = self._check_variant(diffusion_model, host_model_name)
         self.arch = self._describe(diffusion_model, params)
         self._blocks = tuple(
             [BlockRef(DOUBLE, i) for i in range(self.arch.depth_double)]
@@ -142,7 +119,31 @@ class FluxAdapter(ModelAdapter):
             ),
         )
         self._routing = FluxTokenRouting(a)
-        self._width = FluxWidthUnits(a)
+        self._width = self._width_class(a)
+
+    def _check_variant(self, diffusion_model: torch.nn.Module, host_model_name: str | None) -> Any:
+        """The model's parameters, once it is known to be a variant this adapter runs (else refused by name);
+        sets the family, display name and block kinds of that variant."""
+        if _class_path(diffusion_model) != "comfy.ldm.flux.model.Flux":
+            self._refuse(f"an unknown Flux relative ({_class_path(diffusion_model)})")
+        params = getattr(diffusion_model, "params", None)
+        if params is None:
+            self._refuse("a Flux model without FluxParams")
+        flux2 = host_model_name == "Flux2" or bool(getattr(params, "global_modulation", False))
+        if flux2:  # the same block classes with Flux 2's switches: shared modulation, SwiGLU, no biases, 4-axis RoPE
+            self.family, self.display_name = "flux2", "Flux 2"
+            self.block_kinds = FLUX2_BLOCK_KINDS
+            if not (getattr(params, "global_modulation", False) and getattr(params, "mlp_silu_act", False)):
+                self._refuse("a Flux 2 variant without its shared modulation and SwiGLU MLPs")
+        elif getattr(params, "mlp_silu_act", False) or getattr(params, "yak_mlp", False):
+            self._refuse("a Flux.1 variant with gated MLPs")
+        if host_model_name is not None and host_model_name not in ("Flux", "FluxInpaint", "Flux2"):
+            self._refuse(f"the Flux-based '{host_model_name}' model type")
+        return params
+
+    def _modulation_is_shared(self, params: Any) -> bool:
+        """Whether the model modulates once per call and hands each block its modulation (Flux 2)."""
+        return bool(getattr(params, "global_modulation", False))
 
     def _refuse(self, what: str) -> None:
         raise UnsupportedModelError(
@@ -156,7 +157,7 @@ class FluxAdapter(ModelAdapter):
             self._refuse(f"a Flux model whose hidden size {hidden} is not a multiple of its {heads} heads")
         double_blocks = list(getattr(model, "double_blocks", []))
         single_blocks = list(getattr(model, "single_blocks", []))
-        shared = bool(getattr(params, "global_modulation", False))
+        shared = self._modulation_is_shared(params)
         gated = bool(getattr(params, "mlp_silu_act", False))
         activation, first_rows = ("SiLUActivation", 2) if gated else ("GELU", 1)
         mlp_hidden = None
@@ -204,7 +205,7 @@ class FluxAdapter(ModelAdapter):
             out_channels=final_out // (patch * patch),
             context_dim=context_dim,
             vec_dim=_linear_shape(vector_in.in_layer, "vector_in.in_layer")[1] if vector_in is not None else None,
-            guidance_embed=bool(params.guidance_embed),
+            guidance_embed=bool(getattr(params, "guidance_embed", False)),
             axes_dim=tuple(int(a) for a in params.axes_dim),
             shared_modulation=shared,
             gated_mlp=gated,
@@ -275,10 +276,9 @@ class FluxAdapter(ModelAdapter):
     def width_units(self) -> FluxWidthUnits:
         return self._width
 
-    def coarse_grid(self) -> FluxCoarseGrid | None:
-        # Flux 2 modulates its final layer by the call's vector, which its blocks never see (they receive the
-        # shared modulations): the coarse grid's seam does not reach it yet.
-        return None if self.arch.shared_modulation else FluxCoarseGrid(self.arch, self._blocks, self._info)
+    def coarse_grid(self) -> FluxCoarseGrid:
+        grid = Flux2CoarseGrid if self.arch.shared_modulation else FluxCoarseGrid  # Flux 2: training-free only
+        return grid(self.arch, self._blocks, self._info)
 
     # --- analytic FLOPs -----------------------------------------------------------------------
     def stem_flops(self, shape: CallLayout) -> FlopBreakdown:

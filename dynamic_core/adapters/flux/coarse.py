@@ -27,7 +27,7 @@ from ...flops import linear_flops
 from ...slicing import ModuleView
 from ..base import BlockRef
 from ..capabilities import CallLayout, ModelInfo
-from ..coarse import CoarseGrid, PostInputPatch, centred_rope_options
+from ..coarse import CoarseGrid, PostInputPatch, TrainingFreeCoarseGrid, centred_rope_options
 
 if TYPE_CHECKING:
     from .adapter import FluxArchitecture
@@ -118,3 +118,12 @@ class FluxCoarseGrid(CoarseGrid):
     def final_modulation_flops(self, batch: int) -> float:
         d = self.arch.hidden_size
         return linear_flops(batch, d, 2 * d)
+
+
+class Flux2CoarseGrid(TrainingFreeCoarseGrid, FluxCoarseGrid):
+    """Flux 2 positions its tokens and takes its time like Flux.1 (same `process_img`, timestep = sigma), so
+    training-free coarse steps run as on Flux.1; its final layer is modulated by the call's own vector, which
+    the blocks never receive (they get the shared modulations), so a trained coarse embedding has no seam."""
+
+    no_trained_reason = ("Flux 2 modulates its final layer by a vector its blocks never see: coarse steps on Flux 2 "
+                         "run training-free, without a trained embedding")

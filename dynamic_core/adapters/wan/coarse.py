@@ -15,13 +15,13 @@ Facts about ComfyUI's Wan this relies on (comfy/ldm/wan/model.py, v0.3.76 and ne
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from ..base import BlockRef, UnsupportedModelError
-from ..capabilities import CallLayout, ModelInfo
-from ..coarse import CoarseGrid, PostInputPatch, centred_rope_options
+from ..base import BlockRef
+from ..capabilities import ModelInfo
+from ..coarse import TrainingFreeCoarseGrid
 
 if TYPE_CHECKING:
     from .adapter import WanArchitecture
@@ -30,8 +30,8 @@ TIME_SCALE = 1000.0  # Wan's model sampling passes timestep = 1000 * sigma
 _NO_TRAINED = "Wan has no post-input patch point: coarse steps on Wan run training-free, without a trained embedding"
 
 
-class WanCoarseGrid(CoarseGrid):
-    trained_embedding = False
+class WanCoarseGrid(TrainingFreeCoarseGrid):
+    no_trained_reason = _NO_TRAINED
 
     def __init__(self, arch: "WanArchitecture", blocks: tuple[BlockRef, ...], info: ModelInfo) -> None:
         self.arch = arch
@@ -71,34 +71,6 @@ class WanCoarseGrid(CoarseGrid):
     def with_flow_time(self, arguments: Mapping[str, Any], t: torch.Tensor) -> dict[str, Any]:
         return {"timestep": (t * TIME_SCALE).to(arguments["timestep"].dtype)}
 
-    def coarse_options(self, transformer_options: Mapping[str, Any], factor: int,
-                       post_input: PostInputPatch | None = None) -> dict:
-        if post_input is not None:
-            raise UnsupportedModelError(_NO_TRAINED)
-        return centred_rope_options(transformer_options, factor)
-
-    def patchify(self, x: torch.Tensor, size: int) -> torch.Tensor:
-        raise UnsupportedModelError(_NO_TRAINED)
-
-    def unpatchify(self, tokens: torch.Tensor, rows: int, cols: int, size: int) -> torch.Tensor:
-        raise UnsupportedModelError(_NO_TRAINED)
-
-    def replace_image_tokens(self, embedded: dict, tokens: torch.Tensor) -> dict:
-        raise UnsupportedModelError(_NO_TRAINED)
-
     @property
     def last_block(self) -> BlockRef:
         return self._last_block
-
-    def image_hidden(self, block: BlockRef, block_out: Mapping[str, Any], layout: CallLayout, count: int) -> torch.Tensor:
-        raise UnsupportedModelError(_NO_TRAINED)
-
-    def final_conditioning(self, block_args: Mapping[str, Any]) -> Any:
-        raise UnsupportedModelError(_NO_TRAINED)
-
-    def final_layer(self, diffusion_model: torch.nn.Module, hidden: torch.Tensor, conditioning: Any,
-                    linear: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-        raise UnsupportedModelError(_NO_TRAINED)
-
-    def final_modulation_flops(self, batch: int) -> float:
-        return 0.0

@@ -5,7 +5,6 @@ from comfyui_dynamic_dit.dynamic_core.adapters import UnsupportedModelError, ada
 from comfyui_dynamic_dit.dynamic_core.adapters.flux import DOUBLE, SINGLE
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
-from support.host_models import tiny_chroma
 
 
 def test_describes_the_tiny_flux(flux_model, tiny_config):
@@ -55,12 +54,6 @@ def test_analytic_flops_count_kontext_reference_tokens(flux_model):
     shape = adapter.call_shape(arguments)
     assert shape.image_tokens == 64 + 60
     assert adapter.full_flops(shape).total == pytest.approx(measured, rel=0.02)
-
-
-def test_refuses_chroma():
-    chroma = tiny_chroma()
-    with pytest.raises(UnsupportedModelError, match="Chroma"):
-        adapter_of(chroma)
 
 
 def test_refuses_other_families_naming_the_supported_ones():

@@ -3,28 +3,32 @@
 really removed at half settings (FlopCounterMode), RoPE and modulation gathered with the tokens, LoRA."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import comfy.sample
-import nodes as comfy_nodes
+
+from support.family_methods import (
+    ALL_BLOCKS,
+    COARSE_2X,
+    WIDTH_HALF,
+    assert_compute_removed,
+    assert_full_settings_bit_identical,
+    assert_lora_composes,
+    block_lora,
+    full_settings,
+    router_half,
+)
 
 from comfyui_dynamic_dit.devtools import tiny_wan
 from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, CallLayout, UnsupportedModelError
 from comfyui_dynamic_dit.dynamic_core.adapters.wan.routing import per_token_modulation
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings, install_executor, plan_of
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.td_lora_files import apply_td_lora, load_td_lora
-from comfyui_dynamic_dit.dynamic_core.methods.patch_scheduler import PatchSchedulerSettings, parse_schedule
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings, install_executor
 from comfyui_dynamic_dit.dynamic_core.methods.token_router import TokenRouterSettings
-from comfyui_dynamic_dit.dynamic_core.methods.width import CalibrationSpec, WidthSettings
 from comfyui_dynamic_dit.dynamic_core.slicing import RunIndexCache
 
 SAMPLE = dict(steps=4, cfg=3.0, seed=3)
-SMALL = CalibrationSpec(latent_size=(8, 8), text_tokens=4)
-ALL_BLOCKS = dict(first_full=0, last_full=0)
 
 
 @pytest.fixture(scope="module", params=["t2v", "i2v"])
@@ -97,47 +101,19 @@ def test_a_block_at_full_internals_is_the_host_block_bit_for_bit(wan):
 @pytest.mark.parametrize("sampler, scheduler", [("euler", "simple"), ("uni_pc", "simple"), ("dpmpp_2m", "sgm_uniform")])
 def test_every_method_at_its_full_setting_is_bit_identical(wan, sampler, scheduler):
     _, model, conds, latent = wan
-    expected = sample(model, conds, latent, sampler=sampler, scheduler=scheduler)
-    full = install_executor(model)
-    for settings in (
-        WidthSettings(noisy_width=1.0, clean_width=1.0, calibration=SMALL),
-        TokenRouterSettings(mode="diffcr", score="update", keep_start=1.0, keep_end=1.0, **ALL_BLOCKS),
-        PatchSchedulerSettings(mode="manual", schedule=parse_schedule("0-100%:1")),
-    ):
-        full = apply_settings(full, settings)
-    got = sample(full, conds, latent, sampler=sampler, scheduler=scheduler)
-    assert torch.equal(got, expected)
-    run = plan_of(full).telemetry.latest()
-    assert run.calls and all(c.executed.total == pytest.approx(c.full.total) for c in run.calls)
-
-
-def _measured(model, conds, latent):
-    with FlopCounterMode(display=False) as counter:
-        out = sample(model, conds, latent)
-    run = plan_of(model).telemetry.latest()
-    executed = sum(c.executed.total for c in run.calls)
-
-    def blocks(flops):  # the blocks' part (the stem: i2v's CLIP projection alone outweighs a tiny model's blocks)
-        return flops.total - flops.embed - flops.final
-
-    ratio = sum(blocks(c.executed) for c in run.calls) / sum(blocks(c.full) for c in run.calls)
-    return out, counter.get_total_flops(), executed, ratio
+    assert_full_settings_bit_identical(model, lambda m: sample(m, conds, latent, sampler=sampler, scheduler=scheduler),
+                                       full_settings())
 
 
 @pytest.mark.parametrize("name, settings, most", [
-    ("width 0.5", WidthSettings(noisy_width=0.5, clean_width=0.5, calibration=SMALL), 0.80),
-    ("router diffcr 0.5", TokenRouterSettings(mode="diffcr", score="update", keep_start=0.5, keep_end=0.5, **ALL_BLOCKS), 0.85),
-    ("router sdt 0.5", TokenRouterSettings(mode="sdt", score="update", keep_start=0.5, keep_end=0.5, **ALL_BLOCKS), 0.95),
-    ("patch 2x", PatchSchedulerSettings(mode="manual", schedule=parse_schedule("0-75%:2")), 0.60),
+    ("width 0.5", WIDTH_HALF, 0.80),
+    ("router diffcr 0.5", router_half("diffcr"), 0.85),
+    ("router sdt 0.5", router_half("sdt"), 0.95),
+    ("patch 2x", COARSE_2X, 0.60),
 ])
 def test_half_settings_really_remove_compute(wan, name, settings, most):
     _, model, conds, latent = wan
-    model = apply_settings(model, settings)
-    out, counted, executed, block_ratio = _measured(model, conds, latent)
-    assert torch.isfinite(out).all()
-    calibration = plan_of(model).telemetry.latest().setup_flops  # the width ranking's one-off run
-    assert executed + calibration == pytest.approx(counted, rel=0.03)  # the telemetry counts what really ran
-    assert block_ratio < most
+    assert_compute_removed(model, lambda m: sample(m, conds, latent), settings, most)
 
 
 def test_tokens_keep_their_rope_rows_and_frame_modulation():
@@ -178,34 +154,12 @@ def test_coarse_tokens_sit_at_the_centres_of_their_regions():
     assert grid.sampling_refusal(model.model.model_sampling) is None
 
 
-def wan_lora(model, rank=4, seed=0) -> dict:
-    """A LoRA on Wan's self-attention, cross-attention and FFN linears, in the diffusers-style key names."""
-    generator = torch.Generator().manual_seed(seed)
-    state = {}
-    for path, module in model.model.diffusion_model.named_modules():
-        if path.startswith("blocks.") and path.rsplit(".", 1)[-1] in ("q", "k", "v", "o", "0", "2") and hasattr(module, "weight"):
-            out_features, in_features = module.weight.shape
-            state[f"diffusion_model.{path}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features)
-            state[f"diffusion_model.{path}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.2
-    return state
-
-
 def test_a_wan_lora_composes_with_the_methods(wan, lora_folder, float32_rounding):
-    from safetensors.torch import save_file
-
+    """On Wan's self-attention, cross-attention and FFN linears."""
     _, model, conds, latent = wan
-    state = wan_lora(model)
-    save_file(state, str(lora_folder / "wan.safetensors"))
-    with_lora = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(model, "wan.safetensors", 0.8)[0]
-    merged = sample(with_lora, conds, latent)
-    assert (merged - sample(model, conds, latent)).abs().max() > 0.01  # the LoRA changes the video
-    off = apply_settings(with_lora, WidthSettings(noisy_width=1.0, clean_width=1.0))
-    assert torch.equal(sample(off, conds, latent), merged)
-    thinned = sample(apply_settings(with_lora, WidthSettings(noisy_width=0.5, clean_width=1.0, calibration=SMALL)), conds, latent)
-    assert torch.isfinite(thinned).all() and not torch.equal(thinned, merged)
-    bypass = apply_td_lora(model, load_td_lora(model, state, {}, "wan.safetensors"), 0.8)  # the TD-LoRA Loader's path
-    torch.testing.assert_close(sample(bypass, conds, latent), merged, **float32_rounding(merged))
-    assert {b.label for b in plan_of(bypass).settings["td_lora"].bound.blocks} == {"block.0", "block.1", "block.2"}
+    state = block_lora(model, lambda path: path.startswith("blocks.") and path.rsplit(".", 1)[-1] in ("q", "k", "v", "o", "0", "2"))
+    assert_lora_composes(model, lambda m: sample(m, conds, latent), state, lora_folder, float32_rounding,
+                         {"block.0", "block.1", "block.2"})
 
 
 def test_the_nodes_accept_a_wan_model(wan):

@@ -1,0 +1,145 @@
+"""The checks every model family's method tests make, in one place: every method at its full setting is the host's
+run bit for bit, half settings really remove compute (telemetry against FlopCounterMode), a LoRA of the family
+composes with the methods through ComfyUI's loader in either order and as the TD-LoRA bypass.
+
+`sample` is the family test's sampler: a function of the model patcher alone, returning the sampled latent."""
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, install_executor, plan_of
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.td_lora_files import apply_td_lora, load_td_lora
+from comfyui_dynamic_dit.dynamic_core.methods.patch_scheduler import PatchSchedulerSettings, parse_schedule
+from comfyui_dynamic_dit.dynamic_core.methods.token_router import TokenRouterSettings
+from comfyui_dynamic_dit.dynamic_core.methods.width import CalibrationSpec, WidthSettings
+
+Sample = Callable[[object], torch.Tensor]
+SMALL = CalibrationSpec(latent_size=(8, 8), text_tokens=4)
+ALL_BLOCKS = dict(first_full=0, last_full=0)
+WIDTH_HALF = WidthSettings(noisy_width=0.5, clean_width=0.5, calibration=SMALL)
+
+
+def full_settings(coarse: bool = True) -> list:
+    """Every method at the setting that must change nothing (the Patch Scheduler where the family has a grid)."""
+    settings = [WidthSettings(noisy_width=1.0, clean_width=1.0, calibration=SMALL),
+                TokenRouterSettings(mode="diffcr", score="update", keep_start=1.0, keep_end=1.0, **ALL_BLOCKS)]
+    if coarse:
+        settings.append(PatchSchedulerSettings(mode="manual", schedule=parse_schedule("0-100%:1")))
+    return settings
+
+
+def router_half(mode: str) -> TokenRouterSettings:
+    return TokenRouterSettings(mode=mode, score="update", keep_start=0.5, keep_end=0.5, **ALL_BLOCKS)
+
+
+COARSE_2X = PatchSchedulerSettings(mode="manual", schedule=parse_schedule("0-75%:2"))
+
+
+def assert_full_settings_bit_identical(model, sample: Sample, settings: Iterable) -> None:
+    expected = sample(model)
+    full = install_executor(model)
+    for one in settings:
+        full = apply_settings(full, one)
+    assert torch.equal(sample(full), expected)
+    run = plan_of(full).telemetry.latest()
+    assert run.calls and all(c.executed.total == pytest.approx(c.full.total) for c in run.calls)
+
+
+def assert_compute_removed(model, sample: Sample, settings, most: float) -> float:
+    """Sample with `settings`: the telemetry (with the width ranking's one-off run) within 3 % of FlopCounterMode,
+    the blocks' FLOPs below `most` of full compute (the stem is left out: on a tiny model it can outweigh them)."""
+    model = apply_settings(model, settings)
+    with FlopCounterMode(display=False) as counter:
+        out = sample(model)
+    run = plan_of(model).telemetry.latest()
+    assert torch.isfinite(out).all()
+    executed = sum(c.executed.total for c in run.calls)
+    assert executed + run.setup_flops == pytest.approx(counter.get_total_flops(), rel=0.03)  # telemetry counts what ran
+
+    def blocks(flops):
+        return flops.total - flops.embed - flops.final
+
+    ratio = sum(blocks(c.executed) for c in run.calls) / sum(blocks(c.full) for c in run.calls)
+    assert ratio < most, ratio
+    return ratio
+
+
+def block_lora(model, is_block_linear: Callable[[str], bool], rank: int = 4, seed: int = 0) -> dict:
+    """A LoRA on the block linears `is_block_linear` picks by module path, in the diffusers-style key names ComfyUI reads."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for path, module in model.model.diffusion_model.named_modules():
+        if is_block_linear(path) and getattr(module, "weight", None) is not None and module.weight.ndim == 2:
+            out_features, in_features = module.weight.shape
+            state[f"diffusion_model.{path}.lora_A.weight"] = torch.randn(rank, in_features, generator=generator) / math.sqrt(in_features)
+            state[f"diffusion_model.{path}.lora_B.weight"] = torch.randn(out_features, rank, generator=generator) * 0.2
+    return state
+
+
+def assert_lora_composes(model, sample: Sample, state: dict, lora_folder, float32_rounding, blocks: set[str],
+                         name: str = "family_lora.safetensors") -> None:
+    """The LoRA changes the image; width on top of it gives the same run in either order of the nodes; the TD-LoRA
+    Loader's bypass equals ComfyUI's merged LoRA within float32 rounding, bound to every block in `blocks`."""
+    import nodes as comfy_nodes
+    from safetensors.torch import save_file
+
+    save_file(state, str(lora_folder / name))
+
+    def lora(m):
+        return comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(m, name, 0.8)[0]
+
+    merged = sample(lora(model))
+    assert (merged - sample(model)).abs().max() > 0.01  # the LoRA changes the image
+    width = WidthSettings(noisy_width=0.5, clean_width=1.0, calibration=SMALL)
+    lora_first = sample(apply_settings(lora(model), width))
+    method_first = sample(lora(apply_settings(model, width)))
+    assert torch.equal(lora_first, method_first) and not torch.equal(lora_first, merged)
+    bypass = apply_td_lora(model, load_td_lora(model, state, {}, name), 0.8)  # the TD-LoRA Loader's path
+    torch.testing.assert_close(sample(bypass), merged, **float32_rounding(merged))
+    assert {b.label for b in plan_of(bypass).settings["td_lora"].bound.blocks} == blocks
+
+
+def _copied(args: dict) -> dict:
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+
+
+def assert_flux_shaped_blocks_are_the_host_blocks(model, call: Callable[[dict], None], text_tokens: int) -> None:
+    """Flux-shaped blocks (Flux 2, Chroma): a double and a single block run by the adapter at full internals give the
+    host block's output bit for bit; with half the heads and MLP groups (SwiGLU: gate and up rows together) a
+    finite, different one. `call(transformer_options)` runs the diffusion model once with those options."""
+    from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, CallLayout
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
+    from comfyui_dynamic_dit.dynamic_core.slicing import RunIndexCache
+
+    adapter, dm = adapter_of(model), model.model.diffusion_model
+    captured = {}
+
+    def capture(kind):
+        def patch(args, extra):  # the host's blocks add into their inputs: keep copies of what went in
+            before = _copied(args)
+            out = extra["original_block"](dict(args))
+            captured[kind] = (before, {k: v.clone() for k, v in out.items()})  # (and later blocks into their outputs)
+            return out
+        return patch
+
+    heads = adapter.arch.num_heads
+    with torch.no_grad():
+        call({"patches_replace": {"dit": {("double_block", 1): capture("double"), ("single_block", 0): capture("single")}}})
+        for kind, index in (("double", 1), ("single", 0)):
+            args, host = captured[kind]
+            ref = BlockRef(kind, index)
+            module = adapter.block_module(dm, ref)
+            text = args["txt"].shape[1] if kind == "double" else text_tokens
+            image = (args["img"].shape[1] if kind == "double" else args["img"].shape[1] - text)
+            layout = CallLayout(batch=1, image_tokens=image, text_tokens=text)
+            every = BlockInternals(heads=tuple(range(heads)), mlp_groups=(0, 1, 2, 3), mlp_group_count=4)
+            full = adapter.run_block(module, ref, _copied(args), every, [], layout, RunIndexCache())
+            assert full.keys() == host.keys() and all(torch.equal(full[k], host[k]) for k in host), kind
+            half = adapter.run_block(module, ref, _copied(args), BlockInternals(heads=tuple(range(heads // 2)), mlp_groups=(0, 3),
+                                     mlp_group_count=4), [], layout, RunIndexCache())
+            assert torch.isfinite(half["img"]).all() and not torch.allclose(half["img"], full["img"])
