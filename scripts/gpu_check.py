@@ -13,6 +13,8 @@ GPU_CHECK_PROXY=1 the CPU proxy (hidden 3072, 1 double + 2 single blocks, 4096 i
 Other settings: STEPS, REPEATS, SIZE, CASES (space separated), OUT, GPU_CHECK_BUDGET_S, LOWVRAM_GB.
 FAMILY=flux2 (with TINY or PROXY): Flux 2 instead, at the proxy Klein 4B's width (hidden 3072, 24 heads, SwiGLU
 9216, 1 double + 2 single blocks, 128-channel latent at 1/16 of the image size: 4096 image tokens at 1024 px).
+FAMILY=chroma: Chroma at its real width (hidden 3072, 24 heads, its 5120-wide 5-layer modulation network), 1 double
++ 2 single blocks, no DDiT cases (Chroma has no coarse grid).
 Part `lowvram` (CUDA only) emulates a 16 GB card with ComfyUI's partial loading (--reserve-vram).
 Part `memory` (CPU) runs every case in a fresh process of its own (2 steps, no warm-up), so that one
 case's peak RSS does not carry the allocator's history of the cases before it.
@@ -23,6 +25,7 @@ estimate least touched by them (`speedup (fastest)` compares fastest with fastes
 from __future__ import annotations
 
 import collections
+import importlib
 import json
 import os
 import random
@@ -103,11 +106,25 @@ else:
     size, steps, text_tokens, repeats = int(os.environ.get("SIZE", 1024)), int(os.environ.get("STEPS", 28)), 512, int(os.environ.get("REPEATS", 3))
 DEFAULT_CASES = ("unpatched off width:0.5 ramp:0.75-1.0 ramp:0.5-1.0 ramp:0.3-0.9 diffcr:0.5 reuse:0.5 sdt:0.5 "
                  "ddit:0-100%:2 ddit:0-60%:2;60-100%:1 width:0.75+reuse:0.7 ddit:0-25%:2+ramp:0.5-1.0+reuse:0.5")
-FLUX2 = os.environ.get("FAMILY", "flux") == "flux2"
-if FLUX2:  # Flux 2's coarse steps are training-free, as the DDiT cases here are
+FAMILY = os.environ.get("FAMILY", "flux")
+# Other families (TINY or PROXY only): the devtools module that builds them, the proxy's sizes, the VAE's downscale
+OTHER_FAMILIES = {
+    "flux2": ("tiny_flux2", "TinyFlux2", dict(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=2, context_dim=7680, guidance=False), 16),
+    "chroma": ("tiny_chroma", "TinyChroma", dict(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=2, context_dim=4096,
+                                   modulation_hidden=5120, modulation_layers=5), 8),
+}
+FAMILY_NAMES = {"flux": "", "flux2": "Flux 2, ", "chroma": "Chroma, "}
+if FAMILY not in FAMILY_NAMES:
+    sys.exit(f"FAMILY must be one of {', '.join(FAMILY_NAMES)}")
+if FAMILY != "flux":
     if not (TINY or PROXY):
-        sys.exit("FAMILY=flux2 runs with GPU_CHECK_TINY=1 or GPU_CHECK_PROXY=1 only")
-    arch = {} if TINY else dict(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=2, context_dim=7680, guidance=False)
+        sys.exit(f"FAMILY={FAMILY} runs with GPU_CHECK_TINY=1 or GPU_CHECK_PROXY=1 only")
+    family_module, config_class, proxy_arch, vae_scale = OTHER_FAMILIES[FAMILY]
+    arch = {} if TINY else proxy_arch
+    if FAMILY == "chroma":  # no coarse grid on Chroma (its positions ignore rope_options)
+        DEFAULT_CASES = " ".join(c for c in DEFAULT_CASES.split() if "ddit" not in c)
+else:
+    family_module, vae_scale = "tiny_flux", 8
 if PART == "lowvram":
     DEFAULT_CASES = "unpatched off width:0.5 ramp:0.5-1.0"
     steps, repeats = (3 if TINY else int(os.environ.get("LOWVRAM_STEPS", 6))), 1
@@ -196,12 +213,12 @@ class PeakRss:
 
 # --- model and cases ----------------------------------------------------------------------------------
 t0 = time.perf_counter()
-if FLUX2:
-    from comfyui_dynamic_dit.devtools import tiny_flux2  # noqa: E402
-
-    config = tiny_flux2.TinyFlux2(**arch)
-    model = tiny_flux2.build_model(config, dtype=torch.bfloat16)
+if FAMILY != "flux":
+    family = importlib.import_module(f"comfyui_dynamic_dit.devtools.{family_module}")
+    config = getattr(family, config_class)(**arch)
+    model = family.build_model(config, dtype=torch.bfloat16)
 else:
+    family = tiny_flux
     config = tiny_flux.TinyFlux(**arch)
     model = tiny_flux.build_model(config, dtype=torch.bfloat16, device=DEVICE if CUDA else None)
 if PART == "lowvram" and CUDA:
@@ -210,8 +227,8 @@ if PART == "lowvram" and CUDA:
     torch.cuda.empty_cache()
 params = sum(p.numel() for p in model.model.diffusion_model.parameters())
 print(f"[{PART}] built {params / 1e9:.2f}B params bf16 on {DEVICE} in {time.perf_counter() - t0:.1f}s", flush=True)
-positive, negative = (tiny_flux2 if FLUX2 else tiny_flux).conditioning(config, text_tokens=text_tokens)
-latent_size = size // 16 if FLUX2 else size // 8  # Flux 2: one token per latent pixel of a 16x VAE
+positive, negative = family.conditioning(config, text_tokens=text_tokens)
+latent_size = size // vae_scale  # Flux 2: one token per latent pixel of a 16x VAE
 sample_kw = dict(height=latent_size, width=latent_size, steps=steps, sampler="euler", scheduler="simple", cfg=1.0)
 
 
@@ -349,7 +366,7 @@ memory = "peak GPU GiB" if CUDA else "peak RSS GiB"
 head = (f"| case | FLOPs vs full | FLOPs reduction | model time (median) | speedup | efficiency | model time (fastest) | "
         f"speedup (fastest) | efficiency (fastest) | median step ms | {memory} | "
         "memory vs unpatched | weight GiB cast per step | pack syncs per step | kernels per step | wall (median) |")
-lines = [f"### {PART}: {'TINY ' if TINY else 'CPU proxy ' if PROXY else ''}{'Flux 2, ' if FLUX2 else ''}hidden {config.hidden_size}, "
+lines = [f"### {PART}: {'TINY ' if TINY else 'CPU proxy ' if PROXY else ''}{FAMILY_NAMES[FAMILY]}hidden {config.hidden_size}, "
          f"{config.depth} double + {config.depth_single_blocks} single blocks, {size}px ({(size // 16) ** 2} image + "
          f"{text_tokens} text tokens), {steps} steps, bf16, {device_name}, torch {torch.__version__}", "", head,
          "|" + " --- |" * (head.count("|") - 1)]

@@ -5,11 +5,12 @@ import torch
 
 from .base import BlockInternals, BlockKind, BlockRef, BlockWork, CallShape, ModelAdapter, UnsupportedModelError
 from .capabilities import CallLayout, MlpTokenGate, ModelInfo, TokenRouting, WidthUnits
+from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .known_families import plain_name
 from .wan import WanAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, WanAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, ChromaAdapter, WanAdapter)
 
 
 def supported_families() -> str:

@@ -21,7 +21,6 @@ HOST_MODEL_NAMES: dict[str, str] = {
     "StableAudio1": "Stable Audio",
     "HunyuanDiT": "Hunyuan-DiT",
     "PixArt": "PixArt",
-    "Chroma": "Chroma",
     "ChromaRadiance": "Chroma Radiance",
     "GenmoMochi": "Mochi video",
     "LTXV": "LTX-Video",
@@ -47,7 +46,6 @@ DIFFUSION_MODEL_NAMES: dict[str, str] = {
     "UNetModel": "UNet (SD1.5 / SD2 / SDXL)",
     "OpenAISignatureMMDITWrapper": "SD3 MMDiT",
     "MMDiT": "MMDiT",
-    "Chroma": "Chroma",
     "ChromaRadiance": "Chroma Radiance",
 }
 

@@ -18,12 +18,8 @@ def detected_model(keys: dict[str, tuple[int, ...]], **sizes):
     return comfy.model_patcher.ModelPatcher(model_config.get_model({}), torch.device("cpu"), torch.device("cpu"))
 
 
-def _flux_like(hidden: int, in_features: int, **extra) -> dict[str, tuple[int, ...]]:
-    return {"img_in.weight": (hidden, in_features), "txt_in.weight": (hidden, 64),
-            "double_blocks.0.img_attn.norm.key_norm.scale": (64,), "single_blocks.0.norm.key_norm.scale": (64,), **extra}
-
-
-def tiny_chroma():
-    """A Chroma model (Flux.1 without the modulation layers; a distilled guidance network instead)."""
-    return detected_model(_flux_like(128, 256, **{"distilled_guidance_layer.norms.0.scale": (64,)}),
-                          axes_dim=[16, 24, 24], num_heads=2, in_dim=64, out_dim=128, hidden_dim=64, n_layers=1)
+def tiny_auraflow():
+    """An AuraFlow model (a DiT family this pack does not run: what an unsupported model looks like)."""
+    return detected_model({"double_layers.0.attn.w1q.weight": (64, 64), "single_layers.0.attn.w1q.weight": (64, 64),
+                           "positional_encoding": (1, 16, 64), "cond_seq_linear.weight": (64, 2048)},
+                          dim=64, n_heads=2, global_conddim=64)

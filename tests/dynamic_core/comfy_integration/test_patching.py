@@ -15,7 +15,7 @@ from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import (
     plan_of,
 )
 from comfyui_dynamic_dit.dynamic_core.flops import measure_flops
-from support.host_models import tiny_chroma
+from support.host_models import tiny_auraflow
 
 
 def latest_run(model):
@@ -173,11 +173,11 @@ def test_keeps_a_block_patch_installed_by_another_node(flux_model, conds):
 
 
 def test_unsupported_model_raises_and_leaves_the_input_alone():
-    chroma = tiny_chroma()
-    before = copy.deepcopy(chroma.model_options)
-    with pytest.raises(UnsupportedModelError, match="Chroma"):
-        install_executor(chroma)
-    assert chroma.model_options == before and not chroma.wrappers
+    aura = tiny_auraflow()
+    before = copy.deepcopy(aura.model_options)
+    with pytest.raises(UnsupportedModelError, match="AuraFlow"):
+        install_executor(aura)
+    assert aura.model_options == before and not aura.wrappers
 
 
 def test_live_progress_is_published_inside_a_server(flux_model, conds, monkeypatch):
