@@ -102,10 +102,10 @@ def _run_prompt(prompt: dict, registry: dict, stand_ins: dict, stand_in_types: s
         assert ready, f"a cycle or a missing node among {sorted(pending)}"
         for node_id in ready:
             node = pending.pop(node_id)
-            if node["class_type"] in stand_in_types:
-                outputs[node_id] = stand_ins[node["class_type"]](node["inputs"])
-                continue
             inputs = {k: outputs[v[0]][v[1]] if isinstance(v, list) else v for k, v in node["inputs"].items()}
+            if node["class_type"] in stand_in_types:
+                outputs[node_id] = stand_ins[node["class_type"]](inputs)
+                continue
             cls = registry[node["class_type"]]
             result = getattr(cls(), cls.FUNCTION)(**inputs)
             outputs[node_id] = result["result"] if isinstance(result, dict) else result
@@ -156,30 +156,48 @@ def test_wan_workflows_sample_as_they_ship_on_tiny_wan_models(name):
     assert not torch.equal(full[-1], dynamic[-1])  # the chain did something
 
 
-def test_the_flux2_workflow_samples_as_it_ships_on_a_tiny_flux2():
-    """The Flux 2 workflow's own sampling nodes (Flux2Scheduler 20 steps, RandomNoise, BasicGuider with FluxGuidance,
-    SamplerCustomAdvanced) run on a tiny Flux 2 standing in for the files; the report compares the Patch Scheduler,
-    Width Patcher and Token Router at their defaults with the full-compute run on the same noise."""
+IMAGE_FAMILIES = {  # workflow -> devtools module, its tiny config (heads and blocks for the defaults), latent node, methods
+    "flux2_dev_t2i": ("tiny_flux2", "TinyFlux2", dict(num_heads=8, depth=2, depth_single_blocks=4), "EmptyFlux2LatentImage",
+                      ("patch_scheduler: patch 2x", "width: heads", "token_router: reuse keep")),
+    "chroma_t2i": ("tiny_chroma", "TinyChroma", dict(num_heads=8, depth=2, depth_single_blocks=4), "EmptySD3LatentImage",
+                   ("width: heads", "token_router: reuse keep")),
+    "qwen_image_t2i": ("tiny_qwen_image", "TinyQwenImage", dict(num_heads=8, depth=6), "EmptySD3LatentImage",
+                       ("width: heads", "token_router: reuse keep")),
+}
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_FAMILIES))
+def test_the_image_family_workflows_sample_as_they_ship_on_tiny_models(name):
+    """An image family's workflow runs its own sampling nodes (scheduler, RandomNoise, guider, SamplerCustomAdvanced)
+    on a tiny model of the family standing in for the files; the report compares the chain at its defaults with the
+    full-compute run on the same noise, and every method of the chain acted on some steps."""
+    import importlib
+
     import torch
 
-    from comfyui_dynamic_dit.devtools import example_graphs, example_graphs_flux2, tiny_flux2
+    from comfyui_dynamic_dit.devtools import example_graphs, example_graphs_image
 
+    module, config_class, sizes, latent_type, methods = IMAGE_FAMILIES[name]
+    family = importlib.import_module(f"comfyui_dynamic_dit.devtools.{module}")
     registry = workflows.registry()
-    prompt = workflows.build_api(example_graphs.WORKFLOWS["flux2_dev_t2i"][1](), registry)
+    prompt = workflows.build_api(example_graphs.WORKFLOWS[name][1](), registry)
     prompt = {i: n for i, n in prompt.items() if n["class_type"] not in DISPLAY_TYPES | {"SaveImage"}}
-    config = tiny_flux2.TinyFlux2(num_heads=8, depth=2, depth_single_blocks=4)  # heads and blocks for the defaults
-    positive, _ = tiny_flux2.conditioning(config)
+    config = getattr(family, config_class)(**sizes)
+    positive, negative = family.conditioning(config)
+    prompts = {example_graphs_image.FLUX2_PROMPT, example_graphs_image.CHROMA_PROMPT, example_graphs_image.QWEN_PROMPT}
     stand_ins = {
-        "UNETLoader": lambda inputs: (tiny_flux2.build_model(config),), "CLIPLoader": lambda inputs: (None,),
-        "VAELoader": lambda inputs: (None,),
-        "CLIPTextEncode": lambda inputs: ({example_graphs_flux2.FLUX2_PROMPT: positive}[inputs["text"]],),
-        "EmptyFlux2LatentImage": lambda inputs: ({"samples": tiny_flux2.latent(8, 8)},),
+        "UNETLoader": lambda inputs: (family.build_model(config),), "CLIPLoader": lambda inputs: (None,),
+        "LoraLoaderModelOnly": lambda inputs: (inputs["model"],),  # the Lightning LoRA's file: not here
+        "T5TokenizerOptions": lambda inputs: (None,), "VAELoader": lambda inputs: (None,),
+        "CLIPTextEncode": lambda inputs: (positive if inputs["text"] in prompts else negative,),
+        latent_type: lambda inputs: ({"samples": family.latent(8, 8)},),
     }
-    outputs = _run_prompt(prompt, registry, {**stand_ins}, stand_in_types=set(stand_ins))
+    outputs = _run_prompt(prompt, registry, stand_ins, stand_in_types=set(stand_ins))
     (report_id,) = [i for i, n in prompt.items() if n["class_type"] == "DynamicSpeedReport"]
     latent, table, chart = outputs[report_id]
     assert torch.isfinite(latent["samples"]).all() and chart.shape[-1] == 3
     summary = table.splitlines()[0]
-    assert "fewer FLOPs" in summary and "full compute)" in summary and "20 steps" in summary, summary
-    assert "width: heads" in table and "token_router: reuse keep" in table  # every method acted on some steps
-    assert "patch_scheduler: patch 2x" in table
+    steps = next(n["inputs"]["steps"] for n in prompt.values() if "steps" in n["inputs"])
+    assert "fewer FLOPs" in summary and "full compute)" in summary and f"{steps} steps" in summary, summary
+    for method in methods:
+        assert method in table, method

@@ -8,9 +8,10 @@ from .capabilities import CallLayout, MlpTokenGate, ModelInfo, TokenRouting, Wid
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .known_families import plain_name
+from .qwen_image import QwenImageAdapter
 from .wan import WanAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, ChromaAdapter, WanAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, ChromaAdapter, QwenImageAdapter, WanAdapter)
 
 
 def supported_families() -> str:

@@ -49,6 +49,7 @@ class BlockWork:
     heads: int | None = None  # attention heads kept (None: all)
     mlp_hidden: int | None = None  # MLP hidden units kept (None: all)
     extra_flops: float = 0.0  # work a method added around the block (routers, LoRA bypasses)
+    reference_tokens: int = 0  # of `image_tokens`, reference tokens that always run the whole block (Qwen-Image Edit)
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,7 @@ class ModelAdapter(ABC):
         if internals.mlp_groups is not None:
             changes["mlp_hidden"] = len(internals.mlp_groups) * (self.model_info().mlp_hidden // internals.mlp_group_count)
         if internals.mlp_tokens is not None:
-            changes["mlp_image_tokens"] = internals.mlp_tokens.shape[1]
+            changes["mlp_image_tokens"] = internals.mlp_tokens.shape[1] + work.reference_tokens
         return replace(work, **changes)
 
     # --- optional capabilities (None: the family cannot) ----------------------------------------
@@ -251,4 +252,5 @@ class ModelAdapter(ABC):
         return total
 
     def full_block_work(self, block: BlockRef, layout: CallLayout) -> BlockWork:
-        return BlockWork(batch=layout.batch, image_tokens=layout.image_tokens, text_tokens=layout.text_tokens)
+        return BlockWork(batch=layout.batch, image_tokens=layout.image_tokens, text_tokens=layout.text_tokens,
+                         reference_tokens=layout.reference_tokens)

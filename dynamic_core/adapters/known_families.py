@@ -38,7 +38,6 @@ HOST_MODEL_NAMES: dict[str, str] = {
     "HiDream": "HiDream",
     "ACEStep": "ACE-Step audio",
     "Omnigen2": "OmniGen2",
-    "QwenImage": "Qwen-Image",
     "HunyuanImage21": "HunyuanImage 2.1",
 }
 

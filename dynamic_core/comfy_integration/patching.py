@@ -134,6 +134,14 @@ def _bind(fn: Callable, args: tuple, kwargs: dict) -> inspect.BoundArguments:
     return signature.bind(*args, **kwargs)
 
 
+def bind_model_call(executor: Any, args: tuple, kwargs: dict) -> inspect.BoundArguments:
+    """A diffusion-model call seen by a DIFFUSION_MODEL wrapper, bound by the names of the model's public `forward`:
+    the names callers and adapters use. The host's `forward` hands its parameters on in its own order to `_forward`,
+    whose names may differ (Qwen-Image's `timesteps`), so replaying a recorded call through `forward` works too."""
+    forward = getattr(executor.class_obj, "forward", None)
+    return _bind(forward if callable(forward) else executor.original, args, kwargs)
+
+
 def _transformer_options(bound: inspect.BoundArguments) -> dict | None:
     options = bound.arguments.get("transformer_options")
     if options is None:
@@ -244,7 +252,7 @@ def _sampler_input_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _telemetry_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
-    bound = _bind(executor.original, args, kwargs)
+    bound = bind_model_call(executor, args, kwargs)
     options = _transformer_options(bound)
     run = options.get(RUN_KEY) if options is not None else None
     if not isinstance(run, RunContext):
@@ -264,7 +272,7 @@ def _telemetry_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def _model_wrapper(executor: Any, *args: Any, **kwargs: Any) -> Any:
-    bound = _bind(executor.original, args, kwargs)
+    bound = bind_model_call(executor, args, kwargs)
     options = _transformer_options(bound)
     call = options.get(CALL_KEY) if options is not None else None
     if call is None:

@@ -4,7 +4,6 @@ DiT" node uses it, and so does the CLI (`python -m devtools.train`)."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import os
 from dataclasses import replace
@@ -23,7 +22,7 @@ from ..training.student import DynamicStudent, StudentSpec
 from ..training.trainer import TrainConfig, TrainResult, train
 from ..training.trajectories import Trajectories, detached, rollout_seeds, step_index
 from .autograd_paths import differentiable_host
-from .patching import adapter_of, diffusion_model_of, sigma_to_percent
+from .patching import adapter_of, bind_model_call, diffusion_model_of, sigma_to_percent
 
 RECORD_KEY = "dynamic_dit.train_record"
 
@@ -32,12 +31,8 @@ def _recorder(bank: Trajectories, follow: Callable[[dict], torch.Tensor | None] 
     """A DIFFUSION_MODEL wrapper that records every call's tensor arguments and output into `bank`. With
     `follow`, the sampler continues from `follow(row inputs)` where it gives an output (the student's: the
     rows are then the states the student visits, still with the teacher's output as the target)."""
-    signatures: dict[Any, inspect.Signature] = {}
-
     def wrapper(executor: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        original = getattr(executor.original, "__func__", executor.original)
-        signature = signatures.get(original) or signatures.setdefault(original, inspect.signature(executor.original))
-        bound = signature.bind(*args, **kwargs).arguments
+        bound = bind_model_call(executor, args, kwargs).arguments
         arguments = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
         options = arguments.pop("transformer_options", None) or {}
         # Anything but tensors (a ControlNet, Kontext reference latents, ...) the student could not replay

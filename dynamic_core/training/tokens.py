@@ -238,7 +238,7 @@ class RoutedStudent:
         (router scoring and the TD-LoRA bypass on the kept tokens included); differentiable with `grad`,
         else a float: exactly what inference runs."""
         one = replace(layout, batch=1)
-        tokens = one.image_tokens
+        tokens = one.routable_tokens
         scoring = self.tokens.scoring_flops(tokens)
         total: Any = self.adapter.stem_flops(one).total
         for i, block in enumerate(self.blocks):
@@ -252,7 +252,7 @@ class RoutedStudent:
         found = self._token_flops.get(key)
         if found is None:
             reduced = "mlp_image_tokens" if self.tokens.kind == "sdt" else "image_tokens"  # SDT: only the MLP thins
-            work = replace(self.adapter.full_block_work(block, one), **{reduced: image_tokens})
+            work = replace(self.adapter.full_block_work(block, one), **{reduced: image_tokens + one.reference_tokens})
             found = self._token_flops[key] = self.adapter.block_flops(block, replace(work, extra_flops=self._lora_flops(block, work))).total
         return found
 

@@ -1,12 +1,11 @@
 """Shared pieces of the trainer tests: the tiny teacher runs' settings and a student builder."""
 from __future__ import annotations
 
-import inspect
-
 import comfy.patcher_extension
 import torch
 
 from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import bind_model_call
 from comfyui_dynamic_dit.dynamic_core.training.student import StudentSpec
 
 LATENT = torch.zeros(1, 16, 16, 16)  # 8x8 = 64 image tokens
@@ -20,10 +19,10 @@ def student_for(model, bank, seed: int = 0, **spec):
 def sampling_through(model, student, only_timesteps=None):
     """A clone of `model` whose diffusion-model calls run the student's training forward (deterministic gates),
     at every call or only at the timesteps given (the others run the model itself). Any family: the call's
-    tensor arguments are bound by the host's own signature."""
+    tensor arguments are bound by the names of the model's public forward, as the recorder binds them."""
 
     def student_call(executor, *args, **kwargs):
-        bound = inspect.signature(executor.original).bind(*args, **kwargs).arguments
+        bound = bind_model_call(executor, args, kwargs).arguments
         options = bound.pop("transformer_options", {})
         inputs = {k: v for k, v in {**bound, **bound.pop("kwargs", {})}.items() if isinstance(v, torch.Tensor)}
         if only_timesteps is not None and not any(
