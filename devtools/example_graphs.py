@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .example_graphs_flux2 import flux2_dev_workflow
+from .example_graphs_image import chroma_workflow, flux2_dev_workflow, qwen_image_workflow
 from .graph_texts import REPORT_HELP, SKIP_BASELINE
 from .workflows import Node, layout, note
 
@@ -392,5 +392,8 @@ WORKFLOWS: dict[str, tuple[str, Callable[[], list[Node]]]] = {
     "wan21_t2v_1_3b": ("Wan 2.1 text-to-video 1.3B, full compute next to the dynamic chain", wan21_t2v_workflow),
     "wan22_t2v_a14b": ("Wan 2.2 text-to-video A14B (high- and low-noise experts) with the dynamic chain on both",
                        wan22_t2v_a14b_workflow),
-    "flux2_dev_t2i": ("Flux 2 dev text-to-image, full compute next to the Width Patcher and Token Router", flux2_dev_workflow),
+    "flux2_dev_t2i": ("Flux 2 dev text-to-image, full compute next to the dynamic chain", flux2_dev_workflow),
+    "chroma_t2i": ("Chroma text-to-image, full compute next to the Width Patcher and Token Router", chroma_workflow),
+    "qwen_image_t2i": ("Qwen-Image text-to-image with the 8-step Lightning LoRA, full compute next to the dynamic chain",
+                       qwen_image_workflow),
 }

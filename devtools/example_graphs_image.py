@@ -1,11 +1,58 @@
-"""The Flux 2 example workflow: ComfyUI's own Flux 2 dev text-to-image graph (its template's loaders, file names,
-Flux2Scheduler and SamplerCustomAdvanced), sampled twice with the same noise: at full compute and through the
-Patch Scheduler, Width Patcher and Token Router."""
+"""Example workflows of the image DiT families besides Flux.1: each is ComfyUI's own template graph for the family
+(its loaders, file names, scheduler and SamplerCustomAdvanced), sampled twice with the same noise: at full compute
+(through Dynamic Telemetry) and through the pack's chain, the Speed Report comparing them."""
 from __future__ import annotations
+
+from typing import Callable
 
 from .graph_texts import REPORT_HELP, SKIP_BASELINE
 from .workflows import Node, layout, note
 
+Guider = Callable[[str, str, str], Node]  # (node key, model key, title suffix) -> the run's guider node
+
+
+def _custom_sampler(guider: Guider) -> Callable[[str, str, str], list[Node]]:
+    """One run of a SamplerCustomAdvanced graph: its guider and SamplerCustomAdvanced on the shared noise, sampler,
+    sigmas and latent."""
+
+    def run(key: str, model: str, title: str) -> list[Node]:
+        return [guider(f"guider_{key}", model, title),
+                Node(key, "SamplerCustomAdvanced", links={"noise": ("noise", 0), "guider": (f"guider_{key}", 0),
+                                                          "sampler": ("sampler_select", 0), "sigmas": ("scheduler", 0),
+                                                          "latent_image": ("latent", 0)}, title=f"SamplerCustomAdvanced{title}")]
+
+    return run
+
+
+def _comparison_rows(run: Callable[[str, str, str], list[Node]], chain_end: str, prefix: str) -> list[list[Node]]:
+    """The rows every family's comparison ends with: the full-compute and the dynamic run (`run(key, model, title)`
+    gives a run's nodes, the last one keyed `key` with the LATENT), the Speed Report and its table, both images
+    decoded and saved."""
+    return [
+        [*run("baseline", "telemetry", " (full compute)"), *run("dynamic", chain_end, " (dynamic)")],
+        [Node("report", "DynamicSpeedReport", links={
+            "model": (chain_end, 0), "latent": ("dynamic", 0), "baseline_model": ("telemetry", 0),
+            "baseline_latent": ("baseline", 0),
+        }), Node("table", "PreviewAny", links={"source": ("report", 1)}, title="Per-step table")],
+        [Node("decode_full", "VAEDecode", links={"samples": ("baseline", 0), "vae": ("vae", 0)}),
+         Node("save_full", "SaveImage", {"filename_prefix": f"{prefix}_full_compute"}, {"images": ("decode_full", 0)},
+              title="Full compute"),
+         Node("decode", "VAEDecode", links={"samples": ("report", 0), "vae": ("vae", 0)}),
+         Node("save", "SaveImage", {"filename_prefix": f"{prefix}_dynamic"}, {"images": ("decode", 0)}, title="Dynamic")],
+    ]
+
+
+def _chain(model: str, methods: list[tuple[str, str, str]]) -> list[Node]:
+    """Dynamic Telemetry on `model` (the full-compute run) and the method nodes chained from it: (key, type, title)."""
+    nodes = [Node("telemetry", "DynamicTelemetry", links={"model": (model, 0)}, title="Dynamic Telemetry (full compute)")]
+    source = model
+    for key, node_type, title in methods:
+        nodes.append(Node(key, node_type, links={"model": (source, 0)}, title=title))
+        source = key
+    return nodes
+
+
+# --- Flux 2 ------------------------------------------------------------------------------------------------
 FLUX2_PROMPT = "a photograph of a red fox in fresh snow, morning light, 85mm"
 FLUX2_FILES = (
     "**Files** (Comfy-Org/flux2-dev on Hugging Face, the names of ComfyUI's own Flux 2 template): "
@@ -13,18 +60,6 @@ FLUX2_FILES = (
     "(*Load CLIP* type `flux2`) in `models/text_encoders/`, `flux2-vae.safetensors` in `models/vae/`. Flux 2 Klein "
     "works the same way (`flux-2-klein-4b.safetensors`, `qwen_3_4b.safetensors`)."
 )
-
-
-def _sampler(key: str, model: str, title: str) -> list[Node]:
-    """Guider and sampler of one run: the template's BasicGuider and SamplerCustomAdvanced on the shared noise,
-    sampler, sigmas and latent."""
-    return [
-        Node(f"guider_{key}", "BasicGuider", links={"model": (model, 0), "conditioning": ("guidance", 0)},
-             title=f"BasicGuider{title}"),
-        Node(key, "SamplerCustomAdvanced", links={"noise": ("noise", 0), "guider": (f"guider_{key}", 0),
-                                                  "sampler": ("sampler_select", 0), "sigmas": ("scheduler", 0),
-                                                  "latent_image": ("latent", 0)}, title=f"SamplerCustomAdvanced{title}"),
-    ]
 
 
 def flux2_dev_workflow() -> list[Node]:
@@ -42,26 +77,110 @@ def flux2_dev_workflow() -> list[Node]:
     vae = Node("vae", "VAELoader", {"vae_name": "flux2-vae.safetensors"})
     prompt = Node("prompt", "CLIPTextEncode", {"text": FLUX2_PROMPT}, {"clip": ("clip", 0)}, title="Prompt")
     guidance = Node("guidance", "FluxGuidance", {"guidance": 4.0}, {"conditioning": ("prompt", 0)})
-    latent = Node("latent", "EmptyFlux2LatentImage", {**size, "batch_size": 1})
-    scheduler = Node("scheduler", "Flux2Scheduler", {"steps": 20, **size})
-    sampler_select = Node("sampler_select", "KSamplerSelect", {"sampler_name": "euler"})
-    noise = Node("noise", "RandomNoise", {"noise_seed": 42})
-    telemetry = Node("telemetry", "DynamicTelemetry", links={"model": ("unet", 0)}, title="Dynamic Telemetry (full compute)")
-    patch = Node("patch", "DynamicPatchScheduler", links={"model": ("unet", 0)}, title="Dynamic Patch Scheduler")
-    width = Node("width", "DynamicWidthPatcher", links={"model": ("patch", 0)}, title="Dynamic Width Patcher")
-    router = Node("router", "DynamicTokenRouter", links={"model": ("width", 0)}, title="Token Router")
+
+    def guider(key: str, model: str, title: str) -> Node:
+        return Node(key, "BasicGuider", links={"model": (model, 0), "conditioning": ("guidance", 0)}, title=f"BasicGuider{title}")
+
+    chain = _chain("unet", [("patch", "DynamicPatchScheduler", "Dynamic Patch Scheduler"),
+                            ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
     return layout([
         [note("note", text, size=(460, 560)), unet, clip, vae],
-        [prompt, guidance, latent, scheduler, sampler_select, noise],
-        [telemetry, patch, width, router],
-        [*_sampler("baseline", "telemetry", " (full compute)"), *_sampler("dynamic", "router", " (dynamic)")],
-        [Node("report", "DynamicSpeedReport", links={
-            "model": ("router", 0), "latent": ("dynamic", 0), "baseline_model": ("telemetry", 0),
-            "baseline_latent": ("baseline", 0),
-        }), Node("table", "PreviewAny", links={"source": ("report", 1)}, title="Per-step table")],
-        [Node("decode_full", "VAEDecode", links={"samples": ("baseline", 0), "vae": ("vae", 0)}),
-         Node("save_full", "SaveImage", {"filename_prefix": "flux2_full_compute"}, {"images": ("decode_full", 0)},
-              title="Full compute"),
-         Node("decode", "VAEDecode", links={"samples": ("report", 0), "vae": ("vae", 0)}),
-         Node("save", "SaveImage", {"filename_prefix": "flux2_dynamic"}, {"images": ("decode", 0)}, title="Dynamic")],
+        [prompt, guidance, Node("latent", "EmptyFlux2LatentImage", {**size, "batch_size": 1}),
+         Node("scheduler", "Flux2Scheduler", {"steps": 20, **size}),
+         Node("sampler_select", "KSamplerSelect", {"sampler_name": "euler"}), Node("noise", "RandomNoise", {"noise_seed": 42})],
+        chain,
+        *_comparison_rows(_custom_sampler(guider), "router", "flux2"),
+    ])
+
+
+# --- Chroma ------------------------------------------------------------------------------------------------
+CHROMA_PROMPT = ("a nature documentary close-up photograph of a tiger's eye and the fur around it, natural light, "
+                 "subtle shadows")
+CHROMA_NEGATIVE = ("low quality, greyscale, unfinished sketch, blurred, lacks detail, chromatic aberrations, "
+                   "oversaturated, toony, bold outlines, flat colors")
+CHROMA_FILES = (
+    "**Files** (the names of ComfyUI's own Chroma template): `Chroma1-HD-fp8mixed.safetensors` (Comfy-Org/"
+    "Chroma1-HD_repackaged) or `Chroma1-HD.safetensors` (lodestones/Chroma1-HD) in `models/diffusion_models/`, "
+    "`t5xxl_fp8_e4m3fn_scaled.safetensors` (*Load CLIP* type `chroma`) in `models/text_encoders/`, `ae.safetensors` "
+    "in `models/vae/`."
+)
+
+
+def chroma_workflow() -> list[Node]:
+    text = (
+        "## Chroma text-to-image: full compute next to the dynamic chain\n\n"
+        "ComfyUI's stock Chroma graph (Load Diffusion Model → ModelSamplingAuraFlow shift 1 → CFGGuider cfg 3.5 with a "
+        "negative prompt → SamplerCustomAdvanced, euler, beta 26 steps, 1024x1024) sampled twice with the same noise: "
+        "through **Dynamic Telemetry** (full compute, the baseline) and through **Dynamic Width Patcher → Token Router** "
+        "at their defaults. The **Dynamic Patch Scheduler** does not run Chroma (its image positions ignore the host's "
+        "position options, so a coarse token cannot be placed) and is left out.\n\n"
+        f"{REPORT_HELP}\n\n{CHROMA_FILES}\n\n{SKIP_BASELINE}"
+    )
+    size = {"width": 1024, "height": 1024}
+    unet = Node("unet", "UNETLoader", {"unet_name": "Chroma1-HD-fp8mixed.safetensors", "weight_dtype": "default"})
+    shift = Node("shift", "ModelSamplingAuraFlow", {"shift": 1.0}, {"model": ("unet", 0)})
+    clip = Node("clip", "CLIPLoader", {"clip_name": "t5xxl_fp8_e4m3fn_scaled.safetensors", "type": "chroma", "device": "default"})
+    tokens = Node("tokens", "T5TokenizerOptions", {"min_padding": 0, "min_length": 0}, {"clip": ("clip", 0)})
+    vae = Node("vae", "VAELoader", {"vae_name": "ae.safetensors"})
+    prompt = Node("prompt", "CLIPTextEncode", {"text": CHROMA_PROMPT}, {"clip": ("tokens", 0)}, title="Prompt")
+    negative = Node("negative", "CLIPTextEncode", {"text": CHROMA_NEGATIVE}, {"clip": ("tokens", 0)}, title="Negative prompt")
+
+    def guider(key: str, model: str, title: str) -> Node:
+        return Node(key, "CFGGuider", {"cfg": 3.5}, {"model": (model, 0), "positive": ("prompt", 0), "negative": ("negative", 0)},
+                    title=f"CFGGuider{title}")
+
+    chain = _chain("shift", [("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+    return layout([
+        [note("note", text, size=(460, 600)), unet, shift, clip, tokens, vae],
+        [prompt, negative, Node("latent", "EmptySD3LatentImage", {**size, "batch_size": 1}),
+         Node("scheduler", "BasicScheduler", {"scheduler": "beta", "steps": 26, "denoise": 1.0}, {"model": ("shift", 0)}),
+         Node("sampler_select", "KSamplerSelect", {"sampler_name": "euler"}), Node("noise", "RandomNoise", {"noise_seed": 42})],
+        chain,
+        *_comparison_rows(_custom_sampler(guider), "router", "chroma"),
+    ])
+
+
+# --- Qwen-Image --------------------------------------------------------------------------------------------
+QWEN_PROMPT = ("a vibrant, warm neon-lit street scene in Hong Kong in the afternoon, colorful Chinese and English signs "
+               "glowing brightly, a bookstore window with the sign \"Dynamic DiT\"")
+QWEN_FILES = (
+    "**Files** (Comfy-Org/Qwen-Image_ComfyUI, the names of ComfyUI's own Qwen-Image template): "
+    "`qwen_image_fp8_e4m3fn.safetensors` in `models/diffusion_models/`, `Qwen-Image-Lightning-8steps-V1.0.safetensors` "
+    "(lightx2v/Qwen-Image-Lightning) in `models/loras/`, `qwen_2.5_vl_7b_fp8_scaled.safetensors` (*Load CLIP* type "
+    "`qwen_image`) in `models/text_encoders/`, `qwen_image_vae.safetensors` in `models/vae/`. Without the Lightning "
+    "LoRA (bypass it with Ctrl+B): 20 steps, cfg 2.5."
+)
+
+
+def qwen_image_workflow() -> list[Node]:
+    text = (
+        "## Qwen-Image text-to-image (Lightning, 8 steps): full compute next to the dynamic chain\n\n"
+        "ComfyUI's stock Qwen-Image graph (Load Diffusion Model → the 8-step Lightning LoRA → ModelSamplingAuraFlow "
+        "shift 3.1 → KSampler euler / simple, 8 steps, cfg 1, 1328x1328) sampled twice with the same seed: through "
+        "**Dynamic Telemetry** (full compute, the baseline) and through **Dynamic Width Patcher → Token Router** at "
+        "their defaults, with the LoRA applied before them (they compose in either order). The **Dynamic Patch "
+        "Scheduler** does not run Qwen-Image (its image positions ignore the host's position options) and is left "
+        "out. Qwen-Image Edit works the same way: the reference image's tokens always run every block in full.\n\n"
+        f"{REPORT_HELP}\n\n{QWEN_FILES}\n\n{SKIP_BASELINE}"
+    )
+    unet = Node("unet", "UNETLoader", {"unet_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default"})
+    lora = Node("lora", "LoraLoaderModelOnly", {"lora_name": "Qwen-Image-Lightning-8steps-V1.0.safetensors", "strength_model": 1.0},
+                {"model": ("unet", 0)}, title="Lightning LoRA (8 steps)")
+    shift = Node("shift", "ModelSamplingAuraFlow", {"shift": 3.1}, {"model": ("lora", 0)})
+    clip = Node("clip", "CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image", "device": "default"})
+    vae = Node("vae", "VAELoader", {"vae_name": "qwen_image_vae.safetensors"})
+    prompt = Node("prompt", "CLIPTextEncode", {"text": QWEN_PROMPT}, {"clip": ("clip", 0)}, title="Prompt")
+    negative = Node("negative", "CLIPTextEncode", {"text": ""}, {"clip": ("clip", 0)}, title="Negative prompt")
+    sampling = {"seed": 42, "steps": 8, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+
+    def run(key: str, model: str, title: str) -> list[Node]:
+        return [Node(key, "KSampler", sampling, {"model": (model, 0), "positive": ("prompt", 0), "negative": ("negative", 0),
+                                                 "latent_image": ("latent", 0)}, title=f"KSampler{title}")]
+
+    chain = _chain("shift", [("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+    return layout([
+        [note("note", text, size=(460, 640)), unet, lora, shift, clip, vae],
+        [prompt, negative, Node("latent", "EmptySD3LatentImage", {"width": 1328, "height": 1328, "batch_size": 1})],
+        chain,
+        *_comparison_rows(run, "router", "qwen_image"),
     ])

@@ -1,4 +1,4 @@
-"""Texts the example workflows' notes share (`example_graphs`, `example_graphs_flux2`)."""
+"""Texts the example workflows' notes share (`example_graphs`, `example_graphs_image`)."""
 
 REPORT_HELP = (
     "**Dynamic Speed Report** draws a bar per sampling step (model ms, the full-compute run in grey next to it, "
