@@ -48,6 +48,19 @@ class ModelCall:
     def with_arguments(self, **changes: Any) -> "ModelCall":
         return ModelCall({**self.arguments, **changes}, self._invoke)
 
+    @property
+    def transformer_options(self) -> dict:
+        """The call's transformer_options, a named parameter or (Z-Image's forward) one of its **kwargs."""
+        if "transformer_options" in self.arguments:
+            return self.arguments["transformer_options"] or {}
+        return (self.arguments.get("kwargs") or {}).get("transformer_options") or {}
+
+    def with_transformer_options(self, options: dict, **changes: Any) -> "ModelCall":
+        """The call with other transformer_options (where the model takes them) and other `changes`."""
+        if "transformer_options" in self.arguments or "kwargs" not in self.arguments:
+            return self.with_arguments(transformer_options=options, **changes)
+        return self.with_arguments(kwargs={**self.arguments["kwargs"], "transformer_options": options}, **changes)
+
     def invoke(self) -> torch.Tensor:
         return self._invoke(self.arguments)
 

@@ -14,7 +14,9 @@ Other settings: STEPS, REPEATS, SIZE, CASES (space separated), OUT, GPU_CHECK_BU
 FAMILY=flux2 (with TINY or PROXY): Flux 2 instead, at the proxy Klein 4B's width (hidden 3072, 24 heads, SwiGLU
 9216, 1 double + 2 single blocks, 128-channel latent at 1/16 of the image size: 4096 image tokens at 1024 px).
 FAMILY=chroma: Chroma at its real width (hidden 3072, 24 heads, its 5120-wide 5-layer modulation network), 1 double
-+ 2 single blocks, no DDiT cases (Chroma has no coarse grid).
++ 2 single blocks, no DDiT cases (Chroma has no coarse grid). FAMILY=qwen_image: Qwen-Image at its real width (hidden
+3072, 24 heads, MLP 12288, text encoder width 3584), 3 of its 60 blocks, no DDiT cases. FAMILY=z_image: Z-Image at
+its real width (hidden 3840, 30 heads, SwiGLU 10240, caption width 2560), 3 of its 30 layers and its 2 + 2 refiners.
 Part `lowvram` (CUDA only) emulates a 16 GB card with ComfyUI's partial loading (--reserve-vram).
 Part `memory` (CPU) runs every case in a fresh process of its own (2 steps, no warm-up), so that one
 case's peak RSS does not carry the allocator's history of the cases before it.
@@ -83,7 +85,7 @@ import comfy.model_management  # noqa: E402
 
 from comfyui_dynamic_dit.dynamic_core import steps as step_tracking  # noqa: E402
 from comfyui_dynamic_dit.devtools import bench, tiny_flux  # noqa: E402
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, plan_of  # noqa: E402
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings, plan_of  # noqa: E402
 from comfyui_dynamic_dit.dynamic_core.executor import RunContext  # noqa: E402
 from comfyui_dynamic_dit.dynamic_core.methods.width import WidthSettings  # noqa: E402
 
@@ -112,8 +114,10 @@ OTHER_FAMILIES = {
     "flux2": ("tiny_flux2", "TinyFlux2", dict(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=2, context_dim=7680, guidance=False), 16),
     "chroma": ("tiny_chroma", "TinyChroma", dict(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=2, context_dim=4096,
                                    modulation_hidden=5120, modulation_layers=5), 8),
+    "qwen_image": ("tiny_qwen_image", "TinyQwenImage", dict(hidden_size=3072, num_heads=24, depth=3, context_dim=3584), 8),
+    "z_image": ("tiny_z_image", "TinyZImage", dict(hidden_size=3840, num_heads=30, depth=3, refiner_depth=2, context_dim=2560), 8),
 }
-FAMILY_NAMES = {"flux": "", "flux2": "Flux 2, ", "chroma": "Chroma, "}
+FAMILY_NAMES = {"flux": "", "flux2": "Flux 2, ", "chroma": "Chroma, ", "qwen_image": "Qwen-Image, ", "z_image": "Z-Image, "}
 if FAMILY not in FAMILY_NAMES:
     sys.exit(f"FAMILY must be one of {', '.join(FAMILY_NAMES)}")
 if FAMILY != "flux":
@@ -121,7 +125,7 @@ if FAMILY != "flux":
         sys.exit(f"FAMILY={FAMILY} runs with GPU_CHECK_TINY=1 or GPU_CHECK_PROXY=1 only")
     family_module, config_class, proxy_arch, vae_scale = OTHER_FAMILIES[FAMILY]
     arch = {} if TINY else proxy_arch
-    if FAMILY == "chroma":  # no coarse grid on Chroma (its positions ignore rope_options)
+    if FAMILY in ("chroma", "qwen_image"):  # no coarse grid (their positions ignore rope_options)
         DEFAULT_CASES = " ".join(c for c in DEFAULT_CASES.split() if "ddit" not in c)
 else:
     family_module, vae_scale = "tiny_flux", 8
@@ -230,6 +234,8 @@ print(f"[{PART}] built {params / 1e9:.2f}B params bf16 on {DEVICE} in {time.perf
 positive, negative = family.conditioning(config, text_tokens=text_tokens)
 latent_size = size // vae_scale  # Flux 2: one token per latent pixel of a 16x VAE
 sample_kw = dict(height=latent_size, width=latent_size, steps=steps, sampler="euler", scheduler="simple", cfg=1.0)
+if FAMILY != "flux":  # the family's own latent layout (Qwen-Image: one frame of Wan 2.1's)
+    sample_kw["latent"] = family.latent(latent_size, latent_size)
 
 
 def case_of(text: str) -> bench.Case:
@@ -362,12 +368,13 @@ base_fastest = min([r.get("model_s", r["wall"]) for r in results[base]], default
 unpatched_rss = med([r["rss"] for r in results.get("unpatched", [])])
 unpatched_peak = med([r.get("peak") for r in results.get("unpatched", [])])
 device_name = torch.cuda.get_device_name(0) if CUDA else f"CPU {bench.machine()}"
+block_counts = " + ".join(f"{count} {kind}" if kind != "block" else str(count) for kind, count in adapter_of(model).model_info().depths)
 memory = "peak GPU GiB" if CUDA else "peak RSS GiB"
 head = (f"| case | FLOPs vs full | FLOPs reduction | model time (median) | speedup | efficiency | model time (fastest) | "
         f"speedup (fastest) | efficiency (fastest) | median step ms | {memory} | "
         "memory vs unpatched | weight GiB cast per step | pack syncs per step | kernels per step | wall (median) |")
 lines = [f"### {PART}: {'TINY ' if TINY else 'CPU proxy ' if PROXY else ''}{FAMILY_NAMES[FAMILY]}hidden {config.hidden_size}, "
-         f"{config.depth} double + {config.depth_single_blocks} single blocks, {size}px ({(size // 16) ** 2} image + "
+         f"{block_counts} blocks, {size}px ({(size // 16) ** 2} image + "
          f"{text_tokens} text tokens), {steps} steps, bf16, {device_name}, torch {torch.__version__}", "", head,
          "|" + " --- |" * (head.count("|") - 1)]
 rows = []

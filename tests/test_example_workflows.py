@@ -163,6 +163,8 @@ IMAGE_FAMILIES = {  # workflow -> devtools module, its tiny config (heads and bl
                    ("width: heads", "token_router: reuse keep")),
     "qwen_image_t2i": ("tiny_qwen_image", "TinyQwenImage", dict(num_heads=8, depth=6), "EmptySD3LatentImage",
                        ("width: heads", "token_router: reuse keep")),
+    "z_image_turbo_t2i": ("tiny_z_image", "TinyZImage", dict(num_heads=8, depth=6), "EmptySD3LatentImage",
+                          ("width: heads", "token_router: reuse keep")),
 }
 
 
@@ -184,7 +186,8 @@ def test_the_image_family_workflows_sample_as_they_ship_on_tiny_models(name):
     prompt = {i: n for i, n in prompt.items() if n["class_type"] not in DISPLAY_TYPES | {"SaveImage"}}
     config = getattr(family, config_class)(**sizes)
     positive, negative = family.conditioning(config)
-    prompts = {example_graphs_image.FLUX2_PROMPT, example_graphs_image.CHROMA_PROMPT, example_graphs_image.QWEN_PROMPT}
+    prompts = {example_graphs_image.FLUX2_PROMPT, example_graphs_image.CHROMA_PROMPT, example_graphs_image.QWEN_PROMPT,
+               example_graphs_image.Z_IMAGE_PROMPT}
     stand_ins = {
         "UNETLoader": lambda inputs: (family.build_model(config),), "CLIPLoader": lambda inputs: (None,),
         "LoraLoaderModelOnly": lambda inputs: (inputs["model"],),  # the Lightning LoRA's file: not here

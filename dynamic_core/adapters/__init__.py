@@ -10,8 +10,9 @@ from .flux import FluxAdapter
 from .known_families import plain_name
 from .qwen_image import QwenImageAdapter
 from .wan import WanAdapter
+from .z_image import ZImageAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, ChromaAdapter, QwenImageAdapter, WanAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, ChromaAdapter, QwenImageAdapter, ZImageAdapter, WanAdapter)
 
 
 def supported_families() -> str:

@@ -100,6 +100,10 @@ class BlockKind:
     patch_name: str  # the name in ComfyUI's `patches_replace["dit"]` keys, e.g. "double_block"
     module_list: str  # the diffusion model's attribute holding these blocks, e.g. "double_blocks"
     linears: tuple[str, ...]  # the block's linear layers by module path inside the block (BlockInternals.extras names)
+    # True: the host's loop calls these blocks without a `patches_replace["dit"]` lookup; the pack emulates one on each
+    # block's forward (comfy_integration/block_patch_points.py) through the adapter's `block_arguments`,
+    # `run_original` and `block_result`, and `patch_name` is the pack's own key for it.
+    emulated: bool = False
 
 
 class ModelAdapter(ABC):
@@ -142,6 +146,11 @@ class ModelAdapter(ABC):
     def call_layout(self, arguments: Mapping[str, Any]) -> CallLayout:
         """Token counts of a model call from the diffusion model's arguments (by parameter name)."""
 
+    def derived_arguments(self, tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """Call arguments that are not tensors but follow from the tensor ones (Z-Image's `num_tokens`: the caption
+        length), by parameter name: a trainer records the tensors and rebuilds these when it replays a call."""
+        return {}
+
     def latent(self, arguments: Mapping[str, Any]) -> torch.Tensor:
         """The noisy latent of a model call (B, C, H, W) or, for video, (B, C, T, H, W)."""
         return arguments[self.latent_argument]
@@ -161,26 +170,39 @@ class ModelAdapter(ABC):
     def blocks(self) -> tuple[BlockRef, ...]:
         """Every block in execution order."""
 
-    def _kind(self, block: BlockRef) -> BlockKind:
+    def block_kind(self, block: BlockRef) -> BlockKind:
         for kind in self.block_kinds:
             if kind.kind == block.kind:
                 return kind
         raise KeyError(f"{self.display_name} has no '{block.kind}' blocks")
 
+    # --- blocks without a host patch point (BlockKind.emulated) ---------------------------------
+    def block_arguments(self, block: BlockRef, args: tuple, kwargs: Mapping[str, Any]) -> dict:
+        """A block call's arguments as the dict a replace patch receives ("img", "vec", "pe", "transformer_options", ...)."""
+        raise NotImplementedError(f"{self.display_name} blocks have their host's own patch point")
+
+    def run_original(self, forward: Callable[..., Any], block: BlockRef, args: Mapping[str, Any]) -> dict:
+        """The block's own `forward` on a replace patch's argument dict, its output as the patch's output dict."""
+        raise NotImplementedError(f"{self.display_name} blocks have their host's own patch point")
+
+    def block_result(self, block: BlockRef, out: Mapping[str, Any]) -> Any:
+        """A replace patch's output dict as the block's forward returns it."""
+        raise NotImplementedError(f"{self.display_name} blocks have their host's own patch point")
+
     def patch_key(self, block: BlockRef) -> tuple[str, int]:
         """The key ComfyUI uses in `patches_replace["dit"]` for this block."""
-        return (self._kind(block).patch_name, block.index)
+        return (self.block_kind(block).patch_name, block.index)
 
     def block_module(self, diffusion_model: torch.nn.Module, block: BlockRef) -> torch.nn.Module:
-        return getattr(diffusion_model, self._kind(block).module_list)[block.index]
+        return getattr(diffusion_model, self.block_kind(block).module_list)[block.index]
 
     def linear_names(self, block: BlockRef) -> tuple[str, ...]:
         """The block's linear layers by the names `BlockInternals.extras` uses, without the model."""
-        return self._kind(block).linears
+        return self.block_kind(block).linears
 
     def linear_layers(self, module: torch.nn.Module, block: BlockRef) -> dict[str, torch.nn.Module]:
         """The block's linear layers by the names `BlockInternals.extras` uses (e.g. "img_attn.qkv")."""
-        return {name: module.get_submodule(name) for name in self._kind(block).linears}
+        return {name: module.get_submodule(name) for name in self.block_kind(block).linears}
 
     @abstractmethod
     def hidden_states(self, block: BlockRef, args: Mapping[str, Any]) -> torch.Tensor:

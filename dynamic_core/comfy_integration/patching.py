@@ -32,6 +32,7 @@ from ..executor import ModelCall, RunContext
 from ..plan import DynamicPlan, MethodSettings
 from ..steps import invert_decreasing
 from ..telemetry import RECENT_FULL_COMPUTE
+from .block_patch_points import with_block_patch_points
 
 logger = logging.getLogger("dynamic_dit")
 
@@ -101,7 +102,8 @@ def install_executor(model_patcher: Any) -> Any:
 
 
 def _patched_clone(model_patcher: Any, adapter: ModelAdapter, plan: DynamicPlan) -> Any:
-    patched = model_patcher.clone()
+    patched = with_block_patch_points(model_patcher, adapter)
+    patched = patched.clone() if patched is model_patcher else patched
     for wrapper_type, key, wrapper in (
         (WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper),
         (WrappersMP.APPLY_MODEL, WRAPPER_KEY, _sampler_input_wrapper),

@@ -22,12 +22,13 @@ from ..training.student import DynamicStudent, StudentSpec
 from ..training.trainer import TrainConfig, TrainResult, train
 from ..training.trajectories import Trajectories, detached, rollout_seeds, step_index
 from .autograd_paths import differentiable_host
+from .block_patch_points import emulated_patch_points
 from .patching import adapter_of, bind_model_call, diffusion_model_of, sigma_to_percent
 
 RECORD_KEY = "dynamic_dit.train_record"
 
 
-def _recorder(bank: Trajectories, follow: Callable[[dict], torch.Tensor | None] | None = None) -> Callable:
+def _recorder(adapter: ModelAdapter, bank: Trajectories, follow: Callable[[dict], torch.Tensor | None] | None = None) -> Callable:
     """A DIFFUSION_MODEL wrapper that records every call's tensor arguments and output into `bank`. With
     `follow`, the sampler continues from `follow(row inputs)` where it gives an output (the student's: the
     rows are then the states the student visits, still with the teacher's output as the target)."""
@@ -36,13 +37,15 @@ def _recorder(bank: Trajectories, follow: Callable[[dict], torch.Tensor | None] 
         arguments = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
         options = arguments.pop("transformer_options", None) or {}
         # Anything but tensors (a ControlNet, Kontext reference latents, ...) the student could not replay
-        unsupported = sorted(k for k, v in arguments.items() if v is not None and not isinstance(v, torch.Tensor))
+        derived = adapter.derived_arguments({k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)})
+        unsupported = sorted(k for k, v in arguments.items()
+                             if v is not None and not isinstance(v, torch.Tensor) and not (k in derived and derived[k] == v))
         if unsupported:
             raise ValueError(
                 f"Train Dynamic DiT: the teacher's model calls carry {', '.join(repr(k) for k in unsupported)} (e.g. Kontext "
                 "reference images or a ControlNet); the trainer records tensor inputs only. Train without them."
             )
-        record = {k: detached(v) for k, v in arguments.items() if v is not None}
+        record = {k: detached(v) for k, v in arguments.items() if v is not None and k not in derived}
         out = executor(*args, **kwargs)
         latent = record[bank.latent_argument]
         sigmas = per_sample_sigmas({"transformer_options": options}, latent.shape[0], math.nan)
@@ -70,7 +73,7 @@ def record_trajectories(model_patcher: Any, jobs: Sequence[tuple[list, list]], l
     adapter = adapter_of(model_patcher)  # unsupported models are refused before any sampling
     bank = Trajectories(adapter.latent_argument, adapter.timestep_argument)
     recording = model_patcher.clone()
-    recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, RECORD_KEY, _recorder(bank, follow))
+    recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, RECORD_KEY, _recorder(adapter, bank, follow))
     total, done = len(jobs) * len(seeds), 0
     for positive, negative in jobs:
         for seed in seeds:
@@ -204,13 +207,27 @@ def on_policy_round(model_patcher: Any, student: DynamicStudent, bank: Trajector
     return bank, result
 
 
+def student_host(adapter: ModelAdapter, diffusion_model: torch.nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
+    """The context the student calls the host's model in: stand-ins for kernels without a backward (autograd_paths)
+    and the block patch points a family's host lacks (block_patch_points; Z-Image), both put back afterwards."""
+    kernels = differentiable_host(diffusion_model)
+
+    @contextlib.contextmanager
+    def host() -> Iterator[None]:
+        with kernels(), emulated_patch_points(diffusion_model, adapter):
+            yield
+
+    host.swaps = kernels.swaps  # what the kernel probe found, for the log and the tests
+    return host
+
+
 def build_student(model_patcher: Any, bank: Trajectories, spec: StudentSpec, seed: int = 0) -> DynamicStudent:
     adapter, diffusion_model, device = prepare_model(model_patcher)
     mean, scale = feature_statistics(adapter, diffusion_model, bank.timesteps, bank.dtype, device)
     with torch.inference_mode(False):
         return DynamicStudent(adapter, diffusion_model, spec, mean, scale, seed=seed,
                               sigma_percent=sigma_to_percent(model_patcher.model.model_sampling),
-                              host_training=differentiable_host(diffusion_model)).to(device)
+                              host_training=student_host(adapter, diffusion_model)).to(device)
 
 
 __all__ = ["build_student", "feature_statistics", "model_left_as_found", "normal_parameters",

@@ -309,10 +309,9 @@ class PatchSchedulerMethod(DynamicMethod):
         scale, t_coarse = coarse_time(t, factor)  # D x_t = scale * ((1 - t') D x0 + t' noise)
         z = low.clone()
         z[:, :noisy] = low[:, :noisy] / per_row(scale, x)
-        options = grid.coarse_options(model_call.arguments["transformer_options"], factor)
-        out = proceed(model_call.with_arguments(**{
-            adapter.latent_argument: z.to(x.dtype), "transformer_options": options,
-            **grid.with_flow_time(model_call.arguments, t_coarse),
+        options = grid.coarse_options(model_call.transformer_options, factor)
+        out = proceed(model_call.with_transformer_options(options, **{
+            adapter.latent_argument: z.to(x.dtype), **grid.with_flow_time(model_call.arguments, t_coarse),
         }))
         denoised = z[:, :noisy] - per_row(t_coarse, x) * out.float()
         upsampled = crop_like(spatially(lambda y: F.interpolate(y, scale_factor=factor, mode="bilinear", align_corners=False), denoised), x)
@@ -324,13 +323,12 @@ class PatchSchedulerMethod(DynamicMethod):
         x = adapter.latent(model_call.arguments)
         tokens, placeholder = coarse_tokens(grid, x, layers, factor, t)
         options = grid.coarse_options(
-            model_call.arguments["transformer_options"], factor, post_input=lambda embedded: grid.replace_image_tokens(embedded, tokens)
+            model_call.transformer_options, factor, post_input=lambda embedded: grid.replace_image_tokens(embedded, tokens)
         )
         self._capture = capture = _Capture(call, tokens.shape[1], factor)
         try:
-            out = proceed(model_call.with_arguments(**{
-                adapter.latent_argument: placeholder, "transformer_options": options,
-                **grid.with_flow_time(model_call.arguments, coarse_time(t, factor)[1]),
+            out = proceed(model_call.with_transformer_options(options, **{
+                adapter.latent_argument: placeholder, **grid.with_flow_time(model_call.arguments, coarse_time(t, factor)[1]),
             }))
         finally:
             self._capture = None

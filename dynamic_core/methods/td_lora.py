@@ -302,7 +302,7 @@ def per_sample_sigmas(arguments: Mapping[str, Any], batch: int, fallback: float)
     ComfyUI passes the latent batch's sigmas as transformer_options["sigmas"]; cond/uncond chunks
     repeat that batch, so the sigmas tile over the chunks. Without them every sample gets the call's sigma.
     """
-    options = arguments.get("transformer_options") or {}
+    options = arguments.get("transformer_options") or (arguments.get("kwargs") or {}).get("transformer_options") or {}
     sigmas = options.get("sigmas") if isinstance(options, Mapping) else None
     if isinstance(sigmas, torch.Tensor) and sigmas.numel() > 0 and batch % sigmas.numel() == 0:
         return sigmas.detach().reshape(-1).float().repeat(batch // sigmas.numel())

@@ -187,10 +187,11 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
     def timestep(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return inputs[self.adapter.timestep_argument]
 
-    @staticmethod
-    def arguments(inputs: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The recorded model-call arguments of a batch (by the host's parameter names)."""
-        return {k: v for k, v in inputs.items() if k not in TRAINER_KEYS}
+    def arguments(self, inputs: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+        """The recorded model-call arguments of a batch (by the host's parameter names), with the ones the adapter
+        derives from them."""
+        tensors = {k: v for k, v in inputs.items() if k not in TRAINER_KEYS}
+        return {**tensors, **self.adapter.derived_arguments(tensors)}
 
     # --- decisions ----------------------------------------------------------------------------------
     def features(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

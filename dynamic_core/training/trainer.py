@@ -158,7 +158,7 @@ def _teacher_features(student: DynamicStudent, batch: dict[str, torch.Tensor]) -
         patches[adapter.patch_key(block)] = patch
     arguments = student.arguments(batch)
     latent = adapter.latent_argument
-    with torch.no_grad():  # the host's blocks add into their inputs in place: the batch's latent stays untouched
+    with torch.no_grad(), student.host_training():  # the host's blocks add into their inputs in place: copy the latent
         student.diffusion_model(**{**arguments, latent: arguments[latent].clone()},
                                 transformer_options={"patches_replace": {"dit": patches}, "sigmas": batch["sigmas"]})
     return record

@@ -23,8 +23,9 @@ def sampling_through(model, student, only_timesteps=None):
 
     def student_call(executor, *args, **kwargs):
         bound = bind_model_call(executor, args, kwargs).arguments
-        options = bound.pop("transformer_options", {})
-        inputs = {k: v for k, v in {**bound, **bound.pop("kwargs", {})}.items() if isinstance(v, torch.Tensor)}
+        flat = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
+        options = flat.pop("transformer_options", None) or {}
+        inputs = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
         if only_timesteps is not None and not any(
                 abs(float(student.timestep(inputs).reshape(-1)[0]) - t) < 1e-6 for t in only_timesteps):
             return executor(*args, **kwargs)

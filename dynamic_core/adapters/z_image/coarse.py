@@ -1,0 +1,62 @@
+"""Coarse patch grids for Z-Image as ComfyUI runs it (see `coarse.py` for the seam): training-free only.
+
+Facts about ComfyUI's NextDiT this relies on (comfy/ldm/lumina/model.py, 0.3.75 and 0.12.1):
+- The image token at grid row i gets the position `shift_y + i * scale_y` (and the same along x) from
+  `transformer_options["rope_options"]`, as on Flux: a coarse token gets the centre of its region
+  (`centred_rope_options`); the caption keeps its positions.
+- The model's `timesteps` is sigma itself (model sampling multiplier 1, CONST: the input is the sampler's x); the
+  model embeds 1 - sigma and returns the negated velocity, which the host's CONST sampling reads as its output.
+- No post-input patch point: no trained coarse embedding. Calls with reference latents (Z-Image Omni on 0.12.1)
+  stay native.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from ..base import BlockRef
+from ..capabilities import ModelInfo
+from ..coarse import TrainingFreeCoarseGrid
+
+if TYPE_CHECKING:
+    from .adapter import ZImageArchitecture
+
+
+class ZImageCoarseGrid(TrainingFreeCoarseGrid):
+    no_trained_reason = ("Z-Image has no post-input patch point: coarse steps on Z-Image run training-free, without a "
+                         "trained embedding")
+
+    def __init__(self, arch: "ZImageArchitecture", blocks: tuple[BlockRef, ...], info: ModelInfo) -> None:
+        self.arch = arch
+        self.native_patch = arch.patch_size
+        self.noisy_channels = arch.in_channels
+        self._last_block = blocks[-1]
+        self._info = info
+
+    def file_fields(self) -> dict[str, str]:
+        return self._info.header("patch_size", "in_channels")
+
+    def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
+        extra = arguments.get("kwargs") or {}
+        if extra.get("ref_latents") or extra.get("siglip_feats"):
+            return "reference latents are embedded at their native size"
+        return None
+
+    def sampling_refusal(self, model_sampling: Any) -> str | None:
+        if model_sampling is None:
+            return None
+        timestep = float(model_sampling.timestep(torch.tensor([0.5])).reshape(-1)[0])
+        if abs(timestep - 0.5) > 1e-4:
+            return f"the model sampling passes timestep {timestep:.4g} for sigma 0.5, not Z-Image's timestep = sigma"
+        return None
+
+    def flow_time(self, arguments: Mapping[str, Any]) -> torch.Tensor:
+        return arguments["timesteps"].float()
+
+    def with_flow_time(self, arguments: Mapping[str, Any], t: torch.Tensor) -> dict[str, Any]:
+        return {"timesteps": t.to(arguments["timesteps"].dtype)}
+
+    @property
+    def last_block(self) -> BlockRef:
+        return self._last_block

@@ -1,0 +1,80 @@
+"""A `patches_replace["dit"]` patch point for families whose host loop has none (Z-Image / Lumina 2's `layers`).
+
+The host's DiTs with a patch point call `patches_replace["dit"][(name, i)](args, {"original_block": ...})` in their
+block loop; the executor and the trainer speak only that protocol. For a block kind the adapter marks `emulated`,
+`with_block_patch_points` adds an object patch on each block's `forward` through `ModelPatcher.add_object_patch`, so
+the host itself applies it when it loads the model and takes it off when it unloads it. The stand-in forward does what
+a host's loop does: with a replace patch for its key in the call's `transformer_options`, it calls the patch with the
+block's arguments as a dict (the adapter's `block_arguments`) and the block's own forward as `original_block`;
+without one it is the block's own forward, called as the host called it. Code that calls the diffusion model itself
+(the trainer's student) sets the same stand-ins for the duration of its calls (`emulated_patch_points`).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    import torch
+
+    from ..adapters.base import BlockRef, ModelAdapter
+
+
+class EmulatedPatchPoint:
+    """A block's `forward` that calls a replace patch of the call's transformer_options, as a host's loop would."""
+
+    def __init__(self, adapter: "ModelAdapter", block: "BlockRef", module: "torch.nn.Module") -> None:
+        self.adapter, self.block, self.key = adapter, block, adapter.patch_key(block)
+        self.forward = type(module).forward.__get__(module)  # the block's own forward, bound to it
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        arguments = self.adapter.block_arguments(self.block, args, kwargs)
+        options = arguments.get("transformer_options") or {}
+        patch = options.get("patches_replace", {}).get("dit", {}).get(self.key)
+        if patch is None:
+            return self.forward(*args, **kwargs)
+        out = patch(arguments, {"original_block": lambda a: self.adapter.run_original(self.forward, self.block, a)})
+        return self.adapter.block_result(self.block, out)
+
+    def __deepcopy__(self, memo: dict) -> "EmulatedPatchPoint":
+        return self  # ComfyUI copies model options and patches; the stand-in holds the model's own module
+
+
+def emulated_blocks(adapter: "ModelAdapter") -> list["BlockRef"]:
+    return [block for block in adapter.blocks if adapter.block_kind(block).emulated]
+
+
+def with_block_patch_points(model_patcher: Any, adapter: "ModelAdapter") -> Any:
+    """`model_patcher` itself when the family's host has its own patch points, else a clone whose blocks get them
+    as object patches (applied and removed by the host with the model's loading)."""
+    blocks = emulated_blocks(adapter)
+    if not blocks:
+        return model_patcher
+    patched = model_patcher.clone()
+    diffusion_model = model_patcher.model.diffusion_model
+    for block in blocks:
+        path = f"diffusion_model.{adapter.block_kind(block).module_list}.{block.index}.forward"
+        if not isinstance(patched.object_patches.get(path), EmulatedPatchPoint):
+            patched.add_object_patch(path, EmulatedPatchPoint(adapter, block, adapter.block_module(diffusion_model, block)))
+    return patched
+
+
+@contextlib.contextmanager
+def emulated_patch_points(diffusion_model: "torch.nn.Module", adapter: "ModelAdapter") -> Iterator[None]:
+    """The blocks' patch points on the modules themselves while the context lasts, for code that calls the diffusion
+    model directly; a block that has one already (a loaded model patcher's) keeps it. Nests."""
+    set_here = []
+    for block in emulated_blocks(adapter):
+        module = adapter.block_module(diffusion_model, block)
+        if isinstance(module.__dict__.get("forward"), EmulatedPatchPoint):
+            continue
+        set_here.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
+        module.forward = EmulatedPatchPoint(adapter, block, module)
+    try:
+        yield
+    finally:
+        for module, had_own, previous in reversed(set_here):
+            if had_own:
+                module.forward = previous
+            else:
+                del module.forward
