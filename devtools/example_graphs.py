@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .example_graphs_image import chroma_workflow, flux2_dev_workflow, qwen_image_workflow
+from .example_graphs_image import chroma_workflow, flux2_dev_workflow, qwen_image_workflow, z_image_turbo_workflow
 from .graph_texts import REPORT_HELP, SKIP_BASELINE
 from .workflows import Node, layout, note
 
@@ -396,4 +396,5 @@ WORKFLOWS: dict[str, tuple[str, Callable[[], list[Node]]]] = {
     "chroma_t2i": ("Chroma text-to-image, full compute next to the Width Patcher and Token Router", chroma_workflow),
     "qwen_image_t2i": ("Qwen-Image text-to-image with the 8-step Lightning LoRA, full compute next to the dynamic chain",
                        qwen_image_workflow),
+    "z_image_turbo_t2i": ("Z-Image-Turbo text-to-image at 9 steps, full compute next to the dynamic chain", z_image_turbo_workflow),
 }

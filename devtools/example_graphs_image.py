@@ -24,6 +24,16 @@ def _custom_sampler(guider: Guider) -> Callable[[str, str, str], list[Node]]:
     return run
 
 
+def _ksampler(sampling: dict) -> Callable[[str, str, str], list[Node]]:
+    """One run of a KSampler graph on the shared prompt, negative prompt and latent."""
+
+    def run(key: str, model: str, title: str) -> list[Node]:
+        return [Node(key, "KSampler", sampling, {"model": (model, 0), "positive": ("prompt", 0), "negative": ("negative", 0),
+                                                 "latent_image": ("latent", 0)}, title=f"KSampler{title}")]
+
+    return run
+
+
 def _comparison_rows(run: Callable[[str, str, str], list[Node]], chain_end: str, prefix: str) -> list[list[Node]]:
     """The rows every family's comparison ends with: the full-compute and the dynamic run (`run(key, model, title)`
     gives a run's nodes, the last one keyed `key` with the LATENT), the Speed Report and its table, both images
@@ -172,15 +182,51 @@ def qwen_image_workflow() -> list[Node]:
     prompt = Node("prompt", "CLIPTextEncode", {"text": QWEN_PROMPT}, {"clip": ("clip", 0)}, title="Prompt")
     negative = Node("negative", "CLIPTextEncode", {"text": ""}, {"clip": ("clip", 0)}, title="Negative prompt")
     sampling = {"seed": 42, "steps": 8, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
-
-    def run(key: str, model: str, title: str) -> list[Node]:
-        return [Node(key, "KSampler", sampling, {"model": (model, 0), "positive": ("prompt", 0), "negative": ("negative", 0),
-                                                 "latent_image": ("latent", 0)}, title=f"KSampler{title}")]
-
     chain = _chain("shift", [("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
     return layout([
         [note("note", text, size=(460, 640)), unet, lora, shift, clip, vae],
         [prompt, negative, Node("latent", "EmptySD3LatentImage", {"width": 1328, "height": 1328, "batch_size": 1})],
         chain,
-        *_comparison_rows(run, "router", "qwen_image"),
+        *_comparison_rows(_ksampler(sampling), "router", "qwen_image"),
+    ])
+
+
+# --- Z-Image Turbo -----------------------------------------------------------------------------------------
+Z_IMAGE_PROMPT = ("realistic photo, close-up of a fox peeking through pine branches, dappled sunlight on its face, "
+                  "natural colors, shallow depth of field")
+Z_IMAGE_FILES = (
+    "**Files** (Comfy-Org/z_image_turbo, the names of ComfyUI's own Z-Image-Turbo templates): "
+    "`z_image_turbo_bf16.safetensors` in `models/diffusion_models/`, `qwen_3_4b.safetensors` (*Load CLIP* type "
+    "`lumina2`) in `models/text_encoders/`, `ae.safetensors` in `models/vae/`. Z-Image (base, "
+    "`z_image_bf16.safetensors`) works the same way at its template's 25 steps, cfg 4."
+)
+
+
+def z_image_turbo_workflow() -> list[Node]:
+    text = (
+        "## Z-Image-Turbo text-to-image (9 steps): full compute next to the dynamic chain\n\n"
+        "ComfyUI's stock Z-Image-Turbo graph (Load Diffusion Model → ModelSamplingAuraFlow shift 3 → KSampler "
+        "res_multistep / simple, 9 steps, cfg 1, the negative prompt zeroed, 1024x1024) sampled twice with the same "
+        "seed: through **Dynamic Telemetry** (full compute, the baseline) and through **Dynamic Patch Scheduler → "
+        "Dynamic Width Patcher → Token Router** at their defaults. Z-Image's blocks have no patch point of their own "
+        "in ComfyUI: the pack adds one to each block through ComfyUI's object patches, which ComfyUI applies and "
+        "removes with the model. At 9 steps the Patch Scheduler's `auto` has little history to decide from (it keeps "
+        "the first three and the last two steps native); a manual schedule such as `0-35%:2` coarsens early steps "
+        "on purpose.\n\n"
+        f"{REPORT_HELP}\n\n{Z_IMAGE_FILES}\n\n{SKIP_BASELINE}"
+    )
+    unet = Node("unet", "UNETLoader", {"unet_name": "z_image_turbo_bf16.safetensors", "weight_dtype": "default"})
+    shift = Node("shift", "ModelSamplingAuraFlow", {"shift": 3.0}, {"model": ("unet", 0)})
+    clip = Node("clip", "CLIPLoader", {"clip_name": "qwen_3_4b.safetensors", "type": "lumina2", "device": "default"})
+    vae = Node("vae", "VAELoader", {"vae_name": "ae.safetensors"})
+    prompt = Node("prompt", "CLIPTextEncode", {"text": Z_IMAGE_PROMPT}, {"clip": ("clip", 0)}, title="Prompt")
+    negative = Node("negative", "ConditioningZeroOut", links={"conditioning": ("prompt", 0)}, title="Negative (zeroed)")
+    sampling = {"seed": 42, "steps": 9, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple", "denoise": 1.0}
+    chain = _chain("shift", [("patch", "DynamicPatchScheduler", "Dynamic Patch Scheduler"),
+                             ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+    return layout([
+        [note("note", text, size=(460, 640)), unet, shift, clip, vae],
+        [prompt, negative, Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1})],
+        chain,
+        *_comparison_rows(_ksampler(sampling), "router", "z_image_turbo"),
     ])
