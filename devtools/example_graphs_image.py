@@ -230,3 +230,40 @@ def z_image_turbo_workflow() -> list[Node]:
         chain,
         *_comparison_rows(_ksampler(sampling), "router", "z_image_turbo"),
     ])
+
+
+# --- SD3.5 Large ------------------------------------------------------------------------------------------
+SD3_PROMPT = "a crystal pink dragon in a blue mystery sky, hyperdetailed"
+SD3_FILES = (
+    "**Files** (Comfy-Org/stable-diffusion-3.5-fp8, the name in ComfyUI's own SD3.5 templates): "
+    "`sd3.5_large_fp8_scaled.safetensors` in `models/checkpoints/` (model, text encoders and VAE in one file). SD3.5 "
+    "Medium and Large Turbo work the same way."
+)
+
+
+def sd35_large_workflow() -> list[Node]:
+    text = (
+        "## SD3.5 Large text-to-image: full compute next to the dynamic chain\n\n"
+        "ComfyUI's stock SD3.5 graph (Load Checkpoint → KSampler euler / simple, 32 steps, cfg 4.5, the negative "
+        "zeroed, 1024x1024) sampled twice with the same seed: through **Dynamic Telemetry** (full compute, the "
+        "baseline) and through **Dynamic Width Patcher → Token Router** at their defaults. SD3's forward runs no "
+        "model wrappers of its own: the pack adds that point through ComfyUI's object patches. The **Dynamic Patch "
+        "Scheduler** does not run SD3 (its absolute position embeddings offer no seam for a coarse grid) and is left "
+        "out.\n\n"
+        f"{REPORT_HELP}\n\n{SD3_FILES}\n\n{SKIP_BASELINE}"
+    )
+    checkpoint = Node("checkpoint", "CheckpointLoaderSimple", {"ckpt_name": "sd3.5_large_fp8_scaled.safetensors"})
+    prompt = Node("prompt", "CLIPTextEncode", {"text": SD3_PROMPT}, {"clip": ("checkpoint", 1)}, title="Prompt")
+    negative = Node("negative", "ConditioningZeroOut", links={"conditioning": ("prompt", 0)}, title="Negative (zeroed)")
+    sampling = {"seed": 42, "steps": 32, "cfg": 4.5, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+    chain = _chain("checkpoint", [("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+    rows = _comparison_rows(_ksampler(sampling), "router", "sd35_large")
+    for node in rows[-1]:  # the checkpoint holds the VAE
+        if node.type == "VAEDecode":
+            node.links["vae"] = ("checkpoint", 2)
+    return layout([
+        [note("note", text, size=(460, 600)), checkpoint],
+        [prompt, negative, Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1})],
+        chain,
+        *rows,
+    ])

@@ -36,6 +36,7 @@ MIN_SIZES: dict[str, tuple[int, int]] = {
     # the stock Flux 2 graph
     "EmptyFlux2LatentImage": (320, 110), "Flux2Scheduler": (320, 110), "KSamplerSelect": (320, 60),
     "RandomNoise": (320, 82), "BasicGuider": (320, 50), "SamplerCustomAdvanced": (320, 110),
+    "CheckpointLoaderSimple": (320, 100),
     # the stock Chroma graph
     "LoraLoaderModelOnly": (320, 82), "ModelSamplingAuraFlow": (320, 60), "T5TokenizerOptions": (320, 82), "CFGGuider": (320, 100), "BasicScheduler": (320, 110),
 }

@@ -16,6 +16,7 @@ weight is only the kept rows / columns:
 """
 from __future__ import annotations
 
+from types import FunctionType
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -242,10 +243,25 @@ class ModuleView:
             object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
-        return getattr(object.__getattribute__(self, "_base"), name)
+        base = object.__getattribute__(self, "_base")
+        method = _own_method(type(base), name)
+        if method is not None:  # the block's own methods run on the view too (SD3's pre_attention / post_attention)
+            return method.__get__(self)
+        return getattr(base, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return type(self._base).forward(self, *args, **kwargs)
+
+
+def _own_method(cls: type, name: str) -> Any:
+    """A plain function the host's module class defines (not one of torch.nn.Module's own), or None."""
+    if hasattr(torch.nn.Module, name):
+        return None
+    for klass in cls.__mro__:
+        if name in klass.__dict__:
+            found = klass.__dict__[name]
+            return found if isinstance(found, FunctionType) else None
+    return None
 
 
 def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ FAMILY=chroma: Chroma at its real width (hidden 3072, 24 heads, its 5120-wide 5-
 + 2 single blocks, no DDiT cases (Chroma has no coarse grid). FAMILY=qwen_image: Qwen-Image at its real width (hidden
 3072, 24 heads, MLP 12288, text encoder width 3584), 3 of its 60 blocks, no DDiT cases. FAMILY=z_image: Z-Image at
 its real width (hidden 3840, 30 heads, SwiGLU 10240, caption width 2560), 3 of its 30 layers and its 2 + 2 refiners.
+FAMILY=sd3: SD3.5 Large's width (hidden 2432, 38 heads, MLP 9728, T5 4096 and pooled 2048), 3 of its 38 joint blocks.
 Part `lowvram` (CUDA only) emulates a 16 GB card with ComfyUI's partial loading (--reserve-vram).
 Part `memory` (CPU) runs every case in a fresh process of its own (2 steps, no warm-up), so that one
 case's peak RSS does not carry the allocator's history of the cases before it.
@@ -116,8 +117,11 @@ OTHER_FAMILIES = {
                                    modulation_hidden=5120, modulation_layers=5), 8),
     "qwen_image": ("tiny_qwen_image", "TinyQwenImage", dict(hidden_size=3072, num_heads=24, depth=3, context_dim=3584), 8),
     "z_image": ("tiny_z_image", "TinyZImage", dict(hidden_size=3840, num_heads=30, depth=3, refiner_depth=2, context_dim=2560), 8),
+    "sd3": ("tiny_sd3", "TinySD3", dict(depth=38, blocks=3, mmdit_x_layers=(), context_dim=4096, pooled_dim=2048,
+                                        position_grid=192), 8),
 }
-FAMILY_NAMES = {"flux": "", "flux2": "Flux 2, ", "chroma": "Chroma, ", "qwen_image": "Qwen-Image, ", "z_image": "Z-Image, "}
+FAMILY_NAMES = {"flux": "", "flux2": "Flux 2, ", "chroma": "Chroma, ", "qwen_image": "Qwen-Image, ", "z_image": "Z-Image, ",
+                "sd3": "SD3.5 Large, "}
 if FAMILY not in FAMILY_NAMES:
     sys.exit(f"FAMILY must be one of {', '.join(FAMILY_NAMES)}")
 if FAMILY != "flux":
@@ -125,7 +129,7 @@ if FAMILY != "flux":
         sys.exit(f"FAMILY={FAMILY} runs with GPU_CHECK_TINY=1 or GPU_CHECK_PROXY=1 only")
     family_module, config_class, proxy_arch, vae_scale = OTHER_FAMILIES[FAMILY]
     arch = {} if TINY else proxy_arch
-    if FAMILY in ("chroma", "qwen_image"):  # no coarse grid (their positions ignore rope_options)
+    if FAMILY in ("chroma", "qwen_image", "sd3"):  # no coarse grid (no seam to place a coarse token)
         DEFAULT_CASES = " ".join(c for c in DEFAULT_CASES.split() if "ddit" not in c)
 else:
     family_module, vae_scale = "tiny_flux", 8

@@ -9,10 +9,11 @@ from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .known_families import plain_name
 from .qwen_image import QwenImageAdapter
+from .sd3 import SD3Adapter
 from .wan import WanAdapter
 from .z_image import ZImageAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, ChromaAdapter, QwenImageAdapter, ZImageAdapter, WanAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, ChromaAdapter, QwenImageAdapter, ZImageAdapter, SD3Adapter, WanAdapter)
 
 
 def supported_families() -> str:

@@ -16,7 +16,6 @@ HOST_MODEL_NAMES: dict[str, str] = {
     "Lotus": "Lotus UNet",
     "StableCascade_C": "Stable Cascade (stage C)",
     "StableCascade_B": "Stable Cascade (stage B)",
-    "SD3": "SD3 MMDiT",
     "AuraFlow": "AuraFlow",
     "StableAudio1": "Stable Audio",
     "HunyuanDiT": "Hunyuan-DiT",
@@ -43,7 +42,6 @@ HOST_MODEL_NAMES: dict[str, str] = {
 
 DIFFUSION_MODEL_NAMES: dict[str, str] = {
     "UNetModel": "UNet (SD1.5 / SD2 / SDXL)",
-    "OpenAISignatureMMDITWrapper": "SD3 MMDiT",
     "MMDiT": "MMDiT",
     "ChromaRadiance": "Chroma Radiance",
 }

@@ -32,7 +32,7 @@ from ..executor import ModelCall, RunContext
 from ..plan import DynamicPlan, MethodSettings
 from ..steps import invert_decreasing
 from ..telemetry import RECENT_FULL_COMPUTE
-from .block_patch_points import with_block_patch_points
+from .patch_points import with_patch_points
 
 logger = logging.getLogger("dynamic_dit")
 
@@ -102,7 +102,7 @@ def install_executor(model_patcher: Any) -> Any:
 
 
 def _patched_clone(model_patcher: Any, adapter: ModelAdapter, plan: DynamicPlan) -> Any:
-    patched = with_block_patch_points(model_patcher, adapter)
+    patched = with_patch_points(model_patcher, adapter)
     patched = patched.clone() if patched is model_patcher else patched
     for wrapper_type, key, wrapper in (
         (WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper),
@@ -140,8 +140,9 @@ def bind_model_call(executor: Any, args: tuple, kwargs: dict) -> inspect.BoundAr
     """A diffusion-model call seen by a DIFFUSION_MODEL wrapper, bound by the names of the model's public `forward`:
     the names callers and adapters use. The host's `forward` hands its parameters on in its own order to `_forward`,
     whose names may differ (Qwen-Image's `timesteps`), so replaying a recorded call through `forward` works too."""
-    forward = getattr(executor.class_obj, "forward", None)
-    return _bind(forward if callable(forward) else executor.original, args, kwargs)
+    model = executor.class_obj
+    forward = getattr(type(model), "forward", None)  # the class's own (the instance may hold an emulated wrapper point)
+    return _bind(forward.__get__(model) if callable(forward) else executor.original, args, kwargs)
 
 
 def _transformer_options(bound: inspect.BoundArguments) -> dict | None:

@@ -22,7 +22,7 @@ from ..training.student import DynamicStudent, StudentSpec
 from ..training.trainer import TrainConfig, TrainResult, train
 from ..training.trajectories import Trajectories, detached, rollout_seeds, step_index
 from .autograd_paths import differentiable_host
-from .block_patch_points import emulated_patch_points
+from .patch_points import emulated_patch_points, with_patch_points
 from .patching import adapter_of, bind_model_call, diffusion_model_of, sigma_to_percent
 
 RECORD_KEY = "dynamic_dit.train_record"
@@ -72,7 +72,8 @@ def record_trajectories(model_patcher: Any, jobs: Sequence[tuple[list, list]], l
         raise ValueError("Train Dynamic DiT: no conditioning given; the trainer needs at least one prompt to distil on.")
     adapter = adapter_of(model_patcher)  # unsupported models are refused before any sampling
     bank = Trajectories(adapter.latent_argument, adapter.timestep_argument)
-    recording = model_patcher.clone()
+    recording = with_patch_points(model_patcher, adapter)  # SD3: the wrapper point its forward lacks
+    recording = recording.clone() if recording is model_patcher else recording
     recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, RECORD_KEY, _recorder(adapter, bank, follow))
     total, done = len(jobs) * len(seeds), 0
     for positive, negative in jobs:
@@ -209,7 +210,7 @@ def on_policy_round(model_patcher: Any, student: DynamicStudent, bank: Trajector
 
 def student_host(adapter: ModelAdapter, diffusion_model: torch.nn.Module) -> Callable[[], contextlib.AbstractContextManager]:
     """The context the student calls the host's model in: stand-ins for kernels without a backward (autograd_paths)
-    and the block patch points a family's host lacks (block_patch_points; Z-Image), both put back afterwards."""
+    and the block patch points a family's host lacks (patch_points; Z-Image), both put back afterwards."""
     kernels = differentiable_host(diffusion_model)
 
     @contextlib.contextmanager

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ..adapters import BlockInternals, BlockRef, CallLayout, ModelAdapter, UnsupportedModelError
 from ..methods.coarse_path import coarse_layer_flops, coarse_output, coarse_placeholder, coarse_time, coarse_tokens
 from ..methods.td_lora import block_linear_index, sinusoidal_embedding
+from ..methods.width import default_group_count
 from ..slicing import RunIndexCache
 from .coarse import CoarseParts, coarse_step_indices, schedule_factor
 from .checkpointing import checkpointed
@@ -50,7 +51,7 @@ class StudentSpec:
 
     parts: tuple[str, ...] = ("width", "td_lora")
     width_parts: str = "both"  # what the width router thins: "both", "heads" or "mlp"
-    mlp_groups: int = 0  # MLP channel groups per block; 0 = one per head (the Width Patcher's default)
+    mlp_groups: int = 0  # MLP channel groups per block; 0 = the Width Patcher's default (`default_group_count`)
     experts: int = 2  # TD-LoRA K
     rank: int = 4
     gate_hidden: int = 32
@@ -73,7 +74,7 @@ class StudentSpec:
         if self.experts < 1 or self.rank < 1:
             raise ValueError(f"Trainer: TD-LoRA needs experts >= 1 and rank >= 1, got K={self.experts}, r={self.rank}.")
         if self.mlp_groups < 0:
-            raise ValueError(f"Trainer: mlp_groups must be >= 0 (0 = one per head), got {self.mlp_groups}.")
+            raise ValueError(f"Trainer: mlp_groups must be >= 0 (0 = one per head, or the nearest count that divides the MLP), got {self.mlp_groups}.")
         if "coarse" in self.parts:
             if len(self.parts) > 1:
                 raise ValueError("Trainer: coarse patches are trained on their own (parts 'coarse' alone); train width "
@@ -110,7 +111,7 @@ class DynamicStudent(RoutedStudent, torch.nn.Module):
         if self.units is None and "width" in spec.parts:
             raise UnsupportedModelError(f"Trainer: {adapter.display_name} models have no dynamic width, so no width router can be trained.")
         self.head_count = self.units.head_count if self.units is not None else 0
-        self.group_count = (spec.mlp_groups or self.head_count) if self.units is not None else 0
+        self.group_count = (spec.mlp_groups or default_group_count(self.head_count, self.units.mlp_hidden)) if self.units is not None else 0
         if self.units is not None and self.units.mlp_hidden % self.group_count:
             raise ValueError(f"Trainer: {self.group_count} MLP groups do not divide the {self.units.mlp_hidden} MLP units.")
         self.group_size = self.units.mlp_hidden // self.group_count if self.units is not None else 0

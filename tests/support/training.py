@@ -5,7 +5,8 @@ import comfy.patcher_extension
 import torch
 
 from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import bind_model_call
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patch_points import with_patch_points
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, bind_model_call
 from comfyui_dynamic_dit.dynamic_core.training.student import StudentSpec
 
 LATENT = torch.zeros(1, 16, 16, 16)  # 8x8 = 64 image tokens
@@ -33,6 +34,7 @@ def sampling_through(model, student, only_timesteps=None):
         with torch.no_grad():
             return student({**inputs, "sigmas": sigmas}, noise=0.0)[0]
 
-    wrapped = model.clone()
+    wrapped = with_patch_points(model, adapter_of(model))  # SD3: the wrapper point its forward lacks
+    wrapped = wrapped.clone() if wrapped is model else wrapped
     wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test", student_call)
     return wrapped

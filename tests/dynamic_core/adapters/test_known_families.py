@@ -9,7 +9,7 @@ class UNetModel(torch.nn.Module):  # the name ComfyUI's SD1.5 / SDXL UNet class 
     pass
 
 
-@pytest.mark.parametrize("host_name, plain", [("SDXL", "SDXL UNet"), ("BaseModel", "SD1.5 / SD2 UNet"), ("SD3", "SD3 MMDiT"),
+@pytest.mark.parametrize("host_name, plain", [("SDXL", "SDXL UNet"), ("BaseModel", "SD1.5 / SD2 UNet"), ("AuraFlow", "AuraFlow"),
                                               ("HunyuanVideo", "HunyuanVideo")])
 def test_refused_families_are_named_plainly(host_name, plain):
     with pytest.raises(UnsupportedModelError, match=rf"does not support {plain} models\. Supported: Flux\.1") as error:

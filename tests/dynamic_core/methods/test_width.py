@@ -506,3 +506,12 @@ def test_benchmark_case(flux_model):
     assert case.name == "width 0.4"
     settings = plan_of(case.build(flux_model)).settings["width"]
     assert (settings.noisy_width, settings.clean_width, settings.parts, settings.start_percent, settings.end_percent) == (0.4, 0.4, "both", 0.0, 1.0)
+
+
+def test_the_default_group_count_divides_the_mlp():
+    """One group per head where that divides the MLP (Flux: 24 of 12288); else the nearest divisor (Z-Image: 30 heads,
+    10240 units -> 32); a tie goes to the larger count."""
+    from comfyui_dynamic_dit.dynamic_core.methods.width import default_group_count
+
+    assert default_group_count(24, 12288) == 24 and default_group_count(30, 10240) == 32
+    assert default_group_count(3, 8) == 4 and 10240 % default_group_count(30, 10240) == 0

@@ -21,7 +21,7 @@ from support.family_methods import (
 
 from comfyui_dynamic_dit.devtools import tiny_z_image
 from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, UnsupportedModelError
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.block_patch_points import EmulatedPatchPoint, with_block_patch_points
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patch_points import EmulatedPatchPoint, with_patch_points
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, install_executor
 from comfyui_dynamic_dit.dynamic_core.slicing import RunIndexCache
 
@@ -80,7 +80,7 @@ def test_the_emulated_patch_points_are_the_blocks_until_a_patch_asks(z_image):
     the model computes what it did without them; with one, the patch gets the block's arguments and its forward."""
     _, model, conds = z_image
     adapter, dm = adapter_of(model), model.model.diffusion_model
-    points = with_block_patch_points(model, adapter)
+    points = with_patch_points(model, adapter)
     assert all(isinstance(points.object_patches[f"diffusion_model.layers.{i}.forward"], EmulatedPatchPoint) for i in range(3))
     assert not model.object_patches  # the input model is left as it was
     arguments = _arguments(conds)

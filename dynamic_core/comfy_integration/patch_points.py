@@ -1,18 +1,26 @@
-"""A `patches_replace["dit"]` patch point for families whose host loop has none (Z-Image / Lumina 2's `layers`).
+"""The host's patch points, for families whose ComfyUI code lacks them: a `patches_replace["dit"]` point on each block
+(Z-Image's `layers`), and the DIFFUSION_MODEL wrapper point around the diffusion model's forward (SD3's MMDiT).
 
 The host's DiTs with a patch point call `patches_replace["dit"][(name, i)](args, {"original_block": ...})` in their
 block loop; the executor and the trainer speak only that protocol. For a block kind the adapter marks `emulated`,
-`with_block_patch_points` adds an object patch on each block's `forward` through `ModelPatcher.add_object_patch`, so
+`with_patch_points` adds an object patch on each block's `forward` through `ModelPatcher.add_object_patch`, so
 the host itself applies it when it loads the model and takes it off when it unloads it. The stand-in forward does what
 a host's loop does: with a replace patch for its key in the call's `transformer_options`, it calls the patch with the
 block's arguments as a dict (the adapter's `block_arguments`) and the block's own forward as `original_block`;
 without one it is the block's own forward, called as the host called it. Code that calls the diffusion model itself
 (the trainer's student) sets the same stand-ins for the duration of its calls (`emulated_patch_points`).
+
+Where the model's `forward` does not run ComfyUI's DIFFUSION_MODEL wrappers (the adapter's `emulated_model_wrappers`),
+an object patch on `diffusion_model.forward` runs them around the class's own forward with the host's own
+`WrapperExecutor`, as the other families' forwards do themselves.
 """
 from __future__ import annotations
 
 import contextlib
+import inspect
 from typing import TYPE_CHECKING, Any, Iterator
+
+from comfy.patcher_extension import WrapperExecutor, WrappersMP, get_all_wrappers
 
 if TYPE_CHECKING:
     import torch
@@ -40,18 +48,39 @@ class EmulatedPatchPoint:
         return self  # ComfyUI copies model options and patches; the stand-in holds the model's own module
 
 
+class EmulatedWrapperPoint:
+    """A diffusion model's `forward` that runs the call's DIFFUSION_MODEL wrappers around the class's own forward."""
+
+    def __init__(self, diffusion_model: "torch.nn.Module") -> None:
+        self.model = diffusion_model
+        self.forward = type(diffusion_model).forward.__get__(diffusion_model)
+        self.signature = inspect.signature(self.forward)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        bound = self.signature.bind(*args, **kwargs).arguments
+        options = bound.get("transformer_options") or bound.get("kwargs", {}).get("transformer_options") or {}
+        wrappers = get_all_wrappers(WrappersMP.DIFFUSION_MODEL, options)
+        return WrapperExecutor.new_class_executor(self.forward, self.model, wrappers).execute(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "EmulatedWrapperPoint":
+        return self
+
+
 def emulated_blocks(adapter: "ModelAdapter") -> list["BlockRef"]:
     return [block for block in adapter.blocks if adapter.block_kind(block).emulated]
 
 
-def with_block_patch_points(model_patcher: Any, adapter: "ModelAdapter") -> Any:
-    """`model_patcher` itself when the family's host has its own patch points, else a clone whose blocks get them
-    as object patches (applied and removed by the host with the model's loading)."""
+def with_patch_points(model_patcher: Any, adapter: "ModelAdapter") -> Any:
+    """`model_patcher` itself when the family's host has its own patch points, else a clone that gets them as object
+    patches (applied and removed by the host with the model's loading)."""
     blocks = emulated_blocks(adapter)
-    if not blocks:
+    wrappers = adapter.emulated_model_wrappers
+    if not blocks and not wrappers:
         return model_patcher
     patched = model_patcher.clone()
     diffusion_model = model_patcher.model.diffusion_model
+    if wrappers and not isinstance(patched.object_patches.get("diffusion_model.forward"), EmulatedWrapperPoint):
+        patched.add_object_patch("diffusion_model.forward", EmulatedWrapperPoint(diffusion_model))
     for block in blocks:
         path = f"diffusion_model.{adapter.block_kind(block).module_list}.{block.index}.forward"
         if not isinstance(patched.object_patches.get(path), EmulatedPatchPoint):

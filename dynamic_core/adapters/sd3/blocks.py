@@ -1,0 +1,96 @@
+"""SD3 joint blocks run reduced: views over the host's own `JointBlock` (its `block_mixing` runs on them) whose two
+`DismantledBlock`s keep some heads (the fused qkv's q, k and v rows, the output projection's columns; the per-head
+q/k norms are unchanged; MMDiT-X's second image self-attention thins with the same heads) and some MLP channel groups,
+the image MLP on a token subset, LoRA-style extras on any linear."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ...slicing import AxisSelection, ModuleView, ReducedLinear, RunIndexCache
+from ..base import BlockInternals
+from ..block_views import TokenSubsetMLP, UnitSelections
+
+if TYPE_CHECKING:
+    from .adapter import SD3Architecture
+
+STREAMS = ("context_block", "x_block")
+
+
+def stream_linears(pre_only: bool, second_attention: bool, stream: str) -> tuple[str, ...]:
+    """The linears of one stream of a joint block, by module path in the block."""
+    names = [f"{stream}.adaLN_modulation.1", f"{stream}.attn.qkv"]
+    if not pre_only:
+        names += [f"{stream}.attn.proj", f"{stream}.mlp.fc1", f"{stream}.mlp.fc2"]
+    if second_attention:
+        names += [f"{stream}.attn2.qkv", f"{stream}.attn2.proj"]
+    return tuple(names)
+
+
+class SD3WidthSelections(UnitSelections):
+    family = "sd3"
+
+    def __init__(self, arch: "SD3Architecture", heads: tuple[int, ...] | None, groups: tuple[int, ...] | None,
+                 group_count: int, device: torch.device | None):
+        d = arch.hidden_size
+        self.head_count = arch.num_heads if heads is None else len(heads)
+        self.head_cols = None if heads is None else AxisSelection.of_units(heads, arch.head_dim)
+        self.qkv_rows = None if heads is None else self.head_cols + self.head_cols.shifted(d) + self.head_cols.shifted(2 * d)
+        self.units = None if groups is None else AxisSelection.of_units(groups, arch.mlp_hidden // group_count)
+        self._build_indices(device)
+
+
+class _Modulation:
+    """A stream's `Sequential(SiLU, Linear)` modulation with its linear replaced."""
+
+    def __init__(self, linear: Callable[[torch.Tensor], torch.Tensor]):
+        self.linear = linear
+
+    def __call__(self, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.silu(c))
+
+
+class ReducedSD3Block:
+    """Builds the module view of one reduced SD3 joint block call."""
+
+    def __init__(self, arch: "SD3Architecture", module: torch.nn.Module, internals: BlockInternals,
+                 flop_log: list[float], cache: RunIndexCache, device: torch.device):
+        self.arch, self.module, self.internals, self.flop_log = arch, module, internals, flop_log
+        self.width = SD3WidthSelections.cached(cache, arch, internals, device)
+
+    def linear(self, name: str, rows: AxisSelection | None = None, cols: AxisSelection | None = None):
+        layer = self.module.get_submodule(name)
+        override = self.internals.overridden(layer, name, rows is not None or cols is not None)
+        if override is not None:
+            return override
+        extra = self.internals.extras.get(name)
+        if rows is None and cols is None and extra is None:
+            return layer  # untouched: the host's own layer, exactly as in the full block
+        return ReducedLinear(layer, rows, cols, extra, self.flop_log)
+
+    def _attention(self, part: torch.nn.Module, path: str, pre_only: bool) -> ModuleView:
+        width = self.width
+        overrides: dict[str, Any] = {"num_heads": width.head_count, "qkv": self.linear(f"{path}.qkv", rows=width.qkv_rows)}
+        if not pre_only:
+            overrides["proj"] = self.linear(f"{path}.proj", cols=width.head_cols)
+        return ModuleView(part, **overrides)
+
+    def view(self) -> ModuleView:
+        internals, width = self.internals, self.width
+        streams = {}
+        for stream in STREAMS:
+            part = getattr(self.module, stream)
+            overrides: dict[str, Any] = {"attn": self._attention(part.attn, f"{stream}.attn", part.pre_only)}
+            if part.x_block_self_attn:
+                overrides["attn2"] = self._attention(part.attn2, f"{stream}.attn2", False)
+            if not part.pre_only:
+                mlp = part.mlp
+                tokens = internals.mlp_tokens if stream == "x_block" else None
+                overrides["mlp"] = TokenSubsetMLP(self.linear(f"{stream}.mlp.fc1", rows=width.units), mlp.act,
+                                                  self.linear(f"{stream}.mlp.fc2", cols=width.units), tokens)
+            if f"{stream}.adaLN_modulation.1" in internals.adapted_linears:
+                overrides["adaLN_modulation"] = _Modulation(self.linear(f"{stream}.adaLN_modulation.1"))
+            streams[stream] = ModuleView(part, **overrides)
+        return ModuleView(self.module, **streams)

@@ -1,0 +1,149 @@
+"""SD3 / SD3.5 through their adapter: a tiny real ComfyUI MMDiT built by the host's model detection (SD3.5 Medium's
+layout: MMDiT-X blocks with a second image self-attention, RMS q/k norms, a pre-only last context branch), model calls
+reached through the DIFFUSION_MODEL wrapper point the pack emulates, every method at its full setting bit-identical
+over whole runs, compute really removed at half settings (FlopCounterMode), an SD3 LoRA composing with the methods, the
+Patch Scheduler refused by name."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from support.family_methods import (
+    WIDTH_HALF,
+    assert_compute_removed,
+    assert_full_settings_bit_identical,
+    assert_lora_composes,
+    block_lora,
+    full_settings,
+    router_half,
+)
+
+from comfyui_dynamic_dit.devtools import tiny_sd3
+from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, UnsupportedModelError
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patch_points import EmulatedWrapperPoint
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings, install_executor
+from comfyui_dynamic_dit.dynamic_core.methods.patch_scheduler import PatchSchedulerSettings, parse_schedule
+from comfyui_dynamic_dit.dynamic_core.slicing import RunIndexCache
+
+SAMPLE = dict(steps=4, cfg=3.0, seed=3)
+
+
+@pytest.fixture(scope="module", params=["3.5 medium", "3.5 large"])
+def sd3(request):
+    config = tiny_sd3.TinySD3(mmdit_x_layers=(0, 1) if request.param == "3.5 medium" else ())
+    return config, tiny_sd3.build_model(config), tiny_sd3.conditioning(config)
+
+
+def sample(model, conds, **changes):
+    return tiny_sd3.sample(model, *conds, latent=tiny_sd3.latent(), **{**SAMPLE, **changes})
+
+
+def _arguments(conds):
+    return {"x": torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0)), "timesteps": torch.tensor([700.0]),
+            "context": conds[0][0][0], "y": conds[0][0][1]["pooled_output"]}
+
+
+def test_the_adapter_reads_the_host_model(sd3):
+    config, model, _ = sd3
+    adapter = adapter_of(model)
+    a = adapter.arch
+    assert adapter.display_name == "SD3 / SD3.5" and adapter.emulated_model_wrappers
+    assert (a.hidden_size, a.num_heads, a.head_dim, a.mlp_hidden, a.depth, a.second_attention) == (
+        192, 3, 64, 768, 3, config.mmdit_x_layers)
+    last, first = adapter.linear_names(BlockRef("joint", 2)), adapter.linear_names(BlockRef("joint", 0))
+    assert "context_block.attn.qkv" in last and "context_block.attn.proj" not in last  # the pre-only context branch
+    assert ("x_block.attn2.qkv" in first) == bool(config.mmdit_x_layers)
+
+
+def test_the_patch_scheduler_is_refused_by_name(sd3):
+    _, model, _ = sd3
+    assert adapter_of(model).coarse_grid() is None
+    with pytest.raises(UnsupportedModelError, match="patch scheduler does not support SD3"):
+        apply_settings(model, PatchSchedulerSettings(mode="manual", schedule=parse_schedule("0-50%:2")))
+
+
+def test_analytic_flops_match_flop_counter(sd3):
+    _, model, conds = sd3
+    adapter, dm = adapter_of(model), model.model.diffusion_model
+    arguments = _arguments(conds)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        dm(**arguments, transformer_options={})
+    assert adapter.full_flops(adapter.call_layout(arguments)).total == pytest.approx(counter.get_total_flops(), rel=0.02)
+
+
+def test_model_calls_reach_the_executor_through_the_emulated_wrapper_point(sd3):
+    """SD3's forward runs no DIFFUSION_MODEL wrappers of its own: the executor's clone adds the point as an object patch
+    (the input model keeps none), and the telemetry sees every call of a run."""
+    _, model, conds = sd3
+    patched = install_executor(model)
+    assert isinstance(patched.object_patches["diffusion_model.forward"], EmulatedWrapperPoint) and not model.object_patches
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import plan_of
+
+    sample(patched, conds)
+    assert len(plan_of(patched).telemetry.latest().calls) == SAMPLE["steps"]
+
+
+def test_a_block_at_full_internals_is_the_host_block_bit_for_bit(sd3):
+    _, model, conds = sd3
+    adapter, dm = adapter_of(model), model.model.diffusion_model
+    for index in (0, 2):  # an MMDiT-X block (in 3.5 Medium) and the last block with its pre-only context branch
+        captured = {}
+
+        def capture(args, extra):
+            captured["args"] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+            captured["host"] = extra["original_block"](dict(args))
+            return captured["host"]
+
+        with torch.no_grad():
+            dm(**_arguments(conds), transformer_options={"patches_replace": {"dit": {("double_block", index): capture}}})
+            args, ref, host = captured["args"], BlockRef("joint", index), captured["host"]
+            module, layout = adapter.block_module(dm, ref), adapter.call_layout(_arguments(conds))
+            every = BlockInternals(heads=(0, 1, 2), mlp_groups=(0, 1, 2), mlp_group_count=3)
+            full = adapter.run_block(module, ref, dict(args), every, [], layout, RunIndexCache())
+            half = adapter.run_block(module, ref, dict(args), BlockInternals(heads=(1,), mlp_groups=(0, 2), mlp_group_count=3),
+                                     [], layout, RunIndexCache())
+        assert torch.equal(full["img"], host["img"]) and (host["txt"] is None) == (index == 2)
+        assert host["txt"] is None or torch.equal(full["txt"], host["txt"])
+        assert torch.isfinite(half["img"]).all() and not torch.allclose(half["img"], host["img"])
+
+
+@pytest.mark.parametrize("sampler, scheduler", [("euler", "simple"), ("dpmpp_2m", "sgm_uniform")])
+def test_every_method_at_its_full_setting_is_bit_identical(sd3, sampler, scheduler):
+    _, model, conds = sd3
+    assert_full_settings_bit_identical(model, lambda m: sample(m, conds, sampler=sampler, scheduler=scheduler),
+                                       full_settings(coarse=False))
+
+
+@pytest.mark.parametrize("name, settings, most", [
+    ("width 0.5", WIDTH_HALF, 0.80),
+    ("router diffcr 0.5", router_half("diffcr"), 0.85),
+    ("router sdt 0.5", router_half("sdt"), 0.97),
+    ("router reuse 0.5", router_half("reuse"), 0.85),
+])
+def test_half_settings_really_remove_compute(sd3, name, settings, most):
+    _, model, conds = sd3
+    assert_compute_removed(model, lambda m: sample(m, conds), settings, most)
+
+
+def test_an_sd3_lora_composes_with_the_methods_in_either_order(sd3, lora_folder, float32_rounding):
+    _, model, conds = sd3
+    state = block_lora(model, lambda path: path.startswith("joint_blocks.") and ".ln_" not in path)
+    assert_lora_composes(model, lambda m: sample(m, conds), state, lora_folder, float32_rounding, {"joint.0", "joint.1", "joint.2"})
+
+
+def test_the_nodes_accept_an_sd3_model_inside_inference_mode(sd3):
+    from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS as NODES
+    from comfyui_dynamic_dit.devtools.demo import run_node
+
+    _, model, conds = sd3
+    with torch.inference_mode():
+        baseline = run_node(NODES["DynamicTelemetry"], model=model)
+        chained = model
+        for name, inputs in (("DynamicWidthPatcher", {"preset": "fast (trades more quality)"}), ("DynamicTokenRouter", {})):
+            chained = run_node(NODES[name], model=chained, **inputs)
+        with pytest.raises(UnsupportedModelError, match="SD3"):
+            run_node(NODES["DynamicPatchScheduler"], model=chained, mode="manual", manual_schedule="0-50%:2")
+        base_latent, latent_out = {"samples": sample(baseline, conds)}, {"samples": sample(chained, conds)}
+        report = NODES["DynamicSpeedReport"]().report(chained, latent_out, baseline_model=baseline, baseline_latent=base_latent)
+    assert "fewer FLOPs" in report["result"][1]
