@@ -106,7 +106,7 @@ class DynamicWidthPatcher:
             "optional": {
                 "mlp_groups": ("INT", {
                     "default": 0, "min": 0, "max": 65536,
-                    "tooltip": "MLP channel groups per block that are kept or dropped together; 0 = one per attention head.",
+                    "tooltip": "MLP channel groups per block that are kept or dropped together; 0 = one per attention head (or the nearest count that divides the MLP).",
                 }),
             },
         }
