@@ -11,10 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-import comfy.model_management
-import comfy.model_patcher
-
-from ..dynamic_core.comfy_integration.reference import detected_model_config, frozen_as_the_host_leaves_it, initialise
+from ..dynamic_core.comfy_integration.reference import detected_model_patcher
 from .tiny_flux import sample  # noqa: F401  (one sampling run, as KSampler does it, for any model)
 
 LATENT_CHANNELS = 16
@@ -56,19 +53,9 @@ class TinyChroma:
                 "out_dim": self.hidden_size, "hidden_dim": self.modulation_hidden, "n_layers": self.modulation_layers}
 
 
-def host_model_config(config: TinyChroma = TinyChroma(), dtype: torch.dtype = torch.float32):
-    model_config = detected_model_config(config.checkpoint_skeleton(), config.size_fields(), "chroma", "Chroma")
-    model_config.set_inference_dtype(dtype, None)
-    return model_config
-
-
 def build_model(config: TinyChroma = TinyChroma(), dtype: torch.dtype = torch.float32):
     """A ModelPatcher around a real ComfyUI Chroma model of the given size, with deterministic random weights."""
-    model = host_model_config(config, dtype).get_model({})
-    initialise(model.diffusion_model, config.seed)
-    frozen_as_the_host_leaves_it(model.diffusion_model)
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                           offload_device=comfy.model_management.unet_offload_device())
+    return detected_model_patcher(config.checkpoint_skeleton(), config.size_fields(), "chroma", "Chroma", dtype, config.seed)
 
 
 def conditioning(config: TinyChroma = TinyChroma(), text_tokens: int = 8, seed: int = 0):

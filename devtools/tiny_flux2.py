@@ -12,10 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-import comfy.model_management
-import comfy.model_patcher
-
-from ..dynamic_core.comfy_integration.reference import detected_model_config, frozen_as_the_host_leaves_it, initialise
+from ..dynamic_core.comfy_integration.reference import detected_model_patcher
 from .tiny_flux import sample  # noqa: F401  (one sampling run, as KSampler does it, for any model)
 
 LATENT_CHANNELS = 128
@@ -56,19 +53,9 @@ class TinyFlux2:
         return {"num_heads": self.num_heads, "axes_dim": [head_dim // 4] * 4}
 
 
-def host_model_config(config: TinyFlux2 = TinyFlux2(), dtype: torch.dtype = torch.float32):
-    model_config = detected_model_config(config.checkpoint_skeleton(), config.size_fields(), "flux2", "Flux 2")
-    model_config.set_inference_dtype(dtype, None)
-    return model_config
-
-
 def build_model(config: TinyFlux2 = TinyFlux2(), dtype: torch.dtype = torch.float32):
     """A ModelPatcher around a real ComfyUI Flux 2 model of the given size, with deterministic random weights."""
-    model = host_model_config(config, dtype).get_model({})
-    initialise(model.diffusion_model, config.seed)
-    frozen_as_the_host_leaves_it(model.diffusion_model)
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                           offload_device=comfy.model_management.unet_offload_device())
+    return detected_model_patcher(config.checkpoint_skeleton(), config.size_fields(), "flux2", "Flux 2", dtype, config.seed)
 
 
 def conditioning(config: TinyFlux2 = TinyFlux2(), text_tokens: int = 8, seed: int = 0, guidance: float = 4.0):

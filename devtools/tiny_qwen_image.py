@@ -11,10 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-import comfy.model_management
-import comfy.model_patcher
-
-from ..dynamic_core.comfy_integration.reference import detected_model_config, frozen_as_the_host_leaves_it, initialise
+from ..dynamic_core.comfy_integration.reference import detected_model_patcher
 from .tiny_flux import sample  # noqa: F401  (one sampling run, as KSampler does it, for any model)
 
 LATENT_CHANNELS = 16
@@ -48,19 +45,9 @@ class TinyQwenImage:
                 "axes_dims_rope": (head_dim - 2 * third, third, third)}
 
 
-def host_model_config(config: TinyQwenImage = TinyQwenImage(), dtype: torch.dtype = torch.float32):
-    model_config = detected_model_config(config.checkpoint_skeleton(), config.size_fields(), "qwen_image", "Qwen-Image")
-    model_config.set_inference_dtype(dtype, None)
-    return model_config
-
-
 def build_model(config: TinyQwenImage = TinyQwenImage(), dtype: torch.dtype = torch.float32):
     """A ModelPatcher around a real ComfyUI Qwen-Image model of the given size, with deterministic random weights."""
-    model = host_model_config(config, dtype).get_model({})
-    initialise(model.diffusion_model, config.seed)
-    frozen_as_the_host_leaves_it(model.diffusion_model)
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                           offload_device=comfy.model_management.unet_offload_device())
+    return detected_model_patcher(config.checkpoint_skeleton(), config.size_fields(), "qwen_image", "Qwen-Image", dtype, config.seed)
 
 
 def conditioning(config: TinyQwenImage = TinyQwenImage(), text_tokens: int = 8, seed: int = 0, reference: torch.Tensor | None = None):

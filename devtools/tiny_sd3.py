@@ -11,10 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-import comfy.model_management
-import comfy.model_patcher
-
-from ..dynamic_core.comfy_integration.reference import detected_model_config, frozen_as_the_host_leaves_it, initialise
+from ..dynamic_core.comfy_integration.reference import detected_model_patcher
 from .tiny_flux import sample  # noqa: F401  (one sampling run, as KSampler does it, for any model)
 
 LATENT_CHANNELS = 16
@@ -55,23 +52,14 @@ class TinySD3:
         return keys
 
 
-def host_model_config(config: TinySD3 = TinySD3(), dtype: torch.dtype = torch.float32):
-    sizes = {} if config.blocks is None else {"num_blocks": config.blocks}
-    model_config = detected_model_config(config.checkpoint_skeleton(), sizes, None, "SD3")
-    model_config.set_inference_dtype(dtype, None)
-    return model_config
-
-
 def build_model(config: TinySD3 = TinySD3(), dtype: torch.dtype = torch.float32):
     """A ModelPatcher around a real ComfyUI SD3 model of the given size, with deterministic random weights."""
-    model = host_model_config(config, dtype).get_model({})
-    initialise(model.diffusion_model, config.seed)
+    sizes = {} if config.blocks is None else {"num_blocks": config.blocks}
+    patcher = detected_model_patcher(config.checkpoint_skeleton(), sizes, None, "SD3", dtype, config.seed)
     with torch.no_grad():  # a buffer the host allocates empty and fills from the checkpoint: deterministic values here
-        embed = model.diffusion_model.pos_embed
+        embed = patcher.model.diffusion_model.pos_embed
         embed.copy_(torch.randn(embed.shape, generator=torch.Generator().manual_seed(config.seed)).to(embed) * 0.1)
-    frozen_as_the_host_leaves_it(model.diffusion_model)
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                           offload_device=comfy.model_management.unet_offload_device())
+    return patcher
 
 
 def conditioning(config: TinySD3 = TinySD3(), text_tokens: int = 8, seed: int = 0):

@@ -26,6 +26,19 @@ class UnsupportedModelError(ValueError):
     """The model is not a family (or variant) this pack knows how to patch safely."""
 
 
+def class_path(obj: object) -> str:
+    """Where the host defines an object's class, e.g. "comfy.ldm.flux.model.Flux" (what an adapter checks it claims)."""
+    return f"{type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def linear_shape(layer: torch.nn.Module, name: str, family: str) -> tuple[int, int]:
+    """(out_features, in_features) of the host's linear layer at `name`, or UnsupportedModelError naming it."""
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.ndim != 2:
+        raise UnsupportedModelError(f"{family} adapter: expected a Linear layer at '{name}', found {type(layer).__name__}.")
+    return int(weight.shape[0]), int(weight.shape[1])
+
+
 @dataclass(frozen=True, order=True)
 class BlockRef:
     """One transformer block, e.g. the 3rd double-stream block of Flux."""
@@ -139,6 +152,17 @@ class ModelAdapter(ABC):
 
     def __init__(self, diffusion_model: torch.nn.Module, host_model_name: str | None = None) -> None:
         """Inspect and validate; raise UnsupportedModelError for a variant that is not supported."""
+
+    def _shape(self, layer: torch.nn.Module, name: str) -> tuple[int, int]:
+        """(out_features, in_features) of the model's linear at `name`, or a refusal naming it (for `_describe`)."""
+        return linear_shape(layer, name, self.display_name)
+
+    def _refuse(self, what: str) -> None:
+        """Refuse a variant or layout by its plain name, saying what is supported."""
+        raise UnsupportedModelError(
+            f"Dynamic DiT does not support {what} yet; it would not patch it blindly. "
+            f"Supported: {', '.join(self.supported_variants)}."
+        )
 
     # --- what the model is --------------------------------------------------------------------
     @abstractmethod

@@ -7,7 +7,7 @@ from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
-from ..slicing import AxisSelection, RunIndexCache, WeightSource, gather_tokens, scatter_tokens
+from ..slicing import AxisSelection, ReducedLinear, RunIndexCache, WeightSource, gather_tokens, scatter_tokens
 from .base import BlockInternals
 
 
@@ -45,6 +45,37 @@ class UnitSelections:
         AxisSelection.build_indices([s for selections in made.values() for s in selections.gathers()], device)
         for key, selections in made.items():
             cache.put(key, selections)
+
+
+class ReducedBlock:
+    """What every family's reduced block view starts from: the block module, the decision's internals, the FLOP log
+    of the extras, and the block's linears as the call runs them (narrowed, with an extra, or overridden)."""
+
+    def __init__(self, module: torch.nn.Module, internals: BlockInternals, flop_log: list[float]):
+        self.module, self.internals, self.flop_log = module, internals, flop_log
+
+    def linear(self, name: str, rows: AxisSelection | None = None, cols: AxisSelection | None = None,
+               layer: torch.nn.Module | None = None, bias: bool = True):
+        """The block's linear `name` (module path in the block, or `layer` itself) restricted to output `rows` and
+        input `cols`: the host's own layer when nothing changes, a training override, or a reduced view of it."""
+        layer = self.module.get_submodule(name) if layer is None else layer
+        override = self.internals.overridden(layer, name, rows is not None or cols is not None or not bias)
+        if override is not None:
+            return override
+        extra = self.internals.extras.get(name)
+        if rows is None and cols is None and extra is None and bias:
+            return layer  # untouched: the host's own layer, exactly as in the full block
+        return ReducedLinear(layer, rows, cols, extra, self.flop_log, use_bias=bias)
+
+
+class ReplacedModulation:
+    """A block's modulation (`Sequential([act,] Linear)`) with its linear replaced (a LoRA extra or a trainer's)."""
+
+    def __init__(self, linear: Callable[[torch.Tensor], torch.Tensor], act: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.linear, self.act = linear, act
+
+    def __call__(self, c: torch.Tensor) -> torch.Tensor:
+        return self.linear(c if self.act is None else self.act(c))
 
 
 class TokenSubsetMLP:

@@ -126,6 +126,19 @@ def detected_model_config(skeleton: dict[str, torch.Tensor], sizes: dict, image_
     return model_config
 
 
+def detected_model_patcher(skeleton: dict[str, torch.Tensor], sizes: dict, image_model: str | None, family: str,
+                           dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A ModelPatcher around the host's model for a checkpoint with these keys (`detected_model_config`), with
+    deterministic random weights, frozen as the host leaves a loaded model (the tiny models of devtools/)."""
+    model_config = detected_model_config(skeleton, sizes, image_model, family)
+    model_config.set_inference_dtype(dtype, None)
+    model = model_config.get_model({})
+    initialise(model.diffusion_model, seed)
+    frozen_as_the_host_leaves_it(model.diffusion_model)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                           offload_device=comfy.model_management.unet_offload_device())
+
+
 def initialise(module: torch.nn.Module, seed: int) -> None:
     """Deterministic weights: scaled normal linears, unit norm scales, small modulation.
 

@@ -39,6 +39,14 @@ def router_half(mode: str) -> TokenRouterSettings:
 
 COARSE_2X = PatchSchedulerSettings(mode="manual", schedule=parse_schedule("0-75%:2"))
 
+# (name, settings, most of the blocks' full FLOPs they may leave) at half settings, for `assert_compute_removed`
+HALF_SETTINGS = [
+    ("width 0.5", WIDTH_HALF, 0.80),
+    ("router diffcr 0.5", router_half("diffcr"), 0.85),
+    ("router sdt 0.5", router_half("sdt"), 0.97),  # the MLP only
+    ("router reuse 0.5", router_half("reuse"), 0.85),
+]
+
 
 def assert_full_settings_bit_identical(model, sample: Sample, settings: Iterable) -> None:
     expected = sample(model)
@@ -143,3 +151,30 @@ def assert_flux_shaped_blocks_are_the_host_blocks(model, call: Callable[[dict], 
             half = adapter.run_block(module, ref, _copied(args), BlockInternals(heads=tuple(range(heads // 2)), mlp_groups=(0, 3),
                                      mlp_group_count=4), [], layout, RunIndexCache())
             assert torch.isfinite(half["img"]).all() and not torch.allclose(half["img"], full["img"])
+
+
+WIDTH_AND_ROUTER = (("DynamicWidthPatcher", {"preset": "fast (trades more quality)"}), ("DynamicTokenRouter", {}))
+PATCH_SCHEDULER = ("DynamicPatchScheduler", {"mode": "manual", "manual_schedule": "0-50%:2"})
+
+
+def assert_the_nodes_run_as_the_server_runs_them(model, sample: Sample, chain=WIDTH_AND_ROUTER, refused: str | None = None) -> None:
+    """Inside `torch.inference_mode()`, as ComfyUI runs a prompt: the method nodes of `chain` (node name, inputs) chain
+    on the model and the Speed Report compares with the Telemetry baseline; with `refused`, the Patch Scheduler node
+    refuses the family with an error matching it and leaves the model as it was."""
+    from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS as NODES
+    from comfyui_dynamic_dit.devtools.demo import run_node
+    from comfyui_dynamic_dit.dynamic_core.adapters import UnsupportedModelError
+
+    with torch.inference_mode():
+        baseline = run_node(NODES["DynamicTelemetry"], model=model)
+        chained = model
+        for name, inputs in chain:
+            chained = run_node(NODES[name], model=chained, **inputs)
+        if refused is not None:
+            before = dict(chained.model_options)
+            with pytest.raises(UnsupportedModelError, match=refused):
+                run_node(NODES[PATCH_SCHEDULER[0]], model=chained, **PATCH_SCHEDULER[1])
+            assert chained.model_options == before
+        base_latent, latent_out = {"samples": sample(baseline)}, {"samples": sample(chained)}
+        report = NODES["DynamicSpeedReport"]().report(chained, latent_out, baseline_model=baseline, baseline_latent=base_latent)
+    assert "fewer FLOPs" in report["result"][1]

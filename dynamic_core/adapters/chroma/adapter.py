@@ -20,7 +20,8 @@ import torch
 
 from ...flops import FlopBreakdown, linear_flops
 from ..capabilities import CallLayout
-from ..flux.adapter import FLUX2_BLOCK_KINDS, FluxAdapter, _class_path, _linear_shape
+from ..base import class_path
+from ..flux.adapter import FLUX2_BLOCK_KINDS, FluxAdapter
 from .width import ChromaWidthUnits
 
 MODULATION_ROWS = 344  # the host's `mod_index_length`: rows the approximator runs per call, whatever the depth
@@ -40,16 +41,16 @@ class ChromaAdapter(FluxAdapter):
     def _check_variant(self, diffusion_model: torch.nn.Module, host_model_name: str | None) -> Any:
         if type(diffusion_model).__name__ == "ChromaRadiance":
             self._refuse("Chroma Radiance (pixel-space Chroma with a NeRF-style decoder head)")
-        if _class_path(diffusion_model) != "comfy.ldm.chroma.model.Chroma":
-            self._refuse(f"an unknown Chroma relative ({_class_path(diffusion_model)})")
+        if class_path(diffusion_model) != "comfy.ldm.chroma.model.Chroma":
+            self._refuse(f"an unknown Chroma relative ({class_path(diffusion_model)})")
         params = getattr(diffusion_model, "params", None)
         approximator = getattr(diffusion_model, "distilled_guidance_layer", None)
         if params is None or approximator is None:
             self._refuse("a Chroma model without its parameters or modulation network")
         if host_model_name is not None and host_model_name != "Chroma":
             self._refuse(f"the Chroma-based '{host_model_name}' model type")
-        hidden_dim, in_dim = _linear_shape(approximator.in_proj, "distilled_guidance_layer.in_proj")
-        out_dim, _ = _linear_shape(approximator.out_proj, "distilled_guidance_layer.out_proj")
+        hidden_dim, in_dim = self._shape(approximator.in_proj, "distilled_guidance_layer.in_proj")
+        out_dim, _ = self._shape(approximator.out_proj, "distilled_guidance_layer.out_proj")
         if out_dim != int(params.hidden_size):
             self._refuse("a Chroma model whose modulation network does not give hidden-size vectors")
         self._approximator = (in_dim, hidden_dim, len(approximator.layers), out_dim)

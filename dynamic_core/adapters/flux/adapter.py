@@ -28,7 +28,7 @@ import torch
 from ...fingerprint import sample_parameters
 from ...flops import FlopBreakdown, attention_flops, linear_flops
 from ...slicing import RunIndexCache
-from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, UnsupportedModelError
+from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, class_path
 from ..capabilities import CallLayout, ModelInfo
 from .blocks import ReducedFluxBlock, WidthSelections, call_forward
 from .coarse import Flux2CoarseGrid, FluxCoarseGrid
@@ -72,19 +72,6 @@ class FluxArchitecture:
     gated_mlp: bool = False  # Flux 2: SwiGLU, the first MLP linear gives [gate | up] (2 x mlp_hidden rows)
 
 
-def _class_path(obj: object) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _linear_shape(layer: torch.nn.Module, name: str) -> tuple[int, int]:
-    weight = getattr(layer, "weight", None)
-    if weight is None or weight.ndim != 2:
-        raise UnsupportedModelError(f"Flux adapter: expected a Linear layer at '{name}', found {type(layer).__name__}.")
-    out_features, in_features = weight.shape
-    return int(out_features), int(in_features)
-
-
 class FluxAdapter(ModelAdapter):
     family = "flux"
     display_name = "Flux.1"
@@ -124,8 +111,8 @@ class FluxAdapter(ModelAdapter):
     def _check_variant(self, diffusion_model: torch.nn.Module, host_model_name: str | None) -> Any:
         """The model's parameters, once it is known to be a variant this adapter runs (else refused by name);
         sets the family, display name and block kinds of that variant."""
-        if _class_path(diffusion_model) != "comfy.ldm.flux.model.Flux":
-            self._refuse(f"an unknown Flux relative ({_class_path(diffusion_model)})")
+        if class_path(diffusion_model) != "comfy.ldm.flux.model.Flux":
+            self._refuse(f"an unknown Flux relative ({class_path(diffusion_model)})")
         params = getattr(diffusion_model, "params", None)
         if params is None:
             self._refuse("a Flux model without FluxParams")
@@ -145,12 +132,6 @@ class FluxAdapter(ModelAdapter):
         """Whether the model modulates once per call and hands each block its modulation (Flux 2)."""
         return bool(getattr(params, "global_modulation", False))
 
-    def _refuse(self, what: str) -> None:
-        raise UnsupportedModelError(
-            f"Dynamic DiT does not support {what} yet; it would not patch it blindly. "
-            f"Supported: {', '.join(self.supported_variants)}."
-        )
-
     def _describe(self, model: torch.nn.Module, params: Any) -> FluxArchitecture:
         hidden, heads = int(params.hidden_size), int(params.num_heads)
         if hidden % heads:
@@ -168,11 +149,11 @@ class FluxAdapter(ModelAdapter):
             if bool(getattr(block, "modulation", True)) == shared:
                 self._refuse(f"a Flux model whose double block at {where} has {'its own' if shared else 'no'} modulation")
             for stream in ("img", "txt"):
-                qkv_out, _ = _linear_shape(getattr(block, f"{stream}_attn").qkv, f"{where}.{stream}_attn.qkv")
+                qkv_out, _ = self._shape(getattr(block, f"{stream}_attn").qkv, f"{where}.{stream}_attn.qkv")
                 mlp = getattr(block, f"{stream}_mlp")
                 if len(mlp) != 3 or type(mlp[1]).__name__ != activation:
                     self._refuse(f"a Flux model with an unexpected MLP at {where}.{stream}_mlp")
-                m_out, _ = _linear_shape(mlp[0], f"{where}.{stream}_mlp.0")
+                m_out, _ = self._shape(mlp[0], f"{where}.{stream}_mlp.0")
                 m = m_out // first_rows
                 if qkv_out != 3 * hidden or (mlp_hidden is not None and m != mlp_hidden):
                     self._refuse(f"a Flux model with inconsistent layer widths at {where}")
@@ -182,15 +163,15 @@ class FluxAdapter(ModelAdapter):
             if type(block).__name__ != "SingleStreamBlock" or (getattr(block, "modulation", None) is None) != shared:
                 self._refuse(f"a Flux model with an unexpected single block at {where}")
             m = int(block.mlp_hidden_dim)
-            l1_out, _ = _linear_shape(block.linear1, f"{where}.linear1")
+            l1_out, _ = self._shape(block.linear1, f"{where}.linear1")
             if l1_out != 3 * hidden + first_rows * m or (mlp_hidden is not None and m != mlp_hidden):
                 self._refuse(f"a Flux model with inconsistent layer widths at {where}")
             mlp_hidden = m
         if mlp_hidden is None:
             self._refuse("a Flux model without blocks")
-        _, img_in = _linear_shape(model.img_in, "img_in")
-        _, context_dim = _linear_shape(model.txt_in, "txt_in")
-        final_out, _ = _linear_shape(model.final_layer.linear, "final_layer.linear")
+        _, img_in = self._shape(model.img_in, "img_in")
+        _, context_dim = self._shape(model.txt_in, "txt_in")
+        final_out, _ = self._shape(model.final_layer.linear, "final_layer.linear")
         patch = int(model.patch_size)
         vector_in = getattr(model, "vector_in", None)
         return FluxArchitecture(
@@ -204,7 +185,7 @@ class FluxAdapter(ModelAdapter):
             latent_channels=img_in // (patch * patch),
             out_channels=final_out // (patch * patch),
             context_dim=context_dim,
-            vec_dim=_linear_shape(vector_in.in_layer, "vector_in.in_layer")[1] if vector_in is not None else None,
+            vec_dim=self._shape(vector_in.in_layer, "vector_in.in_layer")[1] if vector_in is not None else None,
             guidance_embed=bool(getattr(params, "guidance_embed", False)),
             axes_dim=tuple(int(a) for a in params.axes_dim),
             shared_modulation=shared,

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from ...slicing import AxisSelection, ModuleView, ReducedLinear, RunIndexCache, gather_tokens, scatter_tokens
+from ...slicing import AxisSelection, ModuleView, RunIndexCache, gather_tokens, scatter_tokens
 from ..base import BlockInternals
-from ..block_views import Recorded, TokenSubsetMLP, UnitMeter, UnitSelections  # noqa: F401  (shared with other families; importable from here as before)
+from ..block_views import ReducedBlock, TokenSubsetMLP, UnitSelections
 
 if TYPE_CHECKING:
     from .adapter import FluxArchitecture
@@ -101,7 +101,7 @@ def text_positions(cache: RunIndexCache, text_tokens: int, batch: int, device: t
                      lambda: torch.arange(text_tokens, device=device).expand(batch, -1))
 
 
-class ReducedFluxBlock:
+class ReducedFluxBlock(ReducedBlock):
     """Builds the module views of one reduced Flux block call."""
 
     def __init__(self, arch: "FluxArchitecture", module: torch.nn.Module, internals: BlockInternals,
@@ -109,20 +109,10 @@ class ReducedFluxBlock:
         self.arch, self.module, self.internals, self.flop_log, self.cache = arch, module, internals, flop_log, cache
         self.width = WidthSelections.cached(cache, arch, internals, device)
 
-    def linear(self, layer: torch.nn.Module, name: str, rows: AxisSelection | None = None,
-               cols: AxisSelection | None = None, bias: bool = True):
-        override = self.internals.overridden(layer, name, rows is not None or cols is not None or not bias)
-        if override is not None:
-            return override
-        extra = self.internals.extras.get(name)
-        if rows is None and cols is None and extra is None and bias:
-            return layer  # untouched: the host's own layer, exactly as in the full block
-        return ReducedLinear(layer, rows, cols, extra, self.flop_log, use_bias=bias)
-
     def modulation(self, module: torch.nn.Module, name: str):
         if f"{name}.lin" not in self.internals.adapted_linears:
             return module
-        return ModuleView(module, lin=self.linear(module.lin, f"{name}.lin"))
+        return ModuleView(module, lin=self.linear(f"{name}.lin"))
 
     def double_view(self) -> ModuleView:
         width = self.width
@@ -131,13 +121,13 @@ class ReducedFluxBlock:
             attn, mlp = getattr(self.module, f"{stream}_attn"), getattr(self.module, f"{stream}_mlp")
             overrides[f"{stream}_attn"] = ModuleView(
                 attn,
-                qkv=self.linear(attn.qkv, f"{stream}_attn.qkv", rows=width.qkv_rows),
-                proj=self.linear(attn.proj, f"{stream}_attn.proj", cols=width.head_cols),
+                qkv=self.linear(f"{stream}_attn.qkv", rows=width.qkv_rows),
+                proj=self.linear(f"{stream}_attn.proj", cols=width.head_cols),
             )
             overrides[f"{stream}_mlp"] = TokenSubsetMLP(
-                self.linear(mlp[0], f"{stream}_mlp.0", rows=width.mlp_in_rows),
+                self.linear(f"{stream}_mlp.0", rows=width.mlp_in_rows),
                 mlp[1],
-                self.linear(mlp[2], f"{stream}_mlp.2", cols=width.units),
+                self.linear(f"{stream}_mlp.2", cols=width.units),
                 self.internals.mlp_tokens if stream == "img" else None,
             )
             if not self.arch.shared_modulation:
@@ -155,20 +145,20 @@ class ReducedFluxBlock:
             overrides["modulation"] = self.modulation(module.modulation, "modulation")
         if internals.mlp_tokens is None:
             reduced = internals.heads is not None or internals.mlp_groups is not None
-            overrides["linear1"] = self.linear(module.linear1, "linear1", rows=width.linear1_rows if reduced else None)
-            overrides["linear2"] = self.linear(module.linear2, "linear2", cols=width.linear2_cols if reduced else None)
+            overrides["linear1"] = self.linear("linear1", rows=width.linear1_rows if reduced else None)
+            overrides["linear2"] = self.linear("linear2", cols=width.linear2_cols if reduced else None)
         else:
             tokens = internals.mlp_tokens
             text = text_positions(self.cache, text_tokens, tokens.shape[0], tokens.device)
             rows = torch.cat((text, tokens + text_tokens), dim=1)
             overrides["linear1"] = _SplitLinear1(
-                self.linear(module.linear1, "linear1", rows=width.linear1_qkv_rows),
-                self.linear(module.linear1, "linear1", rows=width.linear1_mlp_rows),
+                self.linear("linear1", rows=width.linear1_qkv_rows),
+                self.linear("linear1", rows=width.linear1_mlp_rows),
                 rows,
             )
             overrides["linear2"] = _SplitLinear2(
-                self.linear(module.linear2, "linear2", cols=width.linear2_attn_cols),
-                self.linear(module.linear2, "linear2", cols=width.linear2_mlp_cols, bias=False),
+                self.linear("linear2", cols=width.linear2_attn_cols),
+                self.linear("linear2", cols=width.linear2_mlp_cols, bias=False),
                 rows,
                 width.head_count * self.arch.head_dim,
             )

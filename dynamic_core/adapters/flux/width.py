@@ -10,7 +10,8 @@ import torch
 from ...slicing import ModuleView, WeightSource
 from ..base import BlockRef, BlockWork
 from ..capabilities import WidthUnits
-from .blocks import Recorded, TokenSubsetMLP, UnitMeter, call_forward
+from ..block_views import Recorded, TokenSubsetMLP, UnitMeter
+from .blocks import call_forward
 
 if TYPE_CHECKING:
     from .adapter import FluxArchitecture

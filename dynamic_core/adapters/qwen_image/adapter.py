@@ -26,7 +26,7 @@ import torch
 from ...fingerprint import sample_parameters
 from ...flops import FlopBreakdown, attention_flops, linear_flops
 from ...slicing import RunIndexCache
-from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, UnsupportedModelError
+from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, class_path
 from ..capabilities import CallLayout, ModelInfo
 from .blocks import STREAM_LINEARS, QwenWidthSelections, ReducedQwenBlock, call_block
 from .routing import QwenTokenRouting
@@ -50,17 +50,6 @@ class QwenImageArchitecture:
     default_ref_method: str
 
 
-def _class_path(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def _linear(layer: torch.nn.Module, name: str) -> tuple[int, int]:
-    weight = getattr(layer, "weight", None)
-    if weight is None or weight.ndim != 2:
-        raise UnsupportedModelError(f"Qwen-Image adapter: expected a Linear layer at '{name}', found {type(layer).__name__}.")
-    return int(weight.shape[0]), int(weight.shape[1])
-
-
 class QwenImageAdapter(ModelAdapter):
     family = "qwen_image"
     display_name = "Qwen-Image"
@@ -72,7 +61,7 @@ class QwenImageAdapter(ModelAdapter):
         return type(diffusion_model).__module__.startswith("comfy.ldm.qwen_image")
 
     def __init__(self, diffusion_model: torch.nn.Module, host_model_name: str | None = None) -> None:
-        if _class_path(diffusion_model) != "comfy.ldm.qwen_image.model.QwenImageTransformer2DModel":
+        if class_path(diffusion_model) != "comfy.ldm.qwen_image.model.QwenImageTransformer2DModel":
             self._refuse(f"the Qwen-Image variant {type(diffusion_model).__name__}")
         if host_model_name is not None and host_model_name != "QwenImage":
             self._refuse(f"the Qwen-Image-based '{host_model_name}' model type")
@@ -91,12 +80,6 @@ class QwenImageAdapter(ModelAdapter):
         self._routing = QwenTokenRouting()
         self._width = QwenWidthUnits(a)
 
-    def _refuse(self, what: str) -> None:
-        raise UnsupportedModelError(
-            f"Dynamic DiT does not support {what} yet; it would not patch it blindly. "
-            f"Supported: {', '.join(self.supported_variants)}."
-        )
-
     def _describe(self, model: torch.nn.Module) -> QwenImageArchitecture:
         blocks = list(getattr(model, "transformer_blocks", []))
         if not blocks:
@@ -111,17 +94,17 @@ class QwenImageAdapter(ModelAdapter):
                 self._refuse(f"a Qwen-Image model with an unexpected block at {where}")
             for stream in ("img", "txt"):
                 names = STREAM_LINEARS[stream]
-                widths = [_linear(block.get_submodule(n), f"{where}.{n}") for n in names[1:5]]
+                widths = [self._shape(block.get_submodule(n), f"{where}.{n}") for n in names[1:5]]
                 if any(w != (hidden, hidden) for w in widths) or heads * head_dim != hidden:
                     self._refuse(f"a Qwen-Image model with inconsistent attention widths at {where}")
-                m, _ = _linear(block.get_submodule(names[5]), f"{where}.{names[5]}")
+                m, _ = self._shape(block.get_submodule(names[5]), f"{where}.{names[5]}")
                 if mlp_hidden is not None and m != mlp_hidden:
                     self._refuse(f"a Qwen-Image model with inconsistent MLP widths at {where}")
                 mlp_hidden = m
         patch = int(model.patch_size)
-        _, img_in = _linear(model.img_in, "img_in")
-        _, context_dim = _linear(model.txt_in, "txt_in")
-        proj_out, _ = _linear(model.proj_out, "proj_out")
+        _, img_in = self._shape(model.img_in, "img_in")
+        _, context_dim = self._shape(model.txt_in, "txt_in")
+        proj_out, _ = self._shape(model.proj_out, "proj_out")
         return QwenImageArchitecture(
             hidden_size=hidden, num_heads=heads, head_dim=head_dim, mlp_hidden=mlp_hidden, depth=len(blocks), patch_size=patch,
             in_channels=img_in // (patch * patch), out_channels=proj_out // (patch * patch), context_dim=context_dim,

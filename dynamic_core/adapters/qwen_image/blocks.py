@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from ...slicing import AxisSelection, ModuleView, ReducedLinear, RunIndexCache
+from ...slicing import AxisSelection, ModuleView, RunIndexCache
 from ..base import BlockInternals
-from ..block_views import TokenSubsetMLP, UnitSelections
+from ..block_views import ReducedBlock, ReplacedModulation, TokenSubsetMLP, UnitSelections
 
 if TYPE_CHECKING:
     from ..capabilities import CallLayout
@@ -53,16 +53,6 @@ class QwenWidthSelections(UnitSelections):
         self._build_indices(device)
 
 
-class _Modulation:
-    """A block's `Sequential(SiLU, Linear)` modulation with its linear replaced."""
-
-    def __init__(self, linear: Callable[[torch.Tensor], torch.Tensor]):
-        self.linear = linear
-
-    def __call__(self, temb: torch.Tensor) -> torch.Tensor:
-        return self.linear(F.silu(temb))
-
-
 def mlp_parts(mlp: torch.nn.Module) -> tuple[torch.nn.Module, Callable, torch.nn.Module]:
     """(first linear, activation, last linear) of the host's FeedForward (its dropout is the identity at p = 0)."""
     gelu = mlp.net[0]
@@ -78,23 +68,13 @@ def reference_rows(cache: RunIndexCache, tokens: torch.Tensor, generated: int, r
     return torch.cat((tokens, tail), dim=1)
 
 
-class ReducedQwenBlock:
+class ReducedQwenBlock(ReducedBlock):
     """Builds the module view of one reduced Qwen-Image block call."""
 
     def __init__(self, arch: "QwenImageArchitecture", module: torch.nn.Module, internals: BlockInternals,
                  flop_log: list[float], cache: RunIndexCache, device: torch.device):
         self.arch, self.module, self.internals, self.flop_log, self.cache = arch, module, internals, flop_log, cache
         self.width = QwenWidthSelections.cached(cache, arch, internals, device)
-
-    def linear(self, name: str, rows: AxisSelection | None = None, cols: AxisSelection | None = None):
-        layer = self.module.get_submodule(name)
-        override = self.internals.overridden(layer, name, rows is not None or cols is not None)
-        if override is not None:
-            return override
-        extra = self.internals.extras.get(name)
-        if rows is None and cols is None and extra is None:
-            return layer  # untouched: the host's own layer, exactly as in the full block
-        return ReducedLinear(layer, rows, cols, extra, self.flop_log)
 
     def view(self, image_tokens: int, references: int) -> ModuleView:
         module, internals, width = self.module, self.internals, self.width
@@ -110,7 +90,7 @@ class ReducedQwenBlock:
         )}
         for stream, names in STREAM_LINEARS.items():
             if names[0] in internals.adapted_linears:
-                overrides[f"{stream}_mod"] = _Modulation(self.linear(names[0]))
+                overrides[f"{stream}_mod"] = ReplacedModulation(self.linear(names[0]), F.silu)
             first, act, _ = mlp_parts(getattr(module, f"{stream}_mlp"))
             tokens = internals.mlp_tokens if stream == "img" else None
             if tokens is not None:

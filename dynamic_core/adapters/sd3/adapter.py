@@ -23,7 +23,7 @@ import torch
 from ...fingerprint import sample_parameters
 from ...flops import FlopBreakdown, attention_flops, linear_flops
 from ...slicing import RunIndexCache
-from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, UnsupportedModelError
+from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter
 from ..capabilities import CallLayout, ModelInfo
 from .blocks import STREAMS, ReducedSD3Block, SD3WidthSelections, stream_linears
 from .routing import SD3TokenRouting
@@ -46,13 +46,6 @@ class SD3Architecture:
     pooled_dim: int | None
     register_tokens: int
     second_attention: tuple[int, ...]  # MMDiT-X blocks (an extra image self-attention)
-
-
-def _linear(layer: torch.nn.Module, name: str) -> tuple[int, int]:
-    weight = getattr(layer, "weight", None)
-    if weight is None or weight.ndim != 2:
-        raise UnsupportedModelError(f"SD3 adapter: expected a Linear layer at '{name}', found {type(layer).__name__}.")
-    return int(weight.shape[0]), int(weight.shape[1])
 
 
 class SD3Adapter(ModelAdapter):
@@ -89,12 +82,6 @@ class SD3Adapter(ModelAdapter):
         self._routing = SD3TokenRouting()
         self._width = SD3WidthUnits(a, self)
 
-    def _refuse(self, what: str) -> None:
-        raise UnsupportedModelError(
-            f"Dynamic DiT does not support {what} yet; it would not patch it blindly. "
-            f"Supported: {', '.join(self.supported_variants)}."
-        )
-
     def _pre_only(self, index: int, stream: str) -> bool:
         return stream == "context_block" and index == self.arch.depth - 1
 
@@ -103,7 +90,7 @@ class SD3Adapter(ModelAdapter):
         if not blocks:
             self._refuse("an MMDiT without joint blocks")
         heads = int(blocks[0].x_block.attn.num_heads)
-        hidden = int(model.hidden_size) if hasattr(model, "hidden_size") else _linear(blocks[0].x_block.attn.qkv, "qkv")[1]
+        hidden = int(model.hidden_size) if hasattr(model, "hidden_size") else self._shape(blocks[0].x_block.attn.qkv, "qkv")[1]
         mlp_hidden, second = None, []
         for i, block in enumerate(blocks):
             where = f"joint_blocks.{i}"
@@ -111,12 +98,12 @@ class SD3Adapter(ModelAdapter):
                 part = getattr(block, stream)
                 if type(part).__name__ != "DismantledBlock" or part.scale_mod_only or part.pre_only != (stream == "context_block" and i == len(blocks) - 1):
                     self._refuse(f"an MMDiT with an unexpected block at {where}.{stream}")
-                if _linear(part.attn.qkv, f"{where}.{stream}.attn.qkv")[0] != 3 * hidden or int(part.attn.num_heads) != heads:
+                if self._shape(part.attn.qkv, f"{where}.{stream}.attn.qkv")[0] != 3 * hidden or int(part.attn.num_heads) != heads:
                     self._refuse(f"an MMDiT with inconsistent attention widths at {where}")
                 if not part.pre_only:
                     if type(part.mlp).__name__ != "Mlp":
                         self._refuse(f"an MMDiT with a SwiGLU MLP at {where}")
-                    m, _ = _linear(part.mlp.fc1, f"{where}.{stream}.mlp.fc1")
+                    m, _ = self._shape(part.mlp.fc1, f"{where}.{stream}.mlp.fc1")
                     if mlp_hidden is not None and m != mlp_hidden:
                         self._refuse(f"an MMDiT with inconsistent MLP widths at {where}")
                     mlp_hidden = m
@@ -124,12 +111,12 @@ class SD3Adapter(ModelAdapter):
                 second.append(i)
         patch = int(model.patch_size)
         y = getattr(model, "y_embedder", None)
-        final_out, _ = _linear(model.final_layer.linear, "final_layer.linear")
+        final_out, _ = self._shape(model.final_layer.linear, "final_layer.linear")
         return SD3Architecture(
             hidden_size=hidden, num_heads=heads, head_dim=hidden // heads, mlp_hidden=mlp_hidden, depth=len(blocks),
             patch_size=patch, in_channels=int(model.in_channels), out_channels=final_out // (patch * patch),
-            context_dim=_linear(model.context_embedder, "context_embedder")[1],
-            pooled_dim=_linear(y.mlp[0], "y_embedder.mlp.0")[1] if y is not None else None,
+            context_dim=self._shape(model.context_embedder, "context_embedder")[1],
+            pooled_dim=self._shape(y.mlp[0], "y_embedder.mlp.0")[1] if y is not None else None,
             register_tokens=int(getattr(model, "register_length", 0)), second_attention=tuple(second),
         )
 

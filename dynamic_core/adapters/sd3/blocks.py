@@ -4,14 +4,14 @@ q/k norms are unchanged; MMDiT-X's second image self-attention thins with the sa
 the image MLP on a token subset, LoRA-style extras on any linear."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 
-from ...slicing import AxisSelection, ModuleView, ReducedLinear, RunIndexCache
+from ...slicing import AxisSelection, ModuleView, RunIndexCache
 from ..base import BlockInternals
-from ..block_views import TokenSubsetMLP, UnitSelections
+from ..block_views import ReducedBlock, ReplacedModulation, TokenSubsetMLP, UnitSelections
 
 if TYPE_CHECKING:
     from .adapter import SD3Architecture
@@ -42,33 +42,13 @@ class SD3WidthSelections(UnitSelections):
         self._build_indices(device)
 
 
-class _Modulation:
-    """A stream's `Sequential(SiLU, Linear)` modulation with its linear replaced."""
-
-    def __init__(self, linear: Callable[[torch.Tensor], torch.Tensor]):
-        self.linear = linear
-
-    def __call__(self, c: torch.Tensor) -> torch.Tensor:
-        return self.linear(F.silu(c))
-
-
-class ReducedSD3Block:
+class ReducedSD3Block(ReducedBlock):
     """Builds the module view of one reduced SD3 joint block call."""
 
     def __init__(self, arch: "SD3Architecture", module: torch.nn.Module, internals: BlockInternals,
                  flop_log: list[float], cache: RunIndexCache, device: torch.device):
         self.arch, self.module, self.internals, self.flop_log = arch, module, internals, flop_log
         self.width = SD3WidthSelections.cached(cache, arch, internals, device)
-
-    def linear(self, name: str, rows: AxisSelection | None = None, cols: AxisSelection | None = None):
-        layer = self.module.get_submodule(name)
-        override = self.internals.overridden(layer, name, rows is not None or cols is not None)
-        if override is not None:
-            return override
-        extra = self.internals.extras.get(name)
-        if rows is None and cols is None and extra is None:
-            return layer  # untouched: the host's own layer, exactly as in the full block
-        return ReducedLinear(layer, rows, cols, extra, self.flop_log)
 
     def _attention(self, part: torch.nn.Module, path: str, pre_only: bool) -> ModuleView:
         width = self.width
@@ -91,6 +71,6 @@ class ReducedSD3Block:
                 overrides["mlp"] = TokenSubsetMLP(self.linear(f"{stream}.mlp.fc1", rows=width.units), mlp.act,
                                                   self.linear(f"{stream}.mlp.fc2", cols=width.units), tokens)
             if f"{stream}.adaLN_modulation.1" in internals.adapted_linears:
-                overrides["adaLN_modulation"] = _Modulation(self.linear(f"{stream}.adaLN_modulation.1"))
+                overrides["adaLN_modulation"] = ReplacedModulation(self.linear(f"{stream}.adaLN_modulation.1"), F.silu)
             streams[stream] = ModuleView(part, **overrides)
         return ModuleView(self.module, **streams)

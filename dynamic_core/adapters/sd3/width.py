@@ -11,7 +11,7 @@ from ...slicing import ModuleView, WeightSource
 from ..base import BlockRef, BlockWork
 from ..block_views import Recorded, TokenSubsetMLP, UnitMeter
 from ..capabilities import WidthUnits
-from .blocks import STREAMS, stream_linears
+from .blocks import STREAMS
 
 if TYPE_CHECKING:
     from .adapter import SD3Adapter, SD3Architecture

@@ -21,7 +21,7 @@ import torch
 from ...fingerprint import sample_parameters
 from ...flops import FlopBreakdown, attention_flops, linear_flops
 from ...slicing import RunIndexCache
-from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, UnsupportedModelError
+from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, class_path
 from ..capabilities import CallLayout, ModelInfo
 from ..known_families import HOST_MODEL_NAMES
 from .blocks import ReducedWanBlock, WanWidthSelections
@@ -52,17 +52,6 @@ class WanArchitecture:
     image_embedding: bool  # i2v / FLF2V: CLIP image tokens join the cross-attention context
 
 
-def _class_path(obj: object) -> str:
-    return f"{type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def _linear(layer: torch.nn.Module, name: str) -> tuple[int, int]:
-    weight = getattr(layer, "weight", None)
-    if weight is None or weight.ndim != 2:
-        raise UnsupportedModelError(f"Wan adapter: expected a Linear layer at '{name}', found {type(layer).__name__}.")
-    return int(weight.shape[0]), int(weight.shape[1])
-
-
 class WanAdapter(ModelAdapter):
     family = "wan"
     display_name = "Wan 2.1 / 2.2"
@@ -77,7 +66,7 @@ class WanAdapter(ModelAdapter):
     def __init__(self, diffusion_model: torch.nn.Module, host_model_name: str | None = None) -> None:
         if host_model_name is not None and host_model_name not in self._HOST_NAMES:
             self._refuse(HOST_MODEL_NAMES.get(host_model_name, f"the Wan-based '{host_model_name}' model type"))
-        if _class_path(diffusion_model) != "comfy.ldm.wan.model.WanModel":
+        if class_path(diffusion_model) != "comfy.ldm.wan.model.WanModel":
             self._refuse(f"the Wan variant {type(diffusion_model).__name__} (its blocks take inputs of their own)")
         self.arch = self._describe(diffusion_model)
         a = self.arch
@@ -104,12 +93,6 @@ class WanAdapter(ModelAdapter):
         self._width = WanWidthUnits(a)
         self._coarse = WanCoarseGrid(a, self._blocks, self._info) if a.patch_size[1] == a.patch_size[2] else None
 
-    def _refuse(self, what: str) -> None:
-        raise UnsupportedModelError(
-            f"Dynamic DiT does not support {what} yet; it would not patch it blindly. "
-            f"Supported: {', '.join(self.supported_variants)}."
-        )
-
     def _describe(self, model: torch.nn.Module) -> WanArchitecture:
         hidden, heads = int(model.dim), int(model.num_heads)
         if hidden % heads:
@@ -122,14 +105,14 @@ class WanAdapter(ModelAdapter):
             if type(block).__name__ != "WanAttentionBlock":
                 self._refuse(f"a Wan model with an unexpected block at {where} ({type(block).__name__})")
             for name in ("q", "k", "v", "o"):
-                if _linear(getattr(block.self_attn, name), f"{where}.self_attn.{name}") != (hidden, hidden):
+                if self._shape(getattr(block.self_attn, name), f"{where}.self_attn.{name}") != (hidden, hidden):
                     self._refuse(f"a Wan model with inconsistent attention widths at {where}")
             ffn = block.ffn
-            if len(ffn) != 3 or _linear(ffn[0], f"{where}.ffn.0") != (int(model.ffn_dim), hidden):
+            if len(ffn) != 3 or self._shape(ffn[0], f"{where}.ffn.0") != (int(model.ffn_dim), hidden):
                 self._refuse(f"a Wan model with an unexpected FFN at {where}")
         patch = tuple(int(p) for p in model.patch_size)
-        final_out, _ = _linear(model.head.head, "head.head")
-        text_out, text_dim = _linear(model.text_embedding[0], "text_embedding.0")
+        final_out, _ = self._shape(model.head.head, "head.head")
+        text_out, text_dim = self._shape(model.text_embedding[0], "text_embedding.0")
         return WanArchitecture(
             hidden_size=hidden,
             num_heads=heads,

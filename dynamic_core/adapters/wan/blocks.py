@@ -13,9 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ...slicing import AxisSelection, ModuleView, ReducedLinear, RunIndexCache
+from ...slicing import AxisSelection, ModuleView, RunIndexCache
 from ..base import BlockInternals
-from ..block_views import TokenSubsetMLP, UnitSelections
+from ..block_views import ReducedBlock, TokenSubsetMLP, UnitSelections
 
 if TYPE_CHECKING:
     from .adapter import WanArchitecture
@@ -46,22 +46,13 @@ class _KeptHeads:
         return self.heads.take(self.norm(x), -1)
 
 
-class ReducedWanBlock:
+class ReducedWanBlock(ReducedBlock):
     """Builds the module view of one reduced Wan block call."""
 
     def __init__(self, arch: "WanArchitecture", module: torch.nn.Module, internals: BlockInternals,
                  flop_log: list[float], cache: RunIndexCache, device: torch.device):
         self.arch, self.module, self.internals, self.flop_log = arch, module, internals, flop_log
         self.width = WanWidthSelections.cached(cache, arch, internals, device)
-
-    def linear(self, layer: torch.nn.Module, name: str, rows: AxisSelection | None = None, cols: AxisSelection | None = None):
-        override = self.internals.overridden(layer, name, rows is not None or cols is not None)
-        if override is not None:
-            return override
-        extra = self.internals.extras.get(name)
-        if rows is None and cols is None and extra is None:
-            return layer  # untouched: the host's own layer, exactly as in the full block
-        return ReducedLinear(layer, rows, cols, extra, self.flop_log)
 
     def view(self) -> ModuleView:
         module, internals, width = self.module, self.internals, self.width
@@ -72,22 +63,22 @@ class ReducedWanBlock:
             overrides["self_attn"] = ModuleView(
                 attn,
                 num_heads=width.head_count,
-                q=self.linear(attn.q, "self_attn.q"),  # in full: the RMSNorm spans every head
-                k=self.linear(attn.k, "self_attn.k"),
+                q=self.linear("self_attn.q"),  # in full: the RMSNorm spans every head
+                k=self.linear("self_attn.k"),
                 norm_q=attn.norm_q if heads is None else _KeptHeads(attn.norm_q, heads),
                 norm_k=attn.norm_k if heads is None else _KeptHeads(attn.norm_k, heads),
-                v=self.linear(attn.v, "self_attn.v", rows=heads),
-                o=self.linear(attn.o, "self_attn.o", cols=heads),
+                v=self.linear("self_attn.v", rows=heads),
+                o=self.linear("self_attn.o", cols=heads),
             )
         cross = module.cross_attn
         if any(name.startswith("cross_attn.") for name in adapted):  # LoRA only: cross-attention keeps its width
             overrides["cross_attn"] = ModuleView(cross, **{
-                name: self.linear(getattr(cross, name), f"cross_attn.{name}") for name in _CROSS_LINEARS if hasattr(cross, name)
+                name: self.linear(f"cross_attn.{name}") for name in _CROSS_LINEARS if hasattr(cross, name)
             })
         ffn = module.ffn
         if width.units is not None or internals.mlp_tokens is not None or "ffn.0" in adapted or "ffn.2" in adapted:
             overrides["ffn"] = TokenSubsetMLP(
-                self.linear(ffn[0], "ffn.0", rows=width.units), ffn[1], self.linear(ffn[2], "ffn.2", cols=width.units),
+                self.linear("ffn.0", rows=width.units), ffn[1], self.linear("ffn.2", cols=width.units),
                 internals.mlp_tokens,
             )
         return ModuleView(module, **overrides)

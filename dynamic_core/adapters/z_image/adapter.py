@@ -25,7 +25,7 @@ import torch
 from ...fingerprint import sample_parameters
 from ...flops import FlopBreakdown, attention_flops, linear_flops
 from ...slicing import RunIndexCache
-from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, UnsupportedModelError
+from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, UnsupportedModelError, class_path
 from ..capabilities import CallLayout, ModelInfo
 from .blocks import LINEARS, ReducedZImageBlock, ZImageWidthSelections
 from .coarse import ZImageCoarseGrid
@@ -53,13 +53,6 @@ class ZImageArchitecture:
     pad_multiple: int  # pad_tokens_multiple (1: no padding)
 
 
-def _linear(layer: torch.nn.Module, name: str) -> tuple[int, int]:
-    weight = getattr(layer, "weight", None)
-    if weight is None or weight.ndim != 2:
-        raise UnsupportedModelError(f"Z-Image adapter: expected a Linear layer at '{name}', found {type(layer).__name__}.")
-    return int(weight.shape[0]), int(weight.shape[1])
-
-
 def _padded(count: int, multiple: int) -> int:
     return count + (-count) % multiple
 
@@ -76,8 +69,7 @@ class ZImageAdapter(ModelAdapter):
         return type(diffusion_model).__module__.startswith("comfy.ldm.lumina")
 
     def __init__(self, diffusion_model: torch.nn.Module, host_model_name: str | None = None) -> None:
-        path = f"{type(diffusion_model).__module__}.{type(diffusion_model).__qualname__}"
-        if path != "comfy.ldm.lumina.model.NextDiT":
+        if class_path(diffusion_model) != "comfy.ldm.lumina.model.NextDiT":
             self._refuse(f"the Lumina-family model {type(diffusion_model).__name__}")
         layers = list(getattr(diffusion_model, "layers", []))
         if not layers or len(layers[0].adaLN_modulation) != 1:  # Z-Image's modulation is a bare Linear (Lumina 2: SiLU first)
@@ -98,12 +90,6 @@ class ZImageAdapter(ModelAdapter):
         self._width = ZImageWidthUnits(a)
         self._coarse = ZImageCoarseGrid(a, self._blocks, self._info)
 
-    def _refuse(self, what: str) -> None:
-        raise UnsupportedModelError(
-            f"Dynamic DiT does not support {what} yet; it would not patch it blindly. "
-            f"Supported: {', '.join(self.supported_variants)}."
-        )
-
     def _describe(self, model: torch.nn.Module, layers: list[torch.nn.Module]) -> ZImageArchitecture:
         attention = layers[0].attention
         heads, head_dim = int(attention.n_local_heads), int(attention.head_dim)
@@ -115,15 +101,15 @@ class ZImageAdapter(ModelAdapter):
             where = f"layers.{i}"
             if type(layer).__name__ != "JointTransformerBlock" or not layer.modulation:
                 self._refuse(f"a Z-Image model with an unexpected block at {where}")
-            qkv, _ = _linear(layer.attention.qkv, f"{where}.attention.qkv")
-            m, _ = _linear(layer.feed_forward.w1, f"{where}.feed_forward.w1")
+            qkv, _ = self._shape(layer.attention.qkv, f"{where}.attention.qkv")
+            m, _ = self._shape(layer.feed_forward.w1, f"{where}.feed_forward.w1")
             if qkv != 3 * heads * head_dim or (mlp_hidden is not None and m != mlp_hidden):
                 self._refuse(f"a Z-Image model with inconsistent layer widths at {where}")
             mlp_hidden = m
         patch = int(model.patch_size)
-        _, context_dim = _linear(model.cap_embedder[1], "cap_embedder.1")
-        _, modulation_dim = _linear(layers[0].adaLN_modulation[0], "layers.0.adaLN_modulation.0")
-        timestep_hidden, timestep_frequencies = _linear(model.t_embedder.mlp[0], "t_embedder.mlp.0")
+        _, context_dim = self._shape(model.cap_embedder[1], "cap_embedder.1")
+        _, modulation_dim = self._shape(layers[0].adaLN_modulation[0], "layers.0.adaLN_modulation.0")
+        timestep_hidden, timestep_frequencies = self._shape(model.t_embedder.mlp[0], "t_embedder.mlp.0")
         return ZImageArchitecture(
             hidden_size=hidden, num_heads=heads, head_dim=head_dim, mlp_hidden=mlp_hidden, depth=len(layers),
             refiner_depth=len(model.noise_refiner), patch_size=patch, in_channels=int(model.in_channels),

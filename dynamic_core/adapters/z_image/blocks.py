@@ -7,9 +7,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ...slicing import AxisSelection, ModuleView, ReducedLinear, RunIndexCache, gather_tokens, scatter_tokens
+from ...slicing import AxisSelection, ModuleView, RunIndexCache, gather_tokens, scatter_tokens
 from ..base import BlockInternals
-from ..block_views import UnitSelections
+from ..block_views import ReducedBlock, ReplacedModulation, UnitSelections
 
 if TYPE_CHECKING:
     from .adapter import ZImageArchitecture
@@ -45,33 +45,13 @@ class SwiGLU:
         return scatter_tokens(x.new_zeros(*x.shape[:-1], out.shape[-1]), self.tokens, out)
 
 
-class _Modulation:
-    """A block's `Sequential(Linear)` modulation with its linear replaced."""
-
-    def __init__(self, linear: Callable[[torch.Tensor], torch.Tensor]):
-        self.linear = linear
-
-    def __call__(self, adaln_input: torch.Tensor) -> torch.Tensor:
-        return self.linear(adaln_input)
-
-
-class ReducedZImageBlock:
+class ReducedZImageBlock(ReducedBlock):
     """Builds the module view of one reduced Z-Image block call."""
 
     def __init__(self, arch: "ZImageArchitecture", module: torch.nn.Module, internals: BlockInternals,
                  flop_log: list[float], cache: RunIndexCache, device: torch.device):
         self.arch, self.module, self.internals, self.flop_log, self.cache = arch, module, internals, flop_log, cache
         self.width = ZImageWidthSelections.cached(cache, arch, internals, device)
-
-    def linear(self, name: str, rows: AxisSelection | None = None, cols: AxisSelection | None = None):
-        layer = self.module.get_submodule(name)
-        override = self.internals.overridden(layer, name, rows is not None or cols is not None)
-        if override is not None:
-            return override
-        extra = self.internals.extras.get(name)
-        if rows is None and cols is None and extra is None:
-            return layer  # untouched: the host's own layer, exactly as in the full block
-        return ReducedLinear(layer, rows, cols, extra, self.flop_log)
 
     def view(self, mlp_rows: torch.Tensor | None) -> ModuleView:
         module, width = self.module, self.width
@@ -84,5 +64,5 @@ class ReducedZImageBlock:
                                    self.linear("feed_forward.w2", cols=width.units), mlp_rows),
         }
         if "adaLN_modulation.0" in self.internals.adapted_linears:
-            overrides["adaLN_modulation"] = _Modulation(self.linear("adaLN_modulation.0"))
+            overrides["adaLN_modulation"] = ReplacedModulation(self.linear("adaLN_modulation.0"))
         return ModuleView(module, **overrides)

@@ -8,14 +8,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from support.family_methods import (
-    WIDTH_HALF,
+    HALF_SETTINGS,
     assert_compute_removed,
     assert_flux_shaped_blocks_are_the_host_blocks,
     assert_full_settings_bit_identical,
     assert_lora_composes,
+    assert_the_nodes_run_as_the_server_runs_them,
     block_lora,
     full_settings,
-    router_half,
 )
 
 from comfyui_dynamic_dit.devtools import tiny_chroma
@@ -92,12 +92,7 @@ def test_every_method_at_its_full_setting_is_bit_identical(chroma, sampler, sche
                                        full_settings(coarse=False))
 
 
-@pytest.mark.parametrize("name, settings, most", [
-    ("width 0.5", WIDTH_HALF, 0.80),
-    ("router diffcr 0.5", router_half("diffcr"), 0.85),
-    ("router sdt 0.5", router_half("sdt"), 0.97),  # MLP only
-    ("router reuse 0.5", router_half("reuse"), 0.85),
-])
+@pytest.mark.parametrize("name, settings, most", HALF_SETTINGS)
 def test_half_settings_really_remove_compute(chroma, name, settings, most):
     _, model, conds = chroma
     assert_compute_removed(model, lambda m: sample(m, conds), settings, most)
@@ -115,18 +110,7 @@ def test_flux1_files_and_chroma_models_do_not_mix(flux_model, chroma):
 
 
 def test_the_nodes_accept_a_chroma_model_inside_inference_mode(chroma):
-    """As the server runs a prompt: the method nodes chain on Chroma and the report compares with the baseline."""
-    from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS as NODES
-    from comfyui_dynamic_dit.devtools.demo import run_node
-
+    """As the server runs a prompt: inside `torch.inference_mode()`, the method nodes chain on the model and the report
+    compares with the baseline."""
     _, model, conds = chroma
-    with torch.inference_mode():
-        baseline = run_node(NODES["DynamicTelemetry"], model=model)
-        chained = model
-        for name, inputs in (("DynamicWidthPatcher", {"preset": "fast (trades more quality)"}), ("DynamicTokenRouter", {})):
-            chained = run_node(NODES[name], model=chained, **inputs)
-        with pytest.raises(UnsupportedModelError, match="Chroma"):
-            run_node(NODES["DynamicPatchScheduler"], model=chained, mode="manual", manual_schedule="0-50%:2")
-        base_latent, latent_out = {"samples": sample(baseline, conds)}, {"samples": sample(chained, conds)}
-        report = NODES["DynamicSpeedReport"]().report(chained, latent_out, baseline_model=baseline, baseline_latent=base_latent)
-    assert "fewer FLOPs" in report["result"][1]
+    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), refused="Chroma")

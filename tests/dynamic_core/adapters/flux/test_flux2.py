@@ -9,14 +9,16 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from support.family_methods import (
     COARSE_2X,
-    WIDTH_HALF,
+    HALF_SETTINGS,
+    PATCH_SCHEDULER,
+    WIDTH_AND_ROUTER,
     assert_compute_removed,
     assert_flux_shaped_blocks_are_the_host_blocks,
     assert_full_settings_bit_identical,
     assert_lora_composes,
+    assert_the_nodes_run_as_the_server_runs_them,
     block_lora,
     full_settings,
-    router_half,
 )
 
 from comfyui_dynamic_dit.devtools import tiny_flux2
@@ -85,10 +87,7 @@ def test_every_method_at_its_full_setting_is_bit_identical(flux2, sampler, sched
 
 
 @pytest.mark.parametrize("name, settings, most", [
-    ("width 0.5", WIDTH_HALF, 0.80),
-    ("router diffcr 0.5", router_half("diffcr"), 0.85),
-    ("router sdt 0.5", router_half("sdt"), 0.97),  # MLP only
-    ("router reuse 0.5", router_half("reuse"), 0.85),
+    *HALF_SETTINGS,
     # 3 of 4 steps at 2x: 64 of 256 image tokens, beside the 512 text tokens Flux 2 pads every prompt to
     ("patch 2x", COARSE_2X, 0.80),
 ])
@@ -126,18 +125,7 @@ def test_a_trained_coarse_file_is_refused_on_flux2_by_name(flux2, flux_model, mo
 
 
 def test_the_nodes_accept_a_flux2_model_inside_inference_mode(flux2):
-    """As the server runs a prompt: the method nodes chain on Flux 2 and the report compares with the baseline; the
-    Patch Scheduler runs training-free and refuses a trained embedding file by the family's name."""
-    from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS as NODES
-    from comfyui_dynamic_dit.devtools.demo import run_node
-
+    """As the server runs a prompt: inside `torch.inference_mode()`, the method nodes chain on the model and the report
+    compares with the baseline."""
     _, model, conds = flux2
-    with torch.inference_mode():
-        baseline = run_node(NODES["DynamicTelemetry"], model=model)
-        chained = model
-        for name, inputs in (("DynamicPatchScheduler", {"mode": "manual", "manual_schedule": "0-50%:2"}),
-                             ("DynamicWidthPatcher", {"preset": "fast (trades more quality)"}), ("DynamicTokenRouter", {})):
-            chained = run_node(NODES[name], model=chained, **inputs)
-        base_latent, latent_out = {"samples": sample(baseline, conds)}, {"samples": sample(chained, conds)}
-        report = NODES["DynamicSpeedReport"]().report(chained, latent_out, baseline_model=baseline, baseline_latent=base_latent)
-    assert "fewer FLOPs" in report["result"][1]
+    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), chain=(PATCH_SCHEDULER, *WIDTH_AND_ROUTER))

@@ -9,10 +9,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from support.family_methods import (
-    WIDTH_HALF,
+    HALF_SETTINGS,
     assert_compute_removed,
     assert_full_settings_bit_identical,
     assert_lora_composes,
+    assert_the_nodes_run_as_the_server_runs_them,
     block_lora,
     full_settings,
     router_half,
@@ -117,12 +118,7 @@ def test_every_method_at_its_full_setting_is_bit_identical(qwen, sampler, schedu
                                        full_settings(coarse=False))
 
 
-@pytest.mark.parametrize("name, settings, most", [
-    ("width 0.5", WIDTH_HALF, 0.80),
-    ("router diffcr 0.5", router_half("diffcr"), 0.85),
-    ("router sdt 0.5", router_half("sdt"), 0.97),  # MLP only
-    ("router reuse 0.5", router_half("reuse"), 0.85),
-])
+@pytest.mark.parametrize("name, settings, most", HALF_SETTINGS)
 def test_half_settings_really_remove_compute(qwen, name, settings, most):
     kind, model, conds = qwen
     ratio = assert_compute_removed(model, lambda m: sample(m, conds), settings, most)
@@ -167,17 +163,7 @@ def test_a_qwen_image_lora_composes_with_the_methods_in_either_order(qwen, lora_
 
 
 def test_the_nodes_accept_a_qwen_image_model_inside_inference_mode(qwen):
-    from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS as NODES
-    from comfyui_dynamic_dit.devtools.demo import run_node
-
+    """As the server runs a prompt: inside `torch.inference_mode()`, the method nodes chain on the model and the report
+    compares with the baseline."""
     _, model, conds = qwen
-    with torch.inference_mode():
-        baseline = run_node(NODES["DynamicTelemetry"], model=model)
-        chained = model
-        for name, inputs in (("DynamicWidthPatcher", {"preset": "fast (trades more quality)"}), ("DynamicTokenRouter", {})):
-            chained = run_node(NODES[name], model=chained, **inputs)
-        with pytest.raises(UnsupportedModelError, match="Qwen-Image"):
-            run_node(NODES["DynamicPatchScheduler"], model=chained, mode="manual", manual_schedule="0-50%:2")
-        base_latent, latent_out = {"samples": sample(baseline, conds)}, {"samples": sample(chained, conds)}
-        report = NODES["DynamicSpeedReport"]().report(chained, latent_out, baseline_model=baseline, baseline_latent=base_latent)
-    assert "fewer FLOPs" in report["result"][1]
+    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), refused="Qwen-Image")

@@ -10,10 +10,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from support.family_methods import (
     COARSE_2X,
+    PATCH_SCHEDULER,
+    WIDTH_AND_ROUTER,
     WIDTH_HALF,
     assert_compute_removed,
     assert_full_settings_bit_identical,
     assert_lora_composes,
+    assert_the_nodes_run_as_the_server_runs_them,
     block_lora,
     full_settings,
     router_half,
@@ -155,19 +158,10 @@ def test_a_z_image_lora_composes_with_the_methods_in_either_order(z_image, lora_
 
 
 def test_the_nodes_accept_a_z_image_model_inside_inference_mode(z_image):
-    from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS as NODES
-    from comfyui_dynamic_dit.devtools.demo import run_node
-
+    """As the server runs a prompt: inside `torch.inference_mode()`, the method nodes chain on the model and the report
+    compares with the baseline."""
     _, model, conds = z_image
-    with torch.inference_mode():
-        baseline = run_node(NODES["DynamicTelemetry"], model=model)
-        chained = model
-        for name, inputs in (("DynamicPatchScheduler", {"mode": "manual", "manual_schedule": "0-50%:2"}),
-                             ("DynamicWidthPatcher", {"preset": "fast (trades more quality)"}), ("DynamicTokenRouter", {})):
-            chained = run_node(NODES[name], model=chained, **inputs)
-        base_latent, latent_out = {"samples": sample(baseline, conds)}, {"samples": sample(chained, conds)}
-        report = NODES["DynamicSpeedReport"]().report(chained, latent_out, baseline_model=baseline, baseline_latent=base_latent)
-    assert "fewer FLOPs" in report["result"][1]
+    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), chain=(PATCH_SCHEDULER, *WIDTH_AND_ROUTER))
     assert install_executor(model).object_patches and not model.object_patches
 
 
