@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .example_graphs_image import (chroma_workflow, flux2_dev_workflow, qwen_image_workflow, sd35_large_workflow,
-                                   z_image_turbo_workflow)
+from .example_graphs_image import (chroma_workflow, flux2_dev_workflow, qwen_image_edit_workflow, qwen_image_workflow,
+                                   sd35_large_workflow, z_image_turbo_workflow)
 from .graph_texts import REPORT_HELP, SKIP_BASELINE
 from .workflows import Node, layout, note
 
@@ -397,6 +397,8 @@ WORKFLOWS: dict[str, tuple[str, Callable[[], list[Node]]]] = {
     "chroma_t2i": ("Chroma text-to-image, full compute next to the Width Patcher and Token Router", chroma_workflow),
     "qwen_image_t2i": ("Qwen-Image text-to-image with the 8-step Lightning LoRA, full compute next to the dynamic chain",
                        qwen_image_workflow),
+    "qwen_image_edit_2509": ("Qwen-Image Edit 2509 with the 4-step Lightning LoRA, full compute next to the dynamic chain",
+                             qwen_image_edit_workflow),
     "z_image_turbo_t2i": ("Z-Image-Turbo text-to-image at 9 steps, full compute next to the dynamic chain", z_image_turbo_workflow),
     "sd35_large_t2i": ("SD3.5 Large text-to-image, full compute next to the Width Patcher and Token Router", sd35_large_workflow),
 }

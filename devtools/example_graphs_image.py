@@ -191,6 +191,51 @@ def qwen_image_workflow() -> list[Node]:
     ])
 
 
+QWEN_EDIT_PROMPT = "replace the cat with a dalmatian"
+QWEN_EDIT_FILES = (
+    "**Files** (Comfy-Org/Qwen-Image-Edit_ComfyUI, the names of ComfyUI's own Qwen-Image Edit 2509 template): "
+    "`qwen_image_edit_2509_fp8_e4m3fn.safetensors` in `models/diffusion_models/`, "
+    "`Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors` (lightx2v) in `models/loras/`, "
+    "`qwen_2.5_vl_7b_fp8_scaled.safetensors` (*Load CLIP* type `qwen_image`) and `qwen_image_vae.safetensors` as for "
+    "Qwen-Image; the image to edit in `input/`. Edit 2511 works the same way (its references are modulated at timestep 0 "
+    "on ComfyUI 0.12 and newer)."
+)
+
+
+def qwen_image_edit_workflow() -> list[Node]:
+    text = (
+        "## Qwen-Image Edit 2509 (Lightning, 4 steps): full compute next to the dynamic chain\n\n"
+        "ComfyUI's stock Qwen-Image Edit graph (Load Image → FluxKontextImageScale → VAE Encode for the canvas, "
+        "TextEncodeQwenImageEditPlus with the image as reference, the 4-step Lightning LoRA → ModelSamplingAuraFlow 3 → "
+        "CFGNorm → KSampler euler / simple, 4 steps, cfg 1) sampled twice with the same seed: through **Dynamic "
+        "Telemetry** (full compute) and through **Dynamic Width Patcher → Token Router** at their defaults. The "
+        "reference image's tokens run every block in full: the Token Router routes only the tokens of the image "
+        "being made, so the edit keeps reading its source as it is.\n\n"
+        f"{REPORT_HELP}\n\n{QWEN_EDIT_FILES}\n\n{SKIP_BASELINE}"
+    )
+    unet = Node("unet", "UNETLoader", {"unet_name": "qwen_image_edit_2509_fp8_e4m3fn.safetensors", "weight_dtype": "default"})
+    lora = Node("lora", "LoraLoaderModelOnly", {"lora_name": "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors",
+                                                "strength_model": 1.0}, {"model": ("unet", 0)}, title="Lightning LoRA (4 steps)")
+    shift = Node("shift", "ModelSamplingAuraFlow", {"shift": 3.0}, {"model": ("lora", 0)})
+    norm = Node("norm", "CFGNorm", {"strength": 1.0}, {"model": ("shift", 0)})
+    clip = Node("clip", "CLIPLoader", {"clip_name": "qwen_2.5_vl_7b_fp8_scaled.safetensors", "type": "qwen_image", "device": "default"})
+    vae = Node("vae", "VAELoader", {"vae_name": "qwen_image_vae.safetensors"})
+    image = Node("image", "LoadImage", {"image": "image_qwen_image_edit_2509_input_image.png"}, title="Image to edit")
+    scaled = Node("scaled", "FluxKontextImageScale", links={"image": ("image", 0)})
+    latent = Node("latent", "VAEEncode", links={"pixels": ("scaled", 0), "vae": ("vae", 0)})
+    encode = {"clip": ("clip", 0), "vae": ("vae", 0), "image1": ("scaled", 0)}
+    prompt = Node("prompt", "TextEncodeQwenImageEditPlus", {"prompt": QWEN_EDIT_PROMPT}, encode, title="Prompt")
+    negative = Node("negative", "TextEncodeQwenImageEditPlus", {"prompt": ""}, encode, title="Negative prompt")
+    sampling = {"seed": 42, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
+    chain = _chain("norm", [("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+    return layout([
+        [note("note", text, size=(460, 640)), unet, lora, shift, norm, clip, vae],
+        [image, scaled, latent, prompt, negative],
+        chain,
+        *_comparison_rows(_ksampler(sampling), "router", "qwen_image_edit"),
+    ])
+
+
 # --- Z-Image Turbo -----------------------------------------------------------------------------------------
 Z_IMAGE_PROMPT = ("realistic photo, close-up of a fox peeking through pine branches, dappled sunlight on its face, "
                   "natural colors, shallow depth of field")

@@ -37,6 +37,9 @@ MIN_SIZES: dict[str, tuple[int, int]] = {
     "EmptyFlux2LatentImage": (320, 110), "Flux2Scheduler": (320, 110), "KSamplerSelect": (320, 60),
     "RandomNoise": (320, 82), "BasicGuider": (320, 50), "SamplerCustomAdvanced": (320, 110),
     "CheckpointLoaderSimple": (320, 100),
+    # the stock Qwen-Image Edit graph
+    "LoadImage": (320, 330), "FluxKontextImageScale": (320, 30), "VAEEncode": (200, 50), "CFGNorm": (320, 60),
+    "TextEncodeQwenImageEditPlus": (400, 230),
     # the stock Chroma graph
     "LoraLoaderModelOnly": (320, 82), "ModelSamplingAuraFlow": (320, 60), "T5TokenizerOptions": (320, 82), "CFGGuider": (320, 100), "BasicScheduler": (320, 110),
 }

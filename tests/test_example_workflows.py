@@ -165,6 +165,8 @@ IMAGE_FAMILIES = {  # workflow -> devtools module, its tiny config (heads and bl
                        ("width: heads", "token_router: reuse keep")),
     "z_image_turbo_t2i": ("tiny_z_image", "TinyZImage", dict(num_heads=8, depth=6), "EmptySD3LatentImage",
                           ("width: heads", "token_router: reuse keep")),
+    "qwen_image_edit_2509": ("tiny_qwen_image", "TinyQwenImage", dict(num_heads=8, depth=6), "VAEEncode",
+                             ("width: heads", "token_router: reuse keep")),
     "sd35_large_t2i": ("tiny_sd3", "TinySD3", dict(depth=8, mmdit_x_layers=()), "EmptySD3LatentImage",
                        ("width: heads", "token_router: reuse keep")),
 }
@@ -189,10 +191,14 @@ def test_the_image_family_workflows_sample_as_they_ship_on_tiny_models(name):
     config = getattr(family, config_class)(**sizes)
     positive, negative = family.conditioning(config)
     prompts = {example_graphs_image.FLUX2_PROMPT, example_graphs_image.CHROMA_PROMPT, example_graphs_image.QWEN_PROMPT,
-               example_graphs_image.Z_IMAGE_PROMPT, example_graphs_image.SD3_PROMPT}
+               example_graphs_image.Z_IMAGE_PROMPT, example_graphs_image.SD3_PROMPT, example_graphs_image.QWEN_EDIT_PROMPT}
     stand_ins = {
         "UNETLoader": lambda inputs: (family.build_model(config),), "CLIPLoader": lambda inputs: (None,),
         "CheckpointLoaderSimple": lambda inputs: (family.build_model(config), None, None),
+        "LoadImage": lambda inputs: (torch.zeros(1, 64, 64, 3), torch.zeros(1, 64, 64)),
+        # an edit's prompt carries the image to edit as a reference latent (here a tiny one of the family)
+        "TextEncodeQwenImageEditPlus": lambda inputs: (family.conditioning(config, reference=family.latent(8, 8))[
+            0 if inputs["prompt"] in prompts else 1],),
         "LoraLoaderModelOnly": lambda inputs: (inputs["model"],),  # the Lightning LoRA's file: not here
         "T5TokenizerOptions": lambda inputs: (None,), "VAELoader": lambda inputs: (None,),
         "CLIPTextEncode": lambda inputs: (positive if inputs["text"] in prompts else negative,),
