@@ -13,6 +13,7 @@ GPU_CHECK_PROXY=1 the CPU proxy (hidden 3072, 1 double + 2 single blocks, 4096 i
 Other settings: STEPS, REPEATS, SIZE, CASES (space separated), OUT, GPU_CHECK_BUDGET_S, LOWVRAM_GB.
 FAMILY=flux2 (with TINY or PROXY): Flux 2 instead, at the proxy Klein 4B's width (hidden 3072, 24 heads, SwiGLU
 9216, 1 double + 2 single blocks, 128-channel latent at 1/16 of the image size: 4096 image tokens at 1024 px).
+FAMILY=flux2_dev: the same at Flux 2 dev's width (hidden 6144, 48 heads, SwiGLU 18432, Mistral context 15360).
 FAMILY=chroma: Chroma at its real width (hidden 3072, 24 heads, its 5120-wide 5-layer modulation network), 1 double
 + 2 single blocks, no DDiT cases (Chroma has no coarse grid). FAMILY=qwen_image: Qwen-Image at its real width (hidden
 3072, 24 heads, MLP 12288, text encoder width 3584), 3 of its 60 blocks, no DDiT cases. FAMILY=z_image: Z-Image at
@@ -113,6 +114,8 @@ FAMILY = os.environ.get("FAMILY", "flux")
 # Other families (TINY or PROXY only): the devtools module that builds them, the proxy's sizes, the VAE's downscale
 OTHER_FAMILIES = {
     "flux2": ("tiny_flux2", "TinyFlux2", dict(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=2, context_dim=7680, guidance=False), 16),
+    "flux2_dev": ("tiny_flux2", "TinyFlux2", dict(hidden_size=6144, num_heads=48, depth=1, depth_single_blocks=2,
+                                                  context_dim=15360, guidance=True), 16),
     "chroma": ("tiny_chroma", "TinyChroma", dict(hidden_size=3072, num_heads=24, depth=1, depth_single_blocks=2, context_dim=4096,
                                    modulation_hidden=5120, modulation_layers=5), 8),
     "qwen_image": ("tiny_qwen_image", "TinyQwenImage", dict(hidden_size=3072, num_heads=24, depth=3, context_dim=3584), 8),
@@ -120,8 +123,8 @@ OTHER_FAMILIES = {
     "sd3": ("tiny_sd3", "TinySD3", dict(depth=38, blocks=3, mmdit_x_layers=(), context_dim=4096, pooled_dim=2048,
                                         position_grid=192), 8),
 }
-FAMILY_NAMES = {"flux": "", "flux2": "Flux 2, ", "chroma": "Chroma, ", "qwen_image": "Qwen-Image, ", "z_image": "Z-Image, ",
-                "sd3": "SD3.5 Large, "}
+FAMILY_NAMES = {"flux": "", "flux2": "Flux 2, ", "flux2_dev": "Flux 2 dev, ", "chroma": "Chroma, ",
+                "qwen_image": "Qwen-Image, ", "z_image": "Z-Image, ", "sd3": "SD3.5 Large, "}
 if FAMILY not in FAMILY_NAMES:
     sys.exit(f"FAMILY must be one of {', '.join(FAMILY_NAMES)}")
 if FAMILY != "flux":
