@@ -74,8 +74,9 @@ class CallLayout:
     frames: int = 1  # latent frames (video), after the time patch
     image_context_tokens: int = 0  # image-conditioning tokens in the cross-attention context (Wan i2v CLIP)
     timesteps: int = 1  # timestep embeddings per sample (Wan 2.2 TI2V 5B: one per latent frame)
-    # Reference-image tokens at the end of the image stream (Qwen-Image Edit), counted in `image_tokens`: they run
-    # every block in full; routing, width decisions' token subsets and coarse grids act on the tokens before them.
+    # Tokens at the end of the image stream that run every block in full, counted in `image_tokens`: an edit's
+    # reference image (Qwen-Image Edit), the padding to a token multiple (Z-Image). Token routing and the MLP token
+    # subsets act on the image tokens before them (`routable_tokens`).
     reference_tokens: int = 0
     references_at_time_zero: bool = False  # the reference tokens are modulated at timestep 0 (Qwen-Image Edit 2511)
     # What the host hands every block from its own scope rather than through the patch's arguments (Qwen-Image: the
