@@ -64,6 +64,19 @@ class BlockWork:
     extra_flops: float = 0.0  # work a method added around the block (routers, LoRA bypasses)
     reference_tokens: int = 0  # of `image_tokens`, reference tokens that always run the whole block (Qwen-Image Edit)
 
+    def kept_heads(self, full: int) -> int:
+        """Attention heads the call ran, of the block's `full` count."""
+        return full if self.heads is None else self.heads
+
+    def kept_mlp(self, full: int) -> int:
+        """MLP hidden units the call ran, of the block's `full` count."""
+        return full if self.mlp_hidden is None else self.mlp_hidden
+
+    @property
+    def mlp_tokens(self) -> int:
+        """Image tokens that went through the MLP."""
+        return self.image_tokens if self.mlp_image_tokens is None else self.mlp_image_tokens
+
 
 @dataclass(frozen=True)
 class BlockInternals:

@@ -56,10 +56,10 @@ class FluxWidthUnits(WidthUnits):
     def linear_sizes(self, block: BlockRef, work: BlockWork) -> dict[str, tuple[int, int, int]]:
         a, b = self.arch, work.batch
         d = a.hidden_size
-        inner = (a.num_heads if work.heads is None else work.heads) * a.head_dim
-        units = a.mlp_hidden if work.mlp_hidden is None else work.mlp_hidden
+        inner = work.kept_heads(a.num_heads) * a.head_dim
+        units = work.kept_mlp(a.mlp_hidden)
         n, t = work.image_tokens, work.text_tokens
-        n_mlp = n if work.mlp_image_tokens is None else work.mlp_image_tokens
+        n_mlp = work.mlp_tokens
         first = 2 * units if a.gated_mlp else units  # SwiGLU's first linear gives gate and up
         if block.kind == DOUBLE:
             sizes = {}

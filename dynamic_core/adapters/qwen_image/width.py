@@ -41,9 +41,9 @@ class QwenWidthUnits(WidthUnits):
     def linear_sizes(self, block: BlockRef, work: BlockWork) -> dict[str, tuple[int, int, int]]:
         a, b = self.arch, work.batch
         d = a.hidden_size
-        inner = (a.num_heads if work.heads is None else work.heads) * a.head_dim
-        units = a.mlp_hidden if work.mlp_hidden is None else work.mlp_hidden
-        n_mlp = work.image_tokens if work.mlp_image_tokens is None else work.mlp_image_tokens
+        inner = work.kept_heads(a.num_heads) * a.head_dim
+        units = work.kept_mlp(a.mlp_hidden)
+        n_mlp = work.mlp_tokens
         sizes = {}
         for stream, tokens, mlp_tokens in (("img", work.image_tokens, n_mlp), ("txt", work.text_tokens, work.text_tokens)):
             mod, q, k, v, out, first, last = STREAM_LINEARS[stream]

@@ -189,10 +189,10 @@ class SD3Adapter(ModelAdapter):
     def block_flops(self, block: BlockRef, work: BlockWork) -> FlopBreakdown:
         a, b = self.arch, work.batch
         d, hd = a.hidden_size, a.head_dim
-        heads = a.num_heads if work.heads is None else work.heads
-        mlp = a.mlp_hidden if work.mlp_hidden is None else work.mlp_hidden
+        heads = work.kept_heads(a.num_heads)
+        mlp = work.kept_mlp(a.mlp_hidden)
         n, t = work.image_tokens, work.text_tokens
-        n_mlp = n if work.mlp_image_tokens is None else work.mlp_image_tokens
+        n_mlp = work.mlp_tokens
         inner = heads * hd
         pre_only = self._pre_only(block.index, "context_block")
         second = block.index in a.second_attention

@@ -49,9 +49,9 @@ class SD3WidthUnits(WidthUnits):
     def linear_sizes(self, block: BlockRef, work: BlockWork) -> dict[str, tuple[int, int, int]]:
         a, b = self.arch, work.batch
         d = a.hidden_size
-        inner = (a.num_heads if work.heads is None else work.heads) * a.head_dim
-        units = a.mlp_hidden if work.mlp_hidden is None else work.mlp_hidden
-        n_mlp = work.image_tokens if work.mlp_image_tokens is None else work.mlp_image_tokens
+        inner = work.kept_heads(a.num_heads) * a.head_dim
+        units = work.kept_mlp(a.mlp_hidden)
+        n_mlp = work.mlp_tokens
         sizes = {}
         for name in self.adapter.linear_names(block):
             stream, part, layer = name.split(".", 2)

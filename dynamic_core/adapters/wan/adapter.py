@@ -211,10 +211,10 @@ class WanAdapter(ModelAdapter):
         o at the kept heads; cross-attention in full for the tokens that run; the FFN at its kept width."""
         a, b = self.arch, work.batch
         d, hd = a.hidden_size, a.head_dim
-        heads = a.num_heads if work.heads is None else work.heads
-        ffn = a.ffn_dim if work.mlp_hidden is None else work.mlp_hidden
+        heads = work.kept_heads(a.num_heads)
+        ffn = work.kept_mlp(a.ffn_dim)
         n, c = work.image_tokens, work.text_tokens
-        n_ffn = n if work.mlp_image_tokens is None else work.mlp_image_tokens
+        n_ffn = work.mlp_tokens
         inner = heads * hd
         # cross-attention: q and o on the tokens, k and v on the whole context (text, and CLIP image tokens)
         cross_qkv = linear_flops(b * n, d, d) + 2 * linear_flops(b * c, d, d)

@@ -45,10 +45,10 @@ class WanWidthUnits(WidthUnits):
     def linear_sizes(self, block: BlockRef, work: BlockWork) -> dict[str, tuple[int, int, int]]:
         a, b = self.arch, work.batch
         d = a.hidden_size
-        inner = (a.num_heads if work.heads is None else work.heads) * a.head_dim
-        units = a.ffn_dim if work.mlp_hidden is None else work.mlp_hidden
+        inner = work.kept_heads(a.num_heads) * a.head_dim
+        units = work.kept_mlp(a.ffn_dim)
         n, t = b * work.image_tokens, b * work.text_tokens
-        n_mlp = n if work.mlp_image_tokens is None else b * work.mlp_image_tokens
+        n_mlp = b * work.mlp_tokens
         return {
             "self_attn.q": (n, d, d), "self_attn.k": (n, d, d), "self_attn.v": (n, d, inner), "self_attn.o": (n, inner, d),
             "cross_attn.q": (n, d, d), "cross_attn.k": (t, d, d), "cross_attn.v": (t, d, d), "cross_attn.o": (n, d, d),

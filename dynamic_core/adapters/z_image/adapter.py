@@ -218,10 +218,10 @@ class ZImageAdapter(ModelAdapter):
 
     def block_flops(self, block: BlockRef, work: BlockWork) -> FlopBreakdown:
         a = self.arch
-        heads = a.num_heads if work.heads is None else work.heads
-        mlp = a.mlp_hidden if work.mlp_hidden is None else work.mlp_hidden
+        heads = work.kept_heads(a.num_heads)
+        mlp = work.kept_mlp(a.mlp_hidden)
         rows = work.image_tokens + work.text_tokens
-        mlp_rows = rows if work.mlp_image_tokens is None else work.mlp_image_tokens + work.text_tokens
+        mlp_rows = work.mlp_tokens + work.text_tokens
         flops = self._layer_flops(work.batch, rows, mlp_rows, heads, mlp, True)
         return FlopBreakdown(modulation=flops.modulation, qkv=flops.qkv, attention=flops.attention, proj=flops.proj,
                              mlp=flops.mlp, extra=work.extra_flops)

@@ -42,10 +42,10 @@ class ZImageWidthUnits(WidthUnits):
     def linear_sizes(self, block: BlockRef, work: BlockWork) -> dict[str, tuple[int, int, int]]:
         a, b = self.arch, work.batch
         d = a.hidden_size
-        inner = (a.num_heads if work.heads is None else work.heads) * a.head_dim
-        units = a.mlp_hidden if work.mlp_hidden is None else work.mlp_hidden
+        inner = work.kept_heads(a.num_heads) * a.head_dim
+        units = work.kept_mlp(a.mlp_hidden)
         rows = b * (work.image_tokens + work.text_tokens)
-        mlp_rows = rows if work.mlp_image_tokens is None else b * (work.mlp_image_tokens + work.text_tokens)
+        mlp_rows = b * (work.mlp_tokens + work.text_tokens)
         return {LINEARS[0]: (b, a.modulation_dim, 4 * d), LINEARS[1]: (rows, d, 3 * inner), LINEARS[2]: (rows, inner, d),
                 LINEARS[3]: (mlp_rows, d, units), LINEARS[4]: (mlp_rows, d, units), LINEARS[5]: (mlp_rows, units, d)}
 
