@@ -71,12 +71,10 @@ def emulated_blocks(adapter: "ModelAdapter") -> list["BlockRef"]:
 
 
 def with_patch_points(model_patcher: Any, adapter: "ModelAdapter") -> Any:
-    """`model_patcher` itself when the family's host has its own patch points, else a clone that gets them as object
-    patches (applied and removed by the host with the model's loading)."""
+    """A clone of `model_patcher` with the patch points the family's host lacks as object patches (applied and removed
+    by the host with the model's loading); for a family whose host has them all, a plain clone."""
     blocks = emulated_blocks(adapter)
     wrappers = adapter.emulated_model_wrappers
-    if not blocks and not wrappers:
-        return model_patcher
     patched = model_patcher.clone()
     diffusion_model = model_patcher.model.diffusion_model
     if wrappers and not isinstance(patched.object_patches.get("diffusion_model.forward"), EmulatedWrapperPoint):

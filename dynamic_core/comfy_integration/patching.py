@@ -103,7 +103,6 @@ def install_executor(model_patcher: Any) -> Any:
 
 def _patched_clone(model_patcher: Any, adapter: ModelAdapter, plan: DynamicPlan) -> Any:
     patched = with_patch_points(model_patcher, adapter)
-    patched = patched.clone() if patched is model_patcher else patched
     for wrapper_type, key, wrapper in (
         (WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper),
         (WrappersMP.APPLY_MODEL, WRAPPER_KEY, _sampler_input_wrapper),

@@ -73,7 +73,6 @@ def record_trajectories(model_patcher: Any, jobs: Sequence[tuple[list, list]], l
     adapter = adapter_of(model_patcher)  # unsupported models are refused before any sampling
     bank = Trajectories(adapter.latent_argument, adapter.timestep_argument)
     recording = with_patch_points(model_patcher, adapter)  # SD3: the wrapper point its forward lacks
-    recording = recording.clone() if recording is model_patcher else recording
     recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, RECORD_KEY, _recorder(adapter, bank, follow))
     total, done = len(jobs) * len(seeds), 0
     for positive, negative in jobs:

@@ -35,6 +35,5 @@ def sampling_through(model, student, only_timesteps=None):
             return student({**inputs, "sigmas": sigmas}, noise=0.0)[0]
 
     wrapped = with_patch_points(model, adapter_of(model))  # SD3: the wrapper point its forward lacks
-    wrapped = wrapped.clone() if wrapped is model else wrapped
     wrapped.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test", student_call)
     return wrapped
