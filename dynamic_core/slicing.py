@@ -16,6 +16,7 @@ weight is only the kept rows / columns:
 """
 from __future__ import annotations
 
+import functools
 from types import FunctionType
 from typing import Any, Callable, Protocol, Sequence
 
@@ -253,8 +254,10 @@ class ModuleView:
         return type(self._base).forward(self, *args, **kwargs)
 
 
+@functools.cache
 def _own_method(cls: type, name: str) -> Any:
-    """A plain function the host's module class defines (not one of torch.nn.Module's own), or None."""
+    """A plain function the host's module class defines (not one of torch.nn.Module's own), or None. Cached: a view's
+    attribute lookups run in every reduced block call."""
     if hasattr(torch.nn.Module, name):
         return None
     for klass in cls.__mro__:
