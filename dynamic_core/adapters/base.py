@@ -244,9 +244,10 @@ class ModelAdapter(ABC):
         """The block's linear layers by the names `BlockInternals.extras` uses (e.g. "img_attn.qkv")."""
         return {name: module.get_submodule(name) for name in self.block_kind(block).linears}
 
-    @abstractmethod
     def hidden_states(self, block: BlockRef, args: Mapping[str, Any]) -> torch.Tensor:
-        """The block call's main token stream: its batch, dtype and device are the call's."""
+        """The block call's main token stream: its batch, dtype and device are the call's (ComfyUI's block patches
+        name it "img" in every family)."""
+        return args["img"]
 
     @abstractmethod
     def block_work(self, block: BlockRef, args: Mapping[str, Any], layout: CallLayout) -> BlockWork:

@@ -219,9 +219,6 @@ class FluxAdapter(ModelAdapter):
     def blocks(self) -> tuple[BlockRef, ...]:
         return self._blocks
 
-    def hidden_states(self, block: BlockRef, args: Mapping[str, Any]) -> torch.Tensor:
-        return args["img"]
-
     def block_work(self, block: BlockRef, args: Mapping[str, Any], layout: CallLayout) -> BlockWork:
         img = args["img"]
         if block.kind == DOUBLE:

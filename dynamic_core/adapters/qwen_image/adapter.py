@@ -136,9 +136,6 @@ class QwenImageAdapter(ModelAdapter):
     def blocks(self) -> tuple[BlockRef, ...]:
         return self._blocks
 
-    def hidden_states(self, block: BlockRef, args: Mapping[str, Any]) -> torch.Tensor:
-        return args["img"]
-
     def block_work(self, block: BlockRef, args: Mapping[str, Any], layout: CallLayout) -> BlockWork:
         img = args["img"]
         return BlockWork(batch=img.shape[0], image_tokens=img.shape[1], text_tokens=args["txt"].shape[1],

@@ -150,9 +150,6 @@ class SD3Adapter(ModelAdapter):
             return 2 * d
         return (9 if stream == "x_block" and block.index in self.arch.second_attention else 6) * d
 
-    def hidden_states(self, block: BlockRef, args: Mapping[str, Any]) -> torch.Tensor:
-        return args["img"]
-
     def block_work(self, block: BlockRef, args: Mapping[str, Any], layout: CallLayout) -> BlockWork:
         img = args["img"]
         return BlockWork(batch=img.shape[0], image_tokens=img.shape[1], text_tokens=args["txt"].shape[1])

@@ -159,9 +159,6 @@ class WanAdapter(ModelAdapter):
     def blocks(self) -> tuple[BlockRef, ...]:
         return self._blocks
 
-    def hidden_states(self, block: BlockRef, args: Mapping[str, Any]) -> torch.Tensor:
-        return args["img"]
-
     def block_work(self, block: BlockRef, args: Mapping[str, Any], layout: CallLayout) -> BlockWork:
         x = args["img"]
         return BlockWork(batch=x.shape[0], image_tokens=x.shape[1], text_tokens=args["txt"].shape[1])

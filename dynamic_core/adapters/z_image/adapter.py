@@ -158,9 +158,6 @@ class ZImageAdapter(ModelAdapter):
         return out["img"]
 
     # --- blocks -------------------------------------------------------------------------------
-    def hidden_states(self, block: BlockRef, args: Mapping[str, Any]) -> torch.Tensor:
-        return args["img"]
-
     def block_work(self, block: BlockRef, args: Mapping[str, Any], layout: CallLayout) -> BlockWork:
         img = args["img"]
         return BlockWork(batch=img.shape[0], image_tokens=img.shape[1] - layout.text_tokens, text_tokens=layout.text_tokens,
