@@ -58,6 +58,17 @@ def assert_full_settings_bit_identical(model, sample: Sample, settings: Iterable
     assert run.calls and all(c.executed.total == pytest.approx(c.full.total) for c in run.calls)
 
 
+def assert_analytic_flops_match(model, arguments: dict, rel: float = 0.02) -> None:
+    """The adapter's analytic FLOPs of an unpatched call with these diffusion-model `arguments` are what
+    FlopCounterMode counts, within `rel`."""
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
+
+    adapter = adapter_of(model)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.model.diffusion_model(**arguments, transformer_options={})
+    assert adapter.full_flops(adapter.call_layout(arguments)).total == pytest.approx(counter.get_total_flops(), rel=rel)
+
+
 def assert_compute_removed(model, sample: Sample, settings, most: float) -> float:
     """Sample with `settings`: the telemetry (with the width ranking's one-off run) within 3 % of FlopCounterMode,
     the blocks' FLOPs below `most` of full compute (the stem is left out: on a tiny model it can outweigh them)."""

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from support.family_methods import (
     HALF_SETTINGS,
+    assert_analytic_flops_match,
     assert_compute_removed,
     assert_flux_shaped_blocks_are_the_host_blocks,
     assert_full_settings_bit_identical,
@@ -62,12 +62,9 @@ def test_the_patch_scheduler_and_chroma_radiance_are_refused_by_name(chroma):
 def test_analytic_flops_match_flop_counter(chroma):
     """With the modulation network's 344 rows per call, whatever the depth (the host fixes them)."""
     _, model, conds = chroma
-    adapter, dm = adapter_of(model), model.model.diffusion_model
     arguments = {"x": torch.randn(1, 16, 16, 16), "timestep": torch.tensor([0.7]), "context": conds[0][0][0],
                  "guidance": torch.tensor([0.0])}
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        dm(**arguments, transformer_options={})
-    assert adapter.full_flops(adapter.call_layout(arguments)).total == pytest.approx(counter.get_total_flops(), rel=0.02)
+    assert_analytic_flops_match(model, arguments)
 
 
 def test_a_block_at_full_internals_is_the_host_block_bit_for_bit(chroma):

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from support.family_methods import (
     COARSE_2X,
     HALF_SETTINGS,
     PATCH_SCHEDULER,
     WIDTH_AND_ROUTER,
+    assert_analytic_flops_match,
     assert_compute_removed,
     assert_flux_shaped_blocks_are_the_host_blocks,
     assert_full_settings_bit_identical,
@@ -65,12 +65,9 @@ def test_coarse_tokens_sit_at_the_centres_of_their_regions(flux2):
 
 def test_analytic_flops_match_flop_counter(flux2):
     config, model, conds = flux2
-    adapter, dm = adapter_of(model), model.model.diffusion_model
     arguments = {"x": torch.randn(1, 128, 16, 16), "timestep": torch.tensor([0.7]), "context": conds[0][0][0],
                  "guidance": torch.tensor([4.0]) if config.guidance else None}
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        dm(**arguments, transformer_options={})
-    assert adapter.full_flops(adapter.call_layout(arguments)).total == pytest.approx(counter.get_total_flops(), rel=0.02)
+    assert_analytic_flops_match(model, arguments)
 
 
 def test_a_block_at_full_internals_is_the_host_block_bit_for_bit_and_units_go_in_pairs(flux2):

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from support.family_methods import (
     HALF_SETTINGS,
+    assert_analytic_flops_match,
     assert_compute_removed,
     assert_full_settings_bit_identical,
     assert_lora_composes,
@@ -78,9 +78,7 @@ def test_analytic_flops_match_flop_counter(qwen):
     assert (layout.image_tokens, layout.reference_tokens) == ((64, 0) if kind == "t2i" else (64 + 16, 16))
     at_zero = getattr(dm, "default_ref_method", "index") == "index_timestep_zero"  # Edit 2511 on a host that knows it
     assert layout.references_at_time_zero == at_zero and layout.timesteps == (2 if at_zero else 1)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        dm(**arguments, transformer_options={})
-    assert adapter.full_flops(layout).total == pytest.approx(counter.get_total_flops(), rel=0.02)
+    assert_analytic_flops_match(model, arguments)
 
 
 @pytest.mark.parametrize("text_mask", [False, True])

@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from support.family_methods import (
     HALF_SETTINGS,
+    assert_analytic_flops_match,
     assert_compute_removed,
     assert_full_settings_bit_identical,
     assert_lora_composes,
@@ -65,11 +65,8 @@ def test_the_patch_scheduler_is_refused_by_name(sd3):
 
 def test_analytic_flops_match_flop_counter(sd3):
     _, model, conds = sd3
-    adapter, dm = adapter_of(model), model.model.diffusion_model
     arguments = _arguments(conds)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        dm(**arguments, transformer_options={})
-    assert adapter.full_flops(adapter.call_layout(arguments)).total == pytest.approx(counter.get_total_flops(), rel=0.02)
+    assert_analytic_flops_match(model, arguments)
 
 
 def test_model_calls_reach_the_executor_through_the_emulated_wrapper_point(sd3):

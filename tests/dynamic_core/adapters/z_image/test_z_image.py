@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from support.family_methods import (
     COARSE_2X,
     PATCH_SCHEDULER,
     WIDTH_AND_ROUTER,
     WIDTH_HALF,
+    assert_analytic_flops_match,
     assert_compute_removed,
     assert_full_settings_bit_identical,
     assert_lora_composes,
@@ -71,11 +71,8 @@ def test_lumina_2_is_refused_by_name():
 def test_analytic_flops_match_flop_counter(z_image):
     """Refiners, padded caption and image included (the caption embedding is counted over the padded caption)."""
     _, model, conds = z_image
-    adapter, dm = adapter_of(model), model.model.diffusion_model
     arguments = _arguments(conds)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        dm(**arguments, transformer_options={})
-    assert adapter.full_flops(adapter.call_layout(arguments)).total == pytest.approx(counter.get_total_flops(), rel=0.01)
+    assert_analytic_flops_match(model, arguments, rel=0.01)
 
 
 def test_the_emulated_patch_points_are_the_blocks_until_a_patch_asks(z_image):
