@@ -3,12 +3,20 @@ weight-axis selections, an MLP run on a token subset, a submodule whose output i
 of each head's and MLP group's share of a block's output."""
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any, Callable, ClassVar, Iterable
 
 import torch
 
 from ..slicing import AxisSelection, ReducedLinear, RunIndexCache, WeightSource, gather_tokens, scatter_tokens
 from .base import BlockInternals
+
+
+@functools.cache
+def forward_parameters(block_class: type) -> frozenset[str]:
+    """The parameter names of a host block class's forward (which keyword arguments this host version accepts)."""
+    return frozenset(inspect.signature(block_class.forward).parameters)
 
 
 class UnitSelections:

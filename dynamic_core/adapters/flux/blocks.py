@@ -11,27 +11,21 @@ text tokens), so it is built once per decision and kept in the run's `RunIndexCa
 """
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
 from ...slicing import AxisSelection, ModuleView, RunIndexCache, gather_tokens, scatter_tokens
 from ..base import BlockInternals
-from ..block_views import ReducedBlock, TokenSubsetMLP, UnitSelections
+from ..block_views import ReducedBlock, TokenSubsetMLP, UnitSelections, forward_parameters
 
 if TYPE_CHECKING:
     from .adapter import FluxArchitecture
 
-_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
-
-
 def call_forward(block_class: type, view: Any, args: Mapping[str, Any]) -> Any:
     """Call the host block class's own forward on `view` the way ComfyUI's block wrapper calls the
     block: the stream tensors, then the keyword arguments this host version's forward accepts."""
-    accepted = _FORWARD_PARAMS.get(block_class)
-    if accepted is None:
-        accepted = _FORWARD_PARAMS[block_class] = frozenset(inspect.signature(block_class.forward).parameters)
+    accepted = forward_parameters(block_class)
     kwargs = {k: args[k] for k in ("vec", "pe", "attn_mask", "transformer_options") if k in args and k in accepted}
     if "txt" in args:  # double-stream block
         return block_class.forward(view, img=args["img"], txt=args["txt"], **kwargs)

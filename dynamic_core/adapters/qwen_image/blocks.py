@@ -4,7 +4,6 @@ the image MLP on a token subset (the reference tokens of an edit always run it),
 The host's block `forward` then runs on the view, called as the host's block wrapper calls it."""
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
@@ -12,7 +11,7 @@ import torch.nn.functional as F
 
 from ...slicing import AxisSelection, ModuleView, RunIndexCache
 from ..base import BlockInternals
-from ..block_views import ReducedBlock, ReplacedModulation, TokenSubsetMLP, UnitSelections
+from ..block_views import ReducedBlock, ReplacedModulation, TokenSubsetMLP, UnitSelections, forward_parameters
 
 if TYPE_CHECKING:
     from ..capabilities import CallLayout
@@ -23,16 +22,11 @@ STREAM_LINEARS = {  # per stream: modulation, q, k, v, output projection, MLP in
     "txt": ("txt_mod.1", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out", "txt_mlp.net.0.proj",
             "txt_mlp.net.2"),
 }
-_FORWARD_PARAMS: dict[type, frozenset[str]] = {}
-
-
 def call_block(block_class: type, view: Any, args: Mapping[str, Any], layout: "CallLayout", **replaced: Any) -> tuple:
     """The host block class's forward on `view`, with the arguments the host's block wrapper passes: the patch's
     streams, plus what the wrapper takes from the host's scope (the text mask; on hosts that have it, where the
     reference tokens start when they are modulated at timestep 0). Returns (txt, img) as the block does."""
-    accepted = _FORWARD_PARAMS.get(block_class)
-    if accepted is None:
-        accepted = _FORWARD_PARAMS[block_class] = frozenset(inspect.signature(block_class.forward).parameters)
+    accepted = forward_parameters(block_class)
     img = args["img"]
     kwargs = dict(hidden_states=img, encoder_hidden_states=args["txt"], encoder_hidden_states_mask=layout.block_context,
                   temb=args["vec"], image_rotary_emb=args["pe"], transformer_options=args.get("transformer_options", {}))
