@@ -8,11 +8,12 @@ bit-identical to the unpatched model.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any, Callable, Hashable, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Hashable, Mapping, Sequence
 
 import torch
 
@@ -44,9 +45,16 @@ class ModelCall:
 
     arguments: dict[str, Any]
     _invoke: Callable[[dict[str, Any]], torch.Tensor]
+    # What must hold while the host runs this call, and only then (not while a later method makes calls of its own
+    # first, as the width calibration does): context managers, made when the call is invoked.
+    holding: tuple[Callable[[], ContextManager[Any]], ...] = ()
 
     def with_arguments(self, **changes: Any) -> "ModelCall":
-        return ModelCall({**self.arguments, **changes}, self._invoke)
+        return ModelCall({**self.arguments, **changes}, self._invoke, self.holding)
+
+    def while_running(self, context: Callable[[], ContextManager[Any]]) -> "ModelCall":
+        """The call with `context` entered around the host's run of it."""
+        return replace(self, holding=(*self.holding, context))
 
     @property
     def transformer_options(self) -> dict:
@@ -62,7 +70,12 @@ class ModelCall:
         return self.with_arguments(kwargs={**self.arguments["kwargs"], "transformer_options": options}, **changes)
 
     def invoke(self) -> torch.Tensor:
-        return self._invoke(self.arguments)
+        if not self.holding:
+            return self._invoke(self.arguments)
+        with contextlib.ExitStack() as stack:
+            for context in self.holding:
+                stack.enter_context(context())
+            return self._invoke(self.arguments)
 
 
 @dataclass

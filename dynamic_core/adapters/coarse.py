@@ -6,11 +6,20 @@ position of the centre of the native region it covers), the order of the feature
 patch, where the hidden states before the final layer can be replaced and read through the host's
 patch points, and which inputs tie a call to the native token grid. The patch scheduler itself
 (`methods/patch_scheduler.py`) is family independent.
+
+Where the host places image tokens by `transformer_options["rope_options"]` (Flux, Wan, Z-Image), a coarse call's
+options say where its tokens sit. Where it does not (Chroma, Qwen-Image: positions built inside the forward; SD3:
+absolute embeddings cropped from a table), the host method that reads the positions gets a stand-in
+(`PositionedCoarseGrid.position_points`, object patches set by `comfy_integration/patch_points.py`) that rewrites
+them only while a coarse call runs (`running_coarse_call`); at every other time it is the host's method.
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterator, Mapping
 
 import torch
 
@@ -44,12 +53,58 @@ def centred_rope_options(transformer_options: Mapping[str, Any], factor: int, po
     return options
 
 
+@dataclass(frozen=True)
+class CoarseCall:
+    """A model call running on a coarse grid, as the position stand-ins of a `PositionedCoarseGrid` see it."""
+
+    factor: int
+    native_size: tuple[int, int]  # (H, W) of the native latent
+    coarse_size: tuple[int, int]  # (H, W) of the coarse latent the host embeds
+    text_tokens: int  # text tokens before the image tokens in a joint position list
+
+
+_RUNNING_COARSE_CALL: ContextVar[CoarseCall | None] = ContextVar("dynamic_dit_coarse_call", default=None)
+
+
+@contextlib.contextmanager
+def running_coarse_call(call: CoarseCall) -> Iterator[None]:
+    token = _RUNNING_COARSE_CALL.set(call)
+    try:
+        yield
+    finally:
+        _RUNNING_COARSE_CALL.reset(token)
+
+
+def running_coarse() -> CoarseCall | None:
+    """The coarse call running now (in this thread), or None: what a position stand-in reads."""
+    return _RUNNING_COARSE_CALL.get()
+
+
+# A host method's stand-in: rewrite(own, call, *args, **kwargs) runs the host's own bound method `own` on the
+# positions of the coarse call `call` instead of the ones it was given.
+PositionRewrite = Callable[..., Any]
+
+
+def _timestep_at_half(model_sampling: Any) -> float | None:
+    """The timestep the host's model sampling passes for sigma 0.5 (read once per run, on the host)."""
+    try:
+        return float(model_sampling.timestep(torch.tensor([0.5])).reshape(-1)[0])
+    except Exception:  # a model sampling whose tables live on another device: read once there
+        buffer = next(iter(model_sampling.buffers()), None)
+        if buffer is None:
+            return None
+        return float(model_sampling.timestep(torch.tensor([0.5], device=buffer.device)).reshape(-1)[0])
+
+
 class CoarseGrid(ABC):
     native_patch: int  # the model's own patch size, in latent pixels
     noisy_channels: int  # leading channels of the latent argument that carry the noisy sample
     # Whether a trained coarse-patch embedding can run (it needs the host's post-input patch and the
     # final layer); False: training-free coarse steps only.
     trained_embedding: bool = True
+    family_label: str = "this family"  # how messages name the family
+    time_argument: str = "timestep"  # the model argument that carries the call's timestep
+    timestep_scale: float = 1.0  # the host's model sampling passes timestep = timestep_scale * sigma
 
     @abstractmethod
     def file_fields(self) -> dict[str, str]:
@@ -61,16 +116,32 @@ class CoarseGrid(ABC):
         Looks at the arguments' structure only: nothing is read back from the device."""
 
     def sampling_refusal(self, model_sampling: Any) -> str | None:
-        """Why no call of a run with this host model sampling may go coarse (once per run), or None."""
-        return None
+        """Why no call of a run with this host model sampling may go coarse (once per run), or None: the coarse
+        time shift assumes flow matching (CONST: the model's input is the sampler's x) with the model's timestep at
+        `timestep_scale` * sigma."""
+        if model_sampling is None:
+            return None
+        timestep = _timestep_at_half(model_sampling)
+        scale = self.timestep_scale
+        if timestep is None or abs(timestep - 0.5 * scale) <= 1e-4 * scale:
+            return None
+        expected = "timestep = sigma" if scale == 1 else f"{scale:g} * sigma"
+        return f"the model sampling passes timestep {timestep:.4g} for sigma 0.5, not {self.family_label}'s {expected}"
 
-    @abstractmethod
     def flow_time(self, arguments: Mapping[str, Any]) -> torch.Tensor:
         """Per batch row t of the call, with the latent argument x = (1 - t) x0 + t noise."""
+        return arguments[self.time_argument].float() / self.timestep_scale
 
-    @abstractmethod
     def with_flow_time(self, arguments: Mapping[str, Any], t: torch.Tensor) -> dict[str, Any]:
         """Argument changes that make the call evaluate the model at flow time `t` instead."""
+        timestep = arguments[self.time_argument]
+        return {self.time_argument: (t * self.timestep_scale).to(timestep.dtype)}
+
+    def coarse_call(self, factor: int, arguments: Mapping[str, Any], native: torch.Tensor,
+                    coarse: torch.Tensor) -> ContextManager[None]:
+        """What must hold while the model runs the coarse latent `coarse` in place of `native`: nothing where the
+        call's options place the tokens (`coarse_options`)."""
+        return contextlib.nullcontext()
 
     @abstractmethod
     def coarse_options(self, transformer_options: Mapping[str, Any], factor: int,
@@ -160,3 +231,28 @@ class TrainingFreeCoarseGrid(CoarseGrid):
 
     def final_modulation_flops(self, batch: int) -> float:
         return 0.0
+
+
+class PositionedCoarseGrid(TrainingFreeCoarseGrid):
+    """Training-free coarse steps on a host that places tokens without `rope_options`: its methods that read the
+    positions are stand-ins (`position_points`) that rewrite them while a coarse call runs."""
+
+    def coarse_options(self, transformer_options: Mapping[str, Any], factor: int,
+                       post_input: PostInputPatch | None = None) -> dict:
+        if post_input is not None:
+            raise self._no_trained()
+        return dict(transformer_options)
+
+    @abstractmethod
+    def position_points(self) -> Mapping[str, PositionRewrite]:
+        """The host methods that read token positions, by attribute path under the diffusion model (a module's
+        `forward` or the model's own method), and how each is run during a coarse call."""
+
+    def text_tokens(self, arguments: Mapping[str, Any]) -> int:
+        """Text tokens before the image tokens in the host's joint positions (none by default)."""
+        return 0
+
+    def coarse_call(self, factor: int, arguments: Mapping[str, Any], native: torch.Tensor,
+                    coarse: torch.Tensor) -> ContextManager[None]:
+        return running_coarse_call(CoarseCall(factor, tuple(native.shape[-2:]), tuple(coarse.shape[-2:]),
+                                              self.text_tokens(arguments)))

@@ -13,6 +13,9 @@ without one it is the block's own forward, called as the host called it. Code th
 Where the model's `forward` does not run ComfyUI's DIFFUSION_MODEL wrappers (the adapter's `emulated_model_wrappers`),
 an object patch on `diffusion_model.forward` runs them around the class's own forward with the host's own
 `WrapperExecutor`, as the other families' forwards do themselves.
+
+Where the host places tokens without `rope_options` (a `PositionedCoarseGrid`), each method that reads positions gets
+an object patch that is the host's method except while a coarse call runs (`adapters/coarse.running_coarse`).
 """
 from __future__ import annotations
 
@@ -21,6 +24,8 @@ import inspect
 from typing import TYPE_CHECKING, Any, Iterator
 
 from comfy.patcher_extension import WrapperExecutor, WrappersMP, get_all_wrappers
+
+from ..adapters.coarse import PositionedCoarseGrid, PositionRewrite, running_coarse
 
 if TYPE_CHECKING:
     import torch
@@ -66,6 +71,37 @@ class EmulatedWrapperPoint:
         return self
 
 
+class EmulatedPositionPoint:
+    """A host method that reads token positions: the method itself, except during a coarse call, where the grid's
+    rewrite runs it on the positions of the regions' centres."""
+
+    def __init__(self, owner: Any, name: str, rewrite: PositionRewrite) -> None:
+        self.own = getattr(type(owner), name).__get__(owner)  # the class's method, bound to the module
+        self.rewrite = rewrite
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        call = running_coarse()
+        if call is None:
+            return self.own(*args, **kwargs)
+        return self.rewrite(self.own, call, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> "EmulatedPositionPoint":
+        return self
+
+
+def position_points(adapter: "ModelAdapter", diffusion_model: "torch.nn.Module") -> dict[str, EmulatedPositionPoint]:
+    """The stand-ins of the family's coarse grid, by object-patch key."""
+    grid = adapter.coarse_grid()
+    if not isinstance(grid, PositionedCoarseGrid):
+        return {}
+    points = {}
+    for path, rewrite in grid.position_points().items():
+        owner_path, _, name = path.rpartition(".")
+        owner = diffusion_model.get_submodule(owner_path) if owner_path else diffusion_model
+        points[f"diffusion_model.{path}"] = EmulatedPositionPoint(owner, name, rewrite)
+    return points
+
+
 def emulated_blocks(adapter: "ModelAdapter") -> list["BlockRef"]:
     return [block for block in adapter.blocks if adapter.block_kind(block).emulated]
 
@@ -79,6 +115,9 @@ def with_patch_points(model_patcher: Any, adapter: "ModelAdapter") -> Any:
     diffusion_model = model_patcher.model.diffusion_model
     if wrappers and not isinstance(patched.object_patches.get("diffusion_model.forward"), EmulatedWrapperPoint):
         patched.add_object_patch("diffusion_model.forward", EmulatedWrapperPoint(diffusion_model))
+    for key, point in position_points(adapter, diffusion_model).items():
+        if not isinstance(patched.object_patches.get(key), EmulatedPositionPoint):
+            patched.add_object_patch(key, point)
     for block in blocks:
         path = f"diffusion_model.{adapter.block_kind(block).module_list}.{block.index}.forward"
         if not isinstance(patched.object_patches.get(path), EmulatedPatchPoint):

@@ -21,7 +21,8 @@ cannot give that, so area it is (`patch_embedding_file.derived_layers` still bui
 layers, as DDiT's initialisation for a trainer).
 
 Positions: coarse token i gets the RoPE position of the centre of the native tokens it covers,
-f*i + (f-1)/2 (through the host's `rope_options`; `CoarseGrid.coarse_options`).
+f*i + (f-1)/2 (through the host's `rope_options`, `CoarseGrid.coarse_options`; on hosts without them, through
+stand-ins for the methods that read positions, `CoarseGrid.coarse_call`; absolute embeddings are interpolated there).
 
 Back to native: the coarse denoised estimate x0_c = z - t' v_c is upsampled bilinearly (U) and the
 velocity is taken against the full-resolution input: v = (x_t - U x0_c) / t, i.e.
@@ -64,6 +65,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 import torch
@@ -312,7 +314,7 @@ class PatchSchedulerMethod(DynamicMethod):
         options = grid.coarse_options(model_call.transformer_options, factor)
         out = proceed(model_call.with_transformer_options(options, **{
             adapter.latent_argument: z.to(x.dtype), **grid.with_flow_time(model_call.arguments, t_coarse),
-        }))
+        }).while_running(partial(grid.coarse_call, factor, model_call.arguments, x, z)))
         denoised = z[:, :noisy] - per_row(t_coarse, x) * out.float()
         upsampled = crop_like(spatially(lambda y: F.interpolate(y, scale_factor=factor, mode="bilinear", align_corners=False), denoised), x)
         return ((x[:, :noisy].float() - upsampled) / per_row(t, x)).to(out.dtype)

@@ -3,6 +3,7 @@
 The methods here are test doubles that change the output in simple, visible ways; the real methods
 come with their own issues and tests.
 """
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -11,6 +12,7 @@ import torch
 
 from comfyui_dynamic_dit.devtools import tiny_flux
 from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, plan_of
+from comfyui_dynamic_dit.dynamic_core.executor import ModelCall
 from comfyui_dynamic_dit.dynamic_core.methods import DynamicMethod, register
 from comfyui_dynamic_dit.dynamic_core.plan import MethodSettings
 
@@ -186,3 +188,20 @@ def test_block_internals_remove_compute_and_telemetry_counts_it(flux_model, cond
     assert not torch.equal(out, tiny_flux.sample(flux_model, *conds, **SAMPLE))
     # one decision, so one set of kept-unit selections for the whole run (built once, reused by every block)
     assert HalfHeadsMethod.cache_stats[0] == [("flux.width", (0, 1), None, 0)]
+
+
+def test_what_a_call_holds_is_entered_around_the_hosts_run_of_it_only():
+    """A coarse call's position stand-ins must see that call, not the calls a later method makes first (the width
+    calibration): the context is entered when the call is invoked, and kept through changed arguments."""
+    events = []
+
+    @contextlib.contextmanager
+    def holding():
+        events.append("enter")
+        yield
+        events.append("exit")
+
+    call = ModelCall({"x": 1}, lambda arguments: events.append(("host", arguments["x"])) or arguments["x"])
+    held = call.while_running(holding)
+    assert not events and call.holding == ()
+    assert held.with_arguments(x=2).invoke() == 2 and events == ["enter", ("host", 2), "exit"]

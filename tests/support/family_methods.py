@@ -189,3 +189,43 @@ def assert_the_nodes_run_as_the_server_runs_them(model, sample: Sample, chain=WI
         base_latent, latent_out = {"samples": sample(baseline)}, {"samples": sample(chained)}
         report = NODES["DynamicSpeedReport"]().report(chained, latent_out, baseline_model=baseline, baseline_latent=base_latent)
     assert "fewer FLOPs" in report["result"][1]
+
+
+def _region_centres(ids: torch.Tensor, first: int, rows: int, cols: int, factor: int) -> torch.Tensor:
+    """Native [.., image, ..] position ids with each factor x factor region of the image averaged into one token."""
+    image = ids[:, first : first + rows * cols].float().reshape(ids.shape[0], rows, cols, ids.shape[-1])
+    pooled = torch.nn.functional.avg_pool2d(image.permute(0, 3, 1, 2), factor).permute(0, 2, 3, 1).flatten(1, 2)
+    return torch.cat((ids[:, :first].float(), pooled, ids[:, first + rows * cols :].float()), dim=1)
+
+
+def assert_coarse_positions_centre_their_regions(model, call: Callable[[torch.Tensor], None], latent: torch.Tensor,
+                                                 arguments: dict, text_tokens: int, factor: int = 2) -> None:
+    """A family whose host builds positions itself (`PositionedCoarseGrid`): with its stand-ins applied as the host
+    applies object patches, a native call embeds the host's own positions, and a coarse call embeds exactly the native
+    call's positions with each image region averaged into its coarse token (text and reference tokens as natively)."""
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patch_points import with_patch_points
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
+
+    adapter = adapter_of(model)
+    grid, dm = adapter.coarse_grid(), model.model.diffusion_model
+    embedder = dm.pe_embedder
+    seen = []
+    hook = embedder.register_forward_hook(lambda module, inputs, out: seen.append((inputs[0], out)))
+    points = with_patch_points(model, adapter)
+    coarse = latent[..., ::factor, ::factor].clone()
+    points.patch_model()
+    try:
+        with torch.no_grad():
+            call(latent)
+            with grid.coarse_call(factor, arguments, latent, coarse):
+                call(coarse)
+    finally:
+        points.unpatch_model()
+        hook.remove()
+    (native_ids, native_pe), (raw_coarse_ids, coarse_pe) = seen
+    own = type(embedder).forward
+    torch.testing.assert_close(native_pe, own(embedder, native_ids), rtol=0, atol=0)  # natively the host's method
+    rows, cols = (s // grid.native_patch for s in latent.shape[-2:])
+    expected = _region_centres(native_ids, text_tokens, rows, cols, factor)
+    torch.testing.assert_close(coarse_pe, own(embedder, expected))
+    assert not torch.allclose(own(embedder, raw_coarse_ids.float()), coarse_pe)  # the host's own coarse ids differ

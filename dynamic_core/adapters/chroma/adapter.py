@@ -9,8 +9,7 @@ What differs from Flux.1, read from the host's code:
   16-dim sinusoidal embeddings of the timestep (t = 1000 * sigma) and of the guidance, and a 32-dim index embedding.
   No `time_in`, `vector_in` or `guidance_in`; the final layer is modulated by two of those rows (no adaLN linear).
 - `_forward` builds the image positions itself and ignores `rope_options`, and `forward_orig` has no post-input
-  patch: a coarse token cannot be given the position of the region it covers through the host's own patch points,
-  so the Patch Scheduler refuses Chroma by name.
+  patch: coarse steps run training-free, their positions rewritten by a stand-in for `pe_embedder` (`coarse.py`).
 """
 from __future__ import annotations
 
@@ -22,6 +21,7 @@ from ...flops import FlopBreakdown, linear_flops
 from ..capabilities import CallLayout
 from ..base import class_path
 from ..flux.adapter import FLUX2_BLOCK_KINDS, FluxAdapter
+from .coarse import ChromaCoarseGrid
 from .width import ChromaWidthUnits
 
 MODULATION_ROWS = 344  # the host's `mod_index_length`: rows the approximator runs per call, whatever the depth
@@ -59,8 +59,8 @@ class ChromaAdapter(FluxAdapter):
     def _modulation_is_shared(self, params: Any) -> bool:
         return True  # the modulation network's rows, handed to each block as `vec`
 
-    def coarse_grid(self) -> None:
-        return None  # positions ignore rope_options and there is no post-input patch (module docstring)
+    def coarse_grid(self) -> ChromaCoarseGrid:
+        return ChromaCoarseGrid(self.arch, self._blocks, self._info)
 
     def stem_flops(self, shape: CallLayout) -> FlopBreakdown:
         a, b = self.arch, shape.batch

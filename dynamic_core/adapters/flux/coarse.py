@@ -34,6 +34,8 @@ if TYPE_CHECKING:
 
 
 class FluxCoarseGrid(CoarseGrid):
+    family_label = "Flux"
+
     def __init__(self, arch: "FluxArchitecture", blocks: tuple[BlockRef, ...], info: ModelInfo) -> None:
         self.arch = arch
         self.native_patch = arch.patch_size
@@ -55,29 +57,6 @@ class FluxCoarseGrid(CoarseGrid):
             if method == "uxo":
                 return "'uxo' reference latents are placed after the native grid"
         return None
-
-    def sampling_refusal(self, model_sampling: Any) -> str | None:
-        """Why no call of a run with this model sampling may go coarse (checked once per run, on the host):
-        the coarse time shift assumes Flux's flow matching, where the model's timestep is its sigma."""
-        if model_sampling is None:
-            return None
-        try:
-            probe = torch.tensor([0.5])
-            timestep = float(model_sampling.timestep(probe).reshape(-1)[0])
-        except Exception:  # a model sampling whose tables live on another device: read once there
-            buffer = next(iter(model_sampling.buffers()), None)
-            if buffer is None:
-                return None
-            timestep = float(model_sampling.timestep(torch.tensor([0.5], device=buffer.device)).reshape(-1)[0])
-        if abs(timestep - 0.5) > 1e-4:
-            return f"the model sampling passes timestep {timestep:.4g} for sigma 0.5, not Flux's timestep = sigma"
-        return None
-
-    def flow_time(self, arguments: Mapping[str, Any]) -> torch.Tensor:
-        return arguments["timestep"].float()
-
-    def with_flow_time(self, arguments: Mapping[str, Any], t: torch.Tensor) -> dict[str, Any]:
-        return {"timestep": t.to(arguments["timestep"].dtype)}
 
     def coarse_options(self, transformer_options: Mapping[str, Any], factor: int,
                        post_input: PostInputPatch | None = None) -> dict:

@@ -10,8 +10,8 @@ Facts about the host this relies on:
 - A block: per stream a SiLU + Linear(D, 6D) modulation, separate q/k/v projections (bias), per-head RMSNorm of q and k,
   joint attention over [text, image], output projections `to_out.0` / `to_add_out`, GELU(tanh) MLP D -> 4D -> D.
 - Image tokens: the generated image's 2x2 patches, then each reference latent's (Edit) in the same stream.
-- `process_img` ignores `rope_options` and the forward has no post-input patch: a coarse token cannot be placed at the
-  centre of its region through the host's patch points, so the Patch Scheduler refuses Qwen-Image by name.
+- `process_img` ignores `rope_options` and the forward has no post-input patch: coarse steps run training-free, their
+  positions rewritten by a stand-in for `pe_embedder` (`coarse.py`).
 - The timestep is sigma (multiplier 1), embedded as 1000 * t (`Timesteps(scale=1000)`).
 Not counted in the FLOPs: Edit 2511's second image modulation row per sample (2 x D x 6D per block and sample).
 """
@@ -28,6 +28,7 @@ from ...flops import FlopBreakdown, attention_flops, linear_flops
 from ...slicing import RunIndexCache
 from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, class_path
 from ..capabilities import CallLayout, ModelInfo
+from .coarse import QwenImageCoarseGrid
 from .blocks import STREAM_LINEARS, QwenWidthSelections, ReducedQwenBlock, call_block
 from .routing import QwenTokenRouting
 from .width import QwenWidthUnits
@@ -114,6 +115,9 @@ class QwenImageAdapter(ModelAdapter):
     # --- what the model is --------------------------------------------------------------------
     def model_info(self) -> ModelInfo:
         return self._info
+
+    def coarse_grid(self) -> QwenImageCoarseGrid:
+        return QwenImageCoarseGrid(self.arch, self._blocks, self._info)
 
     def _tokens_of(self, latent: torch.Tensor) -> int:
         p = self.arch.patch_size

@@ -9,7 +9,7 @@ Facts about the host this relies on:
 - The model's forward does not run ComfyUI's DIFFUSION_MODEL wrappers: the pack runs them around it through an object
   patch (comfy_integration/patch_points.py).
 - Image tokens carry absolute 2-D position embeddings cropped from the centre of a larger grid, added before the
-  blocks; there is no seam to give a coarse token an interpolated position, so the Patch Scheduler refuses SD3 by name.
+  blocks: coarse steps run training-free with the embeddings interpolated at their regions' centres (`coarse.py`).
 - `timesteps` is 1000 * sigma (ModelSamplingDiscreteFlow), embedded as it is.
 """
 from __future__ import annotations
@@ -25,6 +25,7 @@ from ...flops import FlopBreakdown, attention_flops, linear_flops
 from ...slicing import RunIndexCache
 from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter
 from ..capabilities import CallLayout, ModelInfo
+from .coarse import SD3CoarseGrid
 from .blocks import STREAMS, ReducedSD3Block, SD3WidthSelections, stream_linears
 from .routing import SD3TokenRouting
 from .width import SD3WidthUnits
@@ -123,6 +124,9 @@ class SD3Adapter(ModelAdapter):
     # --- what the model is --------------------------------------------------------------------
     def model_info(self) -> ModelInfo:
         return self._info
+
+    def coarse_grid(self) -> SD3CoarseGrid:
+        return SD3CoarseGrid(self.arch, self._blocks, self._info)
 
     def call_layout(self, arguments: Mapping[str, Any]) -> CallLayout:
         x, p = arguments["x"], self.arch.patch_size

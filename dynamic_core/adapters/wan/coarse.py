@@ -26,12 +26,13 @@ from ..coarse import TrainingFreeCoarseGrid
 if TYPE_CHECKING:
     from .adapter import WanArchitecture
 
-TIME_SCALE = 1000.0  # Wan's model sampling passes timestep = 1000 * sigma
 _NO_TRAINED = "Wan has no post-input patch point: coarse steps on Wan run training-free, without a trained embedding"
 
 
 class WanCoarseGrid(TrainingFreeCoarseGrid):
     no_trained_reason = _NO_TRAINED
+    family_label = "Wan"
+    timestep_scale = 1000.0  # Wan's model sampling passes timestep = 1000 * sigma
 
     def __init__(self, arch: "WanArchitecture", blocks: tuple[BlockRef, ...], info: ModelInfo) -> None:
         self.arch = arch
@@ -55,21 +56,6 @@ class WanCoarseGrid(TrainingFreeCoarseGrid):
         if isinstance(timestep, torch.Tensor) and timestep.ndim > 1:
             return "the timestep varies over the frames"
         return None
-
-    def sampling_refusal(self, model_sampling: Any) -> str | None:
-        """The coarse time shift assumes flow matching with the model's timestep at 1000 * sigma."""
-        if model_sampling is None:
-            return None
-        timestep = float(model_sampling.timestep(torch.tensor([0.5])).reshape(-1)[0])
-        if abs(timestep - 0.5 * TIME_SCALE) > 1e-3:
-            return f"the model sampling passes timestep {timestep:.4g} for sigma 0.5, not Wan's 1000 * sigma"
-        return None
-
-    def flow_time(self, arguments: Mapping[str, Any]) -> torch.Tensor:
-        return arguments["timestep"].float() / TIME_SCALE
-
-    def with_flow_time(self, arguments: Mapping[str, Any], t: torch.Tensor) -> dict[str, Any]:
-        return {"timestep": (t * TIME_SCALE).to(arguments["timestep"].dtype)}
 
     @property
     def last_block(self) -> BlockRef:

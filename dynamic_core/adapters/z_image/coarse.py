@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 
 class ZImageCoarseGrid(TrainingFreeCoarseGrid):
+    family_label = "Z-Image"
+    time_argument = "timesteps"
     no_trained_reason = ("Z-Image has no post-input patch point: coarse steps on Z-Image run training-free, without a "
                          "trained embedding")
 
@@ -42,20 +44,6 @@ class ZImageCoarseGrid(TrainingFreeCoarseGrid):
         if extra.get("ref_latents") or extra.get("siglip_feats"):
             return "reference latents are embedded at their native size"
         return None
-
-    def sampling_refusal(self, model_sampling: Any) -> str | None:
-        if model_sampling is None:
-            return None
-        timestep = float(model_sampling.timestep(torch.tensor([0.5])).reshape(-1)[0])
-        if abs(timestep - 0.5) > 1e-4:
-            return f"the model sampling passes timestep {timestep:.4g} for sigma 0.5, not Z-Image's timestep = sigma"
-        return None
-
-    def flow_time(self, arguments: Mapping[str, Any]) -> torch.Tensor:
-        return arguments["timesteps"].float()
-
-    def with_flow_time(self, arguments: Mapping[str, Any], t: torch.Tensor) -> dict[str, Any]:
-        return {"timesteps": t.to(arguments["timesteps"].dtype)}
 
     @property
     def last_block(self) -> BlockRef:

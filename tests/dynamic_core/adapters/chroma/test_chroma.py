@@ -1,14 +1,18 @@
 """Chroma through its adapter: a tiny real ComfyUI Chroma built by the host's model detection, every method at its full
 setting bit-identical over whole runs, compute really removed at half settings (FlopCounterMode), a Chroma LoRA
-composing with the methods, the Patch Scheduler and Chroma Radiance refused by name."""
+composing with the methods, training-free coarse steps at the centres of their regions, Chroma Radiance refused by name."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from support.family_methods import (
+    COARSE_2X,
     HALF_SETTINGS,
+    PATCH_SCHEDULER,
+    WIDTH_AND_ROUTER,
     assert_analytic_flops_match,
+    assert_coarse_positions_centre_their_regions,
     assert_compute_removed,
     assert_flux_shaped_blocks_are_the_host_blocks,
     assert_full_settings_bit_identical,
@@ -20,8 +24,7 @@ from support.family_methods import (
 
 from comfyui_dynamic_dit.devtools import tiny_chroma
 from comfyui_dynamic_dit.dynamic_core.adapters import BlockRef, UnsupportedModelError, adapter_for
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings
-from comfyui_dynamic_dit.dynamic_core.methods.patch_scheduler import PatchSchedulerSettings, parse_schedule
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
 
 SAMPLE = dict(steps=4, cfg=3.0, seed=3)  # Chroma is not guidance-distilled: real CFG
 
@@ -47,16 +50,23 @@ def test_the_adapter_reads_the_host_model(chroma):
     assert "img_attn.qkv" in linears and not any("mod" in name for name in linears)
 
 
-def test_the_patch_scheduler_and_chroma_radiance_are_refused_by_name(chroma):
+def test_chroma_radiance_and_trained_coarse_files_are_refused_by_name(chroma):
     _, model, _ = chroma
-    assert adapter_of(model).coarse_grid() is None  # positions ignore rope_options: no coarse grid through the host
-    before = dict(model.model_options)
-    with pytest.raises(UnsupportedModelError, match="patch scheduler does not support Chroma"):
-        apply_settings(model, PatchSchedulerSettings(mode="manual", schedule=parse_schedule("0-50%:2")))
-    assert model.model_options == before
+    grid = adapter_of(model).coarse_grid()
+    assert not grid.trained_embedding and grid.sampling_refusal(model.model.model_sampling) is None  # timestep = sigma
+    with pytest.raises(UnsupportedModelError, match="Chroma has no post-input patch point"):
+        grid.coarse_options({}, 2, post_input=lambda embedded: embedded)
     radiance = type("ChromaRadiance", (torch.nn.Module,), {"__module__": "comfy.ldm.chroma_radiance.model"})()
     with pytest.raises(UnsupportedModelError, match="Chroma Radiance"):
         adapter_for(radiance, "ChromaRadiance")
+
+
+def test_coarse_tokens_sit_at_the_centres_of_their_regions(chroma):
+    _, model, conds = chroma
+    context = conds[0][0][0]
+    assert_coarse_positions_centre_their_regions(
+        model, lambda x: model.model.diffusion_model(x, torch.tensor([0.5]), context, torch.tensor([0.0])),
+        torch.randn(1, 16, 16, 16), {"context": context}, text_tokens=context.shape[1])
 
 
 def test_analytic_flops_match_flop_counter(chroma):
@@ -86,10 +96,10 @@ def test_timestep_features_come_from_the_modulation_network(chroma):
 def test_every_method_at_its_full_setting_is_bit_identical(chroma, sampler, scheduler):
     _, model, conds = chroma
     assert_full_settings_bit_identical(model, lambda m: sample(m, conds, sampler=sampler, scheduler=scheduler),
-                                       full_settings(coarse=False))
+                                       full_settings())
 
 
-@pytest.mark.parametrize("name, settings, most", HALF_SETTINGS)
+@pytest.mark.parametrize("name, settings, most", [*HALF_SETTINGS, ("patch 2x", COARSE_2X, 0.75)])
 def test_half_settings_really_remove_compute(chroma, name, settings, most):
     _, model, conds = chroma
     assert_compute_removed(model, lambda m: sample(m, conds), settings, most)
@@ -110,4 +120,4 @@ def test_the_nodes_accept_a_chroma_model_inside_inference_mode(chroma):
     """As the server runs a prompt: inside `torch.inference_mode()`, the method nodes chain on the model and the report
     compares with the baseline."""
     _, model, conds = chroma
-    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), refused="Chroma")
+    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), chain=(PATCH_SCHEDULER, *WIDTH_AND_ROUTER))

@@ -1,15 +1,19 @@
 """Qwen-Image and Qwen-Image Edit through their adapter: tiny real ComfyUI Qwen-Image models built by the host's model
 detection, every method at its full setting bit-identical over whole runs, compute really removed at half settings
-(FlopCounterMode), an edit's reference tokens kept whole, a Qwen-Image LoRA composing with the methods, the Patch
-Scheduler refused by name."""
+(FlopCounterMode), an edit's reference tokens kept whole, a Qwen-Image LoRA composing with the methods, training-free
+coarse steps with every token where a native call would place it."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from support.family_methods import (
+    COARSE_2X,
     HALF_SETTINGS,
+    PATCH_SCHEDULER,
+    WIDTH_AND_ROUTER,
     assert_analytic_flops_match,
+    assert_coarse_positions_centre_their_regions,
     assert_compute_removed,
     assert_full_settings_bit_identical,
     assert_lora_composes,
@@ -21,8 +25,7 @@ from support.family_methods import (
 
 from comfyui_dynamic_dit.devtools import tiny_qwen_image
 from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, UnsupportedModelError
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings
-from comfyui_dynamic_dit.dynamic_core.methods.patch_scheduler import PatchSchedulerSettings, parse_schedule
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
 from comfyui_dynamic_dit.dynamic_core.slicing import RunIndexCache
 
 SAMPLE = dict(steps=4, cfg=2.5, seed=3)
@@ -54,13 +57,25 @@ def test_the_adapter_reads_the_host_model(qwen):
     assert {"attn.to_q", "attn.add_v_proj", "attn.to_out.0", "img_mod.1", "txt_mlp.net.2"} <= set(adapter.linear_names(BlockRef("block", 0)))
 
 
-def test_the_patch_scheduler_is_refused_by_name(qwen):
+def test_coarse_steps_run_training_free(qwen):
     _, model, _ = qwen
-    assert adapter_of(model).coarse_grid() is None  # positions ignore rope_options, no post-input patch
-    before = dict(model.model_options)
-    with pytest.raises(UnsupportedModelError, match="patch scheduler does not support Qwen-Image"):
-        apply_settings(model, PatchSchedulerSettings(mode="manual", schedule=parse_schedule("0-50%:2")))
-    assert model.model_options == before
+    grid = adapter_of(model).coarse_grid()
+    assert not grid.trained_embedding and grid.sampling_refusal(model.model.model_sampling) is None  # timestep = sigma
+    with pytest.raises(UnsupportedModelError, match="Qwen-Image has no post-input patch point"):
+        grid.coarse_options({}, 2, post_input=lambda embedded: embedded)
+    assert grid.refusal({"kwargs": {"control": {"input": []}}}, model.model.diffusion_model) is not None
+
+
+@pytest.mark.parametrize("factor", [2, 4])
+def test_coarse_tokens_sit_where_a_native_call_places_their_regions(qwen, factor):
+    """Image tokens at the centres of their regions on the native grid's centred positions, the text where it starts
+    after a native image, an edit's reference tokens where a native call puts them."""
+    kind, model, conds = qwen
+    arguments = _arguments(kind, conds)
+    dm = model.model.diffusion_model
+    assert_coarse_positions_centre_their_regions(
+        model, lambda x: dm(x, arguments["timestep"], arguments["context"], ref_latents=arguments.get("ref_latents")),
+        arguments["x"], arguments, text_tokens=arguments["context"].shape[1], factor=factor)
 
 
 def _arguments(kind, conds):
@@ -113,10 +128,10 @@ def test_a_block_at_full_internals_is_the_host_block_bit_for_bit(qwen, text_mask
 def test_every_method_at_its_full_setting_is_bit_identical(qwen, sampler, scheduler):
     _, model, conds = qwen
     assert_full_settings_bit_identical(model, lambda m: sample(m, conds, sampler=sampler, scheduler=scheduler),
-                                       full_settings(coarse=False))
+                                       full_settings())
 
 
-@pytest.mark.parametrize("name, settings, most", HALF_SETTINGS)
+@pytest.mark.parametrize("name, settings, most", [*HALF_SETTINGS, ("patch 2x", COARSE_2X, 0.75)])
 def test_half_settings_really_remove_compute(qwen, name, settings, most):
     kind, model, conds = qwen
     ratio = assert_compute_removed(model, lambda m: sample(m, conds), settings, most)
@@ -164,4 +179,4 @@ def test_the_nodes_accept_a_qwen_image_model_inside_inference_mode(qwen):
     """As the server runs a prompt: inside `torch.inference_mode()`, the method nodes chain on the model and the report
     compares with the baseline."""
     _, model, conds = qwen
-    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), refused="Qwen-Image")
+    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), chain=(PATCH_SCHEDULER, *WIDTH_AND_ROUTER))

@@ -1,15 +1,18 @@
 """SD3 / SD3.5 through their adapter: a tiny real ComfyUI MMDiT built by the host's model detection (SD3.5 Medium's
 layout: MMDiT-X blocks with a second image self-attention, RMS q/k norms, a pre-only last context branch), model calls
 reached through the DIFFUSION_MODEL wrapper point the pack emulates, every method at its full setting bit-identical
-over whole runs, compute really removed at half settings (FlopCounterMode), an SD3 LoRA composing with the methods, the
-Patch Scheduler refused by name."""
+over whole runs, compute really removed at half settings (FlopCounterMode), an SD3 LoRA composing with the methods,
+training-free coarse steps with the absolute position embeddings interpolated at their regions' centres."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from support.family_methods import (
+    COARSE_2X,
     HALF_SETTINGS,
+    PATCH_SCHEDULER,
+    WIDTH_AND_ROUTER,
     assert_analytic_flops_match,
     assert_compute_removed,
     assert_full_settings_bit_identical,
@@ -21,9 +24,9 @@ from support.family_methods import (
 
 from comfyui_dynamic_dit.devtools import tiny_sd3
 from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, UnsupportedModelError
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patch_points import EmulatedWrapperPoint
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings, install_executor
-from comfyui_dynamic_dit.dynamic_core.methods.patch_scheduler import PatchSchedulerSettings, parse_schedule
+from comfyui_dynamic_dit.dynamic_core.adapters.sd3.coarse import SD3CoarseGrid
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patch_points import EmulatedWrapperPoint, with_patch_points
+from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, install_executor
 from comfyui_dynamic_dit.dynamic_core.slicing import RunIndexCache
 
 SAMPLE = dict(steps=4, cfg=3.0, seed=3)
@@ -56,11 +59,54 @@ def test_the_adapter_reads_the_host_model(sd3):
     assert ("x_block.attn2.qkv" in first) == bool(config.mmdit_x_layers)
 
 
-def test_the_patch_scheduler_is_refused_by_name(sd3):
+def test_coarse_steps_run_training_free(sd3):
+    _, model, conds = sd3
+    grid, dm = adapter_of(model).coarse_grid(), model.model.diffusion_model
+    assert not grid.trained_embedding and grid.sampling_refusal(model.model.model_sampling) is None  # 1000 * sigma
+    with pytest.raises(UnsupportedModelError, match="SD3 has no post-input patch point"):
+        grid.coarse_options({}, 2, post_input=lambda embedded: embedded)
+    arguments = _arguments(conds)
+    assert grid.refusal(arguments, dm) is None and grid.refusal({**arguments, "control": {}}, dm) is not None
+    wide = {**arguments, "x": torch.zeros(1, 16, 2 * dm.pos_embed_max_size + 2, 8)}  # a padded grid beyond the table
+    assert "larger than the position table" in grid.refusal(wide, dm)
+
+
+def test_coarse_tokens_take_the_native_embeddings_at_their_regions_centres(sd3):
+    """2x: the mean of the 2x2 native embeddings a token covers; 4x: the mean of the 4x4 region's central 2x2 (its
+    centre). Outside a coarse call the stand-in is the host's own method."""
     _, model, _ = sd3
-    assert adapter_of(model).coarse_grid() is None
-    with pytest.raises(UnsupportedModelError, match="patch scheduler does not support SD3"):
-        apply_settings(model, PatchSchedulerSettings(mode="manual", schedule=parse_schedule("0-50%:2")))
+    adapter = adapter_of(model)
+    grid, dm = adapter.coarse_grid(), model.model.diffusion_model
+    points = with_patch_points(model, adapter)
+    points.patch_model()
+    try:
+        with torch.no_grad():
+            native = dm.cropped_pos_embed((16, 16))
+            coarse = {}
+            for f in (2, 4):
+                with grid.coarse_call(f, {}, torch.zeros(1, 16, 16, 16), torch.zeros(1, 16, 16 // f, 16 // f)):
+                    coarse[f] = dm.cropped_pos_embed((16 // f, 16 // f))
+    finally:
+        points.unpatch_model()
+    assert torch.equal(native, type(dm).cropped_pos_embed(dm, (16, 16)))
+    table = native.reshape(8, 8, -1)
+    torch.testing.assert_close(coarse[2].reshape(4, 4, -1), table.reshape(4, 2, 4, 2, -1).mean(dim=(1, 3)))
+    centres = table.reshape(2, 4, 2, 4, -1)[:, 1:3, :, 1:3].mean(dim=(1, 3))
+    torch.testing.assert_close(coarse[4].reshape(2, 2, -1), centres)
+
+
+def test_a_coarse_run_embeds_its_tokens_through_the_interpolation(sd3, monkeypatch):
+    _, model, conds = sd3
+    seen = []
+    original = SD3CoarseGrid.interpolated_positions
+
+    def counted(self, own, call, hw, device=None):
+        seen.append((call.factor, tuple(int(s) for s in hw)))
+        return original(self, own, call, hw, device)
+
+    monkeypatch.setattr(SD3CoarseGrid, "interpolated_positions", counted)
+    assert_compute_removed(model, lambda m: sample(m, conds), COARSE_2X, 0.75)
+    assert seen and all(entry == (2, (8, 8)) for entry in seen)  # tiny_sd3's 16x16 latent at 2x
 
 
 def test_analytic_flops_match_flop_counter(sd3):
@@ -109,10 +155,10 @@ def test_a_block_at_full_internals_is_the_host_block_bit_for_bit(sd3):
 def test_every_method_at_its_full_setting_is_bit_identical(sd3, sampler, scheduler):
     _, model, conds = sd3
     assert_full_settings_bit_identical(model, lambda m: sample(m, conds, sampler=sampler, scheduler=scheduler),
-                                       full_settings(coarse=False))
+                                       full_settings())
 
 
-@pytest.mark.parametrize("name, settings, most", HALF_SETTINGS)
+@pytest.mark.parametrize("name, settings, most", [*HALF_SETTINGS, ("patch 2x", COARSE_2X, 0.75)])
 def test_half_settings_really_remove_compute(sd3, name, settings, most):
     _, model, conds = sd3
     assert_compute_removed(model, lambda m: sample(m, conds), settings, most)
@@ -128,4 +174,4 @@ def test_the_nodes_accept_an_sd3_model_inside_inference_mode(sd3):
     """As the server runs a prompt: inside `torch.inference_mode()`, the method nodes chain on the model and the report
     compares with the baseline."""
     _, model, conds = sd3
-    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), refused="SD3")
+    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), chain=(PATCH_SCHEDULER, *WIDTH_AND_ROUTER))

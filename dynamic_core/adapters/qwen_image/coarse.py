@@ -1,0 +1,70 @@
+"""Coarse patch grids for Qwen-Image as ComfyUI runs it (see `../coarse.py` for the seam): training-free only.
+
+Facts about ComfyUI's Qwen-Image this relies on (comfy/ldm/qwen_image/model.py, 0.3.75 and 0.12.1):
+- A latent side of s pixels has n(s) = (s + p // 2) // p tokens; `process_img` gives the generated image's token at
+  row i the position i - n(H) // 2 (and the same along x), centred on the image, ignoring `rope_options`.
+- The text tokens sit on the diagonal from max(n(H) // 2, n(W) // 2) on, where the image's positions end; reference
+  latents (Edit) take positions from their own sizes, whatever the generated image's size.
+- `_forward` embeds [text, image, references] in one `pe_embedder` call. During a coarse call its stand-in gives each
+  coarse image token the centre of the native tokens it covers and the text the positions it has in a native call.
+- `timestep` is sigma (multiplier 1, CONST); ControlNet residuals are per native token.
+- No post-input patch point: no trained coarse embedding.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+import torch
+
+from ..base import BlockRef
+from ..capabilities import ModelInfo
+from ..coarse import CoarseCall, PositionedCoarseGrid, PositionRewrite
+
+if TYPE_CHECKING:
+    from .adapter import QwenImageArchitecture
+
+
+class QwenImageCoarseGrid(PositionedCoarseGrid):
+    family_label = "Qwen-Image"
+    no_trained_reason = ("Qwen-Image has no post-input patch point: coarse steps on Qwen-Image run training-free, "
+                         "without a trained embedding")
+
+    def __init__(self, arch: "QwenImageArchitecture", blocks: tuple[BlockRef, ...], info: ModelInfo) -> None:
+        self.arch = arch
+        self.native_patch = arch.patch_size
+        self.noisy_channels = arch.in_channels
+        self._last_block = blocks[-1]
+        self._info = info
+
+    def file_fields(self) -> dict[str, str]:
+        return self._info.header("patch_size", "in_channels")
+
+    def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
+        if arguments.get("control") is not None or (arguments.get("kwargs") or {}).get("control") is not None:
+            return "ControlNet residuals are laid out per native token"
+        return None
+
+    def text_tokens(self, arguments: Mapping[str, Any]) -> int:
+        return arguments["context"].shape[1]
+
+    def position_points(self) -> Mapping[str, PositionRewrite]:
+        return {"pe_embedder.forward": self.centred_positions}
+
+    def _tokens(self, size: int) -> int:
+        return (size + self.native_patch // 2) // self.native_patch
+
+    def centred_positions(self, own: Callable[[torch.Tensor], Any], call: CoarseCall, ids: torch.Tensor) -> Any:
+        """The host's embedding of [text, image, references] ids as a native call would place them."""
+        f, text = call.factor, call.text_tokens
+        native = [self._tokens(s) for s in call.native_size]
+        coarse = [self._tokens(s) for s in call.coarse_size]
+        moved = ids.to(torch.float32, copy=True)
+        moved[:, :text] += max(n // 2 for n in native) - max(c // 2 for c in coarse)
+        image = moved[:, text : text + coarse[0] * coarse[1]]
+        for axis, (n, c) in enumerate(zip(native, coarse), start=1):
+            image[..., axis] = f * (image[..., axis] + c // 2) + (f - 1) / 2 - n // 2
+        return own(moved)
+
+    @property
+    def last_block(self) -> BlockRef:
+        return self._last_block
