@@ -121,9 +121,9 @@ def chroma_workflow() -> list[Node]:
         "## Chroma text-to-image: full compute next to the dynamic chain\n\n"
         "ComfyUI's stock Chroma graph (Load Diffusion Model → ModelSamplingAuraFlow shift 1 → CFGGuider cfg 3.5 with a "
         "negative prompt → SamplerCustomAdvanced, euler, beta 26 steps, 1024x1024) sampled twice with the same noise: "
-        "through **Dynamic Telemetry** (full compute, the baseline) and through **Dynamic Width Patcher → Token Router** "
-        "at their defaults. The **Dynamic Patch Scheduler** does not run Chroma (its image positions ignore the host's "
-        "position options, so a coarse token cannot be placed) and is left out.\n\n"
+        "through **Dynamic Telemetry** (full compute, the baseline) and through **Dynamic Patch Scheduler → Dynamic Width "
+        "Patcher → Token Router** at their defaults. On Chroma the Patch Scheduler runs training-free (its `embedding` "
+        "stays `none`): the pack places each coarse token at the centre of the region it covers.\n\n"
         f"{REPORT_HELP}\n\n{CHROMA_FILES}\n\n{SKIP_BASELINE}"
     )
     size = {"width": 1024, "height": 1024}
@@ -139,7 +139,8 @@ def chroma_workflow() -> list[Node]:
         return Node(key, "CFGGuider", {"cfg": 3.5}, {"model": (model, 0), "positive": ("prompt", 0), "negative": ("negative", 0)},
                     title=f"CFGGuider{title}")
 
-    chain = _chain("shift", [("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+    chain = _chain("shift", [("patch", "DynamicPatchScheduler", "Dynamic Patch Scheduler"),
+                            ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
     return layout([
         [note("note", text, size=(460, 600)), unet, shift, clip, tokens, vae],
         [prompt, negative, Node("latent", "EmptySD3LatentImage", {**size, "batch_size": 1}),
@@ -167,10 +168,11 @@ def qwen_image_workflow() -> list[Node]:
         "## Qwen-Image text-to-image (Lightning, 8 steps): full compute next to the dynamic chain\n\n"
         "ComfyUI's stock Qwen-Image graph (Load Diffusion Model → the 8-step Lightning LoRA → ModelSamplingAuraFlow "
         "shift 3.1 → KSampler euler / simple, 8 steps, cfg 1, 1328x1328) sampled twice with the same seed: through "
-        "**Dynamic Telemetry** (full compute, the baseline) and through **Dynamic Width Patcher → Token Router** at "
-        "their defaults, with the LoRA applied before them (they compose in either order). The **Dynamic Patch "
-        "Scheduler** does not run Qwen-Image (its image positions ignore the host's position options) and is left "
-        "out. Qwen-Image Edit works the same way: the reference image's tokens always run every block in full.\n\n"
+        "**Dynamic Telemetry** (full compute, the baseline) and through **Dynamic Patch Scheduler → Dynamic Width "
+        "Patcher → Token Router** at their defaults, with the LoRA applied before them (they compose in either order). "
+        "The Patch Scheduler runs Qwen-Image training-free; at 8 steps its `auto` has little history to decide from "
+        "(it keeps the first three and the last two steps native). Qwen-Image Edit works the same way: the reference "
+        "image's tokens always run every block in full, at their own size.\n\n"
         f"{REPORT_HELP}\n\n{QWEN_FILES}\n\n{SKIP_BASELINE}"
     )
     unet = Node("unet", "UNETLoader", {"unet_name": "qwen_image_fp8_e4m3fn.safetensors", "weight_dtype": "default"})
@@ -182,7 +184,8 @@ def qwen_image_workflow() -> list[Node]:
     prompt = Node("prompt", "CLIPTextEncode", {"text": QWEN_PROMPT}, {"clip": ("clip", 0)}, title="Prompt")
     negative = Node("negative", "CLIPTextEncode", {"text": ""}, {"clip": ("clip", 0)}, title="Negative prompt")
     sampling = {"seed": 42, "steps": 8, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
-    chain = _chain("shift", [("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+    chain = _chain("shift", [("patch", "DynamicPatchScheduler", "Dynamic Patch Scheduler"),
+                            ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
     return layout([
         [note("note", text, size=(460, 640)), unet, lora, shift, clip, vae],
         [prompt, negative, Node("latent", "EmptySD3LatentImage", {"width": 1328, "height": 1328, "batch_size": 1})],
@@ -210,7 +213,8 @@ def qwen_image_edit_workflow() -> list[Node]:
         "CFGNorm → KSampler euler / simple, 4 steps, cfg 1) sampled twice with the same seed: through **Dynamic "
         "Telemetry** (full compute) and through **Dynamic Width Patcher → Token Router** at their defaults. The "
         "reference image's tokens run every block in full: the Token Router routes only the tokens of the image "
-        "being made, so the edit keeps reading its source as it is.\n\n"
+        "being made, so the edit keeps reading its source as it is. The **Dynamic Patch Scheduler** runs edits too (the "
+        "reference keeps its own size), but at 4 steps its `auto` mode keeps every step native, so it is left out.\n\n"
         f"{REPORT_HELP}\n\n{QWEN_EDIT_FILES}\n\n{SKIP_BASELINE}"
     )
     unet = Node("unet", "UNETLoader", {"unet_name": "qwen_image_edit_2509_fp8_e4m3fn.safetensors", "weight_dtype": "default"})
@@ -291,17 +295,18 @@ def sd35_large_workflow() -> list[Node]:
         "## SD3.5 Large text-to-image: full compute next to the dynamic chain\n\n"
         "ComfyUI's stock SD3.5 graph (Load Checkpoint → KSampler euler / simple, 32 steps, cfg 4.5, the negative "
         "zeroed, 1024x1024) sampled twice with the same seed: through **Dynamic Telemetry** (full compute, the "
-        "baseline) and through **Dynamic Width Patcher → Token Router** at their defaults. SD3's forward runs no "
-        "model wrappers of its own: the pack adds that point through ComfyUI's object patches. The **Dynamic Patch "
-        "Scheduler** does not run SD3 (its absolute position embeddings offer no seam for a coarse grid) and is left "
-        "out.\n\n"
+        "baseline) and through **Dynamic Patch Scheduler → Dynamic Width Patcher → Token Router** at their defaults. "
+        "SD3's forward runs no model wrappers of its own: the pack adds that point through ComfyUI's object patches. "
+        "The Patch Scheduler runs SD3 training-free, a coarse token taking the absolute position embeddings "
+        "interpolated at the centre of its region.\n\n"
         f"{REPORT_HELP}\n\n{SD3_FILES}\n\n{SKIP_BASELINE}"
     )
     checkpoint = Node("checkpoint", "CheckpointLoaderSimple", {"ckpt_name": "sd3.5_large_fp8_scaled.safetensors"})
     prompt = Node("prompt", "CLIPTextEncode", {"text": SD3_PROMPT}, {"clip": ("checkpoint", 1)}, title="Prompt")
     negative = Node("negative", "ConditioningZeroOut", links={"conditioning": ("prompt", 0)}, title="Negative (zeroed)")
     sampling = {"seed": 42, "steps": 32, "cfg": 4.5, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
-    chain = _chain("checkpoint", [("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+    chain = _chain("checkpoint", [("patch", "DynamicPatchScheduler", "Dynamic Patch Scheduler"),
+                                 ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
     rows = _comparison_rows(_ksampler(sampling), "router", "sd35_large")
     for node in rows[-1]:  # the checkpoint holds the VAE
         if node.type == "VAEDecode":
