@@ -8,12 +8,14 @@ from .capabilities import CallLayout, MlpTokenGate, ModelInfo, TokenRouting, Wid
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .known_families import plain_name
+from .pixart import PixArtAdapter
 from .qwen_image import QwenImageAdapter
 from .sd3 import SD3Adapter
 from .wan import WanAdapter
 from .z_image import ZImageAdapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, ChromaAdapter, QwenImageAdapter, ZImageAdapter, SD3Adapter, WanAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, ChromaAdapter, QwenImageAdapter, ZImageAdapter, SD3Adapter, PixArtAdapter,
+                                           WanAdapter)
 
 
 def supported_families() -> str:

@@ -12,7 +12,8 @@ without one it is the block's own forward, called as the host called it. Code th
 
 Where the model's `forward` does not run ComfyUI's DIFFUSION_MODEL wrappers (the adapter's `emulated_model_wrappers`),
 an object patch on `diffusion_model.forward` runs them around the class's own forward with the host's own
-`WrapperExecutor`, as the other families' forwards do themselves.
+`WrapperExecutor`, as the other families' forwards do themselves. It also holds the call's transformer_options for
+the blocks' stand-ins while the call runs: a host that hands its blocks no options (PixArt) still reaches their patches.
 
 Where the host places tokens without `rope_options` (a `PositionedCoarseGrid`), each method that reads positions gets
 an object patch that is the host's method except while a coarse call runs (`adapters/coarse.running_coarse`).
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Iterator
 
 from comfy.patcher_extension import WrapperExecutor, WrappersMP, get_all_wrappers
@@ -33,6 +35,9 @@ if TYPE_CHECKING:
     from ..adapters.base import BlockRef, ModelAdapter
 
 
+_CALL_OPTIONS: ContextVar[dict | None] = ContextVar("dynamic_dit_call_options", default=None)
+
+
 class EmulatedPatchPoint:
     """A block's `forward` that calls a replace patch of the call's transformer_options, as a host's loop would."""
 
@@ -42,7 +47,9 @@ class EmulatedPatchPoint:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         arguments = self.adapter.block_arguments(self.block, args, kwargs)
-        options = arguments.get("transformer_options") or {}
+        options = arguments.get("transformer_options")
+        if options is None:  # the host hands the block no options: the running model call's
+            options = arguments["transformer_options"] = _CALL_OPTIONS.get() or {}
         patch = options.get("patches_replace", {}).get("dit", {}).get(self.key)
         if patch is None:
             return self.forward(*args, **kwargs)
@@ -61,11 +68,21 @@ class EmulatedWrapperPoint:
         self.forward = type(diffusion_model).forward.__get__(diffusion_model)
         self.signature = inspect.signature(self.forward)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _options(self, args: tuple, kwargs: dict) -> dict:
         bound = self.signature.bind(*args, **kwargs).arguments
-        options = bound.get("transformer_options") or bound.get("kwargs", {}).get("transformer_options") or {}
-        wrappers = get_all_wrappers(WrappersMP.DIFFUSION_MODEL, options)
-        return WrapperExecutor.new_class_executor(self.forward, self.model, wrappers).execute(*args, **kwargs)
+        return bound.get("transformer_options") or bound.get("kwargs", {}).get("transformer_options") or {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        wrappers = get_all_wrappers(WrappersMP.DIFFUSION_MODEL, self._options(args, kwargs))
+        return WrapperExecutor.new_class_executor(self._class_forward, self.model, wrappers).execute(*args, **kwargs)
+
+    def _class_forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The class's forward, with the options the wrappers finally hand it held for the blocks' stand-ins."""
+        token = _CALL_OPTIONS.set(self._options(args, kwargs))
+        try:
+            return self.forward(*args, **kwargs)
+        finally:
+            _CALL_OPTIONS.reset(token)
 
     def __deepcopy__(self, memo: dict) -> "EmulatedWrapperPoint":
         return self
@@ -127,15 +144,19 @@ def with_patch_points(model_patcher: Any, adapter: "ModelAdapter") -> Any:
 
 @contextlib.contextmanager
 def emulated_patch_points(diffusion_model: "torch.nn.Module", adapter: "ModelAdapter") -> Iterator[None]:
-    """The blocks' patch points on the modules themselves while the context lasts, for code that calls the diffusion
-    model directly; a block that has one already (a loaded model patcher's) keeps it. Nests."""
+    """The blocks' patch points (and the wrapper point that holds a call's options for them) on the modules themselves
+    while the context lasts, for code that calls the diffusion model directly; a module that has one already (a loaded
+    model patcher's) keeps it. Nests."""
     set_here = []
-    for block in emulated_blocks(adapter):
-        module = adapter.block_module(diffusion_model, block)
-        if isinstance(module.__dict__.get("forward"), EmulatedPatchPoint):
+    stand_ins = [(adapter.block_module(diffusion_model, block), lambda m, b=block: EmulatedPatchPoint(adapter, b, m),
+                  EmulatedPatchPoint) for block in emulated_blocks(adapter)]
+    if adapter.emulated_model_wrappers and stand_ins:
+        stand_ins.append((diffusion_model, EmulatedWrapperPoint, EmulatedWrapperPoint))
+    for module, make, kind in stand_ins:
+        if isinstance(module.__dict__.get("forward"), kind):
             continue
         set_here.append((module, "forward" in module.__dict__, module.__dict__.get("forward")))
-        module.forward = EmulatedPatchPoint(adapter, block, module)
+        module.forward = make(module)
     try:
         yield
     finally:

@@ -40,7 +40,9 @@ def untrained_student_is_the_teacher_and_trains(model, bank, steps: int) -> None
 def _matches_the_student(model, student, loaded, sample: Sample) -> None:
     reference = sample(sampling_through(model, student))
     assert (reference - sample(model)).abs().max() > 1e-3
-    torch.testing.assert_close(sample(loaded), reference, rtol=0, atol=1e-4)
+    # float32 rounding scaled by the sample: an EPS model's random tiny stand-in (PixArt) ends its run at values of
+    # ~7500 (x0 = x - sigma eps from sigma 157), where 1e-4 is below float32's resolution; the flow models end near 1
+    torch.testing.assert_close(sample(loaded), reference, rtol=0, atol=1e-4 * max(1.0, float(reference.abs().max())))
 
 
 def width_files_round_trip(model, bank, sample: Sample, folder: Path, base_model: str) -> None:

@@ -1,0 +1,60 @@
+"""Small but real ComfyUI PixArt-Σ models, built programmatically, for tests and the benchmark.
+
+Built the way ComfyUI builds a loaded PixArt checkpoint: the host's model detection reads the keys of a checkpoint and
+fills what it derives from them (PixArt-Σ, not α: no aspect-ratio embedder; the depth from the blocks; patch 2, 4
+latent channels, the predicted variance); the widths it fixes for the real model (1152, 16 heads, T5-XXL's 4096) are
+set small here. The latent is SDXL's (4 channels).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..dynamic_core.comfy_integration.reference import detected_model_patcher
+from .tiny_flux import sample  # noqa: F401  (one sampling run, as KSampler does it, for any model)
+
+LATENT_CHANNELS = 4
+
+
+@dataclass(frozen=True)
+class TinyPixArt:
+    hidden_size: int = 128
+    num_heads: int = 2
+    depth: int = 3
+    caption_channels: int = 64
+    seed: int = 0
+
+    def checkpoint_skeleton(self) -> dict[str, torch.Tensor]:
+        """Shape-only tensors under the key names of a PixArt-Σ checkpoint of this size (what detection reads)."""
+        d = self.hidden_size
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(shape, device="meta")
+
+        keys = {"t_block.1.weight": empty(6 * d, d), "y_embedder.y_proj.fc1.weight": empty(d, self.caption_channels)}
+        for i in range(self.depth):
+            keys[f"blocks.{i}.attn.qkv.weight"] = empty(3 * d, d)
+        return keys
+
+
+def build_model(config: TinyPixArt = TinyPixArt(), dtype: torch.dtype = torch.float32):
+    """A ModelPatcher around a real ComfyUI PixArt-Σ model of the given size, with deterministic random weights."""
+    sizes = {"hidden_size": config.hidden_size, "num_heads": config.num_heads, "caption_channels": config.caption_channels}
+    return detected_model_patcher(config.checkpoint_skeleton(), sizes, "pixart_sigma", "PixArt-Σ", dtype, config.seed)
+
+
+def conditioning(config: TinyPixArt = TinyPixArt(), text_tokens: int = 8, seed: int = 0):
+    """Positive and negative conditioning in ComfyUI's format (random T5-like text embeddings)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def one() -> list:
+        return [[torch.randn(1, text_tokens, config.caption_channels, generator=generator), {}]]
+
+    return one(), one()
+
+
+def latent(height: int = 32, width: int = 64, batch: int = 1) -> torch.Tensor:
+    """The host sizes its position embeddings by round((H + W) / 2 / 64) latent pixels: below 48 on average that is 0
+    and the forward divides by it, so the smallest latent PixArt runs is about 384 px (here 256 x 512 px)."""
+    return torch.zeros(batch, LATENT_CHANNELS, height, width)
