@@ -96,6 +96,10 @@ class StepTracker:
         self._last_callback: int | None = None
         self._percent_cache: dict[float, float] = {}
         self.sigma_reads = 0  # sigmas read at call time from a device (host syncs)
+        # The schedule's percents now, at the run's start: an EPS model's percent_to_sigma looks its discrete sigma
+        # table up with a host-built tensor and a read, ~40 times per sigma inverted (PixArt-Σ)
+        for sigma in self.sigmas:
+            self._percent(sigma)
 
     # --- call time ----------------------------------------------------------------------------
     def _at_or_below(self, sigma: float, step: int) -> bool:

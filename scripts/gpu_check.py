@@ -15,10 +15,12 @@ FAMILY=flux2 (with TINY or PROXY): Flux 2 instead, at the proxy Klein 4B's width
 9216, 1 double + 2 single blocks, 128-channel latent at 1/16 of the image size: 4096 image tokens at 1024 px).
 FAMILY=flux2_dev: the same at Flux 2 dev's width (hidden 6144, 48 heads, SwiGLU 18432, Mistral context 15360).
 FAMILY=chroma: Chroma at its real width (hidden 3072, 24 heads, its 5120-wide 5-layer modulation network), 1 double
-+ 2 single blocks, no DDiT cases (Chroma has no coarse grid). FAMILY=qwen_image: Qwen-Image at its real width (hidden
-3072, 24 heads, MLP 12288, text encoder width 3584), 3 of its 60 blocks, no DDiT cases. FAMILY=z_image: Z-Image at
++ 2 single blocks. FAMILY=qwen_image: Qwen-Image at its real width (hidden 3072, 24 heads, MLP 12288, text encoder
+width 3584), 3 of its 60 blocks. FAMILY=z_image: Z-Image at
 its real width (hidden 3840, 30 heads, SwiGLU 10240, caption width 2560), 3 of its 30 layers and its 2 + 2 refiners.
 FAMILY=sd3: SD3.5 Large's width (hidden 2432, 38 heads, MLP 9728, T5 4096 and pooled 2048), 3 of its 38 joint blocks.
+FAMILY=pixart: PixArt-Σ's width (hidden 1152, 16 heads, MLP 4608, T5 4096), 3 of its 28 blocks, no DDiT cases (the
+Patch Scheduler refuses PixArt).
 Part `lowvram` (CUDA only) emulates a 16 GB card with ComfyUI's partial loading (--reserve-vram).
 Part `memory` (CPU) runs every case in a fresh process of its own (2 steps, no warm-up), so that one
 case's peak RSS does not carry the allocator's history of the cases before it.
@@ -122,9 +124,11 @@ OTHER_FAMILIES = {
     "z_image": ("tiny_z_image", "TinyZImage", dict(hidden_size=3840, num_heads=30, depth=3, refiner_depth=2, context_dim=2560), 8),
     "sd3": ("tiny_sd3", "TinySD3", dict(depth=38, blocks=3, mmdit_x_layers=(), context_dim=4096, pooled_dim=2048,
                                         position_grid=192), 8),
+    "pixart": ("tiny_pixart", "TinyPixArt", dict(hidden_size=1152, num_heads=16, depth=3, caption_channels=4096), 8),
 }
 FAMILY_NAMES = {"flux": "", "flux2": "Flux 2, ", "flux2_dev": "Flux 2 dev, ", "chroma": "Chroma, ",
-                "qwen_image": "Qwen-Image, ", "z_image": "Z-Image, ", "sd3": "SD3.5 Large, "}
+                "qwen_image": "Qwen-Image, ", "z_image": "Z-Image, ", "sd3": "SD3.5 Large, ",
+                "pixart": "PixArt-Σ, "}
 if FAMILY not in FAMILY_NAMES:
     sys.exit(f"FAMILY must be one of {', '.join(FAMILY_NAMES)}")
 if FAMILY != "flux":
@@ -132,8 +136,9 @@ if FAMILY != "flux":
         sys.exit(f"FAMILY={FAMILY} runs with GPU_CHECK_TINY=1 or GPU_CHECK_PROXY=1 only")
     family_module, config_class, proxy_arch, vae_scale = OTHER_FAMILIES[FAMILY]
     arch = {} if TINY else proxy_arch
-    if FAMILY in ("chroma", "qwen_image", "sd3"):  # no coarse grid (no seam to place a coarse token)
+    if FAMILY == "pixart":  # no coarse grid (an EPS model; the Patch Scheduler refuses it)
         DEFAULT_CASES = " ".join(c for c in DEFAULT_CASES.split() if "ddit" not in c)
+        size = max(size, 384)  # the host's position scale rounds to 0 below a 48-pixel latent (tiny_pixart.latent)
 else:
     family_module, vae_scale = "tiny_flux", 8
 if PART == "lowvram":

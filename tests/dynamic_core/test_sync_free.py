@@ -9,6 +9,7 @@ the step tracker told to treat CPU sigmas like device ones.
 from __future__ import annotations
 
 import sys
+from typing import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +37,17 @@ READS = ("item", "tolist", "cpu", "numpy", "__float__", "__int__", "__bool__", "
 BUILDERS = ("tensor", "as_tensor")
 
 
+def _under_the_pack() -> bool:
+    """Whether the pack's own code is anywhere on the stack (a host function the pack calls reads for it too)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if name.startswith(PACK_DIR) and "/tests/" not in name:
+            return True
+        frame = frame.f_back
+    return False
+
+
 def _called_from_the_pack() -> bool:
     """Whether the nearest caller outside torch is the pack's own code (not the host's, not the test's)."""
     frame = sys._getframe(2)
@@ -47,9 +59,10 @@ def _called_from_the_pack() -> bool:
 class HostTraffic:
     """Counts device reads and host-built tensors from the pack while `active`."""
 
-    def __init__(self, monkeypatch):
+    def __init__(self, monkeypatch, counts: Callable[[], bool] = _called_from_the_pack):
         self.active = False
         self.seen: list[str] = []
+        self.counts = counts
         for name in READS:
             self._wrap(monkeypatch, torch.Tensor, name)
         for name in BUILDERS:
@@ -59,7 +72,7 @@ class HostTraffic:
         original = getattr(owner, name)
 
         def counted(*args, **kwargs):
-            if self.active and _called_from_the_pack():
+            if self.active and self.counts():
                 caller = sys._getframe(1)
                 self.seen.append(f"{name} at {Path(caller.f_code.co_filename).name}:{caller.f_lineno}")
             return original(*args, **kwargs)
@@ -101,4 +114,34 @@ def test_no_host_syncs_or_host_built_tensors_after_the_first_step(every_method, 
     run = plan_of(every_method).telemetry.latest()
     described = " ".join(text for step in run.steps() for text in step.methods.values())
     assert "patch 2x" in described and " keep 0.5" in described and "heads 0.2" in described and "K=3" in described
+    assert traffic.seen == []
+
+
+def test_an_eps_model_reads_nothing_for_the_pack_after_the_first_step(monkeypatch):
+    """PixArt-Σ (an EPS model): the pack turns sigmas into sampling percents through the host's discrete sigma table,
+    ~40 lookups with a read each per sigma. Every read the pack causes, in its code or in the host's it calls, happens
+    before the first step (the schedule's percents are taken at the run's start), none in the steps."""
+    from comfyui_dynamic_dit.devtools import tiny_pixart
+
+    config = tiny_pixart.TinyPixArt()
+    model = tiny_pixart.build_model(config)
+    model = apply_settings(model, TokenRouterSettings(mode="reuse", keep_start=0.5, keep_end=0.5, first_full=1, last_full=1))
+    monkeypatch.setattr(steps_module, "FREE_READ_DEVICES", ())
+    traffic = HostTraffic(monkeypatch, counts=_under_the_pack)
+    callback, finish = RunContext.step_callback, RunContext.finish
+
+    def step_callback(self, step, latent):
+        callback(self, step, latent)
+        traffic.active = True
+
+    def finish_run(self):
+        traffic.active = False
+        return finish(self)
+
+    monkeypatch.setattr(RunContext, "step_callback", step_callback)
+    monkeypatch.setattr(RunContext, "finish", finish_run)
+    tiny_pixart.sample(model, *tiny_pixart.conditioning(config), latent=tiny_pixart.latent(), steps=5, cfg=2.0,
+                       scheduler="normal", seed=3)
+    described = " ".join(text for step in plan_of(model).telemetry.latest().steps() for text in step.methods.values())
+    assert "keep 0.5" in described
     assert traffic.seen == []
