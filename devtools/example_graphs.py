@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from .example_graphs_image import (chroma_workflow, flux2_dev_workflow, qwen_image_edit_workflow, qwen_image_workflow,
-                                   sd35_large_workflow, z_image_turbo_workflow)
+                                   pixart_sigma_workflow, sd35_large_workflow, z_image_turbo_workflow)
 from .graph_texts import REPORT_HELP, SKIP_BASELINE
 from .workflows import Node, layout, note
 
@@ -394,11 +394,12 @@ WORKFLOWS: dict[str, tuple[str, Callable[[], list[Node]]]] = {
     "wan22_t2v_a14b": ("Wan 2.2 text-to-video A14B (high- and low-noise experts) with the dynamic chain on both",
                        wan22_t2v_a14b_workflow),
     "flux2_dev_t2i": ("Flux 2 dev text-to-image, full compute next to the dynamic chain", flux2_dev_workflow),
-    "chroma_t2i": ("Chroma text-to-image, full compute next to the Width Patcher and Token Router", chroma_workflow),
+    "chroma_t2i": ("Chroma text-to-image, full compute next to the dynamic chain", chroma_workflow),
     "qwen_image_t2i": ("Qwen-Image text-to-image with the 8-step Lightning LoRA, full compute next to the dynamic chain",
                        qwen_image_workflow),
     "qwen_image_edit_2509": ("Qwen-Image Edit 2509 with the 4-step Lightning LoRA, full compute next to the dynamic chain",
                              qwen_image_edit_workflow),
     "z_image_turbo_t2i": ("Z-Image-Turbo text-to-image at 9 steps, full compute next to the dynamic chain", z_image_turbo_workflow),
-    "sd35_large_t2i": ("SD3.5 Large text-to-image, full compute next to the Width Patcher and Token Router", sd35_large_workflow),
+    "sd35_large_t2i": ("SD3.5 Large text-to-image, full compute next to the dynamic chain", sd35_large_workflow),
+    "pixart_sigma_t2i": ("PixArt-Σ text-to-image, full compute next to the Width Patcher and Token Router", pixart_sigma_workflow),
 }

@@ -36,7 +36,7 @@ MIN_SIZES: dict[str, tuple[int, int]] = {
     # the stock Flux 2 graph
     "EmptyFlux2LatentImage": (320, 110), "Flux2Scheduler": (320, 110), "KSamplerSelect": (320, 60),
     "RandomNoise": (320, 82), "BasicGuider": (320, 50), "SamplerCustomAdvanced": (320, 110),
-    "CheckpointLoaderSimple": (320, 100),
+    "CheckpointLoaderSimple": (320, 100), "EmptyLatentImage": (320, 110),
     # the stock Qwen-Image Edit graph
     "LoadImage": (320, 330), "FluxKontextImageScale": (320, 30), "VAEEncode": (200, 50), "CFGNorm": (320, 60),
     "TextEncodeQwenImageEditPlus": (400, 230),

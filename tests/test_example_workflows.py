@@ -160,7 +160,7 @@ IMAGE_FAMILIES = {  # workflow -> devtools module, its tiny config (heads and bl
     "flux2_dev_t2i": ("tiny_flux2", "TinyFlux2", dict(num_heads=8, depth=2, depth_single_blocks=4), "EmptyFlux2LatentImage",
                       ("patch_scheduler: patch 2x", "width: heads", "token_router: reuse keep")),
     "chroma_t2i": ("tiny_chroma", "TinyChroma", dict(num_heads=8, depth=2, depth_single_blocks=4), "EmptySD3LatentImage",
-                   ("width: heads", "token_router: reuse keep")),
+                   ("patch_scheduler: patch 2x", "width: heads", "token_router: reuse keep")),
     "qwen_image_t2i": ("tiny_qwen_image", "TinyQwenImage", dict(num_heads=8, depth=6), "EmptySD3LatentImage",
                        ("width: heads", "token_router: reuse keep")),
     "z_image_turbo_t2i": ("tiny_z_image", "TinyZImage", dict(num_heads=8, depth=6), "EmptySD3LatentImage",
@@ -168,8 +168,11 @@ IMAGE_FAMILIES = {  # workflow -> devtools module, its tiny config (heads and bl
     "qwen_image_edit_2509": ("tiny_qwen_image", "TinyQwenImage", dict(num_heads=8, depth=6), "VAEEncode",
                              ("width: heads", "token_router: reuse keep")),
     "sd35_large_t2i": ("tiny_sd3", "TinySD3", dict(depth=8, mmdit_x_layers=()), "EmptySD3LatentImage",
-                       ("width: heads", "token_router: reuse keep")),
+                       ("patch_scheduler: patch 2x", "width: heads", "token_router: reuse keep")),
+    "pixart_sigma_t2i": ("tiny_pixart", "TinyPixArt", dict(num_heads=8, depth=6), "EmptyLatentImage",
+                         ("width: heads", "token_router: reuse keep")),
 }
+LATENT_SIDES = {"tiny_pixart": (48, 48)}  # PixArt's host runs no latent below 48 px a side (tiny_pixart.latent)
 
 
 @pytest.mark.parametrize("name", sorted(IMAGE_FAMILIES))
@@ -191,7 +194,8 @@ def test_the_image_family_workflows_sample_as_they_ship_on_tiny_models(name):
     config = getattr(family, config_class)(**sizes)
     positive, negative = family.conditioning(config)
     prompts = {example_graphs_image.FLUX2_PROMPT, example_graphs_image.CHROMA_PROMPT, example_graphs_image.QWEN_PROMPT,
-               example_graphs_image.Z_IMAGE_PROMPT, example_graphs_image.SD3_PROMPT, example_graphs_image.QWEN_EDIT_PROMPT}
+               example_graphs_image.Z_IMAGE_PROMPT, example_graphs_image.SD3_PROMPT, example_graphs_image.QWEN_EDIT_PROMPT,
+               example_graphs_image.PIXART_PROMPT}
     stand_ins = {
         "UNETLoader": lambda inputs: (family.build_model(config),), "CLIPLoader": lambda inputs: (None,),
         "CheckpointLoaderSimple": lambda inputs: (family.build_model(config), None, None),
@@ -202,7 +206,7 @@ def test_the_image_family_workflows_sample_as_they_ship_on_tiny_models(name):
         "LoraLoaderModelOnly": lambda inputs: (inputs["model"],),  # the Lightning LoRA's file: not here
         "T5TokenizerOptions": lambda inputs: (None,), "VAELoader": lambda inputs: (None,),
         "CLIPTextEncode": lambda inputs: (positive if inputs["text"] in prompts else negative,),
-        latent_type: lambda inputs: ({"samples": family.latent(8, 8)},),
+        latent_type: lambda inputs: ({"samples": family.latent(*LATENT_SIDES.get(module, (8, 8)))},),
     }
     outputs = _run_prompt(prompt, registry, stand_ins, stand_in_types=set(stand_ins))
     (report_id,) = [i for i, n in prompt.items() if n["class_type"] == "DynamicSpeedReport"]
