@@ -401,5 +401,5 @@ WORKFLOWS: dict[str, tuple[str, Callable[[], list[Node]]]] = {
                              qwen_image_edit_workflow),
     "z_image_turbo_t2i": ("Z-Image-Turbo text-to-image at 9 steps, full compute next to the dynamic chain", z_image_turbo_workflow),
     "sd35_large_t2i": ("SD3.5 Large text-to-image, full compute next to the dynamic chain", sd35_large_workflow),
-    "pixart_sigma_t2i": ("PixArt-Σ text-to-image, full compute next to the Width Patcher and Token Router", pixart_sigma_workflow),
+    "pixart_sigma_t2i": ("PixArt-Σ text-to-image, full compute next to the dynamic chain", pixart_sigma_workflow),
 }

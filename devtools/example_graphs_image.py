@@ -333,10 +333,10 @@ def pixart_sigma_workflow() -> list[Node]:
         "## PixArt-Σ text-to-image: full compute next to the dynamic chain\n\n"
         "The usual PixArt-Σ graph (Load Diffusion Model, T5-XXL through *Load CLIP* type `pixart`, the SDXL VAE → "
         "KSampler euler / normal, 20 steps, cfg 4.5, 1024x1024) sampled twice with the same seed: through **Dynamic "
-        "Telemetry** (full compute, the baseline) and through **Dynamic Width Patcher → Token Router** at their "
-        "defaults. PixArt's blocks and forward have no patch points of their own in ComfyUI: the pack adds them through "
-        "ComfyUI's object patches. The **Dynamic Patch Scheduler** does not run PixArt (an EPS model; its coarse steps "
-        "are built for flow-matching models) and is left out.\n\n"
+        "Telemetry** (full compute, the baseline) and through **Dynamic Patch Scheduler → Dynamic Width Patcher → "
+        "Token Router** at their defaults. PixArt's blocks and forward have no patch points of their own in ComfyUI: "
+        "the pack adds them through ComfyUI's object patches. PixArt predicts noise on a discrete schedule: the Patch "
+        "Scheduler's coarse steps run training-free with that arithmetic.\n\n"
         f"{REPORT_HELP}\n\n{PIXART_FILES}\n\n{SKIP_BASELINE}"
     )
     unet = Node("unet", "UNETLoader", {"unet_name": "PixArt-Sigma-XL-2-1024-MS.pth", "weight_dtype": "default"})
@@ -345,7 +345,8 @@ def pixart_sigma_workflow() -> list[Node]:
     prompt = Node("prompt", "CLIPTextEncode", {"text": PIXART_PROMPT}, {"clip": ("clip", 0)}, title="Prompt")
     negative = Node("negative", "CLIPTextEncode", {"text": ""}, {"clip": ("clip", 0)}, title="Negative prompt")
     sampling = {"seed": 42, "steps": 20, "cfg": 4.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
-    chain = _chain("unet", [("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+    chain = _chain("unet", [("patch", "DynamicPatchScheduler", "Dynamic Patch Scheduler"),
+                            ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
     return layout([
         [note("note", text, size=(460, 600)), unet, clip, vae],
         [prompt, negative, Node("latent", "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1})],

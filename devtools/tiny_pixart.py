@@ -54,7 +54,8 @@ def conditioning(config: TinyPixArt = TinyPixArt(), text_tokens: int = 8, seed: 
     return one(), one()
 
 
-def latent(height: int = 32, width: int = 64, batch: int = 1) -> torch.Tensor:
-    """The host sizes its position embeddings by round((H + W) / 2 / 64) latent pixels: below 48 on average that is 0
-    and the forward divides by it, so the smallest latent PixArt runs is about 384 px (here 256 x 512 px)."""
+def latent(height: int = 48, width: int = 96, batch: int = 1) -> torch.Tensor:
+    """The host sizes its position embeddings by round((H + W) / 2 / 64) latent pixels and divides by it: below an average
+    side of 48 that is 0 and the forward fails. 48 x 96 (384 x 768 px) is the smallest whose 2x coarse grid (24 x 48,
+    round(36 / 64) = 1) the host still positions."""
     return torch.zeros(batch, LATENT_CHANNELS, height, width)

@@ -19,8 +19,8 @@ FAMILY=chroma: Chroma at its real width (hidden 3072, 24 heads, its 5120-wide 5-
 width 3584), 3 of its 60 blocks. FAMILY=z_image: Z-Image at
 its real width (hidden 3840, 30 heads, SwiGLU 10240, caption width 2560), 3 of its 30 layers and its 2 + 2 refiners.
 FAMILY=sd3: SD3.5 Large's width (hidden 2432, 38 heads, MLP 9728, T5 4096 and pooled 2048), 3 of its 38 joint blocks.
-FAMILY=pixart: PixArt-Σ's width (hidden 1152, 16 heads, MLP 4608, T5 4096), 3 of its 28 blocks, no DDiT cases (the
-Patch Scheduler refuses PixArt).
+FAMILY=pixart: PixArt-Σ's width (hidden 1152, 16 heads, MLP 4608, T5 4096), 3 of its 28 blocks (an EPS model: its
+euler steps run on its discrete schedule).
 Part `lowvram` (CUDA only) emulates a 16 GB card with ComfyUI's partial loading (--reserve-vram).
 Part `memory` (CPU) runs every case in a fresh process of its own (2 steps, no warm-up), so that one
 case's peak RSS does not carry the allocator's history of the cases before it.
@@ -136,9 +136,8 @@ if FAMILY != "flux":
         sys.exit(f"FAMILY={FAMILY} runs with GPU_CHECK_TINY=1 or GPU_CHECK_PROXY=1 only")
     family_module, config_class, proxy_arch, vae_scale = OTHER_FAMILIES[FAMILY]
     arch = {} if TINY else proxy_arch
-    if FAMILY == "pixart":  # no coarse grid (an EPS model; the Patch Scheduler refuses it)
-        DEFAULT_CASES = " ".join(c for c in DEFAULT_CASES.split() if "ddit" not in c)
-        size = max(size, 384)  # the host's position scale rounds to 0 below a 48-pixel latent (tiny_pixart.latent)
+    if FAMILY == "pixart":
+        size = max(size, 768)  # the host positions no latent below 48 px a side, nor its 2x grid (tiny_pixart.latent)
 else:
     family_module, vae_scale = "tiny_flux", 8
 if PART == "lowvram":

@@ -102,6 +102,9 @@ class CoarseGrid(ABC):
     # Whether a trained coarse-patch embedding can run (it needs the host's post-input patch and the
     # final layer); False: training-free coarse steps only.
     trained_embedding: bool = True
+    # What the model predicts: "velocity" (flow matching, CONST: x = (1 - t) x0 + t n, the output n - x0) or "noise"
+    # (EPS on a discrete schedule: the sampler's x = x0 + sigma n, the output n); the coarse call's arithmetic follows
+    prediction: str = "velocity"
     family_label: str = "this family"  # how messages name the family
     time_argument: str = "timestep"  # the model argument that carries the call's timestep
     timestep_scale: float = 1.0  # the host's model sampling passes timestep = timestep_scale * sigma
@@ -114,6 +117,10 @@ class CoarseGrid(ABC):
     def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
         """Why this call has to stay on the native grid (inputs laid out per native token), or None.
         Looks at the arguments' structure only: nothing is read back from the device."""
+
+    def factor_refusal(self, arguments: Mapping[str, Any], factor: int) -> str | None:
+        """Why this call cannot run `factor` times coarser (the coarse grid's own size), or None."""
+        return None
 
     def sampling_refusal(self, model_sampling: Any) -> str | None:
         """Why no call of a run with this host model sampling may go coarse (once per run), or None: the coarse

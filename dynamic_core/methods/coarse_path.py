@@ -91,6 +91,62 @@ def coarse_layer_flops(grid: "CoarseGrid", x: torch.Tensor, layers: CoarseLayers
             + grid.final_modulation_flops(batch))
 
 
+def upsampled(y: torch.Tensor, factor: int, like: torch.Tensor) -> torch.Tensor:
+    """U: bilinear upsampling by `factor` of an image or video latent, cropped to `like`'s size."""
+    return crop_like(spatially(lambda v: F.interpolate(v, scale_factor=factor, mode="bilinear", align_corners=False), y), like)
+
+
+class FlowStep:
+    """A training-free coarse call of a flow-matching model (x = (1 - t) x0 + t n, the model predicts v = n - x0 at
+    time t; CONST: the model's input is the sampler's x): D x is brought to the coarse noise level t' (`coarse_time`)
+    and the native velocity taken against the full-resolution input, v = (x - U x0_c) / t."""
+
+    def __init__(self, grid: "CoarseGrid", arguments: dict, model_sampling: Any) -> None:
+        self.grid, self.arguments, self.t = grid, arguments, grid.flow_time(arguments)
+
+    def coarse(self, low: torch.Tensor, factor: int) -> tuple[torch.Tensor, dict]:
+        """The coarse call's latent from D x, and its time."""
+        scale, self.t_coarse = coarse_time(self.t, factor)
+        z = low.clone()
+        z[:, :self.grid.noisy_channels] = low[:, :self.grid.noisy_channels] / per_row(scale, low)
+        return z, self.grid.with_flow_time(self.arguments, self.t_coarse)
+
+    def native(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor, factor: int) -> torch.Tensor:
+        noisy = self.grid.noisy_channels
+        denoised = z[:, :noisy] - per_row(self.t_coarse, x) * out.float()
+        return ((x[:, :noisy].float() - upsampled(denoised, factor, x)) / per_row(self.t, x)).to(out.dtype)
+
+
+class NoiseStep:
+    """A training-free coarse call of a noise-predicting model on a discrete schedule (EPS: the sampler's x_s = x0 +
+    sigma n, the model's input x_s / sqrt(sigma^2 + sigma_data^2), its output n). Averaging f x f latent pixels averages
+    f^2 independent noises: D x_s = D x0 + (sigma / f) n', a sample at sigma' = sigma / f with nothing to rescale. The
+    model runs at the host's timestep for sigma', and the native noise is taken against the full-resolution input,
+    n = (x_s - U x0_c) / sigma. The host's own model sampling does every conversion."""
+
+    def __init__(self, grid: "CoarseGrid", arguments: dict, model_sampling: Any) -> None:
+        self.grid, self.arguments, self.sampling = grid, arguments, model_sampling
+        timestep = arguments[grid.time_argument]
+        self.sigma = model_sampling.sigma(timestep).float()
+
+    def _sampler_x(self, x: torch.Tensor) -> torch.Tensor:
+        """x_s from the model's input: calculate_input scales by a per-row factor, read off a ones tensor."""
+        return x.float() / self.sampling.calculate_input(per_row(self.sigma, x), torch.ones_like(x[:, :1], dtype=torch.float32))
+
+    def coarse(self, low: torch.Tensor, factor: int) -> tuple[torch.Tensor, dict]:
+        self.sigma_coarse = self.sigma / factor
+        self.low = self._sampler_x(low)  # D x_s (D commutes with the per-row scale)
+        z = self.sampling.calculate_input(per_row(self.sigma_coarse, low), self.low)
+        timestep = self.arguments[self.grid.time_argument]
+        return z, {self.grid.time_argument: self.sampling.timestep(self.sigma_coarse).to(timestep.dtype)}
+
+    def native(self, x: torch.Tensor, z: torch.Tensor, out: torch.Tensor, factor: int) -> torch.Tensor:
+        noisy = self.grid.noisy_channels
+        denoised = self.sampling.calculate_denoised(per_row(self.sigma_coarse, x), out.float(), self.low)[:, :noisy]
+        x_s = self._sampler_x(x)[:, :noisy]
+        return ((x_s - upsampled(denoised, factor, x)) / per_row(self.sigma, x)).to(out.dtype)
+
+
 def per_row(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """(B,) t broadcast over a latent of `like`'s rank (image (B, C, H, W) or video (B, C, T, H, W))."""
     return t.float().reshape(-1, *([1] * (like.ndim - 1)))
@@ -122,5 +178,5 @@ def crop_like(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return y[..., : like.shape[-2], : like.shape[-1]]
 
 
-__all__ = ["as_image", "coarse_grid_size", "coarse_layer_flops", "coarse_output", "coarse_placeholder", "coarse_time",
-           "coarse_tokens", "crop_like", "pad_to_multiple", "per_row", "spatially"]
+__all__ = ["FlowStep", "NoiseStep", "as_image", "coarse_grid_size", "coarse_layer_flops", "coarse_output", "coarse_placeholder", "coarse_time",
+           "coarse_tokens", "crop_like", "pad_to_multiple", "per_row", "spatially", "upsampled"]

@@ -76,7 +76,7 @@ from ..flops import FlopBreakdown
 from ..plan import MethodSettings
 from .base import BlockArgs, BlockFn, DynamicMethod, register
 from .coarse_path import (
-    as_image, crop_like, pad_to_multiple, per_row, spatially, coarse_layer_flops, coarse_output, coarse_time, coarse_tokens,
+    FlowStep, NoiseStep, as_image, pad_to_multiple, spatially, coarse_layer_flops, coarse_output, coarse_time, coarse_tokens,
 )
 from .low_rank import GatedBypass, SummedExtra
 from .patch_embedding_file import FACTORS, CoarseLayers, PatchEmbeddingFile
@@ -288,7 +288,8 @@ class PatchSchedulerMethod(DynamicMethod):
         reason = decision.reason
         factor = decision.factor
         if factor > 1:
-            refusal = self._sampling_refusal or self.grid.refusal(model_call.arguments, call.diffusion_model)
+            refusal = (self._sampling_refusal or self.grid.refusal(model_call.arguments, call.diffusion_model)
+                       or self.grid.factor_refusal(model_call.arguments, factor))
             if refusal is None and call.step.sigma < MIN_FLOW_TIME:  # the host's sigma: no device read
                 refusal = f"sigma {call.step.sigma:.2g} is too close to the clean end"
             if refusal is not None:
@@ -297,27 +298,21 @@ class PatchSchedulerMethod(DynamicMethod):
         if factor == 1:
             return proceed(model_call)
         self._coarse_steps.add(call.step.step)
-        t = self.grid.flow_time(model_call.arguments)
         layers = self._coarse_layers(factor, self.run.adapter.latent(model_call.arguments))
         if layers is None:
-            return self._training_free_call(model_call, proceed, factor, t)
-        return self._trained_call(call, model_call, proceed, factor, t, layers)
+            return self._training_free_call(model_call, proceed, factor)
+        return self._trained_call(call, model_call, proceed, factor, self.grid.flow_time(model_call.arguments), layers)
 
-    def _training_free_call(self, model_call: "ModelCall", proceed: Callable, factor: int, t: torch.Tensor) -> torch.Tensor:
+    def _training_free_call(self, model_call: "ModelCall", proceed: Callable, factor: int) -> torch.Tensor:
         grid, adapter = self.grid, self.run.adapter
         x = adapter.latent(model_call.arguments)
-        noisy = grid.noisy_channels
         low = spatially(lambda y: F.avg_pool2d(pad_to_multiple(y, factor * grid.native_patch), factor), x.float())
-        scale, t_coarse = coarse_time(t, factor)  # D x_t = scale * ((1 - t') D x0 + t' noise)
-        z = low.clone()
-        z[:, :noisy] = low[:, :noisy] / per_row(scale, x)
+        step = (NoiseStep if grid.prediction == "noise" else FlowStep)(grid, model_call.arguments, self.run.model_sampling)
+        z, time = step.coarse(low, factor)
         options = grid.coarse_options(model_call.transformer_options, factor)
-        out = proceed(model_call.with_transformer_options(options, **{
-            adapter.latent_argument: z.to(x.dtype), **grid.with_flow_time(model_call.arguments, t_coarse),
-        }).while_running(partial(grid.coarse_call, factor, model_call.arguments, x, z)))
-        denoised = z[:, :noisy] - per_row(t_coarse, x) * out.float()
-        upsampled = crop_like(spatially(lambda y: F.interpolate(y, scale_factor=factor, mode="bilinear", align_corners=False), denoised), x)
-        return ((x[:, :noisy].float() - upsampled) / per_row(t, x)).to(out.dtype)
+        out = proceed(model_call.with_transformer_options(options, **{adapter.latent_argument: z.to(x.dtype), **time})
+                      .while_running(partial(grid.coarse_call, factor, model_call.arguments, x, z)))
+        return step.native(x, z, out, factor)
 
     def _trained_call(self, call: "CallState", model_call: "ModelCall", proceed: Callable, factor: int,
                       t: torch.Tensor, layers: CoarseLayers) -> torch.Tensor:

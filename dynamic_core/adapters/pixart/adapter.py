@@ -9,8 +9,8 @@ Facts about the host this relies on:
   its forward runs no DIFFUSION_MODEL wrappers: the pack emulates both points through object patches
   (comfy_integration/patch_points.py), the wrapper point holding the call's options for the blocks' stand-ins.
 - An EPS model (ModelSamplingDiscrete, `timesteps` 0-999) predicting noise and variance (`pred_sigma`: the forward
-  returns the noise channels). The Patch Scheduler's coarse steps assume flow matching, and the positions come from a
-  module function, not a method the host can patch: the Patch Scheduler refuses PixArt by name.
+  returns the noise channels): the Patch Scheduler's coarse steps run training-free with the noise arithmetic, their
+  positions set through the patch embedding (`coarse.py`).
 - Refused by name: PixArt-α (size and aspect-ratio micro-conditioning), layers with key-value compression or q/k norms
   (the kept-heads attention would not be the host's).
 """
@@ -28,6 +28,7 @@ from ...slicing import RunIndexCache
 from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, class_path
 from ..capabilities import CallLayout, ModelInfo
 from .blocks import LINEARS, PixArtWidthSelections, ReducedPixArtBlock
+from .coarse import PixArtCoarseGrid
 from .routing import PixArtTokenRouting
 from .width import PixArtWidthUnits
 
@@ -83,6 +84,7 @@ class PixArtAdapter(ModelAdapter):
         )
         self._routing = PixArtTokenRouting()
         self._width = PixArtWidthUnits(a)
+        self._coarse = PixArtCoarseGrid(a, self._blocks, self._info, diffusion_model)
 
     def _describe(self, model: torch.nn.Module) -> PixArtArchitecture:
         hidden, heads = int(model.hidden_size), int(model.num_heads)
@@ -162,6 +164,9 @@ class PixArtAdapter(ModelAdapter):
 
     def width_units(self) -> PixArtWidthUnits:
         return self._width
+
+    def coarse_grid(self) -> PixArtCoarseGrid:
+        return self._coarse
 
     # --- analytic FLOPs -----------------------------------------------------------------------
     def stem_flops(self, layout: CallLayout) -> FlopBreakdown:

@@ -47,6 +47,7 @@ class SD3Architecture:
     pooled_dim: int | None
     register_tokens: int
     second_attention: tuple[int, ...]  # MMDiT-X blocks (an extra image self-attention)
+    position_table: int | None = None  # the side of the absolute position table positions are cropped from
 
 
 class SD3Adapter(ModelAdapter):
@@ -119,6 +120,8 @@ class SD3Adapter(ModelAdapter):
             context_dim=self._shape(model.context_embedder, "context_embedder")[1],
             pooled_dim=self._shape(y.mlp[0], "y_embedder.mlp.0")[1] if y is not None else None,
             register_tokens=int(getattr(model, "register_length", 0)), second_attention=tuple(second),
+            position_table=int(model.pos_embed_max_size) if getattr(model, "pos_embed", None) is not None
+            and getattr(model, "pos_embed_max_size", None) else None,
         )
 
     # --- what the model is --------------------------------------------------------------------

@@ -22,8 +22,6 @@ from ..coarse import CoarseCall, PositionedCoarseGrid, PositionRewrite
 if TYPE_CHECKING:
     from .adapter import SD3Architecture
 
-LARGEST_FACTOR = 4  # the Patch Scheduler's largest coarse factor (methods/patch_embedding_file.FACTORS; adapters do not import methods)
-
 
 class SD3CoarseGrid(PositionedCoarseGrid):
     family_label = "SD3"
@@ -45,12 +43,16 @@ class SD3CoarseGrid(PositionedCoarseGrid):
     def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
         if arguments.get("control") is not None:
             return "ControlNet residuals are laid out per native token"
-        table = getattr(diffusion_model, "pos_embed_max_size", None)
-        if getattr(diffusion_model, "pos_embed", None) is not None and table:
-            size = LARGEST_FACTOR * self.native_patch
-            tokens = max(-(-int(s) // size) * LARGEST_FACTOR for s in arguments["x"].shape[-2:])
-            if tokens > table:
-                return f"the padded grid ({tokens} tokens a side) is larger than the position table ({table})"
+        return None
+
+    def factor_refusal(self, arguments: Mapping[str, Any], factor: int) -> str | None:
+        table = self.arch.position_table
+        if not table:
+            return None
+        size = factor * self.native_patch
+        tokens = max(-(-int(s) // size) * factor for s in arguments["x"].shape[-2:])
+        if tokens > table:
+            return f"the padded grid ({tokens} tokens a side) is larger than the position table ({table})"
         return None
 
     def position_points(self) -> Mapping[str, PositionRewrite]:

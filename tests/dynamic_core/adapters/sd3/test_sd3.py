@@ -68,7 +68,7 @@ def test_coarse_steps_run_training_free(sd3):
     arguments = _arguments(conds)
     assert grid.refusal(arguments, dm) is None and grid.refusal({**arguments, "control": {}}, dm) is not None
     wide = {**arguments, "x": torch.zeros(1, 16, 2 * dm.pos_embed_max_size + 2, 8)}  # a padded grid beyond the table
-    assert "larger than the position table" in grid.refusal(wide, dm)
+    assert grid.factor_refusal(arguments, 4) is None and "larger than the position table" in grid.factor_refusal(wide, 2)
 
 
 def test_coarse_tokens_take_the_native_embeddings_at_their_regions_centres(sd3):
