@@ -1,16 +1,18 @@
 """Pieces every family's reduced and measured blocks share: the kept units of a width decision as
-weight-axis selections, an MLP run on a token subset, a submodule whose output is kept, and the meter
-of each head's and MLP group's share of a block's output."""
+weight-axis selections (a fused qkv's too), an MLP run on a token subset, a submodule whose output is kept, the meter
+of each head's and MLP group's share of a block's output, and the token routing of blocks whose image tokens travel
+alone in their own stream."""
 from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
 
 from ..slicing import AxisSelection, ReducedLinear, RunIndexCache, WeightSource, gather_tokens, scatter_tokens
-from .base import BlockInternals
+from .base import BlockInternals, BlockRef
+from .capabilities import CallLayout, MlpTokenGate, TokenRouting
 
 
 @functools.cache
@@ -53,6 +55,43 @@ class UnitSelections:
         AxisSelection.build_indices([s for selections in made.values() for s in selections.gathers()], device)
         for key, selections in made.items():
             cache.put(key, selections)
+
+
+class FusedQkvSelections(UnitSelections):
+    """Kept heads of a fused qkv (q, k and v rows of each kept head, D apart) and of the output projection's columns,
+    and kept MLP groups. The family's architecture has hidden_size, num_heads, head_dim and mlp_hidden."""
+
+    def __init__(self, arch: Any, heads: tuple[int, ...] | None, groups: tuple[int, ...] | None, group_count: int,
+                 device: torch.device | None):
+        d = arch.hidden_size
+        self.head_count = arch.num_heads if heads is None else len(heads)
+        self.head_cols = None if heads is None else AxisSelection.of_units(heads, arch.head_dim)
+        self.qkv_rows = None if heads is None else self.head_cols + self.head_cols.shifted(d) + self.head_cols.shifted(2 * d)
+        self.units = None if groups is None else AxisSelection.of_units(groups, arch.mlp_hidden // group_count)
+        self._build_indices(device)
+
+
+class ImageStreamRouting(TokenRouting):
+    """Token routing where a block's `img` holds the image tokens alone (the text in a stream or context of its own)
+    with their positions already added: a subset runs the block by a gather and a scatter. `mlp_output` names the
+    linear whose whole output is the image tokens' MLP update."""
+
+    mlp_output: ClassVar[str]
+
+    def image_tokens(self, block: BlockRef, stream: Mapping[str, Any], layout: CallLayout) -> torch.Tensor:
+        return stream["img"]
+
+    def select(self, block: BlockRef, args: Mapping[str, Any], index: torch.Tensor, layout: CallLayout) -> dict:
+        return {**args, "img": gather_tokens(args["img"], index)}
+
+    def merge(self, block: BlockRef, args: Mapping[str, Any], reduced_out: Mapping[str, Any], index: torch.Tensor,
+              layout: CallLayout) -> dict:
+        img = args["img"].clone()  # the host's blocks return new tensors: the block's input stays as it was
+        img.scatter_(1, index[..., None].expand(-1, -1, img.shape[-1]), reduced_out["img"])
+        return {**reduced_out, "img": img}
+
+    def mlp_token_gates(self, block: BlockRef, layout: CallLayout) -> dict[str, MlpTokenGate]:
+        return {self.mlp_output: MlpTokenGate()}
 
 
 class ReducedBlock:

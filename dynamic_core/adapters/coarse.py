@@ -27,7 +27,7 @@ from .base import UnsupportedModelError
 
 if TYPE_CHECKING:
     from .base import BlockRef
-    from .capabilities import CallLayout
+    from .capabilities import CallLayout, ModelInfo
 
 # A patch run on the embedded image tokens right after the host's input embedding: it receives and
 # returns the host's dict (for Flux `{"img", "txt", "img_ids", "txt_ids"}`).
@@ -109,9 +109,17 @@ class CoarseGrid(ABC):
     time_argument: str = "timestep"  # the model argument that carries the call's timestep
     timestep_scale: float = 1.0  # the host's model sampling passes timestep = timestep_scale * sigma
 
-    @abstractmethod
+    def __init__(self, arch: Any, blocks: tuple["BlockRef", ...], info: "ModelInfo", native_patch: int | None = None,
+                 noisy_channels: int | None = None) -> None:
+        """The family's architecture, blocks and model info; the model's own patch and the latent's noisy channels
+        (by default the architecture's `patch_size` and `in_channels`)."""
+        self.arch, self._last_block, self._info = arch, blocks[-1], info
+        self.native_patch = int(arch.patch_size if native_patch is None else native_patch)
+        self.noisy_channels = int(arch.in_channels if noisy_channels is None else noisy_channels)
+
     def file_fields(self) -> dict[str, str]:
         """What a coarse-patch embedding file must state about the model it was trained for."""
+        return self._info.header("patch_size", "in_channels")
 
     @abstractmethod
     def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
@@ -170,9 +178,8 @@ class CoarseGrid(ABC):
         """Inside a post-input patch: the host's dict with the first image tokens replaced by `tokens`."""
 
     @property
-    @abstractmethod
     def last_block(self) -> "BlockRef":
-        ...
+        return self._last_block
 
     @abstractmethod
     def image_hidden(self, block: "BlockRef", block_out: Mapping[str, Any], layout: "CallLayout", count: int) -> torch.Tensor:

@@ -80,6 +80,25 @@ class HostTraffic:
         monkeypatch.setattr(owner, name, counted)
 
 
+def after_the_first_step(monkeypatch, traffic: HostTraffic) -> HostTraffic:
+    """`traffic` counting from the end of a run's first step callback (every later step is steady state) to the end of
+    the run (reading results back is what the end of a run is for), CPU sigmas read the way device ones are."""
+    monkeypatch.setattr(steps_module, "FREE_READ_DEVICES", ())
+    callback, finish = RunContext.step_callback, RunContext.finish
+
+    def step_callback(self, step, latent):
+        callback(self, step, latent)
+        traffic.active = True
+
+    def finish_run(self):
+        traffic.active = False
+        return finish(self)
+
+    monkeypatch.setattr(RunContext, "step_callback", step_callback)
+    monkeypatch.setattr(RunContext, "finish", finish_run)
+    return traffic
+
+
 @pytest.fixture(params=["reuse", "sdt", "diffcr"])
 def every_method(flux_model, request):
     """Width (a ramp: other heads and groups at every step), Token Router, TD-LoRA K=3 and the Patch
@@ -96,20 +115,7 @@ def every_method(flux_model, request):
 
 @pytest.mark.parametrize("sampler", ["euler", "heun"])
 def test_no_host_syncs_or_host_built_tensors_after_the_first_step(every_method, conds, monkeypatch, sampler):
-    monkeypatch.setattr(steps_module, "FREE_READ_DEVICES", ())  # CPU sigmas are read the way device ones are
-    traffic = HostTraffic(monkeypatch)
-    callback, finish = RunContext.step_callback, RunContext.finish
-
-    def step_callback(self, step, latent):
-        callback(self, step, latent)
-        traffic.active = True  # from the end of the first callback on: every later step is steady state
-
-    def finish_run(self):
-        traffic.active = False  # the run is over: reading results back is what the end of a run is for
-        return finish(self)
-
-    monkeypatch.setattr(RunContext, "step_callback", step_callback)
-    monkeypatch.setattr(RunContext, "finish", finish_run)
+    traffic = after_the_first_step(monkeypatch, HostTraffic(monkeypatch))
     tiny_flux.sample(every_method, *conds, steps=6, cfg=2.0, sampler=sampler, seed=3)
     run = plan_of(every_method).telemetry.latest()
     described = " ".join(text for step in run.steps() for text in step.methods.values())
@@ -126,20 +132,7 @@ def test_an_eps_model_reads_nothing_for_the_pack_after_the_first_step(monkeypatc
     config = tiny_pixart.TinyPixArt()
     model = tiny_pixart.build_model(config)
     model = apply_settings(model, TokenRouterSettings(mode="reuse", keep_start=0.5, keep_end=0.5, first_full=1, last_full=1))
-    monkeypatch.setattr(steps_module, "FREE_READ_DEVICES", ())
-    traffic = HostTraffic(monkeypatch, counts=_under_the_pack)
-    callback, finish = RunContext.step_callback, RunContext.finish
-
-    def step_callback(self, step, latent):
-        callback(self, step, latent)
-        traffic.active = True
-
-    def finish_run(self):
-        traffic.active = False
-        return finish(self)
-
-    monkeypatch.setattr(RunContext, "step_callback", step_callback)
-    monkeypatch.setattr(RunContext, "finish", finish_run)
+    traffic = after_the_first_step(monkeypatch, HostTraffic(monkeypatch, counts=_under_the_pack))
     tiny_pixart.sample(model, *tiny_pixart.conditioning(config), latent=tiny_pixart.latent(), steps=5, cfg=2.0,
                        scheduler="normal", seed=3)
     described = " ".join(text for step in plan_of(model).telemetry.latest().steps() for text in step.methods.values())

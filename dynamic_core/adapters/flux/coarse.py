@@ -37,11 +37,7 @@ class FluxCoarseGrid(CoarseGrid):
     family_label = "Flux"
 
     def __init__(self, arch: "FluxArchitecture", blocks: tuple[BlockRef, ...], info: ModelInfo) -> None:
-        self.arch = arch
-        self.native_patch = arch.patch_size
-        self.noisy_channels = arch.out_channels
-        self._last_block = blocks[-1]
-        self._info = info
+        super().__init__(arch, blocks, info, noisy_channels=arch.out_channels)
 
     def file_fields(self) -> dict[str, str]:
         return self._info.header("patch_size", "in_channels", "out_channels")
@@ -72,10 +68,6 @@ class FluxCoarseGrid(CoarseGrid):
         img = embedded["img"]
         count = tokens.shape[1]
         return {**embedded, "img": torch.cat((tokens.to(img.dtype), img[:, count:]), dim=1)}
-
-    @property
-    def last_block(self) -> BlockRef:
-        return self._last_block
 
     def image_hidden(self, block: BlockRef, block_out: Mapping[str, Any], layout: CallLayout, count: int) -> torch.Tensor:
         img = block_out["img"]

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from ...slicing import AxisSelection, ModuleView, RunIndexCache
+from ...slicing import ModuleView, RunIndexCache
 from ..base import BlockInternals
-from ..block_views import ReducedBlock, TokenSubsetMLP, UnitSelections
+from ..block_views import FusedQkvSelections, ReducedBlock, TokenSubsetMLP
 
 if TYPE_CHECKING:
     from .adapter import PixArtArchitecture
@@ -29,17 +29,8 @@ LINEARS = ("attn.qkv", "attn.proj", "cross_attn.q_linear", "cross_attn.kv_linear
 _CROSS = ("q_linear", "kv_linear", "proj")
 
 
-class PixArtWidthSelections(UnitSelections):
+class PixArtWidthSelections(FusedQkvSelections):
     family = "pixart"
-
-    def __init__(self, arch: "PixArtArchitecture", heads: tuple[int, ...] | None, groups: tuple[int, ...] | None,
-                 group_count: int, device: torch.device | None):
-        d = arch.hidden_size
-        self.head_count = arch.num_heads if heads is None else len(heads)
-        self.head_cols = None if heads is None else AxisSelection.of_units(heads, arch.head_dim)
-        self.qkv_rows = None if heads is None else self.head_cols + self.head_cols.shifted(d) + self.head_cols.shifted(2 * d)
-        self.units = None if groups is None else AxisSelection.of_units(groups, arch.mlp_hidden // group_count)
-        self._build_indices(device)
 
 
 class KeptHeadsAttention:

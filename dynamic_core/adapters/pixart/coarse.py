@@ -36,18 +36,11 @@ class PixArtCoarseGrid(PositionedCoarseGrid):
 
     def __init__(self, arch: "PixArtArchitecture", blocks: tuple[BlockRef, ...], info: ModelInfo,
                  diffusion_model: torch.nn.Module) -> None:
-        self.arch = arch
-        self.native_patch = arch.patch_size
-        self.noisy_channels = arch.in_channels
-        self._last_block = blocks[-1]
-        self._info = info
+        super().__init__(arch, blocks, info)
         self._pe = (diffusion_model.pe_interpolation, diffusion_model.pe_precision)
         host = inspect.getmodule(type(diffusion_model))
         self._host_positions = host.get_2d_sincos_pos_embed_torch  # the forward's own
         self._sincos = host.get_1d_sincos_pos_embed_from_grid_torch
-
-    def file_fields(self) -> dict[str, str]:
-        return self._info.header("patch_size", "in_channels")
 
     def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
         if arguments.get("control") is not None or (arguments.get("kwargs") or {}).get("control") is not None:
@@ -101,7 +94,3 @@ class PixArtCoarseGrid(PositionedCoarseGrid):
 
     def position_points(self) -> Mapping[str, PositionRewrite]:
         return {"x_embedder.forward": self.centred_positions}
-
-    @property
-    def last_block(self) -> BlockRef:
-        return self._last_block

@@ -12,32 +12,17 @@ Facts about ComfyUI's Qwen-Image this relies on (comfy/ldm/qwen_image/model.py, 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
-from ..base import BlockRef
-from ..capabilities import ModelInfo
 from ..coarse import CoarseCall, PositionedCoarseGrid, PositionRewrite
-
-if TYPE_CHECKING:
-    from .adapter import QwenImageArchitecture
 
 
 class QwenImageCoarseGrid(PositionedCoarseGrid):
     family_label = "Qwen-Image"
     no_trained_reason = ("Qwen-Image has no post-input patch point: coarse steps on Qwen-Image run training-free, "
                          "without a trained embedding")
-
-    def __init__(self, arch: "QwenImageArchitecture", blocks: tuple[BlockRef, ...], info: ModelInfo) -> None:
-        self.arch = arch
-        self.native_patch = arch.patch_size
-        self.noisy_channels = arch.in_channels
-        self._last_block = blocks[-1]
-        self._info = info
-
-    def file_fields(self) -> dict[str, str]:
-        return self._info.header("patch_size", "in_channels")
 
     def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
         if arguments.get("control") is not None or (arguments.get("kwargs") or {}).get("control") is not None:
@@ -64,7 +49,3 @@ class QwenImageCoarseGrid(PositionedCoarseGrid):
         for axis, (n, c) in enumerate(zip(native, coarse), start=1):
             image[..., axis] = f * (image[..., axis] + c // 2) + (f - 1) / 2 - n // 2
         return own(moved)
-
-    @property
-    def last_block(self) -> BlockRef:
-        return self._last_block

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from ...slicing import AxisSelection, ModuleView, RunIndexCache
+from ...slicing import ModuleView, RunIndexCache
 from ..base import BlockInternals
-from ..block_views import ReducedBlock, ReplacedModulation, TokenSubsetMLP, UnitSelections
+from ..block_views import FusedQkvSelections, ReducedBlock, ReplacedModulation, TokenSubsetMLP
 
 if TYPE_CHECKING:
     from .adapter import SD3Architecture
@@ -29,17 +29,8 @@ def stream_linears(pre_only: bool, second_attention: bool, stream: str) -> tuple
     return tuple(names)
 
 
-class SD3WidthSelections(UnitSelections):
+class SD3WidthSelections(FusedQkvSelections):
     family = "sd3"
-
-    def __init__(self, arch: "SD3Architecture", heads: tuple[int, ...] | None, groups: tuple[int, ...] | None,
-                 group_count: int, device: torch.device | None):
-        d = arch.hidden_size
-        self.head_count = arch.num_heads if heads is None else len(heads)
-        self.head_cols = None if heads is None else AxisSelection.of_units(heads, arch.head_dim)
-        self.qkv_rows = None if heads is None else self.head_cols + self.head_cols.shifted(d) + self.head_cols.shifted(2 * d)
-        self.units = None if groups is None else AxisSelection.of_units(groups, arch.mlp_hidden // group_count)
-        self._build_indices(device)
 
 
 class ReducedSD3Block(ReducedBlock):

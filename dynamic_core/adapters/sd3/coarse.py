@@ -10,17 +10,12 @@ Facts about ComfyUI's MMDiT this relies on (comfy/ldm/modules/diffusionmodules/m
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
-from ..base import BlockRef
-from ..capabilities import ModelInfo
 from ..coarse import CoarseCall, PositionedCoarseGrid, PositionRewrite
-
-if TYPE_CHECKING:
-    from .adapter import SD3Architecture
 
 
 class SD3CoarseGrid(PositionedCoarseGrid):
@@ -29,16 +24,6 @@ class SD3CoarseGrid(PositionedCoarseGrid):
     timestep_scale = 1000.0
     no_trained_reason = ("SD3 has no post-input patch point: coarse steps on SD3 run training-free, without a "
                          "trained embedding")
-
-    def __init__(self, arch: "SD3Architecture", blocks: tuple[BlockRef, ...], info: ModelInfo) -> None:
-        self.arch = arch
-        self.native_patch = arch.patch_size
-        self.noisy_channels = arch.in_channels
-        self._last_block = blocks[-1]
-        self._info = info
-
-    def file_fields(self) -> dict[str, str]:
-        return self._info.header("patch_size", "in_channels")
 
     def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
         if arguments.get("control") is not None:
@@ -68,7 +53,3 @@ class SD3CoarseGrid(PositionedCoarseGrid):
         grid = native.reshape(batch, rows * f, cols * f, width).permute(0, 3, 1, 2).float()
         centres = F.interpolate(grid, size=(rows, cols), mode="bilinear", align_corners=False)  # at f*i + (f-1)/2
         return centres.permute(0, 2, 3, 1).reshape(batch, rows * cols, width).to(native.dtype)
-
-    @property
-    def last_block(self) -> BlockRef:
-        return self._last_block

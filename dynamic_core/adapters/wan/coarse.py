@@ -35,11 +35,7 @@ class WanCoarseGrid(TrainingFreeCoarseGrid):
     timestep_scale = 1000.0  # Wan's model sampling passes timestep = 1000 * sigma
 
     def __init__(self, arch: "WanArchitecture", blocks: tuple[BlockRef, ...], info: ModelInfo) -> None:
-        self.arch = arch
-        self.native_patch = arch.patch_size[1]
-        self.noisy_channels = arch.out_channels
-        self._last_block = blocks[-1]
-        self._info = info
+        super().__init__(arch, blocks, info, native_patch=arch.patch_size[1], noisy_channels=arch.out_channels)
 
     def file_fields(self) -> dict[str, str]:
         return self._info.header("patch_size", "in_channels", "out_channels")
@@ -56,7 +52,3 @@ class WanCoarseGrid(TrainingFreeCoarseGrid):
         if isinstance(timestep, torch.Tensor) and timestep.ndim > 1:
             return "the timestep varies over the frames"
         return None
-
-    @property
-    def last_block(self) -> BlockRef:
-        return self._last_block

@@ -11,16 +11,11 @@ Facts about ComfyUI's NextDiT this relies on (comfy/ldm/lumina/model.py, 0.3.75 
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import torch
 
-from ..base import BlockRef
-from ..capabilities import ModelInfo
 from ..coarse import TrainingFreeCoarseGrid
-
-if TYPE_CHECKING:
-    from .adapter import ZImageArchitecture
 
 
 class ZImageCoarseGrid(TrainingFreeCoarseGrid):
@@ -29,22 +24,8 @@ class ZImageCoarseGrid(TrainingFreeCoarseGrid):
     no_trained_reason = ("Z-Image has no post-input patch point: coarse steps on Z-Image run training-free, without a "
                          "trained embedding")
 
-    def __init__(self, arch: "ZImageArchitecture", blocks: tuple[BlockRef, ...], info: ModelInfo) -> None:
-        self.arch = arch
-        self.native_patch = arch.patch_size
-        self.noisy_channels = arch.in_channels
-        self._last_block = blocks[-1]
-        self._info = info
-
-    def file_fields(self) -> dict[str, str]:
-        return self._info.header("patch_size", "in_channels")
-
     def refusal(self, arguments: Mapping[str, Any], diffusion_model: torch.nn.Module) -> str | None:
         extra = arguments.get("kwargs") or {}
         if extra.get("ref_latents") or extra.get("siglip_feats"):
             return "reference latents are embedded at their native size"
         return None
-
-    @property
-    def last_block(self) -> BlockRef:
-        return self._last_block
