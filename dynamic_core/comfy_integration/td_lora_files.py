@@ -172,9 +172,11 @@ def read_standard_lora(model_patcher: Any, tensors: Mapping[str, torch.Tensor], 
                 raise _unsupported(source, name, model_key, unsupported)
             expected = (target.shape[0], down.shape[0]), (up.shape[-1], target[0].numel())
             if up.ndim != 2 or down.ndim != 2 or (tuple(up.shape), tuple(down.shape)) != expected:
-                raise ValueError(
-                    f"{source}: '{name}' does not fit '{model_key}' {tuple(target.shape)}: up {tuple(up.shape)} and down "
-                    f"{tuple(down.shape)}, expected up (out={expected[0][0]}, rank) and down (rank, in={expected[1][1]})."
+                raise ValueError(  # the cause first: a LoRA of another model (or size) has this family's key names
+                    f"{source} is for another model, or another size of {adapter.display_name}: its '{name}' does not fit "
+                    f"this model's '{model_key}' {tuple(target.shape)}: up {tuple(up.shape)} and down {tuple(down.shape)}, "
+                    f"expected up (out={expected[0][0]}, rank) and down (rank, in={expected[1][1]}). The model stays "
+                    "unchanged."
                 )
             path = model_key[len(MODEL_PREFIX):-len(".weight")] if model_key.endswith(".weight") else None
             if path in index and function is None and (offset is None or offset[0] == 0):

@@ -117,7 +117,9 @@ ERRORS = [
     (_truncated, "cut.safetensors is not a readable safetensors file .*truncated"),
     (_missing_key, "missing key 'single_blocks.1.linear2.lora_B'"),
     (_other_architecture, "made for another model: metadata 'hidden_size' is '192'"),
-    (_shape_mismatch, "'lora_unet_single_blocks_0_linear2' does not fit 'diffusion_model.single_blocks.0.linear2.weight' \\(256, 1280\\)"),
+    (_shape_mismatch, "^loras/wrong.safetensors is for another model, or another size of Flux.1: its "
+                      "'lora_unet_single_blocks_0_linear2' does not fit this model's 'diffusion_model.single_blocks.0.linear2.weight' "
+                      "\\(256, 1280\\)"),
 ]
 
 

@@ -320,7 +320,8 @@ STANDARD_ERRORS = [
     ("missing_up", _with("kohya", **{f"{QKV_K}.lora_up.weight": None}),
      f"'{QKV_K}.lora_down.weight' was not used: layer '{QKV_K}' exists in this model, but its LoRA weights are incomplete"),
     ("shape", _with("kohya", **{f"{QKV_K}.lora_up.weight": torch.zeros(700, 4)}),
-     f"'{QKV_K}' does not fit 'diffusion_model.double_blocks.0.img_attn.qkv.weight' \\(768, 256\\)"),
+     f"^bad.safetensors is for another model, or another size of Flux.1: its '{QKV_K}' does not fit this model's "
+     "'diffusion_model.double_blocks.0.img_attn.qkv.weight' \\(768, 256\\)"),
     ("outside_shape", _with("kohya", **{"lora_unet_img_in.lora_down.weight": torch.zeros(4, 60)}), "'lora_unet_img_in' does not fit"),
     ("bias_shape", _with("kohya", **{"lora_unet_double_blocks_0_img_attn_proj.diff_b": torch.zeros(255)}),
      "'lora_unet_double_blocks_0_img_attn_proj' \\(diff\\) has shape \\(255,\\)"),
