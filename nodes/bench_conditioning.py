@@ -10,7 +10,7 @@ class DynamicBenchmarkConditioning:
         "folder, for the command-line benchmark on your own checkpoint: python -m "
         "devtools.bench --model flux1-dev.safetensors --positive <this file> --vae ae.safetensors"
     )
-    CATEGORY = "dynamic_dit"
+    CATEGORY = "dynamic_dit/report"
     FUNCTION = "save"
     OUTPUT_NODE = True
     RETURN_TYPES = ()

@@ -41,7 +41,7 @@ class DynamicPatchScheduler:
         "In auto mode the first three and the last steps stay native, and a coarse step is followed by at least "
         "three native ones."
     )
-    CATEGORY = "dynamic_dit"
+    CATEGORY = "dynamic_dit/methods"
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL",)
 
@@ -49,29 +49,19 @@ class DynamicPatchScheduler:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL",),
-                "mode": (list(NODE_MODES), {"default": "auto", "tooltip": "auto: DDiT's rule decides every step. manual: follow the "
-                                             "schedule below. as trained: the schedule the embedding file was trained for "
-                                             "(trained files learn the coarse steps of that schedule)."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model to make faster (from Load Diffusion Model, a LoRA loader or another node of this pack)."}),
+                "mode": (list(NODE_MODES), {"default": "auto", "tooltip": "auto: measures each step and coarsens smooth ones; manual: the schedule below; as trained: the file's own."}),
                 "tau": ("FLOAT", {
                     "default": DEFAULTS.tau, "min": 0.0, "max": 100.0, "step": 0.1, "round": False,
-                    "tooltip": "auto: how much rougher than at the start of the run the image's motion may get and a step "
-                               "still runs coarse. The scheduler measures how unevenly the latent changes at the first step "
-                               "it checks and compares every later step with that: a step below tau times that value runs "
-                               "coarse. Early steps sit near 1, the last steps, where fine detail forms, at 5 to 20. Higher = "
-                               "coarse steps later into the run (faster, less detail); near 1 = only the smoothest steps. "
-                               "After a coarse step the next three always run native. The Dynamic Speed Report's table "
-                               "shows each step's value.",
+                    "tooltip": "auto: higher = more steps run coarse (faster, less detail); the Speed Report's table shows each step's value.",
                 }),
                 "percentile": ("FLOAT", {
                     "default": DEFAULTS.epsilon, "min": 0.0, "max": 1.0, "step": 0.05,
-                    "tooltip": "auto: which percentile over the patches of the per-patch change is measured (DDiT: 0.4). "
-                               "Lower looks at the calmest parts of the image, higher at the busiest.",
+                    "tooltip": "auto: the percentile of the per-patch change that is measured (DDiT: 0.4); lower = the calmest parts.",
                 }),
                 "max_patch_factor": ("INT", {
                     "default": DEFAULTS.max_factor, "min": 2, "max": 4, "step": 2,
-                    "tooltip": "auto: the coarsest patch allowed, as a multiple of the model's patch (2x = 4 times fewer "
-                               "image tokens, 4x = 16 times fewer: faster per coarse step, but costs more detail).",
+                    "tooltip": "auto: the coarsest patch: 2x = 4 times fewer image tokens, 4x = 16 times fewer (more detail lost).",
                 }),
                 "last_native_steps": ("INT", {
                     "default": DEFAULTS.last_native_steps, "min": 0, "max": 1000,
@@ -79,13 +69,11 @@ class DynamicPatchScheduler:
                 }),
                 "manual_schedule": ("STRING", {
                     "default": DEFAULT_SCHEDULE, "multiline": False,
-                    "tooltip": "manual: ranges of the run's steps and their patch factor (1 = native, 2 or 4), e.g. "
-                               "'0-40%:4, 40-70%:2, 70-100%:1'. Steps outside every range run native.",
+                    "tooltip": "manual: step ranges and their patch factor, e.g. '0-40%:4, 40-70%:2'; other steps run native.",
                 }),
                 "embedding": (_embedding_files(), {
                     "default": NO_EMBEDDING,
-                    "tooltip": "A trained coarse-patch embedding from models/dynamic_dit/, or 'none' to derive coarse patches "
-                               "from the model's own weights without training.",
+                    "tooltip": "A trained coarse-patch file from models/dynamic_dit/, or none: coarse patches from the model's own weights.",
                 }),
                 "start_percent": ("FLOAT", {
                     "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,

@@ -50,7 +50,7 @@ class DynamicReferenceModelLoader:
         "the chosen photo class, the negative (unconditional) conditioning and an empty LATENT of the trained size. "
         "Decode its LATENT with 'Reference Latent to Image (Dynamic DiT)' (no VAE needed)."
     )
-    CATEGORY = "dynamic_dit"
+    CATEGORY = "dynamic_dit/reference"
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING", "LATENT")
     RETURN_NAMES = ("model", "positive", "negative", "latent")
@@ -85,7 +85,7 @@ class DynamicReferenceLatentToImage:
         "Turns a LATENT sampled with the reference model ('Load Reference Model (Dynamic DiT)') into an IMAGE: its "
         "latent is the photo itself under an invertible transform, so no VAE is involved."
     )
-    CATEGORY = "dynamic_dit"
+    CATEGORY = "dynamic_dit/reference"
     FUNCTION = "decode"
     RETURN_TYPES = ("IMAGE",)
 
@@ -96,8 +96,7 @@ class DynamicReferenceLatentToImage:
                 "latent": ("LATENT", {"tooltip": "A LATENT sampled with the reference model."}),
                 "pixel_scale": ("INT", {
                     "default": 4, "min": 1, "max": 16,
-                    "tooltip": "Enlarge every pixel to a square of this size (nearest neighbour), so the 64 px images "
-                               "are easy to look at; 1 = the model's own pixels.",
+                    "tooltip": "Enlarge each pixel to a square of this size, so the 64 px images are easy to see; 1 = the model's pixels.",
                 }),
             }
         }

@@ -8,7 +8,7 @@ from ..dynamic_core.chart import render_chart
 from ..dynamic_core.comfy_integration.patching import plan_of
 from ..dynamic_core.telemetry import RECENT_FULL_COMPUTE, RunRecord, find_baseline
 
-CATEGORY = "dynamic_dit"
+CATEGORY = "dynamic_dit/report"
 
 
 def _image_tensor(image) -> torch.Tensor:

@@ -17,7 +17,7 @@ class DynamicTDLoRALoader:
         "Applying this node again replaces its earlier TD-LoRA (use ComfyUI's LoRA loader to stack plain LoRAs). "
         "The Dynamic Speed Report shows the gate weights of every step."
     )
-    CATEGORY = "dynamic_dit"
+    CATEGORY = "dynamic_dit/methods"
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL",)
 
@@ -29,7 +29,7 @@ class DynamicTDLoRALoader:
         low, high = STRENGTH_RANGE
         return {
             "required": {
-                "model": ("MODEL",),
+                "model": ("MODEL", {"tooltip": "The model to add the TD-LoRA to (after the Width Patcher when the file came with a width router)."}),
                 "file": (file_choices(), {
                     "tooltip": "A TD-LoRA from models/dynamic_dit/ or any LoRA from models/loras/ (read as one expert)."
                 }),

@@ -22,7 +22,7 @@ class DynamicTokenRouter:
         "ratios for every block and step; the keep ratio, full-block and percent inputs are not used). "
         "Keep ratio 1 gives the unpatched model exactly."
     )
-    CATEGORY = "dynamic_dit"
+    CATEGORY = "dynamic_dit/methods"
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL",)
 
@@ -32,17 +32,14 @@ class DynamicTokenRouter:
         percent = {"min": 0.0, "max": 1.0, "step": 0.01}
         return {
             "required": {
-                "model": ("MODEL",),
+                "model": ("MODEL", {"tooltip": "The diffusion model to make faster (from Load Diffusion Model, a LoRA loader or another node of this pack)."}),
                 "mode": (NODE_MODES, {
                     "default": "reuse",
-                    "tooltip": "reuse: left-out tokens get last step's update of this block (training-free). "
-                               "diffcr: left-out tokens skip the whole block. sdt: left-out tokens skip only the MLP. "
-                               "as trained: a trained router file (Train Dynamic DiT, token routers) as it was trained.",
+                    "tooltip": "reuse: skipped tokens reuse last step's update; diffcr: skip the block; sdt: skip the MLP; as trained: a file.",
                 }),
                 "keep_ratio_start": ("FLOAT", {
                     "default": 0.7, **ratio,
-                    "tooltip": "Fraction of image tokens each routed block computes at start_percent (the noisiest routed step). "
-                               "The default 0.7 keeps the image close to full compute; lower ratios trade image quality for speed.",
+                    "tooltip": "Share of image tokens each routed block computes at the noisiest routed step (lower = faster).",
                 }),
                 "keep_ratio_end": ("FLOAT", {
                     "default": 0.7, **ratio,
@@ -58,8 +55,7 @@ class DynamicTokenRouter:
                 }),
                 "score": (list(SCORES), {
                     "default": "input change",
-                    "tooltip": "Which tokens to keep. input change: those whose block input moved most since they last ran. "
-                               "update magnitude: those this block changed most last time. router file: a trained router.",
+                    "tooltip": "Which tokens run: those whose input moved most, those the block changed most, or a trained router's choice.",
                 }),
                 "router_file": ([NO_FILE, *model_files(FORMAT)], {
                     "default": NO_FILE,
@@ -67,15 +63,13 @@ class DynamicTokenRouter:
                 }),
                 "use_file_ratios": ("BOOLEAN", {
                     "default": True,
-                    "tooltip": "Use the router file's learned per-block, per-timestep keep ratios when it has them "
-                               "(instead of keep_ratio_start/end).",
+                    "tooltip": "Use the router file's learned keep ratios (per block and step) instead of the two above.",
                 }),
                 "start_percent": ("FLOAT", {"default": 0.0, **percent, "tooltip": "Routing starts at this sampling percent."}),
                 "end_percent": ("FLOAT", {"default": 1.0, **percent, "tooltip": "Routing ends after this sampling percent."}),
                 "block_overrides": ("STRING", {
                     "default": "",
-                    "tooltip": "Per-block keep ratios, e.g. 'single:10-30=0.5, double:0=1.0, single:*=0.7'. "
-                               "They win over the schedule and over the first/last full blocks.",
+                    "tooltip": "Per-block keep ratios, e.g. 'single:10-30=0.5, double:0=1.0'; they win over the schedule.",
                 }),
             }
         }

@@ -58,7 +58,7 @@ class DynamicTrainer:
         "'as trained'). Returns the model with the file applied as trained. On a CPU only small models train in "
         "reasonable time; see the README."
     )
-    CATEGORY = "dynamic_dit"
+    CATEGORY = "dynamic_dit/train"
     FUNCTION = "train"
     RETURN_TYPES = ("MODEL", "STRING")
     RETURN_NAMES = ("model", "report")
@@ -70,33 +70,31 @@ class DynamicTrainer:
 
         return {
             "required": {
-                "model": ("MODEL",),
+                "model": ("MODEL", {"tooltip": "The model to train faster parts for (its own weights stay frozen)."}),
                 "positive": ("CONDITIONING", {"tooltip": "The prompts to distil on (every entry of a batch is its own prompt)."}),
-                "negative": ("CONDITIONING",),
+                "negative": ("CONDITIONING", {"tooltip": "The negative prompt of the teacher's sampling runs."}),
                 "latent": ("LATENT", {"tooltip": "An empty latent of the size to train at (its batch size is ignored)."}),
-                "parts": (list(PARTS), {"default": "width + TD-LoRA"}),
+                "parts": (list(PARTS), {"tooltip": "What to train (the README lists the recipes); every part is saved to models/dynamic_dit/.", "default": "width + TD-LoRA"}),
                 "target_flops": ("FLOAT", {"default": 0.5, "min": 0.05, "max": 1.0, "step": 0.01,
                                            "tooltip": "FLOPs of the trained model over full compute, averaged over the steps."}),
                 "steps": ("INT", {"default": 300, "min": 1, "max": 100000, "tooltip": "Training steps."}),
-                "filename": ("STRING", {"default": "trained/my_model"}),
+                "filename": ("STRING", {"tooltip": "Where to save, under models/dynamic_dit/ (e.g. trained/my_model).", "default": "trained/my_model"}),
                 "sampling_steps": ("INT", {"default": 20, "min": 2, "max": 200,
                                            "tooltip": "Steps of the teacher's sampling runs (use what you sample with)."}),
-                "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1}),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "euler"}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "simple"}),
+                "cfg": ("FLOAT", {"tooltip": "CFG of the teacher's sampling runs (use what you sample with).", "default": 1.0, "min": 0.0, "max": 30.0, "step": 0.1}),
+                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "Sampler of the teacher's sampling runs (use what you sample with).", "default": "euler"}),
+                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "Scheduler of the teacher's sampling runs (use what you sample with).", "default": "simple"}),
                 "seeds": ("INT", {"default": 2, "min": 1, "max": 64,
                                   "tooltip": "Teacher runs per prompt (noise seeds 1000, 1001, ...: away from the seeds you sample with)."}),
             },
             "optional": {
-                "width_parts": (list(WIDTH_PARTS), {"default": "heads and MLP"}),
-                "batch": ("INT", {"default": 8, "min": 1, "max": 256}),
-                "learning_rate": ("FLOAT", {"default": 2e-3, "min": 1e-6, "max": 1.0, "step": 1e-4}),
-                "experts": ("INT", {"default": 2, "min": 1, "max": 16}),
-                "rank": ("INT", {"default": 4, "min": 1, "max": 256}),
+                "width_parts": (list(WIDTH_PARTS), {"tooltip": "width: what the router thins: attention heads, MLP channels, or both.", "default": "heads and MLP"}),
+                "batch": ("INT", {"tooltip": "Recorded model calls per training step.", "default": 8, "min": 1, "max": 256}),
+                "learning_rate": ("FLOAT", {"tooltip": "The Adam learning rate of the trained parts.", "default": 2e-3, "min": 1e-6, "max": 1.0, "step": 1e-4}),
+                "experts": ("INT", {"tooltip": "TD-LoRA: low-rank experts mixed by a timestep gate.", "default": 2, "min": 1, "max": 16}),
+                "rank": ("INT", {"tooltip": "TD-LoRA: the rank of each expert.", "default": 4, "min": 1, "max": 256}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue <filename>.ckpt (and its on-policy rounds' checkpoints) if it exists."}),
-                "on_policy_rounds": ("INT", {"default": 0, "min": 0, "max": 10, "tooltip": "After training: rounds of "
-                                             "sampling with the trained parts on and training on the states they lead to "
-                                             "(each round: the teacher runs again, then steps / 2 training steps)."}),
+                "on_policy_rounds": ("INT", {"default": 0, "min": 0, "max": 10, "tooltip": "After training: rounds of sampling with the trained parts on and training where they lead (steps / 2 each)."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each block in backward: "
                                                        "less memory (large models on one GPU) for about one more forward per step."}),
                 "coarse_schedule": ("STRING", {"default": "0-70%:2", "tooltip": "coarse patches: the steps that run coarse, "

@@ -52,9 +52,9 @@ class DynamicWidthPatcher:
         "skipped (sliced weights), LoRAs and fp8/low-VRAM loading keep working. Without a router file the "
         "heads and channel groups are ranked by a short one-off calibration (cached per model and LoRA set); "
         "with a trained router file from models/dynamic_dit/ the router decides per step. Full width gives "
-        "exactly the unpatched image."
+        f"exactly the unpatched image. Presets, as the width kept at the noisiest step -> at the end: {_preset_help()}."
     )
-    CATEGORY = "dynamic_dit"
+    CATEGORY = "dynamic_dit/methods"
     FUNCTION = "patch"
     RETURN_TYPES = ("MODEL",)
 
@@ -64,14 +64,10 @@ class DynamicWidthPatcher:
         percent = {"min": 0.0, "max": 1.0, "step": 0.01}
         return {
             "required": {
-                "model": ("MODEL",),
+                "model": ("MODEL", {"tooltip": "The diffusion model to make faster (from Load Diffusion Model, a LoRA loader or another node of this pack)."}),
                 "preset": (PRESET_CHOICES, {
                     "default": "quality",
-                    "tooltip": "Width ramps from the noisiest step to the end of the window, as the fraction of "
-                    f"heads and MLP channels kept ({_preset_help()}). 'custom' uses noisy/clean width below; "
-                    "'target FLOPs' finds the ramp that meets target_flops for each run. Ignored with a router. "
-                    "'quality' keeps the image close to full compute; the others trade image quality for speed "
-                    "(see BENCHMARKS.md), which a trained router file wins back.",
+                    "tooltip": "How narrow noisy steps run: quality keeps the image closest, fast trades detail for speed; custom and target below.",
                 }),
                 "parts": (list(PART_CHOICES), {
                     "default": "heads and MLP",
@@ -99,14 +95,13 @@ class DynamicWidthPatcher:
                 }),
                 "router": ([NO_ROUTER, *model_files(ROUTER_FORMAT)], {
                     "default": NO_ROUTER,
-                    "tooltip": "A trained width router from models/dynamic_dit/ (keeps a head or channel group where "
-                    "its logit is > 0), or the training-free ranking.",
+                    "tooltip": "A trained width router from models/dynamic_dit/, or none for the training-free ranking.",
                 }),
             },
             "optional": {
                 "mlp_groups": ("INT", {
                     "default": 0, "min": 0, "max": 65536,
-                    "tooltip": "MLP channel groups per block that are kept or dropped together; 0 = one per attention head (or the nearest count that divides the MLP).",
+                    "tooltip": "MLP channels dropped together as one group; 0 = a default that divides the model's MLP.",
                 }),
             },
         }

@@ -28,7 +28,7 @@ def test_declaration(model_folder, flux_model):
     assert declared["tau"][1]["default"] == 5.0 and declared["percentile"][1]["default"] == 0.4
     assert declared["max_patch_factor"][1]["default"] == 2
     assert NODE_DISPLAY_NAME_MAPPINGS["DynamicPatchScheduler"] == "Dynamic Patch Scheduler"
-    assert Scheduler.RETURN_TYPES == ("MODEL",) and Scheduler.CATEGORY == "dynamic_dit"
+    assert Scheduler.RETURN_TYPES == ("MODEL",) and Scheduler.CATEGORY == "dynamic_dit/methods"
 
 
 def test_manual_schedule_with_a_trained_file(model_folder, flux_model, conds):
