@@ -241,19 +241,20 @@ class RunRecord:
         seconds = sum(s.seconds for s in steps)
         text = _times(_ratio(full, executed), "fewer", "more") + " FLOPs"
         base_steps = baseline.steps()[: len(steps)] if baseline is not None else None
-        if base_steps is not None and seconds > 0:
+        if self.full_compute:  # the baseline itself: there is nothing to be fewer than
+            text = f"full compute, model time {seconds:.3f} s (a baseline for other runs)"
+        elif base_steps is not None and seconds > 0:
             base_seconds = sum(s.seconds for s in base_steps)
             text += ", " + _times(base_seconds / seconds, "faster", "slower") + " model time"
             text += f" ({seconds:.3f} s vs {base_seconds:.3f} s full compute)"
-        elif self.full_compute:
-            text += f", model time {seconds:.3f} s (full compute, a baseline for other runs)"
         else:
             text += f", model time {seconds:.3f} s (no full-compute run of this shape to compare)"
         if self.setup:
             names = ", ".join(dict.fromkeys(s.name for s in self.setup))
             text += f"; one-off setup {self.setup_seconds:.3f} s, {self.setup_flops / 1e9:.3g} GFLOP ({names})"
         done = f"{len(steps)} steps" if settled_steps is None else f"step {len(steps)}/{self.total_steps}"
-        return f"{text} - {done}, {len(self.calls)} model calls, {self.plan}"
+        calls = len(self.calls) if settled_steps is None else sum(s.calls for s in steps)  # the running step's later
+        return f"{text} - {done}, {calls} model calls, {self.plan}"
 
     def table(self, baseline: "RunRecord | None" = None) -> str:
         """The per-step table, plain text, one row per sampling step (and one per setup work)."""

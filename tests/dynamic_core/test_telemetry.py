@@ -83,7 +83,14 @@ def test_summary_of_a_run_in_progress_compares_the_steps_done_so_far():
     run = _run([0.5, 0.5, 0.5])
     run.finished = False
     assert run.summary(baseline, settled_steps=2).startswith("x1.00 fewer FLOPs, x2.00 faster model time (1.000 s vs 2.000 s")
-    assert " - step 2/3, " in run.summary(baseline, settled_steps=2)
+    assert " - step 2/3, 2 model calls, " in run.summary(baseline, settled_steps=2)  # not the running step's call
+    assert " - 3 steps, 3 model calls, " in run.summary(baseline)
+
+
+def test_a_full_compute_run_says_it_is_the_baseline_not_x1_fewer_flops():
+    baseline = _run([1.0, 1.0], full_compute=True)
+    assert baseline.summary().startswith("full compute, model time 2.000 s (a baseline for other runs) - 2 steps")
+    assert "fewer FLOPs" not in baseline.summary(settled_steps=1)
 
 
 def test_recent_full_compute_runs_match_model_shape_and_steps():

@@ -21,7 +21,7 @@ def test_report_of_a_full_compute_run(flux_model, conds):
     passthrough, table, chart = out["result"]
     assert passthrough is latent
     summary = out["ui"]["text"][0]
-    assert summary.startswith("x1.00 fewer FLOPs") and "(full compute, a baseline for other runs)" in summary
+    assert summary.startswith("full compute, model time ") and "(a baseline for other runs) - 3 steps, 3 model calls" in summary
     lines = table.splitlines()
     assert lines[:3] == [summary, "", "```text"] and lines[3].split()[0] == "step" and lines[-1] == "```"
     assert len(lines) == 3 + 1 + 3 + 1 + 1  # summary, blank, fence, header, 3 steps, total, fence

@@ -184,6 +184,8 @@ def test_try_it_draws_the_chart_live_and_keeps_it(browser):
     live = [s for s in samples if 0 < s["steps"] < steps and not s["done"]]
     assert any(s["full"] for s in live) and any(not s["full"] for s in live), "no live chart during both runs"
     assert all(s["baseline"] > 100 for s in live if s["full"]), "the baseline run's bars were not drawn"
+    assert all(s["run"] == 0 for s in live if s["full"]), "the baseline run's legend or bars use the other run's colour"
+    assert all("fewer FLOPs" not in s["summary"] for s in live if s["full"]), "a full-compute run called x1.00 fewer FLOPs"
     assert any(s["run"] > 100 and s["baseline"] > 100 for s in live if not s["full"]), "no live bars next to the baseline"
     assert "step " in next(s for s in live if not s["full"])["summary"]  # the summary follows the run
     assert final["steps"] == steps and final["run"] > 300 and final["baseline"] > 300

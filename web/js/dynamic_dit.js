@@ -77,7 +77,8 @@ function drawChart(canvas, data) {
   }
 
   // Legend row.
-  const legend = [[COLORS.run, data.full_compute ? "full compute (this run)" : "this run"]];
+  // a full-compute run draws its bars in the baseline's grey: its legend says so in the same colour
+  const legend = [data.full_compute ? [COLORS.baseline, "full compute (this run)"] : [COLORS.run, "this run"]];
   if (data.baseline) legend.push([COLORS.baseline, "full compute"]);
   if (setup.length) legend.push([COLORS.setup, "one-off setup"]);
   legend.push([COLORS.flops, "FLOPs vs full"]);
