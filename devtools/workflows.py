@@ -170,9 +170,30 @@ def build(nodes: list[Node], registry: Mapping[str, type], title: str) -> dict:
         "links": links,
         "groups": [],
         "config": {},
-        "extra": {"title": title, "ds": {"scale": 0.6, "offset": [40, 40]}},
+        "extra": {"title": title, "ds": saved_view(ui_nodes)},
         "version": 0.4,
     }
+
+
+# The view a workflow opens at, in CSS pixels of a 1920-wide browser window: ComfyUI 1.32 covers the canvas's top with
+# its tab bar and the workflow's name (a banner above them when it has news), its left edge with the sidebar and the
+# top right with the Run toolbar; the graph starts below and right of them, as large as a full-HD window allows.
+VIEW_WINDOW = (1920, 937)
+VIEW_MARGINS = {"left": 110, "top": 170, "right": 40, "bottom": 60}
+VIEW_SCALES = (0.5, 0.8)  # never smaller (unreadable), never larger (a small graph need not fill the screen)
+TITLE_HEIGHT = 30  # LiteGraph draws a node's title above its position
+
+
+def saved_view(ui_nodes: list[dict]) -> dict:
+    """`extra.ds` that frames the graph in `VIEW_WINDOW` inside `VIEW_MARGINS`."""
+    x0 = min(n["pos"][0] for n in ui_nodes)
+    y0 = min(n["pos"][1] for n in ui_nodes) - TITLE_HEIGHT
+    x1 = max(n["pos"][0] + n["size"][0] for n in ui_nodes)
+    y1 = max(n["pos"][1] + n["size"][1] for n in ui_nodes)
+    m = VIEW_MARGINS
+    fit = min((VIEW_WINDOW[0] - m["left"] - m["right"]) / (x1 - x0), (VIEW_WINDOW[1] - m["top"] - m["bottom"]) / (y1 - y0))
+    scale = round(min(max(fit, VIEW_SCALES[0]), VIEW_SCALES[1]), 2)
+    return {"scale": scale, "offset": [round(m["left"] / scale - x0, 1), round(m["top"] / scale - y0, 1)]}
 
 
 def build_api(nodes: list[Node], registry: Mapping[str, type]) -> dict:
