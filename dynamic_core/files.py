@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import torch
 
@@ -69,16 +70,35 @@ def bundle_part(tensors: dict[str, torch.Tensor], metadata: dict[str, str], part
         {str(k): str(v) for k, v in parts[part].items()}
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask would change it for the server's other threads)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o022
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file`, then the permissions any other file of the user gets (0644 under umask 022):
+    safetensors creates its files 0600, which other tools and users on a shared machine could not read."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, os.fspath(path), metadata=metadata)
+    if os.name == "posix":
+        os.chmod(path, 0o666 & ~_umask())
+
+
 def write_bundle(path: str | os.PathLike, parts: dict[str, tuple[dict[str, torch.Tensor], dict[str, str]]],
                  metadata: dict[str, str]) -> None:
     """Write parts {format: (tensors, metadata)} into one bundle file with the shared `metadata`."""
-    from safetensors.torch import save_file
-
     tensors = {f"{part}/{key}": value.contiguous() for part, (part_tensors, _) in parts.items()
                for key, value in part_tensors.items()}
     header = {**metadata, "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION,
               "parts": json.dumps({part: part_metadata for part, (_, part_metadata) in parts.items()})}
-    save_file(tensors, os.fspath(path), metadata=header)
+    save_safetensors(tensors, path, header)
 
 
 def header_problem(metadata: dict[str, str], expected_format: str, version: str, kind: str) -> str | None:

@@ -97,6 +97,8 @@ class DynamicTrainer:
                 "on_policy_rounds": ("INT", {"default": 0, "min": 0, "max": 10, "tooltip": "After training: rounds of sampling with the trained parts on and training where they lead (steps / 2 each)."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each block in backward: "
                                                        "less memory (large models on one GPU) for about one more forward per step."}),
+                "keep_checkpoints": ("BOOLEAN", {"default": False, "tooltip": "Keep <filename>.ckpt after a finished run, "
+                                                 "to continue training it later with resume."}),
                 "coarse_schedule": ("STRING", {"default": "0-70%:2", "tooltip": "coarse patches: the steps that run coarse, "
                                                "as the Patch Scheduler's manual schedule with one factor (2 or 4)."}),
             },
@@ -104,7 +106,8 @@ class DynamicTrainer:
 
     def train(self, model, positive, negative, latent, parts, target_flops, steps, filename, sampling_steps, cfg,
               sampler_name, scheduler, seeds, width_parts="heads and MLP", batch=8, learning_rate=2e-3, experts=2, rank=4,
-              resume=False, coarse_schedule="0-70%:2", gradient_checkpointing=False, on_policy_rounds=0):
+              resume=False, coarse_schedule="0-70%:2", gradient_checkpointing=False, on_policy_rounds=0,
+              keep_checkpoints=False):
         import comfy.utils
 
         from ..dynamic_core.comfy_integration import training_host
@@ -163,11 +166,14 @@ class DynamicTrainer:
                                                 extra={"final_flops_ratio": f"{result.final_ratio:.4f}",
                                                        "eval_distill_loss": f"{result.eval_loss:.5f}"})
             path = export.save_bundle(student, stem, metadata)
+            if not keep_checkpoints:  # a finished run needs them no more (an interrupted one keeps them to resume)
+                training_host.remove_checkpoints(checkpoint)
         patched = apply_trained_files(model, [path])
         goal = f"coarse schedule {coarse_schedule}" if "coarse" in spec.parts else f"target {target_flops:g}"
         rounds_text = f" and {on_policy_rounds} on-policy round(s) of {round_steps}" if on_policy_rounds else ""
         report = (f"FLOPs {result.final_ratio:.3f} of full ({goal}), distillation loss {result.eval_loss:.4f} "
-                  f"after {steps} steps{rounds_text} in {time.perf_counter() - started:.0f} s; wrote {path.name}")
+                  f"after {steps} steps{rounds_text} in {time.perf_counter() - started:.0f} s; wrote {path.name} (other nodes "
+                  "list it after Refresh, key R)")
         return {"ui": {"text": [report]}, "result": (patched, report)}
 
 

@@ -12,7 +12,7 @@ CONDITIONING_VERSION = "1"
 
 def save_conditioning(path: str | Path, conditioning: list, guidance: float | None = None) -> Path:
     """Write the first entry of a ComfyUI CONDITIONING (text embedding, pooled output, guidance) to safetensors."""
-    from safetensors.torch import save_file
+    from ..files import save_safetensors
 
     if not conditioning or len(conditioning[0]) != 2:
         raise ValueError("expected a ComfyUI CONDITIONING (a list of [embedding, options]) with at least one entry")
@@ -26,7 +26,7 @@ def save_conditioning(path: str | Path, conditioning: list, guidance: float | No
         metadata["guidance"] = repr(float(guidance))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    save_safetensors(tensors, path, metadata)
     return path
 
 

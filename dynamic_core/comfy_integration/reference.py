@@ -309,7 +309,7 @@ def save_reference(
     dtype: torch.dtype = torch.float16,
 ) -> Path:
     """Write a reference model (weights in `dtype`, conditioning tables in fp32) with its metadata."""
-    from safetensors.torch import save_file
+    from ..files import save_safetensors
 
     named = checkpoint_state(build_model(config).model.diffusion_model, dict(diffusion_model_state))  # host-independent names
     tensors = {_MODEL_PREFIX + k: v.detach().to(dtype).contiguous() for k, v in named.items()}
@@ -332,7 +332,7 @@ def save_reference(
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata=metadata)
+    save_safetensors(tensors, path, metadata)
     return path
 
 

@@ -129,7 +129,7 @@ def save_patch_embedding_file(
     `CoarseLayers` or to a dict with the parameter names of the format (`embed.weight`, ...); `lora` the
     block LoRA of coarse calls per factor; `metadata` extra header entries (a trainer's).
     """
-    from safetensors.torch import save_file
+    from ..files import save_safetensors
 
     tensors = {}
     for factor, params in layers.items():
@@ -144,7 +144,7 @@ def save_patch_embedding_file(
                 tensors[f"factor{factor}.lora.{label}.{linear}.up"] = up.detach().to("cpu").float().contiguous()
     header = {**{k: str(v) for k, v in (metadata or {}).items()}, **{k: str(v) for k, v in model.items()},
               "format": FORMAT, "version": VERSION, "factors": ",".join(str(f) for f in sorted(layers))}
-    save_file(tensors, os.fspath(path), metadata=header)
+    save_safetensors(tensors, path, header)
 
 
 def load_patch_embedding_file(path: str | os.PathLike, name: str | None = None) -> PatchEmbeddingFile:

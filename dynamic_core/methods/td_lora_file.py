@@ -82,10 +82,10 @@ def save_td_lora_file(
     **options: Any,
 ) -> None:
     """Write a TD-LoRA file (safetensors). `architecture`: e.g. `architecture_metadata(adapter)`."""
-    from safetensors.torch import save_file
+    from ..files import save_safetensors
 
     tensors, header = td_lora_state_dict(layers, architecture, gate, **options)
-    save_file(tensors, os.fspath(path), metadata=header)
+    save_safetensors(tensors, path, header)
 
 
 def is_td_lora(metadata: Mapping[str, str]) -> bool:

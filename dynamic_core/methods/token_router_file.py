@@ -105,7 +105,7 @@ def save_router_file(
 ) -> None:
     """Write a router file (for tests and trainers). `adapter_or_model` gives the model metadata;
     `metadata` adds entries (a trainer's: base-weight fingerprint, command, ...)."""
-    from safetensors.torch import save_file
+    from ..files import save_safetensors
 
     model = adapter_or_model if isinstance(adapter_or_model, Mapping) else model_description(adapter_or_model)
     tensors = {
@@ -118,7 +118,7 @@ def save_router_file(
         bounds = ratio_bounds if ratio_bounds is not None else torch.linspace(0, 1, ratios.shape[0] + 1)
         tensors["ratio_bounds"] = bounds.detach().to("cpu", torch.float32).contiguous()
     header = {**(metadata or {}), "format": FORMAT, "version": VERSION, "router": router, **{k: str(v) for k, v in model.items()}}
-    save_file(tensors, os.fspath(path), metadata=header)
+    save_safetensors(tensors, path, header)
 
 
 def load_router_file(path: str | os.PathLike, name: str | None = None) -> RouterFile:

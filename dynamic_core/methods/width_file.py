@@ -188,9 +188,9 @@ class WidthRouter:
 
 
 def save_width_router(path: str | Path, router: WidthRouter) -> None:
-    from safetensors.torch import save_file
+    from ..files import save_safetensors
 
-    save_file(router.tensors(), str(path), metadata=router.header.metadata())
+    save_safetensors(router.tensors(), path, router.header.metadata())
 
 
 def load_width_router(path: str | Path, name: str | None = None) -> WidthRouter:

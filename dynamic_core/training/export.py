@@ -112,9 +112,9 @@ def save_student(student: DynamicStudent, stem: str | os.PathLike, metadata: Map
     if "width" in student.spec.parts:
         router = width_router(student, stem.name)
         path = stem.with_name(stem.name + SUFFIXES["width"])
-        from safetensors.torch import save_file
+        from ..files import save_safetensors
 
-        save_file(router.tensors(), str(path), metadata={**metadata, **router.header.metadata()})
+        save_safetensors(router.tensors(), path, {**metadata, **router.header.metadata()})
         written.append(path)
     if "td_lora" in student.spec.parts:
         layers, gate = td_lora_layers(student)

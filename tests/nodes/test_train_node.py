@@ -29,6 +29,14 @@ def other_weights():
     return tiny_flux.build_model(tiny_flux.TinyFlux(seed=3))
 
 
+def _umask() -> int:
+    import os
+
+    current = os.umask(0o022)
+    os.umask(current)
+    return current
+
+
 def run(model, conds, **changes):
     positive, negative = conds
     return DynamicTrainer().train(model, positive, negative, {"samples": torch.zeros(1, 16, 16, 16)}, **{**WIDGETS, **changes})
@@ -39,10 +47,12 @@ def test_trains_writes_files_the_loaders_accept(flux_model, conds, model_folder,
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK", lambda value, total, preview, node_id=None: progress.append((value, total)))
     out = run(flux_model, conds)
     patched, report = out["result"]
-    # one file: the bundle of both parts, next to the checkpoint
-    assert sorted(p.name for p in (model_folder / "trained").iterdir()) == ["tiny.ckpt", "tiny.safetensors"]
+    # one file: the bundle of both parts, readable as the user's other files are; the finished run's checkpoint gone
+    written = model_folder / "trained" / "tiny.safetensors"
+    assert sorted(p.name for p in (model_folder / "trained").iterdir()) == ["tiny.safetensors"]
+    assert written.stat().st_mode & 0o777 == 0o666 & ~_umask()  # safetensors alone writes 0600
     assert progress[-1] == (1 + 4, 1 + 4)  # one teacher run (one prompt, one seed), then 4 training steps
-    assert "FLOPs" in report
+    assert "FLOPs" in report and "after Refresh, key R" in report
     # each loader lists the file and reads its part on this model; a node whose part it lacks does not list it
     assert "trained/tiny.safetensors" in model_files(ROUTER_FORMAT)
     assert "dynamic_dit/trained/tiny.safetensors" in file_choices()
@@ -137,6 +147,8 @@ def test_on_policy_rounds_run_after_training_with_the_progress_bar(flux_model, c
 
     header = header_metadata(model_folder / "trained" / "tiny.safetensors")
     assert header["train_steps"] == "8" and "on_policy_rounds=2" in header["command"]
+    run(flux_model, conds, steps=2, on_policy_rounds=1, keep_checkpoints=True)  # asked to: kept for a later resume
+    assert {"tiny.ckpt", "tiny.round1.ckpt"} <= {p.name for p in (model_folder / "trained").iterdir()}
     with pytest.raises(ValueError, match="on_policy_rounds must be 0 to 10"):
         run(flux_model, conds, on_policy_rounds=11)
 

@@ -201,7 +201,9 @@ def test_live_progress_is_published_inside_a_server(flux_model, conds, monkeypat
     # at callback i the steps before i are settled (heun's second evaluation included)
     assert [[s["calls"] for s in d["steps"]] for _, d, _ in sent] == [[], [2], [2, 2], [2, 2, 1]]
     final = sent[-1][1]
-    assert final["done"] and final["summary"].startswith("x1.00 fewer FLOPs") and final["total_steps"] == 3
+    assert final["done"] and final["summary"].startswith("full compute, model time ") and final["total_steps"] == 3
+    assert [d["summary"].split(" - ")[1].split(",")[:2] for _, d, _ in sent[1:3]] == [["step 1/3", " 2 model calls"],
+                                                                                  ["step 2/3", " 4 model calls"]]
 
 
 def test_no_progress_events_outside_a_server(flux_model, conds, monkeypatch):
