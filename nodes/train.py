@@ -13,6 +13,7 @@ from ..dynamic_core.comfy_integration.trained_files import apply_trained_files
 from ..dynamic_core.training.student import StudentSpec
 from ..dynamic_core.training.trainer import TrainConfig
 from ..dynamic_core.training.trajectories import teacher_seeds
+from .progress_text import PhaseText
 
 PARTS = {"width + TD-LoRA": ("width", "td_lora"), "width": ("width",), "TD-LoRA": ("td_lora",),
          "coarse patches (DDiT)": ("coarse",), "token routers + TD-LoRA (DiffCR)": ("tokens", "td_lora"),
@@ -102,12 +103,13 @@ class DynamicTrainer:
                 "coarse_schedule": ("STRING", {"default": "0-70%:2", "tooltip": "coarse patches: the steps that run coarse, "
                                                "as the Patch Scheduler's manual schedule with one factor (2 or 4)."}),
             },
+            "hidden": {"unique_id": "UNIQUE_ID"},  # where the phase text goes
         }
 
     def train(self, model, positive, negative, latent, parts, target_flops, steps, filename, sampling_steps, cfg,
               sampler_name, scheduler, seeds, width_parts="heads and MLP", batch=8, learning_rate=2e-3, experts=2, rank=4,
               resume=False, coarse_schedule="0-70%:2", gradient_checkpointing=False, on_policy_rounds=0,
-              keep_checkpoints=False):
+              keep_checkpoints=False, unique_id=None):
         import comfy.utils
 
         from ..dynamic_core.comfy_integration import training_host
@@ -136,23 +138,34 @@ class DynamicTrainer:
         total = runs + steps + int(on_policy_rounds) * (runs + round_steps)
         started = time.perf_counter()
         bar = comfy.utils.ProgressBar(total)
+        text = PhaseText(unique_id, total)
+
+        def teacher(done: int, phase: str = "recording the teacher", base: int = 0) -> None:
+            bar.update_absolute(base + done, total)
+            text.show(f"{phase}: sampling run {done}/{runs}", base + done, force=done == runs)
+
+        def training(step: int, entry: dict, phase: str = "training", count: int = steps, base: int = runs) -> None:
+            bar.update_absolute(base + step, total)
+            text.show(f"{phase}: step {step}/{count}, distillation loss {entry['distill']:.4f}", base + step, force=step == count)
+
         with training_host.model_left_as_found(model):  # the artist's model computes as before afterwards
             bank = training_host.record_trajectories(
                 model, jobs, torch.zeros_like(samples[:1]), steps=sampling_steps, cfg=cfg, sampler=sampler_name,
-                scheduler=scheduler, seeds=seed_list, progress=lambda done, _: bar.update_absolute(done, total))
+                scheduler=scheduler, seeds=seed_list, progress=lambda done, _: teacher(done))
             student = training_host.build_student(model, bank, spec)
             checkpoint = stem + ".ckpt"
             if not resume:
                 training_host.remove_checkpoints(checkpoint)  # a fresh run; its checkpoints let a later run resume it
             result = trainer.train(student, bank, config, checkpoint=checkpoint,
-                                   callback=lambda step, _, __: bar.update_absolute(runs + step, total))
+                                   callback=lambda step, _, entry: training(step, entry))
             for index in range(int(on_policy_rounds)):
                 base = runs + steps + index * (runs + round_steps)
                 bank, result = training_host.on_policy_round(
                     model, student, bank, jobs, torch.zeros_like(samples[:1]), round_index=index, round_steps=round_steps,
                     config=config, steps=sampling_steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=seed_list,
-                    progress=lambda done, _, base=base: bar.update_absolute(base + done, total),
-                    callback=lambda step, _, __, base=base: bar.update_absolute(base + runs + step, total),
+                    progress=lambda done, _, base=base, k=index: teacher(done, f"on-policy round {k + 1}/{on_policy_rounds}", base),
+                    callback=lambda step, _, entry, base=base, k=index: training(
+                        step, entry, f"on-policy round {k + 1}/{on_policy_rounds}, training", round_steps, base + runs),
                     checkpoint=training_host.round_checkpoint(checkpoint, index))
             command = "Train Dynamic DiT " + shlex.join(f"{k}={v}" for k, v in dict(
                 parts=parts, width_parts=width_parts, target_flops=target_flops, steps=steps, sampling_steps=sampling_steps,
@@ -165,6 +178,7 @@ class DynamicTrainer:
                                                 base_model=type(model.model).__name__,
                                                 extra={"final_flops_ratio": f"{result.final_ratio:.4f}",
                                                        "eval_distill_loss": f"{result.eval_loss:.5f}"})
+            text.show("saving the file", force=True)
             path = export.save_bundle(student, stem, metadata)
             if not keep_checkpoints:  # a finished run needs them no more (an interrupted one keeps them to resume)
                 training_host.remove_checkpoints(checkpoint)
@@ -174,6 +188,7 @@ class DynamicTrainer:
         report = (f"FLOPs {result.final_ratio:.3f} of full ({goal}), distillation loss {result.eval_loss:.4f} "
                   f"after {steps} steps{rounds_text} in {time.perf_counter() - started:.0f} s; wrote {path.name} (other nodes "
                   "list it after Refresh, key R)")
+        text.show(f"done: {report}", force=True)
         return {"ui": {"text": [report]}, "result": (patched, report)}
 
 

@@ -66,8 +66,12 @@ def test_the_train_workflow_trains_and_samples_in_the_server(comfy_server):
     train = next(n for n in nodes if n.type == "DynamicTrainer")
     train.widgets.update(steps=3, sampling_steps=4, seeds=1, filename="trained/server_check")
     prompt = workflows.build_api(nodes, workflows.registry())
-    history, _, _ = comfy_server.run(prompt, timeout=300)
+    history, listener, _ = comfy_server.run(prompt, timeout=300)
     assert history["status"]["status_str"] == "success", history["status"]
+    trainer = next(i for i, n in prompt.items() if n["class_type"] == "DynamicTrainer")
+    texts = [text for node, text in listener.texts if node == trainer]  # the phase on the running node
+    assert any(t.startswith("recording the teacher: sampling run 1/1") for t in texts), listener.texts
+    assert any(t.startswith("training: step 3/3, distillation loss") for t in texts) and texts[-1].startswith("done: "), texts
     report = history["outputs"][_node_id(prompt, "Training report")]["text"][0]
     assert "wrote server_check.safetensors" in report and "after 3 steps" in report, report
     assert (comfy_server.base / "models" / "dynamic_dit" / "trained" / "server_check.safetensors").is_file()

@@ -186,3 +186,23 @@ def test_training_leaves_the_model_computing_as_before(conds, model_folder):
     after, ops_after = sampled()
     assert ops_after == ops_before, first_difference(ops_before, ops_after)
     assert torch.equal(after, before)
+
+
+def test_the_node_says_which_phase_it_is_in_and_how_long_is_left(flux_model, conds, model_folder, monkeypatch):
+    """Inside a server the node shows its phase as text (ComfyUI's progress text): the teacher's runs, the training
+    steps with the distillation loss, each on-policy round, saving, the result; each with the time left."""
+    import sys
+    import types
+
+    texts = []
+    fake_server = types.ModuleType("server")
+    fake_server.PromptServer = type("PromptServer", (), {"instance": types.SimpleNamespace(
+        send_progress_text=lambda text, node_id, sid=None: texts.append((node_id, text)))})
+    monkeypatch.setitem(sys.modules, "server", fake_server)
+    run(flux_model, conds, steps=2, on_policy_rounds=1, unique_id="7")
+    assert {node for node, _ in texts} == {"7"}
+    phases = [text.split(":")[0] for _, text in texts]
+    order = ["recording the teacher", "training", "on-policy round 1/1", "on-policy round 1/1, training", "saving the file", "done"]
+    assert [p for p in dict.fromkeys(phases)] == order, phases
+    assert "step 2/2, distillation loss " in next(t for _, t in texts if t.startswith("training: step 2/2"))
+    assert "about" in next(t for _, t in texts if t.startswith("recording the teacher"))  # the time left

@@ -124,6 +124,9 @@ class ComfyServer:
         self._log.close()
 
 
+TEXT_EVENT = 3  # ComfyUI's BinaryEventTypes.TEXT: a node's progress text
+
+
 class EventListener:
     """The server's websocket messages for one client id, collected on a background thread."""
 
@@ -132,6 +135,7 @@ class EventListener:
 
         self.client_id = f"test-{uuid.uuid4().hex[:8]}"
         self.messages: list[dict] = []
+        self.texts: list[tuple[str, str]] = []  # (node id, text) of the nodes' progress texts
         self._socket = websocket.create_connection(
             f"ws://127.0.0.1:{server.port}/ws?clientId={self.client_id}", timeout=30
         )
@@ -146,8 +150,12 @@ class EventListener:
                 frame = self._socket.recv()
             except (websocket.WebSocketException, OSError):
                 return
-            if isinstance(frame, str) and frame:  # binary frames are image previews; "" comes with the close
+            if isinstance(frame, str) and frame:  # "" comes with the close
                 self.messages.append(json.loads(frame))
+            elif isinstance(frame, bytes) and int.from_bytes(frame[:4], "big") == TEXT_EVENT:
+                size = int.from_bytes(frame[4:8], "big")  # binary: event type, node id length, node id, text
+                self.texts.append((frame[8:8 + size].decode(), frame[8 + size:].decode()))
+            # other binary frames are image previews
 
     def of_type(self, kind: str) -> list[dict]:
         return [m["data"] for m in list(self.messages) if m.get("type") == kind]
