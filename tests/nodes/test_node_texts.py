@@ -8,7 +8,8 @@ from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 TOOLTIP_CHARACTERS = 120  # about two lines of ComfyUI's tooltip box
 CATEGORIES = {
-    "dynamic_dit/methods": {"DynamicWidthPatcher", "DynamicTokenRouter", "DynamicTDLoRALoader", "DynamicPatchScheduler"},
+    "dynamic_dit/methods": {"DynamicWidthPatcher", "DynamicTokenRouter", "DynamicTDLoRALoader", "DynamicPatchScheduler",
+                            "DynamicTrainedLoader"},
     "dynamic_dit/report": {"DynamicTelemetry", "DynamicSpeedReport", "DynamicBenchmarkConditioning"},
     "dynamic_dit/train": {"DynamicTrainer"},
     "dynamic_dit/reference": {"DynamicReferenceModelLoader", "DynamicReferenceLatentToImage"},

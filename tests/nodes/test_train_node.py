@@ -62,6 +62,15 @@ def test_trains_writes_files_the_loaders_accept(flux_model, conds, model_folder,
     routed = DynamicWidthPatcher().patch(flux_model, router="trained/tiny.safetensors", **widths)[0]
     both = DynamicTDLoRALoader().load(routed, "dynamic_dit/trained/tiny.safetensors", 1.0)[0]
     torch.testing.assert_close(sample(both, conds), sample(patched, conds))
+    # one node applies every part of the file as trained: the model the Train node returned
+    from comfyui_dynamic_dit.nodes.trained import DynamicTrainedLoader, run_file_choices
+
+    assert "trained/tiny.safetensors" in run_file_choices()
+    (loaded,) = DynamicTrainedLoader().load(flux_model, "trained/tiny.safetensors")
+    torch.testing.assert_close(sample(loaded, conds), sample(patched, conds))
+    assert DynamicTrainedLoader().load(flux_model, "none")[0] is flux_model
+    with pytest.raises(ValueError, match="trained for another base model"):
+        DynamicTrainedLoader().load(other_weights, "trained/tiny.safetensors")
     # a model with the same shapes but other weights refuses them
     with pytest.raises(ValueError, match="trained for another base model"):
         DynamicWidthPatcher().patch(other_weights, router="trained/tiny.safetensors", **widths)
