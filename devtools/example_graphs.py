@@ -69,15 +69,16 @@ REFERENCE_CONDITIONING = {"positive": ("reference", 1), "negative": ("reference"
 
 
 def _reference_report(dynamic_model: str, title: str) -> list[list[Node]]:
-    """The Speed Report of the "sampler" run against the "baseline" one, and the two images side by side."""
+    """The Speed Report of the "sampler" run against the "baseline" one (speed, and how close the image stayed: PSNR
+    and SSIM of the two images), and the two images side by side."""
     return [
         [Node("report", "DynamicSpeedReport", links={
             "model": (dynamic_model, 0), "latent": ("sampler", 0), "baseline_model": ("telemetry", 0),
-            "baseline_latent": ("baseline", 0),
+            "baseline_latent": ("baseline", 0), "image": ("image", 0), "baseline_image": ("image_full", 0),
         }), Node("table", "PreviewAny", links={"source": ("report", 1)}, title="Per-step table")],
         [Node("image_full", "DynamicReferenceLatentToImage", links={"latent": ("baseline", 0)}),
          Node("preview_full", "PreviewImage", links={"images": ("image_full", 0)}, title="Full compute", size=(360, 400))],
-        [Node("image", "DynamicReferenceLatentToImage", links={"latent": ("report", 0)}),
+        [Node("image", "DynamicReferenceLatentToImage", links={"latent": ("sampler", 0)}),
          Node("preview", "PreviewImage", links={"images": ("image", 0)}, title=title, size=(360, 400))],
     ]
 

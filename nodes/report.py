@@ -5,6 +5,7 @@ import numpy as np
 import torch
 
 from ..dynamic_core.chart import render_chart
+from ..dynamic_core.fidelity import psnr, ssim
 from ..dynamic_core.comfy_integration.patching import plan_of
 from ..dynamic_core.telemetry import RECENT_FULL_COMPUTE, RunRecord, find_baseline
 
@@ -38,6 +39,22 @@ def _baseline_for(run: RunRecord, baseline_model) -> tuple[RunRecord | None, str
     return found, "compared with the latest full-compute run of this shape (no baseline connected)" if found else ""
 
 
+def fidelity_text(image, baseline_image) -> str:
+    """'; 24.4 dB PSNR, SSIM 0.83 against full compute's image' when both images are connected, else ''."""
+    if image is None or baseline_image is None:
+        return ""
+    if tuple(image.shape) != tuple(baseline_image.shape):
+        return f"; images of other sizes ({list(image.shape)} vs {list(baseline_image.shape)}): no PSNR"
+    ours, theirs = image.movedim(-1, 1).float(), baseline_image.movedim(-1, 1).float()  # (B, H, W, C) -> (B, C, H, W)
+    value = psnr(theirs, ours)
+    if value == float("inf"):
+        return "; identical to full compute's image"
+    text = f"{value:.1f} dB PSNR"
+    if min(ours.shape[-2:]) >= 11:  # SSIM's window
+        text += f", SSIM {ssim(theirs, ours):.3f}"
+    return f"; {text} against full compute's image"
+
+
 class DynamicSpeedReport:
     DESCRIPTION = (
         "Shows what the last sampling run of a Dynamic DiT model computed: per step the FLOPs executed "
@@ -67,10 +84,12 @@ class DynamicSpeedReport:
             "optional": {
                 "baseline_model": ("MODEL", {"tooltip": "A full-compute model through 'Dynamic Telemetry', sampled with the same settings."}),
                 "baseline_latent": ("LATENT", {"tooltip": "The baseline sampler's output, so the baseline runs first."}),
+                "image": ("IMAGE", {"tooltip": "This run's decoded image: with baseline_image, the report shows PSNR and SSIM."}),
+                "baseline_image": ("IMAGE", {"tooltip": "The full-compute run's decoded image, to measure how close this one stays."}),
             },
         }
 
-    def report(self, model, latent, baseline_model=None, baseline_latent=None):
+    def report(self, model, latent, baseline_model=None, baseline_latent=None, image=None, baseline_image=None):
         plan = plan_of(model)
         if plan is None:
             raise ValueError(
@@ -84,7 +103,7 @@ class DynamicSpeedReport:
                 "LATENT output so the report runs after it."
             )
         baseline, note = _baseline_for(run, baseline_model)
-        summary = run.summary(baseline) + (f" ({note})" if note else "")
+        summary = run.summary(baseline) + fidelity_text(image, baseline_image) + (f" ({note})" if note else "")
         # Markdown: text displays such as 'Preview as Text' render the tables as aligned monospace blocks.
         text = "\n\n".join([summary] + [f"```text\n{table}\n```" for table in (run.table(baseline), run.block_table()) if table])
         chart = render_chart(run, baseline)

@@ -81,3 +81,19 @@ def test_report_explains_a_model_not_sampled_yet(flux_model):
     (model,) = Telemetry().patch(flux_model)
     with pytest.raises(ValueError, match="no sampling run was recorded"):
         Report().report(model, {"samples": torch.zeros(1, 16, 8, 8)})
+
+
+def test_the_report_says_how_close_the_image_stayed_when_both_images_are_connected(flux_model, conds):
+    """PSNR and SSIM of this run's image against full compute's (ComfyUI IMAGE tensors, (B, H, W, C) in [0, 1])."""
+    from comfyui_dynamic_dit.devtools.bench.fidelity import psnr as bench_psnr
+    from comfyui_dynamic_dit.nodes.report import fidelity_text
+
+    (model,) = Telemetry().patch(flux_model)
+    latent = sampled(model, conds)
+    full = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
+    close = (full + 0.01 * torch.randn(full.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
+    summary = Report().report(model, latent, image=close, baseline_image=full)["ui"]["text"][0]
+    expected = bench_psnr(full.movedim(-1, 1), close.movedim(-1, 1))
+    assert f"; {expected:.1f} dB PSNR, SSIM 0.9" in summary and "against full compute's image" in summary, summary
+    assert fidelity_text(full, full) == "; identical to full compute's image"
+    assert fidelity_text(close, None) == "" and "no PSNR" in fidelity_text(full[:, :16], full)

@@ -219,6 +219,7 @@ def test_try_it_draws_the_chart_live_and_keeps_it(browser):
     assert "step " in next(s for s in live if not s["full"])["summary"]  # the summary follows the run
     assert final["steps"] == steps and final["run"] > 300 and final["baseline"] > 300
     assert "s full compute)" in final["summary"] and not final["summaryCut"], final
+    assert " dB PSNR, SSIM 0." in final["summary"] and "against full compute's image" in final["summary"], final
     time.sleep(1.0)
     kept = _chart_state(browser)  # still there after the run
     assert kept["summary"] == final["summary"] and kept["run"] > 300
