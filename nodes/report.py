@@ -39,6 +39,26 @@ def _baseline_for(run: RunRecord, baseline_model) -> tuple[RunRecord | None, str
     return found, "compared with the latest full-compute run of this shape (no baseline connected)" if found else ""
 
 
+STALE_SECONDS = 60.0  # a baseline that ended this long before the run began is from an earlier prompt
+SMALL_CALL_FLOPS = 1e11  # below this per model call, a CPU's time follows overheads more than FLOPs
+
+
+def timing_caveat(run: RunRecord, baseline: RunRecord | None) -> str:
+    """Why the model-time comparison may mislead, or '': a baseline timed well before this run (ComfyUI reuses a
+    sampler's cached output, so the baseline did not run again), or a model too small for time to follow FLOPs."""
+    caveats = []
+    if baseline is not None and not run.full_compute:
+        gap = run.started - (baseline.started + baseline.model_seconds)
+        if gap > STALE_SECONDS:
+            caveats.append(f"the full-compute run was timed {gap / 60:.0f} min before this one (ComfyUI reused its cached "
+                           "result): times taken apart differ when the machine's load does")
+    calls = max(len(run.calls), 1)
+    if run.full_flops / calls < SMALL_CALL_FLOPS:
+        caveats.append(f"{run.full_flops / calls / 1e9:.2g} GFLOP per model call: on a model this small, time follows "
+                       "overheads more than FLOPs; large models' time follows FLOPs (BENCHMARKS.md)")
+    return "; ".join(caveats)
+
+
 def fidelity_text(image, baseline_image) -> str:
     """'; 24.4 dB PSNR, SSIM 0.83 against full compute's image' when both images are connected, else ''."""
     if image is None or baseline_image is None:
@@ -103,7 +123,8 @@ class DynamicSpeedReport:
                 "LATENT output so the report runs after it."
             )
         baseline, note = _baseline_for(run, baseline_model)
-        summary = run.summary(baseline) + fidelity_text(image, baseline_image) + (f" ({note})" if note else "")
+        notes = [n for n in (note, timing_caveat(run, baseline)) if n]
+        summary = run.summary(baseline) + fidelity_text(image, baseline_image) + "".join(f" ({n})" for n in notes)
         # Markdown: text displays such as 'Preview as Text' render the tables as aligned monospace blocks.
         text = "\n\n".join([summary] + [f"```text\n{table}\n```" for table in (run.table(baseline), run.block_table()) if table])
         chart = render_chart(run, baseline)

@@ -97,3 +97,25 @@ def test_the_report_says_how_close_the_image_stayed_when_both_images_are_connect
     assert f"; {expected:.1f} dB PSNR, SSIM 0.9" in summary and "against full compute's image" in summary, summary
     assert fidelity_text(full, full) == "; identical to full compute's image"
     assert fidelity_text(close, None) == "" and "no PSNR" in fidelity_text(full[:, :16], full)
+
+
+def test_the_report_says_when_its_times_may_mislead(flux_model, conds, monkeypatch):
+    """A baseline timed minutes before the run (ComfyUI answered it from its cache) is flagged, and so is a model too
+    small for its time to follow its FLOPs; a fresh baseline of a large model is not."""
+    from dataclasses import replace as copy
+
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import plan_of
+    from comfyui_dynamic_dit.nodes import report as report_node
+    from comfyui_dynamic_dit.nodes.report import timing_caveat
+
+    (baseline_model,) = Telemetry().patch(flux_model)
+    sampled(baseline_model, conds)
+    model = run_node(TokenRouter, model=flux_model, keep_ratio_start=0.5, keep_ratio_end=0.5, first_full_blocks=0, last_full_blocks=0)
+    sampled(model, conds)
+    baseline, run = plan_of(baseline_model).telemetry.latest(), plan_of(model).telemetry.latest()
+    assert "GFLOP per model call: on a model this small" in timing_caveat(run, baseline)  # the tiny Flux
+    assert "timed" not in timing_caveat(run, baseline)
+    stale = copy(baseline, started=baseline.started - 13 * 60)
+    assert "the full-compute run was timed 13 min before this one" in timing_caveat(run, stale)
+    monkeypatch.setattr(report_node, "SMALL_CALL_FLOPS", 1.0)  # as if the model were large
+    assert timing_caveat(run, baseline) == ""
