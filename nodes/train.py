@@ -96,6 +96,8 @@ class DynamicTrainer:
                 "rank": ("INT", {"tooltip": "TD-LoRA: the rank of each expert.", "default": 4, "min": 1, "max": 256}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue <filename>.ckpt (and its on-policy rounds' checkpoints) if it exists."}),
                 "on_policy_rounds": ("INT", {"default": 0, "min": 0, "max": 10, "tooltip": "After training: rounds of sampling with the trained parts on and training where they lead (steps / 2 each)."}),
+                "on_policy_steps": ("INT", {"default": 0, "min": 0, "max": 100000,
+                                            "tooltip": "Training steps of each on-policy round; 0 = half the steps above."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each block in backward: "
                                                        "less memory (large models on one GPU) for about one more forward per step."}),
                 "keep_checkpoints": ("BOOLEAN", {"default": False, "tooltip": "Keep <filename>.ckpt after a finished run, "
@@ -109,7 +111,7 @@ class DynamicTrainer:
     def train(self, model, positive, negative, latent, parts, target_flops, steps, filename, sampling_steps, cfg,
               sampler_name, scheduler, seeds, width_parts="heads and MLP", batch=8, learning_rate=2e-3, experts=2, rank=4,
               resume=False, coarse_schedule="0-70%:2", gradient_checkpointing=False, on_policy_rounds=0,
-              keep_checkpoints=False, unique_id=None):
+              keep_checkpoints=False, on_policy_steps=0, unique_id=None):
         import comfy.utils
 
         from ..dynamic_core.comfy_integration import training_host
@@ -133,7 +135,9 @@ class DynamicTrainer:
 
         if not 0 <= int(on_policy_rounds) <= 10:
             raise ValueError(f"Train Dynamic DiT: on_policy_rounds must be 0 to 10, got {on_policy_rounds}.")
-        runs, round_steps = len(jobs) * seeds, training_host.round_steps_for(steps)
+        if int(on_policy_steps) < 0:
+            raise ValueError(f"Train Dynamic DiT: on_policy_steps must be 0 (half the steps) or more, got {on_policy_steps}.")
+        runs, round_steps = len(jobs) * seeds, training_host.round_steps_for(steps, int(on_policy_steps))
         seed_list = teacher_seeds(seeds)
         total = runs + steps + int(on_policy_rounds) * (runs + round_steps)
         started = time.perf_counter()
@@ -170,7 +174,7 @@ class DynamicTrainer:
             command = "Train Dynamic DiT " + shlex.join(f"{k}={v}" for k, v in dict(
                 parts=parts, width_parts=width_parts, target_flops=target_flops, steps=steps, sampling_steps=sampling_steps,
                 cfg=cfg, sampler=sampler_name, scheduler=scheduler, seeds=seeds, batch=batch, lr=learning_rate,
-                experts=experts, rank=rank, prompts=len(jobs), on_policy_rounds=on_policy_rounds,
+                experts=experts, rank=rank, prompts=len(jobs), on_policy_rounds=on_policy_rounds, on_policy_steps=round_steps,
                 **({"coarse_schedule": coarse_schedule} if "coarse" in spec.parts else {})).items())
             metadata = export.training_metadata(student, target=target_flops,
                                                 steps=steps + int(on_policy_rounds) * round_steps,

@@ -156,7 +156,10 @@ def test_on_policy_rounds_run_after_training_with_the_progress_bar(flux_model, c
 
     header = header_metadata(model_folder / "trained" / "tiny.safetensors")
     assert header["train_steps"] == "8" and "on_policy_rounds=2" in header["command"]
-    run(flux_model, conds, steps=2, on_policy_rounds=1, keep_checkpoints=True)  # asked to: kept for a later resume
+    progress.clear()
+    run(flux_model, conds, steps=2, on_policy_rounds=1, on_policy_steps=3, keep_checkpoints=True)  # kept for a resume
+    assert progress[-1][0] == 1 + 2 + (1 + 3)  # the round trained the 3 steps asked for, not half of 2
+    assert "on_policy_steps=3" in header_metadata(model_folder / "trained" / "tiny.safetensors")["command"]
     assert {"tiny.ckpt", "tiny.round1.ckpt"} <= {p.name for p in (model_folder / "trained").iterdir()}
     with pytest.raises(ValueError, match="on_policy_rounds must be 0 to 10"):
         run(flux_model, conds, on_policy_rounds=11)
