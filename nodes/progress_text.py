@@ -1,12 +1,9 @@
 """Text on a running node (ComfyUI's `PromptServer.send_progress_text`, 0.3.75 and 0.12.1): the phase a long node is
-in, how far, and about how long is left; the same line goes to the console's log. Silent outside a server."""
+in, how far, and about how long is left. Silent outside a server (the trainer logs its own progress to the console)."""
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
-
-log = logging.getLogger("dynamic_dit")
 
 
 class PhaseText:
