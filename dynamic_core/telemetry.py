@@ -240,11 +240,10 @@ class RunRecord:
         executed, full = sum(s.executed for s in steps), sum(s.full for s in steps)
         seconds = sum(s.seconds for s in steps)
         text = _times(_ratio(full, executed), "fewer", "more") + " FLOPs"
-        base_steps = baseline.steps()[: len(steps)] if baseline is not None else None
         if self.full_compute:  # the baseline itself: there is nothing to be fewer than
             text = f"full compute, model time {seconds:.3f} s (a baseline for other runs)"
-        elif base_steps is not None and seconds > 0:
-            base_seconds = sum(s.seconds for s in base_steps)
+        elif baseline is not None and seconds > 0:
+            base_seconds = sum(s.seconds for s in baseline.steps()[: len(steps)])
             text += ", " + _times(base_seconds / seconds, "faster", "slower") + " model time"
             text += f" ({seconds:.3f} s vs {base_seconds:.3f} s full compute)"
         else:

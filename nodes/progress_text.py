@@ -12,7 +12,6 @@ class PhaseText:
     def __init__(self, node_id: str | None, total_units: int, interval: float = 0.5):
         self.node_id, self.total, self.interval = node_id, max(int(total_units), 1), interval
         self.started, self.last_sent = time.perf_counter(), 0.0
-        self.sent: list[str] = []
 
     def _server(self) -> Any:
         if self.node_id is None:
@@ -37,7 +36,6 @@ class PhaseText:
         self.last_sent = now
         if units_done is not None:
             text += self.left(units_done)
-        self.sent.append(text)
         server = self._server()
         if server is not None and hasattr(server, "send_progress_text"):
             server.send_progress_text(text, self.node_id)

@@ -95,7 +95,7 @@ class DynamicTrainer:
                 "experts": ("INT", {"tooltip": "TD-LoRA: low-rank experts mixed by a timestep gate.", "default": 2, "min": 1, "max": 16}),
                 "rank": ("INT", {"tooltip": "TD-LoRA: the rank of each expert.", "default": 4, "min": 1, "max": 256}),
                 "resume": ("BOOLEAN", {"default": False, "tooltip": "Continue <filename>.ckpt (and its on-policy rounds' checkpoints) if it exists."}),
-                "on_policy_rounds": ("INT", {"default": 0, "min": 0, "max": 10, "tooltip": "After training: rounds of sampling with the trained parts on and training where they lead (steps / 2 each)."}),
+                "on_policy_rounds": ("INT", {"default": 0, "min": 0, "max": 10, "tooltip": "After training: rounds of sampling with the trained parts on and training where they lead."}),
                 "on_policy_steps": ("INT", {"default": 0, "min": 0, "max": 100000,
                                             "tooltip": "Training steps of each on-policy round; 0 = half the steps above."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip": "Recompute each block in backward: "

@@ -1,20 +1,10 @@
 """Load Trained Dynamic DiT: every part of a training run's file, applied as it was trained, from one node."""
 from __future__ import annotations
 
-from ..dynamic_core.comfy_integration.patching import MODEL_FOLDER, model_file_path
+from ..dynamic_core.comfy_integration.patching import model_file_path, training_run_files
 from ..dynamic_core.comfy_integration.trained_files import apply_trained_files
 
 NO_FILE = "none"
-
-
-def run_file_choices() -> list[str]:
-    """The files in models/dynamic_dit/ that hold a training run (the Train node's bundles)."""
-    import folder_paths
-
-    from ..dynamic_core.files import BUNDLE_FORMAT, file_format
-
-    return [name for name in folder_paths.get_filename_list(MODEL_FOLDER)
-            if file_format(folder_paths.get_full_path(MODEL_FOLDER, name) or "") == BUNDLE_FORMAT]
 
 
 class DynamicTrainedLoader:
@@ -33,7 +23,7 @@ class DynamicTrainedLoader:
         return {
             "required": {
                 "model": ("MODEL", {"tooltip": "The model the file was trained on (from Load Diffusion Model or a LoRA loader)."}),
-                "file": ([NO_FILE, *run_file_choices()], {
+                "file": ([NO_FILE, *training_run_files()], {
                     "default": NO_FILE,
                     "tooltip": "A file the Train node wrote to models/dynamic_dit/; none leaves the model as it is.",
                 }),

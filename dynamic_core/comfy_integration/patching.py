@@ -360,18 +360,28 @@ def register_model_folder() -> None:
     folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(extensions) | {".safetensors"})
 
 
+def _model_folder_files(keep: Callable[[str], bool]) -> list[str]:
+    """The names in `models/dynamic_dit/` whose full path `keep` accepts."""
+    import folder_paths
+
+    return [name for name in folder_paths.get_filename_list(MODEL_FOLDER)
+            if keep(folder_paths.get_full_path(MODEL_FOLDER, name) or "")]
+
+
 def model_files(file_format: str) -> list[str]:
     """The files in `models/dynamic_dit/` that read as `file_format` (their own format, or a part of a
     training-run bundle), for a node's file combo: the folder holds every method's files, and each input
     offers only the ones it can read."""
-    import folder_paths
-
     from ..files import file_formats
 
-    return [
-        name for name in folder_paths.get_filename_list(MODEL_FOLDER)
-        if file_format in file_formats(folder_paths.get_full_path(MODEL_FOLDER, name) or "")
-    ]
+    return _model_folder_files(lambda path: file_format in file_formats(path))
+
+
+def training_run_files() -> list[str]:
+    """The files in `models/dynamic_dit/` that hold a whole training run (the Train node's bundles)."""
+    from ..files import BUNDLE_FORMAT, file_format
+
+    return _model_folder_files(lambda path: file_format(path) == BUNDLE_FORMAT)
 
 
 def model_file_path(name: str) -> str:

@@ -63,9 +63,10 @@ def test_trains_writes_files_the_loaders_accept(flux_model, conds, model_folder,
     both = DynamicTDLoRALoader().load(routed, "dynamic_dit/trained/tiny.safetensors", 1.0)[0]
     torch.testing.assert_close(sample(both, conds), sample(patched, conds))
     # one node applies every part of the file as trained: the model the Train node returned
-    from comfyui_dynamic_dit.nodes.trained import DynamicTrainedLoader, run_file_choices
+    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import training_run_files
+    from comfyui_dynamic_dit.nodes.trained import DynamicTrainedLoader
 
-    assert "trained/tiny.safetensors" in run_file_choices()
+    assert "trained/tiny.safetensors" in training_run_files()
     (loaded,) = DynamicTrainedLoader().load(flux_model, "trained/tiny.safetensors")
     torch.testing.assert_close(sample(loaded, conds), sample(patched, conds))
     assert DynamicTrainedLoader().load(flux_model, "none")[0] is flux_model
