@@ -1,6 +1,6 @@
 """Dynamic DiT: ComfyUI nodes that make Diffusion Transformers faster with dynamic compute."""
 if __package__:  # loaded as a package, the way ComfyUI loads a custom node folder
-    from .dynamic_core.comfy_integration.patching import register_model_folder
+    from .integration.patching import register_model_folder
     from .nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
     register_model_folder()

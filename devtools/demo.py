@@ -38,7 +38,7 @@ DEMO_CHAIN: tuple[tuple[str, dict[str, Any]], ...] = (
 
 def run_node(node_class: type, **inputs: Any) -> Any:
     """Call a node as ComfyUI would, with its declared defaults for every widget not given; its first output."""
-    from ..dynamic_core.comfy_integration.patching import node_output
+    from ..integration.patching import node_output
     from .workflows import widget_defaults
 
     return node_output(getattr(node_class(), node_class.FUNCTION)(**{**widget_defaults(node_class), **inputs}))
@@ -58,11 +58,12 @@ def run(args: argparse.Namespace) -> int:
 
     pack = host.load_pack()
 
-    from comfyui_dynamic_dit.devtools import tiny_flux
+    from comfyui_dynamic_dit.demo import tiny_flux
+    from comfyui_dynamic_dit.demo import reference as reference_model
 
     nodes = pack.NODE_CLASS_MAPPINGS
     config = tiny_flux.TinyFlux(hidden_size=args.hidden, num_heads=args.heads)
-    model = tiny_flux.build_model(config)
+    model = reference_model.build_model(config)
     positive, negative = tiny_flux.conditioning(config)
     sample = dict(height=args.size // 8, width=args.size // 8, steps=args.steps, sampler=args.sampler, cfg=1.0, seed=args.seed)
     print(f"Dynamic DiT demo - {tiny_flux.describe(config)}")

@@ -6,7 +6,7 @@ No real FLUX weights can be downloaded here, and speed numbers mean little witho
 them, so the benchmark needs a model whose images are worth comparing. This one is trained by flow
 matching (rectified flow, velocity target `noise - x0`, exactly what ComfyUI's Flux sampling assumes)
 on random crops (random scale, horizontal flips) of the photographs bundled inside the scikit-image
-wheel, in pixel space through the fixed invertible transform of `tiny_flux.photo_to_model_space`.
+wheel, in pixel space through the fixed invertible transform of `reference_model.photo_to_model_space`.
 It is class-conditional: every photo has a fixed random text embedding and pooled vector, and 10 %
 of the training samples get the null (zero) conditioning, so both cfg 1 and real CFG sample well.
 
@@ -150,13 +150,13 @@ def learning_rate(step: int, config: TrainConfig) -> float:
 
 def train(config: TrainConfig, model_config, log: Callable[[str], None] = print, checkpoint: Path | None = None) -> dict:
     """Train; returns the EMA state dict, the conditioning tables and the run's statistics."""
-    from . import tiny_flux
+    from ..demo import reference as reference_model
 
     torch.manual_seed(config.seed)
     pyramids = {size: load_photos(size, config.scales) for size in {config.low_res_size, config.image_size}}
     labels_count = len(PHOTOS)
     contexts, pooled = class_conditioning(labels_count, model_config, config.text_tokens, config.seed)
-    net = tiny_flux.build_model(model_config).model.diffusion_model
+    net = reference_model.build_model(model_config).model.diffusion_model
     with torch.no_grad():  # a zero final projection: the model starts by predicting zero velocity
         net.final_layer.linear.weight.zero_()
         net.final_layer.linear.bias.zero_()
@@ -178,7 +178,7 @@ def train(config: TrainConfig, model_config, log: Callable[[str], None] = print,
     for step in range(start_step, config.steps):
         labels = torch.randint(labels_count, (config.batch,), generator=generator)
         size = config.crop_size(step)
-        x0 = tiny_flux.photo_to_model_space(random_crops(pyramids[size], labels, size, generator))
+        x0 = reference_model.photo_to_model_space(random_crops(pyramids[size], labels, size, generator))
         dropped = torch.rand(config.batch, generator=generator) < config.label_dropout
         rows = torch.where(dropped, torch.full_like(labels, labels_count), labels)
         for group in optimizer.param_groups:
@@ -213,13 +213,13 @@ def train(config: TrainConfig, model_config, log: Callable[[str], None] = print,
 @torch.no_grad()
 def evaluation_loss(net: torch.nn.Module, photos, contexts, pooled, config: TrainConfig, batches: int = 8) -> float:
     """Flow-matching loss of `net` on fixed crops, noise and sigmas (seeded), for a comparable number."""
-    from . import tiny_flux
+    from ..demo import reference as reference_model
 
     generator = torch.Generator().manual_seed(12345)
     total = 0.0
     for _ in range(batches):
         labels = torch.randint(len(photos), (config.batch,), generator=generator)
-        x0 = tiny_flux.photo_to_model_space(random_crops(photos, labels, config.image_size, generator))
+        x0 = reference_model.photo_to_model_space(random_crops(photos, labels, config.image_size, generator))
         total += float(flow_matching_loss(net, x0, contexts[labels], pooled[labels], generator))
     return total / batches
 
@@ -228,7 +228,7 @@ def sample_grid(reference, path: Path, seeds: int = 4, steps: int = 24, cfg: flo
     """Sample every class with a few seeds through ComfyUI's sampler; one row per class."""
     from PIL import Image
 
-    from . import tiny_flux
+    from ..demo import reference as reference_model, tiny_flux
 
     size = reference.image_size
     tiles = []
@@ -238,7 +238,7 @@ def sample_grid(reference, path: Path, seeds: int = 4, steps: int = 24, cfg: flo
         for seed in range(seeds):
             latent = tiny_flux.sample(reference.model, positive, negative, height=size // 2, width=size // 2,
                                       steps=steps, cfg=cfg, seed=seed)
-            row.append(tiny_flux.latent_to_photo(latent)[0])
+            row.append(reference_model.latent_to_photo(latent)[0])
         tiles.append(torch.cat(row, dim=2))
     grid = torch.cat(tiles, dim=1)
     array = (grid.permute(1, 2, 0) * 255).round().byte().numpy()
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     host.prepare(cpu=True)
     host.load_pack()
     from comfyui_dynamic_dit.devtools import reference_training as pack_module
-    from comfyui_dynamic_dit.devtools import tiny_flux
+    from comfyui_dynamic_dit.demo import reference as reference_model, tiny_flux
 
     torch.set_num_threads(args.threads)
     config = TrainConfig(**{k: getattr(args, k) for k in TRAIN_ARGUMENTS})
@@ -301,11 +301,11 @@ def main(argv: list[str] | None = None) -> int:
         "trained_on": f"{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
                       f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}",
     }
-    path = tiny_flux.save_reference(args.out, result["state"], model_config, tuple(PHOTOS), result["contexts"],
+    path = reference_model.save_reference(args.out, result["state"], model_config, tuple(PHOTOS), result["contexts"],
                                     result["pooled"], config.image_size, metadata)
     print(f"saved {path} ({path.stat().st_size / 1e6:.1f} MB); final train loss {metadata['final_train_loss']}, "
           f"eval loss {metadata['final_eval_loss']}, {result['wall_seconds'] / 60:.1f} min", flush=True)
-    grid = pack_module.sample_grid(tiny_flux.load_reference(path), args.grid)
+    grid = pack_module.sample_grid(reference_model.load_reference(path), args.grid)
     print(f"sample grid: {grid}")
     return 0
 

@@ -16,7 +16,7 @@ its part), or with `--part-files` one file per part (`<out>.width.safetensors`, 
 (checkpoints are for resuming, not for shipping: git ignores them).
 
 Developer tooling: it bootstraps a ComfyUI host (`devtools.host`) and trains the reference or a tiny model.
-The trainer itself (`dynamic_core/training/`, `comfy_integration/training_host.py`) is runtime, shared with
+The trainer itself (`training/`, `comfy_integration/training_host.py`) is runtime, shared with
 the "Train Dynamic DiT" node, which trains the user's own model.
 """
 from __future__ import annotations
@@ -90,11 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     # bad input: refused before the host starts or anything is sampled
     try:  # the pack's package (imported by the host or a test)
-        from ..dynamic_core.training.student import StudentSpec
-        from ..dynamic_core.training.trainer import TrainConfig
+        from ..training.student import StudentSpec
+        from ..training.trainer import TrainConfig
     except ImportError:  # `python -m devtools.train` from the pack's folder: plain PyTorch, importable before ComfyUI
-        from dynamic_core.training.student import StudentSpec
-        from dynamic_core.training.trainer import TrainConfig
+        from core.training.student import StudentSpec
+        from core.training.trainer import TrainConfig
 
     spec = StudentSpec(parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()), width_parts=args.width_parts,
                        experts=args.experts, rank=args.rank, coarse_schedule=args.coarse_schedule, coarse_init=args.coarse_init,
@@ -119,10 +119,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from comfyui_dynamic_dit.devtools import tiny_flux  # the pack's own copies (loaded as its package by the host)
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
-    from comfyui_dynamic_dit.dynamic_core.training import export, student as student_module, trainer
-    from comfyui_dynamic_dit.dynamic_core.training.trajectories import TEACHER_FIRST_SEED, teacher_seeds as seeds_from
+    from comfyui_dynamic_dit.demo import tiny_flux  # the pack's own copies (loaded as its package by the host)
+    from comfyui_dynamic_dit.integration import training_host
+    from comfyui_dynamic_dit.training import export, student as student_module, trainer
+    from comfyui_dynamic_dit.training.trajectories import TEACHER_FIRST_SEED, teacher_seeds as seeds_from
 
     if args.first_seed is None:
         args.first_seed = TEACHER_FIRST_SEED
@@ -199,14 +199,16 @@ def _cuda_wanted() -> bool:
 
 def _model_and_jobs(args: argparse.Namespace, tiny_flux):
     """The model patcher, (positive, negative) jobs, latent size and a name for the metadata."""
+    from comfyui_dynamic_dit.demo import reference as reference_model
+
     if args.tiny:
         config = tiny_flux.TinyFlux()
         jobs = [tiny_flux.conditioning(config, seed=s) for s in range(2)]
-        return tiny_flux.build_model(config), jobs, args.size or 16, f"random tiny Flux ({tiny_flux.describe(config)})"
-    reference = tiny_flux.load_reference()
+        return reference_model.build_model(config), jobs, args.size or 16, f"random tiny Flux ({tiny_flux.describe(config)})"
+    reference = reference_model.load_reference()
     names = [c.strip() for c in args.classes.split(",") if c.strip()] or list(reference.classes)
     jobs = [(reference.conditioning(name), reference.null_conditioning()) for name in names]
-    return reference.model, jobs, args.size or reference.image_size // 2, f"reference model {tiny_flux.REFERENCE_PATH.name}"
+    return reference.model, jobs, args.size or reference.image_size // 2, f"reference model {reference_model.REFERENCE_PATH.name}"
 
 
 if __name__ == "__main__":

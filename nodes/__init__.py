@@ -1,7 +1,12 @@
-"""The pack's ComfyUI nodes: thin declarations over dynamic_core."""
+"""The pack's ComfyUI nodes: thin declarations over core."""
 from __future__ import annotations
 
-from . import bench_conditioning, patch_scheduler, reference, report, td_lora, telemetry, token_router, train, trained, width
+from ..demo import conditioning_node as bench_conditioning, reference_node as reference
+from ..methods.patch_scheduler import node as patch_scheduler
+from . import report, telemetry, train, trained
+from ..methods.td_lora import node as td_lora
+from ..methods.token_router import node as token_router
+from ..methods.width import node as width
 
 _MODULES = (telemetry, report, width, token_router, td_lora, patch_scheduler, trained, bench_conditioning, reference, train)
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..dynamic_core.chart import render_chart
-from ..dynamic_core.fidelity import psnr, ssim
-from ..dynamic_core.comfy_integration.patching import plan_of
-from ..dynamic_core.telemetry import RECENT_FULL_COMPUTE, RunRecord, find_baseline
+from ..core.chart import render_chart
+from ..core.fidelity import psnr, ssim
+from ..integration.patching import plan_of
+from ..core.telemetry import RECENT_FULL_COMPUTE, RunRecord, find_baseline
 
 CATEGORY = "dynamic_dit/report"
 

@@ -1,7 +1,7 @@
 """Dynamic Telemetry: the executor with every method off, for a full-compute baseline with numbers."""
 from __future__ import annotations
 
-from ..dynamic_core.comfy_integration.patching import install_executor
+from ..integration.patching import install_executor
 
 
 class DynamicTelemetry:

@@ -8,12 +8,12 @@ import time
 
 import torch
 
-from ..dynamic_core.comfy_integration.patching import MODEL_FOLDER, adapter_of
-from ..dynamic_core.comfy_integration.trained_files import apply_trained_files
-from ..dynamic_core.training.student import StudentSpec
-from ..dynamic_core.training.trainer import TrainConfig
-from ..dynamic_core.training.trajectories import teacher_seeds
-from .progress_text import PhaseText
+from ..integration.patching import MODEL_FOLDER, adapter_of
+from ..integration.trained_files import apply_trained_files
+from ..training.student import StudentSpec
+from ..training.trainer import TrainConfig
+from ..training.trajectories import teacher_seeds
+from ..integration.progress_text import PhaseText
 
 PARTS = {"width + TD-LoRA": ("width", "td_lora"), "width": ("width",), "TD-LoRA": ("td_lora",),
          "coarse patches (DDiT)": ("coarse",), "token routers + TD-LoRA (DiffCR)": ("tokens", "td_lora"),
@@ -114,8 +114,8 @@ class DynamicTrainer:
               keep_checkpoints=False, on_policy_steps=0, unique_id=None):
         import comfy.utils
 
-        from ..dynamic_core.comfy_integration import training_host
-        from ..dynamic_core.training import export, trainer
+        from ..integration import training_host
+        from ..training import export, trainer
 
         # every input is checked before any sampling or training starts
         if parts not in PARTS or width_parts not in WIDTH_PARTS:

@@ -1,8 +1,8 @@
 """Load Trained Dynamic DiT: every part of a training run's file, applied as it was trained, from one node."""
 from __future__ import annotations
 
-from ..dynamic_core.comfy_integration.patching import model_file_path, training_run_files
-from ..dynamic_core.comfy_integration.trained_files import apply_trained_files
+from ..integration.patching import model_file_path, training_run_files
+from ..integration.trained_files import apply_trained_files
 
 NO_FILE = "none"
 

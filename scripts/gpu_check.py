@@ -87,11 +87,13 @@ host.load_pack()
 
 import comfy.model_management  # noqa: E402
 
-from comfyui_dynamic_dit.dynamic_core import steps as step_tracking  # noqa: E402
-from comfyui_dynamic_dit.devtools import bench, tiny_flux  # noqa: E402
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, apply_settings, plan_of  # noqa: E402
-from comfyui_dynamic_dit.dynamic_core.executor import RunContext  # noqa: E402
-from comfyui_dynamic_dit.dynamic_core.methods.width import WidthSettings  # noqa: E402
+from comfyui_dynamic_dit.core import steps as step_tracking  # noqa: E402
+from comfyui_dynamic_dit.devtools.bench import cases, report, workloads  # noqa: E402
+from comfyui_dynamic_dit.demo import tiny_flux  # noqa: E402
+from comfyui_dynamic_dit.demo import reference as reference_model  # noqa: E402
+from comfyui_dynamic_dit.integration.patching import adapter_of, apply_settings, plan_of  # noqa: E402
+from comfyui_dynamic_dit.core.executor import RunContext  # noqa: E402
+from comfyui_dynamic_dit.methods.width.runtime import WidthSettings  # noqa: E402
 
 if not CUDA:  # stand in for an accelerator: take the code path that never reads a sigma at call time
     step_tracking.FREE_READ_DEVICES = ()
@@ -99,16 +101,16 @@ OUT = Path(os.environ.get("OUT", ROOT / "out" / "gpu_check"))
 OUT.mkdir(parents=True, exist_ok=True)
 BUDGET = float(os.environ.get("GPU_CHECK_BUDGET_S", "230"))  # no new repeat starts after this (s since start)
 DEVICE = "cuda" if CUDA else "cpu"
-PACK_DIR = str(ROOT / "dynamic_core")
+PACK_DIRS = tuple(str(ROOT / folder) for folder in ("core", "families", "methods", "integration"))  # the runtime's code
 
 if TINY:
     arch = dict(hidden_size=256, num_heads=4, depth=2, depth_single_blocks=4, context_dim=64, vec_dim=32)
     size, steps, text_tokens, repeats = 128, 3, 16, 1
 elif PROXY:
-    arch = dict(bench.FLUX_DEV, depth=1, depth_single_blocks=2)
+    arch = dict(workloads.FLUX_DEV, depth=1, depth_single_blocks=2)
     size, steps, text_tokens, repeats = int(os.environ.get("SIZE", 1024)), int(os.environ.get("STEPS", 2)), 512, int(os.environ.get("REPEATS", 2))
 else:
-    arch = dict(bench.FLUX_DEV)
+    arch = dict(workloads.FLUX_DEV)
     size, steps, text_tokens, repeats = int(os.environ.get("SIZE", 1024)), int(os.environ.get("STEPS", 28)), 512, int(os.environ.get("REPEATS", 3))
 DEFAULT_CASES = ("unpatched off width:0.5 ramp:0.75-1.0 ramp:0.5-1.0 ramp:0.3-0.9 diffcr:0.5 reuse:0.5 sdt:0.5 "
                  "ddit:0-100%:2 ddit:0-60%:2;60-100%:1 width:0.75+reuse:0.7 ddit:0-25%:2+ramp:0.5-1.0+reuse:0.5")
@@ -166,7 +168,7 @@ class PackHostTraffic:
                     frame = sys._getframe(1)
                     while frame is not None and frame.f_code.co_filename.startswith(torch_dir):
                         frame = frame.f_back
-                    if frame is not None and frame.f_code.co_filename.startswith(PACK_DIR):
+                    if frame is not None and frame.f_code.co_filename.startswith(PACK_DIRS):
                         self.count += 1
                         self.sites[f"{os.path.relpath(frame.f_code.co_filename, ROOT)}:{frame.f_lineno} {name}"] += 1
                 return original(*args, **kwargs)
@@ -235,7 +237,7 @@ if FAMILY != "flux":
 else:
     family = tiny_flux
     config = tiny_flux.TinyFlux(**arch)
-    model = tiny_flux.build_model(config, dtype=torch.bfloat16, device=DEVICE if CUDA else None)
+    model = reference_model.build_model(config, dtype=torch.bfloat16, device=DEVICE if CUDA else None)
 if PART == "lowvram" and CUDA:
     model.model.diffusion_model.to("cpu")  # let ComfyUI load what fits and stream the rest (partial load)
     model.model.device = torch.device("cpu")
@@ -249,19 +251,19 @@ if FAMILY != "flux":  # the family's own latent layout (Qwen-Image: one frame of
     sample_kw["latent"] = family.latent(latent_size, latent_size)
 
 
-def case_of(text: str) -> bench.Case:
+def case_of(text: str) -> cases.Case:
     """One case in the benchmark's --cases syntax, or 'ramp:<noisy>-<clean>' (the Width Patcher's ramps)."""
     if text.startswith("ramp:"):
         noisy, clean = (float(v) for v in text[5:].split("-"))
-        return bench.Case(f"ramp {noisy}-{clean}", lambda m: apply_settings(m, WidthSettings(noisy_width=noisy, clean_width=clean)),
+        return cases.Case(f"ramp {noisy}-{clean}", lambda m: apply_settings(m, WidthSettings(noisy_width=noisy, clean_width=clean)),
                           family="width")
-    return bench.parse_cases(text)[0]
+    return cases.parse_cases(text)[0]
 
 
 def build(spec: str):
     if spec == "unpatched":
         return model
-    return bench.combine([case_of(p) for p in spec.split("+")]).build(model)
+    return cases.combine([case_of(p) for p in spec.split("+")]).build(model)
 
 
 models = {s: build(s) for s in specs}
@@ -378,7 +380,7 @@ base_model = med([r.get("model_s", r["wall"]) for r in results[base]])
 base_fastest = min([r.get("model_s", r["wall"]) for r in results[base]], default=float("nan"))
 unpatched_rss = med([r["rss"] for r in results.get("unpatched", [])])
 unpatched_peak = med([r.get("peak") for r in results.get("unpatched", [])])
-device_name = torch.cuda.get_device_name(0) if CUDA else f"CPU {bench.machine()}"
+device_name = torch.cuda.get_device_name(0) if CUDA else f"CPU {report.machine()}"
 block_counts = " + ".join(f"{count} {kind}" if kind != "block" else str(count) for kind, count in adapter_of(model).model_info().depths)
 memory = "peak GPU GiB" if CUDA else "peak RSS GiB"
 head = (f"| case | FLOPs vs full | FLOPs reduction | model time (median) | speedup | efficiency | model time (fastest) | "

@@ -1,5 +1,5 @@
 """Repeat 50-step token trainings of the tiny Flux under a mutation mode; count runs that raise."""
-import sys, contextlib
+import sys
 sys.path.insert(0, "/work/main/tests")
 import importlib.util
 spec = importlib.util.spec_from_file_location("dynamic_dit_host", "/work/main/devtools/host.py")
@@ -7,17 +7,18 @@ host = importlib.util.module_from_spec(spec); sys.modules[spec.name] = host; spe
 host.prepare(cpu=True); host.load_pack()
 import torch
 torch.set_num_threads(1)
-from comfyui_dynamic_dit.devtools import tiny_flux
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
-from comfyui_dynamic_dit.dynamic_core.training import trainer
-from comfyui_dynamic_dit.dynamic_core.training.trainer import TrainConfig, train
+from comfyui_dynamic_dit.demo import tiny_flux
+from comfyui_dynamic_dit.demo import reference as reference_model
+from comfyui_dynamic_dit.integration import training_host
+from comfyui_dynamic_dit.training import trainer
+from comfyui_dynamic_dit.training.trainer import TrainConfig, train
 from support.training import LATENT, SAMPLING, student_for
 mode, runs = sys.argv[1], int(sys.argv[2])
 if mode == "torch":
     trainer.mutation_context = lambda m: torch.autograd.graph.allow_mutation_on_saved_tensors()
     mode = "allow"
 config = tiny_flux.TinyFlux()
-model = tiny_flux.build_model(config)
+model = reference_model.build_model(config)
 jobs = [tiny_flux.conditioning(config, seed=s) for s in range(2)]
 bank = training_host.record_trajectories(model, jobs, LATENT, seeds=[0], **SAMPLING)
 failures = 0

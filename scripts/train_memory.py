@@ -6,7 +6,7 @@ Runs in a fresh process per mode (ru_maxrss only grows): records one teacher run
 student, runs one no-grad student forward of the batch (baseline), then 3 training steps, and prints the
 growth of the peak resident memory over the baseline: what autograd keeps for backward in that mode, and the
 seconds per training step. `torch` is torch's own `allow_mutation_on_saved_tensors()` (which the trainer's
-"allow" replaces, see dynamic_core/training/mutation.py), for comparison. `checkpointing`: gradient checkpointing
+"allow" replaces, see training/mutation.py), for comparison. `checkpointing`: gradient checkpointing
 of every block; `bfloat16`: the frozen base in bfloat16 (the trainable parts stay float32).
 """
 from __future__ import annotations
@@ -25,10 +25,10 @@ host.load_pack()
 
 import torch  # noqa: E402
 
-from comfyui_dynamic_dit.devtools import tiny_flux  # noqa: E402
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host  # noqa: E402
-from comfyui_dynamic_dit.dynamic_core.training.student import StudentSpec  # noqa: E402
-from comfyui_dynamic_dit.dynamic_core.training.trainer import TrainConfig, train  # noqa: E402
+from comfyui_dynamic_dit.demo import reference as reference_model  # noqa: E402
+from comfyui_dynamic_dit.integration import training_host  # noqa: E402
+from comfyui_dynamic_dit.training.student import StudentSpec  # noqa: E402
+from comfyui_dynamic_dit.training.trainer import TrainConfig, train  # noqa: E402
 
 
 def peak_mb() -> float:
@@ -39,7 +39,7 @@ def main() -> None:
     mode, batch = sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 8
     options = set(sys.argv[3:])
     torch.set_num_threads(1)
-    reference = tiny_flux.load_reference(dtype=torch.bfloat16 if "bfloat16" in options else torch.float32)
+    reference = reference_model.load_reference(dtype=torch.bfloat16 if "bfloat16" in options else torch.float32)
     jobs = [(reference.conditioning("astronaut"), reference.null_conditioning())]
     bank = training_host.record_trajectories(reference.model, jobs, torch.zeros(1, 16, 32, 32), steps=16, cfg=2.0,
                                              sampler="euler", scheduler="simple", seeds=[1000])
@@ -51,7 +51,7 @@ def main() -> None:
     seconds = 0.0
     if mode != "nograd":
         if mode == "torch":
-            from comfyui_dynamic_dit.dynamic_core.training import trainer
+            from comfyui_dynamic_dit.training import trainer
 
             trainer.mutation_context = lambda _: torch.autograd.graph.allow_mutation_on_saved_tensors()
         started = time.perf_counter()

@@ -29,11 +29,12 @@ host.load_pack()
 
 import torch  # noqa: E402
 
-from comfyui_dynamic_dit.devtools import tiny_flux  # noqa: E402
+from comfyui_dynamic_dit.demo import tiny_flux  # noqa: E402
+from comfyui_dynamic_dit.demo import reference as reference_model  # noqa: E402
 from comfyui_dynamic_dit.devtools.bench.workloads import FLUX_DEV  # noqa: E402
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host  # noqa: E402
-from comfyui_dynamic_dit.dynamic_core.training.student import StudentSpec  # noqa: E402
-from comfyui_dynamic_dit.dynamic_core.training.trainer import TrainConfig, train  # noqa: E402
+from comfyui_dynamic_dit.integration import training_host  # noqa: E402
+from comfyui_dynamic_dit.training.student import StudentSpec  # noqa: E402
+from comfyui_dynamic_dit.training.trainer import TrainConfig, train  # noqa: E402
 
 
 def memory_mb(field: str) -> float:
@@ -68,7 +69,7 @@ def main() -> None:
     started = time.perf_counter()
     config = tiny_flux.TinyFlux(**{**FLUX_DEV, "depth": args.double, "depth_single_blocks": args.single,
                                    "hidden_size": args.hidden, "num_heads": args.heads})
-    model = tiny_flux.build_model(config, dtype=torch.bfloat16)
+    model = reference_model.build_model(config, dtype=torch.bfloat16)
     weights = reset_peak()  # building in float32 peaks higher
     positive, negative = tiny_flux.conditioning(config, text_tokens=args.text_tokens)
     latent = torch.zeros(1, 16, args.size // 8, args.size // 8)

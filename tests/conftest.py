@@ -32,7 +32,8 @@ PACK = HOST.load_pack()  # importable as `comfyui_dynamic_dit` from here on
 
 import torch  # noqa: E402
 
-from comfyui_dynamic_dit.devtools import tiny_flux  # noqa: E402
+from comfyui_dynamic_dit.demo import tiny_flux  # noqa: E402
+from comfyui_dynamic_dit.demo import reference as reference_model  # noqa: E402
 from support.session_models import assert_session_models_unchanged, session_model  # noqa: E402
 
 torch.set_num_threads(2)
@@ -54,7 +55,7 @@ def fixed_free_memory(dev=None, torch_free_too=False):
 
 # Run on every host (scripts/run.sh test runs them again on ComfyUI 0.12.1 with `-m every_host`): what an artist
 # touches (nodes, the real server, the browser), the trainer, and each model family's adapter.
-EVERY_HOST = ("tests/nodes/", "tests/dynamic_core/training/", "tests/dynamic_core/adapters/", "tests/test_real_server.py",
+EVERY_HOST = ("tests/nodes/", "tests/training/", "tests/families/", "tests/test_real_server.py",
               "tests/web/", "tests/test_pack_loading.py", "tests/test_example_workflows.py", "tests/test_hosts.py")
 
 
@@ -102,7 +103,7 @@ def model_folder(tmp_path, monkeypatch):
     """models/dynamic_dit/ pointed at a temporary folder for the test (file lists re-read)."""
     import folder_paths
 
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import MODEL_FOLDER
+    from comfyui_dynamic_dit.integration.patching import MODEL_FOLDER
 
     folder = tmp_path / MODEL_FOLDER
     folder.mkdir()
@@ -151,13 +152,13 @@ def session_models_stay_as_built():
 @pytest.fixture(scope="session")
 def flux_model(tiny_config):
     """A ModelPatcher around a tiny real ComfyUI Flux.1 model. Tests must not modify it."""
-    return session_model(tiny_flux.build_model(tiny_config))
+    return session_model(reference_model.build_model(tiny_config))
 
 
 @pytest.fixture(scope="session")
 def other_flux_model():
     """A second, differently shaped Flux model, for tests that patch two models at once."""
-    return session_model(tiny_flux.build_model(tiny_flux.TinyFlux(hidden_size=192, num_heads=3, depth=1,
+    return session_model(reference_model.build_model(tiny_flux.TinyFlux(hidden_size=192, num_heads=3, depth=1,
                                                                   depth_single_blocks=2, seed=7)))
 
 

@@ -119,7 +119,8 @@ def test_wan_workflows_sample_as_they_ship_on_tiny_wan_models(name):
     report compares its expert's dynamic run with that expert's full-compute run."""
     import torch
 
-    from comfyui_dynamic_dit.devtools import example_graphs, tiny_wan
+    from comfyui_dynamic_dit.devtools import example_graphs
+    from comfyui_dynamic_dit.demo import tiny_wan
 
     registry = workflows.registry()
     nodes = example_graphs.WORKFLOWS[name][1]()

@@ -1,4 +1,4 @@
-"""Guards of the design: dynamic_core is plain PyTorch, and no ComfyUI forward code is copied."""
+"""Guards of the design: core is plain PyTorch, and no ComfyUI forward code is copied."""
 import ast
 from pathlib import Path
 
@@ -18,16 +18,25 @@ def _imported_roots(path: Path) -> set[str]:
     return roots
 
 
-def test_only_the_integration_package_imports_comfyui():
-    core = REPO_ROOT / "dynamic_core"
-    integration = core / "comfy_integration"
+# The plain-PyTorch floors: the executor and its kin, the model families, the methods, the trainer. Inside a method's
+# folder only its node (`node.py`) and its ComfyUI file handling (`comfy_*.py`) may talk to ComfyUI.
+PLAIN_FOLDERS = ("core", "families", "methods", "training")
+RUNTIME_FOLDERS = (*PLAIN_FOLDERS, "integration", "nodes", "demo")
+
+
+def _speaks_to_comfyui(path: Path) -> bool:
+    return path.parent.parent.name == "methods" and (path.name == "node.py" or path.name.startswith("comfy_"))
+
+
+def test_only_the_integration_seam_and_the_nodes_import_comfyui():
     offenders = {
         str(path.relative_to(REPO_ROOT)): sorted(_imported_roots(path) & HOST_MODULES)
-        for path in core.rglob("*.py")
-        if integration not in path.parents and _imported_roots(path) & HOST_MODULES
+        for folder in PLAIN_FOLDERS for path in (REPO_ROOT / folder).rglob("*.py")
+        if not _speaks_to_comfyui(path) and _imported_roots(path) & HOST_MODULES
     }
     assert not offenders
-    assert _imported_roots(integration / "patching.py") & HOST_MODULES  # the guard can see imports
+    assert _imported_roots(REPO_ROOT / "integration" / "patching.py") & HOST_MODULES  # the guard can see imports
+    assert _imported_roots(REPO_ROOT / "methods" / "td_lora" / "comfy_files.py") & HOST_MODULES
 
 
 def test_no_copied_forward_code():
@@ -63,11 +72,11 @@ FAMILY_ARGUMENTS = {"img", "txt", "vec", "pe", "x", "e", "freqs", "context", "co
 @pytest.mark.parametrize("folder", ["methods", "training"])
 def test_methods_and_the_trainer_talk_to_adapters_only_through_capabilities(folder):
     """No file under methods/ or training/ imports an adapter family or reads a family's argument names."""
-    families = {path.name for path in (REPO_ROOT / "dynamic_core" / "adapters").iterdir() if (path / "__init__.py").exists()}
+    families = {path.name for path in (REPO_ROOT / "families").iterdir() if (path / "__init__.py").exists()}
     imports, reads = {}, {}
-    for path in (REPO_ROOT / "dynamic_core" / folder).rglob("*.py"):
+    for path in (REPO_ROOT / folder).rglob("*.py"):
         name = str(path.relative_to(REPO_ROOT))
-        family_imports = sorted(m for m in _imported_modules(path) if any(f"adapters.{f}" in m for f in families))
+        family_imports = sorted(m for m in _imported_modules(path) if any(f"families.{f}" in m for f in families))
         if family_imports:
             imports[name] = family_imports
         subscripts = sorted(
@@ -83,10 +92,79 @@ def test_methods_and_the_trainer_talk_to_adapters_only_through_capabilities(fold
 
 def test_the_runtime_does_not_import_developer_tooling():
     offenders = {}
-    for folder in ("nodes", "dynamic_core"):
+    for folder in RUNTIME_FOLDERS:
         for path in (REPO_ROOT / folder).rglob("*.py"):
             tooling = sorted(m for m in _imported_modules(path) if m.split(".")[0] == "devtools" or ".devtools" in m)
             if tooling:
                 offenders[str(path.relative_to(REPO_ROOT))] = tooling
     assert not offenders
     assert "devtools.host" in _imported_modules(REPO_ROOT / "devtools" / "demo.py")  # the guard resolves relative imports
+
+
+def _runtime_modules() -> dict[str, Path]:
+    modules = {}
+    for folder in RUNTIME_FOLDERS:
+        for path in (REPO_ROOT / folder).rglob("*.py"):
+            parts = path.relative_to(REPO_ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def _runtime_imports(path: Path, modules: dict[str, Path]) -> set[str]:
+    """The pack modules `path` imports when it runs (type-only imports under `if TYPE_CHECKING:` left out)."""
+    tree = ast.parse(path.read_text())
+    type_only = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                 and getattr(block.test, "id", getattr(block.test, "attr", None)) == "TYPE_CHECKING"
+                 for node in ast.walk(block)}
+    package = path.relative_to(REPO_ROOT).parent.parts
+    found = set()
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or id(node) in type_only or not node.level:
+            continue
+        base = package[: len(package) - node.level + 1]
+        module = ".".join((*base, node.module)) if node.module else ".".join(base)
+        for alias in node.names:
+            name = f"{module}.{alias.name}"
+            found.add(name if name in modules else module)
+    return found & modules.keys()
+
+
+def test_no_import_loop():
+    """The runtime's modules import each other in one direction (type-only imports aside); a package's __init__ that
+    only hands on its modules counts as its modules."""
+    modules = _runtime_modules()
+    graph = {name: _runtime_imports(path, modules) for name, path in modules.items()}
+    loops, state = [], {}
+
+    def visit(name: str, trail: list[str]) -> None:
+        state[name] = "open"
+        for imported in sorted(graph[name]):
+            if imported.startswith(name + ".") or name.startswith(imported + ".") and modules[imported].name == "__init__.py":
+                continue  # a package and its own modules
+            if state.get(imported) == "open":
+                loops.append(" -> ".join(trail[trail.index(imported):] + [imported]) if imported in trail else f"{name} -> {imported}")
+            elif imported not in state:
+                visit(imported, [*trail, imported])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert len(graph) > 80 and graph["core.executor"]  # the guard sees the house and resolves its imports
+    assert not loops
+
+
+def _function_lengths(path: Path):
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node.name, node.end_lineno - node.lineno + 1
+
+
+def test_runtime_files_and_functions_stay_small():
+    """No runtime file over 400 lines, no function over 60 (a nested function counts inside its parent too)."""
+    modules = _runtime_modules()
+    long_files = {str(p.relative_to(REPO_ROOT)): n for p in modules.values() if (n := len(p.read_text().splitlines())) > 400}
+    long_functions = {f"{p.relative_to(REPO_ROOT)}:{name}": n for p in modules.values()
+                      for name, n in _function_lengths(p) if n > 60}
+    assert not long_files
+    assert not long_functions

@@ -54,11 +54,11 @@ def test_package_leaves_out_tests_benchmarks_and_training():
     assert "devtools/reference_training.py" not in shipped and "BENCHMARKS.md" not in shipped
     # training-only: the CLI, the benchmark's trained files, checkpoints; the node's trainer and the loaders' checks ship
     assert "devtools/train.py" not in shipped and not [p for p in shipped if p.startswith("reference/trained/") or p.endswith(".ckpt")]
-    for needed in ("nodes/train.py", "dynamic_core/training/trainer.py", "dynamic_core/comfy_integration/training_host.py",
-                   "dynamic_core/fingerprint.py", "dynamic_core/files.py"):
+    for needed in ("nodes/train.py", "training/trainer.py", "integration/training_host.py",
+                   "core/fingerprint.py", "core/files.py"):
         assert needed in shipped, needed
     for needed in ("__init__.py", "LICENSE", "pyproject.toml", "web/js/dynamic_dit.js", "reference/flux_photo_reference.safetensors",
-                   "example_workflows/try_it.json", "example_workflows/try_it.jpg", "nodes/reference.py"):
+                   "example_workflows/try_it.json", "example_workflows/try_it.jpg", "demo/reference_node.py"):
         assert needed in shipped, needed
 
 

@@ -11,7 +11,7 @@ Models: the committed reference model (a small Flux trained on photographs; fide
 `--model PATH` (a real checkpoint through ComfyUI's own loader, with conditioning files written by
 the "Save Conditioning for Benchmark" node), `--full-size-random` (FLUX.1-dev-sized random bf16
 weights on a GPU, 1024 px, 28 steps; a reduced size on the CPU), `--random` (a tiny random Flux) or
-`--tiny-wan` (a random Wan 2.1 T2V built by devtools/tiny_wan.py: hidden 256, 4 heads, 6 blocks, a 9-frame
+`--tiny-wan` (a random Wan 2.1 T2V built by demo/tiny_wan.py: hidden 256, 4 heads, 6 blocks, a 9-frame
 256 px video, 8 Euler steps, cfg 1; `--hidden`, `--heads`, `--blocks`, `--frames`, `--size`, `--steps`).
 
 Cases (`--cases`, comma separated): `off`, `easycache:0.1`, `tome:0.5`, ... A bare value repeats the
@@ -30,37 +30,7 @@ PNG (speedup vs PSNR) and a contact sheet of the final images.
 """
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
-from .arguments import _parse
 from .arguments import _parse as parse_arguments
-
-# Names importable from the package as before the split, each from the module that defines it (loaded
-# when first asked for: `python -m devtools.bench` must read its arguments before ComfyUI is importable).
-_EXPORTS = {
-    "cases": ("CASE_BUILDERS", "COMBINATIONS", "COPY_INPUT_KEY", "SWEEPS", "TOME_NOTE", "Case", "_copy_input", "combine",
-              "parse_cases"),
-    "fidelity": ("latent_preview", "psnr", "ssim"),
-    "report": ("BENCHMARKS_HEADER", "COLUMNS", "append_markdown", "comfyui_version", "contact_sheet", "machine",
-               "markdown", "pareto_plot"),
-    "runner": ("Job", "Report", "Result", "Workload", "run_cases"),
-    "workloads": ("FLUX_DEV", "checkpoint_workload", "random_workload", "reference_workload", "tiny_wan_workload"),
-    "cli": ("run",),
-}
-_CONDITIONING = ("CONDITIONING_FORMAT", "CONDITIONING_VERSION", "load_conditioning", "save_conditioning",
-                 "save_conditioning_to_output")
-
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:  # the submodules themselves (`bench.cases`)
-        return importlib.import_module(f".{name}", __name__)
-    for module, names in _EXPORTS.items():
-        if name in names:
-            return getattr(importlib.import_module(f".{module}", __name__), name)
-    if name in _CONDITIONING:
-        return getattr(importlib.import_module("...dynamic_core.comfy_integration.conditioning_file", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ class Case:
 
 
 def _off(model):
-    from ...dynamic_core.comfy_integration.patching import install_executor
+    from ...integration.patching import install_executor
 
     return install_executor(model)
 
@@ -55,7 +55,7 @@ def _easycache(threshold: float, lazy: bool = False) -> Callable[[Any], Any]:
         from comfy.patcher_extension import WrappersMP
         from comfy_extras.nodes_easycache import EasyCacheNode, LazyCacheNode
 
-        from ...dynamic_core.comfy_integration.patching import node_output
+        from ...integration.patching import node_output
 
         if lazy:  # LazyCache computes x + diff out of place
             return _off(node_output(LazyCacheNode.execute(model, threshold, 0.15, 0.95, False)))
@@ -71,7 +71,7 @@ def _trained(arg: str | None) -> Case:
     <stem>.width / .td_lora / .patch_embedding / .token_router .safetensors), applied as trained (`apply_trained_files`)."""
     if not arg:
         raise ValueError("trained: give the output stem of a training run, e.g. trained:reference/trained/flux_photo_reference_t50")
-    from ...dynamic_core.comfy_integration.trained_files import parts_of, run_files
+    from ...integration.trained_files import parts_of, run_files
 
     paths = run_files(arg)
     if not paths:
@@ -79,12 +79,12 @@ def _trained(arg: str | None) -> Case:
                          ".td_lora, .patch_embedding, .token_router)")
 
     def build(model):
-        from ...dynamic_core.comfy_integration.patching import install_executor
-        from ...dynamic_core.comfy_integration.trained_files import apply_trained_files
+        from ...integration.patching import install_executor
+        from ...integration.trained_files import apply_trained_files
 
         return apply_trained_files(install_executor(model), paths)
 
-    from ...dynamic_core.files import header_metadata
+    from ...core.files import header_metadata
 
     names = {"width": "width router", "td_lora": "TD-LoRA", "coarse": "coarse patches", "tokens": "token routers"}
 
@@ -99,7 +99,7 @@ def _tome(ratio: float) -> Callable[[Any], Any]:
     def build(model):
         from comfy_extras.nodes_tomesd import TomePatchModel
 
-        from ...dynamic_core.comfy_integration.patching import node_output
+        from ...integration.patching import node_output
 
         return _off(node_output(TomePatchModel.execute(model, ratio)))
 
@@ -112,9 +112,10 @@ def _td_lora(arg: str | None) -> Case:
     experts, rank = int(experts_text), int(rank_text or 16)
 
     def build(model):
-        from ...dynamic_core.methods.td_lora import architecture_metadata, block_linear_shapes, parse_td_lora, random_td_lora, td_lora_state_dict
-        from ...dynamic_core.comfy_integration.patching import adapter_of
-        from ...dynamic_core.comfy_integration.td_lora_files import apply_td_lora
+        from ...methods.td_lora.runtime import architecture_metadata, block_linear_shapes
+        from ...methods.td_lora.file import parse_td_lora, random_td_lora, td_lora_state_dict
+        from ...integration.patching import adapter_of
+        from ...methods.td_lora.comfy_files import apply_td_lora
 
         adapter = adapter_of(model)
         layers, gate = random_td_lora(block_linear_shapes(adapter, model.model.diffusion_model), experts, rank)
@@ -128,8 +129,8 @@ def _td_lora(arg: str | None) -> Case:
 
 def _token_router(mode: str, keep: float) -> Callable[[Any], Any]:
     def build(model):
-        from ...dynamic_core.methods.token_router import TokenRouterSettings
-        from ...dynamic_core.comfy_integration.patching import apply_settings
+        from ...methods.token_router.runtime import TokenRouterSettings
+        from ...integration.patching import apply_settings
 
         return apply_settings(
             model, TokenRouterSettings(mode=mode, keep_start=keep, keep_end=keep, first_full=0, last_full=0, score="update")
@@ -142,8 +143,8 @@ def _width(fraction: float) -> Callable[[Any], Any]:
     """Constant width (heads and MLP) over the whole schedule, training-free ranking."""
 
     def build(model):
-        from ...dynamic_core.methods.width import WidthSettings
-        from ...dynamic_core.comfy_integration.patching import apply_settings
+        from ...methods.width.runtime import WidthSettings
+        from ...integration.patching import apply_settings
 
         return apply_settings(model, WidthSettings(noisy_width=fraction, clean_width=fraction))
 
@@ -159,8 +160,8 @@ def _width_ramp(arg: str | None) -> Case:
         raise ValueError(f"ramp: expected <noisy>-<clean> widths such as 0.5-1.0, got '{text}'") from None
 
     def build(model):
-        from ...dynamic_core.methods.width import WidthSettings
-        from ...dynamic_core.comfy_integration.patching import apply_settings
+        from ...methods.width.runtime import WidthSettings
+        from ...integration.patching import apply_settings
 
         return apply_settings(model, WidthSettings(noisy_width=noisy, clean_width=clean))
 
@@ -173,8 +174,8 @@ def _router_node(arg: str | None) -> Case:
     keep = _number(keep_text or None, 0.5, "Token Router keep ratio", 0.0, 1.0)
 
     def build(model):
-        from ...dynamic_core.methods.token_router import TokenRouterSettings
-        from ...dynamic_core.comfy_integration.patching import apply_settings
+        from ...methods.token_router.runtime import TokenRouterSettings
+        from ...integration.patching import apply_settings
 
         return apply_settings(model, TokenRouterSettings(mode=mode, keep_start=keep, keep_end=keep))
 
@@ -191,8 +192,8 @@ def _token_router_case(mode: str) -> Callable[[str | None], Case]:
 
 def _patch_scheduler(**settings: Any) -> Callable[[Any], Any]:
     def build(model):
-        from ...dynamic_core.methods.patch_scheduler import PatchSchedulerSettings
-        from ...dynamic_core.comfy_integration.patching import apply_settings
+        from ...methods.patch_scheduler.runtime import PatchSchedulerSettings
+        from ...integration.patching import apply_settings
 
         return apply_settings(model, PatchSchedulerSettings(**settings))
 
@@ -201,7 +202,7 @@ def _patch_scheduler(**settings: Any) -> Callable[[Any], Any]:
 
 def _ddit_manual(arg: str | None) -> Case:
     """`ddit:0-40%:4;40-70%:2` (ranges separated by ';', since ',' separates cases)."""
-    from ...dynamic_core.methods.patch_scheduler import parse_schedule
+    from ...methods.patch_scheduler.runtime import parse_schedule
 
     schedule = parse_schedule(arg or "0-40%:4;40-70%:2;70-100%:1")
     return Case(f"DDiT manual {', '.join(r.describe() for r in schedule)}", _patch_scheduler(mode="manual", schedule=schedule),
@@ -210,7 +211,7 @@ def _ddit_manual(arg: str | None) -> Case:
 
 def _ddit_auto(arg: str | None) -> Case:
     """`ddit-auto:<tau>` or `ddit-auto:<tau>/<max patch factor>` (relative tau), the node's other defaults."""
-    from ...dynamic_core.methods.patch_scheduler import PatchSchedulerSettings
+    from ...methods.patch_scheduler.runtime import PatchSchedulerSettings
 
     defaults = PatchSchedulerSettings()
     tau_text, _, factor_text = (arg or "").partition("/")

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ...dynamic_core.fidelity import psnr, ssim  # noqa: F401  (the report's own, one definition)
-
 
 def latent_preview(latent_format) -> Callable:
     """ComfyUI's own linear latent -> RGB preview of a latent format (no VAE): approximate images. A video

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from .cases import Case, _off
-from .fidelity import psnr, ssim
+from ...core.fidelity import psnr, ssim
 
 # --- workloads -----------------------------------------------------------------------------------
 @dataclass
@@ -102,8 +102,8 @@ def run_cases(workload: Workload, cases: list[Case], repeats: int, log: Callable
     """Sample every case `repeats` times (interleaved) and measure speed and fidelity against full compute."""
     import torch
 
-    from ...dynamic_core.comfy_integration.patching import plan_of
-    from ..tiny_flux import sample as sample_model
+    from ...integration.patching import plan_of
+    from ...demo.tiny_flux import sample as sample_model
 
     if repeats < 1:
         raise ValueError("repeats must be at least 1")

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Sequence
 
-from ...dynamic_core.comfy_integration.conditioning_file import load_conditioning
+from ...demo.conditioning_file import load_conditioning
 from .fidelity import latent_preview
 from .runner import Job, Workload
 
@@ -18,9 +18,9 @@ def _jobs(positives: list[tuple[str, list]], negative: list, seeds: Sequence[int
 
 
 def reference_workload(args: argparse.Namespace) -> Workload:
-    from .. import tiny_flux
+    from ...demo import reference as reference_model
 
-    reference = tiny_flux.load_reference(args.reference)
+    reference = reference_model.load_reference(args.reference)
     size = args.size or reference.image_size
     classes = args.classes.split(",") if args.classes else list(reference.classes)[:4]
     positives = [(name, reference.conditioning(name)) for name in classes]
@@ -29,9 +29,9 @@ def reference_workload(args: argparse.Namespace) -> Workload:
     sample = dict(height=size // 2, width=size // 2, steps=steps, sampler=args.sampler, scheduler=args.scheduler, cfg=cfg)
     config = reference.config
     return Workload(
-        reference.model, _jobs(positives, reference.null_conditioning(), args.seeds), sample, tiny_flux.latent_to_photo,
+        reference.model, _jobs(positives, reference.null_conditioning(), args.seeds), sample, reference_model.latent_to_photo,
         args.title or f"Reference model, {size} px",
-        f"Reference model ({Path(args.reference or tiny_flux.REFERENCE_PATH).name}: Flux, hidden {config.hidden_size}, "
+        f"Reference model ({Path(args.reference or reference_model.REFERENCE_PATH).name}: Flux, hidden {config.hidden_size}, "
         f"{config.num_heads} heads, {config.depth} double + {config.depth_single_blocks} single blocks, trained on photos at "
         f"{reference.image_size} px); {size}x{size} px ({(size // 4) ** 2} image tokens), {steps} steps {args.sampler} "
         f"{args.scheduler}, cfg {cfg:g}; classes {', '.join(classes)}; seeds {', '.join(map(str, args.seeds))}",
@@ -42,7 +42,7 @@ def reference_workload(args: argparse.Namespace) -> Workload:
 def random_workload(args: argparse.Namespace, full_size: bool) -> Workload:
     import torch
 
-    from .. import tiny_flux
+    from ...demo import reference as reference_model, tiny_flux
 
     on_gpu = args.device == "cuda"
     if full_size:
@@ -67,7 +67,7 @@ def random_workload(args: argparse.Namespace, full_size: bool) -> Workload:
         what = (f"random tiny Flux (hidden {config.hidden_size}, {config.num_heads} heads, {config.depth} double + "
                 f"{config.depth_single_blocks} single blocks)")
     print(f"building {what} ...", flush=True)
-    model = tiny_flux.build_model(config, dtype=dtype, device=args.device if full_size and on_gpu else None)
+    model = reference_model.build_model(config, dtype=dtype, device=args.device if full_size and on_gpu else None)
     positive, negative = tiny_flux.conditioning(config, text_tokens=text_tokens)
     cfg = 1.0 if args.cfg is None else args.cfg
     sample = dict(height=size // 8, width=size // 8, steps=steps, sampler=args.sampler, scheduler=args.scheduler, cfg=cfg)
@@ -81,9 +81,9 @@ def random_workload(args: argparse.Namespace, full_size: bool) -> Workload:
 
 
 def tiny_wan_workload(args: argparse.Namespace) -> Workload:
-    """A random-weight Wan 2.1 T2V built through ComfyUI's own detection (devtools/tiny_wan.py), sampling a
+    """A random-weight Wan 2.1 T2V built through ComfyUI's own detection (demo/tiny_wan.py), sampling a
     short video: the workload of BENCHMARKS.md's tiny-Wan rows."""
-    from .. import tiny_wan
+    from ...demo import tiny_wan
 
     hidden, heads, blocks = args.hidden or 256, args.heads or 4, args.blocks or 6
     config = tiny_wan.TinyWan(hidden_size=hidden, num_heads=heads, depth=blocks, ffn_dim=4 * hidden)
@@ -116,7 +116,7 @@ def checkpoint_workload(args: argparse.Namespace) -> Workload:
     import comfy.sd
     import comfy.utils
 
-    from ...dynamic_core.comfy_integration.patching import adapter_of
+    from ...integration.patching import adapter_of
 
     if not args.positive:
         raise ValueError("--model needs --positive FILE (a conditioning file from the 'Save Conditioning for Benchmark' node)")

@@ -21,7 +21,7 @@ def test_demo_prints_the_per_step_table_and_writes_the_chart(tmp_path, capsys):
 
 
 def test_run_node_fills_the_declared_defaults(flux_model):
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import plan_of
+    from comfyui_dynamic_dit.integration.patching import plan_of
 
     patched = demo.run_node(_node("DynamicWidthPatcher"), model=flux_model, preset="fast")
     assert patched is not flux_model and plan_of(flux_model) is None

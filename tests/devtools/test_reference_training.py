@@ -7,22 +7,23 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from comfyui_dynamic_dit.devtools import reference_training as reference_model, tiny_flux
+from comfyui_dynamic_dit.devtools import reference_training as reference_model
+from comfyui_dynamic_dit.demo import tiny_flux
 
 
 @pytest.fixture(scope="module")
 def reference():
-    return tiny_flux.load_reference()
+    return reference_model.load_reference()
 
 
 def test_weights_are_committed_small_fp16_and_say_how_they_were_made():
-    path = tiny_flux.REFERENCE_PATH
+    path = reference_model.REFERENCE_PATH
     assert path.stat().st_size <= 20 * 1024 * 1024
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if k.startswith("diffusion_model.")}
     assert dtypes == {"F16"}
-    assert metadata["command"].startswith("python -m dynamic_core.comfy_integration.reference_model")
+    assert metadata["command"].startswith("python -m core.comfy_integration.reference_model")
     training = json.loads(metadata["training"])
     assert training["seed"] == 0 and training["image_size"] == int(metadata["image_size"])
     assert float(metadata["final_eval_loss"]) < 1.0  # an untrained model starts near E|noise - x0|^2, about 1.3
@@ -31,11 +32,11 @@ def test_weights_are_committed_small_fp16_and_say_how_they_were_made():
 
 def test_transform_is_invertible():
     images = torch.rand(2, 3, 16, 24)
-    latent = tiny_flux.photo_to_latent(images)
+    latent = reference_model.photo_to_latent(images)
     assert latent.shape == (2, 16, 8, 12)
-    assert torch.allclose(tiny_flux.latent_to_photo(latent), images, atol=1e-6)
+    assert torch.allclose(reference_model.latent_to_photo(latent), images, atol=1e-6)
     with pytest.raises(ValueError, match="even H and W"):
-        tiny_flux.photo_to_latent(torch.rand(1, 3, 15, 16))
+        reference_model.photo_to_latent(torch.rand(1, 3, 15, 16))
 
 
 def photo_statistics(images: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -62,7 +63,7 @@ def _samples(model_patcher, reference, classes, per_class=2, steps=8):
     for name in classes:
         latent = tiny_flux.sample(model_patcher, reference.conditioning(name), reference.null_conditioning(),
                                   height=size // 2, width=size // 2, steps=steps, cfg=2.0, seed=0, batch=per_class)
-        images.append(tiny_flux.latent_to_photo(latent))
+        images.append(reference_model.latent_to_photo(latent))
     return torch.cat(images)
 
 
@@ -90,7 +91,7 @@ def test_samples_have_photo_statistics_and_an_untrained_model_does_not(reference
 
     with torch.no_grad():
         trained = photo_statistics(_samples(reference.model, reference, classes))
-        untrained_model = tiny_flux.build_model(reference.config)  # same shape, random weights
+        untrained_model = reference_model.build_model(reference.config)  # same shape, random weights
         untrained = photo_statistics(_samples(untrained_model, reference, classes))
     assert looks_like_photos(trained, real, 4), trained
     assert not looks_like_photos(untrained, real, 4), untrained
@@ -112,17 +113,17 @@ def test_class_conditioning_steers_colour(reference):
 @pytest.fixture(scope="module")
 def small_reference(tmp_path_factory):
     config = tiny_flux.TinyFlux(hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1, guidance_embed=False)
-    model = tiny_flux.build_model(config)
+    model = reference_model.build_model(config)
     contexts, pooled = reference_model.class_conditioning(2, config, 4, 0)
     state = model.model.diffusion_model.state_dict()
-    path = tiny_flux.save_reference(tmp_path_factory.mktemp("ref") / "ref.safetensors", state, config, ("a", "b"),
+    path = reference_model.save_reference(tmp_path_factory.mktemp("ref") / "ref.safetensors", state, config, ("a", "b"),
                                     contexts, pooled, 32, {"command": "test"})
     return path, config, state, contexts, pooled
 
 
 def test_small_reference_round_trip(small_reference):
     path, config, state, contexts, pooled = small_reference
-    loaded = tiny_flux.load_reference(path)
+    loaded = reference_model.load_reference(path)
     assert loaded.config == config and loaded.classes == ("a", "b") and loaded.image_size == 32
     for key, value in loaded.model.model.diffusion_model.state_dict().items():
         assert torch.equal(value, state[key].half().float()), key
@@ -158,13 +159,13 @@ def _rewrite(path, target, change):
 def test_bad_reference_files_are_refused(small_reference, tmp_path, change, message):
     path = _rewrite(small_reference[0], tmp_path / "bad.safetensors", change)
     with pytest.raises(ValueError, match=message):
-        tiny_flux.load_reference(path)
+        reference_model.load_reference(path)
 
 
 def test_truncated_reference_file_is_refused(small_reference, tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(small_reference[0].read_bytes()[:5000])
     with pytest.raises(ValueError, match="corrupt or truncated"):
-        tiny_flux.load_reference(truncated)
+        reference_model.load_reference(truncated)
     with pytest.raises(ValueError, match="not found"):
-        tiny_flux.load_reference(tmp_path / "missing.safetensors")
+        reference_model.load_reference(tmp_path / "missing.safetensors")

@@ -11,7 +11,8 @@ import contextlib
 import pytest
 import torch
 
-from comfyui_dynamic_dit.devtools import tiny_flux
+from comfyui_dynamic_dit.demo import tiny_flux
+from comfyui_dynamic_dit.demo import reference as reference_model
 from support.session_models import session_model
 
 
@@ -33,7 +34,7 @@ def _as_comfyui_runs_prompts(prompt_mode):
 @pytest.fixture(scope="session")
 def flux_model(tiny_config, prompt_mode):
     with _mode(prompt_mode):
-        model = tiny_flux.build_model(tiny_config)
+        model = reference_model.build_model(tiny_config)
     if prompt_mode == "inference_mode":
         assert next(model.model.diffusion_model.parameters()).is_inference()
     return session_model(model)

@@ -5,7 +5,7 @@ from safetensors.torch import save_file
 
 import folder_paths
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import MODEL_FOLDER
+from comfyui_dynamic_dit.integration.patching import MODEL_FOLDER
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
 
 KINDS = {

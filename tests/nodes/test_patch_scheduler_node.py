@@ -6,8 +6,8 @@ import torch
 
 from support.nodes import write_flux_embedding
 
-from comfyui_dynamic_dit.devtools import tiny_flux
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import plan_of
+from comfyui_dynamic_dit.demo import tiny_flux
+from comfyui_dynamic_dit.integration.patching import plan_of
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS, NODE_DISPLAY_NAME_MAPPINGS
 
 Scheduler = NODE_CLASS_MAPPINGS["DynamicPatchScheduler"]

@@ -5,9 +5,9 @@ import torch
 
 import nodes as comfy_nodes
 
-from comfyui_dynamic_dit.devtools import tiny_flux
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import reference as reference_model
-from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS, reference
+from comfyui_dynamic_dit.demo import reference as reference_model
+from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
+from comfyui_dynamic_dit.demo import reference_node as reference
 
 Loader = NODE_CLASS_MAPPINGS["DynamicReferenceModelLoader"]
 ToImage = NODE_CLASS_MAPPINGS["DynamicReferenceLatentToImage"]
@@ -39,7 +39,7 @@ def test_sampled_classes_look_like_their_photos():
 
 
 def test_latent_to_image_enlarges_pixels_exactly():
-    latent = {"samples": tiny_flux.photo_to_latent(torch.rand(2, 3, 8, 8))}
+    latent = {"samples": reference_model.photo_to_latent(torch.rand(2, 3, 8, 8))}
     (small,) = ToImage().decode(latent, 1)
     (large,) = ToImage().decode(latent, 3)
     assert large.shape == (2, 24, 24, 3) and torch.equal(large[:, ::3, ::3], small)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from comfyui_dynamic_dit.devtools import tiny_flux
+from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.devtools.demo import run_node
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
 
@@ -85,7 +85,7 @@ def test_report_explains_a_model_not_sampled_yet(flux_model):
 
 def test_the_report_says_how_close_the_image_stayed_when_both_images_are_connected(flux_model, conds):
     """PSNR and SSIM of this run's image against full compute's (ComfyUI IMAGE tensors, (B, H, W, C) in [0, 1])."""
-    from comfyui_dynamic_dit.devtools.bench.fidelity import psnr as bench_psnr
+    from comfyui_dynamic_dit.core.fidelity import psnr as bench_psnr
     from comfyui_dynamic_dit.nodes.report import fidelity_text
 
     (model,) = Telemetry().patch(flux_model)
@@ -104,7 +104,7 @@ def test_the_report_says_when_its_times_may_mislead(flux_model, conds, monkeypat
     small for its time to follow its FLOPs; a fresh baseline of a large model is not."""
     from dataclasses import replace as copy
 
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import plan_of
+    from comfyui_dynamic_dit.integration.patching import plan_of
     from comfyui_dynamic_dit.nodes import report as report_node
     from comfyui_dynamic_dit.nodes.report import timing_caveat
 

@@ -6,15 +6,10 @@ from safetensors.torch import save_file
 import folder_paths
 import nodes as comfy_nodes
 
-from comfyui_dynamic_dit.devtools import tiny_flux
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, plan_of
-from comfyui_dynamic_dit.dynamic_core.methods.td_lora import (
-    architecture_metadata,
-    block_linear_shapes,
-    random_td_lora,
-    save_td_lora_file,
-    td_lora_state_dict,
-)
+from comfyui_dynamic_dit.demo import tiny_flux
+from comfyui_dynamic_dit.integration.patching import adapter_of, plan_of
+from comfyui_dynamic_dit.methods.td_lora.runtime import architecture_metadata, block_linear_shapes
+from comfyui_dynamic_dit.methods.td_lora.file import random_td_lora, save_td_lora_file, td_lora_state_dict
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
 
 Loader = NODE_CLASS_MAPPINGS["DynamicTDLoRALoader"]

@@ -4,9 +4,9 @@ import torch
 
 import folder_paths
 
-from comfyui_dynamic_dit.devtools import tiny_flux
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, plan_of
-from comfyui_dynamic_dit.dynamic_core.methods.token_router_file import save_router_file
+from comfyui_dynamic_dit.demo import tiny_flux
+from comfyui_dynamic_dit.integration.patching import adapter_of, plan_of
+from comfyui_dynamic_dit.methods.token_router.file import save_router_file
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
 
 Router = NODE_CLASS_MAPPINGS["DynamicTokenRouter"]

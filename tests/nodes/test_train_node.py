@@ -6,13 +6,14 @@ import torch
 
 import comfy.utils
 
-from comfyui_dynamic_dit.devtools import tiny_flux
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.td_lora_files import file_choices
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import model_files
-from comfyui_dynamic_dit.dynamic_core.methods.width_file import ROUTER_FORMAT
-from comfyui_dynamic_dit.nodes.td_lora import DynamicTDLoRALoader
+from comfyui_dynamic_dit.demo import tiny_flux
+from comfyui_dynamic_dit.demo import reference as reference_model
+from comfyui_dynamic_dit.methods.td_lora.comfy_files import file_choices
+from comfyui_dynamic_dit.integration.patching import model_files
+from comfyui_dynamic_dit.methods.width.file import ROUTER_FORMAT
+from comfyui_dynamic_dit.methods.td_lora.node import DynamicTDLoRALoader
 from comfyui_dynamic_dit.nodes.train import DynamicTrainer
-from comfyui_dynamic_dit.nodes.width import DynamicWidthPatcher
+from comfyui_dynamic_dit.methods.width.node import DynamicWidthPatcher
 
 WIDGETS = dict(parts="width + TD-LoRA", target_flops=0.7, steps=4, filename="trained/tiny", sampling_steps=4, cfg=2.0,
                sampler_name="euler", scheduler="simple", seeds=1, batch=2)
@@ -26,7 +27,7 @@ def sample(model, conds):
 @pytest.fixture(scope="module")
 def other_weights():
     """A model of the same shapes with other weights: trained files must refuse it."""
-    return tiny_flux.build_model(tiny_flux.TinyFlux(seed=3))
+    return reference_model.build_model(tiny_flux.TinyFlux(seed=3))
 
 
 def _umask() -> int:
@@ -63,7 +64,7 @@ def test_trains_writes_files_the_loaders_accept(flux_model, conds, model_folder,
     both = DynamicTDLoRALoader().load(routed, "dynamic_dit/trained/tiny.safetensors", 1.0)[0]
     torch.testing.assert_close(sample(both, conds), sample(patched, conds))
     # one node applies every part of the file as trained: the model the Train node returned
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import training_run_files
+    from comfyui_dynamic_dit.integration.patching import training_run_files
     from comfyui_dynamic_dit.nodes.trained import DynamicTrainedLoader
 
     assert "trained/tiny.safetensors" in training_run_files()
@@ -86,7 +87,7 @@ def test_trains_writes_files_the_loaders_accept(flux_model, conds, model_folder,
     (dict(parts="coarse patches (DDiT)", coarse_schedule="0-50%:2, 50-90%:4"), "exactly one coarse factor"),
 ])
 def test_bad_inputs_fail_before_any_work(flux_model, conds, model_folder, changes, message, monkeypatch):
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
+    from comfyui_dynamic_dit.integration import training_host
 
     monkeypatch.setattr(training_host, "record_trajectories", lambda *a, **k: pytest.fail("sampled before checking inputs"))
     with pytest.raises(ValueError, match=message):
@@ -101,8 +102,8 @@ def test_no_conditioning_is_refused(flux_model, conds, model_folder):
 def test_trains_coarse_patches_for_the_patch_scheduler(flux_model, conds, model_folder, other_weights):
     """parts 'coarse patches (DDiT)': a patch embedding file the Patch Scheduler lists and runs 'as trained',
     sampling what the node's returned model samples; the schedule comes from the file."""
-    from comfyui_dynamic_dit.dynamic_core.methods.patch_embedding_file import FORMAT
-    from comfyui_dynamic_dit.nodes.patch_scheduler import DynamicPatchScheduler
+    from comfyui_dynamic_dit.methods.patch_scheduler.file import FORMAT
+    from comfyui_dynamic_dit.methods.patch_scheduler.node import DynamicPatchScheduler
 
     patched, report = run(flux_model, conds, parts="coarse patches (DDiT)", coarse_schedule="0-60%:2")["result"]
     assert "coarse schedule 0-60%:2" in report
@@ -124,8 +125,8 @@ def test_trains_token_routers_for_the_token_router(flux_model, conds, model_fold
     """parts 'token routers + TD-LoRA' (DiffCR, or SDT's MLP-only routing): a token-router file the Token Router
     lists and runs 'as trained' (with the TD-LoRA file in the TD-LoRA Loader), sampling what the node's returned
     model samples."""
-    from comfyui_dynamic_dit.dynamic_core.methods.token_router_file import FORMAT, load_router_file
-    from comfyui_dynamic_dit.nodes.token_router import DynamicTokenRouter
+    from comfyui_dynamic_dit.methods.token_router.file import FORMAT, load_router_file
+    from comfyui_dynamic_dit.methods.token_router.node import DynamicTokenRouter
 
     patched, report = run(flux_model, conds, parts=parts, steps=6)["result"]
     router = load_router_file(model_folder / "trained" / "tiny.safetensors")
@@ -153,7 +154,7 @@ def test_on_policy_rounds_run_after_training_with_the_progress_bar(flux_model, c
     # one teacher run + 4 steps, then per round one rollout + 2 steps
     assert progress[-1] == (1 + 4 + 2 * (1 + 2),) * 2 and sorted(set(v for v, _ in progress)) == list(range(1, 12))
     assert "after 4 steps and 2 on-policy round(s) of 2" in report
-    from comfyui_dynamic_dit.dynamic_core.files import header_metadata
+    from comfyui_dynamic_dit.core.files import header_metadata
 
     header = header_metadata(model_folder / "trained" / "tiny.safetensors")
     assert header["train_steps"] == "8" and "on_policy_rounds=2" in header["command"]
@@ -169,7 +170,7 @@ def test_on_policy_rounds_run_after_training_with_the_progress_bar(flux_model, c
 def test_teacher_and_rollout_seeds_stay_away_from_the_seeds_people_sample_with(flux_model, conds, model_folder, monkeypatch):
     """The node's teacher runs use noise seeds 1000, 1001, ... (the CLI's too) and round k's rollouts 1000 k more,
     so an image sampled at seed 0, 1, ... judges the trained model on noise it never saw."""
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
+    from comfyui_dynamic_dit.integration import training_host
 
     seen = []
     record = training_host.record_trajectories
@@ -184,7 +185,7 @@ def test_training_leaves_the_model_computing_as_before(conds, model_folder):
     after training differed in the last digits from the images before (on some CPUs). Same kernels, same bits."""
     from support.op_trace import first_difference, tracing_model_calls
 
-    model = tiny_flux.build_model(tiny_flux.TinyFlux(depth=1, depth_single_blocks=1))
+    model = reference_model.build_model(tiny_flux.TinyFlux(depth=1, depth_single_blocks=1))
     model.model.diffusion_model.requires_grad_(True)  # as ComfyUI 0.3.75's loader leaves a model
     model.model.diffusion_model.img_in.weight.requires_grad_(False)  # and a layer a LoRA was on
     flags = [p.requires_grad for p in model.model.diffusion_model.parameters()]

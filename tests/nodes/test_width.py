@@ -7,10 +7,12 @@ import comfy.model_management
 import folder_paths
 import nodes as comfy_nodes
 
-from comfyui_dynamic_dit.dynamic_core import slicing
-from comfyui_dynamic_dit.devtools import tiny_flux
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, plan_of
-from comfyui_dynamic_dit.dynamic_core.methods.width import PRESETS, RouterHeader, WidthRouter, save_width_router
+from comfyui_dynamic_dit.core import slicing
+from comfyui_dynamic_dit.demo import tiny_flux
+from comfyui_dynamic_dit.demo import reference as reference_model
+from comfyui_dynamic_dit.integration.patching import adapter_of, plan_of
+from comfyui_dynamic_dit.methods.width.runtime import PRESETS
+from comfyui_dynamic_dit.methods.width.file import RouterHeader, WidthRouter, save_width_router
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
 
 Width = NODE_CLASS_MAPPINGS["DynamicWidthPatcher"]
@@ -150,7 +152,7 @@ def write_lora(folder, model, rank=4, seed=0):
 
 @pytest.mark.parametrize("lowvram", [False, True], ids=["loaded", "lowvram"])
 def test_lora_before_the_node_is_honoured(tiny_config, conds, tmp_path, model_folder, monkeypatch, request, lowvram):
-    base = tiny_flux.build_model(tiny_config)  # its own weights: the LoRA is merged into them while loaded
+    base = reference_model.build_model(tiny_config)  # its own weights: the LoRA is merged into them while loaded
     dm = base.model.diffusion_model
     original = {name: dm.get_submodule(name).weight.detach().clone() for name in LORA_LAYERS}
     loras = tmp_path / "loras"
@@ -194,5 +196,5 @@ def test_lora_before_the_node_is_honoured(tiny_config, conds, tmp_path, model_fo
     # and the whole run equals the same node on a model whose weights have the LoRA merged in
     state = {k: v.clone() for k, v in dm.state_dict().items()}
     state.update({f"{n}.weight": merged[n] for n in LORA_LAYERS})
-    merged_model = patch(tiny_flux.build_model(tiny_config, state_dict=state), router="router.safetensors")
+    merged_model = patch(reference_model.build_model(tiny_config, state_dict=state), router="router.safetensors")
     torch.testing.assert_close(out, tiny_flux.sample(merged_model, *conds, **FAST), rtol=1e-4, atol=1e-4)

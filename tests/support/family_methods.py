@@ -12,11 +12,11 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, install_executor, plan_of
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.td_lora_files import apply_td_lora, load_td_lora
-from comfyui_dynamic_dit.dynamic_core.methods.patch_scheduler import PatchSchedulerSettings, parse_schedule
-from comfyui_dynamic_dit.dynamic_core.methods.token_router import TokenRouterSettings
-from comfyui_dynamic_dit.dynamic_core.methods.width import CalibrationSpec, WidthSettings
+from comfyui_dynamic_dit.integration.patching import apply_settings, install_executor, plan_of
+from comfyui_dynamic_dit.methods.td_lora.comfy_files import apply_td_lora, load_td_lora
+from comfyui_dynamic_dit.methods.patch_scheduler.runtime import PatchSchedulerSettings, parse_schedule
+from comfyui_dynamic_dit.methods.token_router.runtime import TokenRouterSettings
+from comfyui_dynamic_dit.methods.width.runtime import CalibrationSpec, WidthSettings
 
 Sample = Callable[[object], torch.Tensor]
 SMALL = CalibrationSpec(latent_size=(8, 8), text_tokens=4)
@@ -61,7 +61,7 @@ def assert_full_settings_bit_identical(model, sample: Sample, settings: Iterable
 def assert_analytic_flops_match(model, arguments: dict, rel: float = 0.02) -> None:
     """The adapter's analytic FLOPs of an unpatched call with these diffusion-model `arguments` are what
     FlopCounterMode counts, within `rel`."""
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
+    from comfyui_dynamic_dit.integration.patching import adapter_of
 
     adapter = adapter_of(model)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -131,9 +131,9 @@ def assert_flux_shaped_blocks_are_the_host_blocks(model, call: Callable[[dict], 
     """Flux-shaped blocks (Flux 2, Chroma): a double and a single block run by the adapter at full internals give the
     host block's output bit for bit; with half the heads and MLP groups (SwiGLU: gate and up rows together) a
     finite, different one. `call(transformer_options)` runs the diffusion model once with those options."""
-    from comfyui_dynamic_dit.dynamic_core.adapters import BlockInternals, BlockRef, CallLayout
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
-    from comfyui_dynamic_dit.dynamic_core.slicing import RunIndexCache
+    from comfyui_dynamic_dit.families import BlockInternals, BlockRef, CallLayout
+    from comfyui_dynamic_dit.integration.patching import adapter_of
+    from comfyui_dynamic_dit.core.slicing import RunIndexCache
 
     adapter, dm = adapter_of(model), model.model.diffusion_model
     captured = {}
@@ -174,7 +174,7 @@ def assert_the_nodes_run_as_the_server_runs_them(model, sample: Sample, chain=WI
     refuses the family with an error matching it and leaves the model as it was."""
     from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS as NODES
     from comfyui_dynamic_dit.devtools.demo import run_node
-    from comfyui_dynamic_dit.dynamic_core.adapters import UnsupportedModelError
+    from comfyui_dynamic_dit.families import UnsupportedModelError
 
     with torch.inference_mode():
         baseline = run_node(NODES["DynamicTelemetry"], model=model)
@@ -203,8 +203,8 @@ def assert_coarse_positions_centre_their_regions(model, call: Callable[[torch.Te
     """A family whose host builds positions itself (`PositionedCoarseGrid`): with its stand-ins applied as the host
     applies object patches, a native call embeds the host's own positions, and a coarse call embeds exactly the native
     call's positions with each image region averaged into its coarse token (text and reference tokens as natively)."""
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patch_points import with_patch_points
-    from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of
+    from comfyui_dynamic_dit.integration.patch_points import with_patch_points
+    from comfyui_dynamic_dit.integration.patching import adapter_of
 
     adapter = adapter_of(model)
     grid, dm = adapter.coarse_grid(), model.model.diffusion_model

@@ -9,18 +9,18 @@ import torch
 
 from support.training import sampling_through
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import apply_settings, check_base_weights
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.td_lora_files import apply_td_lora
-from comfyui_dynamic_dit.dynamic_core.files import header_metadata
-from comfyui_dynamic_dit.dynamic_core.methods.td_lora_file import load_td_lora_file
-from comfyui_dynamic_dit.dynamic_core.methods.token_router import TokenRouterSettings
-from comfyui_dynamic_dit.dynamic_core.methods.token_router_file import load_router_file
-from comfyui_dynamic_dit.dynamic_core.methods.width import WidthSettings
-from comfyui_dynamic_dit.dynamic_core.methods.width_file import load_width_router
-from comfyui_dynamic_dit.dynamic_core.training.export import save_student, training_metadata
-from comfyui_dynamic_dit.dynamic_core.training.student import StudentSpec
-from comfyui_dynamic_dit.dynamic_core.training.trainer import TrainConfig, train
+from comfyui_dynamic_dit.integration import training_host
+from comfyui_dynamic_dit.integration.patching import apply_settings, check_base_weights
+from comfyui_dynamic_dit.methods.td_lora.comfy_files import apply_td_lora
+from comfyui_dynamic_dit.core.files import header_metadata
+from comfyui_dynamic_dit.methods.td_lora.file import load_td_lora_file
+from comfyui_dynamic_dit.methods.token_router.runtime import TokenRouterSettings
+from comfyui_dynamic_dit.methods.token_router.file import load_router_file
+from comfyui_dynamic_dit.methods.width.runtime import WidthSettings
+from comfyui_dynamic_dit.methods.width.file import load_width_router
+from comfyui_dynamic_dit.training.export import save_student, training_metadata
+from comfyui_dynamic_dit.training.student import StudentSpec
+from comfyui_dynamic_dit.training.trainer import TrainConfig, train
 
 # sample(model) -> the final latent of the family's sampling run the test compares
 Sample = Callable[[object], torch.Tensor]

@@ -7,7 +7,7 @@ import torch
 
 import comfy.model_patcher
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.reference import detected_model_config
+from comfyui_dynamic_dit.demo.reference import detected_model_config
 
 
 def detected_model(keys: dict[str, tuple[int, ...]], **sizes):

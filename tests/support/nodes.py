@@ -1,8 +1,8 @@
 """Files the node tests put in the model folder."""
 from __future__ import annotations
 
-from comfyui_dynamic_dit.dynamic_core.adapters import adapter_for
-from comfyui_dynamic_dit.dynamic_core.methods.patch_embedding_file import derived_layers, save_patch_embedding_file
+from comfyui_dynamic_dit.families import adapter_for
+from comfyui_dynamic_dit.methods.patch_scheduler.file import derived_layers, save_patch_embedding_file
 
 
 def write_flux_embedding(folder, model_patcher, name: str = "coarse.safetensors") -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 import comfy.patcher_extension
 import torch
 
-from comfyui_dynamic_dit.dynamic_core.comfy_integration import training_host
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patch_points import with_patch_points
-from comfyui_dynamic_dit.dynamic_core.comfy_integration.patching import adapter_of, bind_model_call
-from comfyui_dynamic_dit.dynamic_core.training.student import StudentSpec
+from comfyui_dynamic_dit.integration import training_host
+from comfyui_dynamic_dit.integration.patch_points import with_patch_points
+from comfyui_dynamic_dit.integration.patching import adapter_of, bind_model_call
+from comfyui_dynamic_dit.training.student import StudentSpec
 
 LATENT = torch.zeros(1, 16, 16, 16)  # 8x8 = 64 image tokens
 SAMPLING = dict(steps=8, cfg=2.0, sampler="euler", scheduler="simple")

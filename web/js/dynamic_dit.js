@@ -1,6 +1,6 @@
 // Dynamic DiT in the ComfyUI frontend: the "Dynamic Speed Report" node shows the summary line and a
 // per-step chart, live while a Dynamic DiT model samples ("dynamic_dit.progress" events) and final
-// after the report runs. The chart is the one dynamic_core/chart.py draws as an image: model ms per
+// after the report runs. The chart is the one core/chart.py draws as an image: model ms per
 // step next to the full-compute baseline, the one-off setup (e.g. width calibration) apart from the
 // steps, and the FLOPs of every step as a share of the full model's.
 //

@@ -1,0 +1,114 @@
+"""Dynamic Patch Scheduler (DDiT): coarse patches at steps where the latent changes slowly."""
+from __future__ import annotations
+
+from ...integration.patching import MODEL_FOLDER, apply_settings, check_base_weights, model_files
+from ...core.files import header_metadata
+from .file import FORMAT, load_patch_embedding_file
+from .runtime import MODES, PatchSchedulerSettings, parse_schedule
+
+NO_EMBEDDING = "none"
+AS_TRAINED = "as trained"  # manual, on the schedule the embedding file was trained for (its `coarse_schedule`)
+NODE_MODES = (*MODES, AS_TRAINED)
+DEFAULT_SCHEDULE = "0-40%:4, 40-70%:2, 70-100%:1"
+
+
+def _embedding_files() -> list[str]:
+    return [NO_EMBEDDING, *model_files(FORMAT)]
+
+
+def _load_embedding(name: str, model):
+    """The file, refused unless trained on this model's weights (when it names them)."""
+    import folder_paths
+
+    path = folder_paths.get_full_path(MODEL_FOLDER, name)
+    if path is None:
+        raise ValueError(f"Patch embedding '{name}' is not in models/{MODEL_FOLDER}/; pick a file from the list or 'none'.")
+    embedding = load_patch_embedding_file(path, name)
+    check_base_weights(model, header_metadata(path), name)
+    return embedding
+
+
+DEFAULTS = PatchSchedulerSettings()
+
+
+class DynamicPatchScheduler:
+    DESCRIPTION = (
+        "Runs some sampling steps on a coarser patch grid (DDiT): a 2x patch step works on a quarter of the image "
+        "tokens, a 4x step on a sixteenth, and its prediction is brought back to full resolution. 'auto' decides "
+        "per step how unevenly the latent is changing (third difference of this step's latent and the three before) "
+        "compared with the start of the run, against tau; 'manual' follows a schedule. Without an embedding file the "
+        "model's own weights are used (no training); a trained file from models/dynamic_dit/ improves coarse steps. "
+        "In auto mode the first three and the last steps stay native, and a coarse step is followed by at least "
+        "three native ones."
+    )
+    CATEGORY = "dynamic_dit/methods"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model to make faster (from Load Diffusion Model, a LoRA loader or another node of this pack)."}),
+                "mode": (list(NODE_MODES), {"default": "auto", "tooltip": "auto: measures each step and coarsens smooth ones; manual: the schedule below; as trained: the file's own."}),
+                "tau": ("FLOAT", {
+                    "default": DEFAULTS.tau, "min": 0.0, "max": 100.0, "step": 0.1, "round": False,
+                    "tooltip": "auto: higher = more steps run coarse (faster, less detail); the Speed Report's table shows each step's value.",
+                }),
+                "percentile": ("FLOAT", {
+                    "default": DEFAULTS.epsilon, "min": 0.0, "max": 1.0, "step": 0.05,
+                    "tooltip": "auto: the percentile of the per-patch change that is measured (DDiT: 0.4); lower = the calmest parts.",
+                }),
+                "max_patch_factor": ("INT", {
+                    "default": DEFAULTS.max_factor, "min": 2, "max": 4, "step": 2,
+                    "tooltip": "auto: the coarsest patch: 2x = 4 times fewer image tokens, 4x = 16 times fewer (more detail lost).",
+                }),
+                "last_native_steps": ("INT", {
+                    "default": DEFAULTS.last_native_steps, "min": 0, "max": 1000,
+                    "tooltip": "auto: the last steps always run at the native patch, where fine detail forms.",
+                }),
+                "manual_schedule": ("STRING", {
+                    "default": DEFAULT_SCHEDULE, "multiline": False,
+                    "tooltip": "manual: step ranges and their patch factor, e.g. '0-40%:4, 40-70%:2'; other steps run native.",
+                }),
+                "embedding": (_embedding_files(), {
+                    "default": NO_EMBEDDING,
+                    "tooltip": "A trained coarse-patch file from models/dynamic_dit/, or none: coarse patches from the model's own weights.",
+                }),
+                "start_percent": ("FLOAT", {
+                    "default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "Coarse steps only from this point of the denoising (0 = pure noise), like other nodes' start percent.",
+                }),
+                "end_percent": ("FLOAT", {
+                    "default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
+                    "tooltip": "Coarse steps only up to this point of the denoising (1 = clean).",
+                }),
+            }
+        }
+
+    def patch(self, model, mode, tau, percentile, max_patch_factor, last_native_steps, manual_schedule, embedding,
+              start_percent, end_percent):
+        loaded = _load_embedding(embedding, model) if embedding != NO_EMBEDDING else None
+        schedule = parse_schedule(manual_schedule) if mode == "manual" else ()
+        if mode == AS_TRAINED:
+            if loaded is None:
+                raise ValueError("Patch scheduler mode 'as trained' follows the schedule a trained embedding file was made "
+                                 "for; choose such a file (from Train Dynamic DiT or `python -m devtools.train --parts "
+                                 "coarse`), or use 'manual' with a schedule.")
+            mode, schedule = "manual", loaded.trained_schedule()
+        settings = PatchSchedulerSettings(
+            mode=mode,
+            tau=float(tau),
+            epsilon=float(percentile),
+            max_factor=int(max_patch_factor),
+            last_native_steps=int(last_native_steps),
+            schedule=schedule,
+            embedding=loaded,
+            start_percent=float(start_percent),
+            end_percent=float(end_percent),
+        )
+        return (apply_settings(model, settings),)
+
+
+NODE_CLASS_MAPPINGS = {"DynamicPatchScheduler": DynamicPatchScheduler}
+NODE_DISPLAY_NAME_MAPPINGS = {"DynamicPatchScheduler": "Dynamic Patch Scheduler"}

@@ -1,0 +1,397 @@
+"""Dynamic patch scheduling (DDiT, arXiv 2602.16968): coarse patches at steps where the latent changes slowly.
+
+At a coarse step with factor f the model runs on a grid f times coarser in each direction (patch f*p,
+f*f times fewer image tokens) and the prediction is brought back to the native latent resolution.
+Everything happens around one model call (model level, outermost method), so the token router and
+the width patcher run on the coarse grid inside it.
+
+**Without a trained file** (training-free), a coarse call is the host's own forward on an
+area-downsampled latent, which is the same as embedding each f*p patch with the native `img_in`
+weights times the area-downsampling matrix (the transpose of the downsampling, up to 1/f^2). The
+FlexiViT alternative, the pseudo-inverse of the bilinear resize (PI-resize), embeds B+ x instead:
+a least-squares downsampling with negative lobes that leaves the per-pixel noise coloured and at
+0.65 (f=2) / 0.32 (f=4) of its std instead of exactly 1/f. Area downsampling keeps the noise white
+with std exactly t/f, so the coarse latent is an exact flow-matching sample of the downsampled clean
+latent at a shifted time (the resolution shift of SD3, section 5.3.2):
+
+    D x_t = (1 - t) D x0 + (t / f) n   ==   c * ((1 - t') D x0 + t' n),   c = 1 - t + t/f,   t' = (t/f) / c
+
+so the model sees the noise level it was trained for: `z = D x_t / c` at flow time t'. PI-resize
+cannot give that, so area it is (`patch_embedding_file.derived_layers` still builds the PI-resize
+layers, as DDiT's initialisation for a trainer).
+
+Positions: coarse token i gets the RoPE position of the centre of the native tokens it covers,
+f*i + (f-1)/2 (through the host's `rope_options`, `CoarseGrid.coarse_options`; on hosts without them, through
+stand-ins for the methods that read positions, `CoarseGrid.coarse_call`; absolute embeddings are interpolated there).
+
+Back to native: the coarse denoised estimate x0_c = z - t' v_c is upsampled bilinearly (U) and the
+velocity is taken against the full-resolution input: v = (x_t - U x0_c) / t, i.e.
+
+    v = U((D x_t - x0_c) / t)  +  (x_t - U D x_t) / t
+        coarse prediction          residual path from the input latent
+
+The residual carries the detail finer than a coarse patch straight from the input: it is what the
+velocity of that detail is when the clean image has none at that scale (exact at early steps, where
+that detail is noise). **With a trained file** the call keeps the training-free path's noise level
+(input x / c, flow time t') but the trained embedding of the f*p patches (plus the patch-size
+identifier) replaces the embedded image tokens through the host's `post_input` patch, the file's block
+LoRA acts on the block linears (`block_internals`, coarse calls only), the hidden states after the last
+block are captured by this method's `wrap_block`, and the host's final layer (its own norm and
+modulation) runs with its own last linear and the trained de-embedding side by side: the coarse velocity
+v_c upsampled bilinearly plus a trained P x P correction R, v = (x - U D x / c) / t + (t' / t) (U v_c + R)
+(`coarse_output`). Area-derived embedding and a zero de-embedding are the training-free path exactly, so
+a trainer starts from it.
+
+**Scheduler** (auto mode, DDiT's rule, `patch_statistics.py`): the decision for step s is made once,
+at the first model call that evaluates step s's sigma, from the third difference of x_{s-3} ... x_s:
+the sampler's x at the start of the three steps before (recorded from the per-step callback) and the
+call's own input x_s (the sampler's x before the host scales and casts it; for Flux the model's input
+is that x itself). So step 3 is the first that can run coarse. For each candidate patch size the std
+inside each patch, the epsilon-percentile over patches, divided by its value at the first step the
+scheduler evaluates (its yardstick, from native steps); the largest patch whose ratio is below tau
+wins, the sample with the largest ratio decides for the batch. The first three and the last N steps
+run native, and so does a step whose Δ³ window holds a coarse step (COARSE_WINDOW_RULE below).
+Every call of a step uses that step's decision (`call.step.step`): cond and uncond calls
+and Heun's second evaluation of step i, at sigma_{i+1}, which decides step i+1 from its own input
+(the Euler predictor of x_{i+1}). A step's decision reads one small tensor back to the host; the
+scheduler reads nothing else.
+**Manual mode** takes a schedule such as `0-40%:4, 40-70%:2, 70-100%:1` over the fraction of the
+run's steps done (step s of N at s/N); steps no range covers run native.
+Calls whose inputs are laid out per native token (ControlNet, attention masks, 'uxo' reference
+latents) always run native.
+"""
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING, Any, Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ...families import UnsupportedModelError
+from ...core.flops import FlopBreakdown
+from ...core.plan import MethodSettings
+from ...core.method import BlockArgs, BlockFn, DynamicMethod, register
+from .coarse_path import (
+    FlowStep, NoiseStep, as_image, pad_to_multiple, spatially, coarse_layer_flops, coarse_output, coarse_time, coarse_tokens,
+)
+from ...core.low_rank import GatedBypass, SummedExtra
+from .file import CoarseLayers, PatchEmbeddingFile
+from .schedule import FACTORS, ScheduleRange, parse_schedule, range_of_step
+from .statistics import (
+    PatchDecision,
+    choose_patch_factor,
+    patch_statistic,
+    relative_roughness,
+    roughness,
+    third_difference,
+)
+
+if TYPE_CHECKING:
+    from ...families import BlockInternals, BlockRef, ModelAdapter
+    from ...families.coarse import CoarseGrid
+    from ...core.executor import CallState, ModelCall, RunContext
+
+MODES = ("auto", "manual")
+FIRST_NATIVE_STEPS = 3
+MIN_FLOW_TIME = 1e-3  # the velocity divides by t: closer to the clean end a coarse step makes no sense
+# COARSE_WINDOW_RULE: Δ³ is measured over native steps only. A coarse step's update is not the model's
+# own motion (detail finer than a coarse patch is carried along, not predicted): on the reference model
+# the ratio of the three windows holding it jumps to 2.2-8.8 under Euler and 1.1-5.7 under DPM++ 2M,
+# values native steps reach only late in a run (BENCHMARKS.md). Compared with tau, that jump either
+# blocked the next coarse step or let coarse steps chain into long runs (x2.7 fewer FLOPs at 17 dB).
+# So a window holding a coarse step decides nothing: its step runs native, coarse steps come at most
+# every fourth step, each after three native steps that re-form the detail.
+
+
+# --- settings ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PatchSchedulerSettings(MethodSettings):
+    method: ClassVar[str] = "patch_scheduler"
+
+    mode: str = "auto"
+    # Defaults measured in BENCHMARKS.md ("Patch Scheduler auto"): coarse steps on every model and sampler
+    # tried (x1.16-1.18 fewer FLOPs), 27-28 dB on the reference model; 4x patches cost ~3 dB for x1.2.
+    tau: float = 5.0  # relative: the Δ³ statistic over its value at the first step evaluated
+    epsilon: float = 0.4  # the percentile over patches, as a fraction
+    max_factor: int = 2
+    last_native_steps: int = 2
+    schedule: tuple[ScheduleRange, ...] = ()  # manual mode
+    embedding: PatchEmbeddingFile | None = None
+    start_percent: float = 0.0  # sigma-based, as ComfyUI's start/end percent
+    end_percent: float = 1.0
+    first_native_steps: int = FIRST_NATIVE_STEPS
+
+    def candidate_factors(self) -> tuple[int, ...]:
+        """Coarse factors auto mode may choose."""
+        available = self.embedding.factors if self.embedding is not None else FACTORS
+        return tuple(f for f in available if f <= self.max_factor)
+
+    @property
+    def enabled(self) -> bool:
+        if self.start_percent >= self.end_percent:
+            return False
+        if self.mode == "manual":
+            return any(r.factor > 1 for r in self.schedule)
+        return self.tau > 0 and bool(self.candidate_factors())
+
+    def validate(self, adapter: "ModelAdapter") -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"Patch scheduler mode must be one of {', '.join(MODES)}, not {self.mode!r}.")
+        if not (math.isfinite(self.tau) and self.tau >= 0):
+            raise ValueError(f"Patch scheduler tau must be a finite number >= 0, not {self.tau}.")
+        if not 0.0 <= self.epsilon <= 1.0:
+            raise ValueError(f"Patch scheduler percentile must be between 0 and 1, not {self.epsilon}.")
+        if self.max_factor not in (1, *FACTORS):
+            raise ValueError(f"Patch scheduler max patch factor must be 1, 2 or 4, not {self.max_factor}.")
+        if self.last_native_steps < 0 or self.first_native_steps < 0:
+            raise ValueError("Patch scheduler: the number of native steps at the start and end cannot be negative.")
+        if not 0.0 <= self.start_percent <= self.end_percent <= 1.0:
+            raise ValueError(
+                f"Patch scheduler start/end percent must satisfy 0 <= start <= end <= 1, got {self.start_percent}, {self.end_percent}."
+            )
+        if self.mode == "manual" and not self.schedule:
+            raise ValueError("Patch scheduler: manual mode needs a schedule such as '0-40%:4, 40-70%:2, 70-100%:1'.")
+        grid = adapter.coarse_grid()
+        if grid is None:
+            raise UnsupportedModelError(f"The patch scheduler does not support {adapter.display_name} models yet.")
+        if self.embedding is None:
+            return
+        if not grid.trained_embedding:
+            raise UnsupportedModelError(
+                f"The patch scheduler runs {adapter.display_name} models training-free only; choose no embedding file."
+            )
+        self.embedding.check_model(grid, adapter.display_name)
+        self.embedding.check_blocks(adapter)
+        factors = self.embedding.factors
+        if self.mode == "manual":
+            missing = sorted({r.factor for r in self.schedule if r.factor > 1} - set(factors))
+            if missing:
+                raise ValueError(
+                    f"The manual patch schedule asks for {', '.join(f'{f}x' for f in missing)} patches, but the embedding "
+                    f"'{self.embedding.name}' holds only {', '.join(f'{f}x' for f in factors)}."
+                )
+        elif not self.candidate_factors():
+            raise ValueError(
+                f"The embedding '{self.embedding.name}' holds {', '.join(f'{f}x' for f in factors)} patches, all above the "
+                f"max patch factor {self.max_factor}."
+            )
+
+    def describe(self) -> str:
+        if self.mode == "manual":
+            text = f"patch scheduler (manual {', '.join(r.describe() for r in self.schedule)})"
+        else:
+            text = (f"patch scheduler (auto, τ {self.tau:g}, p{self.epsilon * 100:g}, up to "
+                    f"{max(self.candidate_factors(), default=1)}x, last {self.last_native_steps} native)")
+        if self.embedding is not None:
+            text += f" with {self.embedding.name}"
+        return text
+
+
+# --- the runtime -----------------------------------------------------------------------------------
+@dataclass
+class _Capture:
+    """Hidden states after the last block of one trained coarse call."""
+
+    call: "CallState"
+    count: int  # coarse image tokens
+    factor: int
+    hidden: torch.Tensor | None = None
+    conditioning: Any = None  # what the final layer is modulated by (the grid reads it off the last block)
+
+
+@register
+class PatchSchedulerMethod(DynamicMethod):
+    settings_type = PatchSchedulerSettings
+    order = 10
+    settings: PatchSchedulerSettings
+
+    def __init__(self, settings: PatchSchedulerSettings, run: "RunContext") -> None:
+        super().__init__(settings, run)
+        grid = run.adapter.coarse_grid()
+        if grid is None:  # settings are validated when applied, so only a changed model gets here
+            raise UnsupportedModelError(f"The patch scheduler does not support {run.adapter.display_name} models yet.")
+        self.grid: "CoarseGrid" = grid
+        self._sampling_refusal = grid.sampling_refusal(run.model_sampling)  # on the host, once per run
+        self._latents: OrderedDict[int, torch.Tensor] = OrderedDict()  # step -> sampler x at its start
+        self._decisions: dict[int, PatchDecision] = {}
+        self._reference: tuple[int, torch.Tensor] | None = None  # (step, its Δ³ statistics (factors, batch))
+        self._coarse_steps: set[int] = set()  # steps with a call that ran coarse
+        self._layers: dict[tuple, CoarseLayers] = {}
+        self._capture: _Capture | None = None
+
+    # --- scheduling -----------------------------------------------------------------------------
+    def on_step(self, step: int, latent: torch.Tensor) -> None:
+        if self.settings.mode != "auto":
+            return
+        self._latents[step] = as_image(latent.detach().to(torch.float32, copy=True))
+        while len(self._latents) > 3:  # x_{s-3} .. x_{s-1}; x_s is the deciding call's own input
+            self._latents.popitem(last=False)
+
+    def decision(self, call: "CallState", model_call: "ModelCall") -> PatchDecision:
+        """The decision of the step whose sigma this call evaluates, made by its first call."""
+        step = call.step.step
+        if step is None:
+            return PatchDecision(1, "native (no step schedule)")
+        if step not in self._decisions:
+            self._decisions[step] = self._decide(call, model_call)
+        return self._decisions[step]
+
+    def _decide(self, call: "CallState", model_call: "ModelCall") -> PatchDecision:
+        s, info = self.settings, call.step
+        step = info.step
+        if not s.start_percent <= info.percent <= s.end_percent:
+            return PatchDecision(1, f"native (outside {s.start_percent:.0%}-{s.end_percent:.0%})")
+        if s.mode == "manual":
+            chosen = range_of_step(s.schedule, step, info.total_steps)
+            if chosen is None:
+                return PatchDecision(1, "native (no manual range)")
+            if chosen.factor == 1:
+                return PatchDecision(1, f"native (manual {chosen.start:g}-{chosen.end:g}%)")
+            return PatchDecision(chosen.factor, f"patch {chosen.factor}x (manual {chosen.start:g}-{chosen.end:g}%)")
+        if step < s.first_native_steps:
+            return PatchDecision(1, f"native (first {s.first_native_steps} steps)")
+        if step >= info.total_steps - s.last_native_steps:
+            return PatchDecision(1, f"native (last {s.last_native_steps} steps)")
+        history = [self._latents.get(i) for i in range(step - 3, step)]
+        if any(z is None for z in history):
+            return PatchDecision(1, "native (Δ³ needs the latents of the 3 steps before)")
+        coarse = [i for i in range(step - 3, step) if i in self._coarse_steps]
+        if coarse:  # see COARSE_WINDOW_RULE
+            return PatchDecision(1, f"native (Δ³ window holds coarse step {coarse[-1]})")
+        newest = self._newest_latent(call, model_call)
+        if any(z.shape != newest.shape for z in history):
+            return PatchDecision(1, "native (the latent changed size between steps)")
+        factors = s.candidate_factors()
+        values = roughness([*(z.to(newest.device) for z in history), newest], factors, self.grid.native_patch, s.epsilon)
+        if self._reference is None:  # the yardstick: the first step evaluated, from native steps only
+            self._reference = (step, values)
+        # The step's one device -> host read (auto mode only): its relative statistics.
+        relative = relative_roughness(values, self._reference[1]).double().tolist()
+        return choose_patch_factor(dict(zip(factors, relative)), s.tau, s.epsilon, self._reference[0])
+
+    def _newest_latent(self, call: "CallState", model_call: "ModelCall") -> torch.Tensor:
+        """x_s: the sampler's x of this call at full precision where the host hands it over (else the
+        model's input, the same x for Flux up to the cast), the rows of one cond/uncond chunk."""
+        x = call.sampler_x if call.sampler_x is not None else self.run.adapter.latent(model_call.arguments)
+        rows = call.chunks[0].rows if call.chunks else slice(None)
+        return as_image(x[rows, : self.grid.noisy_channels].float())
+
+    # --- model calls ----------------------------------------------------------------------------
+    def wrap_model_call(
+        self, call: "CallState", model_call: "ModelCall", proceed: Callable[["ModelCall"], torch.Tensor]
+    ) -> torch.Tensor:
+        decision = self.decision(call, model_call)
+        reason = decision.reason
+        factor = decision.factor
+        if factor > 1:
+            refusal = (self._sampling_refusal or self.grid.refusal(model_call.arguments, call.diffusion_model)
+                       or self.grid.factor_refusal(model_call.arguments, factor))
+            if refusal is None and call.step.sigma < MIN_FLOW_TIME:  # the host's sigma: no device read
+                refusal = f"sigma {call.step.sigma:.2g} is too close to the clean end"
+            if refusal is not None:
+                factor, reason = 1, f"native ({refusal}; planned {decision.factor}x)"
+        call.record.methods[self.name] = reason
+        if factor == 1:
+            return proceed(model_call)
+        self._coarse_steps.add(call.step.step)
+        layers = self._coarse_layers(factor, self.run.adapter.latent(model_call.arguments))
+        if layers is None:
+            return self._training_free_call(model_call, proceed, factor)
+        return self._trained_call(call, model_call, proceed, factor, self.grid.flow_time(model_call.arguments), layers)
+
+    def _training_free_call(self, model_call: "ModelCall", proceed: Callable, factor: int) -> torch.Tensor:
+        grid, adapter = self.grid, self.run.adapter
+        x = adapter.latent(model_call.arguments)
+        low = spatially(lambda y: F.avg_pool2d(pad_to_multiple(y, factor * grid.native_patch), factor), x.float())
+        step = (NoiseStep if grid.prediction == "noise" else FlowStep)(grid, model_call.arguments, self.run.model_sampling)
+        z, time = step.coarse(low, factor)
+        options = grid.coarse_options(model_call.transformer_options, factor)
+        out = proceed(model_call.with_transformer_options(options, **{adapter.latent_argument: z.to(x.dtype), **time})
+                      .while_running(partial(grid.coarse_call, factor, model_call.arguments, x, z)))
+        return step.native(x, z, out, factor)
+
+    def _trained_call(self, call: "CallState", model_call: "ModelCall", proceed: Callable, factor: int,
+                      t: torch.Tensor, layers: CoarseLayers) -> torch.Tensor:
+        grid, adapter = self.grid, self.run.adapter
+        x = adapter.latent(model_call.arguments)
+        tokens, placeholder = coarse_tokens(grid, x, layers, factor, t)
+        options = grid.coarse_options(
+            model_call.transformer_options, factor, post_input=lambda embedded: grid.replace_image_tokens(embedded, tokens)
+        )
+        self._capture = capture = _Capture(call, tokens.shape[1], factor)
+        try:
+            out = proceed(model_call.with_transformer_options(options, **{
+                adapter.latent_argument: placeholder, **grid.with_flow_time(model_call.arguments, coarse_time(t, factor)[1]),
+            }))
+        finally:
+            self._capture = None
+        if capture.hidden is None:
+            raise RuntimeError(
+                f"Patch scheduler: block {grid.last_block.label} did not run through Dynamic DiT's block patch, so the "
+                "hidden states for the trained de-embedding are missing (another node replaced the model's blocks?)."
+            )
+        call.add_executed(FlopBreakdown(extra=coarse_layer_flops(grid, x, layers, factor)))
+        return coarse_output(grid, call.diffusion_model, capture.hidden, capture.conditioning, layers, x, factor, t).to(out.dtype)
+
+    def block_internals(self, call: "CallState", block: "BlockRef", args: BlockArgs, internals: "BlockInternals") -> "BlockInternals":
+        """The file's block LoRA (format version 2) on the linears of a trained coarse call, and only there."""
+        capture = self._capture
+        if capture is None or capture.call is not call:
+            return internals
+        embedding = self.settings.embedding
+        lora = embedding.lora.get(capture.factor, {}).get(block.label) if embedding is not None else None
+        if not lora:
+            return internals
+        like = self.run.adapter.hidden_states(block, args)
+        extras = dict(internals.extras)
+        for name, (down, up) in lora.items():
+            bypass = GatedBypass(*self._cast_lora(down, up, like), None)
+            extras[name] = SummedExtra(extras[name], bypass) if name in extras else bypass
+        return internals.with_changes(extras=extras)
+
+    def _cast_lora(self, down: torch.Tensor, up: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (id(down), like.device, like.dtype)
+        if key not in self._layers:
+            self._layers[key] = (down.to(like), up.to(like))
+        return self._layers[key]
+
+    def wrap_block(self, call: "CallState", block: "BlockRef", args: BlockArgs, proceed: BlockFn) -> dict:
+        capture = self._capture
+        out = proceed(args)
+        if capture is not None and capture.call is call and block == self.grid.last_block:
+            capture.hidden = self.grid.image_hidden(block, out, call.layout, capture.count)
+            capture.conditioning = self.grid.final_conditioning(args)
+        return out
+
+    def _coarse_layers(self, factor: int, like: torch.Tensor) -> CoarseLayers | None:
+        embedding = self.settings.embedding
+        if embedding is None:
+            return None
+        key = (factor, like.device, like.dtype)
+        if key not in self._layers:
+            self._layers[key] = embedding.layers[factor].to(like)
+        return self._layers[key]
+
+    def finish(self) -> None:
+        self._latents.clear()
+        self._reference = None
+        self._coarse_steps.clear()
+        self._layers.clear()
+        self._capture = None
+
+
+__all__ = [
+    "PatchDecision",
+    "PatchSchedulerMethod",
+    "PatchSchedulerSettings",
+    "ScheduleRange",
+    "choose_patch_factor",
+    "parse_schedule",
+    "patch_statistic",
+    "roughness",
+    "third_difference",
+]

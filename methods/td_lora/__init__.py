@@ -1,0 +1,2 @@
+"""TD-LoRA (DyDiT++): timestep-gated mixtures of low-rank experts, applied as an in-place bypass."""
+from . import runtime  # noqa: F401  (importing registers the method)

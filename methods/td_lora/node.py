@@ -1,0 +1,59 @@
+"""TD-LoRA Loader: a timestep-gated mixture of LoRA experts (DyDiT++), or a plain LoRA, as an in-place bypass."""
+from __future__ import annotations
+
+import os
+
+from .comfy_files import apply_td_lora, file_choices, load_td_lora, path_of, read_file
+from ...integration.patching import check_base_weights
+from .runtime import STRENGTH_RANGE
+
+
+class DynamicTDLoRALoader:
+    DESCRIPTION = (
+        "Applies a TD-LoRA: several low-rank experts whose mix follows the noise level, so noisy and clean "
+        "steps get different adaptations. Plain LoRA files (any key style ComfyUI's LoRA loader reads) load "
+        "as a single expert. The adaptation runs as a bypass next to each layer, so it keeps working under the "
+        "Dynamic Width Patcher and the Token Router; ComfyUI's own LoRA loaders can be chained before or after. "
+        "Applying this node again replaces its earlier TD-LoRA (use ComfyUI's LoRA loader to stack plain LoRAs). "
+        "The Dynamic Speed Report shows the gate weights of every step."
+    )
+    CATEGORY = "dynamic_dit/methods"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
+
+    def __init__(self) -> None:
+        self._cached: tuple[tuple, tuple] | None = None  # ((path, mtime, size), (tensors, metadata))
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        low, high = STRENGTH_RANGE
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The model to add the TD-LoRA to (after the Width Patcher when the file came with a width router)."}),
+                "file": (file_choices(), {
+                    "tooltip": "A TD-LoRA from models/dynamic_dit/ or any LoRA from models/loras/ (read as one expert)."
+                }),
+                "strength": ("FLOAT", {
+                    "default": 1.0, "min": low, "max": high, "step": 0.01,
+                    "tooltip": "Scales the whole adaptation; 0 leaves the model exactly as it was.",
+                }),
+            }
+        }
+
+    def _read(self, path: str):
+        stat = os.stat(path)
+        key = (path, stat.st_mtime, stat.st_size)
+        if self._cached is None or self._cached[0] != key:
+            self._cached = (key, read_file(path))
+        return self._cached[1]
+
+    def load(self, model, file: str, strength: float):
+        path = path_of(file)
+        tensors, metadata = self._read(path)
+        lora = load_td_lora(model, tensors, metadata, file)
+        check_base_weights(model, metadata, f"TD-LoRA file '{file}'")  # trained files name their base
+        return (apply_td_lora(model, lora, strength),)
+
+
+NODE_CLASS_MAPPINGS = {"DynamicTDLoRALoader": DynamicTDLoRALoader}
+NODE_DISPLAY_NAME_MAPPINGS = {"DynamicTDLoRALoader": "TD-LoRA Loader"}

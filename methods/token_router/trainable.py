@@ -1,0 +1,269 @@
+"""DiffCR's trainable parts: a token router per block and a keep ratio per block and timestep region.
+
+- Router (the token-router file's "diffcr" kind): score s = sigmoid(w . x + b) of each image token x
+  entering the block. The top-k tokens by score run the block (only they are queries, keys and values,
+  as the Token Router's *diffcr* mode runs them), and s scales their update, out = x + s (block(x) - x),
+  which is where the router's gradient comes from. It starts with s close to 1 (bias `router_init`).
+- Ratios (the file's `ratios` / `ratio_bounds`): per region of sigma percent (0 = noise, 1 = clean; the
+  Token Router's regions) and per block, a keep ratio in [min_keep, 1], starting at 1 (full compute).
+  A hard k = ceil(r N) has no gradient, so training interpolates between the two ratio bins around r, as
+  DiffCR does: with bins of width 1/B, lo = floor(r B) / B, hi = lo + 1/B, alpha = r B - floor(r B), each
+  token's update weight is (1 - alpha) w_lo + alpha w_hi, where w at a bin is s for the tokens that bin
+  keeps, 0 for the others, and 1 for every token when the bin keeps them all (a full block, ungated). One
+  block call on the k(hi) tokens, not two; the block's FLOPs are (1 - alpha) F(k(lo)) + alpha F(k(hi)).
+  d(loss)/d(alpha) is what the marginal tokens' updates are worth; the compute term pulls the other way.
+  Inference runs k = ceil(r N) hard; a block at ratio 1 runs in full without its router, as the Token
+  Router does.
+- SDT (DyDiT's spatial-wise dynamic tokens, `kind` "sdt"; the token-router file's "dydit" kind): every token
+  runs attention and only the kept ones run the MLP. Router logit l = fc2(gelu(fc1 x)) per image token; the
+  keep ratios and their bin interpolation are DiffCR's above, and the kept tokens' MLP update is not scaled:
+  its weight is the hard 0/1 decision plus sigmoid(l) - stop_gradient(sigmoid(l)) (DyDiT's straight-through
+  estimator: forward exactly what inference runs, backward the soft score's gradient). Training runs every
+  token's MLP and weights its update (the adapter's `mlp_token_gates` say where that update is), which is
+  what skipping does for a weight of 0; inference gathers the kept tokens and never runs the others.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+from typing import Any, Callable, Mapping
+
+import torch
+
+from ...families import BlockRef, CallLayout, MlpTokenGate, ModelAdapter, UnsupportedModelError
+from .file import region_of, router_flops, router_scores
+from .settings import keep_count
+from ...core.slicing import RunIndexCache, gather_tokens
+from ...training.trajectories import Trajectories
+
+BlockRun = Callable[..., dict]  # run_block(args) or, for SDT, run_block(args, (token weights, MLP gates))
+TOKEN_KINDS = ("diffcr", "sdt")
+FILE_ROUTER = {"diffcr": "diffcr", "sdt": "dydit"}  # the token-router file's router kind of each
+
+
+def token_rows(weights: torch.Tensor, gate: MlpTokenGate, rows: int) -> torch.Tensor:
+    """(B, rows, 1) multiplier of a linear's input or output rows: the image tokens' weights (B, N) from
+    `gate.first_row` on, 1 for every other row (text)."""
+    batch, tokens = weights.shape
+    before, after = gate.first_row, rows - gate.first_row - tokens
+    pieces = [weights.new_ones(batch, before)] if before else []
+    pieces.append(weights)
+    if after:
+        pieces.append(weights.new_ones(batch, after))
+    return torch.cat(pieces, dim=1)[..., None]
+
+
+def weighted_mlp(x: torch.Tensor, weights: torch.Tensor, gate: MlpTokenGate,
+                 linear: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """`linear(x)` with each image token's MLP update weighted (SDT training): its MLP input columns when the
+    linear also reads the attention (the bias stays, as a skipped token keeps it), else its whole output."""
+    if gate.columns is None:
+        return linear(x) * token_rows(weights, gate, x.shape[1]).to(x.dtype)
+    first, count = gate.columns
+    scaled = x[..., first:first + count] * token_rows(weights, gate, x.shape[1]).to(x.dtype)
+    return linear(torch.cat((x[..., :first], scaled, x[..., first + count:]), dim=-1))
+
+
+class TokenParts(torch.nn.Module):
+    """Per-block linear token routers and per-region, per-block keep ratios (trainable), for a student."""
+
+    def __init__(self, adapter: ModelAdapter, hidden_size: int, regions: int, bins: int, min_keep: float,
+                 router_init: float, generator: torch.Generator, kind: str = "diffcr"):
+        super().__init__()
+        routing = adapter.token_routing()
+        if routing is None:
+            raise UnsupportedModelError(f"Trainer: {adapter.display_name} models cannot route tokens, so no token router can be trained.")
+        object.__setattr__(self, "routing", routing)
+        blocks = len(adapter.blocks)
+        self.kind, self.bins, self.min_keep = kind, bins, min_keep
+        if kind == "sdt":
+            try:  # names only (a placeholder layout): the linears the student's block views must hand to it
+                self.gated_linears = {b: tuple(routing.mlp_token_gates(b, CallLayout(1, 1, 0))) for b in adapter.blocks}
+            except NotImplementedError as error:
+                raise UnsupportedModelError(f"Trainer: {adapter.display_name} models cannot train SDT token routers ({error}).") from None
+            width = max(1, hidden_size // 16)  # DyDiT's router width, D / 16
+            self.fc1_weight = torch.nn.Parameter(torch.randn(blocks, width, hidden_size, generator=generator) / math.sqrt(hidden_size))
+            self.fc1_bias = torch.nn.Parameter(torch.zeros(blocks, width))
+            self.fc2_weight = torch.nn.Parameter(torch.randn(blocks, width, generator=generator) / math.sqrt(width))
+            self.fc2_bias = torch.nn.Parameter(torch.zeros(blocks))  # logit 0: the straight-through gradient at its largest
+        else:
+            self.gated_linears = {}
+            self.router_weight = torch.nn.Parameter(torch.randn(blocks, hidden_size, generator=generator) * (0.1 / math.sqrt(hidden_size)))
+            self.router_bias = torch.nn.Parameter(torch.full((blocks,), float(router_init)))
+        self.ratio = torch.nn.Parameter(torch.ones(regions, blocks))
+        self.register_buffer("bounds", torch.linspace(0.0, 1.0, regions + 1))
+
+    def region(self, percent: float) -> int:
+        """The ratio region of sigma percent `percent` (the Token Router's rule for a file's regions)."""
+        return region_of(self.bounds, percent)
+
+    @torch.no_grad()
+    def project_(self) -> None:
+        """Keep every ratio in [min_keep, 1] after an optimiser step (projected gradient descent)."""
+        self.ratio.clamp_(self.min_keep, 1.0)
+
+    def split(self, ratio: torch.Tensor) -> tuple[float, float, torch.Tensor]:
+        """The bins around a ratio: (lo, hi, alpha) with alpha differentiable in the ratio (ratio 1 is the
+        top of the last bin, alpha = 1, so training starts from full compute with a gradient)."""
+        scaled = ratio * self.bins
+        lo_bin = min(math.floor(float(scaled.detach()) + 1e-6), self.bins - 1)
+        return lo_bin / self.bins, (lo_bin + 1) / self.bins, scaled - lo_bin
+
+    def run(self, position: int, block: BlockRef, args: Mapping[str, Any], layout: CallLayout, ratio: torch.Tensor,
+            run_block: BlockRun, interpolate: bool) -> dict:
+        """One block call at keep ratio `ratio` (a 0-d tensor shared by the rows of the call): interpolated
+        between the ratio bins in training, else exactly as inference runs it."""
+        routing = self.routing
+        x = routing.image_tokens(block, args, layout)
+        tokens = x.shape[1]
+        if interpolate:
+            lo, hi, alpha = self.split(ratio)
+            k_lo, k_hi = keep_count(lo, tokens), keep_count(hi, tokens)
+        else:
+            k_lo = k_hi = keep_count(float(ratio), tokens)
+            alpha = torch.zeros(())
+        if k_lo >= tokens:  # every token kept: the full block, no router (as the Token Router runs it)
+            return run_block(args)
+        if self.kind == "sdt":
+            return self._run_sdt(position, block, args, layout, x, k_lo, k_hi, alpha, run_block)
+        scores = router_scores("diffcr", self.block_router(position), x.float())  # (B, N)
+        ranked = torch.topk(scores.detach(), k_hi, dim=1).indices  # best first
+        index, order = ranked.sort(dim=1)  # spatial order, as the Token Router gathers them
+        rank = order.argsort(dim=1)  # each gathered token's place in the ranking
+        kept_scores = scores.gather(1, index)
+        # each token's update weight at the two bins (s for a routed block's kept tokens, 1 for a full block,
+        # 0 for a token left out), interpolated
+        at_lo = torch.where(rank < k_lo, kept_scores, torch.zeros_like(kept_scores))
+        at_hi = torch.ones_like(kept_scores) if k_hi >= tokens else kept_scores
+        alpha = alpha.to(x.device)
+        gate = (1 - alpha) * at_lo + alpha * at_hi
+        kept_input = gather_tokens(x, index)
+        reduced = run_block(routing.select(block, args, index, layout))
+        kept_output = routing.image_tokens(block, reduced, layout)
+        updated = kept_input + gate[..., None].to(kept_output.dtype) * (kept_output - kept_input)
+        kept_output.copy_(updated)
+        return routing.merge(block, args, reduced, index, layout)
+
+    def _run_sdt(self, position: int, block: BlockRef, args: Mapping[str, Any], layout: CallLayout, x: torch.Tensor,
+                 k_lo: int, k_hi: int, alpha: torch.Tensor, run_block: BlockRun) -> dict:
+        """Every token through the block, each image token's MLP update weighted by its decision (see the module)."""
+        logits = router_scores("dydit", self.block_router(position), x.float())
+        soft = torch.sigmoid(logits)
+        ranked = torch.topk(logits.detach(), k_hi, dim=1).indices  # best first
+        at_hi = torch.ones_like(soft) if k_hi >= x.shape[1] else torch.zeros_like(soft).scatter_(1, ranked, 1.0)
+        at_lo = torch.zeros_like(soft).scatter_(1, ranked[:, :k_lo], 1.0)
+        alpha = alpha.to(x.device)
+        weights = (1 - alpha) * at_lo + alpha * at_hi + (soft - soft.detach())
+        return run_block(args, (weights, self.routing.mlp_token_gates(block, layout)))
+
+    def block_router(self, position: int) -> dict[str, torch.Tensor]:
+        """Block `position`'s router as the file holds it (`FILE_ROUTER` kind's names and shapes; views of the
+        trainable parameters): what scoring, its FLOPs and the export all read."""
+        if self.kind == "sdt":
+            return {"fc1.weight": self.fc1_weight[position], "fc1.bias": self.fc1_bias[position],
+                    "fc2.weight": self.fc2_weight[position:position + 1], "fc2.bias": self.fc2_bias[position:position + 1]}
+        return {"weight": self.router_weight[position:position + 1], "bias": self.router_bias[position:position + 1]}
+
+    def router_parameters(self) -> list[torch.nn.Parameter]:
+        return ([self.fc1_weight, self.fc1_bias, self.fc2_weight, self.fc2_bias] if self.kind == "sdt"
+                else [self.router_weight, self.router_bias])
+
+    def scoring_flops(self, tokens: int) -> float:
+        """Matmul FLOPs of one block's router scoring `tokens` tokens (what the Token Router counts for the file)."""
+        return router_flops(FILE_ROUTER[self.kind], self.block_router(0), tokens)
+
+    def unused_parameter_anchor(self) -> torch.Tensor:
+        """0 with a gradient path to the routers: a step where every block ran in full (ratio 1) leaves them
+        out of the graph, which DistributedDataParallel (find_unused_parameters=False) refuses."""
+        return sum(p.sum() for p in self.router_parameters()) * 0.0
+
+    def block_flops(self, ratio: torch.Tensor | float, flops_at: Callable[[int], float], router_flops: float,
+                    tokens: int, grad: bool) -> torch.Tensor | float:
+        """A block's FLOPs at keep ratio `ratio`: interpolated between the bins (differentiable) with `grad`,
+        else exactly what inference runs (k = ceil(r N), the full block without router at ratio 1)."""
+        if not grad:
+            k = keep_count(float(ratio), tokens)
+            return flops_at(tokens) if k >= tokens else flops_at(k) + router_flops
+        lo, hi, alpha = self.split(ratio)
+        k_lo, k_hi = keep_count(lo, tokens), keep_count(hi, tokens)
+        if k_lo >= tokens:
+            return torch.tensor(flops_at(tokens))
+        at_hi = flops_at(tokens) if k_hi >= tokens else flops_at(k_hi) + router_flops
+        return (1 - alpha) * (flops_at(k_lo) + router_flops) + alpha * at_hi
+
+    def export(self, labels: list[str]) -> tuple[dict[str, dict[str, torch.Tensor]], torch.Tensor, torch.Tensor]:
+        """The file's routers (label -> `block_router`), ratios (regions, blocks) and bounds."""
+        routers = {label: {name: value.detach().float().cpu().clone() for name, value in self.block_router(i).items()}
+                   for i, label in enumerate(labels)}
+        ratios = self.ratio.detach().float().cpu().clamp(self.min_keep, 1.0)
+        return routers, ratios, self.bounds.detach().float().cpu()
+
+
+class RoutedStudent:
+    """The student's token-routed calls (a mixin of `DynamicStudent`, which holds `tokens`, `sigma_percent`, the
+    adapter, the frozen model and the block patches these calls run)."""
+
+    def percent(self, sigma: float) -> float:
+        found = self._percents.get(sigma)
+        if found is None:
+            found = self._percents[sigma] = float(self.sigma_percent(sigma))
+        return found
+
+    def _routed_forward(self, inputs: Mapping[str, torch.Tensor], record: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows grouped by ratio region (one keep count per block call, as at inference), each group through
+        the blocks at its region's ratios; outputs and (B,) FLOPs ratios back in row order."""
+        regions = torch.tensor([self.tokens.region(self.percent(s)) for s in inputs["sigmas"].tolist()])
+        outputs, ratios, order = [], [], []
+        for region in regions.unique().tolist():
+            rows = (regions == region).nonzero().squeeze(1)
+            part = {name: value[rows.to(value.device)] for name, value in inputs.items()}
+            arguments = self.arguments(part)
+            layout = self.adapter.call_layout(arguments)
+            ratio = self.tokens.ratio[region]
+            state = {"layout": layout, "cache": RunIndexCache(), "ratio": ratio}
+            columns = self.lora_columns(part["sigmas"])
+            patches = {self.adapter.patch_key(b): self._block_patch(i, b, None, None, columns, state, record)
+                       for i, b in enumerate(self.blocks)}
+            options = {"patches_replace": {"dit": patches}, "sigmas": part["sigmas"]}
+            outputs.append(self.diffusion_model(**arguments, transformer_options=options))
+            call_ratio = self.routed_call_ratio(layout, ratio, grad=torch.is_grad_enabled())  # exact when not training
+            ratios.append(torch.as_tensor(call_ratio, dtype=torch.float32).expand(len(rows)))
+            order.append(rows)
+        back = torch.argsort(torch.cat(order))
+        out = torch.cat(outputs)[back.to(outputs[0].device)] + self.tokens.unused_parameter_anchor()
+        return out, torch.cat(ratios)[back]
+
+    def routed_call_ratio(self, layout: CallLayout, ratio: torch.Tensor, grad: bool) -> Any:
+        """FLOPs of one call per sample with the blocks at keep ratios `ratio` (blocks,) over the full call's
+        (router scoring and the TD-LoRA bypass on the kept tokens included); differentiable with `grad`,
+        else a float: exactly what inference runs."""
+        one = replace(layout, batch=1)
+        tokens = one.routable_tokens
+        scoring = self.tokens.scoring_flops(tokens)
+        total: Any = self.adapter.stem_flops(one).total
+        for i, block in enumerate(self.blocks):
+            total = total + self.tokens.block_flops(ratio[i] if grad else float(ratio[i]),
+                                                    lambda k, i=i, block=block: self._flops_at(one, i, block, k),
+                                                    scoring, tokens, grad)
+        return total / self.adapter.full_flops(one).total
+
+    def _flops_at(self, one: CallLayout, position: int, block: BlockRef, image_tokens: int) -> float:
+        key = (one, position, image_tokens)
+        found = self._token_flops.get(key)
+        if found is None:
+            reduced = "mlp_image_tokens" if self.tokens.kind == "sdt" else "image_tokens"  # SDT: only the MLP thins
+            work = replace(self.adapter.full_block_work(block, one), **{reduced: image_tokens + one.reference_tokens})
+            found = self._token_flops[key] = self.adapter.block_flops(block, replace(work, extra_flops=self._lora_flops(block, work))).total
+        return found
+
+    def routed_run_ratio(self, bank: Trajectories, grad: bool = False) -> Any:
+        """The FLOPs ratio of a whole run of the bank's schedule: every step at its region's ratios."""
+        rows = bank.fixed(1)
+        layout = replace(self.adapter.call_layout(self.arguments(rows)), batch=1)
+        with torch.set_grad_enabled(grad):
+            steps = [self.routed_call_ratio(layout, self.tokens.ratio[self.tokens.region(self.percent(sigma))], grad)
+                     for sigma in bank.step_sigmas()]
+        return sum(steps) / len(steps)
+
+
+__all__ = ["FILE_ROUTER", "RoutedStudent", "TOKEN_KINDS", "TokenParts", "token_rows", "weighted_mlp"]

@@ -1,0 +1,121 @@
+"""Dynamic Width Patcher: fewer attention heads and MLP channels at noisy steps (DyDiT TDW)."""
+from __future__ import annotations
+
+from ...integration.patching import apply_settings, check_base_weights, model_files, model_file_path
+from ...core.files import header_metadata
+from .runtime import PRESET_LABELS, PRESETS, WidthSettings
+from .file import ROUTER_FORMAT, load_width_router
+
+NO_ROUTER = "none (training-free)"
+CUSTOM = "custom"
+TARGET = "target FLOPs"
+PRESET_CHOICES = [*PRESET_LABELS.values(), CUSTOM, TARGET]
+_PRESET_BY_LABEL = {label: name for name, label in PRESET_LABELS.items()}
+PART_CHOICES = {"heads and MLP": "both", "attention heads": "heads", "MLP": "mlp"}
+
+
+def _preset_help() -> str:
+    return "; ".join(f"{PRESET_LABELS[name]}: {p.noisy_width:.2f} -> {p.clean_width:.2f}" for name, p in PRESETS.items())
+
+
+def width_settings(
+    preset: str,
+    parts: str,
+    noisy_width: float,
+    clean_width: float,
+    target_flops: float,
+    start_percent: float,
+    end_percent: float,
+    router: str = NO_ROUTER,
+    mlp_groups: int = 0,
+) -> WidthSettings:
+    """The node's widgets as settings; a router file is read and validated here."""
+    if parts not in PART_CHOICES:
+        raise ValueError(f"Dynamic Width Patcher: parts must be one of {', '.join(PART_CHOICES)}, got '{parts}'.")
+    common = dict(start_percent=start_percent, end_percent=end_percent, parts=PART_CHOICES[parts], mlp_groups=mlp_groups)
+    if router != NO_ROUTER:
+        return WidthSettings(router=load_width_router(model_file_path(router), router), **common)
+    preset = _PRESET_BY_LABEL.get(preset, preset)  # the node lists labels; scripts may pass the short names
+    if preset in PRESETS:
+        chosen = PRESETS[preset]
+        return WidthSettings(noisy_width=chosen.noisy_width, clean_width=chosen.clean_width, **common)
+    if preset == CUSTOM:
+        return WidthSettings(noisy_width=noisy_width, clean_width=clean_width, **common)
+    if preset == TARGET:
+        return WidthSettings(target_flops=target_flops, **common)
+    raise ValueError(f"Dynamic Width Patcher: preset must be one of {', '.join(PRESET_CHOICES)}, got '{preset}'.")
+
+
+class DynamicWidthPatcher:
+    DESCRIPTION = (
+        "Timestep-wise dynamic width (DyDiT): at noisy steps every block runs with fewer attention heads and "
+        "MLP channels, rising to full width as the image settles. The dropped heads and channels are really "
+        "skipped (sliced weights), LoRAs and fp8/low-VRAM loading keep working. Without a router file the "
+        "heads and channel groups are ranked by a short one-off calibration (cached per model and LoRA set); "
+        "with a trained router file from models/dynamic_dit/ the router decides per step. Full width gives "
+        f"exactly the unpatched image. Presets, as the width kept at the noisiest step -> at the end: {_preset_help()}."
+    )
+    CATEGORY = "dynamic_dit/methods"
+    FUNCTION = "patch"
+    RETURN_TYPES = ("MODEL",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        fraction = {"min": 0.01, "max": 1.0, "step": 0.01}
+        percent = {"min": 0.0, "max": 1.0, "step": 0.01}
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model to make faster (from Load Diffusion Model, a LoRA loader or another node of this pack)."}),
+                "preset": (PRESET_CHOICES, {
+                    "default": "quality",
+                    "tooltip": "How narrow noisy steps run: quality keeps the image closest, fast trades detail for speed; custom and target below.",
+                }),
+                "parts": (list(PART_CHOICES), {
+                    "default": "heads and MLP",
+                    "tooltip": "What to thin: attention heads, MLP channels, or both.",
+                }),
+                "noisy_width": ("FLOAT", {
+                    "default": 0.5, **fraction,
+                    "tooltip": "custom: fraction of heads / MLP channels kept at start_percent (the noisy end).",
+                }),
+                "clean_width": ("FLOAT", {
+                    "default": 1.0, **fraction,
+                    "tooltip": "custom: fraction kept at end_percent; 1.0 = full width for the final detail.",
+                }),
+                "target_flops": ("FLOAT", {
+                    "default": 0.7, **fraction,
+                    "tooltip": "target FLOPs: average FLOPs of the run's steps, as a fraction of the full model's.",
+                }),
+                "start_percent": ("FLOAT", {
+                    "default": 0.0, **percent,
+                    "tooltip": "Where the width schedule starts (0 = pure noise); before it: full width.",
+                }),
+                "end_percent": ("FLOAT", {
+                    "default": 1.0, **percent,
+                    "tooltip": "Where the width schedule ends (1 = fully denoised); after it: full width.",
+                }),
+                "router": ([NO_ROUTER, *model_files(ROUTER_FORMAT)], {
+                    "default": NO_ROUTER,
+                    "tooltip": "A trained width router from models/dynamic_dit/, or none for the training-free ranking.",
+                }),
+            },
+            "optional": {
+                "mlp_groups": ("INT", {
+                    "default": 0, "min": 0, "max": 65536,
+                    "tooltip": "MLP channels dropped together as one group; 0 = a default that divides the model's MLP.",
+                }),
+            },
+        }
+
+    def patch(self, model, preset, parts, noisy_width, clean_width, target_flops, start_percent, end_percent, router,
+              mlp_groups=0):
+        settings = width_settings(
+            preset, parts, noisy_width, clean_width, target_flops, start_percent, end_percent, router, mlp_groups
+        )
+        if router != NO_ROUTER:  # a trained router fits the base weights it was trained on (shapes alone cannot tell)
+            check_base_weights(model, header_metadata(model_file_path(router)), f"Width router '{router}'")
+        return (apply_settings(model, settings),)
+
+
+NODE_CLASS_MAPPINGS = {"DynamicWidthPatcher": DynamicWidthPatcher}
+NODE_DISPLAY_NAME_MAPPINGS = {"DynamicWidthPatcher": "Dynamic Width Patcher"}
