@@ -51,9 +51,6 @@ class DynamicPlan:
         """A new plan (with its own telemetry) where `settings` replaces any earlier settings of its method."""
         return DynamicPlan({**self._settings, settings.method: settings})
 
-    def without(self, method: str) -> "DynamicPlan":
-        return DynamicPlan({k: v for k, v in self._settings.items() if k != method})
-
     def enabled_settings(self) -> list[MethodSettings]:
         return [s for s in self._settings.values() if s.enabled]
 

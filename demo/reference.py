@@ -232,7 +232,7 @@ def frozen_as_the_host_leaves_it(diffusion_model: torch.nn.Module) -> None:
 #   (latent = x / 0.3611 + 0.1159), so KSampler's process_latent_in hands the model exactly x.
 REFERENCE_FORMAT = "dynamic_dit.reference_flux"
 REFERENCE_VERSION = "1"
-REFERENCE_PATH = Path(__file__).resolve().parents[2] / "reference" / "flux_photo_reference.safetensors"
+REFERENCE_PATH = Path(__file__).resolve().parents[1] / "reference" / "flux_photo_reference.safetensors"
 REFERENCE_TRANSFORM = "rgb[-1,1]+zero channel -> pixel_unshuffle(2) -> inverse Flux latent affine"
 _CONDITIONING_KEYS = ("conditioning.context", "conditioning.pooled")
 _MODEL_PREFIX = "diffusion_model."

@@ -88,14 +88,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse(argv)
-    # bad input: refused before the host starts or anything is sampled
-    try:  # the pack's package (imported by the host or a test)
-        from ..training.student import StudentSpec
-        from ..training.trainer import TrainConfig
-    except ImportError:  # `python -m devtools.train` from the pack's folder: plain PyTorch, importable before ComfyUI
-        from core.training.student import StudentSpec
-        from core.training.trainer import TrainConfig
+    from . import host
 
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    host.prepare(cpu=not _cuda_wanted())
+    host.load_pack()  # the pack's package (its own relative imports), loaded before anything is checked
+    from comfyui_dynamic_dit.training.student import StudentSpec
+    from comfyui_dynamic_dit.training.trainer import TrainConfig
+
+    # bad input: refused before anything is sampled
     spec = StudentSpec(parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()), width_parts=args.width_parts,
                        experts=args.experts, rank=args.rank, coarse_schedule=args.coarse_schedule, coarse_init=args.coarse_init,
                        ratio_regions=args.ratio_regions, ratio_bins=args.ratio_bins, min_keep=args.min_keep,
@@ -109,12 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("--on-policy-rounds and --on-policy-steps must be >= 0")
     if args.seeds < 1:
         raise SystemExit("--seeds must be >= 1")
-
-    from . import host
-
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    host.prepare(cpu=not _cuda_wanted())
-    host.load_pack()
     import torch
 
     if args.threads:

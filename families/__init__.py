@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BlockInternals, BlockKind, BlockRef, BlockWork, CallShape, ModelAdapter, UnsupportedModelError
+from .base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, UnsupportedModelError
 from .capabilities import CallLayout, MlpTokenGate, ModelInfo, TokenRouting, WidthUnits
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
@@ -41,7 +41,6 @@ __all__ = [
     "BlockRef",
     "BlockWork",
     "CallLayout",
-    "CallShape",
     "ModelAdapter",
     "ModelInfo",
     "MlpTokenGate",

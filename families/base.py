@@ -19,7 +19,6 @@ from .capabilities import CallLayout, ModelInfo, TokenRouting, WidthUnits
 if TYPE_CHECKING:
     from .coarse import CoarseGrid
 
-CallShape = CallLayout  # the old name
 
 
 class UnsupportedModelError(ValueError):
@@ -194,10 +193,6 @@ class ModelAdapter(ABC):
     def latent(self, arguments: Mapping[str, Any]) -> torch.Tensor:
         """The noisy latent of a model call (B, C, H, W) or, for video, (B, C, T, H, W)."""
         return arguments[self.latent_argument]
-
-    def call_shape(self, arguments: Mapping[str, Any]) -> CallLayout:
-        """Old name of `call_layout`."""
-        return self.call_layout(arguments)
 
     def block_layout(self, block: BlockRef, args: Mapping[str, Any], layout: CallLayout) -> CallLayout:
         """The call's layout as this block call sees it (a family whose blocks reveal the text length

@@ -8,7 +8,7 @@ from typing import Any, Iterable
 
 from ..core.files import BUNDLE_FORMAT, file_format, file_formats, header_metadata
 from ..methods.patch_scheduler.file import FORMAT as PATCH_EMBEDDING_FORMAT
-from ..methods.td_lora.runtime import FORMAT as TD_LORA_FORMAT
+from ..methods.td_lora.file import FORMAT as TD_LORA_FORMAT
 from ..methods.token_router.file import FORMAT as TOKEN_ROUTER_FORMAT
 from ..methods.width.file import ROUTER_FORMAT as WIDTH_FORMAT
 from ..training.export import SUFFIXES
@@ -47,7 +47,7 @@ def apply_trained_files(model_patcher: Any, paths: Iterable[str | Path]) -> Any:
     from ..methods.td_lora.file import load_td_lora_file
     from ..methods.token_router.runtime import TokenRouterSettings
     from ..methods.token_router.file import load_router_file
-    from ..methods.width.runtime import WidthSettings
+    from ..methods.width.settings import WidthSettings
     from ..methods.width.file import load_width_router
     from ..methods.td_lora.comfy_files import apply_td_lora
 

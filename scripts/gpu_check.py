@@ -93,7 +93,7 @@ from comfyui_dynamic_dit.demo import tiny_flux  # noqa: E402
 from comfyui_dynamic_dit.demo import reference as reference_model  # noqa: E402
 from comfyui_dynamic_dit.integration.patching import adapter_of, apply_settings, plan_of  # noqa: E402
 from comfyui_dynamic_dit.core.executor import RunContext  # noqa: E402
-from comfyui_dynamic_dit.methods.width.runtime import WidthSettings  # noqa: E402
+from comfyui_dynamic_dit.methods.width.settings import WidthSettings
 
 if not CUDA:  # stand in for an accelerator: take the code path that never reads a sigma at call time
     step_tracking.FREE_READ_DEVICES = ()
@@ -231,7 +231,7 @@ class PeakRss:
 # --- model and cases ----------------------------------------------------------------------------------
 t0 = time.perf_counter()
 if FAMILY != "flux":
-    family = importlib.import_module(f"comfyui_dynamic_dit.devtools.{family_module}")
+    family = importlib.import_module(f"comfyui_dynamic_dit.demo.{family_module}")
     config = getattr(family, config_class)(**arch)
     model = family.build_model(config, dtype=torch.bfloat16)
 else:

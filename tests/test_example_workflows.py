@@ -188,7 +188,7 @@ def test_the_image_family_workflows_sample_as_they_ship_on_tiny_models(name):
     from comfyui_dynamic_dit.devtools import example_graphs, example_graphs_image
 
     module, config_class, sizes, latent_type, methods = IMAGE_FAMILIES[name]
-    family = importlib.import_module(f"comfyui_dynamic_dit.devtools.{module}")
+    family = importlib.import_module(f"comfyui_dynamic_dit.demo.{module}")
     registry = workflows.registry()
     prompt = workflows.build_api(example_graphs.WORKFLOWS[name][1](), registry)
     prompt = {i: n for i, n in prompt.items() if n["class_type"] not in DISPLAY_TYPES | {"SaveImage"}}

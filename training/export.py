@@ -24,7 +24,7 @@ from typing import Mapping
 import torch
 
 from ..methods.patch_scheduler.file import save_patch_embedding_file
-from ..methods.td_lora.runtime import GateWeights
+from ..methods.td_lora.experts import GateWeights
 from ..methods.td_lora.file import ExpertLayer, save_td_lora_file
 from ..methods.token_router.file import save_router_file
 from ..methods.width.file import RouterHeader, WidthRouter

@@ -45,14 +45,6 @@ class ComputeTarget:
         progress = min(1.0, (step - self.hold) / self.warmup) if self.warmup > 0 else 1.0  # 0: at the target from the start
         return self.target + (1.0 - self.target) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    def penalty(self, ratio: torch.Tensor, step: int) -> torch.Tensor:
-        return self.weight * (ratio - self.at(step)) ** 2
-
-
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of the student's model output against the frozen teacher's, in float32."""
-    return F.mse_loss(student.float(), teacher.float())
-
 
 def feature_loss(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:
     """Per-block hidden-state distillation, each block's error relative to the teacher's scale."""

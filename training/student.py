@@ -31,8 +31,9 @@ import torch.nn.functional as F
 
 from ..families import BlockInternals, BlockRef, CallLayout, ModelAdapter, UnsupportedModelError
 from ..methods.patch_scheduler.coarse_path import coarse_layer_flops, coarse_output, coarse_placeholder, coarse_time, coarse_tokens
-from ..methods.td_lora.runtime import block_linear_index, sinusoidal_embedding
-from ..methods.width.runtime import default_group_count
+from ..methods.td_lora.binding import block_linear_index
+from ..methods.td_lora.experts import sinusoidal_embedding
+from ..methods.width.settings import default_group_count
 from ..core.slicing import RunIndexCache
 from ..methods.patch_scheduler.trainable import CoarseParts, coarse_step_indices, schedule_factor
 from .checkpointing import checkpointed

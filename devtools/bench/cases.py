@@ -112,7 +112,7 @@ def _td_lora(arg: str | None) -> Case:
     experts, rank = int(experts_text), int(rank_text or 16)
 
     def build(model):
-        from ...methods.td_lora.runtime import architecture_metadata, block_linear_shapes
+        from ...methods.td_lora.binding import architecture_metadata, block_linear_shapes
         from ...methods.td_lora.file import parse_td_lora, random_td_lora, td_lora_state_dict
         from ...integration.patching import adapter_of
         from ...methods.td_lora.comfy_files import apply_td_lora
@@ -143,7 +143,7 @@ def _width(fraction: float) -> Callable[[Any], Any]:
     """Constant width (heads and MLP) over the whole schedule, training-free ranking."""
 
     def build(model):
-        from ...methods.width.runtime import WidthSettings
+        from ...methods.width.settings import WidthSettings
         from ...integration.patching import apply_settings
 
         return apply_settings(model, WidthSettings(noisy_width=fraction, clean_width=fraction))
@@ -160,7 +160,7 @@ def _width_ramp(arg: str | None) -> Case:
         raise ValueError(f"ramp: expected <noisy>-<clean> widths such as 0.5-1.0, got '{text}'") from None
 
     def build(model):
-        from ...methods.width.runtime import WidthSettings
+        from ...methods.width.settings import WidthSettings
         from ...integration.patching import apply_settings
 
         return apply_settings(model, WidthSettings(noisy_width=noisy, clean_width=clean))

@@ -22,7 +22,9 @@ import comfy.utils
 import comfy.weight_adapter
 import folder_paths
 
-from .runtime import METHOD, LowRankLayer, TDLoRA, TDLoRASettings, bind_layers, block_linear_index
+from .binding import bind_layers, block_linear_index
+from .experts import LowRankLayer, TDLoRA
+from .settings import TDLoRASettings
 from .file import is_td_lora, parse_td_lora
 from ...core.files import file_formats, read_safetensors
 from ...integration.patching import MODEL_FOLDER, adapter_of, apply_settings, diffusion_model_of, plan_of
@@ -238,7 +240,7 @@ def apply_td_lora(model_patcher: Any, lora: TDLoRA, strength: float) -> Any:
             weight_patches[f"{MODEL_PREFIX}{path}.weight"] = _as_weight_patch(layer)
     settings = TDLoRASettings(lora, bound, float(strength), MappingProxyType(weight_patches))
     plan = plan_of(model_patcher)
-    previous = plan.settings.get(METHOD) if plan is not None else None
+    previous = plan.settings.get(TDLoRASettings.method) if plan is not None else None
     patched = apply_settings(model_patcher, settings)
     if isinstance(previous, TDLoRASettings) and previous.weight_patches:
         _remove_weight_patches(patched, previous.weight_patches)

@@ -13,7 +13,11 @@ from typing import Any, Mapping
 import torch
 
 from ...core.files import read_safetensors
-from .runtime import DEFAULT_MAX_PERIOD, FORMAT, VERSION, GATE_PARAMS, GateNetwork, GateWeights, LowRankLayer, TDLoRA
+from .experts import DEFAULT_MAX_PERIOD, GATE_PARAMS, GateNetwork, GateWeights, LowRankLayer, TDLoRA
+
+
+FORMAT = "td_lora"
+VERSION = 1
 
 _LAYER_SUFFIXES = ("lora_A", "lora_B", "alpha")
 

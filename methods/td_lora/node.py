@@ -5,7 +5,7 @@ import os
 
 from .comfy_files import apply_td_lora, file_choices, load_td_lora, path_of, read_file
 from ...integration.patching import check_base_weights
-from .runtime import STRENGTH_RANGE
+from .settings import STRENGTH_RANGE
 
 
 class DynamicTDLoRALoader:

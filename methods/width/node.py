@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ...integration.patching import apply_settings, check_base_weights, model_files, model_file_path
 from ...core.files import header_metadata
-from .runtime import PRESET_LABELS, PRESETS, WidthSettings
+from .settings import PRESET_LABELS, PRESETS, WidthSettings
 from .file import ROUTER_FORMAT, load_width_router
 
 NO_ROUTER = "none (training-free)"

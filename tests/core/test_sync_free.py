@@ -22,10 +22,11 @@ from comfyui_dynamic_dit.integration.patching import adapter_of, apply_settings,
 from comfyui_dynamic_dit.methods.td_lora.comfy_files import apply_td_lora, load_td_lora
 from comfyui_dynamic_dit.core.executor import RunContext
 from comfyui_dynamic_dit.methods.patch_scheduler.runtime import PatchSchedulerSettings, parse_schedule
-from comfyui_dynamic_dit.methods.td_lora.runtime import architecture_metadata, block_linear_shapes
+from comfyui_dynamic_dit.methods.td_lora.binding import architecture_metadata, block_linear_shapes
 from comfyui_dynamic_dit.methods.td_lora.file import random_td_lora, td_lora_state_dict
 from comfyui_dynamic_dit.methods.token_router.runtime import TokenRouterSettings
-from comfyui_dynamic_dit.methods.width.runtime import CalibrationSpec, WidthSettings
+from comfyui_dynamic_dit.methods.width.runtime import CalibrationSpec
+from comfyui_dynamic_dit.methods.width.settings import WidthSettings
 
 PACK_DIR = str(Path(steps_module.__file__).resolve().parents[1])  # the pack's root folder
 TORCH_DIR = str(Path(torch.__file__).resolve().parent)

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from comfyui_dynamic_dit.devtools import reference_training as reference_model
-from comfyui_dynamic_dit.demo import tiny_flux
+from comfyui_dynamic_dit.demo import reference as reference_model, tiny_flux
+from comfyui_dynamic_dit.devtools import reference_training
 
 
 @pytest.fixture(scope="module")
@@ -23,11 +23,11 @@ def test_weights_are_committed_small_fp16_and_say_how_they_were_made():
         metadata = f.metadata()
         dtypes = {f.get_slice(k).get_dtype() for k in f.keys() if k.startswith("diffusion_model.")}
     assert dtypes == {"F16"}
-    assert metadata["command"].startswith("python -m core.comfy_integration.reference_model")
+    assert metadata["command"].startswith("python -m dynamic_core.comfy_integration.reference_model")
     training = json.loads(metadata["training"])
     assert training["seed"] == 0 and training["image_size"] == int(metadata["image_size"])
     assert float(metadata["final_eval_loss"]) < 1.0  # an untrained model starts near E|noise - x0|^2, about 1.3
-    assert set(json.loads(metadata["classes"])) == set(reference_model.PHOTOS)
+    assert set(json.loads(metadata["classes"])) == set(reference_training.PHOTOS)
 
 
 def test_transform_is_invertible():
@@ -83,9 +83,9 @@ def looks_like_photos(stats: dict[str, torch.Tensor], real: dict[str, torch.Tens
 def test_samples_have_photo_statistics_and_an_untrained_model_does_not(reference):
     classes = ["astronaut", "coffee", "moon", "grass"]
     generator = torch.Generator().manual_seed(0)
-    photos = reference_model.load_photos(reference.image_size, reference_model.TrainConfig().scales)
+    photos = reference_training.load_photos(reference.image_size, reference_training.TrainConfig().scales)
     labels = torch.tensor([reference.class_index(name) for name in classes]).repeat_interleave(8)
-    real = photo_statistics(reference_model.random_crops(photos, labels, reference.image_size, generator))
+    real = photo_statistics(reference_training.random_crops(photos, labels, reference.image_size, generator))
     noise = photo_statistics(torch.rand(32, 3, reference.image_size, reference.image_size, generator=generator))
     assert looks_like_photos(real, real, 4) and not looks_like_photos(noise, real, 4)  # the check separates the two
 
@@ -114,7 +114,7 @@ def test_class_conditioning_steers_colour(reference):
 def small_reference(tmp_path_factory):
     config = tiny_flux.TinyFlux(hidden_size=64, num_heads=2, depth=1, depth_single_blocks=1, guidance_embed=False)
     model = reference_model.build_model(config)
-    contexts, pooled = reference_model.class_conditioning(2, config, 4, 0)
+    contexts, pooled = reference_training.class_conditioning(2, config, 4, 0)
     state = model.model.diffusion_model.state_dict()
     path = reference_model.save_reference(tmp_path_factory.mktemp("ref") / "ref.safetensors", state, config, ("a", "b"),
                                     contexts, pooled, 32, {"command": "test"})

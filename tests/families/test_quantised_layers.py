@@ -12,7 +12,7 @@ from comfyui_dynamic_dit.families import BlockInternals, BlockRef, CallLayout
 from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.demo import reference as reference_model
 from comfyui_dynamic_dit.integration.patching import adapter_of, apply_settings
-from comfyui_dynamic_dit.methods.width.runtime import WidthSettings
+from comfyui_dynamic_dit.methods.width.settings import WidthSettings
 from comfyui_dynamic_dit.core.slicing import RunIndexCache
 
 CONFIG = tiny_flux.TinyFlux(depth=1, depth_single_blocks=2, seed=11)

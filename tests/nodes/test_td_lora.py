@@ -8,7 +8,7 @@ import nodes as comfy_nodes
 
 from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.integration.patching import adapter_of, plan_of
-from comfyui_dynamic_dit.methods.td_lora.runtime import architecture_metadata, block_linear_shapes
+from comfyui_dynamic_dit.methods.td_lora.binding import architecture_metadata, block_linear_shapes
 from comfyui_dynamic_dit.methods.td_lora.file import random_td_lora, save_td_lora_file, td_lora_state_dict
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
 

@@ -11,7 +11,7 @@ from comfyui_dynamic_dit.core import slicing
 from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.demo import reference as reference_model
 from comfyui_dynamic_dit.integration.patching import adapter_of, plan_of
-from comfyui_dynamic_dit.methods.width.runtime import PRESETS
+from comfyui_dynamic_dit.methods.width.settings import PRESETS
 from comfyui_dynamic_dit.methods.width.file import RouterHeader, WidthRouter, save_width_router
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
 

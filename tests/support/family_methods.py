@@ -16,7 +16,8 @@ from comfyui_dynamic_dit.integration.patching import apply_settings, install_exe
 from comfyui_dynamic_dit.methods.td_lora.comfy_files import apply_td_lora, load_td_lora
 from comfyui_dynamic_dit.methods.patch_scheduler.runtime import PatchSchedulerSettings, parse_schedule
 from comfyui_dynamic_dit.methods.token_router.runtime import TokenRouterSettings
-from comfyui_dynamic_dit.methods.width.runtime import CalibrationSpec, WidthSettings
+from comfyui_dynamic_dit.methods.width.runtime import CalibrationSpec
+from comfyui_dynamic_dit.methods.width.settings import WidthSettings
 
 Sample = Callable[[object], torch.Tensor]
 SMALL = CalibrationSpec(latent_size=(8, 8), text_tokens=4)

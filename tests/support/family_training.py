@@ -16,7 +16,7 @@ from comfyui_dynamic_dit.core.files import header_metadata
 from comfyui_dynamic_dit.methods.td_lora.file import load_td_lora_file
 from comfyui_dynamic_dit.methods.token_router.runtime import TokenRouterSettings
 from comfyui_dynamic_dit.methods.token_router.file import load_router_file
-from comfyui_dynamic_dit.methods.width.runtime import WidthSettings
+from comfyui_dynamic_dit.methods.width.settings import WidthSettings
 from comfyui_dynamic_dit.methods.width.file import load_width_router
 from comfyui_dynamic_dit.training.export import save_student, training_metadata
 from comfyui_dynamic_dit.training.student import StudentSpec

@@ -13,9 +13,9 @@ from comfyui_dynamic_dit.integration import training_host
 from comfyui_dynamic_dit.integration.patching import apply_settings, check_base_weights, diffusion_model_of
 from comfyui_dynamic_dit.methods.td_lora.comfy_files import apply_td_lora
 from comfyui_dynamic_dit.core.files import header_metadata
-from comfyui_dynamic_dit.methods.td_lora.runtime import bind_layers
+from comfyui_dynamic_dit.methods.td_lora.binding import bind_layers
 from comfyui_dynamic_dit.methods.td_lora.file import load_td_lora_file
-from comfyui_dynamic_dit.methods.width.runtime import WidthSettings
+from comfyui_dynamic_dit.methods.width.settings import WidthSettings
 from comfyui_dynamic_dit.methods.width.file import load_width_router
 from comfyui_dynamic_dit.training.export import save_student, training_metadata
 from comfyui_dynamic_dit.training.trainer import TrainConfig, evaluate, schedule_ratio, train

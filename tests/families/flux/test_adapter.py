@@ -33,7 +33,7 @@ def test_analytic_flops_match_flop_counter(flux_model, height, width, text, batc
     )
     with torch.no_grad():
         measured, _ = measure_flops(lambda: model(**arguments, transformer_options={}))
-    analytic = adapter.full_flops(adapter.call_shape(arguments)).total
+    analytic = adapter.full_flops(adapter.call_layout(arguments)).total
     assert measured > 0
     assert analytic == pytest.approx(measured, rel=0.02)
 
@@ -51,7 +51,7 @@ def test_analytic_flops_count_kontext_reference_tokens(flux_model):
     )
     with torch.no_grad():
         measured, _ = measure_flops(lambda: model(**arguments, transformer_options={}))
-    shape = adapter.call_shape(arguments)
+    shape = adapter.call_layout(arguments)
     assert shape.image_tokens == 64 + 60
     assert adapter.full_flops(shape).total == pytest.approx(measured, rel=0.02)
 

@@ -316,7 +316,7 @@ def test_neutral_arguments_run_the_model(flux_model, tiny_config):
     assert arguments["context"].shape == (1, 3, tiny_config.context_dim) and not arguments["context"].any()
     assert arguments["y"].shape == (1, tiny_config.vec_dim) and not arguments["y"].any()
     assert arguments["guidance"].tolist() == [3.5]
-    assert adapter.call_shape(arguments).image_tokens == 16
+    assert adapter.call_layout(arguments).image_tokens == 16
     with torch.no_grad():
         out = dm(**arguments, transformer_options={})
     assert out.shape == latent.shape and torch.isfinite(out).all()

@@ -116,7 +116,7 @@ def trained_call(flux_model, embedding, factor, x, t):
     arguments = {"x": x, "timestep": torch.full((x.shape[0],), t), "context": torch.randn(x.shape[0], 8, 64, generator=generator),
                  "y": torch.randn(x.shape[0], 32, generator=generator), "guidance": torch.full((x.shape[0],), 3.5),
                  "ref_latents": None, "control": None, "kwargs": {}}
-    call = run.begin_call(t, [0], None, adapter.call_shape(arguments), dm)
+    call = run.begin_call(t, [0], None, adapter.call_layout(arguments), dm)
     arguments["transformer_options"] = {**patched.model_options["transformer_options"], CALL_KEY: call}
 
     def invoke(a):

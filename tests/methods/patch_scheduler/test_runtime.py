@@ -89,7 +89,7 @@ def run_one_call(flux_model, settings, arguments, proceed, sigma):
     settings.validate(adapter)
     run = RunContext(DynamicPlan({settings.method: settings}), adapter, [sigma, 0.0],
                      latent_shape=tuple(arguments["x"].shape), model_name="tiny", device="cpu")
-    call = run.begin_call(sigma, [0], None, adapter.call_shape(arguments), model)
+    call = run.begin_call(sigma, [0], None, adapter.call_layout(arguments), model)
     return run.model_call(call, ModelCall(arguments, proceed)), call
 
 

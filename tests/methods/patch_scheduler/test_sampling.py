@@ -6,7 +6,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from comfyui_dynamic_dit.families import CallShape, adapter_for
+from comfyui_dynamic_dit.families import CallLayout, adapter_for
 from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.demo import reference as reference_model
 from comfyui_dynamic_dit.integration.patching import apply_settings, install_executor, plan_of
@@ -114,7 +114,7 @@ def test_a_coarse_step_runs_on_a_fraction_of_the_image_tokens(flux_model, conds,
     run = latest(model)
     assert run.executed_flops == pytest.approx(measured, rel=0.02)
     adapter = adapter_for(flux_model.model.diffusion_model, "Flux")
-    coarse_call = adapter.full_flops(CallShape(batch=1, image_tokens=tokens, text_tokens=8, guidance=True))
+    coarse_call = adapter.full_flops(CallLayout(batch=1, image_tokens=tokens, text_tokens=8, guidance=True))
     assert [c.executed.total for c in run.calls[:2]] == pytest.approx([coarse_call.total] * 2, rel=1e-9)
     assert run.calls[0].executed.total < (0.3 if factor == 2 else 0.1) * run.calls[0].full.total
     assert [s.methods["patch_scheduler"] for s in run.steps()] == [f"patch {factor}x (manual 0-50%)"] * 2 + ["native (no manual range)"] * 2
@@ -284,7 +284,7 @@ def test_a_coarse_step_can_also_be_thinned_by_the_token_router(flux_model, conds
 
 
 def test_composes_with_the_width_patcher(flux_model, conds):
-    from comfyui_dynamic_dit.methods.width.runtime import WidthSettings
+    from comfyui_dynamic_dit.methods.width.settings import WidthSettings
 
     width = WidthSettings(noisy_width=0.5, clean_width=0.5)
     PatchProbeMethod.reset()
@@ -305,7 +305,7 @@ def test_composes_with_the_width_patcher(flux_model, conds):
 def test_composes_with_td_lora(flux_model, conds):
     from comfyui_dynamic_dit.integration.patching import adapter_of
     from comfyui_dynamic_dit.methods.td_lora.comfy_files import apply_td_lora
-    from comfyui_dynamic_dit.methods.td_lora.runtime import architecture_metadata, block_linear_shapes
+    from comfyui_dynamic_dit.methods.td_lora.binding import architecture_metadata, block_linear_shapes
     from comfyui_dynamic_dit.methods.td_lora.file import parse_td_lora, random_td_lora, td_lora_state_dict
 
     adapter = adapter_of(flux_model)

@@ -13,7 +13,9 @@ from comfyui_dynamic_dit.core.slicing import AxisSelection
 from comfyui_dynamic_dit.integration.patching import adapter_of
 from comfyui_dynamic_dit.methods import REGISTRY
 from comfyui_dynamic_dit.methods.td_lora import runtime as td_lora
-from comfyui_dynamic_dit.methods.td_lora.runtime import GatedBypass, GateNetwork, LowRankLayer, architecture_metadata, bind_layers, block_linear_shapes, expert_columns, per_sample_sigmas, sinusoidal_embedding
+from comfyui_dynamic_dit.methods.td_lora.runtime import GatedBypass, expert_columns, per_sample_sigmas
+from comfyui_dynamic_dit.methods.td_lora.binding import architecture_metadata, bind_layers, block_linear_shapes
+from comfyui_dynamic_dit.methods.td_lora.experts import GateNetwork, LowRankLayer, sinusoidal_embedding
 from comfyui_dynamic_dit.methods.td_lora.file import ExpertLayer, load_td_lora_file, parse_td_lora, random_td_lora, save_td_lora_file, td_lora_state_dict
 
 QKV = "double_blocks.0.img_attn.qkv"

@@ -12,7 +12,7 @@ from typing import ClassVar
 import pytest
 import torch
 
-from comfyui_dynamic_dit.families import BlockRef, CallShape
+from comfyui_dynamic_dit.families import BlockRef, CallLayout
 from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.integration.patching import adapter_of, apply_settings, effective_weight, plan_of
 from comfyui_dynamic_dit.core.executor import RunContext
@@ -75,7 +75,7 @@ class Harness:
         routing.select = spy
 
     def call(self, sigma, kinds=(0,), uuids=None, batch=B):
-        shape = CallShape(batch=batch, image_tokens=N, text_tokens=T)
+        shape = CallLayout(batch=batch, image_tokens=N, text_tokens=T)
         return self.run.begin_call(sigma, list(kinds), uuids, shape, self.dm)
 
     def block(self, call, kind, index, args):

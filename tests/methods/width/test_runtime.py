@@ -12,7 +12,8 @@ from comfyui_dynamic_dit.demo import reference as reference_model
 from comfyui_dynamic_dit.integration.patching import adapter_of, apply_settings, install_executor, plan_of
 from comfyui_dynamic_dit.core.flops import ZERO, measure_flops
 from comfyui_dynamic_dit.methods.width import calibration as width_calibration
-from comfyui_dynamic_dit.methods.width.runtime import RANKINGS, CalibrationSpec, DynamicWidth, WidthSettings, kept_count, ramp
+from comfyui_dynamic_dit.methods.width.runtime import RANKINGS, CalibrationSpec, DynamicWidth
+from comfyui_dynamic_dit.methods.width.settings import WidthSettings, kept_count, ramp
 from comfyui_dynamic_dit.methods.width.file import RouterHeader, WidthRouter, load_width_router, save_width_router
 from comfyui_dynamic_dit.core.slicing import unit_indices
 
@@ -502,7 +503,7 @@ def test_benchmark_case(flux_model):
 def test_the_default_group_count_divides_the_mlp():
     """One group per head where that divides the MLP (Flux: 24 of 12288); else the nearest divisor (Z-Image: 30 heads,
     10240 units -> 32); a tie goes to the larger count."""
-    from comfyui_dynamic_dit.methods.width.runtime import default_group_count
+    from comfyui_dynamic_dit.methods.width.settings import default_group_count
 
     assert default_group_count(24, 12288) == 24 and default_group_count(30, 10240) == 32
     assert default_group_count(3, 8) == 4 and 10240 % default_group_count(30, 10240) == 0
