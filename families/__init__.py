@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, UnsupportedModelError
+from .base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, UnsupportedModelError, block_linear_index
 from .capabilities import CallLayout, MlpTokenGate, ModelInfo, TokenRouting, WidthUnits
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
@@ -46,6 +46,7 @@ __all__ = [
     "MlpTokenGate",
     "TokenRouting",
     "UnsupportedModelError",
+    "block_linear_index",
     "WidthUnits",
     "adapter_for",
     "supported_families",

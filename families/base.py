@@ -312,3 +312,14 @@ class ModelAdapter(ABC):
     def full_block_work(self, block: BlockRef, layout: CallLayout) -> BlockWork:
         return BlockWork(batch=layout.batch, image_tokens=layout.image_tokens, text_tokens=layout.text_tokens,
                          reference_tokens=layout.reference_tokens)
+
+
+def block_linear_index(adapter: ModelAdapter, diffusion_model: torch.nn.Module) -> dict[str, tuple[BlockRef, str, torch.nn.Module]]:
+    """Every linear inside the blocks by its module path: path -> (block, name in the block, layer)."""
+    paths = {id(module): path for path, module in diffusion_model.named_modules()}
+    index = {}
+    for block in adapter.blocks:
+        module = adapter.block_module(diffusion_model, block)
+        for name, layer in adapter.linear_layers(module, block).items():
+            index[paths[id(layer)]] = (block, name, layer)
+    return index

@@ -385,12 +385,14 @@ def training_run_files() -> list[str]:
     return _model_folder_files(lambda path: file_format(path) == BUNDLE_FORMAT)
 
 
-def model_file_path(name: str) -> str:
-    """The full path of a file of `models/dynamic_dit/`, or ValueError naming the folder."""
+def model_file_path(name: str, what: str = "") -> str:
+    """The full path of a file of `models/dynamic_dit/`, or ValueError naming the file (as `what`, e.g. "Width router")
+    and the folder."""
     import folder_paths
 
     path = folder_paths.get_full_path(MODEL_FOLDER, name)
     if path is None:
         folders = ", ".join(folder_paths.get_folder_paths(MODEL_FOLDER)) or f"models/{MODEL_FOLDER}"
-        raise ValueError(f"'{name}' was not found in the dynamic_dit model folder ({folders}); refresh the node's file list.")
+        raise ValueError(f"{what + ' ' if what else ''}'{name}' was not found in the dynamic_dit model folder ({folders}); "
+                         "refresh the node's file list.")
     return path

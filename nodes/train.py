@@ -10,6 +10,7 @@ import torch
 
 from ..integration.patching import MODEL_FOLDER, adapter_of
 from ..integration.trained_files import apply_trained_files
+from ..methods.width.settings import PART_LABELS
 from ..training.student import StudentSpec
 from ..training.trainer import TrainConfig
 from ..training.trajectories import teacher_seeds
@@ -20,7 +21,7 @@ PARTS = {"width + TD-LoRA": ("width", "td_lora"), "width": ("width",), "TD-LoRA"
          "token routers (DiffCR)": ("tokens",), "MLP token routers + TD-LoRA (DyDiT SDT)": ("tokens", "td_lora"),
          "MLP token routers (DyDiT SDT)": ("tokens",)}
 SDT_PARTS = ("MLP token routers + TD-LoRA (DyDiT SDT)", "MLP token routers (DyDiT SDT)")  # left-out tokens skip the MLP only
-WIDTH_PARTS = {"heads and MLP": "both", "attention heads": "heads", "MLP": "mlp"}
+WIDTH_PARTS = PART_LABELS
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 
 

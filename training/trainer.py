@@ -22,7 +22,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -104,9 +104,9 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 
 
 def _optimizer(student: DynamicStudent, config: TrainConfig) -> torch.optim.Optimizer:
-    decisions = ("head_", "group_", "tokens.")  # width routers, token routers and keep ratios
-    routers = [p for n, p in student.named_parameters() if n.startswith(decisions)]
-    others = [p for n, p in student.named_parameters() if not n.startswith(decisions)]
+    routers = student.decision_parameters()  # width routers, token routers and keep ratios
+    chosen = {id(p) for p in routers}
+    others = [p for p in student.parameters() if id(p) not in chosen]
     groups = [g for g in ({"params": routers, "lr": config.router_lr}, {"params": others, "lr": config.lr}) if g["params"]]
     return torch.optim.AdamW(groups, betas=(0.9, 0.99), weight_decay=0.0)
 
@@ -123,19 +123,7 @@ def schedule_ratio(student: DynamicStudent, bank: Trajectories, *, noise: float 
     """The FLOPs ratio of a sampling run: the decisions at every step of the schedule, averaged (a run calls
     the model once per step, at the shape of the recorded calls). With noise 0 the deterministic decisions
     inference makes (a float); with `grad` a differentiable tensor."""
-    if student.coarse is not None:  # the schedule fixes which steps run coarse: a constant
-        ratio = student.coarse_run_ratio(bank)
-        return torch.tensor(ratio) if grad else ratio
-    if student.tokens is not None:  # every step at its region's keep ratios
-        return student.routed_run_ratio(bank, grad)
-    rows = bank.fixed(1)
-    device = next(iter(student.buffers())).device
-    timesteps = torch.tensor(bank.timesteps, dtype=torch.float32, device=device)
-    with torch.set_grad_enabled(grad):
-        heads, groups = student.masks(timesteps, student.latent(rows).dtype, temperature, noise, generator)
-        layout = replace(student.adapter.call_layout(student.arguments(rows)), batch=len(timesteps))
-        ratio = student.flops_ratio(layout, heads, groups).mean()
-    return ratio if grad else float(ratio)
+    return student.run_ratio(bank, noise=noise, temperature=temperature, generator=generator, grad=grad)
 
 
 @torch.no_grad()
@@ -182,14 +170,12 @@ def _train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, 
     config.validate()
     if bank.rows == 0:
         raise ValueError("Trainer: no teacher trajectories (no conditioning?) to train on.")
-    if student.tokens is not None and config.feature_weight > 0:
-        raise ValueError("Trainer: feature distillation is not available with token routing (its rows run in groups "
-                         "by timestep region); train token routers with feature_weight 0.")
+    for part in student.parts.values():
+        part.check_training(config)
     rank, world = _rank()
-    device = next(iter(student.buffers())).device
+    device = student.device
     schedule_bank = bank
-    if student.coarse is not None:  # the coarse parts change the coarse steps' calls only: train on those
-        bank = student.coarse_training_rows(bank)
+    bank = student.training_rows(bank)  # e.g. coarse patches change the coarse steps' calls only: train on those
     optimizer = _optimizer(student, config)
     student.gradient_checkpointing = config.gradient_checkpointing
     generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
@@ -252,8 +238,7 @@ def _train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, 
             loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
-        if student.tokens is not None:
-            student.tokens.project_()  # keep ratios stay in [min_keep, 1]
+        student.after_step()  # e.g. keep ratios stay in [min_keep, 1]
         entry = {"step": step + 1, "loss": float(loss.detach()), "distill": float(distill.detach()), "ratio": float(ratio.detach()),
                  "target": target}
         history.append(entry)

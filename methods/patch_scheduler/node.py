@@ -1,8 +1,8 @@
 """Dynamic Patch Scheduler (DDiT): coarse patches at steps where the latent changes slowly."""
 from __future__ import annotations
 
-from ...integration.patching import MODEL_FOLDER, apply_settings, check_base_weights, model_files
-from ...core.files import header_metadata
+from ...integration.patching import apply_settings, model_files
+from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
 from .file import FORMAT, load_patch_embedding_file
 from .runtime import MODES, PatchSchedulerSettings, parse_schedule
 
@@ -14,18 +14,6 @@ DEFAULT_SCHEDULE = "0-40%:4, 40-70%:2, 70-100%:1"
 
 def _embedding_files() -> list[str]:
     return [NO_EMBEDDING, *model_files(FORMAT)]
-
-
-def _load_embedding(name: str, model):
-    """The file, refused unless trained on this model's weights (when it names them)."""
-    import folder_paths
-
-    path = folder_paths.get_full_path(MODEL_FOLDER, name)
-    if path is None:
-        raise ValueError(f"Patch embedding '{name}' is not in models/{MODEL_FOLDER}/; pick a file from the list or 'none'.")
-    embedding = load_patch_embedding_file(path, name)
-    check_base_weights(model, header_metadata(path), name)
-    return embedding
 
 
 DEFAULTS = PatchSchedulerSettings()
@@ -88,7 +76,7 @@ class DynamicPatchScheduler:
 
     def patch(self, model, mode, tau, percentile, max_patch_factor, last_native_steps, manual_schedule, embedding,
               start_percent, end_percent):
-        loaded = _load_embedding(embedding, model) if embedding != NO_EMBEDDING else None
+        loaded = load_trained_file(model, embedding, FORMAT) if embedding != NO_EMBEDDING else None
         schedule = parse_schedule(manual_schedule) if mode == "manual" else ()
         if mode == AS_TRAINED:
             if loaded is None:
@@ -109,6 +97,12 @@ class DynamicPatchScheduler:
         )
         return (apply_settings(model, settings),)
 
+
+register_trained_file(TrainedFileKind(
+    part="coarse", format=FORMAT, label="Patch embedding", load=load_patch_embedding_file,
+    as_trained=lambda model, embedding, header: apply_settings(model, PatchSchedulerSettings(
+        mode="manual", schedule=embedding.trained_schedule(), embedding=embedding)),
+))
 
 NODE_CLASS_MAPPINGS = {"DynamicPatchScheduler": DynamicPatchScheduler}
 NODE_DISPLAY_NAME_MAPPINGS = {"DynamicPatchScheduler": "Dynamic Patch Scheduler"}

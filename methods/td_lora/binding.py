@@ -7,24 +7,13 @@ from typing import Mapping
 
 import torch
 
-from ...families import BlockRef, ModelAdapter
+from ...families import BlockRef, ModelAdapter, block_linear_index
 from .experts import LowRankLayer, TDLoRA
 
 
 def architecture_metadata(adapter: ModelAdapter) -> dict[str, str]:
     """The metadata a TD-LoRA file for this model carries (and must match on load)."""
     return adapter.model_info().header()
-
-
-def block_linear_index(adapter: ModelAdapter, diffusion_model: torch.nn.Module) -> dict[str, tuple[BlockRef, str, torch.nn.Module]]:
-    """Every linear inside the blocks by its module path: path -> (block, name in the block, layer)."""
-    paths = {id(module): path for path, module in diffusion_model.named_modules()}
-    index = {}
-    for block in adapter.blocks:
-        module = adapter.block_module(diffusion_model, block)
-        for name, layer in adapter.linear_layers(module, block).items():
-            index[paths[id(layer)]] = (block, name, layer)
-    return index
 
 
 def block_linear_shapes(adapter: ModelAdapter, diffusion_model: torch.nn.Module) -> dict[str, tuple[int, int]]:

@@ -22,7 +22,8 @@ import comfy.utils
 import comfy.weight_adapter
 import folder_paths
 
-from .binding import bind_layers, block_linear_index
+from .binding import bind_layers
+from ...families import block_linear_index
 from .experts import LowRankLayer, TDLoRA
 from .settings import TDLoRASettings
 from .file import is_td_lora, parse_td_lora

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import os
 
-from .comfy_files import apply_td_lora, file_choices, load_td_lora, path_of, read_file
 from ...integration.patching import check_base_weights
+from ...integration.trained_files import TrainedFileKind, register_trained_file
+from .comfy_files import apply_td_lora, file_choices, load_td_lora, path_of, read_file
+from .file import FORMAT, load_td_lora_file
 from .settings import STRENGTH_RANGE
 
 
@@ -54,6 +56,12 @@ class DynamicTDLoRALoader:
         check_base_weights(model, metadata, f"TD-LoRA file '{file}'")  # trained files name their base
         return (apply_td_lora(model, lora, strength),)
 
+
+# A trained run's TD-LoRA; the loader above also reads any LoRA of models/loras/, so it reads files its own way.
+register_trained_file(TrainedFileKind(
+    part="td_lora", format=FORMAT, label="TD-LoRA file", load=lambda path, name: load_td_lora_file(path),
+    as_trained=lambda model, lora, header: apply_td_lora(model, lora, 1.0),
+))
 
 NODE_CLASS_MAPPINGS = {"DynamicTDLoRALoader": DynamicTDLoRALoader}
 NODE_DISPLAY_NAME_MAPPINGS = {"DynamicTDLoRALoader": "TD-LoRA Loader"}

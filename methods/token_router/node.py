@@ -1,11 +1,11 @@
 """Token Router: per block and per step, only some image tokens run the MLP (SDT) or the whole block."""
 from __future__ import annotations
 
-from ...integration.patching import apply_settings, check_base_weights, model_file_path, model_files
-from ...core.files import header_metadata
+from ...integration.patching import apply_settings, model_files
+from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
+from .file import FORMAT, load_router_file
 from .runtime import TokenRouterSettings
 from .settings import parse_block_overrides
-from .file import FORMAT, load_router_file
 
 NO_FILE = "none"
 SCORES = {"input change": "input_change", "update magnitude": "update", "router file": "router"}
@@ -79,11 +79,7 @@ class DynamicTokenRouter:
               router_file, use_file_ratios, start_percent, end_percent, block_overrides):
         if score not in SCORES:
             raise ValueError(f"Token Router: score must be one of {', '.join(SCORES)}, got {score!r}.")
-        router = None
-        if router_file and router_file != NO_FILE:
-            path = model_file_path(router_file)
-            router = load_router_file(path, name=router_file)
-            check_base_weights(model, header_metadata(path), f"Router file '{router_file}'")  # trained files name their base
+        router = load_trained_file(model, router_file, FORMAT) if router_file and router_file != NO_FILE else None
         overrides = parse_block_overrides(block_overrides)
         if mode == AS_TRAINED:
             if router is None:
@@ -105,6 +101,11 @@ class DynamicTokenRouter:
         )
         return (apply_settings(model, settings),)
 
+
+register_trained_file(TrainedFileKind(
+    part="tokens", format=FORMAT, label="Router file", load=load_router_file,
+    as_trained=lambda model, router, header: apply_settings(model, TokenRouterSettings.as_trained(router)),
+))
 
 NODE_CLASS_MAPPINGS = {"DynamicTokenRouter": DynamicTokenRouter}
 NODE_DISPLAY_NAME_MAPPINGS = {"DynamicTokenRouter": "Token Router"}

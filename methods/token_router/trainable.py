@@ -26,15 +26,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 
-from ...families import BlockRef, CallLayout, MlpTokenGate, ModelAdapter, UnsupportedModelError
-from .file import region_of, router_flops, router_scores
+from ...core.method import LinearPieces, TrainablePart, register_part
+from ...core.slicing import gather_tokens
+from ...families import BlockRef, CallLayout, MlpTokenGate, UnsupportedModelError
+from .file import region_of, router_flops, router_scores, save_router_file
 from .settings import keep_count
-from ...core.slicing import RunIndexCache, gather_tokens
-from ...training.trajectories import Trajectories
+
+if TYPE_CHECKING:
+    from ...training.student import DynamicStudent, StudentCall, StudentContext, StudentSpec
+    from ...training.trajectories import Trajectories
 
 BlockRun = Callable[..., dict]  # run_block(args) or, for SDT, run_block(args, (token weights, MLP gates))
 TOKEN_KINDS = ("diffcr", "sdt")
@@ -64,19 +68,39 @@ def weighted_mlp(x: torch.Tensor, weights: torch.Tensor, gate: MlpTokenGate,
     return linear(torch.cat((x[..., :first], scaled, x[..., first + count:]), dim=-1))
 
 
-class TokenParts(torch.nn.Module):
-    """Per-block linear token routers and per-region, per-block keep ratios (trainable), for a student."""
+@register_part
+class TokenPart(TrainablePart):
+    """Per-block token routers and per-region, per-block keep ratios (trainable); rows run grouped by ratio region."""
 
-    def __init__(self, adapter: ModelAdapter, hidden_size: int, regions: int, bins: int, min_keep: float,
-                 router_init: float, generator: torch.Generator, kind: str = "diffcr"):
+    part, order, learns_compute = "tokens", 40, True
+    not_with = ("width",)
+    refusal = "Trainer: token routers are trained without width (parts 'tokens' or 'tokens,td_lora'); train width in another run."
+    file_suffix = ".token_router.safetensors"
+
+    @classmethod
+    def check(cls, spec: "StudentSpec") -> None:
+        if spec.ratio_regions < 1 or spec.ratio_bins < 2:
+            raise ValueError(f"Trainer: token routing needs ratio_regions >= 1 and ratio_bins >= 2, got "
+                             f"{spec.ratio_regions} and {spec.ratio_bins}.")
+        if not 0.0 < spec.min_keep <= 1.0:
+            raise ValueError(f"Trainer: min_keep must be in (0, 1], got {spec.min_keep}.")
+        if spec.token_mode not in TOKEN_KINDS:
+            raise ValueError(f"Trainer: token_mode must be one of {', '.join(TOKEN_KINDS)}, got '{spec.token_mode}'.")
+
+    def __init__(self, context: "StudentContext") -> None:
         super().__init__()
+        adapter, spec, generator = context.adapter, context.spec, context.generator
+        if context.sigma_percent is None:
+            raise ValueError("Trainer: token routing needs the model's sigma -> percent map (its ratio regions are over it).")
         routing = adapter.token_routing()
         if routing is None:
             raise UnsupportedModelError(f"Trainer: {adapter.display_name} models cannot route tokens, so no token router can be trained.")
         object.__setattr__(self, "routing", routing)
-        blocks = len(adapter.blocks)
-        self.kind, self.bins, self.min_keep = kind, bins, min_keep
-        if kind == "sdt":
+        object.__setattr__(self, "adapter", adapter)
+        self.sigma_percent = context.sigma_percent
+        hidden_size, blocks, regions = adapter.model_info().hidden_size, len(adapter.blocks), spec.ratio_regions
+        self.kind, self.bins, self.min_keep = spec.token_mode, spec.ratio_bins, spec.min_keep
+        if self.kind == "sdt":
             try:  # names only (a placeholder layout): the linears the student's block views must hand to it
                 self.gated_linears = {b: tuple(routing.mlp_token_gates(b, CallLayout(1, 1, 0))) for b in adapter.blocks}
             except NotImplementedError as error:
@@ -89,9 +113,11 @@ class TokenParts(torch.nn.Module):
         else:
             self.gated_linears = {}
             self.router_weight = torch.nn.Parameter(torch.randn(blocks, hidden_size, generator=generator) * (0.1 / math.sqrt(hidden_size)))
-            self.router_bias = torch.nn.Parameter(torch.full((blocks,), float(router_init)))
+            self.router_bias = torch.nn.Parameter(torch.full((blocks,), float(spec.router_init)))
         self.ratio = torch.nn.Parameter(torch.ones(regions, blocks))
         self.register_buffer("bounds", torch.linspace(0.0, 1.0, regions + 1))
+        self._percents: dict[float, float] = {}
+        self._flops: dict[tuple, float] = {}  # (layout, block position, image tokens) -> FLOPs per sample
 
     def region(self, percent: float) -> int:
         """The ratio region of sigma percent `percent` (the Token Router's rule for a file's regions)."""
@@ -172,7 +198,7 @@ class TokenParts(torch.nn.Module):
         """Matmul FLOPs of one block's router scoring `tokens` tokens (what the Token Router counts for the file)."""
         return router_flops(FILE_ROUTER[self.kind], self.block_router(0), tokens)
 
-    def unused_parameter_anchor(self) -> torch.Tensor:
+    def output_anchor(self) -> torch.Tensor:
         """0 with a gradient path to the routers: a step where every block ran in full (ratio 1) leaves them
         out of the graph, which DistributedDataParallel (find_unused_parameters=False) refuses."""
         return sum(p.sum() for p in self.router_parameters()) * 0.0
@@ -198,72 +224,117 @@ class TokenParts(torch.nn.Module):
         ratios = self.ratio.detach().float().cpu().clamp(self.min_keep, 1.0)
         return routers, ratios, self.bounds.detach().float().cpu()
 
-
-class RoutedStudent:
-    """The student's token-routed calls (a mixin of `DynamicStudent`, which holds `tokens`, `sigma_percent`, the
-    adapter, the frozen model and the block patches these calls run)."""
-
+    # --- the student's calls ----------------------------------------------------------------------
     def percent(self, sigma: float) -> float:
         found = self._percents.get(sigma)
         if found is None:
             found = self._percents[sigma] = float(self.sigma_percent(sigma))
         return found
 
-    def _routed_forward(self, inputs: Mapping[str, torch.Tensor], record: list | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_call(self, student: "DynamicStudent", call: "StudentCall") -> tuple[torch.Tensor, torch.Tensor]:
         """Rows grouped by ratio region (one keep count per block call, as at inference), each group through
         the blocks at its region's ratios; outputs and (B,) FLOPs ratios back in row order."""
-        regions = torch.tensor([self.tokens.region(self.percent(s)) for s in inputs["sigmas"].tolist()])
+        inputs = call.inputs
+        regions = torch.tensor([self.region(self.percent(s)) for s in inputs["sigmas"].tolist()])
         outputs, ratios, order = [], [], []
         for region in regions.unique().tolist():
             rows = (regions == region).nonzero().squeeze(1)
-            part = {name: value[rows.to(value.device)] for name, value in inputs.items()}
-            arguments = self.arguments(part)
-            layout = self.adapter.call_layout(arguments)
-            ratio = self.tokens.ratio[region]
-            state = {"layout": layout, "cache": RunIndexCache(), "ratio": ratio}
-            columns = self.lora_columns(part["sigmas"])
-            patches = {self.adapter.patch_key(b): self._block_patch(i, b, None, None, columns, state, record)
-                       for i, b in enumerate(self.blocks)}
-            options = {"patches_replace": {"dit": patches}, "sigmas": part["sigmas"]}
-            outputs.append(self.diffusion_model(**arguments, transformer_options=options))
-            call_ratio = self.routed_call_ratio(layout, ratio, grad=torch.is_grad_enabled())  # exact when not training
+            group = student.call({name: value[rows.to(value.device)] for name, value in inputs.items()},
+                                 temperature=call.temperature, noise=call.noise, generator=call.generator, record=call.record)
+            ratio = group.scratch["ratios"] = self.ratio[region]
+            outputs.append(student.run_model(group))
+            call_ratio = self.call_ratio_at(student, group.layout, ratio, grad=torch.is_grad_enabled())  # exact when not training
             ratios.append(torch.as_tensor(call_ratio, dtype=torch.float32).expand(len(rows)))
             order.append(rows)
         back = torch.argsort(torch.cat(order))
-        out = torch.cat(outputs)[back.to(outputs[0].device)] + self.tokens.unused_parameter_anchor()
+        out = torch.cat(outputs)[back.to(outputs[0].device)] + self.output_anchor()
         return out, torch.cat(ratios)[back]
 
-    def routed_call_ratio(self, layout: CallLayout, ratio: torch.Tensor, grad: bool) -> Any:
+    def enter_block(self, call: "StudentCall", position: int) -> None:
+        if "ratios" in call.scratch:
+            call.decisions["ratio"] = call.scratch["ratios"][position]
+
+    def wrap_block(self, call: "StudentCall", position: int, block: BlockRef, args: dict, run: Callable[[Mapping[str, Any]], dict],
+                   training: bool) -> dict:
+        if call.decisions.get("ratio") is None:
+            return run(args)
+
+        def run_block(block_args: Mapping[str, Any], weighted: tuple[torch.Tensor, Mapping] | None = None) -> dict:
+            if weighted is None:
+                return run(block_args)
+            call.scratch["sdt"] = weighted  # read by the gated linears while the block runs
+            try:
+                return run(block_args)
+            finally:
+                del call.scratch["sdt"]
+
+        return self.run(position, block, args, call.layout, call.decisions["ratio"], run_block, interpolate=training)
+
+    def linears(self, block: BlockRef) -> tuple[str, ...]:
+        return tuple(self.gated_linears.get(block, ()))
+
+    def adapt_linear(self, call: "StudentCall", position: int, block: BlockRef, name: str, layer: torch.nn.Module,
+                     pieces: LinearPieces) -> None:
+        if name not in self.gated_linears.get(block, ()):
+            return
+
+        def token_weights() -> tuple[Callable, torch.Tensor, MlpTokenGate] | None:
+            sdt = call.scratch.get("sdt")
+            return (weighted_mlp, sdt[0], sdt[1][name]) if sdt is not None and name in sdt[1] else None
+
+        pieces.token_weights = token_weights
+
+    def check_training(self, config: Any) -> None:
+        if config.feature_weight > 0:
+            raise ValueError("Trainer: feature distillation is not available with token routing (its rows run in groups "
+                             "by timestep region); train token routers with feature_weight 0.")
+
+    def decision_parameters(self) -> list[torch.nn.Parameter]:
+        return list(self.parameters())
+
+    def after_step(self) -> None:
+        self.project_()  # keep ratios stay in [min_keep, 1]
+
+    # --- FLOPs --------------------------------------------------------------------------------------
+    def call_ratio_at(self, student: "DynamicStudent", layout: CallLayout, ratio: torch.Tensor, grad: bool) -> Any:
         """FLOPs of one call per sample with the blocks at keep ratios `ratio` (blocks,) over the full call's
-        (router scoring and the TD-LoRA bypass on the kept tokens included); differentiable with `grad`,
+        (router scoring and the other parts' additions on the kept tokens included); differentiable with `grad`,
         else a float: exactly what inference runs."""
         one = replace(layout, batch=1)
         tokens = one.routable_tokens
-        scoring = self.tokens.scoring_flops(tokens)
+        scoring = self.scoring_flops(tokens)
         total: Any = self.adapter.stem_flops(one).total
-        for i, block in enumerate(self.blocks):
-            total = total + self.tokens.block_flops(ratio[i] if grad else float(ratio[i]),
-                                                    lambda k, i=i, block=block: self._flops_at(one, i, block, k),
-                                                    scoring, tokens, grad)
-        return total / self.adapter.full_flops(one).total
+        for i, block in enumerate(self.adapter.blocks):
+            total = total + self.block_flops(ratio[i] if grad else float(ratio[i]),
+                                             lambda k, i=i, block=block: self._flops_at(student, one, i, block, k),
+                                             scoring, tokens, grad)
+        return total / student.full_flops(one)
 
-    def _flops_at(self, one: CallLayout, position: int, block: BlockRef, image_tokens: int) -> float:
+    def _flops_at(self, student: "DynamicStudent", one: CallLayout, position: int, block: BlockRef, image_tokens: int) -> float:
         key = (one, position, image_tokens)
-        found = self._token_flops.get(key)
+        found = self._flops.get(key)
         if found is None:
-            reduced = "mlp_image_tokens" if self.tokens.kind == "sdt" else "image_tokens"  # SDT: only the MLP thins
+            reduced = "mlp_image_tokens" if self.kind == "sdt" else "image_tokens"  # SDT: only the MLP thins
             work = replace(self.adapter.full_block_work(block, one), **{reduced: image_tokens + one.reference_tokens})
-            found = self._token_flops[key] = self.adapter.block_flops(block, replace(work, extra_flops=self._lora_flops(block, work))).total
+            found = self._flops[key] = student.block_flops(block, work)
         return found
 
-    def routed_run_ratio(self, bank: Trajectories, grad: bool = False) -> Any:
+    def run_ratio(self, student: "DynamicStudent", bank: "Trajectories", *, grad: bool = False, **ignored: Any) -> Any:
         """The FLOPs ratio of a whole run of the bank's schedule: every step at its region's ratios."""
         rows = bank.fixed(1)
-        layout = replace(self.adapter.call_layout(self.arguments(rows)), batch=1)
+        layout = replace(self.adapter.call_layout(student.arguments(rows)), batch=1)
         with torch.set_grad_enabled(grad):
-            steps = [self.routed_call_ratio(layout, self.tokens.ratio[self.tokens.region(self.percent(sigma))], grad)
+            steps = [self.call_ratio_at(student, layout, self.ratio[self.region(self.percent(sigma))], grad)
                      for sigma in bank.step_sigmas()]
         return sum(steps) / len(steps)
 
+    # --- the file ---------------------------------------------------------------------------------------
+    def metadata(self) -> dict[str, str]:
+        return {"ratio_bins": str(self.bins), "min_keep": f"{self.min_keep:g}", "token_mode": self.kind}
 
-__all__ = ["FILE_ROUTER", "RoutedStudent", "TOKEN_KINDS", "TokenParts", "token_rows", "weighted_mlp"]
+    def save(self, student: "DynamicStudent", path: Any, metadata: dict[str, str]) -> None:
+        routers, ratios, bounds = self.export([block.label for block in self.adapter.blocks])
+        save_router_file(path, self.adapter, FILE_ROUTER[self.kind], routers, ratios, bounds, metadata=metadata)
+
+
+__all__ = ["FILE_ROUTER", "TOKEN_KINDS", "TokenPart", "token_rows", "weighted_mlp"]

@@ -1,17 +1,17 @@
 """Dynamic Width Patcher: fewer attention heads and MLP channels at noisy steps (DyDiT TDW)."""
 from __future__ import annotations
 
-from ...integration.patching import apply_settings, check_base_weights, model_files, model_file_path
-from ...core.files import header_metadata
-from .settings import PRESET_LABELS, PRESETS, WidthSettings
-from .file import ROUTER_FORMAT, load_width_router
+from ...integration.patching import apply_settings, model_files
+from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
+from .file import ROUTER_FORMAT, WidthRouter, load_width_router
+from .settings import PART_LABELS, PRESET_LABELS, PRESETS, WidthSettings
 
 NO_ROUTER = "none (training-free)"
 CUSTOM = "custom"
 TARGET = "target FLOPs"
 PRESET_CHOICES = [*PRESET_LABELS.values(), CUSTOM, TARGET]
 _PRESET_BY_LABEL = {label: name for name, label in PRESET_LABELS.items()}
-PART_CHOICES = {"heads and MLP": "both", "attention heads": "heads", "MLP": "mlp"}
+PART_CHOICES = PART_LABELS
 
 
 def _preset_help() -> str:
@@ -26,15 +26,15 @@ def width_settings(
     target_flops: float,
     start_percent: float,
     end_percent: float,
-    router: str = NO_ROUTER,
+    router: WidthRouter | None = None,
     mlp_groups: int = 0,
 ) -> WidthSettings:
-    """The node's widgets as settings; a router file is read and validated here."""
+    """The node's widgets as settings (a loaded router file replaces the schedule)."""
     if parts not in PART_CHOICES:
         raise ValueError(f"Dynamic Width Patcher: parts must be one of {', '.join(PART_CHOICES)}, got '{parts}'.")
     common = dict(start_percent=start_percent, end_percent=end_percent, parts=PART_CHOICES[parts], mlp_groups=mlp_groups)
-    if router != NO_ROUTER:
-        return WidthSettings(router=load_width_router(model_file_path(router), router), **common)
+    if router is not None:
+        return WidthSettings(router=router, **common)
     preset = _PRESET_BY_LABEL.get(preset, preset)  # the node lists labels; scripts may pass the short names
     if preset in PRESETS:
         chosen = PRESETS[preset]
@@ -109,13 +109,17 @@ class DynamicWidthPatcher:
 
     def patch(self, model, preset, parts, noisy_width, clean_width, target_flops, start_percent, end_percent, router,
               mlp_groups=0):
+        loaded = load_trained_file(model, router, ROUTER_FORMAT) if router != NO_ROUTER else None
         settings = width_settings(
-            preset, parts, noisy_width, clean_width, target_flops, start_percent, end_percent, router, mlp_groups
+            preset, parts, noisy_width, clean_width, target_flops, start_percent, end_percent, loaded, mlp_groups
         )
-        if router != NO_ROUTER:  # a trained router fits the base weights it was trained on (shapes alone cannot tell)
-            check_base_weights(model, header_metadata(model_file_path(router)), f"Width router '{router}'")
         return (apply_settings(model, settings),)
 
+
+register_trained_file(TrainedFileKind(
+    part="width", format=ROUTER_FORMAT, label="Width router", load=load_width_router,
+    as_trained=lambda model, router, header: apply_settings(model, WidthSettings(router=router, parts=header.get("width_parts", "both"))),
+))
 
 NODE_CLASS_MAPPINGS = {"DynamicWidthPatcher": DynamicWidthPatcher}
 NODE_DISPLAY_NAME_MAPPINGS = {"DynamicWidthPatcher": "Dynamic Width Patcher"}

@@ -13,6 +13,7 @@ from .file import WidthRouter
 
 # which parts a setting thins: (attention heads, MLP channel groups)
 PARTS: dict[str, tuple[bool, bool]] = {"both": (True, True), "heads": (True, False), "mlp": (False, True)}
+PART_LABELS: dict[str, str] = {"heads and MLP": "both", "attention heads": "heads", "MLP": "mlp"}  # as nodes list them
 
 
 def default_group_count(heads: int, mlp_hidden: int) -> int:

@@ -55,7 +55,7 @@ def test_auto_mode_ignores_the_manual_schedule_text(flux_model):
         ({"mode": "manual", "manual_schedule": "first half coarse"}, "Cannot read 'first half coarse'"),
         ({"percentile": 1.5}, "percentile must be between 0 and 1"),
         ({"start_percent": 0.9, "end_percent": 0.1}, "0 <= start <= end <= 1"),
-        ({"embedding": "missing.safetensors"}, "Patch embedding 'missing.safetensors' is not in models/dynamic_dit/"),
+        ({"embedding": "missing.safetensors"}, "Patch embedding 'missing.safetensors' was not found in the dynamic_dit model folder"),
     ],
 )
 def test_bad_inputs_raise_and_leave_the_model_unpatched(model_folder, flux_model, changes, message):

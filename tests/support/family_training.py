@@ -51,9 +51,9 @@ def width_files_round_trip(model, bank, sample: Sample, folder: Path, base_model
     student = training_host.build_student(model, bank, StudentSpec(experts=2, rank=2), seed=1)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():  # drop some units at every step, give the bypasses weight
-        student.head_bias[:, ::2] = -5.0
-        student.group_bias[:, 1::2] = -5.0
-        for up in student.lora_up.values():
+        student["width"].head_bias[:, ::2] = -5.0
+        student["width"].group_bias[:, 1::2] = -5.0
+        for up in student["td_lora"].bank.up.values():
             up.copy_(torch.randn(up.shape, generator=generator) * 0.02)
     paths = save_student(student, folder / "run", training_metadata(student, target=0.5, steps=0, command="test",
                                                                      base_model=base_model))
@@ -70,7 +70,7 @@ def token_router_file_round_trips(model, bank, sample: Sample, folder: Path, bas
     spec = StudentSpec(parts=("tokens",), token_mode=mode, ratio_regions=2)
     student = training_host.build_student(model, bank, spec, seed=1)
     with torch.no_grad():
-        student.tokens.ratio.copy_(torch.tensor([[0.5], [0.75]]).expand_as(student.tokens.ratio))
+        student["tokens"].ratio.copy_(torch.tensor([[0.5], [0.75]]).expand_as(student["tokens"].ratio))
     [path] = save_student(student, folder / "run", training_metadata(student, target=0.8, steps=0, command="test",
                                                                      base_model=base_model))
     router = load_router_file(path)

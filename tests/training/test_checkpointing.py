@@ -18,10 +18,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(flux_model, bank, parts
         student = student_for(flux_model, bank, parts=parts)
         with torch.no_grad():  # away from the start, where some parts have no gradient yet
             for name, param in student.named_parameters():
-                if name.startswith("lora_up"):
+                if name.startswith("parts.td_lora.bank.up"):
                     param.normal_(0, 0.01, generator=torch.Generator().manual_seed(1))
-            if student.tokens is not None:
-                student.tokens.ratio.fill_(0.63)
+            if "tokens" in student.parts:
+                student["tokens"].ratio.fill_(0.63)
         student.gradient_checkpointing = checkpointing
         with mutation_context("allow"):
             out, ratios = student(batch, noise=1.0, generator=torch.Generator().manual_seed(0))

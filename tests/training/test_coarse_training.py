@@ -21,7 +21,7 @@ SCHEDULE = "0-70%:2"  # 8 steps: steps 0-5 coarse (0, 12.5, ..., 62.5 %), 6 and 
 @pytest.fixture(scope="module")
 def trained(flux_model, bank):
     student = student_for(flux_model, bank, parts=("coarse",), coarse_schedule=SCHEDULE)
-    rows = student.coarse_training_rows(bank)
+    rows = student.training_rows(bank)
     before = evaluate(student, rows, 16)
     result = train(student, bank, TrainConfig(steps=40, batch=4, checkpoint_every=1000), progress_bar=False)
     return student, result, before
@@ -29,8 +29,8 @@ def trained(flux_model, bank):
 
 def test_trains_on_the_coarse_steps_rows_only(flux_model, bank):
     student = student_for(flux_model, bank, parts=("coarse",), coarse_schedule=SCHEDULE)
-    rows = student.coarse_training_rows(bank)
-    assert coarse_step_indices(student.coarse_schedule, 8) == [0, 1, 2, 3, 4, 5]
+    rows = student.training_rows(bank)
+    assert coarse_step_indices(student["coarse"].schedule, 8) == [0, 1, 2, 3, 4, 5]
     assert rows.rows == bank.rows * 6 // 8
     assert rows.timesteps == bank.timesteps  # the schedule stays whole for the FLOPs of the run
 
@@ -62,7 +62,7 @@ def test_the_file_samples_what_the_student_computed(trained, flux_model, bank, t
     run = plan_of(patched).telemetry.latest()
     assert run.executed_flops / run.full_flops == pytest.approx(result.final_ratio, rel=0.02)
 
-    coarse_timesteps = [bank.timesteps[s] for s in coarse_step_indices(student.coarse_schedule, len(bank.timesteps))]
+    coarse_timesteps = [bank.timesteps[s] for s in coarse_step_indices(student["coarse"].schedule, len(bank.timesteps))]
 
     wrapped = sampling_through(flux_model, student, only_timesteps=coarse_timesteps)
     reference = tiny_flux.sample(wrapped, positive, negative, **sampling)

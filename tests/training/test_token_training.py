@@ -62,11 +62,11 @@ def test_fifty_steps_meet_the_target_and_the_loss_falls(trained, flux_model, ban
     # the same learned ratios with untrained routers and no compensation: training won fidelity at that compute
     untrained = student_for(flux_model, bank, parts=PARTS, ratio_regions=2, seed=5, token_mode=mode)
     with torch.no_grad():
-        untrained.tokens.ratio.copy_(student.tokens.ratio)
+        untrained["tokens"].ratio.copy_(student["tokens"].ratio)
     assert schedule_ratio(untrained, bank) == pytest.approx(result.final_ratio)
     before = evaluate(untrained, bank, 16)
     assert result.eval_loss < 0.7 * before, (before, result.eval_loss)
-    ratios = student.tokens.ratio.detach()
+    ratios = student["tokens"].ratio.detach()
     assert ratios.min() >= student.spec.min_keep and ratios.max() <= 1.0
 
 
@@ -75,16 +75,16 @@ def test_the_ratio_has_a_gradient_through_the_bin_interpolation(flux_model, bank
     the router one (SDT: through the straight-through estimator)."""
     student = student_for(flux_model, bank, parts=("tokens",), ratio_regions=1, token_mode=mode)
     with torch.no_grad():
-        student.tokens.ratio.fill_(0.63)  # between the bins 0.60 and 0.65
+        student["tokens"].ratio.fill_(0.63)  # between the bins 0.60 and 0.65
     batch = bank.fixed(4)
     with mutation_context("allow"):  # the host's blocks write into their inputs
         out, ratios = student(batch)
         (out - batch["target"]).pow(2).mean().backward()
-    grad = student.tokens.ratio.grad
+    grad = student["tokens"].ratio.grad
     assert grad is not None and (grad.abs() > 0).all(), grad
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student.tokens.router_parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in student["tokens"].router_parameters())
     # the differentiable FLOPs interpolate between the bins' exact counts
-    exact = [student.routed_call_ratio(student.adapter.call_layout(student.arguments(batch)), torch.full((6,), r), grad=False)
+    exact = [student["tokens"].call_ratio_at(student, student.adapter.call_layout(student.arguments(batch)), torch.full((6,), r), grad=False)
              for r in (0.60, 0.65)]
     assert exact[0] < float(ratios[0].detach()) < exact[1]
 
@@ -144,6 +144,6 @@ def test_sdt_runs_attention_for_every_token(trained, flux_model, bank):
     student = trained[0]
     diffcr = student_for(flux_model, bank, parts=PARTS, ratio_regions=2)
     with torch.no_grad():
-        diffcr.tokens.ratio.copy_(student.tokens.ratio)
-    assert (student.tokens.ratio < 1).any()
+        diffcr["tokens"].ratio.copy_(student["tokens"].ratio)
+    assert (student["tokens"].ratio < 1).any()
     assert schedule_ratio(student, bank) > schedule_ratio(diffcr, bank) + 0.05

@@ -15,7 +15,8 @@ from comfyui_dynamic_dit.methods.td_lora.comfy_files import apply_td_lora, load_
 from comfyui_dynamic_dit.core.flops import measure_flops
 from comfyui_dynamic_dit.methods import DynamicMethod, register
 from comfyui_dynamic_dit.methods.td_lora import runtime as td_lora
-from comfyui_dynamic_dit.methods.td_lora.binding import architecture_metadata, block_linear_index, block_linear_shapes, linear_shapes
+from comfyui_dynamic_dit.methods.td_lora.binding import architecture_metadata, block_linear_shapes, linear_shapes
+from comfyui_dynamic_dit.families import block_linear_index
 from comfyui_dynamic_dit.methods.td_lora.experts import GateWeights
 from comfyui_dynamic_dit.methods.td_lora.file import ExpertLayer, random_td_lora, td_lora_state_dict
 from comfyui_dynamic_dit.core.plan import MethodSettings
