@@ -7,6 +7,7 @@ FLOPs of every step as a share of the full model's, the one-off setup apart from
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 from PIL import Image, ImageDraw, ImageFont
@@ -63,6 +64,23 @@ def render_chart(run: RunRecord, baseline: RunRecord | None = None, width: int =
     return render_progress(data, width, height)
 
 
+@dataclass
+class _Columns:
+    """Where a chart's columns stand: one per setup work (apart, left of the steps), then one per step."""
+
+    left: float
+    right: float
+    setup: int
+    count: int
+
+    def __post_init__(self) -> None:
+        self.gap = 0.6 if self.setup else 0.0
+        self.slot = (self.right - self.left) / (self.count + self.gap)
+
+    def x(self, i: int) -> float:
+        return self.left + (i + (self.gap if i >= self.setup else 0.0)) * self.slot
+
+
 def render_progress(data: dict, width: int = 960, height: int = 540) -> Image.Image:
     """Draw `RunRecord.progress` data: a time panel (bars per step, baseline next to them, setup apart)
     above a FLOPs panel (share of the full model per step)."""
@@ -86,33 +104,34 @@ def render_progress(data: dict, width: int = 960, height: int = 540) -> Image.Im
     legend_y = y + 8
     top = legend_y + 40
     split = top + (height - bottom_margin - top) * 0.58
-    time_panel = (top, split - 30)
-    flops_panel = (split + 8, height - bottom_margin)
+    columns = _Columns(left, right, len(setup), len(setup) + max(len(steps), len(base_steps), int(data.get("total_steps") or 0)))
+    _legend(draw, left, legend_y, bool(baseline), bool(setup), small)
+    _time_panel(draw, columns, (top, split - 30), setup, steps, base_steps if baseline else None, small)
+    _flops_panel(draw, columns, (split + 8, height - bottom_margin), steps, small)
+    return image
 
-    # Columns: one per setup work (apart, left of the steps), then one per step.
-    columns = len(setup) + max(len(steps), len(base_steps), int(data.get("total_steps") or 0))
-    gap = 0.6 if setup else 0.0
-    slot = (right - left) / (columns + gap)
 
-    def column_x(i: int) -> float:
-        return left + (i + (gap if i >= len(setup) else 0.0)) * slot
-
-    # Legend, above the time panel.
+def _legend(draw: ImageDraw.ImageDraw, left: float, y: float, baseline: bool, setup: bool, font) -> None:
+    """The legend, above the time panel."""
     legend = [(RUN_COLOR, "this run")] + ([(BASELINE_COLOR, "full compute")] if baseline else [])
     legend += [(SETUP_COLOR, "one-off setup")] if setup else []
     legend += [(FLOPS_COLOR, "FLOPs vs full")]
     x = left
     for color, name in legend:
-        draw.rectangle((x, legend_y + 2, x + 11, legend_y + 13), fill=color)
-        draw.text((x + 16, legend_y), name, fill=TEXT, font=small)
-        x += 24 + draw.textlength(name, font=small)
+        draw.rectangle((x, y + 2, x + 11, y + 13), fill=color)
+        draw.text((x + 16, y), name, fill=TEXT, font=font)
+        x += 24 + draw.textlength(name, font=font)
 
-    # Time panel: grouped bars per step; the setup bar is clipped at the axis top and labelled.
-    step_ms = [s["ms"] for s in steps] + [s["ms"] for s in base_steps]
+
+def _time_panel(draw: ImageDraw.ImageDraw, columns: _Columns, panel: tuple[float, float], setup: list, steps: list,
+                base_steps: list | None, font) -> None:
+    """Grouped bars per step (the baseline's next to the run's); a setup bar is clipped at the axis top and labelled."""
+    step_ms = [s["ms"] for s in steps] + [s["ms"] for s in base_steps or []]
     ticks = nice_ticks(max(step_ms + [1e-3]) * 1.05)
     peak = ticks[-1]
-    _axes(draw, left, right, *time_panel, ticks, peak, _format_ms, "model ms per step", small)
-    panel_top, panel_bottom = time_panel
+    _axes(draw, columns.left, columns.right, *panel, ticks, peak, _format_ms, "model ms per step", font)
+    panel_top, panel_bottom = panel
+    slot = columns.slot
 
     def bar(x0: float, x1: float, value: float, color: tuple) -> None:
         clipped = min(value, peak)
@@ -121,38 +140,41 @@ def render_progress(data: dict, width: int = 960, height: int = 540) -> Image.Im
         if value > peak:  # a break mark and the real value
             draw.line((x0, panel_top + 8, x1, panel_top + 2), fill=BACKGROUND, width=3)
             label = _format_ms(value) + " ms"
-            draw.text((x0, panel_top - 15), label, fill=TEXT, font=small)
+            draw.text((x0, panel_top - 15), label, fill=TEXT, font=font)
 
     for i, work in enumerate(setup):
-        x0 = column_x(i) + slot * 0.15
+        x0 = columns.x(i) + slot * 0.15
         bar(x0, x0 + slot * 0.7, work["seconds"] * 1e3, SETUP_COLOR)
-        draw.text((x0, panel_bottom + 3), "setup", fill=SETUP_COLOR, font=small)
-    per_column = 2 if baseline else 1
-    for i in range(columns - len(setup)):
-        x0 = column_x(len(setup) + i) + slot * 0.12
+        draw.text((x0, panel_bottom + 3), "setup", fill=SETUP_COLOR, font=font)
+    per_column = 2 if base_steps is not None else 1
+    for i in range(columns.count - columns.setup):
+        x0 = columns.x(columns.setup + i) + slot * 0.12
         each = slot * 0.76 / per_column
-        if baseline and i < len(base_steps):
+        if base_steps is not None and i < len(base_steps):
             bar(x0, x0 + each, base_steps[i]["ms"], BASELINE_COLOR)
-        if baseline:
+        if base_steps is not None:
             x0 += each
         if i < len(steps):
             bar(x0, x0 + each, steps[i]["ms"], RUN_COLOR)
 
-    # FLOPs panel: share of the full model per step, 100% = full compute.
-    _axes(draw, left, right, *flops_panel, [0.0, 0.5, 1.0], 1.0, lambda v: f"{v:.0%}", "FLOPs vs full model", small)
-    f_top, f_bottom = flops_panel
+
+def _flops_panel(draw: ImageDraw.ImageDraw, columns: _Columns, panel: tuple[float, float], steps: list, font) -> None:
+    """The share of the full model per step, 100% = full compute, and the step numbers under it."""
+    _axes(draw, columns.left, columns.right, *panel, [0.0, 0.5, 1.0], 1.0, lambda v: f"{v:.0%}", "FLOPs vs full model", font)
+    f_top, f_bottom = panel
+    slot, steps_shown = columns.slot, columns.count - columns.setup
     for i, step in enumerate(steps):
-        x0 = column_x(len(setup) + i) + slot * 0.2
+        x0 = columns.x(columns.setup + i) + slot * 0.2
         ratio = min(step["flops_ratio"], 1.0)
         draw.rectangle((x0, f_bottom - (f_bottom - f_top) * ratio, max(x0, x0 + slot * 0.6 - 1), f_bottom), fill=FLOPS_COLOR)
-    label_every = max(1, math.ceil((columns - len(setup)) / 16))
-    for i in range(columns - len(setup)):
+    label_every = max(1, math.ceil(steps_shown / 16))
+    for i in range(steps_shown):
         if i % label_every == 0:
             label = str(i)
-            x = column_x(len(setup) + i) + slot / 2 - draw.textlength(label, font=small) / 2
-            draw.text((x, f_bottom + 3), label, fill=MUTED, font=small)
-    draw.text((right - draw.textlength("sampling step", font=small), f_bottom + 17), "sampling step", fill=MUTED, font=small)
-    return image
+            x = columns.x(columns.setup + i) + slot / 2 - draw.textlength(label, font=font) / 2
+            draw.text((x, f_bottom + 3), label, fill=MUTED, font=font)
+    right = columns.right
+    draw.text((right - draw.textlength("sampling step", font=font), f_bottom + 17), "sampling step", fill=MUTED, font=font)
 
 
 def _axes(

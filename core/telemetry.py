@@ -1,14 +1,8 @@
 """Per-call and per-step records of what a sampling run computed, and how long it took.
 
-Every model call gets a CallRecord: step, sigma, which batch chunks were cond/uncond, what each
-method did (its settings, per-block details such as tokens or width kept), the FLOPs executed
-(analytic, from what the blocks really received) next to the FLOPs the unpatched model would have
-executed, and the wall time of the call. A RunRecord aggregates them per sampling step and
-compares against a full-compute run of the same shape when one is available.
-
-One-off setup work of a run (e.g. the width method's calibration) is noted with
-`RunRecord.note_setup`: its time and FLOPs are reported on their own, never as part of a step, also
-when it ran inside a step's model call (its time is then taken out of that call's).
+A CallRecord per model call (step, sigma, cond/uncond chunks, what each method did, the FLOPs executed next to
+the unpatched model's, wall time); a RunRecord per run, by sampling step, against a full-compute run of the same
+shape when there is one. One-off setup work (`RunRecord.note_setup`) is reported apart from the steps.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ its part), or with `--part-files` one file per part (`<out>.width.safetensors`, 
 (checkpoints are for resuming, not for shipping: git ignores them).
 
 Developer tooling: it bootstraps a ComfyUI host (`devtools.host`) and trains the reference or a tiny model.
-The trainer itself (`training/`, `comfy_integration/training_host.py`) is runtime, shared with
+The trainer itself (`training/`, `integration/training_host.py`) is runtime, shared with
 the "Train Dynamic DiT" node, which trains the user's own model.
 """
 from __future__ import annotations

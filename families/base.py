@@ -126,7 +126,7 @@ class BlockKind:
     module_list: str  # the diffusion model's attribute holding these blocks, e.g. "double_blocks"
     linears: tuple[str, ...]  # the block's linear layers by module path inside the block (BlockInternals.extras names)
     # True: the host's loop calls these blocks without a `patches_replace["dit"]` lookup; the pack emulates one on each
-    # block's forward (comfy_integration/patch_points.py) through the adapter's `block_arguments`,
+    # block's forward (integration/patch_points.py) through the adapter's `block_arguments`,
     # `run_original` and `block_result`, and `patch_name` is the pack's own key for it.
     emulated: bool = False
 
@@ -151,7 +151,7 @@ class ModelAdapter(ABC):
     # Its parameter that holds the timestep (what `WidthUnits.timestep_features` reads; ComfyUI's DiTs: "timestep").
     timestep_argument: ClassVar[str] = "timestep"
     # True: the model's forward does not run ComfyUI's DIFFUSION_MODEL wrappers (SD3's MMDiT); the pack runs them
-    # around it through an object patch (comfy_integration/patch_points.py).
+    # around it through an object patch (integration/patch_points.py).
     emulated_model_wrappers: ClassVar[bool] = False
 
     @classmethod

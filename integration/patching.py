@@ -1,4 +1,4 @@
-"""The only module of core that talks to ComfyUI.
+"""The executor on a ComfyUI ModelPatcher: the one module that touches ComfyUI's model patcher.
 
 It installs the executor on a *cloned* ModelPatcher through ComfyUI's public patch points and
 never copies ComfyUI's forward code:

@@ -164,6 +164,103 @@ def train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, c
                       log=log, stop_after=stop_after)
 
 
+class _TrainingRun:
+    """One run's state (optimiser, generator, history, clock), its resume from a checkpoint and its checkpoints."""
+
+    def __init__(self, student: DynamicStudent, bank: Trajectories, config: TrainConfig,
+                 checkpoint: str | os.PathLike | None, log: Callable[[str], None] | None):
+        self.student, self.config = student, config
+        self.rank, self.world = _rank()
+        self.schedule_bank = bank  # the whole schedule: what the run's FLOPs ratio is measured on
+        self.bank = student.training_rows(bank)  # e.g. coarse patches change the coarse steps' calls only
+        self.optimizer = _optimizer(student, config)
+        self.generator = torch.Generator().manual_seed(config.seed * 1000 + self.rank)
+        self.target = config.compute_target()
+        self.start, self.history, spent = 0, [], 0.0
+        self.path = Path(checkpoint) if checkpoint is not None else None
+        if self.path is not None and self.path.is_file():
+            spent = self._resume()
+            if log:
+                log(f"resumed from {self.path} at step {self.start} of {config.steps}")
+        self.started = time.perf_counter() - spent
+        self.model: torch.nn.Module = student
+        if self.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.model = DistributedDataParallel(student, find_unused_parameters=False)
+
+    def _resume(self) -> float:
+        state = torch.load(self.path, weights_only=False, map_location=self.student.device)
+        self.student.load_state_dict(state["student"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        generators = state["generators"]
+        self.generator.set_state(generators[self.rank] if self.rank < len(generators) else generators[0])
+        self.start, self.history = int(state["step"]), list(state["history"])
+        return float(state["seconds"])
+
+    def save(self, step: int) -> None:
+        if self.path is None:
+            return
+        generators = [self.generator.get_state()]
+        if self.world > 1:
+            import torch.distributed as dist
+
+            generators = [None] * self.world
+            dist.all_gather_object(generators, self.generator.get_state())
+        if self.rank == 0:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            torch.save(dict(student=self.student.state_dict(), optimizer=self.optimizer.state_dict(), generators=generators,
+                            step=step, history=self.history, seconds=time.perf_counter() - self.started,
+                            config=asdict(self.config)), temporary)
+            os.replace(temporary, self.path)  # a run killed while saving keeps the previous checkpoint
+
+    def step(self, step: int) -> dict[str, float]:
+        """One optimiser step: the learning rate of the step, the loss on a fresh batch, the update."""
+        config, student = self.config, self.student
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+            group["lr"] = group["initial_lr"] * _lr_factor(step, config.steps)
+        batch = self.bank.sample(config.batch, self.generator, student.device)
+        target = self.target.at(step)
+        noise = 1.0 if step < config.noise_until * config.steps else 0.0
+        with torch.enable_grad(), mutation_context(config.mutation):
+            record: list[torch.Tensor] | None = [] if config.feature_weight > 0 else None
+            out, ratios = self.model(batch, temperature=config.temperature, noise=noise, generator=self.generator,
+                                     record_blocks=record)
+            distill = distillation(out, batch["target"])
+            # The compute term is on the run's ratio: fresh gate draws at every step of the schedule, so the
+            # ratio inference executes (deterministic gates, every step once) is what training drives to the target.
+            ratio = schedule_ratio(student, self.schedule_bank, noise=noise, temperature=config.temperature,
+                                   generator=self.generator, grad=True) if self.bank.timesteps else ratios.mean()
+            loss = distill + self.target.weight * (ratio - target) ** 2 if student.learns_compute else distill
+            if record is not None:
+                loss = loss + config.feature_weight * feature_loss(record, _teacher_features(student, batch))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        self.optimizer.step()
+        student.after_step()  # e.g. keep ratios stay in [min_keep, 1]
+        entry = {"step": step + 1, "loss": float(loss.detach()), "distill": float(distill.detach()),
+                 "ratio": float(ratio.detach()), "target": target}
+        self.history.append(entry)
+        return entry
+
+
+def _report(run: _TrainingRun, entry: dict[str, float], end: int, bar: Any, log: Callable[[str], None] | None,
+            callback: Callable[[int, int, dict[str, float]], None] | None) -> None:
+    steps, goal = run.config.steps, run.student.learns_compute
+    if bar is not None:
+        bar.update(1)
+        bar.set_postfix(distill=f"{entry['distill']:.4f}", flops=f"{entry['ratio']:.3f}",
+                        **({"target": f"{entry['target']:.3f}"} if goal else {}))
+    elif log and run.rank == 0 and (entry["step"] % 25 == 0 or entry["step"] == end):
+        aim = f" (target {entry['target']:.3f})" if goal else ""
+        log(f"step {entry['step']}/{steps} distill {entry['distill']:.4f} FLOPs {entry['ratio']:.3f}{aim}")
+    if callback is not None and run.rank == 0:
+        callback(entry["step"], steps, entry)
+
+
 def _train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, checkpoint: str | os.PathLike | None,
            callback: Callable[[int, int, dict[str, float]], None] | None, progress_bar: bool,
            log: Callable[[str], None] | None, stop_after: int | None) -> TrainResult:
@@ -172,93 +269,21 @@ def _train(student: DynamicStudent, bank: Trajectories, config: TrainConfig, *, 
         raise ValueError("Trainer: no teacher trajectories (no conditioning?) to train on.")
     for part in student.parts.values():
         part.check_training(config)
-    rank, world = _rank()
-    device = student.device
-    schedule_bank = bank
-    bank = student.training_rows(bank)  # e.g. coarse patches change the coarse steps' calls only: train on those
-    optimizer = _optimizer(student, config)
     student.gradient_checkpointing = config.gradient_checkpointing
-    generator = torch.Generator().manual_seed(config.seed * 1000 + rank)
-    schedule = config.compute_target()
-    start, history, spent = 0, [], 0.0
-    path = Path(checkpoint) if checkpoint is not None else None
-    if path is not None and path.is_file():
-        state = torch.load(path, weights_only=False, map_location=device)
-        student.load_state_dict(state["student"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generators"][rank] if rank < len(state["generators"]) else state["generators"][0])
-        start, history, spent = int(state["step"]), list(state["history"]), float(state["seconds"])
-        if log:
-            log(f"resumed from {path} at step {start} of {config.steps}")
-    model: torch.nn.Module = student
-    if world > 1:
-        from torch.nn.parallel import DistributedDataParallel
-
-        model = DistributedDataParallel(student, find_unused_parameters=False)
-    bar = _progress_bar(config.steps, start, progress_bar and rank == 0)
-    started = time.perf_counter() - spent
+    run = _TrainingRun(student, bank, config, checkpoint, log)
+    bar = _progress_bar(config.steps, run.start, progress_bar and run.rank == 0)
     end = config.steps if stop_after is None else min(config.steps, stop_after)
-
-    def save(step: int) -> None:
-        if path is None:
-            return
-        generators = [generator.get_state()]
-        if world > 1:
-            import torch.distributed as dist
-
-            generators = [None] * world
-            dist.all_gather_object(generators, generator.get_state())
-        if rank == 0:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_name(path.name + ".tmp")
-            torch.save(dict(student=student.state_dict(), optimizer=optimizer.state_dict(), generators=generators, step=step,
-                            history=history, seconds=time.perf_counter() - started, config=asdict(config)), temporary)
-            os.replace(temporary, path)  # a run killed while saving keeps the previous checkpoint
-
-    for step in range(start, end):
-        for group in optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-            group["lr"] = group["initial_lr"] * _lr_factor(step, config.steps)
-        batch = bank.sample(config.batch, generator, device)
-        target = schedule.at(step)
-        noise = 1.0 if step < config.noise_until * config.steps else 0.0
-        with torch.enable_grad(), mutation_context(config.mutation):
-            record: list[torch.Tensor] | None = [] if config.feature_weight > 0 else None
-            out, ratios = model(batch, temperature=config.temperature, noise=noise, generator=generator, record_blocks=record)
-            distill = distillation(out, batch["target"])
-            # The compute term is on the run's ratio: fresh gate draws at every step of the schedule, so the
-            # ratio inference executes (deterministic gates, every step once) is what training drives to the target.
-            ratio = schedule_ratio(student, schedule_bank, noise=noise, temperature=config.temperature, generator=generator,
-                                   grad=True) if bank.timesteps else ratios.mean()
-            loss = distill + schedule.weight * (ratio - target) ** 2 if student.learns_compute else distill
-            if record is not None:
-                features = feature_loss(record, _teacher_features(student, batch))
-                loss = loss + config.feature_weight * features
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
-        optimizer.step()
-        student.after_step()  # e.g. keep ratios stay in [min_keep, 1]
-        entry = {"step": step + 1, "loss": float(loss.detach()), "distill": float(distill.detach()), "ratio": float(ratio.detach()),
-                 "target": target}
-        history.append(entry)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(distill=f"{entry['distill']:.4f}", flops=f"{entry['ratio']:.3f}",
-                            **({"target": f"{target:.3f}"} if student.learns_compute else {}))
-        elif log and rank == 0 and ((step + 1) % 25 == 0 or step + 1 == end):
-            goal = f" (target {target:.3f})" if student.learns_compute else ""
-            log(f"step {step + 1}/{config.steps} distill {entry['distill']:.4f} FLOPs {entry['ratio']:.3f}{goal}")
-        if callback is not None and rank == 0:
-            callback(step + 1, config.steps, entry)
+    for step in range(run.start, end):
+        entry = run.step(step)
+        _report(run, entry, end, bar, log, callback)
         if (step + 1) % config.checkpoint_every == 0 or step + 1 == end:
-            save(step + 1)
+            run.save(step + 1)
     if bar is not None:
         bar.close()
     student.eval()
-    result = TrainResult(steps=end, history=history, seconds=time.perf_counter() - started)
-    result.final_ratio = schedule_ratio(student, schedule_bank)
-    result.eval_loss = evaluate(student, bank, config.eval_rows)
+    result = TrainResult(steps=end, history=run.history, seconds=time.perf_counter() - run.started)
+    result.final_ratio = schedule_ratio(student, run.schedule_bank)
+    result.eval_loss = evaluate(student, run.bank, config.eval_rows)
     student.train()
     return result
 

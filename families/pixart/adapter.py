@@ -7,7 +7,7 @@ Facts about the host this relies on:
   (1, B*T, D) sequence), a tanh-GELU MLP. Absolute 2-D sin-cos position embeddings are added before the blocks.
 - The host's loop calls `block(x, y, t0, y_lens, (H, W))` with no `patches_replace["dit"]` lookup and no options, and
   its forward runs no DIFFUSION_MODEL wrappers: the pack emulates both points through object patches
-  (comfy_integration/patch_points.py), the wrapper point holding the call's options for the blocks' stand-ins.
+  (integration/patch_points.py), the wrapper point holding the call's options for the blocks' stand-ins.
 - An EPS model (ModelSamplingDiscrete, `timesteps` 0-999) predicting noise and variance (`pred_sigma`: the forward
   returns the noise channels): the Patch Scheduler's coarse steps run training-free with the noise arithmetic, their
   positions set through the patch embedding (`coarse.py`).

@@ -7,7 +7,7 @@ Facts about the host this relies on:
   context branch is pre-only (modulation and qkv, no output projection or MLP: it returns no text). SD3.5 Medium's first
   blocks (`x_block_self_attn_layers`) add a second self-attention over the image tokens (MMDiT-X).
 - The model's forward does not run ComfyUI's DIFFUSION_MODEL wrappers: the pack runs them around it through an object
-  patch (comfy_integration/patch_points.py).
+  patch (integration/patch_points.py).
 - Image tokens carry absolute 2-D position embeddings cropped from the centre of a larger grid, added before the
   blocks: coarse steps run training-free with the embeddings interpolated at their regions' centres (`coarse.py`).
 - `timesteps` is 1000 * sigma (ModelSamplingDiscreteFlow), embedded as it is.

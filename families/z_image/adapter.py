@@ -7,7 +7,7 @@ Facts about the host this relies on:
   multiple. The two context and two noise refiner blocks before them run natively (their FLOPs count in the stem).
 - The host's loop calls `layer(x, mask, freqs_cis, adaln_input, transformer_options=...)` (0.12.1 adds
   `timestep_zero_index`, None in text-to-image) with no `patches_replace["dit"]` lookup: the pack emulates that patch
-  point on each layer's forward through an object patch (comfy_integration/patch_points.py).
+  point on each layer's forward through an object patch (integration/patch_points.py).
 - A block: a Linear(256, 4D) modulation (scale and tanh-gated gate for attention and MLP), a fused qkv with per-head
   RMSNorms of q and k, an output projection, SwiGLU w1 / w3 / w2; the attention and MLP outputs are RMS-normalised
   before their gates. `timesteps` is sigma; the model embeds 1 - sigma.

@@ -3,7 +3,7 @@ so that a trained file computes at inference exactly what the student computed i
 
 Names: x the call's latent, t its flow time, f the coarse factor, p the model's patch, P = f p, D area
 downsampling by f, U bilinear upsampling by f, c = 1 - t + t/f and t' = (t/f)/c the coarse noise level
-(see `patch_scheduler.py` for the derivation).
+(see docs/methods/patch_scheduler.md for the derivation).
 """
 from __future__ import annotations
 

@@ -1,27 +1,6 @@
 """Coarse-patch embedding files (DDiT): trained layers for patches f times the model's own, as safetensors.
 
-Format (version 2), in `models/dynamic_dit/`:
-- header metadata: `format` = "dynamic_dit.patch_embedding", `version` = "1", `factors` (e.g. "2,4"),
-  and what the adapter's coarse grid says about the model (Flux: `architecture` = "flux",
-  `hidden_size`, `num_heads`, `depth_double`, `depth_single`, `patch_size` p, `in_channels` C_in
-  (channels entering img_in, Fill/Kontext concat included), `out_channels` C_out).
-- per factor f, with P = f * p:
-  - `factor<f>.embed.weight` (D, C_in * P * P), `factor<f>.embed.bias` (D,): a flattened P x P latent
-    patch, features in the host's order (c, ph, pw), to a token;
-  - `factor<f>.patch_id` (D,): the patch-size identifier added to every token of this factor;
-  - `factor<f>.deembed.weight` (C_out * P * P, D), `factor<f>.deembed.bias` (C_out * P * P,): the
-    second last linear of the final layer (after the host's own final norm and modulation, beside the
-    host's own last linear), output order (c, ph, pw): a P x P correction R of the coarse velocity; the
-    scheduler combines v = (x - U D x / c) / t + (t' / t) (U v_c + R) (`patch_scheduler.coarse_output`).
-  - optional DDiT block LoRA, active only on coarse calls of its factor (any subset of the block
-    linears): `factor<f>.lora.<block>.<linear>.down` (r, in) and `.up` (out, r), block as
-    `BlockRef.label` ("double.3"), linear by the adapter's block linear names ("img_attn.qkv"); the
-    addend is (x down^T) up^T, any scale folded into `up`.
-  Latents are padded to a multiple of P by repeating the edge pixels. The call sees the noisy channels
-  divided by c = 1 - t + t/f at flow time t' = (t/f)/c, the noise level of the area-downsampled latent
-  (the training-free path's time shift).
-Version 1 (unshifted time, no block LoRA; only ever written by tests) is refused.
-All tensors are floating point and finite; they are loaded as float32.
+The reasoning and the equations: docs/methods/patch_scheduler.md.
 """
 from __future__ import annotations
 
@@ -193,28 +172,31 @@ def _validate(name: str, metadata: dict[str, str], tensors: dict[str, torch.Tens
         else:
             grouped[int(match.group(1))][match.group(2)] = tensor.float()
 
-    layers = {}
-    for factor, params in grouped.items():
-        size = factor * patch
-        expected = {
-            "embed.weight": (hidden, channels_in * size * size),
-            "embed.bias": (hidden,),
-            "patch_id": (hidden,),
-            "deembed.weight": (channels_out * size * size, hidden),
-            "deembed.bias": (channels_out * size * size,),
-        }
-        for param, shape in expected.items():
-            if param not in params:
-                raise fail(f"missing tensor 'factor{factor}.{param}' (expected shape {shape}).")
-            if tuple(params[param].shape) != shape:
-                raise fail(f"tensor 'factor{factor}.{param}' has shape {tuple(params[param].shape)}, expected {shape}.")
-        layers[factor] = CoarseLayers(
-            params["embed.weight"], params["embed.bias"], params["patch_id"], params["deembed.weight"], params["deembed.bias"]
-        )
+    layers = {factor: _layers(fail, factor, params, hidden, factor * patch, channels_in, channels_out)
+              for factor, params in grouped.items()}
     lora = {factor: MappingProxyType({label: MappingProxyType(_lora_pairs(fail, factor, label, linears))
                                       for label, linears in blocks.items()})
             for factor, blocks in lora_parts.items()}
     return PatchEmbeddingFile(name, MappingProxyType(model), MappingProxyType(layers), MappingProxyType(lora))
+
+
+def _layers(fail, factor: int, params: dict[str, torch.Tensor], hidden: int, size: int, channels_in: int,
+            channels_out: int) -> CoarseLayers:
+    """Factor `factor`'s layers, each tensor there with the shape the model's sizes give it."""
+    expected = {
+        "embed.weight": (hidden, channels_in * size * size),
+        "embed.bias": (hidden,),
+        "patch_id": (hidden,),
+        "deembed.weight": (channels_out * size * size, hidden),
+        "deembed.bias": (channels_out * size * size,),
+    }
+    for param, shape in expected.items():
+        if param not in params:
+            raise fail(f"missing tensor 'factor{factor}.{param}' (expected shape {shape}).")
+        if tuple(params[param].shape) != shape:
+            raise fail(f"tensor 'factor{factor}.{param}' has shape {tuple(params[param].shape)}, expected {shape}.")
+    return CoarseLayers(params["embed.weight"], params["embed.bias"], params["patch_id"], params["deembed.weight"],
+                        params["deembed.bias"])
 
 
 def _lora_pairs(fail, factor: int, label: str, linears: dict[str, dict[str, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -1,64 +1,6 @@
 """Dynamic patch scheduling (DDiT, arXiv 2602.16968): coarse patches at steps where the latent changes slowly.
 
-At a coarse step with factor f the model runs on a grid f times coarser in each direction (patch f*p,
-f*f times fewer image tokens) and the prediction is brought back to the native latent resolution.
-Everything happens around one model call (model level, outermost method), so the token router and
-the width patcher run on the coarse grid inside it.
-
-**Without a trained file** (training-free), a coarse call is the host's own forward on an
-area-downsampled latent, which is the same as embedding each f*p patch with the native `img_in`
-weights times the area-downsampling matrix (the transpose of the downsampling, up to 1/f^2). The
-FlexiViT alternative, the pseudo-inverse of the bilinear resize (PI-resize), embeds B+ x instead:
-a least-squares downsampling with negative lobes that leaves the per-pixel noise coloured and at
-0.65 (f=2) / 0.32 (f=4) of its std instead of exactly 1/f. Area downsampling keeps the noise white
-with std exactly t/f, so the coarse latent is an exact flow-matching sample of the downsampled clean
-latent at a shifted time (the resolution shift of SD3, section 5.3.2):
-
-    D x_t = (1 - t) D x0 + (t / f) n   ==   c * ((1 - t') D x0 + t' n),   c = 1 - t + t/f,   t' = (t/f) / c
-
-so the model sees the noise level it was trained for: `z = D x_t / c` at flow time t'. PI-resize
-cannot give that, so area it is (`patch_embedding_file.derived_layers` still builds the PI-resize
-layers, as DDiT's initialisation for a trainer).
-
-Positions: coarse token i gets the RoPE position of the centre of the native tokens it covers,
-f*i + (f-1)/2 (through the host's `rope_options`, `CoarseGrid.coarse_options`; on hosts without them, through
-stand-ins for the methods that read positions, `CoarseGrid.coarse_call`; absolute embeddings are interpolated there).
-
-Back to native: the coarse denoised estimate x0_c = z - t' v_c is upsampled bilinearly (U) and the
-velocity is taken against the full-resolution input: v = (x_t - U x0_c) / t, i.e.
-
-    v = U((D x_t - x0_c) / t)  +  (x_t - U D x_t) / t
-        coarse prediction          residual path from the input latent
-
-The residual carries the detail finer than a coarse patch straight from the input: it is what the
-velocity of that detail is when the clean image has none at that scale (exact at early steps, where
-that detail is noise). **With a trained file** the call keeps the training-free path's noise level
-(input x / c, flow time t') but the trained embedding of the f*p patches (plus the patch-size
-identifier) replaces the embedded image tokens through the host's `post_input` patch, the file's block
-LoRA acts on the block linears (`block_internals`, coarse calls only), the hidden states after the last
-block are captured by this method's `wrap_block`, and the host's final layer (its own norm and
-modulation) runs with its own last linear and the trained de-embedding side by side: the coarse velocity
-v_c upsampled bilinearly plus a trained P x P correction R, v = (x - U D x / c) / t + (t' / t) (U v_c + R)
-(`coarse_output`). Area-derived embedding and a zero de-embedding are the training-free path exactly, so
-a trainer starts from it.
-
-**Scheduler** (auto mode, DDiT's rule, `patch_statistics.py`): the decision for step s is made once,
-at the first model call that evaluates step s's sigma, from the third difference of x_{s-3} ... x_s:
-the sampler's x at the start of the three steps before (recorded from the per-step callback) and the
-call's own input x_s (the sampler's x before the host scales and casts it; for Flux the model's input
-is that x itself). So step 3 is the first that can run coarse. For each candidate patch size the std
-inside each patch, the epsilon-percentile over patches, divided by its value at the first step the
-scheduler evaluates (its yardstick, from native steps); the largest patch whose ratio is below tau
-wins, the sample with the largest ratio decides for the batch. The first three and the last N steps
-run native, and so does a step whose Δ³ window holds a coarse step (COARSE_WINDOW_RULE below).
-Every call of a step uses that step's decision (`call.step.step`): cond and uncond calls
-and Heun's second evaluation of step i, at sigma_{i+1}, which decides step i+1 from its own input
-(the Euler predictor of x_{i+1}). A step's decision reads one small tensor back to the host; the
-scheduler reads nothing else.
-**Manual mode** takes a schedule such as `0-40%:4, 40-70%:2, 70-100%:1` over the fraction of the
-run's steps done (step s of N at s/N); steps no range covers run native.
-Calls whose inputs are laid out per native token (ControlNet, attention masks, 'uxo' reference
-latents) always run native.
+The reasoning and the equations: docs/methods/patch_scheduler.md.
 """
 from __future__ import annotations
 

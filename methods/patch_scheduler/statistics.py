@@ -1,17 +1,6 @@
 """DDiT's Δ³ rule for the Dynamic Patch Scheduler's auto mode, as tensor functions without host syncs.
 
-For step s: Δ³ = x_s - 3 x_{s-1} + 3 x_{s-2} - x_{s-3} of the sampler's latents (the newest, x_s, is
-the input of step s's own model call); for each candidate patch size the std of Δ³ inside each patch
-(around each channel's own mean there, so only spatial variation counts); the epsilon-percentile over
-the patches. That statistic shrinks with more steps, depends on the model and differs between
-samplers (DPM++ 2M's is about twice Euler's on the same model), so the rule does not compare it with
-an absolute tau: it divides it, per sample, by its value at the first step the scheduler evaluates
-(a window of native steps, measured by the run itself). Measured on the reference model and on
-random Flux models (BENCHMARKS.md, "Patch Scheduler auto"), that ratio follows the same course on
-every model, sampler and step count: 0.7-2.9 before the middle of a run, 0.8-4.6 at 60-75 %, and
-up to 5.7-23 in the last quarter, where the image gets its detail. tau is then "how much rougher
-than at the start a step may be and still run coarse"; the largest patch whose ratio is below tau
-wins, and the sample with the largest ratio decides for the batch.
+The reasoning and the equations: docs/methods/patch_scheduler.md.
 """
 from __future__ import annotations
 

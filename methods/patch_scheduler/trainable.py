@@ -1,15 +1,7 @@
 """DDiT's trainable parts: the coarse-patch embedding and de-embedding with the patch-size identifier, and a
 rank-r block LoRA on every block linear that acts on coarse calls only.
 
-The layers start from the model's own patch embedding and final linear resized to the coarse patch
-(`derived_layers`: "area" by default, or DDiT's / FlexiViT's pseudo-inverse-bilinear resize), the
-de-embedding (a correction on top of the host's own final linear, see `coarse_output`) and the identifier
-at zero: with "area" the untrained student is exactly the scheduler's training-free path. A coarse call
-in training computes what the Patch Scheduler's trained path computes at inference (`coarse_tokens`,
-`coarse_output` are the same functions), so the exported file reproduces the training forward.
-
-Which steps run coarse is fixed by a manual schedule (`0-70%:2`): step s of N is coarse when the range
-covering 100 * s / N has factor f > 1 (`range_of_step`, as the scheduler's manual mode decides). One factor per run.
+The reasoning and the equations: docs/methods/patch_scheduler.md.
 """
 from __future__ import annotations
 

@@ -1,11 +1,6 @@
 """TD-LoRA in ComfyUI: file lookup, standard LoRA key styles read as K = 1, applying to a model.
 
-Standard LoRA files go through ComfyUI's own readers (`comfy.lora_convert.convert_lora`,
-`comfy.lora.model_lora_keys_unet`, `comfy.lora.load_lora`), exactly as `LoraLoaderModelOnly`
-reads them, so every key style ComfyUI accepts is accepted here. Plain low-rank pieces on the
-blocks' linear layers become the in-place bypass; everything else a standard LoRA carries (layers
-outside the blocks, bias and norm diffs) is merged once through ComfyUI's weight patches on the
-clone, as `LoraLoaderModelOnly` does, which is exact and composes with everything.
+The reasoning and the equations: docs/methods/td_lora.md.
 """
 from __future__ import annotations
 
@@ -125,28 +120,15 @@ def _file_name_of(key: Any, key_map: Mapping[str, Any], file_keys: Any) -> str:
 
 def read_standard_lora(model_patcher: Any, tensors: Mapping[str, torch.Tensor], source: str) -> TDLoRA:
     adapter = adapter_of(model_patcher)
-    diffusion_model = diffusion_model_of(model_patcher)
     base_model = model_patcher.model
     key_map = comfy.lora.model_lora_keys_unet(base_model, {})
     converted = _ReadTracker(comfy.lora_convert.convert_lora(dict(tensors)))
     patches = comfy.lora.load_lora(converted, key_map, log_missing=False)
-    unread = sorted(set(converted) - converted.read)
-    if unread:
-        incomplete = [key for key in unread if _layer_prefix(key, key_map) is not None]
-        if incomplete:
-            raise ValueError(
-                f"{source}: '{incomplete[0]}' was not used: layer '{_layer_prefix(incomplete[0], key_map)}' exists in this "
-                f"model, but its LoRA weights are incomplete or of a kind ComfyUI does not read (a down without an up matrix?)."
-            )
-        raise ValueError(
-            f"{source}: {len(unread)} key(s) match no layer of this {adapter.display_name} model, e.g. '{unread[0]}'"
-            + (f", '{unread[1]}'" if len(unread) > 1 else "")
-            + ". Is this LoRA for another model (or a text-encoder LoRA)? The model stays unchanged."
-        )
+    _check_every_key_read(converted, key_map, source, adapter.display_name)
     if not patches:
         raise ValueError(f"{source}: no LoRA weights found (the file is empty).")
 
-    index = block_linear_index(adapter, diffusion_model)
+    index = block_linear_index(adapter, diffusion_model_of(model_patcher))
     weights = base_model.state_dict()
     pieces: dict[str, list[tuple[int, torch.Tensor, torch.Tensor, float]]] = {}
     host_patches: dict[Any, Any] = {}
@@ -157,22 +139,7 @@ def read_standard_lora(model_patcher: Any, tensors: Mapping[str, torch.Tensor], 
         if offset is not None:
             target = target.narrow(*offset)
         if isinstance(patch, comfy.weight_adapter.LoRAAdapter):
-            up, down, alpha, mid, dora_scale, reshape = patch.weights
-            unsupported = (
-                "LoCon/Tucker (lora_mid)" if mid is not None else
-                "DoRA (dora_scale)" if dora_scale is not None else
-                "a reshaping LoRA (reshape_weight)" if reshape is not None else None
-            )
-            if unsupported:
-                raise _unsupported(source, name, model_key, unsupported)
-            expected = (target.shape[0], down.shape[0]), (up.shape[-1], target[0].numel())
-            if up.ndim != 2 or down.ndim != 2 or (tuple(up.shape), tuple(down.shape)) != expected:
-                raise ValueError(  # the cause first: a LoRA of another model (or size) has this family's key names
-                    f"{source} is for another model, or another size of {adapter.display_name}: its '{name}' does not fit "
-                    f"this model's '{model_key}' {tuple(target.shape)}: up {tuple(up.shape)} and down {tuple(down.shape)}, "
-                    f"expected up (out={expected[0][0]}, rank) and down (rank, in={expected[1][1]}). The model stays "
-                    "unchanged."
-                )
+            up, down, alpha = _low_rank_weights(patch, target, source, name, model_key, adapter.display_name)
             path = model_key[len(MODEL_PREFIX):-len(".weight")] if model_key.endswith(".weight") else None
             if path in index and function is None and (offset is None or offset[0] == 0):
                 scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
@@ -192,6 +159,46 @@ def read_standard_lora(model_patcher: Any, tensors: Mapping[str, torch.Tensor], 
         host_patches[key] = patch
     layers = {path: _merge_pieces(found, index[path][2].weight.shape[0]) for path, found in pieces.items()}
     return TDLoRA(source, 1, MappingProxyType(layers), host_patches=MappingProxyType(host_patches))
+
+
+def _check_every_key_read(converted: "_ReadTracker", key_map: Mapping[str, Any], source: str, family: str) -> None:
+    """Every key of the file was read by ComfyUI's LoRA loader, or ValueError naming the first that was not."""
+    unread = sorted(set(converted) - converted.read)
+    if not unread:
+        return
+    incomplete = [key for key in unread if _layer_prefix(key, key_map) is not None]
+    if incomplete:
+        raise ValueError(
+            f"{source}: '{incomplete[0]}' was not used: layer '{_layer_prefix(incomplete[0], key_map)}' exists in this "
+            f"model, but its LoRA weights are incomplete or of a kind ComfyUI does not read (a down without an up matrix?)."
+        )
+    raise ValueError(
+        f"{source}: {len(unread)} key(s) match no layer of this {family} model, e.g. '{unread[0]}'"
+        + (f", '{unread[1]}'" if len(unread) > 1 else "")
+        + ". Is this LoRA for another model (or a text-encoder LoRA)? The model stays unchanged."
+    )
+
+
+def _low_rank_weights(patch: Any, target: torch.Tensor, source: str, name: str, model_key: str,
+                      family: str) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    """(up, down, alpha) of a plain LoRA weight patch that fits `target`, or ValueError saying what it is instead."""
+    up, down, alpha, mid, dora_scale, reshape = patch.weights
+    unsupported = (
+        "LoCon/Tucker (lora_mid)" if mid is not None else
+        "DoRA (dora_scale)" if dora_scale is not None else
+        "a reshaping LoRA (reshape_weight)" if reshape is not None else None
+    )
+    if unsupported:
+        raise _unsupported(source, name, model_key, unsupported)
+    expected = (target.shape[0], down.shape[0]), (up.shape[-1], target[0].numel())
+    if up.ndim != 2 or down.ndim != 2 or (tuple(up.shape), tuple(down.shape)) != expected:
+        raise ValueError(  # the cause first: a LoRA of another model (or size) has this family's key names
+            f"{source} is for another model, or another size of {family}: its '{name}' does not fit "
+            f"this model's '{model_key}' {tuple(target.shape)}: up {tuple(up.shape)} and down {tuple(down.shape)}, "
+            f"expected up (out={expected[0][0]}, rank) and down (rank, in={expected[1][1]}). The model stays "
+            "unchanged."
+        )
+    return up, down, alpha
 
 
 def _unsupported(source: str, name: str, model_key: str, kind: str) -> ValueError:

@@ -1,20 +1,6 @@
 """TD-LoRA (DyDiT++): timestep-gated mixtures of low-rank experts, applied as an in-place bypass.
 
-For an adapted linear layer with weight W and K experts (A_k: r x in, B_k: out x r, one alpha):
-
-    y = W x + strength * sum_k g_k(sigma) * B_k A_k x * (alpha / r)
-
-The gates g(sigma) come from a small network over the noise level (sinusoidal embedding -> Linear
--> SiLU -> Linear -> softmax over K), shared by all layers or one per layer. A plain LoRA is the
-K = 1 case (its gate is exactly 1). The experts are stacked, so a layer costs one pair of matmuls:
-((x A^T) * gates spread over each expert's r columns) B^T; no full weight is ever merged.
-
-The bypass is a `LinearExtra` (slicing.py): when another method narrows a layer (width slicing,
-token subsets), the matching rows of B and columns of A are used, so it composes with them.
-
-The file format (load, validate, save) is in `td_lora_file.py`; see the README section "TD-LoRA
-file format". Reading standard LoRA key styles is ComfyUI-specific and lives in
-`comfy_integration/td_lora_files.py`.
+The reasoning and the equations: docs/methods/td_lora.md.
 """
 from __future__ import annotations
 

@@ -1,19 +1,6 @@
 """Token-router files: trained per-block token routers and learned keep ratios, as safetensors.
 
-Format (version 1), in `models/dynamic_dit/`:
-- header metadata: `format` = "dynamic_dit.token_router", `version` = "1", `architecture` (the
-  adapter family, e.g. "flux"), `hidden_size`, `num_heads`, one `depth_<kind>` per block kind
-  (`depth_double`, `depth_single` for Flux), `router` = "dydit", "diffcr" or "none" (ratios only).
-- router tensors per routed block, keyed by the block label (`double.3`, `single.10`):
-  - "dydit" (DyDiT SDT style): `routers.<label>.fc1.weight` (R, D), `.fc1.bias` (R,),
-    `.fc2.weight` (1, R), `.fc2.bias` (1,); score = fc2(gelu(fc1(x))), a logit; R is usually D/16.
-  - "diffcr" (DiffCR style): `routers.<label>.weight` (1, D), `.bias` (1,); score =
-    sigmoid(weight . x + bias), which also scales the block's update of the tokens it keeps.
-  `x` is the block's input image token. Blocks without a router in the file are not routed by it.
-- optional learned keep ratios: `ratios` (regions, blocks) in (0, 1], columns in the adapter's block
-  order (Flux: double 0.., then single 0..), and `ratio_bounds` (regions + 1,): region edges over
-  sigma percent (0 = pure noise, 1 = clean), from 0 to 1, strictly increasing.
-All tensors are floating point; they are loaded as float32.
+The reasoning and the equations: docs/methods/token_router.md.
 """
 from __future__ import annotations
 
@@ -155,6 +142,25 @@ def _validate(name: str, metadata: dict[str, str], tensors: dict[str, torch.Tens
         if not torch.isfinite(tensor).all():
             raise fail(f"tensor '{key}' contains NaN or infinite values.")
 
+    routers = _routers(tensors, router, depths, hidden, fail)
+    ratios, bounds = _ratios(tensors, sum(depths.values()), fail)
+    if not routers and ratios is None:
+        raise fail("holds neither routers nor ratios.")
+    if router != "none" and not routers:
+        raise fail(f"declares '{router}' routers but holds none.")
+    return RouterFile(
+        name=name,
+        router=router,
+        model=MappingProxyType(model),
+        routers=MappingProxyType({k: MappingProxyType(v) for k, v in routers.items()}),
+        ratios=ratios,
+        ratio_bounds=bounds,
+    )
+
+
+def _routers(tensors: Mapping[str, torch.Tensor], router: str, depths: Mapping[str, int], hidden: int,
+             fail) -> dict[str, dict[str, torch.Tensor]]:
+    """The file's routers by block label, every tensor named, placed and shaped as the router kind wants."""
     routers: dict[str, dict[str, torch.Tensor]] = {}
     for key in tensors:
         if key in ("ratios", "ratio_bounds"):
@@ -173,33 +179,25 @@ def _validate(name: str, metadata: dict[str, str], tensors: dict[str, torch.Tens
         if missing:
             raise fail(f"block '{label}' lacks {', '.join(f'routers.{label}.{p}' for p in missing)}.")
         _check_router_shapes(fail, label, router, params, hidden)
+    return routers
 
+
+def _ratios(tensors: Mapping[str, torch.Tensor], blocks: int, fail) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The learned keep ratios (regions, blocks) and their region bounds, or (None, None)."""
     ratios, bounds = tensors.get("ratios"), tensors.get("ratio_bounds")
     if (ratios is None) != (bounds is None):
         raise fail("'ratios' and 'ratio_bounds' must come together.")
-    if ratios is not None:
-        blocks = sum(depths.values())
-        if ratios.ndim != 2 or ratios.shape[1] != blocks or ratios.shape[0] < 1:
-            raise fail(f"'ratios' has shape {tuple(ratios.shape)}, expected (regions, {blocks}).")
-        if bounds.shape != (ratios.shape[0] + 1,):
-            raise fail(f"'ratio_bounds' has shape {tuple(bounds.shape)}, expected ({ratios.shape[0] + 1},).")
-        if not ((ratios > 0) & (ratios <= 1)).all():
-            raise fail(f"'ratios' must lie in (0, 1]; found values from {float(ratios.min()):g} to {float(ratios.max()):g}.")
-        if float(bounds[0]) != 0.0 or float(bounds[-1]) != 1.0 or not bool((bounds[1:] > bounds[:-1]).all()):
-            raise fail(f"'ratio_bounds' must go from 0 to 1, strictly increasing; found {bounds.tolist()}.")
-        ratios, bounds = ratios.float(), bounds.float()
-    if not routers and ratios is None:
-        raise fail("holds neither routers nor ratios.")
-    if router != "none" and not routers:
-        raise fail(f"declares '{router}' routers but holds none.")
-    return RouterFile(
-        name=name,
-        router=router,
-        model=MappingProxyType(model),
-        routers=MappingProxyType({k: MappingProxyType(v) for k, v in routers.items()}),
-        ratios=ratios,
-        ratio_bounds=bounds,
-    )
+    if ratios is None:
+        return None, None
+    if ratios.ndim != 2 or ratios.shape[1] != blocks or ratios.shape[0] < 1:
+        raise fail(f"'ratios' has shape {tuple(ratios.shape)}, expected (regions, {blocks}).")
+    if bounds.shape != (ratios.shape[0] + 1,):
+        raise fail(f"'ratio_bounds' has shape {tuple(bounds.shape)}, expected ({ratios.shape[0] + 1},).")
+    if not ((ratios > 0) & (ratios <= 1)).all():
+        raise fail(f"'ratios' must lie in (0, 1]; found values from {float(ratios.min()):g} to {float(ratios.max()):g}.")
+    if float(bounds[0]) != 0.0 or float(bounds[-1]) != 1.0 or not bool((bounds[1:] > bounds[:-1]).all()):
+        raise fail(f"'ratio_bounds' must go from 0 to 1, strictly increasing; found {bounds.tolist()}.")
+    return ratios.float(), bounds.float()
 
 
 def _router_key(key: str, router: str) -> tuple[str | None, str | None]:

@@ -1,22 +1,6 @@
 """Token Router: image tokens that skip the MLP (DyDiT SDT) or the whole block (DiffCR), or reuse it.
 
-Per block and per call, a keep ratio r gives k = ceil(r * N) image tokens per sample (the same k for
-every sample); each sample keeps its own top-k by score, in spatial order. Text tokens always run.
-- sdt: every token runs attention; only the kept image tokens run the MLP (the adapter's
-  `BlockInternals.mlp_tokens`).
-- diffcr: only the kept image tokens (and the text) enter the block: they are the only queries,
-  keys and values; the other image tokens keep their input. With a DiffCR router file the score s
-  also scales the kept tokens' update: out = x + s * (block(x) - x).
-- reuse: like diffcr, but the other image tokens get the update this block gave them last time
-  (a per-token cache) instead of nothing.
-
-Scores: a trained router file, or training-free from history kept per block and per cond/uncond
-chunk (fresh every sampling run):
-- "update": the token's update in this block the last time it ran, relative to the token's size,
-  times (1 + the number of calls since it last ran), so no token starves;
-- "input_change": how much the token's block input moved since it last ran, relative to its size,
-  measured on a fixed random projection of the input (64 numbers per token instead of D).
-A block with no usable history (first call, token count changed, new chunk) runs in full.
+The reasoning and the equations: docs/methods/token_router.md.
 """
 from __future__ import annotations
 

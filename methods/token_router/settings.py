@@ -1,5 +1,5 @@
 """The Token Router's settings: modes, scores, the keep-ratio schedule and per-block overrides
-(the runtime is `token_router.py`, the router file format `token_router_file.py`)."""
+(the runtime is `runtime.py`, the router file format `file.py`)."""
 from __future__ import annotations
 
 import math

@@ -1,26 +1,6 @@
 """DiffCR's trainable parts: a token router per block and a keep ratio per block and timestep region.
 
-- Router (the token-router file's "diffcr" kind): score s = sigmoid(w . x + b) of each image token x
-  entering the block. The top-k tokens by score run the block (only they are queries, keys and values,
-  as the Token Router's *diffcr* mode runs them), and s scales their update, out = x + s (block(x) - x),
-  which is where the router's gradient comes from. It starts with s close to 1 (bias `router_init`).
-- Ratios (the file's `ratios` / `ratio_bounds`): per region of sigma percent (0 = noise, 1 = clean; the
-  Token Router's regions) and per block, a keep ratio in [min_keep, 1], starting at 1 (full compute).
-  A hard k = ceil(r N) has no gradient, so training interpolates between the two ratio bins around r, as
-  DiffCR does: with bins of width 1/B, lo = floor(r B) / B, hi = lo + 1/B, alpha = r B - floor(r B), each
-  token's update weight is (1 - alpha) w_lo + alpha w_hi, where w at a bin is s for the tokens that bin
-  keeps, 0 for the others, and 1 for every token when the bin keeps them all (a full block, ungated). One
-  block call on the k(hi) tokens, not two; the block's FLOPs are (1 - alpha) F(k(lo)) + alpha F(k(hi)).
-  d(loss)/d(alpha) is what the marginal tokens' updates are worth; the compute term pulls the other way.
-  Inference runs k = ceil(r N) hard; a block at ratio 1 runs in full without its router, as the Token
-  Router does.
-- SDT (DyDiT's spatial-wise dynamic tokens, `kind` "sdt"; the token-router file's "dydit" kind): every token
-  runs attention and only the kept ones run the MLP. Router logit l = fc2(gelu(fc1 x)) per image token; the
-  keep ratios and their bin interpolation are DiffCR's above, and the kept tokens' MLP update is not scaled:
-  its weight is the hard 0/1 decision plus sigmoid(l) - stop_gradient(sigmoid(l)) (DyDiT's straight-through
-  estimator: forward exactly what inference runs, backward the soft score's gradient). Training runs every
-  token's MLP and weights its update (the adapter's `mlp_token_gates` say where that update is), which is
-  what skipping does for a weight of 0; inference gathers the kept tokens and never runs the others.
+The reasoning and the equations: docs/methods/token_router.md.
 """
 from __future__ import annotations
 

@@ -1,20 +1,6 @@
 """Timestep-wise dynamic width (DyDiT TDW) with the compute really removed.
 
-The router file format is in `width_file.py`, the training-free calibration in `width_calibration.py`.
-
-At noisy timesteps a DiT needs fewer attention heads and MLP channels, so every block's width
-becomes a function of the timestep: one decision per model call (per sigma), shared by the batch,
-made once for all blocks and cached per sigma for the run (Heun's second evaluation and separate
-cond/uncond calls reuse it). The kept heads and MLP channel groups are run on sliced effective
-weights (`adapter.run_block`), so the dropped ones cost nothing.
-
-Two sources decide which units a block keeps:
-- a trained router file (`WidthRouter`): per block one linear map of the model's own timestep
-  embedding to head and group logits; a unit is kept where its logit is > 0;
-- training-free: heads and groups ranked per block by their measured share of the block's output
-  during a short deterministic calibration (`calibrate`), the top fraction given by a width
-  schedule over the sampling progress.
-Every block always keeps at least one head and one group.
+The reasoning and the equations: docs/methods/width.md.
 """
 from __future__ import annotations
 

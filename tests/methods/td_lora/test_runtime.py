@@ -13,7 +13,8 @@ from comfyui_dynamic_dit.core.slicing import AxisSelection
 from comfyui_dynamic_dit.integration.patching import adapter_of
 from comfyui_dynamic_dit.methods import REGISTRY
 from comfyui_dynamic_dit.methods.td_lora import runtime as td_lora
-from comfyui_dynamic_dit.methods.td_lora.runtime import GatedBypass, expert_columns, per_sample_sigmas
+from comfyui_dynamic_dit.core.low_rank import GatedBypass, expert_columns
+from comfyui_dynamic_dit.methods.td_lora.runtime import per_sample_sigmas
 from comfyui_dynamic_dit.methods.td_lora.binding import architecture_metadata, bind_layers, block_linear_shapes
 from comfyui_dynamic_dit.methods.td_lora.experts import GateNetwork, LowRankLayer, sinusoidal_embedding
 from comfyui_dynamic_dit.methods.td_lora.file import ExpertLayer, load_td_lora_file, parse_td_lora, random_td_lora, save_td_lora_file, td_lora_state_dict
@@ -247,5 +248,5 @@ def test_saving_validates_what_a_trainer_writes(flux_model, tmp_path):
 
 
 def test_the_method_is_registered_inside_the_width_method():
-    assert REGISTRY[td_lora.METHOD] is td_lora.TDLoRAMethod
+    assert REGISTRY[td_lora.TDLoRASettings.method] is td_lora.TDLoRAMethod
     assert td_lora.TDLoRAMethod.order == 40  # after width (30): its extras follow the kept heads / groups
