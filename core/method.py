@@ -104,6 +104,7 @@ class TrainablePart(torch.nn.Module):
     not_with: ClassVar[tuple[str, ...]] = ()  # parts it is not trained beside, and why (`refusal`)
     refusal: ClassVar[str] = ""
     file_suffix: ClassVar[str]  # a run's part file: <stem><suffix>
+    spec_fields: ClassVar[tuple[str, ...]] = ()  # the settings of a training run (StudentSpec) this part reads
 
     @classmethod
     def check(cls, spec: "StudentSpec") -> None:

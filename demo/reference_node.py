@@ -9,7 +9,11 @@ from typing import Any
 
 import torch
 
+from comfy_api.latest import io
+
+from ..integration.node_schema import node_schema
 from . import reference as reference_model
+
 
 CLASS_TOOLTIP = "The photo class to sample; the model was trained on crops of one photograph per class."
 _loaded: dict[str, Any] = {}  # "key": (path, mtime, size), "reference": the ReferenceModel
@@ -43,65 +47,60 @@ def load_cached_reference() -> reference_model.ReferenceModel:
     return _loaded["reference"]
 
 
-class DynamicReferenceModelLoader:
-    DESCRIPTION = (
-        "Loads the small Flux model that ships with Dynamic DiT (9M parameters, trained on photographs, 64x64 px), "
-        "so the pack can be tried without downloading FLUX weights. Gives the MODEL, the positive conditioning of "
-        "the chosen photo class, the negative (unconditional) conditioning and an empty LATENT of the trained size. "
-        "Decode its LATENT with 'Reference Latent to Image (Dynamic DiT)' (no VAE needed)."
-    )
-    CATEGORY = "dynamic_dit/reference"
-    FUNCTION = "load"
-    RETURN_TYPES = ("MODEL", "CONDITIONING", "CONDITIONING", "LATENT")
-    RETURN_NAMES = ("model", "positive", "negative", "latent")
-    OUTPUT_TOOLTIPS = (
-        "A ComfyUI Flux model (the real Flux class at a small size): chain Dynamic DiT nodes on it.",
-        "The chosen photo class.",
-        "The unconditional conditioning, for cfg > 1.",
-        "An empty latent of the trained size (64x64 px), for KSampler's latent_image.",
-    )
+class DynamicReferenceModelLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        classes = reference_classes() or ["(reference model file missing)"]
+        return node_schema(
+            "DynamicReferenceModelLoader", "Load Reference Model (Dynamic DiT)", "dynamic_dit/reference",
+            "Loads the small Flux model that ships with Dynamic DiT (9M parameters, trained on photographs, 64x64 px), "
+            "so the pack can be tried without downloading FLUX weights. Gives the MODEL, the positive conditioning of "
+            "the chosen photo class, the negative (unconditional) conditioning and an empty LATENT of the trained size. "
+            "Decode its LATENT with 'Reference Latent to Image (Dynamic DiT)' (no VAE needed).",
+            [
+                io.Combo.Input("photo_class", options=classes, default="coffee" if "coffee" in classes else classes[0],
+                               tooltip=CLASS_TOOLTIP),
+                io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images per sampling run."),
+            ],
+            [
+                io.Model.Output(display_name="model",
+                                tooltip="A ComfyUI Flux model (the real Flux class at a small size): chain Dynamic DiT nodes on it."),
+                io.Conditioning.Output(display_name="positive", tooltip="The chosen photo class."),
+                io.Conditioning.Output(display_name="negative", tooltip="The unconditional conditioning, for cfg > 1."),
+                io.Latent.Output(display_name="latent",
+                                 tooltip="An empty latent of the trained size (64x64 px), for KSampler's latent_image."),
+            ],
+            search_aliases=["try it", "demo", "reference model", "no download", "tiny flux"],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        classes = reference_classes() or ["(reference model file missing)"]
-        return {
-            "required": {
-                "photo_class": (classes, {"default": "coffee" if "coffee" in classes else classes[0], "tooltip": CLASS_TOOLTIP}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64, "tooltip": "Images per sampling run."}),
-            }
-        }
-
-    def load(self, photo_class: str, batch_size: int):
+    def execute(cls, photo_class: str, batch_size: int) -> io.NodeOutput:
         reference = load_cached_reference()
         positive = reference.conditioning(photo_class)  # ValueError naming the known classes
         side = reference.image_size // 2  # the latent is the photo 2x2-pixel-unshuffled
         channels = reference.model.model.latent_format.latent_channels
         latent = {"samples": torch.zeros(int(batch_size), channels, side, side)}
-        return (reference.model, positive, reference.null_conditioning(), latent)
+        return io.NodeOutput(reference.model, positive, reference.null_conditioning(), latent)
 
 
-class DynamicReferenceLatentToImage:
-    DESCRIPTION = (
-        "Turns a LATENT sampled with the reference model ('Load Reference Model (Dynamic DiT)') into an IMAGE: its "
-        "latent is the photo itself under an invertible transform, so no VAE is involved."
-    )
-    CATEGORY = "dynamic_dit/reference"
-    FUNCTION = "decode"
-    RETURN_TYPES = ("IMAGE",)
+class DynamicReferenceLatentToImage(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return node_schema(
+            "DynamicReferenceLatentToImage", "Reference Latent to Image (Dynamic DiT)", "dynamic_dit/reference",
+            "Turns a LATENT sampled with the reference model ('Load Reference Model (Dynamic DiT)') into an IMAGE: its "
+            "latent is the photo itself under an invertible transform, so no VAE is involved.",
+            [
+                io.Latent.Input("latent", tooltip="A LATENT sampled with the reference model."),
+                io.Int.Input("pixel_scale", default=4, min=1, max=16,
+                             tooltip="Enlarge each pixel to a square of this size, so the 64 px images are easy to see; 1 = the model's pixels."),
+            ],
+            [io.Image.Output()],
+            search_aliases=["decode", "reference decode"],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "latent": ("LATENT", {"tooltip": "A LATENT sampled with the reference model."}),
-                "pixel_scale": ("INT", {
-                    "default": 4, "min": 1, "max": 16,
-                    "tooltip": "Enlarge each pixel to a square of this size, so the 64 px images are easy to see; 1 = the model's pixels.",
-                }),
-            }
-        }
-
-    def decode(self, latent: dict, pixel_scale: int):
+    def execute(cls, latent: dict, pixel_scale: int) -> io.NodeOutput:
         samples = latent["samples"]
         if samples.ndim != 4 or samples.shape[1] != 16:
             raise ValueError(
@@ -111,7 +110,7 @@ class DynamicReferenceLatentToImage:
         photo = reference_model.latent_to_photo(samples.float().cpu())
         if pixel_scale > 1:
             photo = torch.nn.functional.interpolate(photo, scale_factor=int(pixel_scale), mode="nearest")
-        return (photo.permute(0, 2, 3, 1).contiguous(),)
+        return io.NodeOutput(photo.permute(0, 2, 3, 1).contiguous())
 
 
 NODE_CLASS_MAPPINGS = {

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"sampling: {args.size}x{args.size} px, {args.steps} steps, {args.sampler}, seed {args.seed}")
     print("chain: " + " -> ".join(f"{name} ({', '.join(f'{k}={v}' for k, v in settings.items())})" for name, settings in DEMO_CHAIN) + "\n")
 
-    (baseline,) = nodes["DynamicTelemetry"]().patch(model)
+    (baseline,) = nodes["DynamicTelemetry"].execute(model).result
     dynamic = model
     for name, settings in DEMO_CHAIN:  # chained as an artist would, each node on the previous one's output
         dynamic = run_node(nodes[name], model=dynamic, **settings)
@@ -84,14 +84,14 @@ def run(args: argparse.Namespace) -> int:
     dyn_latent = {"samples": tiny_flux.sample(dynamic, positive, negative, **sample)}
     wall = time.perf_counter() - started
 
-    report = nodes["DynamicSpeedReport"]().report(dynamic, dyn_latent, baseline_model=baseline, baseline_latent=base_latent)
-    print(report["result"][1])
+    report = nodes["DynamicSpeedReport"].execute(dynamic, dyn_latent, baseline_model=baseline, baseline_latent=base_latent)
+    print(report.result[1])
     difference = (base_latent["samples"] - dyn_latent["samples"]).abs().max().item()
     print(f"\nmax |dynamic - full| over the final latent: {difference:.3g}   (both runs: {wall:.1f} s wall)")
 
     args.out.mkdir(parents=True, exist_ok=True)
     chart_path = args.out / "demo_chart.png"
-    chart = report["result"][2][0].mul(255).round().byte().numpy()
+    chart = report.result[2][0].mul(255).round().byte().numpy()
     from PIL import Image
 
     Image.fromarray(chart).save(chart_path)

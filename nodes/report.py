@@ -4,10 +4,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from comfy_api.latest import io
+
 from ..core.chart import render_chart
 from ..core.fidelity import psnr, ssim
+from ..integration.node_schema import node_schema
 from ..integration.patching import plan_of
 from ..core.telemetry import RECENT_FULL_COMPUTE, RunRecord, find_baseline
+
 
 CATEGORY = "dynamic_dit/report"
 
@@ -75,41 +79,39 @@ def fidelity_text(image, baseline_image) -> str:
     return f"; {text} against full compute's image"
 
 
-class DynamicSpeedReport:
-    DESCRIPTION = (
-        "Shows what the last sampling run of a Dynamic DiT model computed: per step the FLOPs executed "
-        "next to the full model's, the model time, and what every method did. Connect a full-compute run "
-        "(a model through 'Dynamic Telemetry' with no method on, same seed and size) as baseline to see "
-        "the measured speedup. The node shows the summary and a per-step chart (live while sampling); "
-        "the 'table' output has every step in detail (connect it to 'Preview as Text')."
-    )
-    CATEGORY = CATEGORY
-    FUNCTION = "report"
-    OUTPUT_NODE = True
-    RETURN_TYPES = ("LATENT", "STRING", "IMAGE")
-    RETURN_NAMES = ("latent", "table", "chart")
-    OUTPUT_TOOLTIPS = (
-        "The sampler's LATENT, unchanged.",
-        "The per-step table (FLOPs, model ms, speedup, what each method did) as text.",
-        "The per-step chart as an image.",
-    )
+class DynamicSpeedReport(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return node_schema(
+            "DynamicSpeedReport", "Dynamic Speed Report", CATEGORY,
+            "Shows what the last sampling run of a Dynamic DiT model computed: per step the FLOPs executed "
+            "next to the full model's, the model time, and what every method did. Connect a full-compute run "
+            "(a model through 'Dynamic Telemetry' with no method on, same seed and size) as baseline to see "
+            "the measured speedup. The node shows the summary and a per-step chart (live while sampling); "
+            "the 'table' output has every step in detail (connect it to 'Preview as Text').",
+            [
+                io.Model.Input("model", tooltip="The model that went into the sampler (after the Dynamic DiT nodes)."),
+                io.Latent.Input("latent", tooltip="The sampler's output; passed through, and makes the report run after sampling."),
+                io.Model.Input("baseline_model", optional=True,
+                               tooltip="A full-compute model through 'Dynamic Telemetry', sampled with the same settings."),
+                io.Latent.Input("baseline_latent", optional=True, tooltip="The baseline sampler's output, so the baseline runs first."),
+                io.Image.Input("image", optional=True,
+                               tooltip="This run's decoded image: with baseline_image, the report shows PSNR and SSIM."),
+                io.Image.Input("baseline_image", optional=True,
+                               tooltip="The full-compute run's decoded image, to measure how close this one stays."),
+            ],
+            [
+                io.Latent.Output(display_name="latent", tooltip="The sampler's LATENT, unchanged."),
+                io.String.Output(display_name="table",
+                                 tooltip="The per-step table (FLOPs, model ms, speedup, what each method did) as text."),
+                io.Image.Output(display_name="chart", tooltip="The per-step chart as an image."),
+            ],
+            output_node=True,
+            search_aliases=["speedup", "benchmark", "FLOPs", "chart", "telemetry", "report"],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The model that went into the sampler (after the Dynamic DiT nodes)."}),
-                "latent": ("LATENT", {"tooltip": "The sampler's output; passed through, and makes the report run after sampling."}),
-            },
-            "optional": {
-                "baseline_model": ("MODEL", {"tooltip": "A full-compute model through 'Dynamic Telemetry', sampled with the same settings."}),
-                "baseline_latent": ("LATENT", {"tooltip": "The baseline sampler's output, so the baseline runs first."}),
-                "image": ("IMAGE", {"tooltip": "This run's decoded image: with baseline_image, the report shows PSNR and SSIM."}),
-                "baseline_image": ("IMAGE", {"tooltip": "The full-compute run's decoded image, to measure how close this one stays."}),
-            },
-        }
-
-    def report(self, model, latent, baseline_model=None, baseline_latent=None, image=None, baseline_image=None):
+    def execute(cls, model, latent, baseline_model=None, baseline_latent=None, image=None, baseline_image=None) -> io.NodeOutput:
         plan = plan_of(model)
         if plan is None:
             raise ValueError(
@@ -130,10 +132,8 @@ class DynamicSpeedReport:
         chart = render_chart(run, baseline)
         # The node draws the chart itself from these numbers (readable at any node size); the
         # chart image is an output for saving or previewing.
-        return {
-            "ui": {"text": [summary], "dynamic_dit_chart": [run.progress(baseline=baseline) | {"summary": summary}]},
-            "result": (latent, text, _image_tensor(chart)),
-        }
+        return io.NodeOutput(latent, text, _image_tensor(chart), ui={
+            "text": [summary], "dynamic_dit_chart": [run.progress(baseline=baseline) | {"summary": summary}]})
 
 
 NODE_CLASS_MAPPINGS = {"DynamicSpeedReport": DynamicSpeedReport}

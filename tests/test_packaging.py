@@ -71,7 +71,7 @@ def test_shipped_files_alone_load_in_comfyui(tmp_path, comfyui_path):
         "import asyncio, sys; sys.argv = ['main.py', '--cpu']; import comfy.options; comfy.options.enable_args_parsing();"
         "import nodes; assert asyncio.run(nodes.load_custom_node(sys.argv_pack));"
         "loader = nodes.NODE_CLASS_MAPPINGS['DynamicReferenceModelLoader'];"
-        "print(len([n for n in nodes.NODE_CLASS_MAPPINGS if n.startswith('Dynamic')]), loader().load('coffee', 1)[3]['samples'].shape)"
+        "print(len([n for n in nodes.NODE_CLASS_MAPPINGS if n.startswith('Dynamic')]), loader.execute('coffee', 1).result[3]['samples'].shape)"
     ).replace("sys.argv_pack", repr(str(pack)))
     result = subprocess.run([sys.executable, "-c", script], cwd=comfyui_path, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]

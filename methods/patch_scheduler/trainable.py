@@ -77,7 +77,7 @@ class CoarsePart(TrainablePart):
 
     part, order, trains_alone = "coarse", 30, True
     refusal = "Trainer: coarse patches are trained on their own (parts 'coarse' alone); train width and TD-LoRA in another run."
-    file_suffix = ".patch_embedding.safetensors"
+    file_suffix, spec_fields = ".patch_embedding.safetensors", ("coarse_schedule", "coarse_init", "rank")
 
     @classmethod
     def check(cls, spec: "StudentSpec") -> None:

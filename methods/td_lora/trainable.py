@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 @register_part
 class TDLoRAPart(TrainablePart):
     part, order = "td_lora", 20
-    file_suffix = ".td_lora.safetensors"
+    file_suffix, spec_fields = ".td_lora.safetensors", ("experts", "rank", "gate_hidden", "gate_embed")
 
     @classmethod
     def check(cls, spec: "StudentSpec") -> None:

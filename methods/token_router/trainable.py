@@ -56,6 +56,7 @@ class TokenPart(TrainablePart):
     not_with = ("width",)
     refusal = "Trainer: token routers are trained without width (parts 'tokens' or 'tokens,td_lora'); train width in another run."
     file_suffix = ".token_router.safetensors"
+    spec_fields = ("ratio_regions", "ratio_bins", "min_keep", "router_init", "token_mode")
 
     @classmethod
     def check(cls, spec: "StudentSpec") -> None:

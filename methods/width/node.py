@@ -1,10 +1,14 @@
 """Dynamic Width Patcher: fewer attention heads and MLP channels at noisy steps (DyDiT TDW)."""
 from __future__ import annotations
 
+from comfy_api.latest import io
+
+from ...integration.node_schema import node_schema, shown_when
 from ...integration.patching import apply_settings, model_files
 from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
 from .file import ROUTER_FORMAT, WidthRouter, load_width_router
 from .settings import PART_LABELS, PRESET_LABELS, PRESETS, WidthSettings
+
 
 NO_ROUTER = "none (training-free)"
 CUSTOM = "custom"
@@ -46,74 +50,55 @@ def width_settings(
     raise ValueError(f"Dynamic Width Patcher: preset must be one of {', '.join(PRESET_CHOICES)}, got '{preset}'.")
 
 
-class DynamicWidthPatcher:
-    DESCRIPTION = (
-        "Timestep-wise dynamic width (DyDiT): at noisy steps every block runs with fewer attention heads and "
-        "MLP channels, rising to full width as the image settles. The dropped heads and channels are really "
-        "skipped (sliced weights), LoRAs and fp8/low-VRAM loading keep working. Without a router file the "
-        "heads and channel groups are ranked by a short one-off calibration (cached per model and LoRA set); "
-        "with a trained router file from models/dynamic_dit/ the router decides per step. Full width gives "
-        f"exactly the unpatched image. Presets, as the width kept at the noisiest step -> at the end: {_preset_help()}."
-    )
-    CATEGORY = "dynamic_dit/methods"
-    FUNCTION = "patch"
-    RETURN_TYPES = ("MODEL",)
+class DynamicWidthPatcher(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        fraction = dict(min=0.01, max=1.0, step=0.01)
+        percent = dict(min=0.0, max=1.0, step=0.01)
+        return node_schema(
+            "DynamicWidthPatcher", "Dynamic Width Patcher", "dynamic_dit/methods",
+            "Timestep-wise dynamic width (DyDiT): at noisy steps every block runs with fewer attention heads and "
+            "MLP channels, rising to full width as the image settles. The dropped heads and channels are really "
+            "skipped (sliced weights), LoRAs and fp8/low-VRAM loading keep working. Without a router file the "
+            "heads and channel groups are ranked by a short one-off calibration (cached per model and LoRA set); "
+            "with a trained router file from models/dynamic_dit/ the router decides per step. Full width gives "
+            f"exactly the unpatched image. Presets, as the width kept at the noisiest step -> at the end: {_preset_help()}.",
+            [
+                io.Model.Input("model", tooltip="The diffusion model to make faster (from Load Diffusion Model, a LoRA loader or another node of this pack)."),
+                io.Combo.Input("preset", options=PRESET_CHOICES, default="quality",
+                               tooltip="How narrow noisy steps run: quality keeps the image closest, fast trades detail for speed; custom and target below."),
+                io.Combo.Input("parts", options=list(PART_CHOICES), default="heads and MLP",
+                               tooltip="What to thin: attention heads, MLP channels, or both."),
+                shown_when(io.Float.Input("noisy_width", default=0.5, **fraction,
+                                          tooltip="Fraction of heads / MLP channels kept at start_percent (the noisy end)."),
+                           preset=[CUSTOM]),
+                shown_when(io.Float.Input("clean_width", default=1.0, **fraction,
+                                          tooltip="Fraction kept at end_percent; 1.0 = full width for the final detail."),
+                           preset=[CUSTOM]),
+                shown_when(io.Float.Input("target_flops", default=0.7, **fraction,
+                                          tooltip="Average FLOPs of the run's steps, as a fraction of the full model's."),
+                           preset=[TARGET]),
+                io.Float.Input("start_percent", default=0.0, **percent,
+                               tooltip="Where the width schedule starts (0 = pure noise); before it: full width."),
+                io.Float.Input("end_percent", default=1.0, **percent,
+                               tooltip="Where the width schedule ends (1 = fully denoised); after it: full width."),
+                io.Combo.Input("router", options=[NO_ROUTER, *model_files(ROUTER_FORMAT)], default=NO_ROUTER,
+                               tooltip="A trained width router from models/dynamic_dit/ (it replaces the preset), or none for the training-free ranking."),
+                io.Int.Input("mlp_groups", default=0, min=0, max=65536, optional=True,
+                             tooltip="MLP channels dropped together as one group; 0 = a default that divides the model's MLP."),
+            ],
+            [io.Model.Output()],
+            search_aliases=["DyDiT", "TDW", "dynamic width", "timestep-wise dynamic width", "heads", "speed up", "faster"],
+        )
 
     @classmethod
-    def INPUT_TYPES(cls):
-        fraction = {"min": 0.01, "max": 1.0, "step": 0.01}
-        percent = {"min": 0.0, "max": 1.0, "step": 0.01}
-        return {
-            "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model to make faster (from Load Diffusion Model, a LoRA loader or another node of this pack)."}),
-                "preset": (PRESET_CHOICES, {
-                    "default": "quality",
-                    "tooltip": "How narrow noisy steps run: quality keeps the image closest, fast trades detail for speed; custom and target below.",
-                }),
-                "parts": (list(PART_CHOICES), {
-                    "default": "heads and MLP",
-                    "tooltip": "What to thin: attention heads, MLP channels, or both.",
-                }),
-                "noisy_width": ("FLOAT", {
-                    "default": 0.5, **fraction,
-                    "tooltip": "custom: fraction of heads / MLP channels kept at start_percent (the noisy end).",
-                }),
-                "clean_width": ("FLOAT", {
-                    "default": 1.0, **fraction,
-                    "tooltip": "custom: fraction kept at end_percent; 1.0 = full width for the final detail.",
-                }),
-                "target_flops": ("FLOAT", {
-                    "default": 0.7, **fraction,
-                    "tooltip": "target FLOPs: average FLOPs of the run's steps, as a fraction of the full model's.",
-                }),
-                "start_percent": ("FLOAT", {
-                    "default": 0.0, **percent,
-                    "tooltip": "Where the width schedule starts (0 = pure noise); before it: full width.",
-                }),
-                "end_percent": ("FLOAT", {
-                    "default": 1.0, **percent,
-                    "tooltip": "Where the width schedule ends (1 = fully denoised); after it: full width.",
-                }),
-                "router": ([NO_ROUTER, *model_files(ROUTER_FORMAT)], {
-                    "default": NO_ROUTER,
-                    "tooltip": "A trained width router from models/dynamic_dit/, or none for the training-free ranking.",
-                }),
-            },
-            "optional": {
-                "mlp_groups": ("INT", {
-                    "default": 0, "min": 0, "max": 65536,
-                    "tooltip": "MLP channels dropped together as one group; 0 = a default that divides the model's MLP.",
-                }),
-            },
-        }
-
-    def patch(self, model, preset, parts, noisy_width, clean_width, target_flops, start_percent, end_percent, router,
-              mlp_groups=0):
+    def execute(cls, model, preset, parts, noisy_width, clean_width, target_flops, start_percent, end_percent, router,
+                mlp_groups=0) -> io.NodeOutput:
         loaded = load_trained_file(model, router, ROUTER_FORMAT) if router != NO_ROUTER else None
         settings = width_settings(
             preset, parts, noisy_width, clean_width, target_flops, start_percent, end_percent, loaded, mlp_groups
         )
-        return (apply_settings(model, settings),)
+        return io.NodeOutput(apply_settings(model, settings))
 
 
 register_trained_file(TrainedFileKind(

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 @register_part
 class WidthPart(TrainablePart):
     part, order, learns_compute = "width", 10, True
-    file_suffix = ".width.safetensors"
+    file_suffix, spec_fields = ".width.safetensors", ("width_parts", "mlp_groups", "init_logit")
 
     @classmethod
     def check(cls, spec: "StudentSpec") -> None:

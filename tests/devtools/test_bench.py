@@ -19,6 +19,7 @@ from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.demo import reference as reference_model
 from comfyui_dynamic_dit.integration.patching import plan_of
 from comfyui_dynamic_dit.demo.conditioning_node import DynamicBenchmarkConditioning
+from support.nodes import node_outputs
 
 
 # --- cases ---------------------------------------------------------------------------------------
@@ -273,8 +274,8 @@ def test_save_conditioning_node_writes_into_the_output_folder(tmp_path, conds, t
     previous = folder_paths.get_output_directory()
     folder_paths.set_output_directory(str(tmp_path))
     try:
-        first = DynamicBenchmarkConditioning().save(conds[0], "bench/prompt")["ui"]["text"][0]
-        second = DynamicBenchmarkConditioning().save(conds[0], "bench/prompt")["ui"]["text"][0]
+        first = node_outputs(DynamicBenchmarkConditioning, conds[0], "bench/prompt")["ui"]["text"][0]
+        second = node_outputs(DynamicBenchmarkConditioning, conds[0], "bench/prompt")["ui"]["text"][0]
     finally:
         folder_paths.set_output_directory(previous)
     assert first != second and first.startswith(str(tmp_path / "bench"))

@@ -8,6 +8,7 @@ from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.devtools.demo import run_node
 from comfyui_dynamic_dit.integration.patching import install_executor, plan_of
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
+from support.nodes import node_outputs
 
 
 @pytest.fixture
@@ -36,7 +37,7 @@ def test_summary_updates_while_sampling(flux_model, conds, events):
 
 
 def test_done_event_compares_with_the_latest_full_compute_run_of_the_shape(flux_model, other_flux_model, conds, events):
-    baseline = NODE_CLASS_MAPPINGS["DynamicTelemetry"]().patch(flux_model)[0]
+    baseline = node_outputs(NODE_CLASS_MAPPINGS["DynamicTelemetry"], flux_model)[0]
     tiny_flux.sample(baseline, *conds, steps=3, seed=2)
     other = install_executor(other_flux_model)  # a full-compute run of another model: never the baseline
     tiny_flux.sample(other, *tiny_flux.conditioning(tiny_flux.TinyFlux(hidden_size=192, num_heads=3)), steps=3, seed=2)

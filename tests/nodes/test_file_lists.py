@@ -7,6 +7,7 @@ import folder_paths
 
 from comfyui_dynamic_dit.integration.patching import MODEL_FOLDER
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
+from support.nodes import combo_options
 
 KINDS = {
     "width_router.safetensors": "dynamic_dit.width_router",
@@ -33,7 +34,7 @@ def model_folders(tmp_path, monkeypatch):
 
 
 def _choices(node: str, name: str) -> list[str]:
-    return NODE_CLASS_MAPPINGS[node].INPUT_TYPES()["required"][name][0]
+    return combo_options(NODE_CLASS_MAPPINGS[node].INPUT_TYPES()["required"][name])
 
 
 def test_each_file_input_lists_only_its_kind(model_folders):

@@ -36,3 +36,40 @@ def test_the_nodes_sit_in_categories_by_purpose():
     for name, node_class in NODE_CLASS_MAPPINGS.items():
         found.setdefault(node_class.CATEGORY, set()).add(name)
     assert found == CATEGORIES
+
+
+def _info(name: str) -> dict:
+    return NODE_CLASS_MAPPINGS[name].GET_NODE_INFO_V1()
+
+
+def test_the_nodes_are_on_the_v3_schema():
+    from comfy_api.latest import io
+
+    assert all(issubclass(node_class, io.ComfyNode) for node_class in NODE_CLASS_MAPPINGS.values())
+
+
+ALIASES = {"DynamicWidthPatcher": {"DyDiT", "TDW"}, "DynamicTokenRouter": {"DiffCR", "SDT", "DyDiT"},
+           "DynamicPatchScheduler": {"DDiT"}, "DynamicTDLoRALoader": {"DyDiT++"}}
+
+
+def test_search_finds_the_methods_by_their_papers_names_where_the_host_searches_aliases():
+    import dataclasses
+
+    from comfy_api.latest import io
+
+    if "search_aliases" not in {field.name for field in dataclasses.fields(io.Schema)}:
+        pytest.skip("this ComfyUI's node schema has no search aliases (0.12 and newer do)")
+    for name, aliases in ALIASES.items():
+        assert aliases <= set(_info(name)["search_aliases"]), name
+
+
+def test_the_trainer_is_experimental_and_the_benchmark_node_a_developers():
+    import dataclasses
+
+    from comfy_api.latest import io
+
+    assert _info("DynamicTrainer")["experimental"] is True
+    assert not any(_info(name).get("experimental") for name in NODE_CLASS_MAPPINGS if name != "DynamicTrainer")
+    if "is_dev_only" in {field.name for field in dataclasses.fields(io.Schema)}:
+        assert _info("DynamicBenchmarkConditioning")["dev_only"] is True
+        assert not any(_info(name).get("dev_only") for name in NODE_CLASS_MAPPINGS if name != "DynamicBenchmarkConditioning")

@@ -4,7 +4,7 @@ import copy
 import pytest
 import torch
 
-from support.nodes import write_flux_embedding
+from support.nodes import combo_options, node_outputs, write_flux_embedding
 
 from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.integration.patching import plan_of
@@ -23,17 +23,17 @@ def test_declaration(model_folder, flux_model):
     write_embedding(model_folder, flux_model)
     declared = Scheduler.INPUT_TYPES()["required"]
     assert list(declared) == ["model", *INPUTS]
-    assert declared["embedding"][0] == ["none", "coarse.safetensors"]
-    assert declared["mode"][0] == ["auto", "manual", "as trained"]
+    assert combo_options(declared["embedding"]) == ["none", "coarse.safetensors"]
+    assert combo_options(declared["mode"]) == ["auto", "manual", "as trained"]
     assert declared["tau"][1]["default"] == 5.0 and declared["percentile"][1]["default"] == 0.4
     assert declared["max_patch_factor"][1]["default"] == 2
     assert NODE_DISPLAY_NAME_MAPPINGS["DynamicPatchScheduler"] == "Dynamic Patch Scheduler"
-    assert Scheduler.RETURN_TYPES == ("MODEL",) and Scheduler.CATEGORY == "dynamic_dit/methods"
+    assert tuple(Scheduler.RETURN_TYPES) == ("MODEL",) and Scheduler.CATEGORY == "dynamic_dit/methods"
 
 
 def test_manual_schedule_with_a_trained_file(model_folder, flux_model, conds):
     name = write_embedding(model_folder, flux_model)
-    (model,) = Scheduler().patch(flux_model, **{**INPUTS, "mode": "manual", "embedding": name,
+    (model,) = node_outputs(Scheduler, flux_model, **{**INPUTS, "mode": "manual", "embedding": name,
                                                 "manual_schedule": "0-50%:4; 50-75%:2"})
     settings = plan_of(model).settings["patch_scheduler"]
     assert settings.embedding.factors == (2, 4) and settings.schedule[1].factor == 2
@@ -44,7 +44,7 @@ def test_manual_schedule_with_a_trained_file(model_folder, flux_model, conds):
 
 
 def test_auto_mode_ignores_the_manual_schedule_text(flux_model):
-    (model,) = Scheduler().patch(flux_model, **{**INPUTS, "manual_schedule": "not a schedule"})
+    (model,) = node_outputs(Scheduler, flux_model, **{**INPUTS, "manual_schedule": "not a schedule"})
     assert plan_of(model).settings["patch_scheduler"].schedule == ()
 
 
@@ -61,7 +61,7 @@ def test_auto_mode_ignores_the_manual_schedule_text(flux_model):
 def test_bad_inputs_raise_and_leave_the_model_unpatched(model_folder, flux_model, changes, message):
     before = copy.deepcopy(flux_model.model_options)
     with pytest.raises(ValueError, match=message):
-        Scheduler().patch(flux_model, **{**INPUTS, **changes})
+        node_outputs(Scheduler, flux_model, **{**INPUTS, **changes})
     assert flux_model.model_options == before and plan_of(flux_model) is None
 
 
@@ -70,15 +70,15 @@ def test_a_bad_embedding_file_raises_and_leaves_the_model_unpatched(model_folder
     other = write_embedding(model_folder, other_flux_model, "other.safetensors")
     before = copy.deepcopy(flux_model.model_options)
     with pytest.raises(ValueError, match="Patch embedding 'broken.safetensors' is not a readable safetensors file"):
-        Scheduler().patch(flux_model, **{**INPUTS, "embedding": "broken.safetensors"})
+        node_outputs(Scheduler, flux_model, **{**INPUTS, "embedding": "broken.safetensors"})
     with pytest.raises(ValueError, match="'other.safetensors' was made for another model: hidden_size is 192"):
-        Scheduler().patch(flux_model, **{**INPUTS, "embedding": other})
+        node_outputs(Scheduler, flux_model, **{**INPUTS, "embedding": other})
     assert flux_model.model_options == before and plan_of(flux_model) is None
 
 
 def test_applying_the_node_twice_replaces_its_settings(flux_model):
-    (once,) = Scheduler().patch(flux_model, **INPUTS)
-    (twice,) = Scheduler().patch(once, **{**INPUTS, "tau": 0.05})
+    (once,) = node_outputs(Scheduler, flux_model, **INPUTS)
+    (twice,) = node_outputs(Scheduler, once, **{**INPUTS, "tau": 0.05})
     assert list(plan_of(twice).settings) == ["patch_scheduler"]
     assert plan_of(twice).settings["patch_scheduler"].tau == 0.05
     assert plan_of(once).settings["patch_scheduler"].tau == 5.0

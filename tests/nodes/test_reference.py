@@ -8,22 +8,23 @@ import nodes as comfy_nodes
 from comfyui_dynamic_dit.demo import reference as reference_model
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
 from comfyui_dynamic_dit.demo import reference_node as reference
+from support.nodes import combo_options, node_outputs
 
 Loader = NODE_CLASS_MAPPINGS["DynamicReferenceModelLoader"]
 ToImage = NODE_CLASS_MAPPINGS["DynamicReferenceLatentToImage"]
 
 
 def _sample(photo_class: str, steps: int = 8) -> torch.Tensor:
-    model, positive, negative, latent = Loader().load(photo_class, 1)
+    model, positive, negative, latent = node_outputs(Loader, photo_class, 1)
     (sampled,) = comfy_nodes.KSampler().sample(model, 7, steps, 2.0, "euler", "simple", positive, negative, latent)
-    return ToImage().decode(sampled, 1)[0]
+    return node_outputs(ToImage, sampled, 1)[0]
 
 
 def test_loader_gives_model_conditionings_and_an_empty_latent_of_the_trained_size():
-    classes = Loader.INPUT_TYPES()["required"]["photo_class"][0]
+    classes = combo_options(Loader.INPUT_TYPES()["required"]["photo_class"])
     assert "coffee" in classes and "hubble_deep_field" in classes and len(classes) == 15
-    model, positive, negative, latent = Loader().load("coffee", 3)
-    other = Loader().load("moon", 1)
+    model, positive, negative, latent = node_outputs(Loader, "coffee", 3)
+    other = node_outputs(Loader, "moon", 1)
     assert other[0] is model  # loaded once per process
     assert latent["samples"].shape == (3, 16, 32, 32) and not latent["samples"].any()
     assert not torch.equal(positive[0][0], other[1][0][0]) and torch.equal(negative[0][0], other[2][0][0])
@@ -40,17 +41,17 @@ def test_sampled_classes_look_like_their_photos():
 
 def test_latent_to_image_enlarges_pixels_exactly():
     latent = {"samples": reference_model.photo_to_latent(torch.rand(2, 3, 8, 8))}
-    (small,) = ToImage().decode(latent, 1)
-    (large,) = ToImage().decode(latent, 3)
+    (small,) = node_outputs(ToImage, latent, 1)
+    (large,) = node_outputs(ToImage, latent, 3)
     assert large.shape == (2, 24, 24, 3) and torch.equal(large[:, ::3, ::3], small)
 
 
 def test_bad_inputs_are_explained(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="expected the reference model's LATENT"):
-        ToImage().decode({"samples": torch.zeros(1, 4, 8, 8)}, 1)
+        node_outputs(ToImage, {"samples": torch.zeros(1, 4, 8, 8)}, 1)
     with pytest.raises(ValueError, match="unknown class 'dragon'; the reference model knows: astronaut, brick"):
-        Loader().load("dragon", 1)
+        node_outputs(Loader, "dragon", 1)
     monkeypatch.setattr(reference_model, "REFERENCE_PATH", tmp_path / "gone.safetensors")
-    assert Loader.INPUT_TYPES()["required"]["photo_class"][0] == ["(reference model file missing)"]
+    assert combo_options(Loader.INPUT_TYPES()["required"]["photo_class"]) == ["(reference model file missing)"]
     with pytest.raises(ValueError, match="The reference model file is missing: .*gone.safetensors"):
         reference.load_cached_reference()

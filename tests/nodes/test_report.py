@@ -4,6 +4,7 @@ import torch
 from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.devtools.demo import run_node
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
+from support.nodes import node_outputs
 
 Telemetry = NODE_CLASS_MAPPINGS["DynamicTelemetry"]
 Report = NODE_CLASS_MAPPINGS["DynamicSpeedReport"]
@@ -15,9 +16,9 @@ def sampled(model, conds, **settings):
 
 
 def test_report_of_a_full_compute_run(flux_model, conds):
-    (model,) = Telemetry().patch(flux_model)
+    (model,) = node_outputs(Telemetry, flux_model)
     latent = sampled(model, conds)
-    out = Report().report(model, latent)
+    out = node_outputs(Report, model, latent)
     passthrough, table, chart = out["result"]
     assert passthrough is latent
     summary = out["ui"]["text"][0]
@@ -34,11 +35,11 @@ def test_report_of_a_full_compute_run(flux_model, conds):
 
 
 def test_report_against_a_connected_baseline(flux_model, conds):
-    (baseline,) = Telemetry().patch(flux_model)
+    (baseline,) = node_outputs(Telemetry, flux_model)
     model = run_node(TokenRouter, model=flux_model, keep_ratio_start=0.5, keep_ratio_end=0.5, first_full_blocks=0, last_full_blocks=0)
     base_latent = sampled(baseline, conds)
     latent = sampled(model, conds)
-    out = Report().report(model, latent, baseline_model=baseline, baseline_latent=base_latent)
+    out = node_outputs(Report, model, latent, baseline_model=baseline, baseline_latent=base_latent)
     summary, table = out["ui"]["text"][0], out["result"][1]
     assert " model time (" in summary and ("faster" in summary or "slower" in summary)
     assert "ms full" in table and "speedup" in table
@@ -48,39 +49,39 @@ def test_report_against_a_connected_baseline(flux_model, conds):
 
 
 def test_connected_baseline_of_another_shape_is_named(flux_model, conds):
-    (baseline,) = Telemetry().patch(flux_model)
-    (model,) = Telemetry().patch(flux_model)
+    (baseline,) = node_outputs(Telemetry, flux_model)
+    (model,) = node_outputs(Telemetry, flux_model)
     sampled(baseline, conds, height=16, width=16)
     latent = sampled(model, conds)
-    summary = Report().report(model, latent, baseline_model=baseline)["ui"]["text"][0]
+    summary = node_outputs(Report, model, latent, baseline_model=baseline)["ui"]["text"][0]
     assert "the connected baseline has no finished run of this shape (latent [1, 16, 32, 32], 3 steps)" in summary
 
 
 def test_without_a_connection_the_latest_full_compute_run_of_the_shape_is_the_baseline(flux_model, other_flux_model, conds):
-    (baseline,) = Telemetry().patch(flux_model)
+    (baseline,) = node_outputs(Telemetry, flux_model)
     sampled(baseline, conds)
     model = run_node(TokenRouter, model=flux_model)
     latent = sampled(model, conds)
-    summary = Report().report(model, latent)["ui"]["text"][0]
+    summary = node_outputs(Report, model, latent)["ui"]["text"][0]
     assert "s full compute)" in summary and "(compared with the latest full-compute run of this shape" in summary
 
 
 def test_report_explains_a_model_without_executor(flux_model):
     with pytest.raises(ValueError, match="no Dynamic DiT executor"):
-        Report().report(flux_model, {"samples": torch.zeros(1, 16, 8, 8)})
+        node_outputs(Report, flux_model, {"samples": torch.zeros(1, 16, 8, 8)})
 
 
 def test_report_explains_a_baseline_without_executor(flux_model, conds):
-    (model,) = Telemetry().patch(flux_model)
+    (model,) = node_outputs(Telemetry, flux_model)
     latent = sampled(model, conds)
     with pytest.raises(ValueError, match="baseline_model has no Dynamic DiT executor"):
-        Report().report(model, latent, baseline_model=flux_model)
+        node_outputs(Report, model, latent, baseline_model=flux_model)
 
 
 def test_report_explains_a_model_not_sampled_yet(flux_model):
-    (model,) = Telemetry().patch(flux_model)
+    (model,) = node_outputs(Telemetry, flux_model)
     with pytest.raises(ValueError, match="no sampling run was recorded"):
-        Report().report(model, {"samples": torch.zeros(1, 16, 8, 8)})
+        node_outputs(Report, model, {"samples": torch.zeros(1, 16, 8, 8)})
 
 
 def test_the_report_says_how_close_the_image_stayed_when_both_images_are_connected(flux_model, conds):
@@ -88,11 +89,11 @@ def test_the_report_says_how_close_the_image_stayed_when_both_images_are_connect
     from comfyui_dynamic_dit.core.fidelity import psnr as bench_psnr
     from comfyui_dynamic_dit.nodes.report import fidelity_text
 
-    (model,) = Telemetry().patch(flux_model)
+    (model,) = node_outputs(Telemetry, flux_model)
     latent = sampled(model, conds)
     full = torch.rand(1, 32, 32, 3, generator=torch.Generator().manual_seed(0))
     close = (full + 0.01 * torch.randn(full.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)
-    summary = Report().report(model, latent, image=close, baseline_image=full)["ui"]["text"][0]
+    summary = node_outputs(Report, model, latent, image=close, baseline_image=full)["ui"]["text"][0]
     expected = bench_psnr(full.movedim(-1, 1), close.movedim(-1, 1))
     assert f"; {expected:.1f} dB PSNR, SSIM 0.9" in summary and "against full compute's image" in summary, summary
     assert fidelity_text(full, full) == "; identical to full compute's image"
@@ -108,7 +109,7 @@ def test_the_report_says_when_its_times_may_mislead(flux_model, conds, monkeypat
     from comfyui_dynamic_dit.nodes import report as report_node
     from comfyui_dynamic_dit.nodes.report import timing_caveat
 
-    (baseline_model,) = Telemetry().patch(flux_model)
+    (baseline_model,) = node_outputs(Telemetry, flux_model)
     sampled(baseline_model, conds)
     model = run_node(TokenRouter, model=flux_model, keep_ratio_start=0.5, keep_ratio_end=0.5, first_full_blocks=0, last_full_blocks=0)
     sampled(model, conds)

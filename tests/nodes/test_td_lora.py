@@ -11,6 +11,7 @@ from comfyui_dynamic_dit.integration.patching import adapter_of, plan_of
 from comfyui_dynamic_dit.methods.td_lora.binding import architecture_metadata, block_linear_shapes
 from comfyui_dynamic_dit.methods.td_lora.file import random_td_lora, save_td_lora_file, td_lora_state_dict
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
+from support.nodes import combo_options, node_outputs
 
 Loader = NODE_CLASS_MAPPINGS["DynamicTDLoRALoader"]
 SAMPLE = dict(steps=3, cfg=2.0, seed=3)
@@ -46,7 +47,7 @@ def test_the_file_list_holds_td_loras_and_every_lora(flux_model, folders):
     save_file({"w": torch.zeros(2)}, str(dynamic / "router.safetensors"), metadata={"format": "token_router"})
     (dynamic / "damaged.safetensors").write_bytes(b"\x10\x00")  # listed, so its error can show
     save_file({"x.lora_A.weight": torch.zeros(1, 2)}, str(loras / "style.safetensors"))
-    choices = Loader.INPUT_TYPES()["required"]["file"][0]
+    choices = combo_options(Loader.INPUT_TYPES()["required"]["file"])
     assert choices == ["dynamic_dit/damaged.safetensors", "dynamic_dit/k3.safetensors", "loras/style.safetensors"]
 
 
@@ -62,14 +63,14 @@ def test_k1_file_gives_the_output_of_lora_loader_model_only(flux_model, conds, f
     (reference,) = comfy_nodes.LoraLoaderModelOnly().load_lora_model_only(flux_model, "plain.safetensors", 0.75)
     expected = tiny_flux.sample(reference, *conds, **SAMPLE)
     for choice in ("dynamic_dit/k1.safetensors", "loras/plain.safetensors"):
-        (model,) = Loader().load(flux_model, choice, 0.75)
+        (model,) = node_outputs(Loader, flux_model, choice, 0.75)
         torch.testing.assert_close(tiny_flux.sample(model, *conds, **SAMPLE), expected, **float32_rounding(expected))
     assert not torch.allclose(expected, tiny_flux.sample(flux_model, *conds, **SAMPLE), atol=1e-2)
 
 
 def test_k3_file_records_its_gates(flux_model, conds, folders):
     write_td(flux_model, folders[0] / "k3.safetensors", 3)
-    (model,) = Loader().load(flux_model, "dynamic_dit/k3.safetensors", 1.0)
+    (model,) = node_outputs(Loader, flux_model, "dynamic_dit/k3.safetensors", 1.0)
     tiny_flux.sample(model, *conds, **SAMPLE)
     run = plan_of(model).telemetry.latest()
     assert run.plan == "TD-LoRA k3 K=3 x1"
@@ -78,7 +79,7 @@ def test_k3_file_records_its_gates(flux_model, conds, folders):
 
 def test_strength_zero_is_the_unchanged_model(flux_model, conds, folders):
     write_td(flux_model, folders[0] / "k3.safetensors", 3)
-    (model,) = Loader().load(flux_model, "dynamic_dit/k3.safetensors", 0.0)
+    (model,) = node_outputs(Loader, flux_model, "dynamic_dit/k3.safetensors", 0.0)
     assert torch.equal(tiny_flux.sample(model, *conds, **SAMPLE), tiny_flux.sample(flux_model, *conds, **SAMPLE))
 
 
@@ -123,15 +124,15 @@ def test_bad_files_raise_a_clear_error_and_the_model_stays_unpatched(flux_model,
     choice = make(flux_model, other_flux_model, folders)
     before = unchanged(flux_model)
     with pytest.raises(ValueError, match=message):
-        Loader().load(flux_model, choice, 1.0)
+        node_outputs(Loader, flux_model, choice, 1.0)
     assert unchanged(flux_model) == before
 
 
 def test_unknown_choices_and_strengths_are_refused(flux_model, folders):
     write_td(flux_model, folders[0] / "k3.safetensors", 3)
     with pytest.raises(ValueError, match="'gone.safetensors' is not in the 'dynamic_dit' model folder"):
-        Loader().load(flux_model, "dynamic_dit/gone.safetensors", 1.0)
+        node_outputs(Loader, flux_model, "dynamic_dit/gone.safetensors", 1.0)
     with pytest.raises(ValueError, match="expected 'dynamic_dit/<file>' or 'loras/<file>'"):
-        Loader().load(flux_model, "k3.safetensors", 1.0)
+        node_outputs(Loader, flux_model, "k3.safetensors", 1.0)
     with pytest.raises(ValueError, match="strength must be between -10 and 10, got -12"):
-        Loader().load(flux_model, "dynamic_dit/k3.safetensors", -12.0)
+        node_outputs(Loader, flux_model, "dynamic_dit/k3.safetensors", -12.0)

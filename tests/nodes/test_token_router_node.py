@@ -8,6 +8,7 @@ from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.integration.patching import adapter_of, plan_of
 from comfyui_dynamic_dit.methods.token_router.file import save_router_file
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
+from support.nodes import combo_options, node_outputs
 
 Router = NODE_CLASS_MAPPINGS["DynamicTokenRouter"]
 Telemetry = NODE_CLASS_MAPPINGS["DynamicTelemetry"]
@@ -25,7 +26,7 @@ def router_folder(tmp_path, monkeypatch):
 
 
 def patch(model, **changes):
-    return Router().patch(model, **{**WIDGETS, **changes})[0]
+    return node_outputs(Router, model, **{**WIDGETS, **changes})[0]
 
 
 def test_widgets_become_settings(flux_model, conds):
@@ -54,9 +55,9 @@ def test_applied_twice_replaces_and_order_with_telemetry_does_not_matter(flux_mo
     assert plan_of(twice).settings["token_router"].keep_start == 0.6 and list(plan_of(twice).settings) == ["token_router"]
     out = tiny_flux.sample(once, *conds, **SAMPLE)
     assert torch.equal(tiny_flux.sample(twice, *conds, **SAMPLE), out)
-    (telemetry_first,) = Telemetry().patch(flux_model)
+    (telemetry_first,) = node_outputs(Telemetry, flux_model)
     assert torch.equal(tiny_flux.sample(patch(telemetry_first, keep_ratio_start=0.6), *conds, **SAMPLE), out)
-    (telemetry_last,) = Telemetry().patch(once)
+    (telemetry_last,) = node_outputs(Telemetry, once)
     assert torch.equal(tiny_flux.sample(telemetry_last, *conds, **SAMPLE), out)
 
 
@@ -64,7 +65,7 @@ def test_router_file_from_the_model_folder(flux_model, conds, router_folder):
     adapter = adapter_of(flux_model)
     routers = {b.label: {"weight": torch.randn(1, 256) * 0.1, "bias": torch.zeros(1)} for b in adapter.blocks}
     save_router_file(router_folder / "flux_diffcr.safetensors", adapter, "diffcr", routers, ratios=torch.full((1, 6), 0.25))
-    assert "flux_diffcr.safetensors" in Router.INPUT_TYPES()["required"]["router_file"][0]
+    assert "flux_diffcr.safetensors" in combo_options(Router.INPUT_TYPES()["required"]["router_file"])
     model = patch(flux_model, mode="diffcr", score="router file", router_file="flux_diffcr.safetensors", first_full_blocks=0,
                   last_full_blocks=0)
     settings = plan_of(model).settings["token_router"]

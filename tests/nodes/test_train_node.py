@@ -14,6 +14,7 @@ from comfyui_dynamic_dit.methods.width.file import ROUTER_FORMAT
 from comfyui_dynamic_dit.methods.td_lora.node import DynamicTDLoRALoader
 from comfyui_dynamic_dit.nodes.train import DynamicTrainer
 from comfyui_dynamic_dit.methods.width.node import DynamicWidthPatcher
+from support.nodes import node_outputs
 
 WIDGETS = dict(parts="width + TD-LoRA", target_flops=0.7, steps=4, filename="trained/tiny", sampling_steps=4, cfg=2.0,
                sampler_name="euler", scheduler="simple", seeds=1, batch=2)
@@ -40,7 +41,7 @@ def _umask() -> int:
 
 def run(model, conds, **changes):
     positive, negative = conds
-    return DynamicTrainer().train(model, positive, negative, {"samples": torch.zeros(1, 16, 16, 16)}, **{**WIDGETS, **changes})
+    return node_outputs(DynamicTrainer, model, positive, negative, {"samples": torch.zeros(1, 16, 16, 16)}, **{**WIDGETS, **changes})
 
 
 def test_trains_writes_files_the_loaders_accept(flux_model, conds, model_folder, other_weights, monkeypatch):
@@ -60,24 +61,24 @@ def test_trains_writes_files_the_loaders_accept(flux_model, conds, model_folder,
     assert "trained/tiny.safetensors" not in model_files("dynamic_dit.token_router")
     widths = dict(preset="quality", parts="heads and MLP", noisy_width=0.5, clean_width=1.0, target_flops=0.7,
                   start_percent=0.0, end_percent=1.0)
-    routed = DynamicWidthPatcher().patch(flux_model, router="trained/tiny.safetensors", **widths)[0]
-    both = DynamicTDLoRALoader().load(routed, "dynamic_dit/trained/tiny.safetensors", 1.0)[0]
+    routed = node_outputs(DynamicWidthPatcher, flux_model, router="trained/tiny.safetensors", **widths)[0]
+    both = node_outputs(DynamicTDLoRALoader, routed, "dynamic_dit/trained/tiny.safetensors", 1.0)[0]
     torch.testing.assert_close(sample(both, conds), sample(patched, conds))
     # one node applies every part of the file as trained: the model the Train node returned
     from comfyui_dynamic_dit.integration.patching import training_run_files
     from comfyui_dynamic_dit.nodes.trained import DynamicTrainedLoader
 
     assert "trained/tiny.safetensors" in training_run_files()
-    (loaded,) = DynamicTrainedLoader().load(flux_model, "trained/tiny.safetensors")
+    (loaded,) = node_outputs(DynamicTrainedLoader, flux_model, "trained/tiny.safetensors")
     torch.testing.assert_close(sample(loaded, conds), sample(patched, conds))
-    assert DynamicTrainedLoader().load(flux_model, "none")[0] is flux_model
+    assert node_outputs(DynamicTrainedLoader, flux_model, "none")[0] is flux_model
     with pytest.raises(ValueError, match="trained for another base model"):
-        DynamicTrainedLoader().load(other_weights, "trained/tiny.safetensors")
+        node_outputs(DynamicTrainedLoader, other_weights, "trained/tiny.safetensors")
     # a model with the same shapes but other weights refuses them
     with pytest.raises(ValueError, match="trained for another base model"):
-        DynamicWidthPatcher().patch(other_weights, router="trained/tiny.safetensors", **widths)
+        node_outputs(DynamicWidthPatcher, other_weights, router="trained/tiny.safetensors", **widths)
     with pytest.raises(ValueError, match="trained for another base model"):
-        DynamicTDLoRALoader().load(other_weights, "dynamic_dit/trained/tiny.safetensors", 1.0)
+        node_outputs(DynamicTDLoRALoader, other_weights, "dynamic_dit/trained/tiny.safetensors", 1.0)
 
 
 @pytest.mark.parametrize("changes, message", [
@@ -110,14 +111,14 @@ def test_trains_coarse_patches_for_the_patch_scheduler(flux_model, conds, model_
     assert "trained/tiny.safetensors" in model_files(FORMAT)
     settings = dict(tau=5.0, percentile=0.4, max_patch_factor=2, last_native_steps=2, manual_schedule="",
                     embedding="trained/tiny.safetensors", start_percent=0.0, end_percent=1.0)
-    scheduled = DynamicPatchScheduler().patch(flux_model, mode="as trained", **settings)[0]
+    scheduled = node_outputs(DynamicPatchScheduler, flux_model, mode="as trained", **settings)[0]
     image = sample(scheduled, conds)
     torch.testing.assert_close(image, sample(patched, conds))
     assert (image - sample(flux_model, conds)).abs().max() > 1e-4
     with pytest.raises(ValueError, match="trained for another base model"):
-        DynamicPatchScheduler().patch(other_weights, mode="as trained", **settings)
+        node_outputs(DynamicPatchScheduler, other_weights, mode="as trained", **settings)
     with pytest.raises(ValueError, match="'as trained' follows the schedule a trained embedding file was made for"):
-        DynamicPatchScheduler().patch(flux_model, mode="as trained", **{**settings, "embedding": "none"})
+        node_outputs(DynamicPatchScheduler, flux_model, mode="as trained", **{**settings, "embedding": "none"})
 
 
 @pytest.mark.parametrize("parts", ["token routers + TD-LoRA (DiffCR)", "MLP token routers + TD-LoRA (DyDiT SDT)"])
@@ -136,13 +137,13 @@ def test_trains_token_routers_for_the_token_router(flux_model, conds, model_fold
     widgets = dict(keep_ratio_start=0.7, keep_ratio_end=0.7, first_full_blocks=2, last_full_blocks=2, score="input change",
                    router_file="trained/tiny.safetensors", use_file_ratios=True, start_percent=0.0,
                    end_percent=1.0, block_overrides="")
-    routed = DynamicTokenRouter().patch(flux_model, mode="as trained", **widgets)[0]
-    routed = DynamicTDLoRALoader().load(routed, "dynamic_dit/trained/tiny.safetensors", 1.0)[0]
+    routed = node_outputs(DynamicTokenRouter, flux_model, mode="as trained", **widgets)[0]
+    routed = node_outputs(DynamicTDLoRALoader, routed, "dynamic_dit/trained/tiny.safetensors", 1.0)[0]
     torch.testing.assert_close(sample(routed, conds), sample(patched, conds))
     with pytest.raises(ValueError, match="trained for another base model"):
-        DynamicTokenRouter().patch(other_weights, mode="as trained", **widgets)
+        node_outputs(DynamicTokenRouter, other_weights, mode="as trained", **widgets)
     with pytest.raises(ValueError, match="mode 'as trained' needs a router file"):
-        DynamicTokenRouter().patch(flux_model, mode="as trained", **{**widgets, "router_file": "none"})
+        node_outputs(DynamicTokenRouter, flux_model, mode="as trained", **{**widgets, "router_file": "none"})
 
 
 def test_on_policy_rounds_run_after_training_with_the_progress_bar(flux_model, conds, model_folder, monkeypatch):
@@ -213,7 +214,7 @@ def test_the_node_says_which_phase_it_is_in_and_how_long_is_left(flux_model, con
     fake_server.PromptServer = type("PromptServer", (), {"instance": types.SimpleNamespace(
         send_progress_text=lambda text, node_id, sid=None: texts.append((node_id, text)))})
     monkeypatch.setitem(sys.modules, "server", fake_server)
-    run(flux_model, conds, steps=2, on_policy_rounds=1, unique_id="7")
+    run(flux_model, conds, steps=2, on_policy_rounds=1, hidden={"unique_id": "7"})
     assert {node for node, _ in texts} == {"7"}
     phases = [text.split(":")[0] for _, text in texts]
     order = ["recording the teacher", "training", "on-policy round 1/1", "on-policy round 1/1, training", "saving the file", "done"]

@@ -14,6 +14,7 @@ from comfyui_dynamic_dit.integration.patching import adapter_of, plan_of
 from comfyui_dynamic_dit.methods.width.settings import PRESETS
 from comfyui_dynamic_dit.methods.width.file import RouterHeader, WidthRouter, save_width_router
 from comfyui_dynamic_dit.nodes import NODE_CLASS_MAPPINGS
+from support.nodes import combo_options, node_outputs
 
 Width = NODE_CLASS_MAPPINGS["DynamicWidthPatcher"]
 Telemetry = NODE_CLASS_MAPPINGS["DynamicTelemetry"]
@@ -25,7 +26,7 @@ WIDGETS = dict(
 
 
 def patch(model, **changes):
-    return Width().patch(model, **{**WIDGETS, **changes})[0]
+    return node_outputs(Width, model, **{**WIDGETS, **changes})[0]
 
 
 def settings_of(model):
@@ -63,9 +64,9 @@ def test_applied_twice_replaces_and_chaining_order_does_not_matter(flux_model, c
     balanced = "balanced (trades quality)"  # as the node lists it
     twice = patch(patch(flux_model, preset="fast (trades more quality)"), preset=balanced)
     assert list(plan_of(twice).settings) == ["width"] and settings_of(twice).noisy_width == 0.75
-    (telemetry_first,) = Telemetry().patch(flux_model)
+    (telemetry_first,) = node_outputs(Telemetry, flux_model)
     a = patch(telemetry_first, preset=balanced)
-    (b,) = Telemetry().patch(patch(flux_model, preset="balanced"))  # the short name, as scripts pass it
+    (b,) = node_outputs(Telemetry, patch(flux_model, preset="balanced"))  # the short name, as scripts pass it
     out = tiny_flux.sample(a, *conds, **FAST)
     assert torch.equal(out, tiny_flux.sample(b, *conds, **FAST))
     assert torch.equal(out, tiny_flux.sample(twice, *conds, **FAST))
@@ -75,7 +76,7 @@ def test_applied_twice_replaces_and_chaining_order_does_not_matter(flux_model, c
 
 def test_router_file_from_the_models_folder(flux_model, conds, model_folder):
     name = write_router(model_folder, flux_model)
-    assert name in Width.INPUT_TYPES()["required"]["router"][0]
+    assert name in combo_options(Width.INPUT_TYPES()["required"]["router"])
     model = patch(flux_model, router=name, preset="fast")
     assert settings_of(model).router.name == name
     tiny_flux.sample(model, *conds, **FAST)

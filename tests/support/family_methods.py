@@ -18,6 +18,7 @@ from comfyui_dynamic_dit.methods.patch_scheduler.runtime import PatchSchedulerSe
 from comfyui_dynamic_dit.methods.token_router.runtime import TokenRouterSettings
 from comfyui_dynamic_dit.methods.width.runtime import CalibrationSpec
 from comfyui_dynamic_dit.methods.width.settings import WidthSettings
+from support.nodes import node_outputs
 
 Sample = Callable[[object], torch.Tensor]
 SMALL = CalibrationSpec(latent_size=(8, 8), text_tokens=4)
@@ -188,7 +189,7 @@ def assert_the_nodes_run_as_the_server_runs_them(model, sample: Sample, chain=WI
                 run_node(NODES[PATCH_SCHEDULER[0]], model=chained, **PATCH_SCHEDULER[1])
             assert chained.model_options == before
         base_latent, latent_out = {"samples": sample(baseline)}, {"samples": sample(chained)}
-        report = NODES["DynamicSpeedReport"]().report(chained, latent_out, baseline_model=baseline, baseline_latent=base_latent)
+        report = node_outputs(NODES["DynamicSpeedReport"], chained, latent_out, baseline_model=baseline, baseline_latent=base_latent)
     assert "fewer FLOPs" in report["result"][1]
 
 

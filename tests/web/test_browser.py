@@ -121,6 +121,50 @@ def test_extension_loads_once_without_errors(browser):
     assert not _pack_errors(browser), _pack_errors(browser)  # e.g. a failed import, or a second registration
 
 
+def _mode_widgets(chromium: Chromium, node_type: str, mode_widget: str, modes: list[str]) -> dict:
+    """The hidden widgets of a new node in each mode, how many values it saves and queues, and what a node loaded from
+    the last mode's saved values hides."""
+    return json.loads(chromium.evaluate("""(() => {
+        const node = LiteGraph.createNode(%s);
+        app.graph.add(node);
+        const hidden = (n) => n.widgets.filter(w => w.hidden).map(w => w.name).sort();
+        const mode = node.widgets.find(w => w.name === %s);
+        const out = {hidden: {}};
+        for (const value of %s) {
+            mode.value = value;
+            mode.callback?.(value);
+            out.hidden[value] = hidden(node);
+        }
+        out.widgets = node.widgets.length;
+        const saved = node.serialize();
+        out.saved = saved.widgets_values.length;
+        const loaded = LiteGraph.createNode(%s);
+        app.graph.add(loaded);
+        loaded.configure({...saved, id: loaded.id});
+        out.loaded = hidden(loaded);
+        app.graph.remove(node);
+        app.graph.remove(loaded);
+        return JSON.stringify(out);
+    })()""" % (json.dumps(node_type), json.dumps(mode_widget), json.dumps(modes), json.dumps(node_type))))
+
+
+def test_a_mode_shows_only_the_widgets_it_reads(browser):
+    """The Patch Scheduler's auto mode shows tau and the other measures, manual its schedule, 'as trained' neither;
+    the Width Patcher's custom and target presets show their own numbers. Hidden widgets keep their values and places
+    in the saved workflow (and so in a queued prompt), and a loaded workflow's mode decides what shows."""
+    auto = ["last_native_steps", "max_patch_factor", "percentile", "tau"]
+    scheduler = _mode_widgets(browser, "DynamicPatchScheduler", "mode", ["auto", "manual", "as trained"])
+    assert scheduler["hidden"] == {"auto": ["manual_schedule"], "manual": auto, "as trained": sorted([*auto, "manual_schedule"])}
+    assert scheduler["saved"] == scheduler["widgets"] and scheduler["loaded"] == scheduler["hidden"]["as trained"]
+    width = _mode_widgets(browser, "DynamicWidthPatcher", "preset", ["quality", "custom", "target FLOPs"])
+    assert width["hidden"] == {"quality": ["clean_width", "noisy_width", "target_flops"],
+                               "custom": ["target_flops"], "target FLOPs": ["clean_width", "noisy_width"]}
+    assert width["saved"] == width["widgets"] and width["loaded"] == width["hidden"]["target FLOPs"]
+    trainer = _mode_widgets(browser, "DynamicTrainer", "parts", ["width + TD-LoRA", "coarse patches (DDiT)"])
+    assert trainer["hidden"] == {"width + TD-LoRA": ["coarse_schedule"],
+                                 "coarse patches (DDiT)": ["experts", "target_flops", "width_parts"]}
+
+
 def test_template_browser_gets_a_thumbnail_of_every_workflow(browser):
     # The template browser shows /api/workflow_templates/<pack folder>/<workflow>.jpg, or a placeholder.
     names = [p.stem for p in sorted((REPO_ROOT / "example_workflows").glob("*.json"))]

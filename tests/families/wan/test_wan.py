@@ -28,6 +28,7 @@ from comfyui_dynamic_dit.families.wan.routing import per_token_modulation
 from comfyui_dynamic_dit.integration.patching import adapter_of, apply_settings, install_executor
 from comfyui_dynamic_dit.methods.token_router.runtime import TokenRouterSettings
 from comfyui_dynamic_dit.core.slicing import RunIndexCache
+from support.nodes import node_outputs
 
 SAMPLE = dict(steps=4, cfg=3.0, seed=3)
 
@@ -175,5 +176,5 @@ def test_the_nodes_accept_a_wan_model(wan):
                          ("DynamicTokenRouter", {})):
         chained = run_node(NODES[name], model=chained, **inputs)
     base_latent, latent_out = {"samples": sample(baseline, conds, latent)}, {"samples": sample(chained, conds, latent)}
-    report = NODES["DynamicSpeedReport"]().report(chained, latent_out, baseline_model=baseline, baseline_latent=base_latent)
+    report = node_outputs(NODES["DynamicSpeedReport"], chained, latent_out, baseline_model=baseline, baseline_latent=base_latent)
     assert "fewer FLOPs" in report["result"][1]
