@@ -18,7 +18,7 @@ from typing import Any, Callable, ContextManager, Hashable, Sequence
 import torch
 
 from ..families import BlockInternals, BlockRef, BlockWork, CallLayout, ModelAdapter
-from .flops import ZERO, FlopBreakdown
+from .flops import FlopBreakdown
 from .method import REGISTRY, BlockArgs, BlockFn, DynamicMethod
 from .plan import DynamicPlan
 from .slicing import RunIndexCache, WeightSource, plain_weights
@@ -280,4 +280,4 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
-__all__ = ["CallState", "Chunk", "ModelCall", "RunContext", "ZERO"]
+__all__ = ["CallState", "Chunk", "ModelCall", "RunContext"]

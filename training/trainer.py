@@ -292,4 +292,4 @@ def print_log(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-__all__ = ["MUTATION_MODES", "TrainConfig", "TrainResult", "distillation", "evaluate", "mutation_context", "schedule_ratio", "train"]
+__all__ = ["TrainConfig", "TrainResult", "distillation", "evaluate", "schedule_ratio", "train"]

@@ -202,7 +202,7 @@ def _patch_scheduler(**settings: Any) -> Callable[[Any], Any]:
 
 def _ddit_manual(arg: str | None) -> Case:
     """`ddit:0-40%:4;40-70%:2` (ranges separated by ';', since ',' separates cases)."""
-    from ...methods.patch_scheduler.runtime import parse_schedule
+    from ...methods.patch_scheduler.schedule import parse_schedule
 
     schedule = parse_schedule(arg or "0-40%:4;40-70%:2;70-100%:1")
     return Case(f"DDiT manual {', '.join(r.describe() for r in schedule)}", _patch_scheduler(mode="manual", schedule=schedule),

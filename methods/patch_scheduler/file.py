@@ -283,11 +283,10 @@ def derived_layers(
 
 __all__ = [
     "BlockLoRA",
-    "FACTORS",
-    "FORMAT",
-    "VERSION",
     "CoarseLayers",
+    "FORMAT",
     "PatchEmbeddingFile",
+    "VERSION",
     "derived_layers",
     "load_patch_embedding_file",
     "resize_matrix",

@@ -7,7 +7,8 @@ from ...integration.node_schema import node_schema, shown_when
 from ...integration.patching import apply_settings, model_files
 from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
 from .file import FORMAT, load_patch_embedding_file
-from .runtime import MODES, PatchSchedulerSettings, parse_schedule
+from .runtime import MODES, PatchSchedulerSettings
+from .schedule import parse_schedule
 
 
 NO_EMBEDDING = "none"

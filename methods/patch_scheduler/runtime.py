@@ -22,15 +22,8 @@ from .coarse_path import (
 )
 from ...core.low_rank import GatedBypass, SummedExtra
 from .file import CoarseLayers, PatchEmbeddingFile
-from .schedule import FACTORS, ScheduleRange, parse_schedule, range_of_step
-from .statistics import (
-    PatchDecision,
-    choose_patch_factor,
-    patch_statistic,
-    relative_roughness,
-    roughness,
-    third_difference,
-)
+from .schedule import FACTORS, ScheduleRange, range_of_step
+from .statistics import PatchDecision, choose_patch_factor, relative_roughness, roughness
 
 if TYPE_CHECKING:
     from ...families import BlockInternals, BlockRef, ModelAdapter
@@ -326,14 +319,4 @@ class PatchSchedulerMethod(DynamicMethod):
         self._capture = None
 
 
-__all__ = [
-    "PatchDecision",
-    "PatchSchedulerMethod",
-    "PatchSchedulerSettings",
-    "ScheduleRange",
-    "choose_patch_factor",
-    "parse_schedule",
-    "patch_statistic",
-    "roughness",
-    "third_difference",
-]
+__all__ = ["PatchSchedulerMethod", "PatchSchedulerSettings"]

@@ -14,9 +14,8 @@ from ...families import BlockInternals, BlockRef, CallLayout, ModelAdapter, Unsu
 from ...core.flops import FlopBreakdown
 from ...core.steps import invert_decreasing
 from ...core.method import BlockArgs, DynamicMethod, register
-from .calibration import RANKINGS, CalibrationSpec, WidthRanking, calibrate, ranking_for
-from .file import RouterHeader, WidthRouter, load_width_router, save_width_router
-from .settings import PARTS, PRESETS, PRESET_LABELS, WidthSettings, ramp, kept_count
+from .calibration import WidthRanking, ranking_for
+from .settings import PARTS, WidthSettings, ramp, kept_count
 
 if TYPE_CHECKING:
     from ...core.executor import CallState, ModelCall, RunContext
@@ -286,19 +285,4 @@ def _positive(logits: torch.Tensor) -> tuple[int, ...] | None:
     return tuple(kept) if kept else (int(torch.argmax(logits)),)
 
 
-__all__ = [
-    "PARTS",
-    "PRESETS",
-    "PRESET_LABELS",
-    "RANKINGS",
-    "CalibrationSpec",
-    "DynamicWidth",
-    "RouterHeader",
-    "WidthDecision",
-    "WidthRanking",
-    "WidthRouter",
-    "WidthSettings",
-    "calibrate",
-    "load_width_router",
-    "save_width_router",
-]
+__all__ = ["DynamicWidth", "WidthDecision"]

@@ -17,7 +17,7 @@ from comfyui_dynamic_dit.demo import reference as reference_model
 from comfyui_dynamic_dit.integration.patching import apply_settings
 from comfyui_dynamic_dit.demo.reference import frozen_as_the_host_leaves_it
 from comfyui_dynamic_dit.methods.token_router.runtime import TokenRouterSettings
-from comfyui_dynamic_dit.methods.width.runtime import CalibrationSpec
+from comfyui_dynamic_dit.methods.width.calibration import CalibrationSpec
 from comfyui_dynamic_dit.methods.width.settings import WidthSettings
 
 pytestmark = pytest.mark.skipif(not hasattr(comfy.utils, "detect_layer_quantization"),

@@ -11,7 +11,7 @@ from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.integration.patching import apply_settings, install_executor, plan_of
 from comfyui_dynamic_dit.core.executor import RunContext
 from comfyui_dynamic_dit.methods.token_router.runtime import TokenRouterSettings
-from comfyui_dynamic_dit.methods.width.runtime import CalibrationSpec
+from comfyui_dynamic_dit.methods.width.calibration import CalibrationSpec
 from comfyui_dynamic_dit.methods.width.settings import WidthSettings
 
 SAMPLE = dict(steps=4, cfg=2.0, seed=5)

@@ -12,7 +12,8 @@ from comfyui_dynamic_dit.integration.autograd_paths import (
     rope,
     rope1,
 )
-from comfyui_dynamic_dit.training.trainer import distillation, mutation_context
+from comfyui_dynamic_dit.training.trainer import distillation
+from comfyui_dynamic_dit.training.mutation import mutation_context
 
 from support.training import student_for
 

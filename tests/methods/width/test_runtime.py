@@ -12,7 +12,8 @@ from comfyui_dynamic_dit.demo import reference as reference_model
 from comfyui_dynamic_dit.integration.patching import adapter_of, apply_settings, install_executor, plan_of
 from comfyui_dynamic_dit.core.flops import ZERO, measure_flops
 from comfyui_dynamic_dit.methods.width import calibration as width_calibration
-from comfyui_dynamic_dit.methods.width.runtime import RANKINGS, CalibrationSpec, DynamicWidth
+from comfyui_dynamic_dit.methods.width.runtime import DynamicWidth
+from comfyui_dynamic_dit.methods.width.calibration import RANKINGS, CalibrationSpec
 from comfyui_dynamic_dit.methods.width.settings import WidthSettings, kept_count, ramp
 from comfyui_dynamic_dit.methods.width.file import RouterHeader, WidthRouter, load_width_router, save_width_router
 from comfyui_dynamic_dit.core.slicing import unit_indices
