@@ -53,7 +53,7 @@ class DynamicPatchScheduler(io.ComfyNode):
                                         tooltip="The last steps always run at the native patch, where fine detail forms."),
                            mode=["auto"]),
                 shown_when(io.String.Input("manual_schedule", default=DEFAULT_SCHEDULE, multiline=False,
-                                           tooltip="Step ranges and their patch factor, e.g. '0-40%:4, 40-70%:2'; other steps run native."),
+                                           tooltip="Ranges and their patch factor, e.g. '0-40%:4, 40-70%:2', or by step number, 'steps 0-1:2'; others run native."),
                            mode=["manual"]),
                 io.Combo.Input("embedding", options=_embedding_files(), default=NO_EMBEDDING,
                                tooltip="A trained coarse-patch file from models/dynamic_dit/, or none: coarse patches from the model's own weights."),

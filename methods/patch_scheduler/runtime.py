@@ -185,8 +185,8 @@ class PatchSchedulerMethod(DynamicMethod):
             if chosen is None:
                 return PatchDecision(1, "native (no manual range)")
             if chosen.factor == 1:
-                return PatchDecision(1, f"native (manual {chosen.start:g}-{chosen.end:g}%)")
-            return PatchDecision(chosen.factor, f"patch {chosen.factor}x (manual {chosen.start:g}-{chosen.end:g}%)")
+                return PatchDecision(1, f"native (manual {chosen.span()})")
+            return PatchDecision(chosen.factor, f"patch {chosen.factor}x (manual {chosen.span()})")
         if step < s.first_native_steps:
             return PatchDecision(1, f"native (first {s.first_native_steps} steps)")
         if step >= info.total_steps - s.last_native_steps:

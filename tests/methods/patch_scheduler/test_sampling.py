@@ -120,6 +120,16 @@ def test_a_coarse_step_runs_on_a_fraction_of_the_image_tokens(flux_model, conds,
     assert [s.methods["patch_scheduler"] for s in run.steps()] == [f"patch {factor}x (manual 0-50%)"] * 2 + ["native (no manual range)"] * 2
 
 
+def test_a_step_range_runs_the_steps_it_names(flux_model, conds):
+    PatchProbeMethod.reset()
+    model = apply_settings(apply_settings(flux_model, manual("steps 1-2:2")), PatchProbe())
+    with torch.no_grad():
+        tiny_flux.sample(model, *conds, steps=4, cfg=1.0, seed=3)
+    assert list(PatchProbeMethod.tokens_per_call().values()) == [256, 64, 64, 256]
+    native, coarse = "native (no manual range)", "patch 2x (manual steps 1-2)"
+    assert [s.methods["patch_scheduler"] for s in latest(model).steps()] == [native, coarse, coarse, native]
+
+
 @pytest.mark.parametrize("height, width", [(33, 27), (18, 46), (5, 7)])
 def test_odd_latent_sizes_are_padded_and_cropped(flux_model, conds, height, width):
     PatchProbeMethod.reset()
