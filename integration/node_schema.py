@@ -30,6 +30,12 @@ def node_schema(node_id: str, display_name: str, category: str, description: str
                      is_output_node=output_node, **supported)
 
 
+def model_to_speed_up() -> io.Model.Input:
+    """The MODEL input every method node chains on."""
+    return io.Model.Input("model", tooltip="The diffusion model to make faster (from Load Diffusion Model, a LoRA loader or "
+                                           "another node of this pack).")
+
+
 def shown_when(node_input: io.Input, **values: Iterable[str]) -> io.Input:
     """`node_input`, read only while each named widget has one of the given values (0.3.75's widget inputs take no
     `extra_dict` argument, so it is set on the input)."""
@@ -49,4 +55,4 @@ def hidden_unique_id(node: type[io.ComfyNode]) -> str | None:
     return getattr(hidden, "unique_id", None) if hidden is not None else None
 
 
-__all__ = ["HIDDEN_WHEN", "SHOWN_WHEN", "hidden_unique_id", "hidden_when", "node_schema", "shown_when"]
+__all__ = ["HIDDEN_WHEN", "SHOWN_WHEN", "hidden_unique_id", "hidden_when", "model_to_speed_up", "node_schema", "shown_when"]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ...integration.node_schema import node_schema, shown_when
+from ...integration.node_schema import model_to_speed_up, node_schema, shown_when
 from ...integration.patching import apply_settings, model_files
 from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
 from .file import FORMAT, load_patch_embedding_file
@@ -37,7 +37,7 @@ class DynamicPatchScheduler(io.ComfyNode):
             "In auto mode the first three and the last steps stay native, and a coarse step is followed by at least "
             "three native ones.",
             [
-                io.Model.Input("model", tooltip="The diffusion model to make faster (from Load Diffusion Model, a LoRA loader or another node of this pack)."),
+                model_to_speed_up(),
                 io.Combo.Input("mode", options=list(NODE_MODES), default="auto",
                                tooltip="auto: measures each step and coarsens smooth ones; manual: the schedule below; as trained: the file's own."),
                 shown_when(io.Float.Input("tau", default=DEFAULTS.tau, min=0.0, max=100.0, step=0.1, round=False,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ...integration.node_schema import hidden_when, node_schema
+from ...integration.node_schema import hidden_when, model_to_speed_up, node_schema
 from ...integration.patching import apply_settings, model_files
 from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
 from .file import FORMAT, load_router_file
@@ -32,7 +32,7 @@ class DynamicTokenRouter(io.ComfyNode):
             "ratios for every block and step; the keep ratio, full-block and percent inputs are not used). "
             "Keep ratio 1 gives the unpatched model exactly.",
             [
-                io.Model.Input("model", tooltip="The diffusion model to make faster (from Load Diffusion Model, a LoRA loader or another node of this pack)."),
+                model_to_speed_up(),
                 io.Combo.Input("mode", options=NODE_MODES, default="reuse",
                                tooltip="reuse: skipped tokens reuse last step's update; diffcr: skip the block; sdt: skip the MLP; as trained: a file."),
                 hidden_when(io.Float.Input("keep_ratio_start", default=0.7, **ratio,

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ...integration.node_schema import node_schema, shown_when
+from ...integration.node_schema import model_to_speed_up, node_schema, shown_when
 from ...integration.patching import apply_settings, model_files
 from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
 from .file import ROUTER_FORMAT, WidthRouter, load_width_router
@@ -64,7 +64,7 @@ class DynamicWidthPatcher(io.ComfyNode):
             "with a trained router file from models/dynamic_dit/ the router decides per step. Full width gives "
             f"exactly the unpatched image. Presets, as the width kept at the noisiest step -> at the end: {_preset_help()}.",
             [
-                io.Model.Input("model", tooltip="The diffusion model to make faster (from Load Diffusion Model, a LoRA loader or another node of this pack)."),
+                model_to_speed_up(),
                 io.Combo.Input("preset", options=PRESET_CHOICES, default="quality",
                                tooltip="How narrow noisy steps run: quality keeps the image closest, fast trades detail for speed; custom and target below."),
                 io.Combo.Input("parts", options=list(PART_CHOICES), default="heads and MLP",

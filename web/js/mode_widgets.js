@@ -27,6 +27,21 @@ function isRead(node, rule) {
   return shown && !hidden;
 }
 
+const OWN_SIZE = Symbol("dynamic_dit.own_computeSize");
+
+function setHidden(widget, hide) {
+  widget.hidden = hide; // not drawn, not clickable
+  // and no room: frontends before 1.37 lay out hidden widgets too (a widget's height is computeSize()[1] + 4)
+  if (hide) {
+    if (!(OWN_SIZE in widget)) widget[OWN_SIZE] = Object.prototype.hasOwnProperty.call(widget, "computeSize") ? widget.computeSize : undefined;
+    widget.computeSize = () => [0, -4];
+  } else if (OWN_SIZE in widget) {
+    if (widget[OWN_SIZE] === undefined) delete widget.computeSize;
+    else widget.computeSize = widget[OWN_SIZE];
+    delete widget[OWN_SIZE];
+  }
+}
+
 export function showModeWidgets(node, rules) {
   let changed = false;
   for (const widget of node.widgets ?? []) {
@@ -34,7 +49,7 @@ export function showModeWidgets(node, rules) {
     if (!rule) continue;
     const hide = !isRead(node, rule);
     if (Boolean(widget.hidden) !== hide) {
-      widget.hidden = hide;
+      setHidden(widget, hide);
       changed = true;
     }
   }
