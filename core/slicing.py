@@ -1,18 +1,6 @@
 """Real compute removal inside a block: narrowed linears, token gathers, module views.
 
-A block is run *reduced* by calling its own class's `forward` on a `ModuleView`: an object that
-answers every attribute from the real block except the few it overrides (a head count, reduced
-linears, a token-subset MLP). A reduced linear runs the host layer's *own* op (its cast, its fp8
-or scaled-fp8 path, its LoRA weight functions, its offload) on a shallow copy of the layer whose
-weight is only the kept rows / columns:
-
-- kept units that form one contiguous run are a `narrow` of the stored weight: a view, no copy;
-- several runs are one `index_select` of the stored weight per call (its index tensor is made once
-  per decision); nothing is cached between calls, so memory stays at the unpatched model's;
-- the weight is narrowed *before* the host casts or moves it, so an offloaded or fp8 layer moves
-  and converts only the kept part. When the host must see the whole weight first (LoRA weight
-  functions of low-VRAM loading, quantised tensor subclasses), the narrowing runs after them,
-  inside the host's own cast.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

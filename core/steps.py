@@ -1,20 +1,6 @@
 """Which sampling step a model call belongs to.
 
-ComfyUI's samplers report progress through a per-step callback that fires right after the *first*
-model evaluation of step i. Samplers that evaluate more than once per step (Heun, DPM++ 2S, DPM2)
-make their extra evaluations after that callback, and Heun's extra evaluation sits exactly at the
-next step's sigma, so at call time it cannot be told apart from the next step's first evaluation.
-
-So attribution happens in two stages:
-- at call time a provisional step from sigma (never moving backwards, never behind the last
-  callback): what methods see, and always the step whose sigma the call evaluates. A sigma on an
-  accelerator is not read at call time (that would stall the host once per call): after the
-  sampler's first callback the provisional step comes from the callbacks, and the sigmas are read
-  in one transfer when the run ends;
-- at each callback i, exact attribution in hindsight: the last evaluation before it (the trailing
-  calls at one sigma, one per cond/uncond chunk) is step i's first, every call between it and the
-  previous callback belongs to step i-1. Calls after the last callback belong to the last step.
-A sampler that never calls back keeps the provisional, sigma-based attribution.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,13 +1,6 @@
 """What an adapter hands out about its model family: plain objects the executor and the methods read.
 
-- `ModelInfo`: which model this is, as every file format records it (`header`).
-- `CallLayout`: the token counts of one model call (image / text / frames), from its arguments.
-- `TokenRouting`: how a block's image tokens are read, gathered (with their positions) and merged back.
-- `WidthUnits`: the attention heads and MLP channel groups of the blocks, and how to measure them.
-- `CoarseGrid` (coarse.py): how a call runs on a coarser patch grid.
-
-The optional ones (`token_routing()`, `width_units()`, `coarse_grid()`) are None for a family that
-cannot do that; a method asks for its capability and names the family when it is missing.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,17 +1,6 @@
 """The seam for running a model call on a coarser patch grid (DDiT's dynamic patch sizes).
 
-A family that supports coarse grids returns a `CoarseGrid` from `ModelAdapter.coarse_grid()`. It
-holds everything family specific: how the host assigns token positions (so a coarse token can get the
-position of the centre of the native region it covers), the order of the features in a flattened
-patch, where the hidden states before the final layer can be replaced and read through the host's
-patch points, and which inputs tie a call to the native token grid. The patch scheduler itself
-(`methods/patch_scheduler/`) is family independent.
-
-Where the host places image tokens by `transformer_options["rope_options"]` (Flux, Wan, Z-Image), a coarse call's
-options say where its tokens sit. Where it does not (Chroma, Qwen-Image: positions built inside the forward; SD3:
-absolute embeddings cropped from a table), the host method that reads the positions gets a stand-in
-(`PositionedCoarseGrid.position_points`, object patches set by `integration/patch_points.py`) that rewrites
-them only while a coarse call runs (`running_coarse_call`); at every other time it is the host's method.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,22 +1,7 @@
 """The host's patch points, for families whose ComfyUI code lacks them: a `patches_replace["dit"]` point on each block
 (Z-Image's `layers`), and the DIFFUSION_MODEL wrapper point around the diffusion model's forward (SD3's MMDiT).
 
-The host's DiTs with a patch point call `patches_replace["dit"][(name, i)](args, {"original_block": ...})` in their
-block loop; the executor and the trainer speak only that protocol. For a block kind the adapter marks `emulated`,
-`with_patch_points` adds an object patch on each block's `forward` through `ModelPatcher.add_object_patch`, so
-the host itself applies it when it loads the model and takes it off when it unloads it. The stand-in forward does what
-a host's loop does: with a replace patch for its key in the call's `transformer_options`, it calls the patch with the
-block's arguments as a dict (the adapter's `block_arguments`) and the block's own forward as `original_block`;
-without one it is the block's own forward, called as the host called it. Code that calls the diffusion model itself
-(the trainer's student) sets the same stand-ins for the duration of its calls (`emulated_patch_points`).
-
-Where the model's `forward` does not run ComfyUI's DIFFUSION_MODEL wrappers (the adapter's `emulated_model_wrappers`),
-an object patch on `diffusion_model.forward` runs them around the class's own forward with the host's own
-`WrapperExecutor`, as the other families' forwards do themselves. It also holds the call's transformer_options for
-the blocks' stand-ins while the call runs: a host that hands its blocks no options (PixArt) still reaches their patches.
-
-Where the host places tokens without `rope_options` (a `PositionedCoarseGrid`), each method that reads positions gets
-an object patch that is the host's method except while a coarse call runs (`adapters/coarse.running_coarse`).
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,16 +1,6 @@
 """The executor on a ComfyUI ModelPatcher: the one module that touches ComfyUI's model patcher.
 
-It installs the executor on a *cloned* ModelPatcher through ComfyUI's public patch points and
-never copies ComfyUI's forward code:
-- an OUTER_SAMPLE wrapper creates the per-run RunContext (reset in `finally`) and hooks the
-  sampler's per-step callback for exact step boundaries;
-- an APPLY_MODEL wrapper hands the sampler's x of each model call, before the host scales it and
-  casts it to the model's dtype, to the call (`CallState.sampler_x`);
-- two DIFFUSION_MODEL wrappers: the outermost one times every model call and records telemetry
-  (so it also sees calls that EasyCache answers from its cache), the innermost one runs the
-  model-level methods right around the model's own forward;
-- a `patches_replace["dit"]` entry for every block hands block calls to the executor; a block
-  patch installed earlier by another node keeps working inside ours.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

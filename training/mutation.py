@@ -1,17 +1,6 @@
 """Autograd through blocks that write into their inputs (ComfyUI's Flux blocks do `img += ...`).
 
-Autograd refuses to backward through a tensor it saved and that was later changed in place. Two ways
-around it, both keeping the host's own block code:
-- "allow": a saved tensor is copied only when something is about to write into its storage (the
-  copy is what backward then reads). This is what `torch.autograd.graph.allow_mutation_on_saved_tensors()`
-  does, but that context finds a saved tensor again by (id, data pointer, version): once a mutated
-  original is freed, a new tensor at the same address with the same id and version is taken for it, and
-  backward reads the old tensor's copy (seen here as "mat2 must be a matrix" in the middle of a training
-  run; with equal shapes it would be a silently wrong gradient). `SavedTensorCopies` keeps each saved
-  tensor in its own record, found by its storage while the original lives, so nothing is ever mistaken
-  for another tensor.
-- "clone": every saved tensor is cloned when autograd saves it (simple, about 44 % more memory on the
-  reference model; BENCHMARKS.md).
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

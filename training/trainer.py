@@ -1,20 +1,6 @@
 """The self-distillation loop: student vs the cached teacher outputs, plus the compute term.
 
-loss = MSE(student, teacher) / mean(teacher^2)                  (output distillation, scale-free)
-     + feature_weight * per-block feature loss                   (optional; teacher blocks re-run)
-     + lambda * (mean FLOPs ratio of the batch - target(step))^2  (DyDiT / DiffCR compute term)
-
-target(step) holds at full compute, then warms down to the user's target (`ComputeTarget`), so
-training starts from the teacher. AdamW, checkpoints with everything needed to resume bit-exactly
-(student, optimiser, random generator, step, history), DistributedDataParallel when a process group
-is initialised (torchrun; gloo on CPU, nccl on GPU), a terminal progress bar (tqdm when installed)
-and a callback for a host progress bar.
-
-ComfyUI's Flux blocks add into their inputs in place (`img += ...`), which autograd refuses for a
-tensor it saved. The student therefore runs with saved tensors copied just before something writes
-into them (`mutation="allow"`, `mutation.py`: what torch's `allow_mutation_on_saved_tensors()` means
-to do, without its mistaken identities), or, with `mutation="clone"`, with every saved tensor cloned;
-BENCHMARKS.md has the peak memory of both.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

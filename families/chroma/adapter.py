@@ -1,15 +1,6 @@
 """Adapter for Chroma (ComfyUI's `Chroma`, comfy/ldm/chroma/model.py, 0.3.75 and 0.12.1).
 
-What differs from Flux.1, read from the host's code:
-- The blocks are Flux's `DoubleStreamBlock` / `SingleStreamBlock` built with `modulation=False`: they receive their
-  modulations as `vec`, the same layout as Flux 2's shared modulation (double: ((img1, img2), (txt1, txt2)); single:
-  one `ModulationOut`). GELU MLPs with biases, 3-axis RoPE, patch 2, 16-channel latent: Flux.1's shapes otherwise.
-- The modulations come from a "distilled guidance layer" (an MLP approximator) run on 344 rows per call (the host's
-  `forward_orig` fixes `mod_index_length = 344`: one row per shift, scale or gate of the largest Chroma), fed by
-  16-dim sinusoidal embeddings of the timestep (t = 1000 * sigma) and of the guidance, and a 32-dim index embedding.
-  No `time_in`, `vector_in` or `guidance_in`; the final layer is modulated by two of those rows (no adaLN linear).
-- `_forward` builds the image positions itself and ignores `rope_options`, and `forward_orig` has no post-input
-  patch: coarse steps run training-free, their positions rewritten by a stand-in for `pe_embedder` (`coarse.py`).
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,21 +1,7 @@
 """Adapter for the Flux.1 family (dev, schnell, Fill, Kontext, Redux-conditioned) and Flux 2 (dev, Klein) as
 ComfyUI builds them.
 
-Flux 2 is the same block classes with other switches, read from the host's model parameters and expressed in
-`FluxArchitecture`: `shared_modulation` (the model computes each stream's modulation once and passes it to every
-block as `vec`; the blocks have no modulation layers), `gated_mlp` (SwiGLU: the first MLP linear gives
-[gate | up], so an MLP unit is a pair of rows), no biases, 4-axis RoPE (the same `pe` layout).
-
-Flux.1 layout, as the blocks receive it:
-- double-stream blocks: separate `img` (B, N, D) and `txt` (B, T, D) streams, each with its own
-  modulation, qkv (3*H*hd rows), QK-norm, output projection and GELU MLP (D -> M -> D); attention
-  runs jointly over the sequence [txt, img], so head h of the image stream and head h of the text
-  stream attend together.
-- single-stream blocks: one joint sequence `img` = [txt, img] (B, T+N, D); `linear1` produces
-  [q | k | v | mlp_in] (3*H*hd + M rows), `linear2` consumes [attention | gelu(mlp)] (H*hd + M
-  columns) and returns D.
-- `pe` (RoPE) has shape (B, 1, T+N, hd/2, 2, 2), text first; `attn_mask`, when present, covers the
-  joint sequence in the same order.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

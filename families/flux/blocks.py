@@ -1,13 +1,6 @@
 """Flux blocks run reduced, and measured: views over the host's own block classes.
 
-- `ReducedFluxBlock` builds the module view of one reduced block call: fewer heads and MLP channel
-  groups (narrowed linears), MLP on a token subset, LoRA-style extras on any linear. The host's
-  block `forward` then runs on the view.
-- `UnitMeter` measures, while the full block runs, each head's and MLP group's share of the block's
-  output (the training-free width ranking).
-
-Every index a reduced call needs depends only on the decision (which heads, which groups, how many
-text tokens), so it is built once per decision and kept in the run's `RunIndexCache`.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,20 +1,6 @@
 """Coarse patch grids for Flux.1 as ComfyUI runs it (see `coarse.py` for the seam).
 
-Facts about ComfyUI's Flux this relies on (comfy/ldm/flux/model.py, v0.3.76):
-- `process_img` gives the image token at grid row i the position `shift_y + i * scale_y` (and the
-  same along x) when `transformer_options["rope_options"]` is set, otherwise `i`. A coarse token of
-  factor f covers native tokens f*i ... f*i+f-1, whose centre is f*i + (f-1)/2: with a user's own
-  scale s and shift h on top, that is scale s*f and shift h + s*(f-1)/2.
-- Reference latents (Kontext) get their own positions from their own sizes, except with
-  `ref_latents_method="uxo"`, which places them after the main image's grid size: on a coarse grid
-  that would move them, so such calls stay native.
-- `post_input` patches see `{"img", "txt", "img_ids", "txt_ids"}` right after `img_in`; the image
-  tokens come first in "img", reference tokens after them.
-- Patches are flattened as (c, ph, pw); the final layer returns (B, tokens, ph * pw * c) in the same
-  order, and `timestep` is sigma itself (ModelSamplingFlux, CONST: x = (1 - sigma) x0 + sigma noise,
-  `calculate_input` the identity, so the model's input is the sampler's x); a call whose timestep is
-  not the step's sigma stays native.
-- ControlNet residuals and attention masks are laid out per native token.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

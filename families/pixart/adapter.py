@@ -1,18 +1,6 @@
 """Adapter for PixArt-Σ as ComfyUI builds it (`PixArtMS`, comfy/ldm/pixart, host model `PixArt`, 0.3.75 and 0.12.1).
 
-Facts about the host this relies on:
-- 28 `PixArtMSBlock`s (`blocks`) over the image tokens alone: adaLN-single modulation (each block's
-  `scale_shift_table` (6, D) plus the model's shared `t_block` output, one row per sample), a fused-qkv self-attention,
-  a cross-attention to the text (`q_linear`, fused `kv_linear`, `proj`; the text of every sample packed into one
-  (1, B*T, D) sequence), a tanh-GELU MLP. Absolute 2-D sin-cos position embeddings are added before the blocks.
-- The host's loop calls `block(x, y, t0, y_lens, (H, W))` with no `patches_replace["dit"]` lookup and no options, and
-  its forward runs no DIFFUSION_MODEL wrappers: the pack emulates both points through object patches
-  (integration/patch_points.py), the wrapper point holding the call's options for the blocks' stand-ins.
-- An EPS model (ModelSamplingDiscrete, `timesteps` 0-999) predicting noise and variance (`pred_sigma`: the forward
-  returns the noise channels): the Patch Scheduler's coarse steps run training-free with the noise arithmetic, their
-  positions set through the patch embedding (`coarse.py`).
-- Refused by name: PixArt-α (size and aspect-ratio micro-conditioning), layers with key-value compression or q/k norms
-  (the kept-heads attention would not be the host's).
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -2,14 +2,7 @@
 MLP keeps some channel groups (or runs on a token subset), with LoRA-style extras on any linear. The host's block
 `forward` then runs on the view.
 
-The host's attention reshapes q, k and v by the block's full width (`reshape(B, N, 3, C)` with C the width of x), so
-a narrowed fused qkv cannot pass through it: with heads left out, the view's self-attention is `KeptHeadsAttention`,
-the same computation on the kept heads' rows of qkv (q and k norms are identities in the variants the adapter accepts,
-and so is the key-value compression). The cross-attention to the text keeps its width, as Wan's does.
-
-The host packs every sample's text into one (1, B*T, D) sequence before the blocks. A linear whose extra differs per
-sample (a TD-LoRA's gates, a trainer's per-sample masks) must see the text as (B, T, D): `PerSampleText` unpacks it
-around the cross-attention's key-value projection.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

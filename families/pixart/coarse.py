@@ -1,16 +1,6 @@
 """Coarse patch grids for PixArt-Σ as ComfyUI runs it (see `../coarse.py` for the seam): training-free only.
 
-Facts about ComfyUI's PixArtMS this relies on (comfy/ldm/pixart/pixartms.py, 0.3.75 and 0.12.1):
-- An EPS model: the sampler's x_s = x0 + sigma n, the model's input x_s / sqrt(sigma^2 + 1) at the discrete timestep
-  of sigma, its output the noise (the forward drops the predicted variance). `methods/coarse_path.NoiseStep` does the
-  coarse call's arithmetic with the host's own model sampling.
-- `forward_orig` adds `get_2d_sincos_pos_embed_torch(D, h=H // p, w=W // p, pe_interpolation, base_size)` to the
-  embedded patches, with c_res = (H + W) // 2, pe_interpolation = round(c_res / 64) unless the model fixes it, and
-  base_size = round(c_res / 64) * 64 // p: token (i, j) sits at (i, j) * base_size / (h or w) / pe_interpolation,
-  positions relative to the grid's size. On a coarse grid those would be computed from the coarse size. The stand-in
-  for `x_embedder.forward` adds the difference between the embedding a coarse token should have, the native grid's
-  at the centre of its region (f i + (f - 1) / 2 native tokens), and the one the host is about to add.
-- No post-input patch point: no trained coarse embedding.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

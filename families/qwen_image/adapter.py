@@ -1,19 +1,7 @@
 """Adapter for Qwen-Image and Qwen-Image Edit as ComfyUI builds them (`QwenImageTransformer2DModel`, comfy/ldm/qwen_image,
 0.3.75 and 0.12.1).
 
-Facts about the host this relies on:
-- 60 dual-stream blocks (`transformer_blocks`), called through `patches_replace["dit"][("double_block", i)]` with
-  {"img", "txt", "vec" (temb), "pe", "transformer_options"}; the wrapper passes the block two things from its own
-  scope: the text mask (`attention_mask`, on 0.12.1 turned into an additive mask first) and, on 0.12.1 with Edit 2511's
-  `index_timestep_zero` references, where the reference tokens start (they are modulated at timestep 0: temb then
-  holds 2B rows). The adapter rebuilds both from the call's arguments (`CallLayout.block_context`, `reference_tokens`).
-- A block: per stream a SiLU + Linear(D, 6D) modulation, separate q/k/v projections (bias), per-head RMSNorm of q and k,
-  joint attention over [text, image], output projections `to_out.0` / `to_add_out`, GELU(tanh) MLP D -> 4D -> D.
-- Image tokens: the generated image's 2x2 patches, then each reference latent's (Edit) in the same stream.
-- `process_img` ignores `rope_options` and the forward has no post-input patch: coarse steps run training-free, their
-  positions rewritten by a stand-in for `pe_embedder` (`coarse.py`).
-- The timestep is sigma (multiplier 1), embedded as 1000 * t (`Timesteps(scale=1000)`).
-Not counted in the FLOPs: Edit 2511's second image modulation row per sample (2 x D x 6D per block and sample).
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,14 +1,6 @@
 """Coarse patch grids for Qwen-Image as ComfyUI runs it (see `../coarse.py` for the seam): training-free only.
 
-Facts about ComfyUI's Qwen-Image this relies on (comfy/ldm/qwen_image/model.py, 0.3.75 and 0.12.1):
-- A latent side of s pixels has n(s) = (s + p // 2) // p tokens; `process_img` gives the generated image's token at
-  row i the position i - n(H) // 2 (and the same along x), centred on the image, ignoring `rope_options`.
-- The text tokens sit on the diagonal from max(n(H) // 2, n(W) // 2) on, where the image's positions end; reference
-  latents (Edit) take positions from their own sizes, whatever the generated image's size.
-- `_forward` embeds [text, image, references] in one `pe_embedder` call. During a coarse call its stand-in gives each
-  coarse image token the centre of the native tokens it covers and the text the positions it has in a native call.
-- `timestep` is sigma (multiplier 1, CONST); ControlNet residuals are per native token.
-- No post-input patch point: no trained coarse embedding.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,16 +1,7 @@
 """Adapter for SD3 and SD3.5 (Large, Large Turbo, Medium with MMDiT-X) as ComfyUI builds them
 (`OpenAISignatureMMDITWrapper`, comfy/ldm/modules/diffusionmodules/mmdit.py, 0.3.75 and 0.12.1).
 
-Facts about the host this relies on:
-- Joint blocks (`joint_blocks`) called through `patches_replace["dit"][("double_block", i)]` with {"img", "txt", "vec",
-  "transformer_options"}; each holds a context and an image `DismantledBlock` mixed by `block_mixing`. The last block's
-  context branch is pre-only (modulation and qkv, no output projection or MLP: it returns no text). SD3.5 Medium's first
-  blocks (`x_block_self_attn_layers`) add a second self-attention over the image tokens (MMDiT-X).
-- The model's forward does not run ComfyUI's DIFFUSION_MODEL wrappers: the pack runs them around it through an object
-  patch (integration/patch_points.py).
-- Image tokens carry absolute 2-D position embeddings cropped from the centre of a larger grid, added before the
-  blocks: coarse steps run training-free with the embeddings interpolated at their regions' centres (`coarse.py`).
-- `timesteps` is 1000 * sigma (ModelSamplingDiscreteFlow), embedded as it is.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

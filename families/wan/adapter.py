@@ -1,14 +1,6 @@
 """Adapter for Wan 2.1 and 2.2 video models as ComfyUI builds them (comfy/ldm/wan/model.py, `WanModel`).
 
-Wan layout, as the blocks receive it through `patches_replace["dit"][("double_block", i)]`:
-- `img`: the video tokens x (B, L, D), L = frames x rows x cols after the (1, 2, 2) patch, frame-major
-  (with a reference latent's tokens first where the model has `ref_conv`);
-- `txt`: the cross-attention context (B, C, D): the embedded text, with the i2v CLIP image tokens in
-  front (`context_img_len` of them, a closure of the host, so the call layout carries it);
-- `vec`: the modulation e0 (B, 1, 6, D), or (B, F, 6, D) per latent frame (2.2 TI2V 5B);
-- `pe`: the 3-D RoPE table (1, L, 1, hd/2, 2, 2), one row per video token.
-Each block: self-attention (q, k, v, o; q and k RMS-normalised over the full width D, all heads
-together), cross-attention to the context (untouched by width and routing), a tanh-GELU FFN.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,17 +1,6 @@
 """Coarse patch grids for Wan as ComfyUI runs it (see `coarse.py` for the seam): training-free only.
 
-Facts about ComfyUI's Wan this relies on (comfy/ldm/wan/model.py, v0.3.76 and newer):
-- `rope_encode` gives the token at grid row i the position `shift_y + i * scale_y` (and the same along
-  x) from `transformer_options["rope_options"]`, like Flux, so a coarse token gets the centre of the
-  native tokens it covers (`centred_rope_options`). Frames keep their positions: the time patch is
-  unchanged, only height and width go coarse.
-- The model's timestep is 1000 * sigma (ModelSamplingDiscreteFlow, multiplier 1000; CONST: the input
-  is the sampler's x itself), so the flow time of a call is timestep / 1000.
-- Latents concatenated along time (`time_dim_concat`), reference latents (`ref_conv`) and in-context
-  latents are embedded at their native size next to the video, per-frame timesteps (2.2 TI2V with an
-  image) vary over the frames: such calls stay native.
-- Wan has no post-input patch point, so a trained coarse embedding cannot replace the embedded tokens
-  through the host's own forward: the training-free coarse step is all this grid offers.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 

@@ -1,18 +1,7 @@
 """Adapter for Z-Image (Turbo and base) as ComfyUI builds it: `NextDiT` with Z-Image's modulation (comfy/ldm/lumina,
 host model `Lumina2`, 0.3.75 and 0.12.1).
 
-Facts about the host this relies on:
-- The main blocks (`layers`, 30 in Z-Image) run one joint sequence [caption, image, image padding]: the caption padded
-  to a multiple of `pad_tokens_multiple` (32) with a learned token, the image's 2x2 patches, then padding to that
-  multiple. The two context and two noise refiner blocks before them run natively (their FLOPs count in the stem).
-- The host's loop calls `layer(x, mask, freqs_cis, adaln_input, transformer_options=...)` (0.12.1 adds
-  `timestep_zero_index`, None in text-to-image) with no `patches_replace["dit"]` lookup: the pack emulates that patch
-  point on each layer's forward through an object patch (integration/patch_points.py).
-- A block: a Linear(256, 4D) modulation (scale and tanh-gated gate for attention and MLP), a fused qkv with per-head
-  RMSNorms of q and k, an output projection, SwiGLU w1 / w3 / w2; the attention and MLP outputs are RMS-normalised
-  before their gates. `timesteps` is sigma; the model embeds 1 - sigma.
-- Lumina 2 (grouped-query attention) shares the class and is refused by name; so are calls with Z-Image Omni's
-  reference latents (0.12.1) once a method would reduce a block.
+The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 
