@@ -168,3 +168,27 @@ def test_runtime_files_and_functions_stay_small():
                       for name, n in _function_lengths(p) if n > 60}
     assert not long_files
     assert not long_functions
+
+
+PART_NAMES = {"width", "td_lora", "coarse", "tokens"}
+
+
+def test_no_method_is_named_outside_its_folder_to_decide_what_runs():
+    """The executor, the trainer, the nodes and the seam compose the registered methods; none asks `"width" in parts`
+    or `part == "tokens"` (a method's own folder may)."""
+    found = []
+    for folder in RUNTIME_FOLDERS:
+        if folder == "methods":
+            continue
+        for path in (REPO_ROOT / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Compare) and any(isinstance(op, (ast.In, ast.NotIn, ast.Eq, ast.NotEq)) for op in node.ops):
+                    names = [side.value for side in (node.left, *node.comparators) if isinstance(side, ast.Constant)]
+                    if PART_NAMES & set(names):
+                        found.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    assert not found
+    assert _guard_sees('"width" in spec.parts')  # the guard can see such a test
+
+
+def _guard_sees(code: str) -> bool:
+    return any(isinstance(node, ast.Compare) and PART_NAMES & {getattr(node.left, "value", None)} for node in ast.walk(ast.parse(code)))

@@ -192,7 +192,7 @@ def _token_router_case(mode: str) -> Callable[[str | None], Case]:
 
 def _patch_scheduler(**settings: Any) -> Callable[[Any], Any]:
     def build(model):
-        from ...methods.patch_scheduler.runtime import PatchSchedulerSettings
+        from ...methods.patch_scheduler.settings import PatchSchedulerSettings
         from ...integration.patching import apply_settings
 
         return apply_settings(model, PatchSchedulerSettings(**settings))
@@ -211,7 +211,7 @@ def _ddit_manual(arg: str | None) -> Case:
 
 def _ddit_auto(arg: str | None) -> Case:
     """`ddit-auto:<tau>` or `ddit-auto:<tau>/<max patch factor>` (relative tau), the node's other defaults."""
-    from ...methods.patch_scheduler.runtime import PatchSchedulerSettings
+    from ...methods.patch_scheduler.settings import PatchSchedulerSettings
 
     defaults = PatchSchedulerSettings()
     tau_text, _, factor_text = (arg or "").partition("/")

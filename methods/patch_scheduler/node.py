@@ -7,7 +7,7 @@ from ...integration.node_schema import model_to_speed_up, node_schema, shown_whe
 from ...integration.patching import apply_settings, model_files
 from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
 from .file import FORMAT, load_patch_embedding_file
-from .runtime import MODES, PatchSchedulerSettings
+from .settings import MODES, PatchSchedulerSettings
 from .schedule import parse_schedule
 
 

@@ -21,7 +21,7 @@ from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.integration.patching import adapter_of, apply_settings, plan_of
 from comfyui_dynamic_dit.methods.td_lora.comfy_files import apply_td_lora, load_td_lora
 from comfyui_dynamic_dit.core.executor import RunContext
-from comfyui_dynamic_dit.methods.patch_scheduler.runtime import PatchSchedulerSettings
+from comfyui_dynamic_dit.methods.patch_scheduler.settings import PatchSchedulerSettings
 from comfyui_dynamic_dit.methods.patch_scheduler.schedule import parse_schedule
 from comfyui_dynamic_dit.methods.td_lora.binding import architecture_metadata, block_linear_shapes
 from comfyui_dynamic_dit.methods.td_lora.file import random_td_lora, td_lora_state_dict

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from comfyui_dynamic_dit.integration.patching import apply_settings, install_executor, plan_of
 from comfyui_dynamic_dit.methods.td_lora.comfy_files import apply_td_lora, load_td_lora
-from comfyui_dynamic_dit.methods.patch_scheduler.runtime import PatchSchedulerSettings
+from comfyui_dynamic_dit.methods.patch_scheduler.settings import PatchSchedulerSettings
 from comfyui_dynamic_dit.methods.patch_scheduler.schedule import parse_schedule
 from comfyui_dynamic_dit.methods.token_router.runtime import TokenRouterSettings
 from comfyui_dynamic_dit.methods.width.calibration import CalibrationSpec

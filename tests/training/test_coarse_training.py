@@ -10,7 +10,7 @@ from comfyui_dynamic_dit.demo import tiny_flux
 from comfyui_dynamic_dit.integration.patching import apply_settings, check_base_weights, plan_of
 from comfyui_dynamic_dit.core.files import header_metadata
 from comfyui_dynamic_dit.methods.patch_scheduler.file import load_patch_embedding_file
-from comfyui_dynamic_dit.methods.patch_scheduler.runtime import PatchSchedulerSettings
+from comfyui_dynamic_dit.methods.patch_scheduler.settings import PatchSchedulerSettings
 from comfyui_dynamic_dit.methods.patch_scheduler.schedule import parse_schedule
 from comfyui_dynamic_dit.methods.patch_scheduler.trainable import coarse_step_indices
 from comfyui_dynamic_dit.training.export import save_student, training_metadata

@@ -16,7 +16,7 @@ from comfyui_dynamic_dit.methods.patch_scheduler.file import (
     load_patch_embedding_file,
     save_patch_embedding_file,
 )
-from comfyui_dynamic_dit.methods.patch_scheduler.runtime import PatchSchedulerSettings
+from comfyui_dynamic_dit.methods.patch_scheduler.settings import PatchSchedulerSettings
 from comfyui_dynamic_dit.methods.patch_scheduler.schedule import parse_schedule
 
 

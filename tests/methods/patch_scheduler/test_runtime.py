@@ -10,7 +10,7 @@ from comfyui_dynamic_dit.families import adapter_for
 from comfyui_dynamic_dit.core.executor import ModelCall, RunContext
 from comfyui_dynamic_dit.methods.patch_scheduler.file import derived_layers, resize_matrix
 from comfyui_dynamic_dit.methods.patch_scheduler.schedule import parse_schedule
-from comfyui_dynamic_dit.methods.patch_scheduler.runtime import PatchSchedulerSettings
+from comfyui_dynamic_dit.methods.patch_scheduler.settings import PatchSchedulerSettings
 from comfyui_dynamic_dit.core.plan import DynamicPlan
 
 

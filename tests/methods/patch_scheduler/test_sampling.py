@@ -13,7 +13,7 @@ from comfyui_dynamic_dit.integration.patching import apply_settings, install_exe
 from comfyui_dynamic_dit.core.flops import measure_flops
 from comfyui_dynamic_dit.methods import DynamicMethod, register
 from comfyui_dynamic_dit.methods.patch_scheduler.schedule import parse_schedule
-from comfyui_dynamic_dit.methods.patch_scheduler.runtime import PatchSchedulerSettings
+from comfyui_dynamic_dit.methods.patch_scheduler.settings import PatchSchedulerSettings
 from comfyui_dynamic_dit.methods.patch_scheduler.statistics import choose_patch_factor, relative_roughness, roughness
 from comfyui_dynamic_dit.core.plan import MethodSettings
 
