@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ...integration.node_schema import model_to_speed_up, node_schema, shown_when
+from ...integration.node_schema import PERCENT, model_to_speed_up, node_schema, shown_when
 from ...integration.patching import apply_settings, model_files
 from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
 from .file import FORMAT, load_patch_embedding_file
@@ -57,9 +57,9 @@ class DynamicPatchScheduler(io.ComfyNode):
                            mode=["manual"]),
                 io.Combo.Input("embedding", options=_embedding_files(), default=NO_EMBEDDING,
                                tooltip="A trained coarse-patch file from models/dynamic_dit/, or none: coarse patches from the model's own weights."),
-                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("start_percent", default=0.0, **PERCENT,
                                tooltip="Coarse steps only from this point of the denoising (0 = pure noise), like other nodes' start percent."),
-                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                io.Float.Input("end_percent", default=1.0, **PERCENT,
                                tooltip="Coarse steps only up to this point of the denoising (1 = clean)."),
             ],
             [io.Model.Output()],

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ...integration.node_schema import hidden_when, model_to_speed_up, node_schema
+from ...integration.node_schema import FRACTION, PERCENT, hidden_when, model_to_speed_up, node_schema
 from ...integration.patching import apply_settings, model_files
 from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
 from .file import FORMAT, load_router_file
@@ -20,8 +20,6 @@ NODE_MODES = ["reuse", "diffcr", "sdt", AS_TRAINED]
 class DynamicTokenRouter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        ratio = dict(min=0.01, max=1.0, step=0.01)
-        percent = dict(min=0.0, max=1.0, step=0.01)
         return node_schema(
             "DynamicTokenRouter", "Token Router", "dynamic_dit/methods",
             "Routes only part of the image tokens through each block, per sample and per step; text tokens always run. "
@@ -35,10 +33,10 @@ class DynamicTokenRouter(io.ComfyNode):
                 model_to_speed_up(),
                 io.Combo.Input("mode", options=NODE_MODES, default="reuse",
                                tooltip="reuse: skipped tokens reuse last step's update; diffcr: skip the block; sdt: skip the MLP; as trained: a file."),
-                hidden_when(io.Float.Input("keep_ratio_start", default=0.7, **ratio,
+                hidden_when(io.Float.Input("keep_ratio_start", default=0.7, **FRACTION,
                                            tooltip="Share of image tokens each routed block computes at the noisiest routed step (lower = faster)."),
                             mode=[AS_TRAINED]),
-                hidden_when(io.Float.Input("keep_ratio_end", default=0.7, **ratio,
+                hidden_when(io.Float.Input("keep_ratio_end", default=0.7, **FRACTION,
                                            tooltip="Fraction at end_percent; linear in between. 1 and 1 = full compute."),
                             mode=[AS_TRAINED]),
                 hidden_when(io.Int.Input("first_full_blocks", default=2, min=0, max=200,
@@ -55,9 +53,9 @@ class DynamicTokenRouter(io.ComfyNode):
                 hidden_when(io.Boolean.Input("use_file_ratios", default=True,
                                              tooltip="Use the router file's learned keep ratios (per block and step) instead of the two above."),
                             mode=[AS_TRAINED]),
-                hidden_when(io.Float.Input("start_percent", default=0.0, **percent, tooltip="Routing starts at this sampling percent."),
+                hidden_when(io.Float.Input("start_percent", default=0.0, **PERCENT, tooltip="Routing starts at this sampling percent."),
                             mode=[AS_TRAINED]),
-                hidden_when(io.Float.Input("end_percent", default=1.0, **percent, tooltip="Routing ends after this sampling percent."),
+                hidden_when(io.Float.Input("end_percent", default=1.0, **PERCENT, tooltip="Routing ends after this sampling percent."),
                             mode=[AS_TRAINED]),
                 io.String.Input("block_overrides", default="",
                                 tooltip="Per-block keep ratios, e.g. 'single:10-30=0.5, double:0=1.0'; they win over the schedule."),

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ...integration.node_schema import model_to_speed_up, node_schema, shown_when
+from ...integration.node_schema import FRACTION, PERCENT, model_to_speed_up, node_schema, shown_when
 from ...integration.patching import apply_settings, model_files
 from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
 from .file import ROUTER_FORMAT, WidthRouter, load_width_router
@@ -53,8 +53,6 @@ def width_settings(
 class DynamicWidthPatcher(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        fraction = dict(min=0.01, max=1.0, step=0.01)
-        percent = dict(min=0.0, max=1.0, step=0.01)
         return node_schema(
             "DynamicWidthPatcher", "Dynamic Width Patcher", "dynamic_dit/methods",
             "Timestep-wise dynamic width (DyDiT): at noisy steps every block runs with fewer attention heads and "
@@ -69,18 +67,18 @@ class DynamicWidthPatcher(io.ComfyNode):
                                tooltip="How narrow noisy steps run: quality keeps the image closest, fast trades detail for speed; custom and target below."),
                 io.Combo.Input("parts", options=list(PART_CHOICES), default="heads and MLP",
                                tooltip="What to thin: attention heads, MLP channels, or both."),
-                shown_when(io.Float.Input("noisy_width", default=0.5, **fraction,
+                shown_when(io.Float.Input("noisy_width", default=0.5, **FRACTION,
                                           tooltip="Fraction of heads / MLP channels kept at start_percent (the noisy end)."),
                            preset=[CUSTOM]),
-                shown_when(io.Float.Input("clean_width", default=1.0, **fraction,
+                shown_when(io.Float.Input("clean_width", default=1.0, **FRACTION,
                                           tooltip="Fraction kept at end_percent; 1.0 = full width for the final detail."),
                            preset=[CUSTOM]),
-                shown_when(io.Float.Input("target_flops", default=0.7, **fraction,
+                shown_when(io.Float.Input("target_flops", default=0.7, **FRACTION,
                                           tooltip="Average FLOPs of the run's steps, as a fraction of the full model's."),
                            preset=[TARGET]),
-                io.Float.Input("start_percent", default=0.0, **percent,
+                io.Float.Input("start_percent", default=0.0, **PERCENT,
                                tooltip="Where the width schedule starts (0 = pure noise); before it: full width."),
-                io.Float.Input("end_percent", default=1.0, **percent,
+                io.Float.Input("end_percent", default=1.0, **PERCENT,
                                tooltip="Where the width schedule ends (1 = fully denoised); after it: full width."),
                 io.Combo.Input("router", options=[NO_ROUTER, *model_files(ROUTER_FORMAT)], default=NO_ROUTER,
                                tooltip="A trained width router from models/dynamic_dit/ (it replaces the preset), or none for the training-free ranking."),

@@ -69,7 +69,8 @@ def test_freed_and_reused_tensors_are_never_mistaken_for_one_another():
         outs = []
         for i in range(64):
             outs.append(call(float(i % 5 + 1)))
-            gc.collect()
+            gc.collect(0)  # the young objects: what reuses the freed tensors' memory (a full collection of the suite's
+            # heap took 0.3 s a call and reused no more: 62 of 64 data pointers distinct either way)
         for i, out in enumerate(outs):
             weight.grad = None
             out.backward(retain_graph=True)
