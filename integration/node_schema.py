@@ -14,6 +14,8 @@ from comfy_api.latest import io
 _SCHEMA_FIELDS = {field.name for field in dataclasses.fields(io.Schema)}
 PERCENT = dict(min=0.0, max=1.0, step=0.01)  # a start/end percent of the sampling (0 = pure noise)
 FRACTION = dict(min=0.01, max=1.0, step=0.01)  # a share kept (of heads, channels, tokens)
+SPEED_WORDS = ("faster", "speed", "speed up", "accelerate", "dynamic dit")  # what people type to find a faster model
+FAMILY_WORDS = ("flux", "wan", "qwen", "z-image", "sd3", "pixart", "chroma")  # the families the methods run on
 SHOWN_WHEN = "dynamic_dit_shown_when"  # {widget: [values]}: shown while every named widget has one of its values
 HIDDEN_WHEN = "dynamic_dit_hidden_when"  # {widget: [values]}: hidden while any named widget has one of its values
 
@@ -57,4 +59,4 @@ def hidden_unique_id(node: type[io.ComfyNode]) -> str | None:
     return getattr(hidden, "unique_id", None) if hidden is not None else None
 
 
-__all__ = ["FRACTION", "HIDDEN_WHEN", "PERCENT", "SHOWN_WHEN", "hidden_unique_id", "hidden_when", "model_to_speed_up", "node_schema", "shown_when"]
+__all__ = ["FAMILY_WORDS", "FRACTION", "HIDDEN_WHEN", "PERCENT", "SHOWN_WHEN", "SPEED_WORDS", "hidden_unique_id", "hidden_when", "model_to_speed_up", "node_schema", "shown_when"]

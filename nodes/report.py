@@ -107,7 +107,7 @@ class DynamicSpeedReport(io.ComfyNode):
                 io.Image.Output(display_name="chart", tooltip="The per-step chart as an image."),
             ],
             output_node=True,
-            search_aliases=["speedup", "benchmark", "FLOPs", "chart", "telemetry", "report"],
+            search_aliases=["speedup", "speed", "benchmark", "FLOPs", "chart", "telemetry", "report", "PSNR"],
         )
 
     @classmethod

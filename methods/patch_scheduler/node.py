@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ...integration.node_schema import PERCENT, model_to_speed_up, node_schema, shown_when
+from ...integration.node_schema import FAMILY_WORDS, SPEED_WORDS, PERCENT, model_to_speed_up, node_schema, shown_when
 from ...integration.patching import apply_settings, model_files
 from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
 from .file import FORMAT, load_patch_embedding_file
@@ -63,7 +63,7 @@ class DynamicPatchScheduler(io.ComfyNode):
                                tooltip="Coarse steps only up to this point of the denoising (1 = clean)."),
             ],
             [io.Model.Output()],
-            search_aliases=["DDiT", "dynamic patch", "coarse patches", "patch size", "speed up", "faster"],
+            search_aliases=["DDiT", "dynamic patch", "coarse patches", "patch size", *SPEED_WORDS, *FAMILY_WORDS],
         )
 
     @classmethod

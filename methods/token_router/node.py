@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ...integration.node_schema import FRACTION, PERCENT, hidden_when, model_to_speed_up, node_schema
+from ...integration.node_schema import FAMILY_WORDS, SPEED_WORDS, FRACTION, PERCENT, hidden_when, model_to_speed_up, node_schema
 from ...integration.patching import apply_settings, model_files
 from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
 from .file import FORMAT, load_router_file
@@ -61,7 +61,7 @@ class DynamicTokenRouter(io.ComfyNode):
                                 tooltip="Per-block keep ratios, e.g. 'single:10-30=0.5, double:0=1.0'; they win over the schedule."),
             ],
             [io.Model.Output()],
-            search_aliases=["DiffCR", "SDT", "DyDiT", "token routing", "token pruning", "spatial dynamic tokens", "speed up"],
+            search_aliases=["DiffCR", "SDT", "DyDiT", "token routing", "token pruning", "spatial dynamic tokens", *SPEED_WORDS, *FAMILY_WORDS],
         )
 
     @classmethod

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ...integration.node_schema import FRACTION, PERCENT, model_to_speed_up, node_schema, shown_when
+from ...integration.node_schema import FAMILY_WORDS, SPEED_WORDS, FRACTION, PERCENT, model_to_speed_up, node_schema, shown_when
 from ...integration.patching import apply_settings, model_files
 from ...integration.trained_files import TrainedFileKind, load_trained_file, register_trained_file
 from .file import ROUTER_FORMAT, WidthRouter, load_width_router
@@ -86,7 +86,7 @@ class DynamicWidthPatcher(io.ComfyNode):
                              tooltip="MLP channels dropped together as one group; 0 = a default that divides the model's MLP."),
             ],
             [io.Model.Output()],
-            search_aliases=["DyDiT", "TDW", "dynamic width", "timestep-wise dynamic width", "heads", "speed up", "faster"],
+            search_aliases=["DyDiT", "TDW", "dynamic width", "timestep-wise dynamic width", "heads", *SPEED_WORDS, *FAMILY_WORDS],
         )
 
     @classmethod

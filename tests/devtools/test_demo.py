@@ -1,4 +1,5 @@
-"""The README's demo command: the pack's nodes chained on a tiny Flux, a per-step table, a chart file."""
+"""The README's demo command: the pack's nodes at their defaults on the reference model, a per-step table, the image's
+PSNR against full compute, a chart file."""
 import re
 
 from PIL import Image
@@ -7,15 +8,17 @@ from comfyui_dynamic_dit.devtools import demo
 
 
 def test_demo_prints_the_per_step_table_and_writes_the_chart(tmp_path, capsys):
-    assert demo.main(["--size", "128", "--steps", "5", "--hidden", "64", "--heads", "2", "--out", str(tmp_path)]) == 0
+    assert demo.main(["--steps", "6", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     for name, _ in demo.DEMO_CHAIN:
         assert name in out
     rows = [line for line in out.splitlines() if re.match(r"^\s+\d+\s+\d\.\d{4}\s+1\s", line)]
-    assert len(rows) == 5  # one row per step
-    assert "patch 2x" in rows[0] and "heads 0.50" in rows[0]  # the chained methods ran, as the table says
+    assert len(rows) == 6  # one row per step
+    assert "heads 0.88" in rows[0] and "token_router: reuse keep 0.70" in rows[1]  # the defaults ran, as the table says
     summary = re.search(r"x(\d+\.\d+) fewer FLOPs", out)
-    assert summary and float(summary.group(1)) > 1.2
+    assert summary and float(summary.group(1)) > 1.1
+    fidelity = re.search(r"(\d+\.\d) dB PSNR, SSIM (\d\.\d+) against full compute's image", out)
+    assert fidelity and 15 < float(fidelity.group(1)) < 60  # measured, not identical: the defaults changed the image
     chart = Image.open(tmp_path / "demo_chart.png")
     assert chart.width > 200 and chart.height > 100
 

@@ -61,6 +61,9 @@ def test_search_finds_the_methods_by_their_papers_names_where_the_host_searches_
         pytest.skip("this ComfyUI's node schema has no search aliases (0.12 and newer do)")
     for name, aliases in ALIASES.items():
         assert aliases <= set(_info(name)["search_aliases"]), name
+    # and by what an artist types: the method nodes by "faster" and by the model family
+    for name in ("DynamicWidthPatcher", "DynamicTokenRouter", "DynamicPatchScheduler"):
+        assert {"faster", "speed", "flux", "wan"} <= set(_info(name)["search_aliases"]), name
 
 
 def test_the_trainer_is_experimental_and_the_benchmark_node_a_developers():
