@@ -142,6 +142,10 @@ class TrainablePart(torch.nn.Module):
         """FLOPs this part adds to a block call of `work` (e.g. a bypass, whose sizes follow the kept width)."""
         return 0.0
 
+    def call_ratio(self, student: "DynamicStudent", call: "StudentCall") -> torch.Tensor | None:
+        """(B,) FLOPs ratios of a call the student runs, where this part decides them (differentiably), else None."""
+        return None
+
     def run_ratio(self, student: "DynamicStudent", bank: "Trajectories", **decision: Any) -> Any:
         """The FLOPs ratio of a sampling run of the bank's schedule, where this part decides it, else None."""
         return None

@@ -225,9 +225,9 @@ class DynamicStudent(torch.nn.Module):
     def call_ratio(self, call: StudentCall) -> torch.Tensor:
         """(B,) FLOPs ratios of a call no part runs its own way: the deciding part's, else the plain ratio."""
         for part in self.parts.values():
-            ratio = getattr(part, "call_ratio", None)
+            ratio = part.call_ratio(self, call)
             if ratio is not None:
-                return ratio(self, call)
+                return ratio
         return torch.tensor(self.plain_ratio(call.layout)).expand(call.layout.batch)
 
     def run_ratio(self, bank: Trajectories, **decision: Any) -> Any:
