@@ -6,9 +6,9 @@ import time
 from comfy_api.latest import io
 
 from ..core.method import PARTS as PART_TYPES
-from ..integration.node_schema import hidden_unique_id, node_schema, shown_when
+from ..integration.node_schema import hidden_unique_id, hidden_when, node_schema, shown_when
 from ..integration.trained_files import apply_trained_files
-from .training_request import PARTS, WIDTH_PARTS, TrainingRequest
+from .training_request import CUSTOM, PARTS, RECIPE_INPUTS, RECIPES, WIDTH_PARTS, TrainingRequest, with_recipe
 
 
 DESCRIPTION = (
@@ -37,7 +37,12 @@ def _part_fields() -> dict[str, list[str]]:
 
 
 def _when_read(node_input: io.Input) -> io.Input:
-    return shown_when(node_input, parts=_part_fields()[node_input.id])
+    """An input shown while the chosen parts read it and no recipe decides it."""
+    if node_input.id in _part_fields():
+        node_input = shown_when(node_input, parts=_part_fields()[node_input.id])
+    if node_input.id in RECIPE_INPUTS:
+        node_input = hidden_when(node_input, recipe=list(RECIPES))
+    return node_input
 
 
 class DynamicTrainer(io.ComfyNode):
@@ -53,19 +58,19 @@ class DynamicTrainer(io.ComfyNode):
                 io.Conditioning.Input("positive", tooltip="The prompts to distil on (every entry of a batch is its own prompt)."),
                 io.Conditioning.Input("negative", tooltip="The negative prompt of the teacher's sampling runs."),
                 io.Latent.Input("latent", tooltip="An empty latent of the size to train at (its batch size is ignored)."),
-                io.Combo.Input("parts", options=list(PARTS), default="width + TD-LoRA",
-                               tooltip="What to train (the README lists the recipes); every part is saved to models/dynamic_dit/."),
+                _when_read(io.Combo.Input("parts", options=list(PARTS), default="width + TD-LoRA",
+                               tooltip="What to train (the README lists the recipes); every part is saved to models/dynamic_dit/.")),
                 _when_read(io.Float.Input("target_flops", default=0.5, min=0.05, max=1.0, step=0.01,
                                           tooltip="FLOPs of the trained model over full compute, averaged over the steps.")),
-                io.Int.Input("steps", default=300, min=1, max=100000, tooltip="Training steps."),
+                _when_read(io.Int.Input("steps", default=300, min=1, max=100000, tooltip="Training steps.")),
                 io.String.Input("filename", default="trained/my_model",
                                 tooltip="Where to save, under models/dynamic_dit/ (e.g. trained/my_model)."),
                 io.Int.Input("sampling_steps", default=20, min=2, max=200, tooltip=f"Steps {same}"),
                 io.Float.Input("cfg", default=1.0, min=0.0, max=30.0, step=0.1, tooltip=f"CFG {same}"),
                 io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler", tooltip=f"Sampler {same}"),
                 io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="simple", tooltip=f"Scheduler {same}"),
-                io.Int.Input("seeds", default=2, min=1, max=64,
-                             tooltip="Teacher runs per prompt (noise seeds 1000, 1001, ...: away from the seeds you sample with)."),
+                _when_read(io.Int.Input("seeds", default=2, min=1, max=64,
+                             tooltip="Teacher runs per prompt (noise seeds 1000, 1001, ...: away from the seeds you sample with).")),
                 _when_read(io.Combo.Input("width_parts", options=list(WIDTH_PARTS), default="heads and MLP", optional=True,
                                           tooltip="What the width router thins: attention heads, MLP channels, or both.")),
                 io.Int.Input("batch", default=8, min=1, max=256, optional=True, tooltip="Recorded model calls per training step."),
@@ -77,16 +82,18 @@ class DynamicTrainer(io.ComfyNode):
                                         tooltip="The rank of each TD-LoRA expert, or of the coarse steps' block LoRA.")),
                 io.Boolean.Input("resume", default=False, optional=True,
                                  tooltip="Continue <filename>.ckpt (and its on-policy rounds' checkpoints) if it exists."),
-                io.Int.Input("on_policy_rounds", default=0, min=0, max=10, optional=True,
-                             tooltip="After training: rounds of sampling with the trained parts on and training where they lead."),
-                io.Int.Input("on_policy_steps", default=0, min=0, max=100000, optional=True,
-                             tooltip="Training steps of each on-policy round; 0 = half the steps above."),
+                _when_read(io.Int.Input("on_policy_rounds", default=0, min=0, max=10, optional=True,
+                             tooltip="After training: rounds of sampling with the trained parts on and training where they lead.")),
+                _when_read(io.Int.Input("on_policy_steps", default=0, min=0, max=100000, optional=True,
+                             tooltip="Training steps of each on-policy round; 0 = half the steps above.")),
                 io.Boolean.Input("gradient_checkpointing", default=False, optional=True,
                                  tooltip="Recompute each block in backward: less memory (large models on one GPU) for about one more forward per step."),
                 io.Boolean.Input("keep_checkpoints", default=False, optional=True,
                                  tooltip="Keep <filename>.ckpt after a finished run, to continue training it later with resume."),
                 _when_read(io.String.Input("coarse_schedule", default="0-70%:2", optional=True,
                                            tooltip="The steps that run coarse, as the Patch Scheduler's manual schedule with one factor (2 or 4).")),
+                io.Combo.Input("recipe", options=[CUSTOM, *RECIPES], default=CUSTOM, optional=True,
+                               tooltip="A recipe measured on the reference model sets the parts and every knob; custom: the inputs above."),
             ],
             [io.Model.Output(display_name="model"), io.String.Output(display_name="report")],
             hidden=[io.Hidden.unique_id],  # where the phase text goes
@@ -98,7 +105,14 @@ class DynamicTrainer(io.ComfyNode):
     def execute(cls, model, positive, negative, latent, parts, target_flops, steps, filename, sampling_steps, cfg,
                 sampler_name, scheduler, seeds, width_parts="heads and MLP", batch=8, learning_rate=2e-3, experts=2, rank=4,
                 resume=False, on_policy_rounds=0, on_policy_steps=0, gradient_checkpointing=False, keep_checkpoints=False,
-                coarse_schedule="0-70%:2") -> io.NodeOutput:
+                coarse_schedule="0-70%:2", recipe=CUSTOM) -> io.NodeOutput:
+        chosen = with_recipe(recipe, dict(parts=parts, width_parts=width_parts, target_flops=target_flops, steps=steps,
+                                          seeds=seeds, experts=experts, rank=rank, on_policy_rounds=on_policy_rounds,
+                                          on_policy_steps=on_policy_steps, coarse_schedule=coarse_schedule))
+        parts, width_parts, target_flops = chosen["parts"], chosen["width_parts"], chosen["target_flops"]
+        steps, seeds = chosen["steps"], chosen["seeds"]
+        experts, rank, coarse_schedule = chosen["experts"], chosen["rank"], chosen["coarse_schedule"]
+        on_policy_rounds, on_policy_steps = chosen["on_policy_rounds"], chosen["on_policy_steps"]
         # every input is checked before any sampling or training starts
         request = TrainingRequest.checked(
             model, positive, negative, latent, parts, target_flops, steps, filename, width_parts, batch, learning_rate,

@@ -25,6 +25,30 @@ PARTS = {"width + TD-LoRA": ("width", "td_lora"), "width": ("width",), "TD-LoRA"
          "MLP token routers (DyDiT SDT)": ("tokens",)}
 SDT_PARTS = ("MLP token routers + TD-LoRA (DyDiT SDT)", "MLP token routers (DyDiT SDT)")  # left-out tokens skip the MLP only
 WIDTH_PARTS = PART_LABELS
+CUSTOM = "custom: the inputs above"
+# The best recipes measured on the reference model (BENCHMARKS.md: teacher of all 15 photo classes, 16 Euler steps,
+# cfg 2; PSNR against full compute at the FLOPs given): every knob the recipe set, on-policy steps included.
+RECIPES: dict[str, dict[str, Any]] = {
+    "width + TD-LoRA, 2 on-policy rounds (25.4 dB at 50 % FLOPs, 25 min)": dict(
+        parts="width + TD-LoRA", width_parts="heads and MLP", target_flops=0.5, steps=300, seeds=4, experts=2, rank=4,
+        on_policy_rounds=2, on_policy_steps=300),
+    "coarse patches 12-82 %, 6 on-policy rounds (25.4 dB at 45 % FLOPs, 47 min)": dict(
+        parts="coarse patches (DDiT)", coarse_schedule="12-82%:2", steps=900, seeds=8, rank=16, on_policy_rounds=6,
+        on_policy_steps=450),
+    "token routers + TD-LoRA (DiffCR; 19.9 dB at 50 % FLOPs, 15 min)": dict(
+        parts="token routers + TD-LoRA (DiffCR)", target_flops=0.5, steps=600, seeds=4, experts=2, rank=4,
+        on_policy_rounds=0),
+}
+RECIPE_INPUTS = sorted({name for recipe in RECIPES.values() for name in recipe})  # what a recipe decides
+
+
+def with_recipe(recipe: str, inputs: dict[str, Any]) -> dict[str, Any]:
+    """The Train node's inputs with a measured recipe's settings in place of the ones it decides (custom: as given)."""
+    if recipe == CUSTOM:
+        return inputs
+    if recipe not in RECIPES:
+        raise ValueError(f"Train Dynamic DiT: recipe must be one of {', '.join([CUSTOM, *RECIPES])}, got '{recipe}'.")
+    return {**inputs, **RECIPES[recipe]}
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 
 
@@ -173,4 +197,5 @@ class _Progress:
         self.text.show(f"{phase}: step {step}/{count}, distillation loss {entry['distill']:.4f}", base + step, force=step == count)
 
 
-__all__ = ["PARTS", "SDT_PARTS", "TrainingRequest", "WIDTH_PARTS", "output_stem"]
+__all__ = ["CUSTOM", "PARTS", "RECIPES", "RECIPE_INPUTS", "SDT_PARTS", "TrainingRequest", "WIDTH_PARTS", "output_stem",
+           "with_recipe"]

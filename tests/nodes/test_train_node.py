@@ -221,3 +221,34 @@ def test_the_node_says_which_phase_it_is_in_and_how_long_is_left(flux_model, con
     assert [p for p in dict.fromkeys(phases)] == order, phases
     assert "step 2/2, distillation loss " in next(t for _, t in texts if t.startswith("training: step 2/2"))
     assert "about" in next(t for _, t in texts if t.startswith("recording the teacher"))  # the time left
+
+
+def test_a_measured_recipe_sets_the_parts_and_every_knob(flux_model, conds, model_folder, monkeypatch):
+    """The node's recipes are the README's best measured runs: choosing one trains with its parts, target, steps,
+    teacher runs, rank and on-policy rounds (and their steps) whatever the inputs above say; custom keeps the inputs."""
+    from comfyui_dynamic_dit.nodes import training_request
+    from comfyui_dynamic_dit.training.student import StudentSpec
+
+    asked = []
+
+    def run_instead(self, resume, keep_checkpoints, node_id):
+        asked.append(self)
+        raise RuntimeError("stop before sampling")
+
+    monkeypatch.setattr(training_request.TrainingRequest, "run", run_instead)
+    for recipe, settings in training_request.RECIPES.items():
+        with pytest.raises(RuntimeError, match="stop before sampling"):
+            run(flux_model, conds, recipe=recipe)  # WIDGETS: width + TD-LoRA, 4 steps, 1 seed
+        request = asked[-1]
+        assert request.spec.parts == training_request.PARTS[settings["parts"]]
+        assert request.config.steps == settings["steps"] and request.seeds == settings["seeds"]
+        assert request.on_policy_rounds == settings["on_policy_rounds"]
+        assert request.spec.rank == settings["rank"] and request.spec.coarse_schedule == settings.get("coarse_schedule", "0-70%:2")
+        if "target_flops" in settings:
+            assert request.config.target == settings["target_flops"]
+        StudentSpec(**{field: getattr(request.spec, field) for field in ("parts", "rank", "coarse_schedule")}).validate()
+    with pytest.raises(RuntimeError, match="stop before sampling"):
+        run(flux_model, conds)
+    assert asked[-1].config.steps == 4 and asked[-1].spec.parts == ("width", "td_lora")  # custom: the inputs
+    with pytest.raises(ValueError, match="recipe must be one of"):
+        run(flux_model, conds, recipe="the fastest")

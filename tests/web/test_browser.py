@@ -163,6 +163,19 @@ def test_a_mode_shows_only_the_widgets_it_reads(browser):
     trainer = _mode_widgets(browser, "DynamicTrainer", "parts", ["width + TD-LoRA", "coarse patches (DDiT)"])
     assert trainer["hidden"] == {"width + TD-LoRA": ["coarse_schedule"],
                                  "coarse patches (DDiT)": ["experts", "target_flops", "width_parts"]}
+    recipe = json.loads(browser.evaluate("""(() => {
+        const node = LiteGraph.createNode('DynamicTrainer');
+        app.graph.add(node);
+        const recipe = node.widgets.find(w => w.name === 'recipe');
+        recipe.value = recipe.options.values[1];
+        recipe.callback?.(recipe.value);
+        const hidden = node.widgets.filter(w => w.hidden).map(w => w.name).sort();
+        app.graph.remove(node);
+        return JSON.stringify(hidden);
+    })()"""))
+    # a measured recipe decides the parts and every knob: they leave the node, what stays is the run's own
+    assert {"parts", "target_flops", "steps", "seeds", "experts", "rank", "on_policy_rounds", "on_policy_steps"} <= set(recipe)
+    assert not {"filename", "sampling_steps", "cfg", "batch", "resume"} & set(recipe)
 
 
 def test_template_browser_gets_a_thumbnail_of_every_workflow(browser):
