@@ -38,8 +38,9 @@ def _part_fields() -> dict[str, list[str]]:
 
 def _when_read(node_input: io.Input) -> io.Input:
     """An input shown while the chosen parts read it and no recipe decides it."""
-    if node_input.id in _part_fields():
-        node_input = shown_when(node_input, parts=_part_fields()[node_input.id])
+    readers = _part_fields().get(node_input.id)
+    if readers:
+        node_input = shown_when(node_input, parts=readers)
     if node_input.id in RECIPE_INPUTS:
         node_input = hidden_when(node_input, recipe=list(RECIPES))
     return node_input
@@ -109,22 +110,19 @@ class DynamicTrainer(io.ComfyNode):
         chosen = with_recipe(recipe, dict(parts=parts, width_parts=width_parts, target_flops=target_flops, steps=steps,
                                           seeds=seeds, experts=experts, rank=rank, on_policy_rounds=on_policy_rounds,
                                           on_policy_steps=on_policy_steps, coarse_schedule=coarse_schedule))
-        parts, width_parts, target_flops = chosen["parts"], chosen["width_parts"], chosen["target_flops"]
-        steps, seeds = chosen["steps"], chosen["seeds"]
-        experts, rank, coarse_schedule = chosen["experts"], chosen["rank"], chosen["coarse_schedule"]
-        on_policy_rounds, on_policy_steps = chosen["on_policy_rounds"], chosen["on_policy_steps"]
         # every input is checked before any sampling or training starts
         request = TrainingRequest.checked(
-            model, positive, negative, latent, parts, target_flops, steps, filename, width_parts, batch, learning_rate,
-            experts, rank, coarse_schedule, gradient_checkpointing, on_policy_rounds, on_policy_steps, seeds,
-            sampling=dict(steps=sampling_steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler))
+            model, positive, negative, latent, filename=filename, batch=batch, learning_rate=learning_rate,
+            gradient_checkpointing=gradient_checkpointing,
+            sampling=dict(steps=sampling_steps, cfg=cfg, sampler=sampler_name, scheduler=scheduler), **chosen)
         started = time.perf_counter()
         result, path, round_steps = request.run(bool(resume), bool(keep_checkpoints), hidden_unique_id(cls))
         patched = apply_trained_files(model, [path])
-        goal = f"target {target_flops:g}" if request.learns_compute else f"coarse schedule {coarse_schedule}"
-        rounds_text = f" and {on_policy_rounds} on-policy round(s) of {round_steps}" if on_policy_rounds else ""
+        goal = f"target {chosen['target_flops']:g}" if request.learns_compute else f"coarse schedule {chosen['coarse_schedule']}"
+        rounds = request.on_policy_rounds
+        rounds_text = f" and {rounds} on-policy round(s) of {round_steps}" if rounds else ""
         report = (f"FLOPs {result.final_ratio:.3f} of full ({goal}), distillation loss {result.eval_loss:.4f} "
-                  f"after {steps} steps{rounds_text} in {time.perf_counter() - started:.0f} s; wrote {path.name} (other nodes "
+                  f"after {request.config.steps} steps{rounds_text} in {time.perf_counter() - started:.0f} s; wrote {path.name} (other nodes "
                   "list it after Refresh, key R)")
         request.text.show(f"done: {report}", force=True)
         return io.NodeOutput(patched, report, ui={"text": [report]})

@@ -167,7 +167,7 @@ class TrainingRequest:
 
     def _on_policy_round(self, training_host, student, bank, index: int, round_steps: int, seeds: list[int],
                          checkpoint: str, progress: "_Progress"):
-        runs = len(self.jobs) * self.seeds
+        runs = progress.runs
         base = runs + self.config.steps + index * (runs + round_steps)
         phase = f"on-policy round {index + 1}/{self.on_policy_rounds}"
         return training_host.on_policy_round(

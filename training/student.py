@@ -108,6 +108,7 @@ class DynamicStudent(torch.nn.Module):
                                  feature_scale, sigma_percent)
         self.parts = torch.nn.ModuleDict({part.part: part(context) for part in spec.part_types()})
         self._full: dict[CallLayout, float] = {}
+        self._plain: dict[CallLayout, float] = {}
         # keep only each block's inputs for backward and recompute the rest (set by the trainer for a run)
         self.gradient_checkpointing = False
 
@@ -219,8 +220,12 @@ class DynamicStudent(torch.nn.Module):
     def plain_ratio(self, layout: CallLayout) -> float:
         """A call's FLOPs ratio per sample at full width and every token (the parts' additions included)."""
         one = replace(layout, batch=1)
+        found = self._plain.get(one)
+        if found is not None:
+            return found
         total = self.adapter.stem_flops(one).total + sum(self.block_flops(b, self.adapter.full_block_work(b, one)) for b in self.blocks)
-        return total / self.full_flops(one)
+        found = self._plain[one] = total / self.full_flops(one)
+        return found
 
     def call_ratio(self, call: StudentCall) -> torch.Tensor:
         """(B,) FLOPs ratios of a call no part runs its own way: the deciding part's, else the plain ratio."""
