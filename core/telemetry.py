@@ -250,41 +250,37 @@ class RunRecord:
         return f"{text} - {done}, {calls} model calls, {self.plan}"
 
     def table(self, baseline: "RunRecord | None" = None) -> str:
-        """The per-step table, plain text, one row per sampling step (and one per setup work)."""
+        """The per-step table, plain text: a row of numbers per sampling step (and per setup work), narrow enough for a
+        node's text preview (58 characters with a baseline), and below a row what the methods did, when they did
+        anything."""
         base_steps = baseline.steps() if baseline is not None else None
-        header = f"{'step':>5} {'sigma':>8} {'calls':>5} {'GFLOP run':>10} {'GFLOP full':>10} {'FLOPs':>6} {'ms':>9}"
+        header = f"{'step':>5} {'sigma':>7} {'calls':>5} {'GFLOP':>7} {'FLOPs':>6} {'ms':>7}"
         if base_steps is not None:
-            header += f" {'ms full':>9} {'speedup':>7}"
-        header += "  methods"
+            header += f" {'ms full':>7} {'speedup':>7}"
         lines = [header]
+        indent = " " * 6
         for record in self.setup:
             where = f" (inside model call {record.call_index})" if record.call_index is not None else ""
-            lines.append(
-                f"{'setup':>5} {'':>8} {'':>5} {record.flops / 1e9:>10.3f} {'':>10} {'':>6} {record.seconds * 1e3:>9.2f}"
-                + (f" {'':>9} {'':>7}" if base_steps is not None else "")
-                + f"  {record.name}, once{where}; not in any step"
-            )
+            lines.append(f"{'setup':>5} {'':>7} {'':>5} {_fit(record.flops / 1e9, 3)} {'':>6} {_fit(record.seconds * 1e3, 2)}")
+            lines.append(f"{indent}{record.name}, once{where}; not in any step")
         for i, step in enumerate(self.steps()):
             label = "-" if step.step is None else str(step.step)
-            row = (
-                f"{label:>5} {step.sigma:>8.4f} {step.calls:>5} {step.executed / 1e9:>10.3f} {step.full / 1e9:>10.3f}"
-                f" {step.flops_ratio:>6.1%} {step.seconds * 1e3:>9.2f}"
-            )
+            row = (f"{label:>5} {step.sigma:>7.4f} {step.calls:>5} {_fit(step.executed / 1e9, 3)} {step.flops_ratio:>6.1%}"
+                   f" {_fit(step.seconds * 1e3, 2)}")
             if base_steps is not None:
-                base_ms = base_steps[i].seconds * 1e3
-                row += f" {base_ms:>9.2f} {_ratio(base_steps[i].seconds, step.seconds):>6.2f}x"
+                row += f" {_fit(base_steps[i].seconds * 1e3, 2)} {_ratio(base_steps[i].seconds, step.seconds):>6.2f}x"
+            lines.append(row)
             if not step.ran_model:
-                methods = "model not run (answered by another node, e.g. a cache)"
-            else:
-                methods = "; ".join(f"{k}: {v}" for k, v in step.methods.items()) or "full compute"
-            lines.append(f"{row}  {methods}")
-        total = (
-            f"{'all':>5} {'':>8} {len(self.calls):>5} {self.executed_flops / 1e9:>10.3f} {self.full_flops / 1e9:>10.3f}"
-            f" {_ratio(self.executed_flops, self.full_flops):>6.1%} {self.model_seconds * 1e3:>9.2f}"
-        )
+                lines.append(f"{indent}model not run (answered by another node, e.g. a cache)")
+            elif step.methods:
+                lines.append(indent + "; ".join(f"{k}: {v}" for k, v in step.methods.items()))
+        total = (f"{'all':>5} {'':>7} {len(self.calls):>5} {_fit(self.executed_flops / 1e9, 3)}"
+                 f" {_ratio(self.executed_flops, self.full_flops):>6.1%} {_fit(self.model_seconds * 1e3, 2)}")
         if baseline is not None:
-            total += f" {baseline.model_seconds * 1e3:>9.2f} {_ratio(baseline.model_seconds, self.model_seconds):>6.2f}x"
-        lines.append(total + ("  steps only, setup above" if self.setup else ""))
+            total += f" {_fit(baseline.model_seconds * 1e3, 2)} {_ratio(baseline.model_seconds, self.model_seconds):>6.2f}x"
+        lines.append(total)
+        lines.append(f"{indent}FLOPs: of the full model's {self.full_flops / 1e9:.3f} GFLOP"
+                     + ("; steps only, setup above" if self.setup else ""))
         return "\n".join(lines)
 
     def block_table(self) -> str:
@@ -298,6 +294,15 @@ class RunRecord:
             )
             lines.append(f"step {call.step} call {call.index}: {details}")
         return "\n".join(lines)
+
+
+def _fit(value: float, decimals: int, width: int = 7) -> str:
+    """`value` right-aligned in `width` characters, with fewer decimals as it grows (a 12B model's step is 60000 GFLOP)."""
+    for places in range(decimals, -1, -1):
+        text = f"{value:>{width}.{places}f}"
+        if len(text) <= width:
+            return text
+    return text
 
 
 def _times(factor: float, more: str, less: str) -> str:

@@ -63,8 +63,8 @@ def test_setup_inside_a_step_is_reported_apart_from_it(flux_model, conds, monkey
     assert progress["setup"] == [{"name": "test calibration", "seconds": SETUP_SECONDS, "flops": 2e9}]
     assert progress["steps"][0]["ms"] == steps[0].seconds * 1e3 and progress["flops_reduction"] == 1.0
     assert "one-off setup 0.300 s, 2 GFLOP (test calibration)" in run.summary()
-    setup_row = run.table().splitlines()[1]
-    assert setup_row.split()[:2] == ["setup", "2.000"] and "test calibration, once (inside model call 0)" in setup_row
+    setup_row, setup_note = run.table().splitlines()[1:3]
+    assert setup_row.split()[:2] == ["setup", "2.000"] and "test calibration, once (inside model call 0)" in setup_note
 
 
 def test_a_slowdown_is_called_slower():
@@ -128,3 +128,10 @@ def test_runs_of_one_shape_but_another_schedule_are_not_compared():
     assert sink.latest_comparable(low) is low_full
     assert not low.comparable_to(high) and low.comparable_to(low_full)
     assert _run([1.0, 1.0]).comparable_to(high)  # a run recorded without a schedule compares by shape
+
+
+def test_table_numbers_keep_their_columns_at_any_size():
+    from comfyui_dynamic_dit.core.telemetry import _fit
+
+    assert _fit(5.885, 3) == "  5.885" and _fit(1234.5678, 3) == "1234.57" and _fit(60000.4, 3) == "60000.4" and _fit(600000.4, 3) == " 600000"
+    assert len(_fit(123456789.0, 2)) > 7  # past any width: the whole number, never cut

@@ -25,7 +25,7 @@ def test_report_of_a_full_compute_run(flux_model, conds):
     assert summary.startswith("full compute, model time ") and "(a baseline for other runs) - 3 steps, 3 model calls" in summary
     lines = table.splitlines()
     assert lines[:3] == [summary, "", "```text"] and lines[3].split()[0] == "step" and lines[-1] == "```"
-    assert len(lines) == 3 + 1 + 3 + 1 + 1  # summary, blank, fence, header, 3 steps, total, fence
+    assert len(lines) == 3 + 1 + 3 + 2 + 1  # summary, blank, fence, header, 3 steps, total and its note, fence
     assert chart.shape == (1, 540, 960, 3) and chart.dtype == torch.float32
     assert 0.0 <= float(chart.min()) and float(chart.max()) <= 1.0
     # the node draws the chart from numbers: no squeezed image preview on the node
@@ -43,6 +43,10 @@ def test_report_against_a_connected_baseline(flux_model, conds):
     summary, table = out["ui"]["text"][0], out["result"][1]
     assert " model time (" in summary and ("faster" in summary or "slower" in summary)
     assert "ms full" in table and "speedup" in table
+    # columns that fit a text preview node (460 px: about 64 characters) without wrapping; what the methods did below
+    rows = table.split("```text\n")[1].split("\n```")[0].splitlines()
+    assert all(len(row) <= 60 for row in rows if not row.startswith(" " * 6)), rows
+    assert rows[2].startswith(" " * 6) and "token_router" in rows[2], rows
     (data,) = out["ui"]["dynamic_dit_chart"]
     base_run = baseline.model_options["transformer_options"]["dynamic_dit"].telemetry.latest()
     assert data["baseline"]["run_id"] == base_run.run_id and len(data["baseline"]["steps"]) == 3
