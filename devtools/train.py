@@ -79,6 +79,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--part-files", action="store_true",
                         help="one file per part (<out>.width/.td_lora/.patch_embedding/.token_router.safetensors) "
                              "instead of the one bundle <out>.safetensors")
+    parser.add_argument("--bundle-parts", type=Path, default=None, metavar="STEM",
+                        help="train nothing: bundle the part files of an earlier run (<STEM>.width.safetensors, ...) "
+                             "into <out>.safetensors, with that run's metadata")
     parser.add_argument("--trajectories", type=Path, default=None, help="cache file of the teacher's recorded calls")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--no-progress", action="store_true")
@@ -93,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     host.prepare(cpu=not _cuda_wanted())
     host.load_pack()  # the pack's package (its own relative imports), loaded before anything is checked
+    if args.bundle_parts is not None:
+        return _bundle_parts(args.bundle_parts, args.out)
     from comfyui_dynamic_dit.training.student import StudentSpec
     from comfyui_dynamic_dit.training.trainer import TrainConfig
 
@@ -185,6 +190,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{(time.perf_counter() - trained_from) / 60:.1f} min of training; wrote {', '.join(str(p) for p in paths)}")
     if distributed:
         torch.distributed.destroy_process_group()
+    return 0
+
+
+def _bundle_parts(stem: Path, out: Path) -> int:
+    """One bundle from a run's part files: what the Train node would have written for that run."""
+    from comfyui_dynamic_dit.core.files import header_metadata
+    from comfyui_dynamic_dit.integration.trained_files import run_files
+    from comfyui_dynamic_dit.training import export
+
+    paths = run_files(stem)
+    if not paths:
+        raise SystemExit(f"no part files of a training run start with {stem}")
+    metadata = {k: v for k, v in header_metadata(paths[0]).items() if k not in ("format", "version")}
+    print(f"wrote {export.bundle_part_files(paths, out, metadata)} from {', '.join(p.name for p in paths)}")
     return 0
 
 

@@ -10,6 +10,7 @@ plus the title bar, so no two nodes overlap. Regenerate with:
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -29,7 +30,7 @@ MIN_SIZES: dict[str, tuple[int, int]] = {
     "DynamicTelemetry": (320, 30), "DynamicSpeedReport": (520, 380), "DynamicWidthPatcher": (340, 260),
     "DynamicTokenRouter": (340, 310), "DynamicTDLoRALoader": (340, 90), "DynamicPatchScheduler": (340, 260),
     "DynamicBenchmarkConditioning": (380, 60), "DynamicReferenceModelLoader": (340, 150),
-    "DynamicReferenceLatentToImage": (360, 60), "DynamicTrainer": (380, 560), NOTE_TYPE: (400, 300),
+    "DynamicReferenceLatentToImage": (360, 60), "DynamicTrainer": (380, 560), "DynamicTrainedLoader": (340, 90), NOTE_TYPE: (400, 300),
     # the stock Wan video graph
     "CLIPLoader": (320, 110), "EmptyHunyuanLatentVideo": (320, 130), "ModelSamplingSD3": (320, 60),
     "KSamplerAdvanced": (340, 340), "CreateVideo": (320, 80), "SaveVideo": (400, 300),
@@ -228,9 +229,17 @@ def render_all(node_registry: Mapping[str, type]) -> dict[str, str]:
     from .example_graphs import WORKFLOWS
 
     return {
-        f"{name}.json": json.dumps(build(describe(), node_registry, title), indent=2) + "\n"
-        for name, (title, describe) in WORKFLOWS.items()
+        f"{workflow.title}.json": json.dumps(build(workflow.build(), node_registry, workflow.description), indent=2) + "\n"
+        for workflow in WORKFLOWS.values()
     }
+
+
+def example_path(slug: str, suffix: str = ".json") -> Path:
+    """The example workflow `slug`'s file (".jpg": its thumbnail) in the pack's example_workflows/."""
+    from . import host
+    from .example_graphs import WORKFLOWS
+
+    return host.pack_root() / "example_workflows" / f"{WORKFLOWS[slug].title}{suffix}"
 
 
 def main() -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
@@ -212,8 +213,9 @@ def _progress_publisher() -> Callable[[dict], None] | None:
         return None
 
     def publish(progress: dict) -> None:
-        try:
-            prompt_server.send_sync(PROGRESS_EVENT, progress, prompt_server.client_id)
+        try:  # with the sampling node's id: the browser shows a run on the reports wired to that node only
+            prompt_server.send_sync(PROGRESS_EVENT, {**progress, "node": getattr(prompt_server, "last_node_id", None)},
+                                    prompt_server.client_id)
         except Exception:  # a live view must never break sampling
             logger.debug("Dynamic DiT: could not send progress", exc_info=True)
 
@@ -336,18 +338,21 @@ def _count_params(module: torch.nn.Module) -> str:
 
 # --- files and previews --------------------------------------------------------------------------
 MODEL_FOLDER = "dynamic_dit"
+# The trained files the pack ships for its reference model (try_it's coarse patches): listed beside the user's own,
+# so the nodes' file lists offer them without a copy into models/.
+SHIPPED_FILE_FOLDER = Path(__file__).resolve().parents[1] / "reference" / MODEL_FOLDER
 
 
 def register_model_folder() -> None:
-    """Register `models/dynamic_dit/` (routers, ratios, coarse-patch embeddings, TD-LoRA files)."""
+    """Register `models/dynamic_dit/` (routers, ratios, coarse-patch embeddings, TD-LoRA files), then the pack's
+    shipped files."""
     import os
 
     import folder_paths
 
     default = os.path.join(folder_paths.models_dir, MODEL_FOLDER)
     paths, extensions = folder_paths.folder_names_and_paths.get(MODEL_FOLDER, ([], set()))
-    if default not in paths:
-        paths = [*paths, default]
+    paths = [*paths, *(folder for folder in (default, str(SHIPPED_FILE_FOLDER)) if folder not in paths)]
     folder_paths.folder_names_and_paths[MODEL_FOLDER] = (paths, set(extensions) | {".safetensors"})
 
 

@@ -24,6 +24,20 @@ def test_example_workflows_are_current():
         assert on_disk[name] == text, f"{name} is stale: python -m devtools.workflows"
 
 
+def test_template_titles_read_as_titles_and_try_it_comes_first():
+    # The template browser titles a pack's templates by file name alone and describes them by the same name with '-'
+    # and '_' as spaces (frontends 1.32.9 and 1.37.11): the file names are the titles an artist reads.
+    from comfyui_dynamic_dit.devtools.example_graphs import WORKFLOWS
+
+    titles = sorted(EXAMPLES.glob("*.json"), key=lambda path: path.stem.lower())  # the browser's A-Z order
+    assert titles[0].stem == WORKFLOWS["try_it"].title and titles[1].stem == WORKFLOWS["train_reference"].title
+    for path in titles:
+        title = path.stem
+        assert "_" not in title and " " in title and len(title) <= 48 and title == title.strip(), title
+        assert title[0].isupper() or title[0].isdigit(), title
+        assert title.isascii(), f"{title}: a file name every file system and URL keeps as it is"
+
+
 def test_example_workflows_use_known_nodes_and_consistent_links():
     registry = workflows.registry()
     for name, graph in _graphs().items():
@@ -123,7 +137,7 @@ def test_wan_workflows_sample_as_they_ship_on_tiny_wan_models(name):
     from comfyui_dynamic_dit.demo import tiny_wan
 
     registry = workflows.registry()
-    nodes = example_graphs.WORKFLOWS[name][1]()
+    nodes = example_graphs.WORKFLOWS[name].build()
     prompt = workflows.build_api(nodes, registry)
     prompt = {i: n for i, n in prompt.items() if n["class_type"] not in DISPLAY_TYPES}
     config = tiny_wan.TinyWan(num_heads=8, depth=6)  # enough heads and blocks for the defaults to act on
@@ -190,7 +204,7 @@ def test_the_image_family_workflows_sample_as_they_ship_on_tiny_models(name):
     module, config_class, sizes, latent_type, methods = IMAGE_FAMILIES[name]
     family = importlib.import_module(f"comfyui_dynamic_dit.demo.{module}")
     registry = workflows.registry()
-    prompt = workflows.build_api(example_graphs.WORKFLOWS[name][1](), registry)
+    prompt = workflows.build_api(example_graphs.WORKFLOWS[name].build(), registry)
     prompt = {i: n for i, n in prompt.items() if n["class_type"] not in DISPLAY_TYPES | {"SaveImage"}}
     config = getattr(family, config_class)(**sizes)
     positive, negative = family.conditioning(config)

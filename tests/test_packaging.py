@@ -58,7 +58,8 @@ def test_package_leaves_out_tests_benchmarks_and_training():
                    "core/fingerprint.py", "core/files.py"):
         assert needed in shipped, needed
     for needed in ("__init__.py", "LICENSE", "pyproject.toml", "web/js/dynamic_dit.js", "reference/flux_photo_reference.safetensors",
-                   "example_workflows/try_it.json", "example_workflows/try_it.jpg", "demo/reference_node.py"):
+                   "example_workflows/1 Try it (no download).json", "example_workflows/1 Try it (no download).jpg",
+                   "reference/dynamic_dit/reference_coarse_patches_x2.safetensors", "demo/reference_node.py"):
         assert needed in shipped, needed
 
 

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Mapping
+from typing import Iterable, Mapping
 
 from ..core.files import read_safetensors, write_bundle
 from ..core.method import PARTS
@@ -61,19 +61,24 @@ def save_student(student: DynamicStudent, stem: str | os.PathLike, metadata: Map
     return written
 
 
-def save_bundle(student: DynamicStudent, path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
-    """One file with every trained part (each written by its own format's writer first, then bundled)."""
+def bundle_part_files(paths: Iterable[str | os.PathLike], path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
+    """One bundle file from a run's part files (each already in its own format), with the run's shared `metadata`."""
     path = Path(path)
     if not path.name.endswith(".safetensors"):
         path = path.with_name(path.name + ".safetensors")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as folder:
-        parts = {}
-        for written in save_student(student, Path(folder) / "run", metadata):
-            tensors, part_metadata = read_safetensors(written, written.name)
-            parts[part_metadata["format"]] = (tensors, part_metadata)
-        write_bundle(path, parts, dict(metadata))
+    parts = {}
+    for written in map(Path, paths):
+        tensors, part_metadata = read_safetensors(written, written.name)
+        parts[part_metadata["format"]] = (tensors, part_metadata)
+    write_bundle(path, parts, dict(metadata))
     return path
 
 
-__all__ = ["save_bundle", "save_student", "suffixes", "training_metadata"]
+def save_bundle(student: DynamicStudent, path: str | os.PathLike, metadata: Mapping[str, str]) -> Path:
+    """One file with every trained part (each written by its own format's writer first, then bundled)."""
+    with tempfile.TemporaryDirectory() as folder:
+        return bundle_part_files(save_student(student, Path(folder) / "run", metadata), path, metadata)
+
+
+__all__ = ["bundle_part_files", "save_bundle", "save_student", "suffixes", "training_metadata"]

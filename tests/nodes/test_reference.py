@@ -55,3 +55,19 @@ def test_bad_inputs_are_explained(monkeypatch, tmp_path):
     assert combo_options(Loader.INPUT_TYPES()["required"]["photo_class"]) == ["(reference model file missing)"]
     with pytest.raises(ValueError, match="The reference model file is missing: .*gone.safetensors"):
         reference.load_cached_reference()
+
+
+def test_the_shipped_trained_file_is_listed_and_runs_as_trained_on_the_reference_model_only(flux_model):
+    # try_it's third branch: the coarse-patch file the pack ships, offered by the file lists beside models/dynamic_dit/
+    from comfyui_dynamic_dit.integration.patching import training_run_files
+
+    Trained = NODE_CLASS_MAPPINGS["DynamicTrainedLoader"]
+    name = "reference_coarse_patches_x2.safetensors"
+    assert name in training_run_files() and name in combo_options(Trained.INPUT_TYPES()["required"]["file"])
+    model, positive, negative, latent = node_outputs(Loader, "coffee", 1)
+    (trained,) = node_outputs(Trained, model, name)
+    comfy_nodes.KSampler().sample(trained, 42, 16, 2.0, "euler", "simple", positive, negative, latent)
+    run = trained.model_options["transformer_options"]["dynamic_dit"].telemetry.latest()
+    assert 2.1 < run.flops_reduction < 2.3 and len(run.steps()) == 16  # 12-82 %: steps 2-13 coarse, x2.21
+    with pytest.raises(ValueError, match="trained for another base model"):
+        node_outputs(Trained, flux_model, name)  # a Flux of other weights and shapes

@@ -3,19 +3,22 @@ pack, loads every example workflow, queues the try-it workflow and watches the r
 
 Screenshots are kept under out/browser/ (gitignored). With DYNAMIC_DIT_UPDATE_IMAGES=1 the test runs the
 try-it workflow exactly as it ships and writes the workflow thumbnails (example_workflows/*.jpg) and the
-README's picture of the report node (docs/report_node.png); run this module alone then (the server test's
+README's pictures (docs/try_it_*, docs/train_reference_*: at the saved view and at 100 %); run this module alone then (the server test's
 run of the same prompt would be answered from ComfyUI's cache):
 
     DYNAMIC_DIT_UPDATE_IMAGES=1 .venv/bin/python -m pytest tests/web/test_browser.py
 """
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 import pytest
 
 from support.chromium import Chromium, find_chromium
+
+from comfyui_dynamic_dit.devtools.workflows import example_path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO_ROOT / "out" / "browser"
@@ -24,6 +27,7 @@ RUN_COLOR = (86, 182, 255)  # web/js/dynamic_dit.js COLORS.run
 BASELINE_COLOR = (128, 132, 140)  # COLORS.baseline
 PACK_MARKERS = ("dynamic_dit", "DynamicDiT", "ComfyUI-DynamicDiT", "dynamic-dit")
 STEPS = 8
+TRY_IT = example_path("try_it")
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +102,11 @@ def _ids_of(chromium: Chromium, types: list[str]) -> list[int]:
     return chromium.evaluate(f"app.graph._nodes.filter(n => {json.dumps(types)}.includes(n.type)).map(n => n.id)")
 
 
-def _chart_state(chromium: Chromium) -> dict:
-    """What the report node shows: its data, summary, and how many pixels of its chart are in the run's and
-    the baseline's colours (read back from the node's canvas)."""
+def _chart_state(chromium: Chromium, title: str = "Speed Report (defaults)") -> dict:
+    """What the report node titled `title` shows: its data, summary, and how many pixels of its chart are in the
+    run's and the baseline's colours (read back from the node's canvas)."""
     return json.loads(chromium.evaluate("""(() => {
-        const node = app.graph._nodes.find(n => n.type === 'DynamicSpeedReport');
+        const node = app.graph._nodes.find(n => n.type === 'DynamicSpeedReport' && n.title === %s);
         const view = node?.dynamicDit;
         if (!view) return JSON.stringify({missing: true});
         const canvas = view.canvas;
@@ -113,7 +117,7 @@ def _chart_state(chromium: Chromium) -> dict:
             run: count(%s), baseline: count(%s), summary: view.summary.textContent, id: node.id,
             summaryCut: view.summary.scrollHeight > view.summary.clientHeight + 1,
             size: [canvas.clientWidth, canvas.clientHeight]});
-    })()""" % (json.dumps(RUN_COLOR), json.dumps(BASELINE_COLOR))))
+    })()""" % (json.dumps(title), json.dumps(RUN_COLOR), json.dumps(BASELINE_COLOR))))
 
 
 def test_extension_loads_once_without_errors(browser):
@@ -223,13 +227,15 @@ def test_every_example_workflow_loads_without_missing_nodes_or_overlaps(browser)
                 overlap = a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
                 assert not overlap, f"{path.name}: {type_a} #{id_a} overlaps {type_b} #{id_b} as the frontend draws them"
         shot = _fit_and_capture(browser, ARTIFACTS / f"{path.stem}.png")
-        if UPDATE_IMAGES and path.stem != "try_it":  # try_it's thumbnail shows the run, below
+        if UPDATE_IMAGES and path != TRY_IT:  # try_it's thumbnail shows the run, below
             _thumbnail(shot, path.with_suffix(".jpg"))
+        if UPDATE_IMAGES and path == example_path("train_reference"):
+            _readme_pictures(browser, json.loads(path.read_text()), "train_reference", _ids_of(browser, ["DynamicTrainer"]))
     assert not _pack_errors(browser, since), _pack_errors(browser, since)
 
 
 def test_missing_node_check_sees_a_missing_node(browser):
-    graph = json.loads((REPO_ROOT / "example_workflows" / "try_it.json").read_text())
+    graph = json.loads(TRY_IT.read_text())
     graph["nodes"][1]["type"] = "NoSuchNodeAnywhere"
     state = _load(browser, graph, "missing")
     assert state["missingDialog"] and state["unknown"] == ["NoSuchNodeAnywhere"]
@@ -237,7 +243,7 @@ def test_missing_node_check_sees_a_missing_node(browser):
 
 def test_try_it_draws_the_chart_live_and_keeps_it(browser):
     since = len(browser.console)
-    graph = json.loads((REPO_ROOT / "example_workflows" / "try_it.json").read_text())
+    graph = json.loads(TRY_IT.read_text())
     steps = 16
     if not UPDATE_IMAGES:  # the images show the workflow as it ships; the test runs a lighter variant of it
         steps = STEPS
@@ -246,7 +252,7 @@ def test_try_it_draws_the_chart_live_and_keeps_it(browser):
                 node["widgets_values"][0] = "moon"
             if node["type"] == "KSampler":  # fewer steps than the workflow's 16: the browser shares the CPU cores
                 node["widgets_values"][2] = STEPS
-    _load(browser, graph, "try_it")
+    _load(browser, graph, TRY_IT.stem)
     initial = _chart_state(browser)
     assert not initial.get("missing") and initial["steps"] == 0 and initial["run"] == 0
     assert initial["size"][0] >= 400 and initial["size"][1] >= 150, initial["size"]  # readable at the default size
@@ -273,18 +279,46 @@ def test_try_it_draws_the_chart_live_and_keeps_it(browser):
     time.sleep(1.0)
     kept = _chart_state(browser)  # still there after the run
     assert kept["summary"] == final["summary"] and kept["run"] > 300
+    # the shipped trained file's report: its FLOPs, model-time speedup and PSNR read off the node (the server test
+    # holds the numbers at the workflow's 16 steps; this run has fewer)
+    trained = _chart_state(browser, "Speed Report (trained file)")
+    assert trained["done"] and trained["steps"] == steps and not trained["summaryCut"], trained
+    flops, speed, psnr = (re.search(pattern, trained["summary"]) for pattern in (
+        r"x(\d+\.\d\d) fewer FLOPs", r"x(\d+\.\d\d) (faster|slower) model time", r"(\d+\.\d) dB PSNR"))
+    assert flops and float(flops[1]) > 1.5 and speed and psnr and float(psnr[1]) > 18, trained["summary"]
     browser.wait_for("app.graph._nodes.filter(n => n.type === 'PreviewImage').every(n => n.imgs?.length)", 30)
     shot = _fit_and_capture(browser, ARTIFACTS / "try_it_after_run.png", _ids_of(browser, ["DynamicSpeedReport", "PreviewImage"]))
-    report = _fit_and_capture(browser, ARTIFACTS / "report_node.png", [final["id"]])
     if UPDATE_IMAGES:
-        _thumbnail(shot, REPO_ROOT / "example_workflows" / "try_it.jpg")
-        (REPO_ROOT / "docs").mkdir(exist_ok=True)
-        (REPO_ROOT / "docs" / "report_node.png").write_bytes(report.read_bytes())
+        _thumbnail(shot, TRY_IT.with_suffix(".jpg"))
+        (REPO_ROOT / "docs" / "try_it_after_run.png").write_bytes(shot.read_bytes())
+        _readme_pictures(browser, graph, "try_it", _ids_of(browser, ["DynamicSpeedReport"]))
     browser.evaluate("app.loadGraphData(app.graph.serialize(), true, true, 'try_it reloaded')")
     time.sleep(0.5)
     reloaded = _chart_state(browser)  # and when the workflow is loaded again (saved, tab reopened)
     assert reloaded["summary"] == final["summary"] and reloaded["run"] > 300 and reloaded["id"] == final["id"]
     assert not _pack_errors(browser, since), _pack_errors(browser, since)
+
+
+def _readme_pictures(chromium: Chromium, graph: dict, stem: str, node_ids: list[int]) -> None:
+    """The README's pictures of a workflow, with ComfyUI's menus shown as an artist sees them: the window at the view
+    the workflow is saved with, and at 100 % zoom with `node_ids` from the top-left corner."""
+    from PIL import Image
+
+    chromium.evaluate("app.extensionManager.focusMode = false")
+    try:
+        ds = graph["extra"]["ds"]
+        views = {"saved_view": f"app.canvas.ds.scale = {ds['scale']}; app.canvas.ds.offset = {json.dumps(ds['offset'])};",
+                 "100": """const ids = %s, boxes = app.graph._nodes.filter(n => ids.includes(n.id)).map(n => n.getBounding());
+                     app.canvas.ds.scale = 1;
+                     app.canvas.ds.offset = [120 - Math.min(...boxes.map(b => b[0])), 170 - Math.min(...boxes.map(b => b[1]))];"""
+                 % json.dumps(node_ids)}
+        for name, view in views.items():
+            chromium.evaluate(f"(() => {{ {view} app.canvas.setDirty(true, true); app.canvas.draw(true, true); }})()")
+            time.sleep(0.5)
+            shot = chromium.screenshot(ARTIFACTS / f"{stem}_{name}.png")
+            Image.open(shot).convert("RGB").save(REPO_ROOT / "docs" / f"{stem}_{name}.jpg", quality=85)
+    finally:
+        chromium.evaluate("app.extensionManager.focusMode = true")
 
 
 def _thumbnail(screenshot: Path, target: Path, width: int = 640) -> None:

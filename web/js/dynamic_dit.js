@@ -195,13 +195,28 @@ function createView(node) {
   show(node, null);
 }
 
+// The node a report input is wired to (null when unconnected). LiteGraph keeps links in a Map or a plain object.
+function sourceOf(node, inputName) {
+  const id = node.inputs?.find((input) => input.name === inputName)?.link;
+  const links = app.graph?.links;
+  const link = id == null ? null : links instanceof Map ? links.get(id) : links?.[id];
+  return link ? String(link.origin_id) : null;
+}
+
+// The reports a run sampled by node `sampler` belongs on: those whose latent or baseline_latent comes from it.
+// When none is wired to it (a subgraph, a reroute, an unknown sampler id), every report shows it, as one report would.
+function reportsOf(sampler) {
+  const reports = (app.graph?._nodes || []).filter((node) => node.type === REPORT);
+  if (sampler == null) return reports;
+  const wired = reports.filter((node) => ["latent", "baseline_latent"].some((name) => sourceOf(node, name) === String(sampler)));
+  return wired.length ? wired : reports;
+}
+
 app.registerExtension({
   name: "dynamic_dit.report",
   async setup() {
     api.addEventListener("dynamic_dit.progress", (event) => {
-      for (const node of app.graph?._nodes || []) {
-        if (node.type === REPORT) show(node, event.detail);
-      }
+      for (const node of reportsOf(event.detail?.node)) show(node, event.detail);
     });
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
