@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..core.method import PARTS as PART_TYPES
 from ..integration.node_schema import hidden_unique_id, hidden_when, node_schema, shown_when
 from ..integration.trained_files import apply_trained_files
-from .training_request import CUSTOM, PARTS, RECIPE_INPUTS, RECIPES, WIDTH_PARTS, TrainingRequest, with_recipe
+from .training_request import CUSTOM, PARTS, RECIPE_INPUTS, RECIPES, WIDTH_PARTS, TrainingRequest, still_falling, with_recipe
 
 
 DESCRIPTION = (
@@ -124,6 +124,10 @@ class DynamicTrainer(io.ComfyNode):
         report = (f"FLOPs {result.final_ratio:.3f} of full ({goal}), distillation loss {result.eval_loss:.4f} "
                   f"after {request.config.steps} steps{rounds_text} in {time.perf_counter() - started:.0f} s; wrote {path.name} (other nodes "
                   "list it after Refresh, key R)")
+        fall = still_falling(request.final_losses)
+        if fall is not None:
+            report += (f". Not done learning: the loss still fell {fall:.0%} over the last fifth of the steps, so more steps "
+                       "should bring the file closer to full compute (the recipes train 300-900)")
         request.text.show(f"done: {report}", force=True)
         return io.NodeOutput(patched, report, ui={"text": [report]})
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -91,6 +91,7 @@ class TrainingRequest:
     inputs: dict[str, Any]  # what the file's command line records
     sampling: dict[str, Any]  # the teacher's sampling runs: steps, cfg, sampler, scheduler
     text: PhaseText | None = None
+    final_losses: list[float] = field(default_factory=list)  # the last training phase's loss per step, after `run`
 
     @property
     def learns_compute(self) -> bool:
@@ -163,6 +164,7 @@ class TrainingRequest:
             path = export.save_bundle(student, self.stem, metadata)
             if not keep_checkpoints:  # a finished run needs them no more (an interrupted one keeps them to resume)
                 training_host.remove_checkpoints(checkpoint)
+        self.final_losses = progress.losses
         return result, path, round_steps
 
     def _on_policy_round(self, training_host, student, bank, index: int, round_steps: int, seeds: list[int],
@@ -178,6 +180,17 @@ class TrainingRequest:
             **self.sampling)
 
 
+def still_falling(losses: list[float], share: float = 0.2, threshold: float = 0.05) -> float | None:
+    """How much lower the mean distillation loss of the last `share` of the steps is than that of the share before
+    it, when more than `threshold` (a run stopped while still learning); None when flat, rising or too short to say."""
+    span = max(int(len(losses) * share), 5)
+    if len(losses) < 2 * span:
+        return None
+    last, before = sum(losses[-span:]) / span, sum(losses[-2 * span:-span]) / span
+    fall = 1.0 - last / before if before > 0 else 0.0
+    return fall if fall > threshold else None
+
+
 @dataclass
 class _Progress:
     """The node's progress bar and phase text over the whole run."""
@@ -191,11 +204,17 @@ class _Progress:
         self.bar.update_absolute(base + done, self.total)
         self.text.show(f"{phase}: sampling run {done}/{self.runs}", base + done, force=done == self.runs)
 
+    losses: list[float] = field(default_factory=list)  # the distillation loss per step of the latest training phase
+    phase: str = ""
+
     def training(self, step: int, entry: dict, phase: str = "training", count: int = 0, base: int | None = None) -> None:
+        if phase != self.phase:
+            self.phase, self.losses = phase, []
+        self.losses.append(float(entry["distill"]))
         base = self.runs if base is None else base
         self.bar.update_absolute(base + step, self.total)
         self.text.show(f"{phase}: step {step}/{count}, distillation loss {entry['distill']:.4f}", base + step, force=step == count)
 
 
-__all__ = ["CUSTOM", "PARTS", "RECIPES", "RECIPE_INPUTS", "SDT_PARTS", "TrainingRequest", "WIDTH_PARTS", "output_stem",
+__all__ = ["CUSTOM", "PARTS", "RECIPES", "RECIPE_INPUTS", "SDT_PARTS", "TrainingRequest", "WIDTH_PARTS", "output_stem", "still_falling",
            "with_recipe"]

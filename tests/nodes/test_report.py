@@ -100,7 +100,9 @@ def test_the_report_says_how_close_the_image_stayed_when_both_images_are_connect
     summary = node_outputs(Report, model, latent, image=close, baseline_image=full)["ui"]["text"][0]
     expected = bench_psnr(full.movedim(-1, 1), close.movedim(-1, 1))
     assert f"; {expected:.1f} dB PSNR, SSIM 0.9" in summary and "against full compute's image" in summary, summary
-    assert fidelity_text(full, full) == "; identical to full compute's image"
+    assert fidelity_text(full, full) == "; identical to full compute's image" and "plain to see" not in summary
+    far = (full + 0.2 * torch.randn(full.shape, generator=torch.Generator().manual_seed(1))).clamp(0, 1)  # about 15 dB
+    assert "under 20 dB the difference is plain to see" in fidelity_text(far, full), fidelity_text(far, full)
     assert fidelity_text(close, None) == "" and "no PSNR" in fidelity_text(full[:, :16], full)
 
 

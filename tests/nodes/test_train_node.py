@@ -252,3 +252,19 @@ def test_a_measured_recipe_sets_the_parts_and_every_knob(flux_model, conds, mode
     assert asked[-1].config.steps == 4 and asked[-1].spec.parts == ("width", "td_lora")  # custom: the inputs
     with pytest.raises(ValueError, match="recipe must be one of"):
         run(flux_model, conds, recipe="the fastest")
+
+
+def test_the_result_says_when_training_stopped_while_still_learning():
+    from comfyui_dynamic_dit.nodes.training_request import still_falling
+
+    falling = [1.0 / (1 + 0.1 * step) for step in range(100)]
+    assert 0.19 < still_falling(falling) < 0.21  # the last 20 steps' mean against the 20 before
+    assert still_falling([0.5 + 0.01 * (step % 3) for step in range(100)]) is None  # flat, noisy
+    assert still_falling([0.5 + 0.001 * step for step in range(100)]) is None  # rising
+    assert still_falling(falling[:9]) is None  # too few steps to say
+
+
+def test_a_short_run_reports_it_was_not_done_learning(flux_model, conds, model_folder):
+    # 20 steps of width + TD-LoRA from their start: the loss falls throughout
+    report = run(flux_model, conds, steps=20)["result"][1]
+    assert "Not done learning: the loss still fell" in report and "over the last fifth of the steps" in report, report

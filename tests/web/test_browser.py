@@ -116,6 +116,10 @@ def _chart_state(chromium: Chromium, title: str = "Speed Report (defaults)") -> 
         return JSON.stringify({steps: view.data?.steps?.length ?? 0, done: !!view.data?.done, full: !!view.data?.full_compute,
             run: count(%s), baseline: count(%s), summary: view.summary.textContent, id: node.id,
             summaryCut: view.summary.scrollHeight > view.summary.clientHeight + 1,
+            headline: view.headline.textContent, headlineShown: view.headline.style.display !== 'none',
+            summaryShown: view.summary.style.display !== 'none',
+            headlineCut: view.headline.scrollHeight > view.headline.clientHeight + 1,
+            headlinePx: parseFloat(view.headline.style.fontSize) * app.canvas.ds.scale,
             size: [canvas.clientWidth, canvas.clientHeight]});
     })()""" % (json.dumps(title), json.dumps(RUN_COLOR), json.dumps(BASELINE_COLOR))))
 
@@ -279,6 +283,16 @@ def test_try_it_draws_the_chart_live_and_keeps_it(browser):
     time.sleep(1.0)
     kept = _chart_state(browser)  # still there after the run
     assert kept["summary"] == final["summary"] and kept["run"] > 300
+    # zoomed out to the saved view, each report shows its headline numbers at a readable size; at 100 % the summary
+    for scale, shown in ((graph["extra"]["ds"]["scale"], "headlineShown"), (1.0, "summaryShown")):
+        browser.evaluate(f"app.canvas.ds.scale = {scale}; app.canvas.setDirty(true, true); app.canvas.draw(true, true)")
+        time.sleep(0.3)
+        for title in ("Speed Report (defaults)", "Speed Report (trained file)"):
+            view = _chart_state(browser, title)
+            assert view[shown] and view["headlineShown"] != view["summaryShown"], (scale, view)
+            assert "fewer FLOPs · x" in view["headline"] and " dB PSNR" in view["headline"], view["headline"]
+            if shown == "headlineShown":
+                assert view["headlinePx"] >= 11.5 and not view["headlineCut"], view
     # the shipped trained file's report: its FLOPs, model-time speedup and PSNR read off the node (the server test
     # holds the numbers at the workflow's 16 steps; this run has fewer)
     trained = _chart_state(browser, "Speed Report (trained file)")
