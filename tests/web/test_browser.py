@@ -313,6 +313,32 @@ def test_try_it_draws_the_chart_live_and_keeps_it(browser):
     assert not _pack_errors(browser, since), _pack_errors(browser, since)
 
 
+def test_the_train_node_shows_its_phase_on_the_node_while_it_trains(browser):
+    """The phase text the Train node sends (ComfyUI's progress text) is drawn on the node in the browser, from the
+    teacher's recording to the end; the example workflow, made short."""
+    graph = json.loads(example_path("train_reference").read_text())
+    trainer = next(node for node in graph["nodes"] if node["type"] == "DynamicTrainer")
+    values = dict(zip(("parts", "target_flops", "steps", "filename", "sampling_steps"), trainer["widgets_values"]))
+    assert values["steps"] == 100 and values["sampling_steps"] == 16, values  # the saved order of the widgets
+    trainer["widgets_values"][2], trainer["widgets_values"][3], trainer["widgets_values"][4] = 3, "trained/browser_check", 4
+    for node in graph["nodes"]:
+        if node["type"] == "KSampler":
+            node["widgets_values"][2] = 4
+    _load(browser, graph, "train")
+    browser.evaluate("app.queuePrompt(0, 1)")
+    texts, deadline = [], time.time() + 120
+    while time.time() < deadline:
+        text = browser.evaluate("""(() => { const node = app.graph._nodes.find(n => n.type === 'DynamicTrainer');
+            return node.widgets?.find(w => w.name === '$$node-text-preview')?.value ?? ''; })()""")
+        if text and (not texts or texts[-1] != text):
+            texts.append(text)
+        if text.startswith("done: "):
+            break
+        time.sleep(0.1)
+    assert any(t.startswith("recording the teacher: sampling run") or t.startswith("training: step") for t in texts), texts
+    assert texts and texts[-1].startswith("done: FLOPs") and "after 3 steps" in texts[-1], texts
+
+
 def _readme_pictures(chromium: Chromium, graph: dict, stem: str, node_ids: list[int]) -> None:
     """The README's pictures of a workflow, with ComfyUI's menus shown as an artist sees them: the window at the view
     the workflow is saved with, and at 100 % zoom with `node_ids` from the top-left corner."""
