@@ -12,9 +12,11 @@ def test_demo_prints_the_per_step_table_and_writes_the_chart(tmp_path, capsys):
     out = capsys.readouterr().out
     for name, _ in demo.DEMO_CHAIN:
         assert name in out
-    rows = [line for line in out.splitlines() if re.match(r"^\s+\d+\s+\d\.\d{4}\s+1\s", line)]
-    assert len(rows) == 6  # one row per step
-    assert "heads 0.88" in rows[0] and "token_router: reuse keep 0.70" in rows[1]  # the defaults ran, as the table says
+    lines = out.splitlines()
+    rows = [i for i, line in enumerate(lines) if re.match(r"^\s+\d+\s+\d\.\d{4}\s+1\s", line)]
+    assert len(rows) == 6  # one row per step, what the methods did on the line below it
+    methods = [lines[i + 1] for i in rows]
+    assert "heads 0.88" in methods[0] and "token_router: reuse keep 0.70" in methods[1]  # the defaults ran, as the table says
     summary = re.search(r"x(\d+\.\d+) fewer FLOPs", out)
     assert summary and float(summary.group(1)) > 1.1
     fidelity = re.search(r"(\d+\.\d) dB PSNR, SSIM (\d\.\d+) against full compute's image", out)

@@ -64,9 +64,15 @@ def _close_dialogs(chromium: Chromium) -> None:
         time.sleep(0.3)
 
 
+def _frames(chromium: Chromium, count: int = 3) -> None:
+    """Wait until the page has drawn `count` more frames (the canvas and the DOM widgets that follow it)."""
+    chromium.evaluate("new Promise(done => { let left = %d; const next = () => --left ? requestAnimationFrame(next) : done(); "
+                      "requestAnimationFrame(next); })" % count)
+
+
 def _load(chromium: Chromium, graph: dict, name: str) -> dict:
     chromium.evaluate(f"app.loadGraphData({json.dumps(graph)}, true, true, {json.dumps(name)})")
-    time.sleep(0.5)
+    _frames(chromium)
     state = json.loads(chromium.evaluate("""JSON.stringify({
         missingDialog: !!document.querySelector('.comfy-missing-nodes'),
         unknown: app.graph._nodes.filter(n => !LiteGraph.registered_node_types[n.type]).map(n => n.type),
@@ -94,7 +100,7 @@ def _fit_and_capture(chromium: Chromium, path: Path, node_ids: list[int] | None 
         const left = rect.left + (x0 + app.canvas.ds.offset[0]) * scale, top = rect.top + (y0 + app.canvas.ds.offset[1]) * scale;
         return JSON.stringify({x: left - %d, y: top - %d, width: (x1 - x0) * scale + 2 * %d, height: (y1 - y0) * scale + 2 * %d, scale: 1});
     })()""" % (json.dumps(node_ids), margin, margin, margin, margin, margin, margin)))
-    time.sleep(0.4)  # DOM widgets follow the canvas on the next frame
+    _frames(chromium)  # DOM widgets follow the canvas on the next frame
     return chromium.screenshot(path, clip)
 
 
@@ -219,7 +225,6 @@ def test_every_example_workflow_loads_without_missing_nodes_or_overlaps(browser)
         browser.evaluate("app.extensionManager.focusMode = false")
         try:
             state = _load(browser, json.loads(path.read_text()), path.stem)
-            time.sleep(0.3)
             view = json.loads(browser.evaluate(SAVED_VIEW))
         finally:
             browser.evaluate("app.extensionManager.focusMode = true")
@@ -230,9 +235,8 @@ def test_every_example_workflow_loads_without_missing_nodes_or_overlaps(browser)
             for id_b, type_b, b in boxes[i + 1:]:
                 overlap = a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
                 assert not overlap, f"{path.name}: {type_a} #{id_a} overlaps {type_b} #{id_b} as the frontend draws them"
-        shot = _fit_and_capture(browser, ARTIFACTS / f"{path.stem}.png")
         if UPDATE_IMAGES and path != TRY_IT:  # try_it's thumbnail shows the run, below
-            _thumbnail(shot, path.with_suffix(".jpg"))
+            _thumbnail(_fit_and_capture(browser, ARTIFACTS / f"{path.stem}.png"), path.with_suffix(".jpg"))
         if UPDATE_IMAGES and path == example_path("train_reference"):
             _readme_pictures(browser, json.loads(path.read_text()), "train_reference", _ids_of(browser, ["DynamicTrainer"]))
     assert not _pack_errors(browser, since), _pack_errors(browser, since)
@@ -243,6 +247,18 @@ def test_missing_node_check_sees_a_missing_node(browser):
     graph["nodes"][1]["type"] = "NoSuchNodeAnywhere"
     state = _load(browser, graph, "missing")
     assert state["missingDialog"] and state["unknown"] == ["NoSuchNodeAnywhere"]
+
+
+def test_saved_view_check_sees_a_title_under_the_tab_bar(browser):
+    graph = json.loads(TRY_IT.read_text())
+    graph["extra"]["ds"] = {"scale": 1.0, "offset": [300, -graph["nodes"][0]["pos"][1] + 40]}  # the top row at 40 px
+    browser.evaluate("app.extensionManager.focusMode = false")
+    try:
+        _load(browser, graph, "under the tab bar")
+        view = json.loads(browser.evaluate(SAVED_VIEW))
+    finally:
+        browser.evaluate("app.extensionManager.focusMode = true")
+    assert view["hidden"], view
 
 
 def test_try_it_draws_the_chart_live_and_keeps_it(browser):
