@@ -1,5 +1,5 @@
 """Benchmark conditioning files: a prompt's conditioning (text embedding, pooled output, guidance) as
-safetensors, written by the "Save Conditioning for Benchmark" node and read by the command-line
+safetensors, written by the "Save Conditioning for Dynamic DiT Benchmark" node and read by the command-line
 benchmark (`python -m devtools.bench --model ... --positive FILE`)."""
 from __future__ import annotations
 
@@ -48,7 +48,7 @@ def load_conditioning(path: str | Path, context_dim: int | None = None, vec_dim:
     if metadata.get("format") != CONDITIONING_FORMAT or metadata.get("version") != CONDITIONING_VERSION:
         raise ValueError(f"{path}: not a conditioning file of version {CONDITIONING_VERSION} "
                          f"(format {metadata.get('format')!r}, version {metadata.get('version')!r}); "
-                         "write one with the 'Save Conditioning for Benchmark' node")
+                         "write one with the 'Save Conditioning for Dynamic DiT Benchmark' node")
     context = tensors.get("context")
     if context is None or context.ndim != 3:
         raise ValueError(f"{path}: 'context' must be a (1, tokens, dim) tensor, found {None if context is None else tuple(context.shape)}")

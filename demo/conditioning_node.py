@@ -1,4 +1,4 @@
-"""Save Conditioning for Benchmark: a prompt's conditioning as a file for the command-line benchmark (a developer node)."""
+"""Save Conditioning for Dynamic DiT Benchmark: a prompt's conditioning as a file for the command-line benchmark (a developer node)."""
 from __future__ import annotations
 
 from comfy_api.latest import io
@@ -11,7 +11,7 @@ class DynamicBenchmarkConditioning(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return node_schema(
-            "DynamicBenchmarkConditioning", "Save Conditioning for Benchmark", "dynamic_dit/report",
+            "DynamicBenchmarkConditioning", "Save Conditioning for Dynamic DiT Benchmark", "dynamic_dit/report",
             "Saves a prompt's conditioning (text embedding, pooled output, Flux guidance) to ComfyUI's output "
             "folder, for the command-line benchmark on your own checkpoint: python -m "
             "devtools.bench --model flux1-dev.safetensors --positive <this file> --vae ae.safetensors",
@@ -30,4 +30,4 @@ class DynamicBenchmarkConditioning(io.ComfyNode):
 
 
 NODE_CLASS_MAPPINGS = {"DynamicBenchmarkConditioning": DynamicBenchmarkConditioning}
-NODE_DISPLAY_NAME_MAPPINGS = {"DynamicBenchmarkConditioning": "Save Conditioning for Benchmark"}
+NODE_DISPLAY_NAME_MAPPINGS = {"DynamicBenchmarkConditioning": "Save Conditioning for Dynamic DiT Benchmark"}

@@ -211,7 +211,7 @@ def token_router_workflow() -> list[Node]:
         f"{REPORT_HELP}\n\n{FLUX_FILES}"
     )
     router = Node("router", "DynamicTokenRouter", links={"model": ("unet", 0)})
-    return _flux_comparison(text, [router], "router", "token_router", "Token Router")
+    return _flux_comparison(text, [router], "router", "token_router", "Dynamic Token Router")
 
 
 def width_workflow() -> list[Node]:

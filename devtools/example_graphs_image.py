@@ -92,7 +92,7 @@ def flux2_dev_workflow() -> list[Node]:
         return Node(key, "BasicGuider", links={"model": (model, 0), "conditioning": ("guidance", 0)}, title=f"BasicGuider{title}")
 
     chain = _chain("unet", [("patch", "DynamicPatchScheduler", "Dynamic Patch Scheduler"),
-                            ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+                            ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Dynamic Token Router")])
     return layout([
         [note("note", text, size=(460, 560)), unet, clip, vae],
         [prompt, guidance, Node("latent", "EmptyFlux2LatentImage", {**size, "batch_size": 1}),
@@ -140,7 +140,7 @@ def chroma_workflow() -> list[Node]:
                     title=f"CFGGuider{title}")
 
     chain = _chain("shift", [("patch", "DynamicPatchScheduler", "Dynamic Patch Scheduler"),
-                            ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+                            ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Dynamic Token Router")])
     return layout([
         [note("note", text, size=(460, 600)), unet, shift, clip, tokens, vae],
         [prompt, negative, Node("latent", "EmptySD3LatentImage", {**size, "batch_size": 1}),
@@ -185,7 +185,7 @@ def qwen_image_workflow() -> list[Node]:
     negative = Node("negative", "CLIPTextEncode", {"text": ""}, {"clip": ("clip", 0)}, title="Negative prompt")
     sampling = {"seed": 42, "steps": 8, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
     chain = _chain("shift", [("patch", "DynamicPatchScheduler", "Dynamic Patch Scheduler"),
-                            ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+                            ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Dynamic Token Router")])
     return layout([
         [note("note", text, size=(460, 640)), unet, lora, shift, clip, vae],
         [prompt, negative, Node("latent", "EmptySD3LatentImage", {"width": 1328, "height": 1328, "batch_size": 1})],
@@ -231,7 +231,7 @@ def qwen_image_edit_workflow() -> list[Node]:
     prompt = Node("prompt", "TextEncodeQwenImageEditPlus", {"prompt": QWEN_EDIT_PROMPT}, encode, title="Prompt")
     negative = Node("negative", "TextEncodeQwenImageEditPlus", {"prompt": ""}, encode, title="Negative prompt")
     sampling = {"seed": 42, "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
-    chain = _chain("norm", [("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+    chain = _chain("norm", [("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Dynamic Token Router")])
     return layout([
         [note("note", text, size=(460, 640)), unet, lora, shift, norm, clip, vae],
         [image, scaled, latent, prompt, negative],
@@ -272,7 +272,7 @@ def z_image_turbo_workflow() -> list[Node]:
     negative = Node("negative", "ConditioningZeroOut", links={"conditioning": ("prompt", 0)}, title="Negative (zeroed)")
     sampling = {"seed": 42, "steps": 9, "cfg": 1.0, "sampler_name": "res_multistep", "scheduler": "simple", "denoise": 1.0}
     chain = _chain("shift", [("patch", "DynamicPatchScheduler", "Dynamic Patch Scheduler"),
-                             ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+                             ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Dynamic Token Router")])
     return layout([
         [note("note", text, size=(460, 640)), unet, shift, clip, vae],
         [prompt, negative, Node("latent", "EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1})],
@@ -306,7 +306,7 @@ def sd35_large_workflow() -> list[Node]:
     negative = Node("negative", "ConditioningZeroOut", links={"conditioning": ("prompt", 0)}, title="Negative (zeroed)")
     sampling = {"seed": 42, "steps": 32, "cfg": 4.5, "sampler_name": "euler", "scheduler": "simple", "denoise": 1.0}
     chain = _chain("checkpoint", [("patch", "DynamicPatchScheduler", "Dynamic Patch Scheduler"),
-                                 ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+                                 ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Dynamic Token Router")])
     rows = _comparison_rows(_ksampler(sampling), "router", "sd35_large")
     for node in rows[-1]:  # the checkpoint holds the VAE
         if node.type == "VAEDecode":
@@ -346,7 +346,7 @@ def pixart_sigma_workflow() -> list[Node]:
     negative = Node("negative", "CLIPTextEncode", {"text": ""}, {"clip": ("clip", 0)}, title="Negative prompt")
     sampling = {"seed": 42, "steps": 20, "cfg": 4.5, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}
     chain = _chain("unet", [("patch", "DynamicPatchScheduler", "Dynamic Patch Scheduler"),
-                            ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Token Router")])
+                            ("width", "DynamicWidthPatcher", "Dynamic Width Patcher"), ("router", "DynamicTokenRouter", "Dynamic Token Router")])
     return layout([
         [note("note", text, size=(460, 600)), unet, clip, vae],
         [prompt, negative, Node("latent", "EmptyLatentImage", {"width": 1024, "height": 1024, "batch_size": 1})],

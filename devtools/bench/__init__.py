@@ -9,7 +9,7 @@
 
 Models: the committed reference model (a small Flux trained on photographs; fidelity is meaningful),
 `--model PATH` (a real checkpoint through ComfyUI's own loader, with conditioning files written by
-the "Save Conditioning for Benchmark" node), `--full-size-random` (FLUX.1-dev-sized random bf16
+the "Save Conditioning for Dynamic DiT Benchmark" node), `--full-size-random` (FLUX.1-dev-sized random bf16
 weights on a GPU, 1024 px, 28 steps; a reduced size on the CPU), `--random` (a tiny random Flux) or
 `--tiny-wan` (a random Wan 2.1 T2V built by demo/tiny_wan.py: hidden 256, 4 heads, 6 blocks, a 9-frame
 256 px video, 8 Euler steps, cfg 1; `--hidden`, `--heads`, `--blocks`, `--frames`, `--size`, `--steps`).

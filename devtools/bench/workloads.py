@@ -119,7 +119,7 @@ def checkpoint_workload(args: argparse.Namespace) -> Workload:
     from ...integration.patching import adapter_of
 
     if not args.positive:
-        raise ValueError("--model needs --positive FILE (a conditioning file from the 'Save Conditioning for Benchmark' node)")
+        raise ValueError("--model needs --positive FILE (a conditioning file from the 'Save Conditioning for Dynamic DiT Benchmark' node)")
     options = {"dtype": getattr(torch, args.dtype)} if args.dtype else {}
     print(f"loading {args.model} through ComfyUI's loader ...", flush=True)
     model = comfy.sd.load_diffusion_model(str(args.model), model_options=options)

@@ -31,7 +31,7 @@ class DynamicTDLoRALoader(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         low, high = STRENGTH_RANGE
         return node_schema(
-            "DynamicTDLoRALoader", "TD-LoRA Loader", "dynamic_dit/methods",
+            "DynamicTDLoRALoader", "Dynamic TD-LoRA Loader", "dynamic_dit/methods",
             "Applies a TD-LoRA: several low-rank experts whose mix follows the noise level, so noisy and clean "
             "steps get different adaptations. Plain LoRA files (any key style ComfyUI's LoRA loader reads) load "
             "as a single expert. The adaptation runs as a bypass next to each layer, so it keeps working under the "
@@ -64,4 +64,4 @@ register_trained_file(TrainedFileKind(
 ))
 
 NODE_CLASS_MAPPINGS = {"DynamicTDLoRALoader": DynamicTDLoRALoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"DynamicTDLoRALoader": "TD-LoRA Loader"}
+NODE_DISPLAY_NAME_MAPPINGS = {"DynamicTDLoRALoader": "Dynamic TD-LoRA Loader"}

@@ -21,7 +21,7 @@ class DynamicTokenRouter(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return node_schema(
-            "DynamicTokenRouter", "Token Router", "dynamic_dit/methods",
+            "DynamicTokenRouter", "Dynamic Token Router", "dynamic_dit/methods",
             "Routes only part of the image tokens through each block, per sample and per step; text tokens always run. "
             "reuse: the other tokens get the update this block gave them last time (training-free). "
             "diffcr: the other tokens skip the whole block (best with a DiffCR router file). "
@@ -98,4 +98,4 @@ register_trained_file(TrainedFileKind(
 ))
 
 NODE_CLASS_MAPPINGS = {"DynamicTokenRouter": DynamicTokenRouter}
-NODE_DISPLAY_NAME_MAPPINGS = {"DynamicTokenRouter": "Token Router"}
+NODE_DISPLAY_NAME_MAPPINGS = {"DynamicTokenRouter": "Dynamic Token Router"}

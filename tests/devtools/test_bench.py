@@ -264,7 +264,7 @@ def test_conditioning_file_round_trip_and_errors(tmp_path, conds, tiny_config):
         conditioning_file.load_conditioning(truncated)
     other = tmp_path / "weights.safetensors"
     comfy.utils.save_torch_file({"context": torch.zeros(1, 2, 3)}, str(other))
-    with pytest.raises(ValueError, match="Save Conditioning for Benchmark"):
+    with pytest.raises(ValueError, match="Save Conditioning for Dynamic DiT Benchmark"):
         conditioning_file.load_conditioning(other)
     with pytest.raises(ValueError, match="not found"):
         conditioning_file.load_conditioning(tmp_path / "missing.safetensors")

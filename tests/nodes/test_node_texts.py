@@ -38,6 +38,15 @@ def test_the_nodes_sit_in_categories_by_purpose():
     assert found == CATEGORIES
 
 
+def test_one_naming_scheme_every_node_says_dynamic():
+    # "Dynamic <what it is>" for the nodes that change or measure compute; "<verb> ... Dynamic DiT" for the rest
+    from comfyui_dynamic_dit import NODE_DISPLAY_NAME_MAPPINGS
+
+    for name, shown in NODE_DISPLAY_NAME_MAPPINGS.items():
+        assert shown.startswith("Dynamic ") or "Dynamic DiT" in shown, shown
+        assert NODE_CLASS_MAPPINGS[name].GET_NODE_INFO_V1()["display_name"] == shown, name
+
+
 def _info(name: str) -> dict:
     return NODE_CLASS_MAPPINGS[name].GET_NODE_INFO_V1()
 
