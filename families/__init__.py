@@ -8,6 +8,7 @@ from .capabilities import CallLayout, MlpTokenGate, ModelInfo, TokenRouting, Wid
 from .chroma import ChromaAdapter
 from .flux import FluxAdapter
 from .known_families import plain_name
+from .ltxv import LTXVAdapter
 from .pixart import PixArtAdapter
 from .qwen_image import QwenImageAdapter
 from .sd3 import SD3Adapter
@@ -15,7 +16,7 @@ from .wan import WanAdapter
 from .z_image import ZImageAdapter
 
 ADAPTERS: tuple[type[ModelAdapter], ...] = (FluxAdapter, ChromaAdapter, QwenImageAdapter, ZImageAdapter, SD3Adapter, PixArtAdapter,
-                                           WanAdapter)
+                                           WanAdapter, LTXVAdapter)
 
 
 def supported_families() -> str:

@@ -150,6 +150,9 @@ class ModelAdapter(ABC):
     latent_argument: ClassVar[str] = "x"
     # Its parameter that holds the timestep (what `WidthUnits.timestep_features` reads; ComfyUI's DiTs: "timestep").
     timestep_argument: ClassVar[str] = "timestep"
+    # Numbers (not tensors) a model call carries that a trainer must replay as they were (LTX-Video's frame rate): kept
+    # in its rows as one value per sample, given back as the number by `derived_arguments`.
+    scalar_arguments: ClassVar[tuple[str, ...]] = ()
     # True: the model's forward does not run ComfyUI's DIFFUSION_MODEL wrappers (SD3's MMDiT); the pack runs them
     # around it through an object patch (integration/patch_points.py).
     emulated_model_wrappers: ClassVar[bool] = False
@@ -264,6 +267,14 @@ class ModelAdapter(ABC):
         Returns the same dict a ComfyUI `original_block` returns; extra FLOPs (LoRA bypasses) are
         appended to `flop_log`. Index tensors that depend only on the decision go into `cache`.
         """
+
+    def linear_sizes(self, block: BlockRef, work: BlockWork) -> Mapping[str, tuple[int, int, int]]:
+        """(rows, in_features, out_features) of each block linear for a call of `work` (at its width where the family
+        has width units: theirs), for the FLOPs of a trainer's low-rank bypasses."""
+        units = self.width_units()
+        if units is None:
+            raise UnsupportedModelError(f"{self.display_name} does not describe its block linears for the FLOPs count.")
+        return units.linear_sizes(block, work)
 
     def prepare_reductions(self, decisions: "Iterable[BlockInternals]", cache: RunIndexCache, device: torch.device) -> None:
         """Build ahead what running blocks with these reductions needs (index tensors), so block calls build nothing."""

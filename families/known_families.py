@@ -22,7 +22,6 @@ HOST_MODEL_NAMES: dict[str, str] = {
     "PixArt": "PixArt",
     "ChromaRadiance": "Chroma Radiance",
     "GenmoMochi": "Mochi video",
-    "LTXV": "LTX-Video",
     "HunyuanVideo": "HunyuanVideo",
     "CosmosVideo": "Cosmos video",
     "CosmosPredict2": "Cosmos Predict2",

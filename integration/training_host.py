@@ -36,6 +36,10 @@ def _recorder(adapter: ModelAdapter, bank: Trajectories, follow: Callable[[dict]
         bound = bind_model_call(executor, args, kwargs).arguments
         arguments = {**{k: v for k, v in bound.items() if k != "kwargs"}, **bound.get("kwargs", {})}
         options = arguments.pop("transformer_options", None) or {}
+        batch = arguments[bank.latent_argument].shape[0]
+        for name in adapter.scalar_arguments:  # numbers the student must replay: one value per sample in the rows
+            if isinstance(arguments.get(name), (int, float)) and not isinstance(arguments[name], bool):
+                arguments[name] = torch.full((batch,), float(arguments[name]))
         # Anything but tensors (a ControlNet, Kontext reference latents, ...) the student could not replay
         derived = adapter.derived_arguments({k: v for k, v in arguments.items() if isinstance(v, torch.Tensor)})
         unsupported = sorted(k for k, v in arguments.items()
@@ -45,7 +49,8 @@ def _recorder(adapter: ModelAdapter, bank: Trajectories, follow: Callable[[dict]
                 f"Train Dynamic DiT: the teacher's model calls carry {', '.join(repr(k) for k in unsupported)} (e.g. Kontext "
                 "reference images or a ControlNet); the trainer records tensor inputs only. Train without them."
             )
-        record = {k: detached(v) for k, v in arguments.items() if v is not None and k not in derived}
+        record = {k: detached(v) for k, v in arguments.items()
+                  if v is not None and (k not in derived or k in adapter.scalar_arguments)}
         out = executor(*args, **kwargs)
         latent = record[bank.latent_argument]
         sigmas = per_sample_sigmas({"transformer_options": options}, latent.shape[0], math.nan)

@@ -6,7 +6,7 @@ import math
 import torch
 
 from ..core.method import LinearPieces
-from ..families import BlockRef, ModelAdapter, UnsupportedModelError, block_linear_index
+from ..families import BlockRef, ModelAdapter, block_linear_index
 
 
 class LowRankBank(torch.nn.Module):
@@ -26,7 +26,6 @@ class LowRankBank(torch.nn.Module):
             self.down[key] = torch.nn.Parameter(torch.randn(columns, in_features, generator=generator) / math.sqrt(in_features))
             self.up[key] = torch.nn.Parameter(torch.zeros(out_features, columns))
         self.columns = columns
-        self.units = adapter.width_units()  # the linears' sizes at a block call's width, for the FLOPs count
         self.by_block: dict[BlockRef, dict[str, str]] = {}
         for key, (block, name) in self.paths.items():
             self.by_block.setdefault(block, {})[name] = key
@@ -45,10 +44,7 @@ class LowRankBank(torch.nn.Module):
         layers = self.by_block.get(block)
         if not layers:
             return 0.0
-        units = self.units
-        if units is None:
-            raise UnsupportedModelError(f"Trainer: {self.adapter.display_name} does not describe its block linears for the FLOPs count.")
-        sizes = units.linear_sizes(block, work)
+        sizes = self.adapter.linear_sizes(block, work)
         return sum(2.0 * sizes[name][0] * self.columns * (sizes[name][1] + sizes[name][2]) for name in layers)
 
     def pairs(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

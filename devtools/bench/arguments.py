@@ -15,6 +15,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--tiny-wan", action="store_true",
                         help="a tiny random Wan 2.1 T2V video model (--hidden, --heads, --blocks, --frames; default hidden 256, "
                              "4 heads, 6 blocks, 9 frames of 256 px, 8 steps, cfg 1)")
+    source.add_argument("--tiny-ltxv", action="store_true",
+                        help="a random LTX-Video 0.9 (--hidden, --heads, --blocks, --frames: 8n + 1; default hidden 256, 4 heads, "
+                             "6 blocks, 256 px, 8 steps, cfg 3)")
     parser.add_argument("--cases", default="all", help="comma separated, see above (default: all)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seeds", default="0", help="comma separated seeds; every case samples every seed")

@@ -10,7 +10,7 @@ from pathlib import Path
 from .cases import parse_cases
 from .report import append_markdown, contact_sheet, markdown, pareto_plot
 from .runner import run_cases
-from .workloads import checkpoint_workload, random_workload, reference_workload, tiny_wan_workload
+from .workloads import checkpoint_workload, random_workload, reference_workload, tiny_ltxv_workload, tiny_wan_workload
 
 
 def _slug(text: str) -> str:
@@ -30,6 +30,8 @@ def run(args: argparse.Namespace) -> int:
             workload = checkpoint_workload(args)
         elif args.tiny_wan:
             workload = tiny_wan_workload(args)
+        elif args.tiny_ltxv:
+            workload = tiny_ltxv_workload(args)
         elif args.full_size_random or args.random:
             workload = random_workload(args, full_size=args.full_size_random)
         else:

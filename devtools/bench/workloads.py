@@ -110,6 +110,36 @@ def tiny_wan_workload(args: argparse.Namespace) -> Workload:
     )
 
 
+def tiny_ltxv_workload(args: argparse.Namespace) -> Workload:
+    """A random-weight LTX-Video 0.9 built through ComfyUI's own detection (demo/tiny_ltxv.py), sampling a short video;
+    at `--hidden 2048 --heads 32` and a realistic token count, the CPU proxy of the 2B model's blocks."""
+    from ...demo import tiny_ltxv
+
+    hidden, heads, blocks = args.hidden or 256, args.heads or 4, args.blocks or 6
+    config = tiny_ltxv.TinyLTXV(num_heads=heads, head_dim=hidden // heads, depth=blocks)
+    size, steps, frames = args.size or 256, args.steps or 8, args.frames
+    text_tokens = args.text_tokens or 32
+    latent_frames = (frames - 1) // 8 + 1
+    tokens = latent_frames * (size // 32) ** 2
+    what = (f"random LTX-Video 0.9 built through ComfyUI's own model detection (hidden {hidden}, {heads} heads, {blocks} "
+            f"blocks, feed-forward {4 * hidden}, {text_tokens} text tokens of width {config.caption_channels})")
+    print(f"building {what} ...", flush=True)
+    model = tiny_ltxv.build_model(config)
+    positive, negative = tiny_ltxv.conditioning(config, text_tokens=text_tokens)
+    cfg = 3.0 if args.cfg is None else args.cfg
+    latent = tiny_ltxv.latent(frames=latent_frames, height=size // 32, width=size // 32)
+    sample = dict(latent=latent, steps=steps, sampler=args.sampler, scheduler=args.scheduler, cfg=cfg)
+    return Workload(
+        model, _jobs([("random conditioning", positive)], negative, args.seeds), sample,
+        latent_preview(model.model.latent_format), args.title or f"LTX-Video, random weights, {frames} frames of {size} px",
+        f"{what}; a {frames}-frame video ({latent_frames} latent frames of {size // 32}x{size // 32} latent pixels: {tokens} "
+        f"video tokens), {steps} steps {args.sampler} {args.scheduler}, cfg {cfg:g}, batch 1; "
+        f"seeds {', '.join(map(str, args.seeds))}",
+        "ComfyUI's linear latent-to-RGB preview of the final latents, the latent frames side by side",
+        meaningful_fidelity=False,
+    )
+
+
 def checkpoint_workload(args: argparse.Namespace) -> Workload:
     import torch
 

@@ -27,10 +27,11 @@ ALL_BLOCKS = dict(first_full=0, last_full=0)
 WIDTH_HALF = WidthSettings(noisy_width=0.5, clean_width=0.5, calibration=SMALL)
 
 
-def full_settings(coarse: bool = True) -> list:
-    """Every method at the setting that must change nothing (the Patch Scheduler where the family has a grid)."""
-    settings = [WidthSettings(noisy_width=1.0, clean_width=1.0, calibration=SMALL),
-                TokenRouterSettings(mode="diffcr", score="update", keep_start=1.0, keep_end=1.0, **ALL_BLOCKS)]
+def full_settings(coarse: bool = True, width: bool = True) -> list:
+    """Every method at the setting that must change nothing (the Patch Scheduler where the family has a grid, the width
+    where it has width units)."""
+    settings = [WidthSettings(noisy_width=1.0, clean_width=1.0, calibration=SMALL)] if width else []
+    settings.append(TokenRouterSettings(mode="diffcr", score="update", keep_start=1.0, keep_end=1.0, **ALL_BLOCKS))
     if coarse:
         settings.append(PatchSchedulerSettings(mode="manual", schedule=parse_schedule("0-100%:1")))
     return settings
@@ -104,9 +105,10 @@ def block_lora(model, is_block_linear: Callable[[str], bool], rank: int = 4, see
 
 
 def assert_lora_composes(model, sample: Sample, state: dict, lora_folder, float32_rounding, blocks: set[str],
-                         name: str = "family_lora.safetensors") -> None:
-    """The LoRA changes the image; width on top of it gives the same run in either order of the nodes; the TD-LoRA
-    Loader's bypass equals ComfyUI's merged LoRA within float32 rounding, bound to every block in `blocks`."""
+                         name: str = "family_lora.safetensors", method=None) -> None:
+    """The LoRA changes the image; a method on top of it (default: width) gives the same run in either order of the
+    nodes; the TD-LoRA Loader's bypass equals ComfyUI's merged LoRA within float32 rounding, bound to every block in
+    `blocks`."""
     import nodes as comfy_nodes
     from safetensors.torch import save_file
 
@@ -117,9 +119,9 @@ def assert_lora_composes(model, sample: Sample, state: dict, lora_folder, float3
 
     merged = sample(lora(model))
     assert (merged - sample(model)).abs().max() > 0.01  # the LoRA changes the image
-    width = WidthSettings(noisy_width=0.5, clean_width=1.0, calibration=SMALL)
-    lora_first = sample(apply_settings(lora(model), width))
-    method_first = sample(lora(apply_settings(model, width)))
+    method = method or WidthSettings(noisy_width=0.5, clean_width=1.0, calibration=SMALL)
+    lora_first = sample(apply_settings(lora(model), method))
+    method_first = sample(lora(apply_settings(model, method)))
     assert torch.equal(lora_first, method_first) and not torch.equal(lora_first, merged)
     bypass = apply_td_lora(model, load_td_lora(model, state, {}, name), 0.8)  # the TD-LoRA Loader's path
     torch.testing.assert_close(sample(bypass), merged, **float32_rounding(merged))

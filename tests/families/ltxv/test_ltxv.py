@@ -1,0 +1,144 @@
+"""LTX-Video 0.9 through its adapter: a tiny real ComfyUI LTX-Video built by the host's model detection, its blocks
+reached through the host's own `patches_replace["dit"]`, token routing and TD-LoRA at their full settings bit-identical
+over whole runs (euler and dpmpp_2m, cfg > 1), compute really removed at half
+settings (FlopCounterMode), an LTX-Video LoRA composing with the Token Router, per-token timesteps and both hosts'
+RoPE tables gathered with the tokens; width and coarse patches refused by name."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from support.family_methods import (
+    HALF_SETTINGS,
+    assert_analytic_flops_match,
+    assert_compute_removed,
+    assert_full_settings_bit_identical,
+    assert_lora_composes,
+    assert_the_nodes_run_as_the_server_runs_them,
+    block_lora,
+    full_settings,
+    router_half,
+)
+
+from comfyui_dynamic_dit.demo import tiny_flux, tiny_ltxv
+from comfyui_dynamic_dit.families import BlockInternals, BlockRef, UnsupportedModelError
+from comfyui_dynamic_dit.families.ltxv.routing import gather_positions
+from comfyui_dynamic_dit.integration.patching import adapter_of
+from comfyui_dynamic_dit.core.slicing import RunIndexCache
+
+SAMPLE = dict(steps=4, cfg=3.0, seed=3)
+ROUTER_HALF = [setting for setting in HALF_SETTINGS if setting[0].startswith("router")]
+
+
+@pytest.fixture(scope="module")
+def ltxv():
+    config = tiny_ltxv.TinyLTXV()
+    return config, tiny_ltxv.build_model(config), tiny_ltxv.conditioning(config)
+
+
+def sample(model, conds, **changes):
+    return tiny_flux.sample(model, *conds, latent=tiny_ltxv.latent(), **{**SAMPLE, **changes})
+
+
+def test_the_adapter_reads_the_host_model(ltxv):
+    _, model, _ = ltxv
+    adapter = adapter_of(model)
+    a = adapter.arch
+    assert adapter.display_name == "LTX-Video" and type(model.model).__name__ == "LTXV"
+    assert (a.hidden_size, a.num_heads, a.head_dim, a.mlp_hidden, a.depth, a.in_channels, a.out_channels,
+            a.caption_channels) == (128, 4, 32, 512, 3, 128, 128, 64)
+    assert adapter.model_info().header()["architecture"] == "ltxv"
+    assert adapter.width_units() is None and adapter.coarse_grid() is None
+
+
+def test_analytic_flops_match_flop_counter(ltxv):
+    _, model, conds = ltxv
+    arguments = {"x": torch.randn(1, 128, 2, 4, 6, generator=torch.Generator().manual_seed(0)),
+                 "timestep": torch.tensor([0.7]), "context": conds[0][0][0], "attention_mask": torch.ones(1, 8)}
+    assert_analytic_flops_match(model, arguments)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_every_method_at_its_full_setting_is_bit_identical(ltxv, sampler):
+    _, model, conds = ltxv
+    assert_full_settings_bit_identical(model, lambda m: sample(m, conds, sampler=sampler), full_settings(coarse=False, width=False))
+
+
+@pytest.mark.parametrize("name, settings, most", ROUTER_HALF)
+def test_half_settings_really_remove_compute(ltxv, name, settings, most):
+    _, model, conds = ltxv
+    assert_compute_removed(model, lambda m: sample(m, conds), settings, most)
+
+
+def test_an_ltxv_lora_composes_with_the_token_router(ltxv, lora_folder, float32_rounding):
+    _, model, conds = ltxv
+    state = block_lora(model, lambda path: path.startswith("transformer_blocks."))
+    assert_lora_composes(model, lambda m: sample(m, conds), state, lora_folder, float32_rounding,
+                         {"block.0", "block.1", "block.2"}, method=router_half("diffcr"))
+
+
+def test_kept_tokens_take_their_own_positions_and_timesteps():
+    # 0.3.75's one table (B, 1, N, D/2, 2, 2); 0.12.1's (cos, sin, split) of (B, N, D) or split (B, H, N, d)
+    index = torch.tensor([[0, 2, 5]])
+    table = torch.arange(2 * 6 * 4 * 4, dtype=torch.float32).reshape(2, 1, 6, 4, 2, 2)[:1]
+    assert torch.equal(gather_positions(table, index), table[:, :, [0, 2, 5]])
+    cos, sin = torch.randn(1, 6, 8), torch.randn(1, 6, 8)
+    gathered = gather_positions((cos, sin, False), index)
+    assert torch.equal(gathered[0], cos[:, [0, 2, 5]]) and torch.equal(gathered[1], sin[:, [0, 2, 5]]) and gathered[2] is False
+    split = torch.randn(1, 4, 6, 3)
+    assert torch.equal(gather_positions((split, split, True), index)[0], split[:, :, [0, 2, 5]])
+    routing = adapter_of(tiny_ltxv.build_model()).token_routing()
+    args = {"img": torch.randn(1, 6, 128), "vec": torch.randn(1, 6, 768), "pe": table, "txt": torch.randn(1, 8, 128)}
+    reduced = routing.select(BlockRef("block", 0), args, index, None)
+    assert torch.equal(reduced["vec"], args["vec"][:, [0, 2, 5]]) and torch.equal(reduced["img"], args["img"][:, [0, 2, 5]])
+
+
+def test_a_block_at_full_internals_is_the_host_block_bit_for_bit(ltxv):
+    _, model, conds = ltxv
+    adapter, diffusion_model = adapter_of(model), model.model.diffusion_model
+    seen = {}
+
+    def capture(args, extra):
+        seen["args"] = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+        return extra["original_block"](args)
+
+    captured = model.clone()
+    captured.set_model_patch_replace(capture, "dit", "double_block", 1)
+    sample(captured, conds, steps=1)
+    block = BlockRef("block", 1)
+    module = adapter.block_module(diffusion_model, block)
+    args = seen["args"]
+    expected = module(args["img"].clone(), context=args["txt"], attention_mask=args["attention_mask"],
+                      timestep=args["vec"], pe=args["pe"])
+    ours = adapter.run_block(module, block, {**args, "img": args["img"].clone()}, BlockInternals(), [],
+                             adapter.call_layout({"x": torch.zeros(2, 128, 2, 4, 6), "timestep": torch.zeros(2),
+                                                  "context": args["txt"]}), RunIndexCache())
+    assert torch.equal(ours["img"], expected)
+
+
+def test_the_nodes_accept_an_ltxv_model_inside_inference_mode_and_refuse_width_by_name(ltxv):
+    _, model, conds = ltxv
+    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), chain=(("DynamicTokenRouter", {}),),
+                                                 refused="does not support LTX-Video|LTX-Video")
+    from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS as NODES
+    from comfyui_dynamic_dit.devtools.demo import run_node
+
+    with pytest.raises(UnsupportedModelError, match="Dynamic width does not support LTX-Video models"):
+        run_node(NODES["DynamicWidthPatcher"], model=model, preset="fast (trades more quality)")
+
+
+def test_ltx_2_is_refused_by_name():
+    """LTX-2 (`LTXAV`, video and audio streams; ComfyUI 0.12 and newer) is the same module tree: refused, not patched."""
+    import comfy.model_detection
+
+    from comfyui_dynamic_dit.demo.reference import detected_model_config
+    from comfyui_dynamic_dit.families import adapter_for
+
+    config = tiny_ltxv.TinyLTXV()
+    skeleton = {**config.checkpoint_skeleton(), "audio_adaln_single.linear.weight": torch.empty(768, 128, device="meta")}
+    if (comfy.model_detection.detect_unet_config(skeleton, "") or {}).get("image_model") != "ltxav":
+        pytest.skip("this ComfyUI has no LTX-2 (0.12 and newer do)")
+    sizes = {"num_attention_heads": 4, "attention_head_dim": 32, "caption_channels": 64, "cross_attention_dim": 128}
+    model = detected_model_config(skeleton, sizes, "ltxav", "LTX-2").get_model({})
+    with pytest.raises(UnsupportedModelError, match=r"LTX-2's video and audio streams"):
+        adapter_for(model.diffusion_model, type(model).__name__)
