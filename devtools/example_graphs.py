@@ -10,6 +10,7 @@ from typing import Callable, NamedTuple
 
 from .example_graphs_image import (chroma_workflow, flux2_dev_workflow, qwen_image_edit_workflow, qwen_image_workflow,
                                    pixart_sigma_workflow, sd35_large_workflow, z_image_turbo_workflow)
+from .example_graphs_video import ltxv_t2v_workflow
 from .graph_texts import REPORT_HELP, SKIP_BASELINE
 from .workflows import Node, layout, note
 
@@ -483,4 +484,8 @@ WORKFLOWS: dict[str, ExampleWorkflow] = {
         "PixArt-Sigma, text to image",
         "PixArt-Σ text-to-image, full compute next to the dynamic chain",
         pixart_sigma_workflow),
+    "ltxv_t2v": ExampleWorkflow(
+        "LTX-Video, text to video",
+        "LTX-Video 0.9.5 text-to-video, full compute next to the dynamic chain",
+        ltxv_t2v_workflow),
 }

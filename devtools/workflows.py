@@ -38,6 +38,9 @@ MIN_SIZES: dict[str, tuple[int, int]] = {
     "EmptyFlux2LatentImage": (320, 110), "Flux2Scheduler": (320, 110), "KSamplerSelect": (320, 60),
     "RandomNoise": (320, 82), "BasicGuider": (320, 50), "SamplerCustomAdvanced": (320, 110),
     "CheckpointLoaderSimple": (320, 100), "EmptyLatentImage": (320, 110),
+    # the stock LTX-Video graph
+    "LTXVConditioning": (320, 80), "EmptyLTXVLatentVideo": (320, 130), "LTXVScheduler": (320, 160),
+    "SamplerCustom": (340, 230),
     # the stock Qwen-Image Edit graph
     "LoadImage": (320, 330), "FluxKontextImageScale": (320, 30), "VAEEncode": (200, 50), "CFGNorm": (320, 60),
     "TextEncodeQwenImageEditPlus": (400, 230),

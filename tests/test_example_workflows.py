@@ -232,3 +232,37 @@ def test_the_image_family_workflows_sample_as_they_ship_on_tiny_models(name):
     assert "fewer FLOPs" in summary and "full compute)" in summary and f"{steps} steps" in summary, summary
     for method in methods:
         assert method in table, method
+
+
+def test_the_ltxv_workflow_samples_as_it_ships_on_a_tiny_ltxv_model():
+    """ComfyUI's own LTX-Video graph (LTXVConditioning, LTXVScheduler 30 steps, SamplerCustom euler cfg 3) with the pack's
+    nodes at their defaults: every sampling node runs with the workflow's settings on a tiny LTX-Video in place of the
+    checkpoint, and the report compares the dynamic run with the full-compute one."""
+    import torch
+
+    from comfyui_dynamic_dit.devtools import example_graphs_video as video
+    from comfyui_dynamic_dit.devtools.example_graphs import WORKFLOWS
+    from comfyui_dynamic_dit.demo import tiny_ltxv
+
+    registry = workflows.registry()
+    prompt = workflows.build_api(WORKFLOWS["ltxv_t2v"].build(), registry)
+    prompt = {i: n for i, n in prompt.items() if n["class_type"] not in DISPLAY_TYPES}
+    config = tiny_ltxv.TinyLTXV(num_heads=8, head_dim=16, depth=6)  # enough heads and blocks for the defaults to act on
+    model = tiny_ltxv.build_model(config)
+    positive, negative = tiny_ltxv.conditioning(config)
+    positive, negative = ([[c[0][0], {"attention_mask": c[0][1]["attention_mask"]}]] for c in (positive, negative))
+    texts = {video.LTXV_PROMPT: positive, video.LTXV_NEGATIVE: negative}
+    stand_ins = {
+        "CheckpointLoaderSimple": lambda inputs: (model, None, None), "CLIPLoader": lambda inputs: (None,),
+        "CLIPTextEncode": lambda inputs: (texts[inputs["text"]],),
+        "EmptyLTXVLatentVideo": lambda inputs: ({"samples": tiny_ltxv.latent(frames=2, height=4, width=6)},),
+    }
+    outputs = _run_prompt(prompt, registry, stand_ins, set(stand_ins))
+    report = next(i for i, n in prompt.items() if n["class_type"] == "DynamicSpeedReport")
+    latent, table, chart = outputs[report]
+    assert torch.isfinite(latent["samples"]).all() and chart.shape[-1] == 3
+    summary = table.splitlines()[0]
+    assert "fewer FLOPs" in summary and "full compute)" in summary and "- 30 steps" in summary, summary
+    assert "width: heads 0.88" in table and "token_router: reuse keep" in table
+    samples = [outputs[i][0]["samples"] for i, n in prompt.items() if n["class_type"] == "SamplerCustom"]
+    assert len(samples) == 2 and not torch.equal(*samples)  # the chain did something

@@ -1,13 +1,14 @@
 """Adapter for LTX-Video 0.9 as ComfyUI builds it (`LTXVModel`, comfy/ldm/lightricks, host model `LTXV`, 0.3.75 and
-0.12.1): token routing over the video tokens and LoRA-style extras (TD-LoRA) on the blocks' linears, through the
-host's own `patches_replace["dit"]` blocks. Width and coarse patches are not offered for this family yet (`None`).
+0.12.1): dynamic width (self-attention heads, feed-forward groups), token routing over the video tokens and LoRA-style
+extras (TD-LoRA) on the blocks' linears, through the host's own `patches_replace["dit"]` blocks. Coarse patches are
+not offered for this family yet (`None`).
 
 The longer story: docs/architecture.md.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import torch
 
@@ -16,8 +17,9 @@ from ...core.flops import FlopBreakdown, attention_flops, linear_flops
 from ...core.slicing import RunIndexCache
 from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, class_path
 from ..capabilities import CallLayout, ModelInfo
-from .blocks import LINEARS, ReducedLTXVBlock
+from .blocks import LINEARS, LTXVWidthSelections, ReducedLTXVBlock
 from .routing import LTXVTokenRouting
+from .width import LTXVWidthUnits
 
 BLOCK = "block"
 _TIMESTEP_FREQUENCIES = 256  # the adaLN-single timestep embedder's sinusoidal width
@@ -63,6 +65,7 @@ class LTXVAdapter(ModelAdapter):
             ),
         )
         self._routing = LTXVTokenRouting()
+        self._width = LTXVWidthUnits(a, self)
 
     def _describe(self, model: torch.nn.Module) -> LTXVArchitecture:
         blocks = list(getattr(model, "transformer_blocks", []))
@@ -124,22 +127,29 @@ class LTXVAdapter(ModelAdapter):
 
     def run_block(self, module: torch.nn.Module, block: BlockRef, args: Mapping[str, Any], internals: BlockInternals,
                   flop_log: list[float], layout: CallLayout, cache: RunIndexCache) -> dict:
-        view = ReducedLTXVBlock(module, internals, flop_log).view()
-        x = type(module).forward(view, args["img"], context=args["txt"], attention_mask=args["attention_mask"],
-                                 timestep=args["vec"], pe=args["pe"], transformer_options=args.get("transformer_options", {}))
+        reduced = ReducedLTXVBlock(self.arch, module, internals, flop_log, cache, args["img"].device)
+        x = type(module).forward(reduced.view(), args["img"], context=args["txt"], attention_mask=args["attention_mask"],
+                                 timestep=args["vec"], pe=reduced.positions(args["pe"]),
+                                 transformer_options=args.get("transformer_options", {}))
         return {"img": x}
+
+    def prepare_reductions(self, decisions: Iterable[BlockInternals], cache: RunIndexCache, device: torch.device) -> None:
+        LTXVWidthSelections.prepare(cache, self.arch, decisions, device)
 
     def linear_sizes(self, block: BlockRef, work: BlockWork) -> dict[str, tuple[int, int, int]]:
         a, b = self.arch, work.batch
-        d, mlp = a.hidden_size, work.kept_mlp(a.mlp_hidden)
+        d, mlp, inner = a.hidden_size, work.kept_mlp(a.mlp_hidden), work.kept_heads(a.num_heads) * a.head_dim
         n, t, n_mlp = b * work.image_tokens, b * work.text_tokens, b * work.mlp_tokens
-        sizes = {f"attn1.{name}": (n, d, d) for name in ("to_q", "to_k", "to_v", "to_out.0")}
+        sizes = {"attn1.to_q": (n, d, d), "attn1.to_k": (n, d, d), "attn1.to_v": (n, d, inner), "attn1.to_out.0": (n, inner, d)}
         sizes.update({"attn2.to_q": (n, d, d), "attn2.to_k": (t, d, d), "attn2.to_v": (t, d, d), "attn2.to_out.0": (n, d, d)})
         return {**sizes, "ff.net.0.proj": (n_mlp, d, mlp), "ff.net.2": (n_mlp, mlp, d)}
 
     # --- capabilities -------------------------------------------------------------------------
     def token_routing(self) -> LTXVTokenRouting:
         return self._routing
+
+    def width_units(self) -> LTXVWidthUnits:
+        return self._width
 
     # --- analytic FLOPs -----------------------------------------------------------------------
     def stem_flops(self, layout: CallLayout) -> FlopBreakdown:
@@ -151,15 +161,20 @@ class LTXVAdapter(ModelAdapter):
         return FlopBreakdown(embed=embed, final=linear_flops(image, d, a.out_channels))
 
     def block_flops(self, block: BlockRef, work: BlockWork) -> FlopBreakdown:
-        """Self-attention and the feed-forward on the tokens that run; cross-attention for them over the whole text."""
+        """Self-attention: q and k always at full width (their norm and RoPE span every head), v, attention and the
+        output projection at the kept heads; cross-attention in full for the tokens that run, over the whole text; the
+        feed-forward at its kept width, on its tokens."""
         a, b = self.arch, work.batch
-        d, hd, heads = a.hidden_size, a.head_dim, a.num_heads
+        d, hd = a.hidden_size, a.head_dim
+        heads = work.kept_heads(a.num_heads)
+        inner = heads * hd
         n, t, n_mlp = work.image_tokens, work.text_tokens, work.mlp_tokens
         mlp = work.kept_mlp(a.mlp_hidden)
         return FlopBreakdown(
-            qkv=3 * linear_flops(b * n, d, d) + linear_flops(b * n, d, d) + 2 * linear_flops(b * t, d, d),
-            attention=attention_flops(b, heads, n, n, hd) + attention_flops(b, heads, n, t, hd),
-            proj=2 * linear_flops(b * n, d, d),
+            qkv=2 * linear_flops(b * n, d, d) + linear_flops(b * n, d, inner) + linear_flops(b * n, d, d)
+            + 2 * linear_flops(b * t, d, d),
+            attention=attention_flops(b, heads, n, n, hd) + attention_flops(b, a.num_heads, n, t, hd),
+            proj=linear_flops(b * n, inner, d) + linear_flops(b * n, d, d),
             mlp=linear_flops(b * n_mlp, d, mlp) + linear_flops(b * n_mlp, mlp, d),
             extra=work.extra_flops,
         )

@@ -1,11 +1,12 @@
-"""The trainer on LTX-Video (a video model whose blocks carry per-token RoPE tables and update their input in place):
-token routers and TD-LoRA through the adapter's capabilities alone, as on Wan; width is not offered for this family."""
+"""The trainer on LTX-Video (a video model whose blocks carry per-token RoPE tables over the full width and update their
+input in place, and whose calls carry a frame rate): width, token routers and TD-LoRA through the adapter's
+capabilities alone, as on Wan."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from support.family_training import token_router_file_round_trips
+from support.family_training import token_router_file_round_trips, untrained_student_is_the_teacher_and_trains, width_files_round_trip
 
 from comfyui_dynamic_dit.demo import tiny_flux, tiny_ltxv
 from comfyui_dynamic_dit.integration import training_host
@@ -37,10 +38,16 @@ def test_untrained_student_is_the_teacher_and_twenty_steps_train_token_routers_w
     assert result.final_ratio < 0.95  # the routers learned to leave tokens out
 
 
-def test_width_is_refused_by_name(ltxv):
-    model, _, _, bank = ltxv
-    with pytest.raises(Exception, match="LTX-Video"):
-        training_host.build_student(model, bank, StudentSpec(parts=("width",)))
+def test_untrained_student_is_the_teacher_and_twenty_steps_train_width_with_td_lora(ltxv):
+    untrained_student_is_the_teacher_and_trains(ltxv[0], ltxv[3], steps=20)
+
+
+def test_width_files_round_trip_on_ltxv(ltxv, tmp_path):
+    """Thinned heads and feed-forward groups with non-zero bypasses: the loaded files, sliced by the executor (kept heads'
+    RoPE channels included), sample what the student's masked forward samples."""
+    model, (positive, negative), latent, bank = ltxv
+    width_files_round_trip(model, bank, lambda m: tiny_flux.sample(m, positive, negative, latent=latent, **SAMPLING),
+                           tmp_path, "tiny ltxv")
 
 
 @pytest.mark.parametrize("mode", ["diffcr", "sdt"])

@@ -1,8 +1,8 @@
 """LTX-Video 0.9 through its adapter: a tiny real ComfyUI LTX-Video built by the host's model detection, its blocks
-reached through the host's own `patches_replace["dit"]`, token routing and TD-LoRA at their full settings bit-identical
-over whole runs (euler and dpmpp_2m, cfg > 1), compute really removed at half
-settings (FlopCounterMode), an LTX-Video LoRA composing with the Token Router, per-token timesteps and both hosts'
-RoPE tables gathered with the tokens; width and coarse patches refused by name."""
+reached through the host's own `patches_replace["dit"]`, width, token routing and TD-LoRA at their full settings
+bit-identical over whole runs (euler and dpmpp_2m, cfg > 1), compute really removed at half settings (FlopCounterMode),
+an LTX-Video LoRA composing with the methods, per-token timesteps and both hosts' RoPE tables gathered with the tokens
+and cut to the kept heads; coarse patches and LTX-2 refused by name."""
 from __future__ import annotations
 
 import pytest
@@ -27,7 +27,6 @@ from comfyui_dynamic_dit.integration.patching import adapter_of
 from comfyui_dynamic_dit.core.slicing import RunIndexCache
 
 SAMPLE = dict(steps=4, cfg=3.0, seed=3)
-ROUTER_HALF = [setting for setting in HALF_SETTINGS if setting[0].startswith("router")]
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +47,7 @@ def test_the_adapter_reads_the_host_model(ltxv):
     assert (a.hidden_size, a.num_heads, a.head_dim, a.mlp_hidden, a.depth, a.in_channels, a.out_channels,
             a.caption_channels) == (128, 4, 32, 512, 3, 128, 128, 64)
     assert adapter.model_info().header()["architecture"] == "ltxv"
-    assert adapter.width_units() is None and adapter.coarse_grid() is None
+    assert adapter.width_units().head_count == 4 and adapter.coarse_grid() is None
 
 
 def test_analytic_flops_match_flop_counter(ltxv):
@@ -61,20 +60,21 @@ def test_analytic_flops_match_flop_counter(ltxv):
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
 def test_every_method_at_its_full_setting_is_bit_identical(ltxv, sampler):
     _, model, conds = ltxv
-    assert_full_settings_bit_identical(model, lambda m: sample(m, conds, sampler=sampler), full_settings(coarse=False, width=False))
+    assert_full_settings_bit_identical(model, lambda m: sample(m, conds, sampler=sampler), full_settings(coarse=False))
 
 
-@pytest.mark.parametrize("name, settings, most", ROUTER_HALF)
+@pytest.mark.parametrize("name, settings, most", HALF_SETTINGS)
 def test_half_settings_really_remove_compute(ltxv, name, settings, most):
     _, model, conds = ltxv
     assert_compute_removed(model, lambda m: sample(m, conds), settings, most)
 
 
-def test_an_ltxv_lora_composes_with_the_token_router(ltxv, lora_folder, float32_rounding):
+@pytest.mark.parametrize("method", ["width", "router"])
+def test_an_ltxv_lora_composes_with_the_methods(ltxv, lora_folder, float32_rounding, method):
     _, model, conds = ltxv
     state = block_lora(model, lambda path: path.startswith("transformer_blocks."))
     assert_lora_composes(model, lambda m: sample(m, conds), state, lora_folder, float32_rounding,
-                         {"block.0", "block.1", "block.2"}, method=router_half("diffcr"))
+                         {"block.0", "block.1", "block.2"}, method=router_half("diffcr") if method == "router" else None)
 
 
 def test_kept_tokens_take_their_own_positions_and_timesteps():
@@ -87,6 +87,19 @@ def test_kept_tokens_take_their_own_positions_and_timesteps():
     assert torch.equal(gathered[0], cos[:, [0, 2, 5]]) and torch.equal(gathered[1], sin[:, [0, 2, 5]]) and gathered[2] is False
     split = torch.randn(1, 4, 6, 3)
     assert torch.equal(gather_positions((split, split, True), index)[0], split[:, :, [0, 2, 5]])
+    # and cut to kept heads (0, 2) of 4 (head_dim 4 here: 2 RoPE pairs a head)
+    from comfyui_dynamic_dit.families.ltxv.blocks import LTXVWidthSelections
+    from comfyui_dynamic_dit.families.ltxv.adapter import LTXVArchitecture
+
+    arch = LTXVArchitecture(hidden_size=16, num_heads=4, head_dim=4, mlp_hidden=64, depth=1, in_channels=8, out_channels=8,
+                            caption_channels=8)
+    width = LTXVWidthSelections(arch, (0, 2), None, 1, None)
+    pairs = torch.randn(1, 1, 6, 8, 2, 2)
+    assert torch.equal(width.kept_head_positions(pairs), pairs[:, :, :, [0, 1, 4, 5]])
+    cos = torch.randn(1, 6, 16)
+    assert torch.equal(width.kept_head_positions((cos, cos, False))[0], cos[..., [0, 1, 2, 3, 8, 9, 10, 11]])
+    split = torch.randn(1, 4, 6, 2)
+    assert torch.equal(width.kept_head_positions((split, split, True))[1], split[:, [0, 2]])
     routing = adapter_of(tiny_ltxv.build_model()).token_routing()
     args = {"img": torch.randn(1, 6, 128), "vec": torch.randn(1, 6, 768), "pe": table, "txt": torch.randn(1, 8, 128)}
     reduced = routing.select(BlockRef("block", 0), args, index, None)
@@ -114,17 +127,26 @@ def test_a_block_at_full_internals_is_the_host_block_bit_for_bit(ltxv):
                              adapter.call_layout({"x": torch.zeros(2, 128, 2, 4, 6), "timestep": torch.zeros(2),
                                                   "context": args["txt"]}), RunIndexCache())
     assert torch.equal(ours["img"], expected)
+    # half the heads: the kept heads' q and k channels (normed in full), their v and their RoPE channels
+    heads = (1, 3)
+    kept = adapter.run_block(module, block, {**args, "img": args["img"].clone()}, BlockInternals(heads=heads), [],
+                             adapter.call_layout({"x": torch.zeros(2, 128, 2, 4, 6), "timestep": torch.zeros(2),
+                                                  "context": args["txt"]}), RunIndexCache())
+    # the reference: the host's whole block with the left-out heads' output columns zeroed (q and k normed in full)
+    hand = module.attn1
+    saved = hand.to_out[0].weight.detach().clone()
+    with torch.no_grad():
+        for h in set(range(4)) - set(heads):
+            hand.to_out[0].weight[:, h * 32:(h + 1) * 32] = 0
+        masked = module(args["img"].clone(), context=args["txt"], attention_mask=args["attention_mask"],
+                        timestep=args["vec"], pe=args["pe"])
+        hand.to_out[0].weight.copy_(saved)
+    torch.testing.assert_close(kept["img"], masked, rtol=1e-5, atol=1e-5)
 
 
-def test_the_nodes_accept_an_ltxv_model_inside_inference_mode_and_refuse_width_by_name(ltxv):
+def test_the_nodes_accept_an_ltxv_model_inside_inference_mode(ltxv):
     _, model, conds = ltxv
-    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), chain=(("DynamicTokenRouter", {}),),
-                                                 refused="does not support LTX-Video|LTX-Video")
-    from comfyui_dynamic_dit import NODE_CLASS_MAPPINGS as NODES
-    from comfyui_dynamic_dit.devtools.demo import run_node
-
-    with pytest.raises(UnsupportedModelError, match="Dynamic width does not support LTX-Video models"):
-        run_node(NODES["DynamicWidthPatcher"], model=model, preset="fast (trades more quality)")
+    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), refused="LTX-Video")
 
 
 def test_ltx_2_is_refused_by_name():
