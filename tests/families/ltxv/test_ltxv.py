@@ -77,6 +77,38 @@ def test_an_ltxv_lora_composes_with_the_methods(ltxv, lora_folder, float32_round
                          {"block.0", "block.1", "block.2"}, method=router_half("diffcr") if method == "router" else None)
 
 
+def _image_to_video(model, conds, seed: int = 3):
+    """Sampling as after LTXVImgToVideo: the first latent frame given (noise mask 0), the others generated; the host then
+    calls the model with one timestep per token."""
+    import comfy.sample
+
+    latent = tiny_ltxv.latent()
+    latent[:, :, :1] = torch.randn(1, 128, 1, 4, 6, generator=torch.Generator().manual_seed(9))
+    mask = torch.ones(1, 1, 2, 4, 6)
+    mask[:, :, :1] = 0.0
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, 4, 3.0, "euler", "simple", *conds, latent, noise_mask=mask,
+                               disable_pbar=True, seed=seed)
+
+
+def test_image_to_video_runs_every_method_with_a_timestep_per_token(ltxv):
+    _, model, conds = ltxv
+    sample_i2v = lambda m: _image_to_video(m, conds)  # noqa: E731
+    assert_full_settings_bit_identical(model, sample_i2v, full_settings(coarse=False))
+    for name, settings, most in HALF_SETTINGS:
+        assert_compute_removed(model, sample_i2v, settings, most)
+    seen = {}
+
+    def capture(args, extra):
+        seen.setdefault("vec", args["vec"].shape)
+        return extra["original_block"](args)
+
+    captured = model.clone()
+    captured.set_model_patch_replace(capture, "dit", "double_block", 0)
+    sample_i2v(captured)
+    assert seen["vec"][1] == 2 * 4 * 6  # one modulation row per token: the per-token paths ran
+
+
 def test_kept_tokens_take_their_own_positions_and_timesteps():
     # 0.3.75's one table (B, 1, N, D/2, 2, 2); 0.12.1's (cos, sin, split) of (B, N, D) or split (B, H, N, d)
     index = torch.tensor([[0, 2, 5]])
