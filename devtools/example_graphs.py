@@ -10,7 +10,7 @@ from typing import Callable, NamedTuple
 
 from .example_graphs_image import (chroma_workflow, flux2_dev_workflow, qwen_image_edit_workflow, qwen_image_workflow,
                                    pixart_sigma_workflow, sd35_large_workflow, z_image_turbo_workflow)
-from .example_graphs_video import ltxv_t2v_workflow
+from .example_graphs_video import ltxv_t2v_workflow, video_out
 from .graph_texts import REPORT_HELP, SKIP_BASELINE
 from .workflows import Node, layout, note
 
@@ -282,13 +282,8 @@ WAN_CHAIN_HELP = (
 
 
 def _video_out(key: str, latent: tuple[str, int], prefix: str, title: str) -> list[Node]:
-    """VAE Decode -> Create Video (16 fps) -> Save Video, as ComfyUI's Wan templates end."""
-    return [
-        Node(f"decode{key}", "VAEDecode", links={"samples": latent, "vae": ("vae", 0)}, title=f"VAE Decode{title}"),
-        Node(f"video{key}", "CreateVideo", {"fps": WAN_FPS}, {"images": (f"decode{key}", 0)}, title=f"Create Video{title}"),
-        Node(f"save{key}", "SaveVideo", {"filename_prefix": f"video/{prefix}", "format": "auto", "codec": "auto"},
-             {"video": (f"video{key}", 0)}, title=f"Save Video{title}"),
-    ]
+    """The Wan templates' ending: VAE Decode -> Create Video (16 fps) -> Save Video."""
+    return video_out(key, latent, prefix, title, ("vae", 0), WAN_FPS)
 
 
 def _wan_text(clip: Node) -> tuple[Node, Node]:

@@ -20,6 +20,16 @@ LTXV_CHAIN_HELP = (
 )
 
 
+def video_out(key: str, latent: tuple[str, int], prefix: str, title: str, vae: tuple[str, int], fps: float) -> list[Node]:
+    """VAE Decode -> Create Video -> Save Video (`output/video/<prefix>`), as ComfyUI's video templates end."""
+    return [
+        Node(f"decode{key}", "VAEDecode", links={"samples": latent, "vae": vae}, title=f"VAE Decode{title}"),
+        Node(f"video{key}", "CreateVideo", {"fps": fps}, {"images": (f"decode{key}", 0)}, title=f"Create Video{title}"),
+        Node(f"save{key}", "SaveVideo", {"filename_prefix": f"video/{prefix}", "format": "auto", "codec": "auto"},
+             {"video": (f"video{key}", 0)}, title=f"Save Video{title}"),
+    ]
+
+
 def ltxv_t2v_workflow() -> list[Node]:
     """LTX-Video 0.9.5 text-to-video as ComfyUI's example builds it, full compute next to the dynamic chain."""
     text = (
@@ -54,14 +64,6 @@ def ltxv_t2v_workflow() -> list[Node]:
                     {"model": (model, 0), "positive": ("conditioning", 0), "negative": ("conditioning", 1),
                      "sampler": ("sampler_select", 0), "sigmas": ("scheduler", 0), "latent_image": ("latent", 0)}, title=title)
 
-    def video_out(key: str, latent_from: tuple[str, int], prefix: str, title: str) -> list[Node]:
-        return [
-            Node(f"decode{key}", "VAEDecode", links={"samples": latent_from, "vae": ("checkpoint", 2)}, title=f"VAE Decode{title}"),
-            Node(f"video{key}", "CreateVideo", {"fps": LTXV_FPS}, {"images": (f"decode{key}", 0)}, title=f"Create Video{title}"),
-            Node(f"save{key}", "SaveVideo", {"filename_prefix": f"video/{prefix}", "format": "auto", "codec": "auto"},
-                 {"video": (f"video{key}", 0)}, title=f"Save Video{title}"),
-        ]
-
     return layout([
         [note("note", text, size=(440, 520)), checkpoint, clip],
         [positive, negative, conditioning, latent],
@@ -70,6 +72,6 @@ def ltxv_t2v_workflow() -> list[Node]:
         [Node("report", "DynamicSpeedReport", links={"model": ("router", 0), "latent": ("dynamic", 0),
                                                     "baseline_model": ("telemetry", 0), "baseline_latent": ("baseline", 0)}),
          Node("table", "PreviewAny", links={"source": ("report", 1)}, title="Per-step table")],
-        video_out("_full", ("baseline", 0), "ltxv_full_compute", " (full compute)"),
-        video_out("", ("report", 0), "ltxv_dynamic", " (dynamic)"),
+        video_out("_full", ("baseline", 0), "ltxv_full_compute", " (full compute)", ("checkpoint", 2), LTXV_FPS),
+        video_out("", ("report", 0), "ltxv_dynamic", " (dynamic)", ("checkpoint", 2), LTXV_FPS),
     ])

@@ -94,6 +94,17 @@ class ImageStreamRouting(TokenRouting):
         return {self.mlp_output: MlpTokenGate()}
 
 
+class KeptHeadsAfterNorm:
+    """A q/k norm that spans every head (Wan, LTX-Video), run in full as the host runs it, then the kept heads' channels:
+    a kept head's normalised q is then exactly the host's."""
+
+    def __init__(self, norm: Callable[[torch.Tensor], torch.Tensor], heads: AxisSelection):
+        self.norm, self.heads = norm, heads
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.heads.take(self.norm(x), -1)
+
+
 class ReducedBlock:
     """What every family's reduced block view starts from: the block module, the decision's internals, the FLOP log
     of the extras, and the block's linears as the call runs them (narrowed, with an extra, or overridden)."""

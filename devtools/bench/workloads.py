@@ -87,7 +87,7 @@ def tiny_wan_workload(args: argparse.Namespace) -> Workload:
 
     hidden, heads, blocks = args.hidden or 256, args.heads or 4, args.blocks or 6
     config = tiny_wan.TinyWan(hidden_size=hidden, num_heads=heads, depth=blocks, ffn_dim=4 * hidden)
-    size, steps, frames = args.size or 256, args.steps or 8, args.frames
+    size, frames = args.size or 256, args.frames
     text_tokens = args.text_tokens or 32
     latent_frames = (frames - 1) // 4 + 1
     tokens = latent_frames * (size // 16) ** 2
@@ -98,13 +98,20 @@ def tiny_wan_workload(args: argparse.Namespace) -> Workload:
     positive, negative = tiny_wan.conditioning(config, text_tokens=text_tokens)
     cfg = 1.0 if args.cfg is None else args.cfg
     latent = tiny_wan.latent(config, video_frames=frames, height=size // 8, width=size // 8)
+    return _random_video(args, model, positive, negative, latent, cfg, f"Tiny Wan 2.1 T2V, random weights, {frames} frames of {size} px",
+                         f"{what}; a {frames}-frame video ({latent_frames} latent frames of {size // 8}x{size // 8} latent "
+                         f"pixels, {size}x{size} px: {tokens} video tokens)")
+
+
+def _random_video(args: argparse.Namespace, model, positive: list, negative: list, latent, cfg: float, title: str,
+                  what: str) -> Workload:
+    """A random-weight video model sampling `latent` (fidelity: ComfyUI's latent preview, not meaningful)."""
+    steps = args.steps or 8
     sample = dict(latent=latent, steps=steps, sampler=args.sampler, scheduler=args.scheduler, cfg=cfg)
     return Workload(
         model, _jobs([("random conditioning", positive)], negative, args.seeds), sample,
-        latent_preview(model.model.latent_format), args.title or f"Tiny Wan 2.1 T2V, random weights, {frames} frames of {size} px",
-        f"{what}; a {frames}-frame video ({latent_frames} latent frames of {size // 8}x{size // 8} latent pixels, {size}x{size} px: "
-        f"{tokens} video tokens), {steps} steps {args.sampler} {args.scheduler}, cfg {cfg:g}, batch 1; "
-        f"seeds {', '.join(map(str, args.seeds))}",
+        latent_preview(model.model.latent_format), args.title or title,
+        f"{what}, {steps} steps {args.sampler} {args.scheduler}, cfg {cfg:g}, batch 1; seeds {', '.join(map(str, args.seeds))}",
         "ComfyUI's linear latent-to-RGB preview of the final latents, the latent frames side by side",
         meaningful_fidelity=False,
     )
@@ -117,7 +124,7 @@ def tiny_ltxv_workload(args: argparse.Namespace) -> Workload:
 
     hidden, heads, blocks = args.hidden or 256, args.heads or 4, args.blocks or 6
     config = tiny_ltxv.TinyLTXV(num_heads=heads, head_dim=hidden // heads, depth=blocks)
-    size, steps, frames = args.size or 256, args.steps or 8, args.frames
+    size, frames = args.size or 256, args.frames
     text_tokens = args.text_tokens or 32
     latent_frames = (frames - 1) // 8 + 1
     tokens = latent_frames * (size // 32) ** 2
@@ -126,18 +133,11 @@ def tiny_ltxv_workload(args: argparse.Namespace) -> Workload:
     print(f"building {what} ...", flush=True)
     model = tiny_ltxv.build_model(config)
     positive, negative = tiny_ltxv.conditioning(config, text_tokens=text_tokens)
-    cfg = 3.0 if args.cfg is None else args.cfg
     latent = tiny_ltxv.latent(frames=latent_frames, height=size // 32, width=size // 32)
-    sample = dict(latent=latent, steps=steps, sampler=args.sampler, scheduler=args.scheduler, cfg=cfg)
-    return Workload(
-        model, _jobs([("random conditioning", positive)], negative, args.seeds), sample,
-        latent_preview(model.model.latent_format), args.title or f"LTX-Video, random weights, {frames} frames of {size} px",
-        f"{what}; a {frames}-frame video ({latent_frames} latent frames of {size // 32}x{size // 32} latent pixels: {tokens} "
-        f"video tokens), {steps} steps {args.sampler} {args.scheduler}, cfg {cfg:g}, batch 1; "
-        f"seeds {', '.join(map(str, args.seeds))}",
-        "ComfyUI's linear latent-to-RGB preview of the final latents, the latent frames side by side",
-        meaningful_fidelity=False,
-    )
+    return _random_video(args, model, positive, negative, latent, 3.0 if args.cfg is None else args.cfg,
+                         f"LTX-Video, random weights, {frames} frames of {size} px",
+                         f"{what}; a {frames}-frame video ({latent_frames} latent frames of {size // 32}x{size // 32} latent "
+                         f"pixels: {tokens} video tokens)")
 
 
 def checkpoint_workload(args: argparse.Namespace) -> Workload:

@@ -16,7 +16,7 @@ import torch
 
 from ...core.slicing import AxisSelection, ModuleView, RunIndexCache
 from ..base import BlockInternals
-from ..block_views import ReducedBlock, TokenSubsetMLP, UnitSelections
+from ..block_views import KeptHeadsAfterNorm, ReducedBlock, TokenSubsetMLP, UnitSelections
 
 if TYPE_CHECKING:
     from .adapter import LTXVArchitecture
@@ -58,15 +58,6 @@ class LTXVWidthSelections(UnitSelections):
         return type(pe)((self.head_cols.take(cos, 2), self.head_cols.take(sin, 2), *rest))
 
 
-class _KeptHeads:
-    """The host's q/k norm over the full width, then the kept heads' channels."""
-
-    def __init__(self, norm: Any, heads: AxisSelection):
-        self.norm, self.heads = norm, heads
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.heads.take(self.norm(x), -1)
-
 
 class ReducedLTXVBlock(ReducedBlock):
     """Builds the module view of one reduced LTX-Video block call."""
@@ -85,8 +76,8 @@ class ReducedLTXVBlock(ReducedBlock):
             overrides["attn1"] = ModuleView(
                 attn, heads=width.head_count,
                 to_q=self.linear("attn1.to_q"), to_k=self.linear("attn1.to_k"),  # in full: the norms span every head
-                q_norm=attn.q_norm if heads is None else _KeptHeads(attn.q_norm, heads),
-                k_norm=attn.k_norm if heads is None else _KeptHeads(attn.k_norm, heads),
+                q_norm=attn.q_norm if heads is None else KeptHeadsAfterNorm(attn.q_norm, heads),
+                k_norm=attn.k_norm if heads is None else KeptHeadsAfterNorm(attn.k_norm, heads),
                 to_v=self.linear("attn1.to_v", rows=heads), to_out=self.linear("attn1.to_out.0", cols=heads),
             )
         if any(name.startswith("attn2.") for name in adapted):  # LoRA only: cross-attention keeps its width

@@ -15,7 +15,7 @@ import torch
 
 from ...core.slicing import AxisSelection, ModuleView, RunIndexCache
 from ..base import BlockInternals
-from ..block_views import ReducedBlock, TokenSubsetMLP, UnitSelections
+from ..block_views import KeptHeadsAfterNorm, ReducedBlock, TokenSubsetMLP, UnitSelections
 
 if TYPE_CHECKING:
     from .adapter import WanArchitecture
@@ -35,15 +35,6 @@ class WanWidthSelections(UnitSelections):
         self.units = None if groups is None else AxisSelection.of_units(groups, arch.ffn_dim // group_count)
         self._build_indices(device)
 
-
-class _KeptHeads:
-    """The host's q/k norm over the full width, then the kept heads' channels."""
-
-    def __init__(self, norm: Any, heads: AxisSelection):
-        self.norm, self.heads = norm, heads
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.heads.take(self.norm(x), -1)
 
 
 class ReducedWanBlock(ReducedBlock):
@@ -65,8 +56,8 @@ class ReducedWanBlock(ReducedBlock):
                 num_heads=width.head_count,
                 q=self.linear("self_attn.q"),  # in full: the RMSNorm spans every head
                 k=self.linear("self_attn.k"),
-                norm_q=attn.norm_q if heads is None else _KeptHeads(attn.norm_q, heads),
-                norm_k=attn.norm_k if heads is None else _KeptHeads(attn.norm_k, heads),
+                norm_q=attn.norm_q if heads is None else KeptHeadsAfterNorm(attn.norm_q, heads),
+                norm_k=attn.norm_k if heads is None else KeptHeadsAfterNorm(attn.norm_k, heads),
                 v=self.linear("self_attn.v", rows=heads),
                 o=self.linear("self_attn.o", cols=heads),
             )
