@@ -12,11 +12,13 @@ LTXV_PROMPT = (
 LTXV_NEGATIVE = "low quality, worst quality, deformed, distorted, disfigured, motion smear, motion artifacts, fused fingers, bad anatomy, weird hand, ugly"
 LTXV_FPS = 24.0
 LTXV_CHAIN_HELP = (
-    "The chain at the nodes' defaults, on LTX-Video: **Dynamic Width Patcher** ('quality') runs the noisiest steps "
+    "The chain at the nodes' defaults, on LTX-Video: **Dynamic Patch Scheduler** runs some steps on 2x coarser patches "
+    "in height and width (frames unchanged; a quarter of the video tokens), chosen from how evenly the latent changes; "
+    "**Dynamic Width Patcher** ('quality') runs the noisiest steps "
     "with 90 % of the self-attention heads and feed-forward channels, rising to full width (cross-attention to the "
     "text keeps its width); **Dynamic Token Router** ('reuse', keep 0.7) runs 70 % of the video tokens (frames x rows "
-    "x columns) through every block but the first and last two, the others get the block's last update. The Patch "
-    "Scheduler does not support LTX-Video yet. Each method is training-free and can be bypassed (Ctrl+B) on its own."
+    "x columns) through every block but the first and last two, the others get the block's last update. Each method is "
+    "training-free and can be bypassed (Ctrl+B) on its own."
 )
 
 
@@ -36,7 +38,8 @@ def ltxv_t2v_workflow() -> list[Node]:
         "## LTX-Video text-to-video: full compute next to the dynamic chain\n\n"
         "ComfyUI's stock LTX-Video graph (Load Checkpoint → LTXVConditioning 25 fps → SamplerCustom euler, LTXVScheduler "
         "30 steps, cfg 3; 768x512, 97 frames) sampled twice with the same seed: through **Dynamic Telemetry** (full "
-        "compute, the baseline) and through **Width Patcher → Token Router**. Both videos are saved (`output/video/`)."
+        "compute, the baseline) and through **Patch Scheduler → Width Patcher → Token Router**. Both videos are saved "
+        "(`output/video/`)."
         f"\n\n{LTXV_CHAIN_HELP}\n\n{REPORT_HELP}\n\n"
         "**Files** (Lightricks/LTX-Video on Hugging Face, about 16 GB together): `ltx-video-2b-v0.9.5.safetensors` "
         "(6.3 GB, the model and its VAE) in `models/checkpoints/`, `t5xxl_fp16.safetensors` (9.8 GB, *Load CLIP* type "
@@ -55,7 +58,8 @@ def ltxv_t2v_workflow() -> list[Node]:
     sampler = Node("sampler_select", "KSamplerSelect", {"sampler_name": "euler"})
     telemetry = Node("telemetry", "DynamicTelemetry", links={"model": ("checkpoint", 0)}, title="Dynamic Telemetry (full compute)")
     chain = [
-        Node("width", "DynamicWidthPatcher", links={"model": ("checkpoint", 0)}),
+        Node("ddit", "DynamicPatchScheduler", links={"model": ("checkpoint", 0)}),
+        Node("width", "DynamicWidthPatcher", links={"model": ("ddit", 0)}),
         Node("router", "DynamicTokenRouter", links={"model": ("width", 0)}),
     ]
 

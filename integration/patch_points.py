@@ -99,7 +99,9 @@ def position_points(adapter: "ModelAdapter", diffusion_model: "torch.nn.Module")
     points = {}
     for path, rewrite in grid.position_points().items():
         owner_path, _, name = path.rpartition(".")
-        owner = diffusion_model.get_submodule(owner_path) if owner_path else diffusion_model
+        owner = diffusion_model
+        for part in owner_path.split(".") if owner_path else ():  # a submodule, or a plain object (LTX's patchifier)
+            owner = getattr(owner, part)
         points[f"diffusion_model.{path}"] = EmulatedPositionPoint(owner, name, rewrite)
     return points
 

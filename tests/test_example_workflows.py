@@ -263,6 +263,6 @@ def test_the_ltxv_workflow_samples_as_it_ships_on_a_tiny_ltxv_model():
     assert torch.isfinite(latent["samples"]).all() and chart.shape[-1] == 3
     summary = table.splitlines()[0]
     assert "fewer FLOPs" in summary and "full compute)" in summary and "- 30 steps" in summary, summary
-    assert "width: heads 0.88" in table and "token_router: reuse keep" in table
+    assert "patch 2x" in table and "width: heads 0.88" in table and "token_router: reuse keep" in table
     samples = [outputs[i][0]["samples"] for i, n in prompt.items() if n["class_type"] == "SamplerCustom"]
     assert len(samples) == 2 and not torch.equal(*samples)  # the chain did something

@@ -18,6 +18,7 @@ from ...core.slicing import RunIndexCache
 from ..base import BlockInternals, BlockKind, BlockRef, BlockWork, ModelAdapter, class_path
 from ..capabilities import CallLayout, ModelInfo
 from .blocks import LINEARS, LTXVWidthSelections, ReducedLTXVBlock
+from .coarse import LTXVCoarseGrid
 from .routing import LTXVTokenRouting
 from .width import LTXVWidthUnits
 
@@ -66,6 +67,7 @@ class LTXVAdapter(ModelAdapter):
         )
         self._routing = LTXVTokenRouting()
         self._width = LTXVWidthUnits(a, self)
+        self._coarse = LTXVCoarseGrid(a, self._blocks, self._info)
 
     def _describe(self, model: torch.nn.Module) -> LTXVArchitecture:
         blocks = list(getattr(model, "transformer_blocks", []))
@@ -150,6 +152,9 @@ class LTXVAdapter(ModelAdapter):
 
     def width_units(self) -> LTXVWidthUnits:
         return self._width
+
+    def coarse_grid(self) -> LTXVCoarseGrid:
+        return self._coarse
 
     # --- analytic FLOPs -----------------------------------------------------------------------
     def stem_flops(self, layout: CallLayout) -> FlopBreakdown:

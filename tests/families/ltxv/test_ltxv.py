@@ -2,14 +2,18 @@
 reached through the host's own `patches_replace["dit"]`, width, token routing and TD-LoRA at their full settings
 bit-identical over whole runs (euler and dpmpp_2m, cfg > 1), compute really removed at half settings (FlopCounterMode),
 an LTX-Video LoRA composing with the methods, per-token timesteps and both hosts' RoPE tables gathered with the tokens
-and cut to the kept heads; coarse patches and LTX-2 refused by name."""
+and cut to the kept heads; training-free coarse steps with each coarse token at the centre of its region (frames native,
+image-to-video calls native); LTX-2 refused by name."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from support.family_methods import (
+    COARSE_2X,
     HALF_SETTINGS,
+    PATCH_SCHEDULER,
+    WIDTH_AND_ROUTER,
     assert_analytic_flops_match,
     assert_compute_removed,
     assert_full_settings_bit_identical,
@@ -47,7 +51,7 @@ def test_the_adapter_reads_the_host_model(ltxv):
     assert (a.hidden_size, a.num_heads, a.head_dim, a.mlp_hidden, a.depth, a.in_channels, a.out_channels,
             a.caption_channels) == (128, 4, 32, 512, 3, 128, 128, 64)
     assert adapter.model_info().header()["architecture"] == "ltxv"
-    assert adapter.width_units().head_count == 4 and adapter.coarse_grid() is None
+    assert adapter.width_units().head_count == 4 and not adapter.coarse_grid().trained_embedding
 
 
 def test_analytic_flops_match_flop_counter(ltxv):
@@ -60,10 +64,10 @@ def test_analytic_flops_match_flop_counter(ltxv):
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
 def test_every_method_at_its_full_setting_is_bit_identical(ltxv, sampler):
     _, model, conds = ltxv
-    assert_full_settings_bit_identical(model, lambda m: sample(m, conds, sampler=sampler), full_settings(coarse=False))
+    assert_full_settings_bit_identical(model, lambda m: sample(m, conds, sampler=sampler), full_settings())
 
 
-@pytest.mark.parametrize("name, settings, most", HALF_SETTINGS)
+@pytest.mark.parametrize("name, settings, most", [*HALF_SETTINGS, ("patch 2x", COARSE_2X, 0.75)])
 def test_half_settings_really_remove_compute(ltxv, name, settings, most):
     _, model, conds = ltxv
     assert_compute_removed(model, lambda m: sample(m, conds), settings, most)
@@ -94,7 +98,7 @@ def _image_to_video(model, conds, seed: int = 3):
 def test_image_to_video_runs_every_method_with_a_timestep_per_token(ltxv):
     _, model, conds = ltxv
     sample_i2v = lambda m: _image_to_video(m, conds)  # noqa: E731
-    assert_full_settings_bit_identical(model, sample_i2v, full_settings(coarse=False))
+    assert_full_settings_bit_identical(model, sample_i2v, full_settings())
     for name, settings, most in HALF_SETTINGS:
         assert_compute_removed(model, sample_i2v, settings, most)
     seen = {}
@@ -107,6 +111,31 @@ def test_image_to_video_runs_every_method_with_a_timestep_per_token(ltxv):
     captured.set_model_patch_replace(capture, "dit", "double_block", 0)
     sample_i2v(captured)
     assert seen["vec"][1] == 2 * 4 * 6  # one modulation row per token: the per-token paths ran
+    # coarse steps refuse such calls (the timesteps are laid out per native token): every call runs native
+    from comfyui_dynamic_dit.integration.patching import apply_settings
+
+    assert torch.equal(sample_i2v(apply_settings(model, COARSE_2X)), sample_i2v(model))
+
+
+def test_a_coarse_call_places_each_token_at_the_centre_of_its_region(ltxv, monkeypatch):
+    _, model, conds = ltxv
+    grid = adapter_of(model).coarse_grid()
+    seen = []
+    own = type(grid).centred_coordinates
+
+    def recording(self, host, call, latents, *args, **kwargs):
+        tokens, coordinates = own(self, host, call, latents, *args, **kwargs)
+        seen.append((call.factor, tuple(latents.shape), coordinates))
+        return tokens, coordinates
+
+    monkeypatch.setattr(type(grid), "centred_coordinates", recording)
+    from comfyui_dynamic_dit.integration.patching import apply_settings
+
+    sample(apply_settings(model, COARSE_2X), conds)
+    assert seen and all(factor == 2 and shape[-2:] == (2, 3) for factor, shape, _ in seen)
+    start = seen[0][2] if seen[0][2].ndim == 3 else seen[0][2][..., 0]  # 0.12.1: (start, end) per token
+    assert sorted(set(start[0, 1].tolist())) == [0.5, 2.5] and sorted(set(start[0, 2].tolist())) == [0.5, 2.5, 4.5]
+    assert sorted(set(start[0, 0].tolist())) == [0.0, 1.0]  # frames stay native
 
 
 def test_kept_tokens_take_their_own_positions_and_timesteps():
@@ -178,7 +207,7 @@ def test_a_block_at_full_internals_is_the_host_block_bit_for_bit(ltxv):
 
 def test_the_nodes_accept_an_ltxv_model_inside_inference_mode(ltxv):
     _, model, conds = ltxv
-    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), refused="LTX-Video")
+    assert_the_nodes_run_as_the_server_runs_them(model, lambda m: sample(m, conds), chain=(PATCH_SCHEDULER, *WIDTH_AND_ROUTER))
 
 
 def test_ltx_2_is_refused_by_name():
