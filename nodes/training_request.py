@@ -49,6 +49,8 @@ def with_recipe(recipe: str, inputs: dict[str, Any]) -> dict[str, Any]:
     if recipe not in RECIPES:
         raise ValueError(f"Train Dynamic DiT: recipe must be one of {', '.join([CUSTOM, *RECIPES])}, got '{recipe}'.")
     return {**inputs, **RECIPES[recipe]}
+
+
 _NAME = re.compile(r"^[A-Za-z0-9_.\-/]+$")
 
 
@@ -72,7 +74,6 @@ def output_stem(filename: str) -> str:
     if not folders:
         raise ValueError("Train Dynamic DiT: ComfyUI has no models/dynamic_dit folder registered.")
     return os.path.join(folders[0], name)
-
 
 
 @dataclass
@@ -199,13 +200,12 @@ class _Progress:
     text: PhaseText
     total: int
     runs: int
+    losses: list[float] = field(default_factory=list)  # the distillation loss per step of the latest training phase
+    phase: str = ""
 
     def teacher(self, done: int, phase: str = "recording the teacher", base: int = 0) -> None:
         self.bar.update_absolute(base + done, self.total)
         self.text.show(f"{phase}: sampling run {done}/{self.runs}", base + done, force=done == self.runs)
-
-    losses: list[float] = field(default_factory=list)  # the distillation loss per step of the latest training phase
-    phase: str = ""
 
     def training(self, step: int, entry: dict, phase: str = "training", count: int = 0, base: int | None = None) -> None:
         if phase != self.phase:

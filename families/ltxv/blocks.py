@@ -54,9 +54,8 @@ class LTXVWidthSelections(UnitSelections):
             return self.head_pairs.take(pe, 3)
         cos, sin, *rest = pe
         if rest and rest[0]:  # split
-            return (self.head_rows.take(cos, 1), self.head_rows.take(sin, 1), *rest)
+            return type(pe)((self.head_rows.take(cos, 1), self.head_rows.take(sin, 1), *rest))
         return type(pe)((self.head_cols.take(cos, 2), self.head_cols.take(sin, 2), *rest))
-
 
 
 class ReducedLTXVBlock(ReducedBlock):

@@ -36,7 +36,6 @@ class WanWidthSelections(UnitSelections):
         self._build_indices(device)
 
 
-
 class ReducedWanBlock(ReducedBlock):
     """Builds the module view of one reduced Wan block call."""
 

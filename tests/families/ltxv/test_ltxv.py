@@ -27,7 +27,7 @@ from support.family_methods import (
 from comfyui_dynamic_dit.demo import tiny_flux, tiny_ltxv
 from comfyui_dynamic_dit.families import BlockInternals, BlockRef, UnsupportedModelError
 from comfyui_dynamic_dit.families.ltxv.routing import gather_positions
-from comfyui_dynamic_dit.integration.patching import adapter_of
+from comfyui_dynamic_dit.integration.patching import adapter_of, apply_settings
 from comfyui_dynamic_dit.core.slicing import RunIndexCache
 
 SAMPLE = dict(steps=4, cfg=3.0, seed=3)
@@ -112,8 +112,6 @@ def test_image_to_video_runs_every_method_with_a_timestep_per_token(ltxv):
     sample_i2v(captured)
     assert seen["vec"][1] == 2 * 4 * 6  # one modulation row per token: the per-token paths ran
     # coarse steps refuse such calls (the timesteps are laid out per native token): every call runs native
-    from comfyui_dynamic_dit.integration.patching import apply_settings
-
     assert torch.equal(sample_i2v(apply_settings(model, COARSE_2X)), sample_i2v(model))
 
 
@@ -129,8 +127,6 @@ def test_a_coarse_call_places_each_token_at_the_centre_of_its_region(ltxv, monke
         return tokens, coordinates
 
     monkeypatch.setattr(type(grid), "centred_coordinates", recording)
-    from comfyui_dynamic_dit.integration.patching import apply_settings
-
     sample(apply_settings(model, COARSE_2X), conds)
     assert seen and all(factor == 2 and shape[-2:] == (2, 3) for factor, shape, _ in seen)
     start = seen[0][2] if seen[0][2].ndim == 3 else seen[0][2][..., 0]  # 0.12.1: (start, end) per token
@@ -138,7 +134,7 @@ def test_a_coarse_call_places_each_token_at_the_centre_of_its_region(ltxv, monke
     assert sorted(set(start[0, 0].tolist())) == [0.0, 1.0]  # frames stay native
 
 
-def test_kept_tokens_take_their_own_positions_and_timesteps():
+def test_kept_tokens_take_their_own_positions_and_timesteps(ltxv):
     # 0.3.75's one table (B, 1, N, D/2, 2, 2); 0.12.1's (cos, sin, split) of (B, N, D) or split (B, H, N, d)
     index = torch.tensor([[0, 2, 5]])
     table = torch.arange(2 * 6 * 4 * 4, dtype=torch.float32).reshape(2, 1, 6, 4, 2, 2)[:1]
@@ -161,7 +157,7 @@ def test_kept_tokens_take_their_own_positions_and_timesteps():
     assert torch.equal(width.kept_head_positions((cos, cos, False))[0], cos[..., [0, 1, 2, 3, 8, 9, 10, 11]])
     split = torch.randn(1, 4, 6, 2)
     assert torch.equal(width.kept_head_positions((split, split, True))[1], split[:, [0, 2]])
-    routing = adapter_of(tiny_ltxv.build_model()).token_routing()
+    routing = adapter_of(ltxv[1]).token_routing()
     args = {"img": torch.randn(1, 6, 128), "vec": torch.randn(1, 6, 768), "pe": table, "txt": torch.randn(1, 8, 128)}
     reduced = routing.select(BlockRef("block", 0), args, index, None)
     assert torch.equal(reduced["vec"], args["vec"][:, [0, 2, 5]]) and torch.equal(reduced["img"], args["img"][:, [0, 2, 5]])
